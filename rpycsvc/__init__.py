@@ -1,5 +1,53 @@
-"""rpycsvc: a remote-execution service for Python built on RPyC."""
+"""rpycsvc: a remote-execution service for Python built on RPyC.
+
+Start servers with ``rpycsvc serve``; connect with :func:`connect` (one server) or
+:class:`Cluster` (many); see the README for the whole API.
+"""
 
 from ._version import __version__
+from .client import Client, TaskFuture, connect
+from .config import ServerConfig
+from .endpoints import endpoint
+from .errors import (
+    AllServersFailedError,
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    DeployError,
+    RemoteTaskError,
+    RpycsvcError,
+    RpycsvcTimeoutError,
+    SerializationError,
+    ServerLostError,
+    TaskCancelledError,
+    TaskError,
+    TaskTimeoutError,
+    VersionMismatchError,
+    WorkerCrashedError,
+)
+from .server import Server
 
-__all__ = ["__version__"]
+__all__ = [
+    "AllServersFailedError",
+    "AuthenticationError",
+    "Client",
+    "ConfigError",
+    "ConnectError",
+    "DeployError",
+    "RemoteTaskError",
+    "RpycsvcError",
+    "RpycsvcTimeoutError",
+    "SerializationError",
+    "Server",
+    "ServerConfig",
+    "ServerLostError",
+    "TaskCancelledError",
+    "TaskError",
+    "TaskFuture",
+    "TaskTimeoutError",
+    "VersionMismatchError",
+    "WorkerCrashedError",
+    "__version__",
+    "connect",
+    "endpoint",
+]

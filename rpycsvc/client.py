@@ -1,0 +1,440 @@
+"""One connection to one rpycsvc server: run tasks by value, classic access, live output.
+
+:func:`connect` returns a :class:`Client`. ``client.root.compute(fn, *args)`` and
+``client.submit(fn, *args)`` send the function and its arguments by value (cloudpickle,
+pickle protocol 5) and get results by value; many tasks may be in flight on one connection.
+``client.modules``/``execute``/``eval`` are RPyC's classic access, unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import ssl as _ssl
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import rpyc
+from rpyc.core.service import ClassicClient, VoidService
+
+from .errors import (
+    ConfigError,
+    ConnectError,
+    RemoteTaskError,
+    RpycsvcError,
+    RpycsvcTimeoutError,
+    SerializationError,
+    ServerLostError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from .handshake import client_handshake
+from .output import OutputRouter
+from .serialization import dumps, dumps_function, load_exception, loads
+from .transport import FastChannel, FastSocketStream
+
+DEFAULT_PORT = 18812
+_ERRORS: dict[str, type[Exception]] = {
+    "TaskTimeoutError": TaskTimeoutError,
+    "WorkerCrashedError": WorkerCrashedError,
+    "TaskCancelledError": TaskCancelledError,
+    "ConfigError": ConfigError,
+    "SerializationError": SerializationError,
+}
+#: Options a task may carry (see :meth:`Client.options`).
+TASK_OPTIONS = ("timeout", "mode", "output")
+
+
+def parse_address(address: str, port: int | None = None) -> tuple[str, int]:
+    """``"host"``, ``"host:port"`` or ``"[v6]:port"`` → ``(host, port)``."""
+    address = address.strip()
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        p = rest.lstrip(":")
+    elif address.count(":") == 1:
+        host, p = address.split(":")
+    else:
+        host, p = address, ""
+    try:
+        return host or "127.0.0.1", int(p) if p else (port or DEFAULT_PORT)
+    except ValueError:
+        raise ConfigError(f"bad server address {address!r}: expected host or host:port") from None
+
+
+class TaskFuture(Future):  # type: ignore[type-arg]
+    """A ``concurrent.futures.Future`` for one remote task, plus where it ran and its output.
+
+    ``cancel()`` also stops the task on the server when it is already running there.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.address: str | None = None
+        self.stdout = ""
+        self.stderr = ""
+        self._canceller: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled and self._canceller is not None:
+            try:
+                self._canceller()
+            except Exception:
+                pass
+        return cancelled
+
+
+def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any, tuple[bytes, ...]]:
+    """How a call travels: (kind, spec, frames) — functions pickled by value, names as text."""
+    data = dumps((args, kwargs), "arguments")
+    if isinstance(task, str):
+        return ("path" if ":" in task else "endpoint"), task, data
+    return "pickled", None, (dumps_function(task), *data)
+
+
+def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
+    """Turn a server reply into ``(True, result)`` or ``(False, exception)``."""
+    status = reply[0]
+    if status == "ok":
+        return True, loads(reply[1], "result")
+    if status == "raised":
+        return False, load_exception(reply[1], address)
+    cls = _ERRORS.get(reply[1])
+    if cls is None:
+        return False, RemoteTaskError(reply[2], remote_type=reply[1], address=address)
+    exc = cls(f"{reply[2]} (on {address})")
+    if hasattr(exc, "address"):
+        exc.address = address  # type: ignore[attr-defined]
+    return False, exc
+
+
+class _Root:
+    """``client.root``: ``compute``/``stats`` by value, anything else from the server's root."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._client.compute(task, *args, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        return self._client.stats()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client.conn.root, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted({"compute", "stats", *dir(self._client.conn.root)})
+
+
+class Client:
+    """A connection to one rpycsvc server. Create with :func:`connect`; close when done."""
+
+    def __init__(self, conn: Any, hello: dict[str, Any], address: str, output: OutputRouter,
+                 options: dict[str, Any] | None = None) -> None:
+        self.conn = conn
+        self.address = address
+        self.server_info = hello
+        self.output = output
+        self._defaults = dict(options or {})
+        self._keys = itertools.count(1)
+        self._pending: dict[int, tuple[Callable[[str, Any], None], Any]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.lost: BaseException | None = None
+        self._lost_callbacks: list[Callable[[Client, BaseException], None]] = []
+        self.root = _Root(self)
+        self._run = rpyc.async_(conn.root.run)
+        self._cancel = rpyc.async_(conn.root.cancel)
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._serve, name=f"rpycsvc-client-{address}",
+                                        daemon=True)
+        self._reader.start()
+
+    # -- classic access ------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name in ("modules", "execute", "eval", "namespace", "builtins", "teleport"):
+            if not self.server_info.get("classic", True):
+                raise AttributeError(
+                    f"{self.address} runs in service-only mode (--no-classic): no {name}"
+                )
+            return getattr(self.conn, name)
+        raise AttributeError(name)
+
+    @property
+    def workers(self) -> int:
+        """How many tasks the server runs at once in process mode."""
+        return int(self.server_info.get("workers", 1))
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def options(self, **opts: Any) -> _Options:
+        """A view that runs tasks with ``timeout`` (seconds, enforced on the server),
+        ``mode`` (``"process"``, default, or ``"thread"`` for I/O-bound tasks) and
+        ``output`` (``"stream"``, ``"capture"`` or ``"discard"``)."""
+        return _Options(self, _check_options(opts))
+
+    def submit(self, task: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Start ``task(*args, **kwargs)`` on the server; returns a future at once."""
+        return self._submit(task, args, kwargs, self._defaults)
+
+    def compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``task(*args, **kwargs)`` on the server and return its result (by value).
+
+        ``task`` is a function (sent by value), ``"module:function"`` or an endpoint name.
+        """
+        return self._submit(task, args, kwargs, self._defaults).result()
+
+    def _submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                opts: dict[str, Any]) -> TaskFuture:
+        fut = TaskFuture()
+        fut.address = self.address
+        kind, spec, frames = frames_of_call(task, args, kwargs)
+        label = spec if spec else getattr(task, "__qualname__", "task")
+
+        def done(status: str, value: Any) -> None:
+            if fut.done():
+                return
+            if status == "lost":
+                fut.set_exception(value)
+                return
+            try:
+                ok, result = decode_reply(value, self.address)
+            except RpycsvcError as exc:
+                ok, result = False, exc
+            if ok:
+                fut.set_result(result)
+            else:
+                fut.set_exception(result)
+
+        key = self.start_task(kind, spec, {**opts, "label": label}, frames, done, fut)
+        fut._canceller = lambda: self.cancel_task(key)
+        return fut
+
+    def start_task(self, kind: str, spec: Any, opts: dict[str, Any], frames: tuple[bytes, ...],
+                   done: Callable[[str, Any], None], sink: Any = None) -> int:
+        """Low level: send one task; ``done(status, reply)`` runs once in the reader thread
+        (status ``"reply"`` with the raw reply, or ``"lost"`` with the exception)."""
+        key = next(self._keys)
+        wire = dict(opts)
+        mode = wire.pop("output", None) or self.output.mode
+        wire["output"] = mode != "discard"
+        wire["key"] = key
+        with self._lock:
+            if self.lost is not None:
+                raise ServerLostError(f"connection to {self.address} is lost: {self.lost}",
+                                      address=self.address)
+            self._pending[key] = (done, (mode, sink))
+        try:
+            res = self._run(kind, spec, tuple(wire.items()), frames)
+        except (EOFError, OSError) as exc:
+            self._lose(exc)
+            raise ServerLostError(f"connection to {self.address} is lost: {exc}",
+                                  address=self.address) from exc
+        res.add_callback(lambda r, key=key: self._on_reply(key, r))
+        return key
+
+    def cancel_task(self, key: int) -> None:
+        if self.lost is None and not self._closed:
+            try:
+                self._cancel(key)
+            except (EOFError, OSError):
+                pass
+
+    def _on_reply(self, key: int, res: Any) -> None:
+        with self._lock:
+            entry = self._pending.pop(key, None)
+        if entry is None:
+            return
+        done = entry[0]
+        if res.error:
+            err = res.value
+            exc = err if isinstance(err, BaseException) else RemoteTaskError(str(err))
+            done("reply", ("error", type(exc).__name__, str(exc)))
+        else:
+            done("reply", res.value)
+
+    def _on_output(self, key: int, fd: int, text: str) -> None:
+        entry = self._pending.get(key)
+        if entry is None:
+            return
+        mode, sink = entry[1]
+        self.output.emit(self.address, key, fd, text, mode, sink)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The server's stats as a plain dict (host, versions, workers, task counts...)."""
+        stats: dict[str, Any] = loads(self.conn.root.stats_frames(), "stats")
+        return stats
+
+    def ping(self) -> None:
+        """One round trip to the server."""
+        self.conn.root.ping()
+
+    def on_lost(self, callback: Callable[[Client, BaseException], None]) -> None:
+        """Call ``callback(client, exc)`` once if the connection dies."""
+        self._lost_callbacks.append(callback)
+
+    def _serve(self) -> None:
+        try:
+            while not self._closed:
+                self.conn.serve(1.0)
+        except BaseException as exc:  # EOFError, OSError, or anything RPyC raises
+            if not self._closed:
+                self._lose(exc)
+                return
+        self._lose(ServerLostError(f"connection to {self.address} was closed",
+                                   address=self.address))
+
+    def _lose(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.lost is not None:
+                return
+            self.lost = exc
+            pending = list(self._pending.values())
+            self._pending.clear()
+        err = exc if isinstance(exc, ServerLostError) else ServerLostError(
+            f"lost the connection to {self.address} ({type(exc).__name__}: {exc})",
+            address=self.address)
+        for done, _ in pending:
+            try:
+                done("lost", err)
+            except Exception:
+                pass
+        for cb in self._lost_callbacks:
+            try:
+                cb(self, err)
+            except Exception:
+                pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the connection; tasks still in flight fail with ``ServerLostError``."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
+            pass
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self._lose(ServerLostError(f"connection to {self.address} was closed",
+                                   address=self.address))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.lost is not None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<rpycsvc.Client {self.address} {state}>"
+
+
+class _Options:
+    """``client.options(timeout=...)``: the same calls, with these task options."""
+
+    def __init__(self, client: Client, opts: dict[str, Any]) -> None:
+        self._client = client
+        self._opts = {**client._defaults, **opts}
+
+    def submit(self, task: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        return self._client._submit(task, args, kwargs, self._opts)
+
+    def compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.submit(task, *args, **kwargs).result()
+
+
+def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
+    for name, value in opts.items():
+        if name not in TASK_OPTIONS:
+            raise ConfigError(f"unknown task option {name!r}; known: {', '.join(TASK_OPTIONS)}")
+        if name == "timeout" and value is not None and (
+            not isinstance(value, (int, float)) or value <= 0
+        ):
+            raise ConfigError(f"timeout must be a positive number of seconds; got {value!r}")
+        if name == "mode" and value not in ("process", "thread"):
+            raise ConfigError(f"mode must be 'process' or 'thread'; got {value!r}")
+        if name == "output" and value not in ("stream", "capture", "discard"):
+            raise ConfigError(f"output must be 'stream', 'capture' or 'discard'; got {value!r}")
+    return opts
+
+
+def connect(
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    *,
+    timeout: float = 10.0,
+    authkey: str | bytes | None = None,
+    ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    output: str = "stream",
+    prefix: str = "[{address}] ",
+    **task_options: Any,
+) -> Client:
+    """Connect to an rpycsvc server and check versions (and credentials).
+
+    ``host`` may be ``"host:port"``. ``authkey`` answers the server's challenge (the key is
+    never sent); ``ssl`` is an ``ssl.SSLContext`` or ``True`` for the system's default CAs.
+    ``output`` decides where tasks' stdout/stderr go: ``"stream"`` (to ours, each line
+    prefixed with ``prefix``), ``"capture"`` (on ``future.stdout``/``future.stderr``) or
+    ``"discard"``. Other keywords set default task options (``timeout``, ``mode``).
+    """
+    from .handshake import client_ssl_context
+
+    h, p = parse_address(host, port)
+    address = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+    if isinstance(authkey, bytes):
+        authkey = authkey.decode()
+    if authkey is None:
+        import os
+
+        authkey = os.environ.get("RPYCSVC_AUTHKEY") or None
+    router = OutputRouter(output, prefix)
+    _check_options({"output": output, **task_options})
+    try:
+        sock = socket.create_connection((h, p), timeout=timeout)
+    except socket.timeout as exc:
+        raise RpycsvcTimeoutError(f"connecting to {address} timed out after {timeout:g} s") from exc
+    except OSError as exc:
+        raise ConnectError(
+            f"can't connect to {address}: {exc.strerror or exc}. Is an rpycsvc server "
+            "running there (rpycsvc serve --port ...)?", address=address) from exc
+    try:
+        if ssl:
+            ctx = ssl if isinstance(ssl, _ssl.SSLContext) else client_ssl_context()
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=server_hostname or h)
+            except (OSError, _ssl.SSLError) as exc:
+                from .errors import AuthenticationError
+
+                raise AuthenticationError(f"TLS handshake with {address} failed: {exc}",
+                                          address=address) from exc
+        hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
+        service = ClassicClient if hello.get("classic", True) else VoidService
+        stream = FastSocketStream(sock)
+        client_box: list[Client] = []
+
+        def sink(key: int, fd: int, text: str) -> None:
+            if client_box:
+                client_box[0]._on_output(key, fd, text)
+
+        conn = service._connect(FastChannel(stream), {"allow_pickle": False})
+        hello.update(dict(conn.root.hello(sink)))
+    except BaseException:
+        sock.close()
+        raise
+    client = Client(conn, hello, address, router, task_options)
+    client_box.append(client)
+    return client
+

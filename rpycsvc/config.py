@@ -1,0 +1,126 @@
+"""Typed server settings: defaults in one place, filled from the command line and from
+``RPYCSVC_*`` environment variables (the command line wins)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 18812
+MODES = ("threaded", "forking", "oneshot", "stdio")
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``rpycsvc serve`` can be told. Field names match the long CLI options."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    mode: str = "threaded"
+    ipv6: bool = False
+    workers: int = 0  # 0: one per core
+    threads: int = 256  # thread-mode tasks running at once; 0 disables thread mode
+    endpoints: list[str] = field(default_factory=list)
+    classic: bool = True
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_cafile: str | None = None
+    authkey: str | None = None
+    insecure: bool = False
+    register: bool = False
+    registry_type: str = "UDP"
+    registry_host: str | None = None
+    registry_port: int = 18811
+    logfile: str | None = None
+    quiet: bool = False
+    verbose: bool = False
+    grace: float = 10.0
+    handshake_timeout: float = 5.0
+    max_pending: int = 64  # connections still in their handshake
+    memory_limit: int = 0  # bytes per worker process; 0: no limit
+    metrics_port: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """Defaults, then ``RPYCSVC_<FIELD>`` variables, then ``overrides`` (non-None only)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"RPYCSVC_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, str(f.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @property
+    def uses_ssl(self) -> bool:
+        return bool(self.ssl_keyfile or self.ssl_certfile)
+
+    def validate(self) -> None:
+        """Refuse unsafe or impossible settings with a message that says the fix."""
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0..65535 (0 picks a free port); got {self.port!r}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 1 (or 0 for one per core); got {self.workers}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0; got {self.threads}")
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise ConfigError("--ssl-keyfile and --ssl-certfile must be given together")
+        if self.ssl_cafile and not self.uses_ssl:
+            raise ConfigError("--ssl-cafile needs --ssl-keyfile and --ssl-certfile too")
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_cafile"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"--{name.replace('_', '-')}: no such file {path!r}")
+        if self.mode != "stdio" and not is_loopback(self.host) and not (
+            self.uses_ssl or self.authkey or self.insecure
+        ):
+            raise ConfigError(
+                f"refusing to listen on non-loopback address {self.host!r} without protection: "
+                "anyone who can reach the port could run code as this user. Give "
+                "--ssl-keyfile/--ssl-certfile (TLS), --authkey (or RPYCSVC_AUTHKEY), or "
+                "--insecure if the network is trusted."
+            )
+        if self.authkey is not None and len(self.authkey) < 8:
+            raise ConfigError("--authkey must be at least 8 characters long")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse(name: str, typ: str, raw: str) -> Any:
+    var = f"RPYCSVC_{name.upper()}"
+    try:
+        if typ.startswith("bool"):
+            low = raw.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return low in ("1", "true", "yes", "on")
+        if typ.startswith("int"):
+            return int(raw)
+        if typ.startswith("float"):
+            return float(raw)
+        if typ.startswith("list"):
+            return [x.strip() for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"environment variable {var}={raw!r} is not a valid {typ}") from None
+    return raw

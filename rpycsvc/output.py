@@ -1,0 +1,47 @@
+"""Where remote stdout/stderr goes on the client: streamed with a prefix, captured, or dropped.
+
+The worker sends whole lines only, and each batch is written here with one ``write`` under
+a lock, so lines of concurrent tasks never interleave inside a line.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+from .errors import ConfigError
+
+MODES = ("stream", "capture", "discard")
+
+
+class OutputRouter:
+    """Routes one client's remote output. ``prefix`` may use ``{address}`` and ``{task}``."""
+
+    def __init__(self, mode: str = "stream", prefix: str = "[{address}] ") -> None:
+        if mode not in MODES:
+            raise ConfigError(f"output must be one of {', '.join(MODES)}; got {mode!r}")
+        self.mode = mode
+        self.prefix = prefix
+        self._lock = threading.Lock()
+
+    def emit(self, address: str, key: int, fd: int, text: str, mode: str, sink: Any) -> None:
+        """Deliver ``text`` (whole lines, except at a task's end) from task ``key``."""
+        if mode == "discard" or not text:
+            return
+        if mode == "capture":
+            if sink is not None:
+                attr = "stdout" if fd == 1 else "stderr"
+                with self._lock:
+                    setattr(sink, attr, getattr(sink, attr, "") + text)
+            return
+        head = self.prefix.format(address=address, task=key)
+        lines = text.splitlines(keepends=True)
+        block = "".join(head + (ln if ln.endswith("\n") else ln + "\n") for ln in lines)
+        stream = sys.stdout if fd == 1 else sys.stderr
+        with self._lock:
+            try:
+                stream.write(block)
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # our own stdout is closed; nothing sensible to do

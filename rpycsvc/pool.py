@@ -1,0 +1,482 @@
+"""The server's worker pool: process workers for CPU-bound tasks, a thread worker for I/O.
+
+Tasks are queued per client connection and taken round-robin, so one client with a long
+queue can't starve another. A process worker runs one task at a time; a task past its
+timeout, or cancelled while running, is stopped by killing its worker, which is then
+replaced. A worker that dies by itself (``os._exit``, a signal, the kernel's OOM killer)
+fails only the task it was running. Thread-mode tasks share one worker process with many
+threads; they are stopped by an exception raised in their thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import _wire
+from .errors import (
+    ConfigError,
+    TaskCancelledError,
+    TaskError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+
+log = logging.getLogger("rpycsvc.pool")
+
+#: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
+#: raised (exception frames); error → the pool stopped or lost the task.
+DoneCallback = Callable[["Task", bool, "list[Any] | None", "TaskError | None"], None]
+
+
+@dataclass(eq=False)
+class Task:
+    """One unit of work, as the pool sees it (opaque payload frames, never unpickled here)."""
+
+    kind: str  # "pickled" | "path" | "endpoint"
+    spec: Any
+    frames: tuple[Any, ...]
+    on_done: DoneCallback
+    owner: Hashable = None
+    mode: str = "process"
+    timeout: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    on_output: Callable[[int, str], None] | None = None
+    label: str = ""
+    client: str = ""
+    task_id: int = 0
+    state: str = "new"
+    started: float = 0.0
+    ending: str = ""
+    worker: _WorkerHandle | None = None
+
+
+class _WorkerHandle:
+    def __init__(self, role: str, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.role = role
+        self.proc = proc
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        self.tasks: dict[int, Task] = {}
+        self.ready = threading.Event()
+        self.alive = True
+
+    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
+        with self.send_lock:
+            _wire.send_msg(self.sock, control, frames)
+
+
+class WorkerPool:
+    """A fixed number of process workers plus one lazily started thread worker."""
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        threads: int = 256,
+        endpoints: list[str] | None = None,
+        memory_limit: int = 0,
+        start_timeout: float = 30.0,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {workers!r}")
+        self.size = workers
+        self.threads = threads
+        self.endpoint_modules = list(endpoints or [])
+        self.endpoint_names: list[str] = []
+        self.memory_limit = memory_limit
+        self.start_timeout = start_timeout
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._workers: list[_WorkerHandle] = []
+        self._idle: deque[_WorkerHandle] = deque()
+        self._queues: dict[Hashable, deque[Task]] = {}
+        self._turns: deque[Hashable] = deque()
+        self._thread_worker: _WorkerHandle | None = None
+        self._thread_queue: deque[Task] = deque()
+        self._tasks: dict[int, Task] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._deadline_cv = threading.Condition(self._lock)
+        self._closing = False
+        self._started = False
+        self._start_lock = threading.Lock()
+        self.counters = {"done": 0, "failed": 0, "restarts": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def ensure_started(self) -> None:
+        """Start the workers unless started (a forked connection handler starts its own)."""
+        with self._start_lock:
+            if not self._started:
+                self.start()
+
+    def start(self) -> None:
+        """Start every process worker and wait (bounded) until each is ready."""
+        self._started = True
+        handles = [self._spawn("process") for _ in range(self.size)]
+        deadline = time.monotonic() + self.start_timeout
+        for h in handles:
+            if not h.ready.wait(max(0.0, deadline - time.monotonic())) or not h.alive:
+                self.close(grace=0)
+                raise ConfigError(self._start_failure or "a worker process did not start in time")
+        threading.Thread(target=self._deadline_loop, name="rpycsvc-deadlines", daemon=True).start()
+
+    _start_failure = ""
+
+    def close(self, grace: float = 10.0) -> None:
+        """Stop taking tasks, let running ones finish for ``grace`` seconds, then stop workers."""
+        with self._lock:
+            self._closing = True
+            queued = [t for q in self._queues.values() for t in q] + list(self._thread_queue)
+            self._queues.clear()
+            self._turns.clear()
+            self._thread_queue.clear()
+            self._deadline_cv.notify_all()
+        for t in queued:
+            self._finish(t, False, None, TaskCancelledError("the server is shutting down"))
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            with self._lock:
+                if not self._tasks:
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            workers = list(self._workers) + ([self._thread_worker] if self._thread_worker else [])
+        for w in workers:
+            w.alive = False
+            try:
+                w.send(("exit",))
+            except OSError:
+                pass
+        for w in workers:
+            try:
+                w.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(timeout=5.0)
+            w.sock.close()
+
+    # -- submitting --------------------------------------------------------------------------
+    def submit(self, task: Task) -> int:
+        """Queue ``task``; returns its id (for :meth:`cancel`). Never blocks on the task."""
+        if task.mode not in ("process", "thread"):
+            raise ConfigError(f"mode must be 'process' or 'thread', got {task.mode!r}")
+        if task.mode == "thread" and self.threads < 1:
+            raise ConfigError("this server runs no thread-mode tasks (started with --threads 0)")
+        with self._lock:
+            if self._closing:
+                raise TaskCancelledError("the server is shutting down")
+            task.task_id = next(self._ids)
+            task.state = "queued"
+            self._tasks[task.task_id] = task
+            if task.mode == "thread":
+                tw = self._thread_worker_locked()
+                self._thread_queue.append(task)
+                todo = self._take_thread_tasks_locked(tw)
+                worker = tw
+            else:
+                q = self._queues.get(task.owner)
+                if q is None:
+                    q = self._queues[task.owner] = deque()
+                    self._turns.append(task.owner)
+                q.append(task)
+                worker = self._idle.popleft() if self._idle else None
+                todo = [self._next_process_task_locked(worker)] if worker else []
+        for t in todo:
+            self._send_task(worker, t)  # type: ignore[arg-type]
+        return task.task_id
+
+    def cancel(self, task_id: int, reason: str = "cancel") -> bool:
+        """Cancel a queued task, or stop a running one. False if it already finished."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.ending:
+                return False
+            task.ending = reason
+            if task.state == "queued":
+                q = self._queues.get(task.owner) if task.mode == "process" else self._thread_queue
+                if q is not None and task in q:
+                    q.remove(task)
+                worker = None
+            else:
+                worker = task.worker
+        err = self._ending_error(task)
+        if worker is None:
+            self._finish(task, False, None, err)
+        elif worker.role == "process":
+            self._kill(worker)  # the reader thread sees it die and fails the task
+        else:
+            try:
+                worker.send(("cancel", task_id, reason))
+            except OSError:
+                pass
+            self._finish(task, False, None, err)
+        return True
+
+    # -- scheduling (call with the lock held) -----------------------------------------------
+    def _next_process_task_locked(self, worker: _WorkerHandle | None) -> Task | None:
+        if worker is None:
+            return None
+        for _ in range(len(self._turns)):
+            owner = self._turns[0]
+            self._turns.rotate(-1)
+            q = self._queues[owner]
+            task = q.popleft()
+            if not q:
+                del self._queues[owner]
+                self._turns.remove(owner)
+            self._start_locked(task, worker)
+            return task
+        self._idle.append(worker)
+        return None
+
+    def _take_thread_tasks_locked(self, tw: _WorkerHandle) -> list[Task]:
+        todo = []
+        while self._thread_queue and tw.ready.is_set() and len(tw.tasks) < self.threads:
+            task = self._thread_queue.popleft()
+            self._start_locked(task, tw)
+            todo.append(task)
+        return todo
+
+    def _start_locked(self, task: Task, worker: _WorkerHandle) -> None:
+        task.state = "running"
+        task.worker = worker
+        task.started = time.monotonic()
+        worker.tasks[task.task_id] = task
+        if task.timeout is not None:
+            heapq.heappush(self._deadlines, (task.started + task.timeout, task.task_id))
+            self._deadline_cv.notify()
+
+    def _thread_worker_locked(self) -> _WorkerHandle:
+        if self._thread_worker is None or not self._thread_worker.alive:
+            self._thread_worker = self._spawn("thread")
+        return self._thread_worker
+
+    def _send_task(self, worker: _WorkerHandle, task: Task) -> None:
+        opts = dict(task.options)
+        try:
+            worker.send(("run", task.task_id, task.kind, task.spec, opts), task.frames)
+        except OSError:
+            self._kill(worker)  # its reader thread fails the task and replaces the worker
+
+    # -- workers -----------------------------------------------------------------------------
+    def _spawn(self, role: str) -> _WorkerHandle:
+        parent, child = socket.socketpair()
+        cmd = [sys.executable, "-m", "rpycsvc.worker", "--fd", str(child.fileno()),
+               "--role", role, "--threads", str(max(1, self.threads))]
+        if self.endpoint_modules:
+            cmd += ["--endpoints", ",".join(self.endpoint_modules)]
+        if self.memory_limit:
+            cmd += ["--memory-limit", str(self.memory_limit)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        fds = [child.fileno()]
+        bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
+        if bundle_fd and bundle_fd.isdigit():
+            fds.append(int(bundle_fd))
+        proc = subprocess.Popen(cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL,
+                                stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None,
+                                close_fds=True)
+        child.close()
+        handle = _WorkerHandle(role, proc, parent)
+        if role == "process":  # never called with the lock held for this role
+            with self._lock:
+                self._workers.append(handle)
+        threading.Thread(target=self._reader, args=(handle,), name=f"rpycsvc-w{proc.pid}",
+                         daemon=True).start()
+        return handle
+
+    def _reader(self, w: _WorkerHandle) -> None:
+        try:
+            while True:
+                control, frames = _wire.recv_msg(w.sock)
+                op = control[0]
+                if op == "done":
+                    self._on_done(w, control[1], control[2], frames)
+                elif op == "out":
+                    task = w.tasks.get(control[1])
+                    if task is not None and task.on_output is not None:
+                        task.on_output(control[2], control[3])
+                elif op == "ready":
+                    self._on_ready(w, control)
+        except (EOFError, OSError):
+            pass
+        self._on_exit(w)
+
+    def _on_ready(self, w: _WorkerHandle, control: tuple[Any, ...]) -> None:
+        _, _pid, names, error = control
+        if error:
+            self._start_failure = error
+            w.alive = False
+            w.ready.set()
+            self._kill(w)
+            return
+        self.endpoint_names = list(names)
+        with self._lock:
+            w.ready.set()
+            if w.role == "process":
+                todo = [self._next_process_task_locked(w)]
+            else:
+                todo = self._take_thread_tasks_locked(w)
+        for t in todo:
+            if t is not None:
+                self._send_task(w, t)
+
+    def _on_done(self, w: _WorkerHandle, task_id: int, ok: bool, frames: list[Any]) -> None:
+        with self._lock:
+            task = w.tasks.pop(task_id, None)
+            if w.role == "process":
+                nxt = [self._next_process_task_locked(w)] if w.alive else []
+            else:
+                nxt = self._take_thread_tasks_locked(w)
+        for t in nxt:
+            if t is not None:
+                self._send_task(w, t)
+        if task is not None:
+            self._finish(task, ok, frames, None)
+
+    def _on_exit(self, w: _WorkerHandle) -> None:
+        code = w.proc.poll()
+        if code is None:
+            try:
+                code = w.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self._kill(w)
+                code = w.proc.wait(timeout=5.0)
+        with self._lock:
+            was_alive, w.alive = w.alive, False
+            lost = list(w.tasks.values())
+            w.tasks.clear()
+            if w in self._idle:
+                self._idle.remove(w)
+            if w in self._workers:
+                self._workers.remove(w)
+            replace = was_alive and not self._closing
+            if replace:
+                self.counters["restarts"] += 1
+        w.sock.close()
+        w.ready.set()
+        how = _describe_exit(code)
+        for task in lost:
+            err = self._ending_error(task) if task.ending else WorkerCrashedError(
+                f"the worker process running task {task.label or task.task_id} died ({how}); "
+                "the task may have called os._exit(), crashed the interpreter, or run out "
+                "of memory. The worker was replaced."
+            )
+            self._finish(task, False, None, err)
+        if replace:
+            log.warning("worker %s exited (%s); starting a replacement", w.proc.pid, how)
+            if w.role == "process":
+                self._spawn("process")
+            else:
+                with self._lock:
+                    if self._thread_queue:
+                        tw = self._thread_worker_locked()
+                        del tw  # it takes the queue when ready
+
+    @staticmethod
+    def _kill(w: _WorkerHandle) -> None:
+        try:
+            w.proc.send_signal(signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+
+    # -- completion and deadlines ------------------------------------------------------------
+    def _finish(self, task: Task, ok: bool, frames: list[Any] | None, err: TaskError | None) -> None:
+        with self._lock:
+            if self._tasks.pop(task.task_id, None) is None:
+                return  # already finished (e.g. a thread task that timed out, then returned)
+            task.state = "done"
+            self.counters["done" if ok else "failed"] += 1
+        try:
+            task.on_done(task, ok, frames, err)
+        except Exception:
+            log.exception("task completion callback failed")
+
+    def _ending_error(self, task: Task) -> TaskError:
+        if task.ending == "timeout":
+            return TaskTimeoutError(
+                f"task {task.label or task.task_id} ran longer than its timeout of "
+                f"{task.timeout:g} s and was stopped"
+                + (" (its worker process was killed and replaced)" if task.mode == "process" else "")
+            )
+        return TaskCancelledError(f"task {task.label or task.task_id} was cancelled")
+
+    def _deadline_loop(self) -> None:
+        with self._lock:
+            while not self._closing:
+                now = time.monotonic()
+                if self._deadlines and self._deadlines[0][0] <= now:
+                    _, task_id = heapq.heappop(self._deadlines)
+                    task = self._tasks.get(task_id)
+                    if task is not None and task.state == "running" and not task.ending:
+                        self._lock.release()
+                        try:
+                            self.cancel(task_id, "timeout")
+                        finally:
+                            self._lock.acquire()
+                    continue
+                wait = self._deadlines[0][0] - now if self._deadlines else None
+                self._deadline_cv.wait(wait)
+
+    # -- introspection ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            running = sum(1 for t in self._tasks.values() if t.state == "running")
+            queued = sum(len(q) for q in self._queues.values()) + len(self._thread_queue)
+            pids = [w.proc.pid for w in self._workers]
+            tw = self._thread_worker
+            if tw is not None and tw.alive:
+                pids.append(tw.proc.pid)
+            return {
+                "workers": self.size,
+                "worker_pids": pids,
+                "threads": self.threads,
+                "tasks_running": running,
+                "tasks_queued": queued,
+                "tasks_done": self.counters["done"],
+                "tasks_failed": self.counters["failed"],
+                "worker_restarts": self.counters["restarts"],
+            }
+
+    def running_tasks(self) -> list[dict[str, Any]]:
+        """What runs now: label, client, mode and seconds elapsed (for ``rpycsvc top``)."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {"task": t.label, "client": t.client, "mode": t.mode,
+                 "elapsed": round(now - t.started, 3)}
+                for t in self._tasks.values() if t.state == "running"
+            ]
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " — possibly out of memory" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"

@@ -1,0 +1,172 @@
+"""Everything that crosses the wire by value: functions, arguments, results, errors.
+
+Data is pickled with protocol 5; buffers of at least ``OOB_THRESHOLD`` bytes (numpy arrays,
+bytes, bytearrays, memoryviews) travel out of band as separate frames, so they are never
+copied into the pickle stream. Functions go through cloudpickle, so lambdas, closures and
+functions defined in ``__main__`` work. A packed value is a tuple of ``bytes`` frames: RPyC's
+brine sends such a tuple by value, never as a netref.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+import cloudpickle
+
+from .errors import RemoteTaskError, RemoteTraceback, SerializationError
+
+#: Buffers at least this large travel as their own frame instead of inside the pickle.
+OOB_THRESHOLD = 64 * 1024
+
+Frames = tuple[bytes, ...]
+
+
+def _dumps_bytes(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
+    def callback(buf: pickle.PickleBuffer) -> bool:
+        # Small buffers stay in band: a frame of their own would cost more than it saves.
+        if buf.raw().nbytes < OOB_THRESHOLD:
+            return True
+        buffers.append(buf)
+        return False
+
+    return cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
+
+
+def dumps(obj: Any, what: str = "value") -> Frames:
+    """Pickle ``obj`` by value into frames: ``(pickle, buffer1, buffer2, ...)``.
+
+    ``what`` names the thing in the error message ("argument", "result", ...).
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        head = _dumps_bytes(obj, buffers)
+    except Exception as exc:
+        raise SerializationError(
+            f"can't send {what} {_short_repr(obj)} by value: {type(exc).__name__}: {exc}. "
+            "Only picklable objects can travel; open files, sockets, locks and "
+            "generators can't — create them inside the task instead."
+        ) from exc
+    if not buffers:
+        return (head,)
+    return (head, *(bytes(b.raw()) for b in buffers))
+
+
+def loads(frames: Frames | list[bytes], what: str = "value") -> Any:
+    """Rebuild an object from the frames :func:`dumps` made."""
+    try:
+        head = frames[0]
+        # bytearray buffers let numpy arrays come back writeable without another copy.
+        bufs = [bytearray(f) if isinstance(f, bytes) else f for f in frames[1:]]
+        return pickle.loads(head, buffers=bufs)
+    except Exception as exc:
+        raise SerializationError(
+            f"can't unpickle {what}: {type(exc).__name__}: {exc}. Is the module that defines "
+            "it installed on this side too? Functions and classes from your own modules are "
+            "sent by reference; call cloudpickle.register_pickle_by_value(module) to send "
+            "them by value."
+        ) from exc
+
+
+def dumps_function(fn: Any) -> bytes:
+    """Pickle a task function by value (lambdas and closures included)."""
+    if not callable(fn):
+        raise SerializationError(
+            f"task must be callable, a 'module:function' path or an endpoint name; "
+            f"got {_short_repr(fn)}"
+        )
+    try:
+        return cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise SerializationError(
+            f"can't send task function {_short_repr(fn)} by value: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+class FunctionCache:
+    """Unpickled task functions keyed by their pickled bytes, so repeated calls skip unpickling."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._items: OrderedDict[bytes, Any] = OrderedDict()
+
+    def load(self, blob: bytes) -> Any:
+        fn = self._items.get(blob)
+        if fn is not None:
+            self._items.move_to_end(blob)
+            return fn
+        try:
+            fn = pickle.loads(blob)
+        except Exception as exc:
+            raise SerializationError(
+                f"can't unpickle the task function: {type(exc).__name__}: {exc}. If it lives "
+                "in a module of yours that the server can't import, call "
+                "cloudpickle.register_pickle_by_value(module) on the client."
+            ) from exc
+        self._items[blob] = fn
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return fn
+
+
+def dump_exception(exc: BaseException) -> Frames:
+    """Pack an exception raised by a task: the object itself if it pickles, plus its text.
+
+    The frames are ``(type qualname, message, traceback text, pickled exception or b"")``.
+    """
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    typ = type(exc)
+    qualname = f"{typ.__module__}.{typ.__qualname__}"
+    try:
+        blob = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(blob)  # only ship what rebuilds; some exceptions pickle but won't load
+    except Exception:
+        blob = b""
+    return (qualname.encode(), _safe_str(exc).encode(), tb_text.encode(), blob)
+
+
+def load_exception(frames: Frames | list[bytes], address: str | None) -> BaseException:
+    """Rebuild a task's exception: its own type where possible, else :class:`RemoteTaskError`.
+
+    The remote traceback is attached as ``__cause__`` (a :class:`RemoteTraceback`) and as
+    ``remote_traceback``; ``address`` names the server in both cases.
+    """
+    qualname, message, tb_text, blob = (bytes(f) for f in frames[:4])
+    text = tb_text.decode(errors="replace")
+    exc: BaseException | None = None
+    if blob:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        return RemoteTaskError(
+            message.decode(errors="replace"),
+            remote_type=qualname.decode(errors="replace"),
+            remote_traceback=text,
+            address=address,
+        )
+    try:
+        exc.remote_traceback = text  # type: ignore[attr-defined]
+        exc.address = address  # type: ignore[attr-defined]
+        exc.__cause__ = RemoteTraceback(f"on {address}:\n{text}" if address else text)
+    except (AttributeError, TypeError):
+        pass  # exceptions with __slots__ keep their type but not the extras
+    return exc
+
+
+def _safe_str(obj: Any) -> str:
+    try:
+        return str(obj)
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+
+
+def _short_repr(obj: Any, limit: int = 80) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

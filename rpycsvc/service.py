@@ -1,0 +1,301 @@
+"""What the server exposes over RPyC: compute endpoints, stats, and classic module access.
+
+``exposed_run`` is the by-value path the rpycsvc client uses: pickled frames in, pickled
+frames out, answered through a :class:`~rpycsvc.transport.Deferred` so one connection can
+have many tasks in flight. ``exposed_compute`` serves plain RPyC clients: import paths and
+endpoint names, with arguments fetched by value. With ``classic`` on, the same connection
+also offers RPyC's classic ``modules``/``execute``/``eval`` — remote code execution by
+design, for trusted clients only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from typing import Any
+
+import rpyc
+from rpyc.core import netref
+from rpyc.core.service import Service, SlaveService
+
+from ._version import __version__
+from .errors import SerializationError, TaskError
+from .pool import Task, WorkerPool
+from .serialization import dumps, load_exception, loads
+from .transport import Deferred, ServerConnection
+
+log = logging.getLogger("rpycsvc.server")
+
+#: Largest container a plain RPyC client may pass as a netref (fetched element by element).
+MAX_NETREF_ITEMS = 100_000
+
+
+class Runtime:
+    """State shared by every connection of one server: the pool, counters, identity."""
+
+    def __init__(self, pool: WorkerPool, *, classic: bool, address: str = "") -> None:
+        self.pool = pool
+        self.classic = classic
+        self.address = address
+        self.started = time.time()
+        self.connections = 0
+        self.connections_total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._lock = threading.Lock()
+        self._conn_ids = itertools.count(1)
+
+    def connected(self) -> int:
+        self.pool.ensure_started()
+        with self._lock:
+            self.connections += 1
+            self.connections_total += 1
+            return next(self._conn_ids)
+
+    def disconnected(self) -> None:
+        with self._lock:
+            self.connections -= 1
+
+    def info(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "address": self.address, "pid": os.getpid(),
+                "workers": self.pool.size, "classic": self.classic}
+
+    def stats(self) -> dict[str, Any]:
+        from . import handshake
+
+        pool = self.pool.stats()
+        rss = _rss(os.getpid())
+        try:
+            load = os.getloadavg()
+        except OSError:
+            load = (0.0, 0.0, 0.0)
+        return {
+            "host": socket.gethostname(),
+            "address": self.address,
+            "pid": os.getpid(),
+            **{f"{k}_version": v for k, v in handshake.versions().items()},
+            "platform": platform.platform(),
+            "cores": os.cpu_count() or 1,
+            **pool,
+            "connections": self.connections,
+            "connections_total": self.connections_total,
+            "uptime": round(time.time() - self.started, 3),
+            "load_average": tuple(round(x, 2) for x in load),
+            "rss_bytes": rss,
+            "rss_total_bytes": rss + sum(_rss(p) for p in pool["worker_pids"]),
+            "classic": self.classic,
+        }
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class ComputeService(Service):
+    """Compute endpoints only: what ``--no-classic`` (service-only mode) exposes."""
+
+    _runtime: Runtime
+    _protocol = ServerConnection
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._conn_id = 0
+        self._client = "?"
+        self._sink: Any = None
+        self._running: dict[Any, int] = {}
+        self._lock = threading.Lock()
+
+    def on_connect(self, conn: Any) -> None:
+        super().on_connect(conn)
+        self._conn_id = self._runtime.connected()
+        try:
+            peer = conn._config.get("endpoints", (None, None))[1]
+            self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        except Exception:
+            self._client = "?"
+
+    def on_disconnect(self, conn: Any) -> None:
+        self._runtime.disconnected()
+        with self._lock:
+            running = list(self._running.values())
+            self._running.clear()
+        for task_id in running:  # nobody is left to receive these results
+            self._runtime.pool.cancel(task_id, "cancel")
+
+    # -- the rpycsvc client's by-value path ---------------------------------------------------
+    def exposed_hello(self, sink: Any = None) -> tuple[tuple[str, Any], ...]:
+        """Register the client's output sink; returns server info as (key, value) pairs."""
+        self._sink = rpyc.async_(sink) if sink is not None else None
+        info = self._runtime.info()
+        info["endpoints"] = tuple(self._runtime.pool.endpoint_names)
+        return tuple(info.items())
+
+    def exposed_run(self, kind: str, spec: Any, options: tuple[tuple[str, Any], ...],
+                    frames: tuple[bytes, ...]) -> Deferred:
+        """Run one task (or a batch); replies ``("ok", frames)``, ``("raised", exc_frames)``
+        or ``("error", kind, message)`` when it finishes."""
+        opts = dict(options)
+        if kind == "pickled" and not self._runtime.classic:
+            raise PermissionError(
+                "this server runs in service-only mode (--no-classic): it accepts no functions "
+                "or pickles from clients; call a registered endpoint by name instead"
+            )
+        key = opts.pop("key", None)
+        reply = Deferred()
+        sink = self._sink if opts.get("output", True) else None
+
+        def on_output(fd: int, text: str) -> None:
+            if sink is not None:
+                try:
+                    sink(key, fd, text)
+                except Exception:
+                    pass
+
+        def on_done(task: Task, ok: bool, out: list[Any] | None, err: TaskError | None) -> None:
+            with self._lock:
+                self._running.pop(key, None)
+            if err is not None:
+                reply.resolve(("error", type(err).__name__, str(err)))
+            elif ok:
+                reply.resolve(("ok", tuple(bytes(f) for f in out or ())))
+            else:
+                reply.resolve(("raised", tuple(bytes(f) for f in out or ())))
+
+        task = Task(kind=kind, spec=spec, frames=tuple(frames), on_done=on_done,
+                    owner=self._conn_id, mode=opts.get("mode", "process"),
+                    timeout=opts.get("timeout"), options=opts, on_output=on_output,
+                    label=str(opts.get("label", spec if kind != "pickled" else "task")),
+                    client=self._client)
+        task_id = self._runtime.pool.submit(task)
+        if key is not None and task.state != "done":
+            with self._lock:
+                self._running[key] = task_id
+        return reply
+
+    def exposed_cancel(self, key: Any) -> bool:
+        """Cancel this connection's task ``key``: dequeue it, or stop it if running."""
+        with self._lock:
+            task_id = self._running.get(key)
+        return task_id is not None and self._runtime.pool.cancel(task_id)
+
+    def exposed_stats_frames(self) -> tuple[bytes, ...]:
+        return dumps(self.exposed_stats(), "stats")
+
+    # -- for every client, plain RPyC included --------------------------------------------------
+    def exposed_stats(self) -> dict[str, Any]:
+        """Host, versions, cores, workers, task counts, uptime, load, memory."""
+        return self._runtime.stats()
+
+    def exposed_running(self) -> tuple[bytes, ...]:
+        return dumps(self._runtime.pool.running_tasks(), "running tasks")
+
+    def exposed_ping(self, data: Any = None) -> Any:
+        return data
+
+    def exposed_endpoints(self) -> tuple[str, ...]:
+        return tuple(self._runtime.pool.endpoint_names)
+
+    def exposed_compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``task`` (an endpoint name or ``"module:function"``) on a worker; wait for it.
+
+        Arguments are fetched by value. Results that RPyC can send by value (numbers,
+        strings, bytes, tuples of those) arrive as such; others arrive as netrefs, which
+        ``rpyc.classic.obtain`` copies. rpycsvc.connect() gets everything by value.
+        """
+        if isinstance(task, netref.BaseNetref):
+            raise TypeError(
+                "a function object can't be sent by a plain RPyC client (it would run back on "
+                "the client through netrefs). Pass 'module:function' or an endpoint name, or "
+                "connect with rpycsvc.connect(host, port), which sends functions by value."
+            )
+        if not isinstance(task, str):
+            raise TypeError(f"task must be an endpoint name or 'module:function'; got {task!r}")
+        kind = "endpoint" if task in self._runtime.pool.endpoint_names else "path"
+        value = (tuple(_by_value(a) for a in args), {k: _by_value(v) for k, v in kwargs.items()})
+        if not self._runtime.classic:
+            _check_plain(value)
+        frames = dumps(value, "arguments")
+        reply = Deferred()
+
+        def on_done(t: Task, ok: bool, out: list[Any] | None, err: TaskError | None) -> None:
+            if err is not None:
+                reply.fail(err)
+            elif ok:
+                try:
+                    reply.resolve(loads(out or [], "result"))
+                except SerializationError as exc:
+                    reply.fail(exc)
+            else:
+                reply.fail(load_exception(out or [], self._runtime.address))
+
+        self._runtime.pool.submit(Task(kind=kind, spec=task, frames=frames, on_done=on_done,
+                                       owner=self._conn_id, label=task, client=self._client))
+        return reply
+
+
+class ClassicComputeService(ComputeService, SlaveService):  # type: ignore[misc]
+    """Compute endpoints plus RPyC classic access (``modules``, ``execute``, ``eval``)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        SlaveService.__init__(self)
+        ComputeService.__init__(self, runtime)
+
+    def on_connect(self, conn: Any) -> None:
+        super().on_connect(conn)  # ComputeService, then SlaveService through the MRO
+        # SlaveService turns exposed_ lookups off (rpyc #454); compute needs them.
+        conn._config["allow_exposed_attrs"] = True
+
+
+def _by_value(obj: Any, depth: int = 0) -> Any:
+    """Copy a plain client's netref'd list/dict/set into a local object, element by element."""
+    if not isinstance(obj, netref.BaseNetref):
+        return obj
+    if depth > 20:
+        raise SerializationError("argument nested too deeply to fetch by value")
+    cls = object.__getattribute__(obj, "____id_pack__")[0]
+    if cls in ("builtins.list", "builtins.tuple", "builtins.set", "builtins.frozenset"):
+        if len(obj) > MAX_NETREF_ITEMS:
+            raise SerializationError(
+                f"argument has {len(obj)} items: too many to fetch from a plain RPyC client one "
+                "by one; send a tuple, or use rpycsvc.connect() which sends values in one go"
+            )
+        items = [_by_value(x, depth + 1) for x in obj]
+        return {"builtins.list": list, "builtins.tuple": tuple, "builtins.set": set,
+                "builtins.frozenset": frozenset}[cls](items)
+    if cls == "builtins.dict":
+        return {_by_value(k, depth + 1): _by_value(v, depth + 1) for k, v in obj.items()}
+    if cls in ("builtins.bytearray",):
+        return bytearray(bytes(obj))
+    raise SerializationError(
+        f"can't fetch an argument of type {cls} by value from a plain RPyC client; pass "
+        "numbers, strings, bytes, tuples, lists or dicts, or use rpycsvc.connect()"
+    )
+
+
+def _check_plain(value: Any, depth: int = 0) -> None:
+    """Service-only mode: arguments must be plain data, not arbitrary objects."""
+    if depth > 50:
+        raise SerializationError("argument nested too deeply")
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            _check_plain(v, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, depth + 1)
+            _check_plain(v, depth + 1)
+        return
+    raise SerializationError(
+        f"service-only mode accepts plain data arguments only; got {type(value).__name__}"
+    )

@@ -1,0 +1,317 @@
+"""The worker process: runs tasks the server hands it over a local socketpair.
+
+A *process* worker runs one task at a time on its main thread, so CPU-bound tasks use a
+core each and a runaway task can be stopped by killing the process. A *thread* worker
+runs many tasks at once in threads, for I/O-bound work. Whatever a task prints (through
+``sys.stdout``/``sys.stderr`` or, in a process worker, straight to file descriptors 1
+and 2) is sent back as whole lines, attributed to the task, while the task runs.
+
+Started by :mod:`rpycsvc.pool` as ``python -m rpycsvc.worker --fd N ...``; not an API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from . import _wire
+from .endpoints import load_endpoints, resolve_path
+from .serialization import FunctionCache, dump_exception, dumps, loads
+
+#: Output is sent at least this often while a task runs (seconds).
+FLUSH_INTERVAL = 0.05
+#: ...or as soon as this much whole-line output is buffered.
+FLUSH_BYTES = 32 * 1024
+
+
+class _TaskContext:
+    """What a running task's output is attributed to, and its pending output."""
+
+    __slots__ = ("buffers", "forward", "lock", "task_id")
+
+    def __init__(self, task_id: int, forward: bool) -> None:
+        self.task_id = task_id
+        self.forward = forward
+        self.lock = threading.Lock()
+        self.buffers = {1: "", 2: ""}
+
+
+class Worker:
+    """One worker process's state: its channel to the server, caches and running tasks."""
+
+    def __init__(self, sock: socket.socket, role: str, threads: int, endpoints: list[str]):
+        self.sock = sock
+        self.role = role
+        self.send_lock = threading.Lock()
+        self.functions = FunctionCache()
+        self.local = threading.local()
+        self.active: dict[int, _TaskContext] = {}
+        self.active_lock = threading.Lock()
+        self.inline: _TaskContext | None = None  # the task on the main thread (process role)
+        self.thread_ids: dict[int, int] = {}
+        self.endpoint_error = ""
+        try:
+            self.endpoints = load_endpoints(endpoints) if endpoints else {}
+        except Exception as exc:  # reported to the server, which refuses to start
+            self.endpoints = {}
+            self.endpoint_error = str(exc)
+        self.pool = ThreadPoolExecutor(threads, "rpycsvc-task") if role == "thread" else None
+
+    # -- channel ---------------------------------------------------------------------------
+    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
+        with self.send_lock:
+            _wire.send_msg(self.sock, control, frames)
+
+    # -- output ----------------------------------------------------------------------------
+    def current(self) -> _TaskContext | None:
+        ctx = getattr(self.local, "ctx", None)
+        return ctx if ctx is not None else None
+
+    def write(self, fd: int, text: str, ctx: _TaskContext | None) -> bool:
+        """Buffer ``text`` for ``ctx``; send whole lines when enough is pending."""
+        if ctx is None or not ctx.forward:
+            return ctx is not None  # discarded for a task that asked for it, else not ours
+        with ctx.lock:
+            ctx.buffers[fd] += text
+            if len(ctx.buffers[fd]) >= FLUSH_BYTES:
+                self._flush_locked(ctx, fd, whole_lines=True)
+        return True
+
+    def _flush_locked(self, ctx: _TaskContext, fd: int, whole_lines: bool) -> None:
+        data = ctx.buffers[fd]
+        if not data:
+            return
+        if whole_lines:
+            cut = data.rfind("\n") + 1
+            if cut == 0:
+                return
+            data, ctx.buffers[fd] = data[:cut], data[cut:]
+        else:
+            ctx.buffers[fd] = ""
+        self.send(("out", ctx.task_id, fd, data))
+
+    def flush(self, ctx: _TaskContext, whole_lines: bool) -> None:
+        with ctx.lock:
+            for fd in (1, 2):
+                self._flush_locked(ctx, fd, whole_lines)
+
+    def flusher(self) -> None:
+        """Send complete lines of every running task at least every FLUSH_INTERVAL."""
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            with self.active_lock:
+                running = list(self.active.values())
+            for ctx in running:
+                try:
+                    self.flush(ctx, whole_lines=True)
+                except OSError:
+                    return
+
+    # -- tasks -----------------------------------------------------------------------------
+    def resolve(self, kind: str, spec: Any, frames: list[bytearray]) -> tuple[Callable[..., Any], list[bytearray]]:
+        if kind == "pickled":
+            return self.functions.load(bytes(frames[0])), frames[1:]
+        if kind == "endpoint":
+            fn = self.endpoints.get(spec)
+            if fn is None:
+                raise LookupError(
+                    f"no endpoint named {spec!r} on this server; it has: "
+                    f"{', '.join(sorted(self.endpoints)) or 'none'}"
+                )
+            return fn, frames
+        return resolve_path(spec), frames
+
+    def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any], frames: list[bytearray]) -> None:
+        ctx = _TaskContext(task_id, opts.get("output", True))
+        self.local.ctx = ctx
+        if self.pool is None:
+            self.inline = ctx  # fd-level output now belongs to this task
+        with self.active_lock:
+            self.active[task_id] = ctx
+            self.thread_ids[task_id] = threading.get_ident()
+        try:
+            try:
+                fn, data = self.resolve(kind, spec, frames)
+                if opts.get("batch"):
+                    out = self._run_batch(fn, data)
+                else:
+                    args, kwargs = loads(data, "task arguments")
+                    out = dumps(fn(*args, **kwargs), "result")
+                ok = True
+            except BaseException as exc:  # a task's SystemExit must not end the worker
+                ok, out = False, dump_exception(exc)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            self.flush(ctx, whole_lines=False)
+            self.send(("done", task_id, ok), out)
+        finally:
+            self.local.ctx = None
+            self.inline = None
+            with self.active_lock:
+                self.active.pop(task_id, None)
+                self.thread_ids.pop(task_id, None)
+
+    def _run_batch(self, fn: Callable[..., Any], data: list[bytearray]) -> tuple[bytes, ...]:
+        """Run ``fn`` over a chunk of argument tuples; each item keeps its own result or error."""
+        items = loads(data, "batch arguments")
+        results: list[tuple[bool, Any]] = []
+        for args in items:
+            try:
+                results.append((True, fn(*args)))
+            except BaseException as exc:
+                results.append((False, dump_exception(exc)))
+        try:
+            return dumps(results, "batch results")
+        except Exception:
+            safe: list[tuple[bool, Any]] = []
+            for ok, value in results:
+                try:
+                    dumps(value, "result")
+                    safe.append((ok, value))
+                except Exception as exc:
+                    safe.append((False, dump_exception(exc)))
+            return dumps(safe, "batch results")
+
+    def cancel(self, task_id: int, reason: str) -> None:
+        """Stop a task running in a thread by raising in it (takes effect between bytecodes)."""
+        with self.active_lock:
+            ident = self.thread_ids.get(task_id)
+        if ident is None:
+            return
+        exc: type[BaseException] = TimeoutError if reason == "timeout" else _Cancelled
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+
+    def serve(self) -> None:
+        while True:
+            try:
+                control, frames = _wire.recv_msg(self.sock)
+            except (EOFError, OSError):
+                return
+            op = control[0]
+            if op == "run":
+                _, task_id, kind, spec, opts = control
+                if self.pool is not None:
+                    self.pool.submit(self.run, task_id, kind, spec, opts, frames)
+                else:
+                    self.run(task_id, kind, spec, opts, frames)
+            elif op == "cancel":
+                self.cancel(control[1], control[2])
+            elif op == "exit":
+                return
+
+
+class _Cancelled(Exception):
+    """Raised inside a thread-mode task that its client cancelled."""
+
+
+class _Router(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` of a worker: routes each write to the task that made it."""
+
+    def __init__(self, worker: Worker, fd: int, fallback: io.TextIOBase) -> None:
+        self._worker = worker
+        self._fd = fd
+        self._fallback = fallback
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        w = self._worker
+        if not w.write(self._fd, text, w.current()):
+            self._fallback.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._fallback.flush()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def _capture_fds(worker: Worker, log: io.TextIOBase) -> None:
+    """Point fds 1 and 2 at pipes so child processes' and C code's output is captured too.
+
+    Output read there belongs to the task running on the main thread, if any; otherwise
+    it goes to the server's log.
+    """
+    for fd in (1, 2):
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+
+        def pump(r: int = r, fd: int = fd) -> None:
+            with os.fdopen(r, "rb", buffering=0) as src:
+                while True:
+                    chunk = src.read(65536)
+                    if not chunk:
+                        return
+                    text = chunk.decode(errors="replace")
+                    if not worker.write(fd, text, worker.inline):
+                        log.write(text)
+                        log.flush()
+
+        threading.Thread(target=pump, name=f"rpycsvc-fd{fd}", daemon=True).start()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill us when the server dies, even mid-task."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rpycsvc.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--role", choices=("process", "thread"), default="process")
+    parser.add_argument("--threads", type=int, default=256)
+    parser.add_argument("--endpoints", default="")
+    parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
+    if args.memory_limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    sock = socket.socket(fileno=args.fd)
+    endpoints = [m for m in args.endpoints.split(",") if m]
+    worker = Worker(sock, args.role, args.threads, endpoints)
+    log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
+    if args.role == "process":
+        _capture_fds(worker, log)
+    sys.stdout = _Router(worker, 1, log)  # type: ignore[assignment]
+    sys.stderr = _Router(worker, 2, log)  # type: ignore[assignment]
+    threading.Thread(target=worker.flusher, name="rpycsvc-flush", daemon=True).start()
+    worker.send(("ready", os.getpid(), sorted(worker.endpoints), worker.endpoint_error))
+    worker.serve()
+    os._exit(0)  # don't wait for abandoned task threads
+
+
+if __name__ == "__main__":
+    main()
