@@ -1,0 +1,194 @@
+"""The ``rpycsvc`` command: ``serve`` and the other subcommands.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args)``;
+:data:`COMMANDS` maps names to modules, imported only when used, so ``rpycsvc serve``
+starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+from .config import DEFAULT_PORT, MODES, ServerConfig
+from .errors import RpycsvcError
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("rpycsvc.cli", "run a server (compute endpoints + classic access)"),
+}
+
+SERVE_DESCRIPTION = """\
+Run an rpycsvc server: compute endpoints (conn.root.compute) on a pool of worker
+processes, plus RPyC classic access (conn.modules, conn.execute, conn.eval).
+
+The first line printed on stdout is the address it listens on (host:port), so scripts
+can start it with --port 0 and read the port. SIGTERM or Ctrl-C stops accepting, lets
+running tasks finish within --grace seconds, and exits 0.
+
+SECURITY: classic mode is remote code execution by design: anyone who can connect can
+run any code as this user. It binds 127.0.0.1 by default; binding another address needs
+TLS (--ssl-*), an --authkey, or an explicit --insecure. --no-classic offers only the
+endpoints registered with --endpoints and accepts no code from clients.
+
+Every option can also be set through an environment variable RPYCSVC_<OPTION>, e.g.
+RPYCSVC_AUTHKEY, RPYCSVC_WORKERS; the command line wins."""
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``rpycsvc serve`` (rpyc_classic's options mean the same here)."""
+    g = p.add_argument_group("listening")
+    g.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    g.add_argument("-p", "--port", type=int, default=None,
+                   help=f"port to bind; 0 picks a free one (default {DEFAULT_PORT})")
+    g.add_argument("--ipv6", action="store_true", default=None, help="bind an IPv6 address")
+    g.add_argument("-m", "--mode", choices=MODES, default=None,
+                   help="threaded (default): a thread per connection; forking: a process per "
+                   "connection; oneshot: serve one connection, then exit; stdio: speak over "
+                   "stdin/stdout (for ssh)")
+    w = p.add_argument_group("execution")
+    w.add_argument("--workers", type=int, default=None,
+                   help="worker processes for tasks (default: one per core)")
+    w.add_argument("--threads", type=int, default=None,
+                   help="thread-mode tasks that may run at once (default 256; 0 disables)")
+    w.add_argument("--endpoints", action="append", default=None, metavar="MODULE",
+                   help="import MODULE in every worker and offer its @rpycsvc.endpoint "
+                   "functions by name (repeatable)")
+    w.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
+                   help="address-space limit per worker process, e.g. 2G (a task exceeding it "
+                   "gets MemoryError)")
+    w.add_argument("--grace", type=float, default=None,
+                   help="seconds running tasks may finish after SIGTERM (default 10)")
+    s = p.add_argument_group("security")
+    s.add_argument("--no-classic", dest="classic", action="store_false", default=None,
+                   help="service-only mode: registered endpoints only, no module access, no "
+                   "code or pickles from clients")
+    s.add_argument("--authkey", default=None,
+                   help="shared secret clients must prove they know (HMAC challenge; the key is "
+                   "never sent). Prefer RPYCSVC_AUTHKEY: command lines are visible to others")
+    s.add_argument("--ssl-keyfile", default=None, help="TLS private key")
+    s.add_argument("--ssl-certfile", default=None, help="TLS certificate")
+    s.add_argument("--ssl-cafile", default=None,
+                   help="CA bundle: clients must present a certificate it signed (mutual TLS)")
+    s.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a non-loopback bind without TLS or authkey (trusted networks only)")
+    s.add_argument("--handshake-timeout", type=float, default=None,
+                   help="seconds a new connection has to complete TLS/authentication (default 5)")
+    r = p.add_argument_group("registry (discovery)")
+    r.add_argument("--register", action="store_true", default=None,
+                   help="announce this server to an RPyC registry")
+    r.add_argument("--registry-type", choices=("UDP", "TCP"), default=None)
+    r.add_argument("--registry-port", type=int, default=None)
+    r.add_argument("--registry-host", default=None)
+    o = p.add_argument_group("logging")
+    o.add_argument("--logfile", default=None, help="log here instead of stderr")
+    o.add_argument("-q", "--quiet", action="store_true", default=None, help="warnings only")
+    o.add_argument("-v", "--verbose", action="store_true", default=None, help="debug logging")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)") from None
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    names = ("host", "port", "ipv6", "mode", "workers", "threads", "endpoints", "memory_limit",
+             "grace", "classic", "authkey", "ssl_keyfile", "ssl_certfile", "ssl_cafile",
+             "insecure", "handshake_timeout", "register", "registry_type", "registry_port",
+             "registry_host", "logfile", "quiet", "verbose")
+    return ServerConfig.from_env(**{n: getattr(args, n, None) for n in names})
+
+
+def setup_logging(cfg: Any) -> None:
+    level = logging.DEBUG if cfg.verbose else logging.WARNING if cfg.quiet else logging.INFO
+    handler: logging.Handler = (logging.FileHandler(cfg.logfile) if cfg.logfile
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("rpycsvc.rpyc").setLevel(max(level, logging.WARNING))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_serve_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``rpycsvc serve``: start, print the address, serve until SIGTERM/SIGINT."""
+    from .server import Server, serve_stdio
+
+    cfg = config_from_args(args)
+    setup_logging(cfg)
+    if cfg.insecure and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("rpycsvc.server").warning(
+            "--insecure: anyone who can reach %s:%s can run code as this user", cfg.host, cfg.port)
+    if cfg.mode == "stdio":
+        serve_stdio(cfg)
+        return 0
+    server = Server(cfg).start()
+    print(server.address, flush=True)
+    server.install_signal_handlers()
+    server.serve()
+    server.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="rpycsvc",
+        description="rpycsvc: a remote-execution service for Python built on RPyC.",
+    )
+    parser.add_argument("--version", action="version", version=f"rpycsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (modname, help_text) in COMMANDS.items():
+        mod = sys.modules[__name__] if modname == __name__ else importlib.import_module(modname)
+        desc = getattr(mod, "DESCRIPTION", None) if name != "serve" else SERVE_DESCRIPTION
+        p = sub.add_parser(name, help=help_text, description=desc or help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except RpycsvcError as exc:
+        print(f"rpycsvc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def classic_main(argv: list[str] | None = None) -> int:
+    """``rpycsvc_classic``: like ``rpyc_classic``, i.e. ``rpycsvc serve`` with its options."""
+    parser = argparse.ArgumentParser(prog="rpycsvc_classic", description=SERVE_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except RpycsvcError as exc:
+        print(f"rpycsvc_classic: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
