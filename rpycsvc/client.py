@@ -168,6 +168,11 @@ class Client:
         """How many tasks the server runs at once in process mode."""
         return int(self.server_info.get("workers", 1))
 
+    @property
+    def threads(self) -> int:
+        """How many thread-mode tasks the server runs at once."""
+        return int(self.server_info.get("threads", 0))
+
     # -- tasks -----------------------------------------------------------------------------------
     def options(self, **opts: Any) -> _Options:
         """A view that runs tasks with ``timeout`` (seconds, enforced on the server),

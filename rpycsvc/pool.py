@@ -72,6 +72,7 @@ class _WorkerHandle:
         self.tasks: dict[int, Task] = {}
         self.ready = threading.Event()
         self.alive = True
+        self.stopping = ""  # why we killed it on purpose (timeout, cancel)
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
         with self.send_lock:
@@ -125,6 +126,9 @@ class WorkerPool:
         """Start every process worker and wait (bounded) until each is ready."""
         self._started = True
         handles = [self._spawn("process") for _ in range(self.size)]
+        if self.threads:  # started now so the first thread-mode task doesn't wait for it
+            with self._lock:
+                handles.append(self._thread_worker_locked())
         deadline = time.monotonic() + self.start_timeout
         for h in handles:
             if not h.ready.wait(max(0.0, deadline - time.monotonic())) or not h.alive:
@@ -215,6 +219,7 @@ class WorkerPool:
         if worker is None:
             self._finish(task, False, None, err)
         elif worker.role == "process":
+            worker.stopping = reason
             self._kill(worker)  # the reader thread sees it die and fails the task
         else:
             try:
@@ -376,14 +381,17 @@ class WorkerPool:
             )
             self._finish(task, False, None, err)
         if replace:
-            log.warning("worker %s exited (%s); starting a replacement", w.proc.pid, how)
+            if w.stopping:
+                log.info("worker %s stopped to end a task (%s); starting a replacement",
+                         w.proc.pid, w.stopping)
+            else:
+                log.warning("worker %s exited (%s); starting a replacement", w.proc.pid, how)
             if w.role == "process":
                 self._spawn("process")
             else:
                 with self._lock:
                     if self._thread_queue:
-                        tw = self._thread_worker_locked()
-                        del tw  # it takes the queue when ready
+                        self._thread_worker_locked()  # it takes the queue when ready
 
     @staticmethod
     def _kill(w: _WorkerHandle) -> None:

@@ -63,7 +63,7 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "address": self.address, "pid": os.getpid(),
-                "workers": self.pool.size, "classic": self.classic}
+                "workers": self.pool.size, "threads": self.pool.threads, "classic": self.classic}
 
     def stats(self) -> dict[str, Any]:
         from . import handshake

@@ -64,7 +64,9 @@ class Worker:
         except Exception as exc:  # reported to the server, which refuses to start
             self.endpoints = {}
             self.endpoint_error = str(exc)
+        self.threads = threads
         self.pool = ThreadPoolExecutor(threads, "rpycsvc-task") if role == "thread" else None
+        self.item_pool: ThreadPoolExecutor | None = None
 
     # -- channel ---------------------------------------------------------------------------
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
@@ -166,12 +168,29 @@ class Worker:
     def _run_batch(self, fn: Callable[..., Any], data: list[bytearray]) -> tuple[bytes, ...]:
         """Run ``fn`` over a chunk of argument tuples; each item keeps its own result or error."""
         items = loads(data, "batch arguments")
-        results: list[tuple[bool, Any]] = []
-        for args in items:
+
+        def one(args: tuple[Any, ...]) -> tuple[bool, Any]:
             try:
-                results.append((True, fn(*args)))
+                return True, fn(*args)
             except BaseException as exc:
-                results.append((False, dump_exception(exc)))
+                return False, dump_exception(exc)
+
+        if self.pool is not None and len(items) > 1:
+            # thread mode: a batch's items are I/O-bound, so they run at once
+            if self.item_pool is None:
+                self.item_pool = ThreadPoolExecutor(self.threads, "rpycsvc-item")
+            ctx = self.current()
+
+            def in_ctx(args: tuple[Any, ...]) -> tuple[bool, Any]:
+                self.local.ctx = ctx
+                try:
+                    return one(args)
+                finally:
+                    self.local.ctx = None
+
+            results = list(self.item_pool.map(in_ctx, items))
+        else:
+            results = [one(args) for args in items]
         try:
             return dumps(results, "batch results")
         except Exception:
