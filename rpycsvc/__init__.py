@@ -6,6 +6,7 @@ Start servers with ``rpycsvc serve``; connect with :func:`connect` (one server) 
 
 from ._version import __version__
 from .client import Client, TaskFuture, connect
+from .cluster import BroadcastResult, Cluster, ClusterExecutor
 from .config import ServerConfig
 from .endpoints import endpoint
 from .errors import (
@@ -30,7 +31,10 @@ from .server import Server
 __all__ = [
     "AllServersFailedError",
     "AuthenticationError",
+    "BroadcastResult",
     "Client",
+    "Cluster",
+    "ClusterExecutor",
     "ConfigError",
     "ConnectError",
     "DeployError",

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from concurrent.futures import as_completed as _as_completed
 from concurrent.futures import wait as _wait
 from dataclasses import dataclass, field
@@ -519,7 +519,7 @@ class _ClusterOptions:
         return self._c.map(fn, *iterables, **{**self._opts, **kw})
 
 
-class ClusterExecutor:
+class ClusterExecutor(Executor):
     """``concurrent.futures.Executor`` over a cluster (``with cluster.executor() as ex:``)."""
 
     def __init__(self, cluster: Cluster) -> None:
@@ -527,7 +527,7 @@ class ClusterExecutor:
         self._futures: set[Future] = set()  # type: ignore[type-arg]
         self._shutdown = False
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:  # type: ignore[override]
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         fut = self._cluster.submit(fn, *args, **kwargs)
@@ -535,7 +535,7 @@ class ClusterExecutor:
         fut.add_done_callback(self._futures.discard)
         return fut
 
-    def map(self, fn: Any, *iterables: Iterable[Any], timeout: float | None = None,
+    def map(self, fn: Any, *iterables: Iterable[Any], timeout: float | None = None,  # type: ignore[override]
             chunksize: int = 1) -> Iterator[Any]:
         return self._cluster.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 
