@@ -23,7 +23,7 @@ from typing import Any
 import rpyc
 
 from ._version import __version__
-from .errors import AuthenticationError, ConnectError, VersionMismatchError
+from .errors import AuthenticationError, ConnectError, RpycsvcError, VersionMismatchError
 
 MAGIC = b"RPYCSVC1"
 _LEN = struct.Struct("!I")
@@ -114,9 +114,11 @@ def server_handshake(
         mine = versions()
         reply: dict[str, Any] = {**mine, **server_info, "ok": True, "auth": bool(authkey)}
         if not compatible(hello, mine):
-            reply.update(ok=False, error="version mismatch")
+            # The client may be too old to read the fields; say it all in one sentence too.
+            message = mismatch_message(hello, mine, str(server_info.get("address") or "server"))
+            reply.update(ok=False, error="version mismatch", message=message)
             _send_json(sock, reply)
-            raise RpycAuthError(mismatch_message(hello, mine, "client"))
+            raise RpycAuthError(message)
         challenge = os.urandom(32)
         if authkey:
             reply["challenge"] = challenge.hex()
@@ -170,6 +172,8 @@ def client_handshake(
                 raise AuthenticationError(
                     f"{address} does not know our authkey: it may be an impostor", address=address
                 )
+    except RpycsvcError:
+        raise  # ours already; ConnectError is an OSError, don't wrap it again below
     except (EOFError, OSError, ValueError) as exc:
         raise ConnectError(
             f"handshake with {address} failed ({type(exc).__name__}: {exc}); is it an rpycsvc "

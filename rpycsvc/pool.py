@@ -445,11 +445,10 @@ class WorkerPool:
             queued = sum(len(q) for q in self._queues.values()) + len(self._thread_queue)
             pids = [w.proc.pid for w in self._workers]
             tw = self._thread_worker
-            if tw is not None and tw.alive:
-                pids.append(tw.proc.pid)
             return {
                 "workers": self.size,
-                "worker_pids": pids,
+                "worker_pids": pids,  # the process workers: as many as "workers"
+                "thread_worker_pid": tw.proc.pid if tw is not None and tw.alive else None,
                 "threads": self.threads,
                 "tasks_running": running,
                 "tasks_queued": queued,

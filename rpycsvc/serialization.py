@@ -128,7 +128,8 @@ def dump_exception(exc: BaseException) -> Frames:
 
 
 def load_exception(frames: Frames | list[bytes], address: str | None) -> BaseException:
-    """Rebuild a task's exception: its own type where possible, else :class:`RemoteTaskError`.
+    r"""Rebuild a task's exception: its own type where possible, else :class:`RemoteTaskError`
+    (always for ``BaseException``\ s that aren't ``Exception``\ s, such as ``SystemExit``).
 
     The remote traceback is attached as ``__cause__`` (a :class:`RemoteTraceback`) and as
     ``remote_traceback``; ``address`` names the server in both cases.
@@ -141,7 +142,9 @@ def load_exception(frames: Frames | list[bytes], address: str | None) -> BaseExc
             exc = pickle.loads(blob)
         except Exception:
             exc = None
-    if not isinstance(exc, BaseException):
+    # SystemExit, KeyboardInterrupt and GeneratorExit ended the task, not the client: raised
+    # here they would end the client's program, so they arrive as RemoteTaskError.
+    if not isinstance(exc, Exception):
         return RemoteTaskError(
             message.decode(errors="replace"),
             remote_type=qualname.decode(errors="replace"),

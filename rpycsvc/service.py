@@ -87,7 +87,8 @@ class Runtime:
             "uptime": round(time.time() - self.started, 3),
             "load_average": tuple(round(x, 2) for x in load),
             "rss_bytes": rss,
-            "rss_total_bytes": rss + sum(_rss(p) for p in pool["worker_pids"]),
+            "rss_total_bytes": rss + sum(_rss(p) for p in [*pool["worker_pids"],
+                                                           pool["thread_worker_pid"]] if p),
             "classic": self.classic,
         }
 

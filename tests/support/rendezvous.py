@@ -15,6 +15,7 @@ The task-side functions (:func:`meet`, :func:`pass_gate`) are importable by path
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import select
@@ -74,6 +75,8 @@ class Barrier:
             self._sock.close()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # shutdown wakes a blocked accept(); close doesn't
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._thread.join(self.timeout + 5)
 
@@ -156,6 +159,8 @@ class Gate:
 
     def close(self) -> None:
         self._closed = True
+        with contextlib.suppress(OSError):  # shutdown wakes a blocked accept(); close doesn't
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         for conn in self._open:
             conn.close()
