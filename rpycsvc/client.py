@@ -234,6 +234,8 @@ class Client:
         try:
             res = self._run(kind, spec, tuple(wire.items()), frames)
         except (EOFError, OSError) as exc:
+            with self._lock:  # reported by raising, not also through done()
+                self._pending.pop(key, None)
             self._lose(exc)
             raise ServerLostError(f"connection to {self.address} is lost: {exc}",
                                   address=self.address) from exc

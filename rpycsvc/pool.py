@@ -110,6 +110,8 @@ class WorkerPool:
         self._tasks: dict[int, Task] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._deadline_cv = threading.Condition(self._lock)
+        self._settled_cv = threading.Condition(self._lock)  # a task finished (for close)
+        self._finishing = 0  # tasks taken off the books whose on_done is still running
         self._closing = False
         self._started = False
         self._start_lock = threading.Lock()
@@ -149,13 +151,10 @@ class WorkerPool:
             self._deadline_cv.notify_all()
         for t in queued:
             self._finish(t, False, None, TaskCancelledError("the server is shutting down"))
-        end = time.monotonic() + grace
-        while time.monotonic() < end:
-            with self._lock:
-                if not self._tasks:
-                    break
-            time.sleep(0.02)
         with self._lock:
+            # Until every running task's result has been handed to its connection, not
+            # merely taken off the books: the server closes connections right after this.
+            self._settled_cv.wait_for(lambda: not self._tasks and not self._finishing, grace)
             workers = list(self._workers) + ([self._thread_worker] if self._thread_worker else [])
         for w in workers:
             w.alive = False
@@ -233,16 +232,17 @@ class WorkerPool:
     def _next_process_task_locked(self, worker: _WorkerHandle | None) -> Task | None:
         if worker is None:
             return None
-        for _ in range(len(self._turns)):
+        while self._turns:
             owner = self._turns[0]
             self._turns.rotate(-1)
-            q = self._queues[owner]
-            task = q.popleft()
-            if not q:
-                del self._queues[owner]
+            q = self._queues.get(owner)
+            task = q.popleft() if q else None
+            if not q:  # emptied (maybe by cancel): this owner has no turn until it submits
+                self._queues.pop(owner, None)
                 self._turns.remove(owner)
-            self._start_locked(task, worker)
-            return task
+            if task is not None:
+                self._start_locked(task, worker)
+                return task
         self._idle.append(worker)
         return None
 
@@ -307,14 +307,17 @@ class WorkerPool:
             while True:
                 control, frames = _wire.recv_msg(w.sock)
                 op = control[0]
-                if op == "done":
-                    self._on_done(w, control[1], control[2], frames)
-                elif op == "out":
-                    task = w.tasks.get(control[1])
-                    if task is not None and task.on_output is not None:
-                        task.on_output(control[2], control[3])
-                elif op == "ready":
-                    self._on_ready(w, control)
+                try:
+                    if op == "done":
+                        self._on_done(w, control[1], control[2], frames)
+                    elif op == "out":
+                        task = w.tasks.get(control[1])
+                        if task is not None and task.on_output is not None:
+                            task.on_output(control[2], control[3])
+                    elif op == "ready":
+                        self._on_ready(w, control)
+                except Exception:  # a bug here must not silence this worker for good
+                    log.exception("error handling %r from worker %s", op, w.proc.pid)
         except (EOFError, OSError):
             pass
         self._on_exit(w)
@@ -342,7 +345,8 @@ class WorkerPool:
         with self._lock:
             task = w.tasks.pop(task_id, None)
             if w.role == "process":
-                nxt = [self._next_process_task_locked(w)] if w.alive else []
+                # a worker we are killing must not be handed the next task
+                nxt = [self._next_process_task_locked(w)] if w.alive and not w.stopping else []
             else:
                 nxt = self._take_thread_tasks_locked(w)
         for t in nxt:
@@ -407,10 +411,15 @@ class WorkerPool:
                 return  # already finished (e.g. a thread task that timed out, then returned)
             task.state = "done"
             self.counters["done" if ok else "failed"] += 1
+            self._finishing += 1
         try:
             task.on_done(task, ok, frames, err)
         except Exception:
             log.exception("task completion callback failed")
+        finally:
+            with self._lock:
+                self._finishing -= 1
+                self._settled_cv.notify_all()
 
     def _ending_error(self, task: Task) -> TaskError:
         if task.ending == "timeout":

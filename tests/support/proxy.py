@@ -35,6 +35,7 @@ class CuttableProxy:
                 continue
             try:
                 b = socket.create_connection(self.target, timeout=5)
+                b.settimeout(None)
             except OSError:
                 a.close()
                 continue
