@@ -9,6 +9,7 @@ from .client import Client, TaskFuture, connect
 from .cluster import BroadcastResult, Cluster, ClusterExecutor
 from .config import ServerConfig
 from .endpoints import endpoint
+from .hosted import Queue
 from .errors import (
     AllServersFailedError,
     AuthenticationError,
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "DeployError",
+    "Queue",
     "RemoteTaskError",
     "RpycsvcError",
     "RpycsvcTimeoutError",

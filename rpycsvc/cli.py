@@ -19,6 +19,13 @@ from .errors import RpycsvcError
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rpycsvc.cli", "run a server (compute endpoints + classic access)"),
+    "demo": ("rpycsvc.demo", "start local servers and run a fan-out on them"),
+    "bench": ("rpycsvc.bench", "measure latency, throughput and transfer rates"),
+    "status": ("rpycsvc.status", "show a table of servers' state"),
+    "top": ("rpycsvc.top", "live view of servers: throughput, running tasks, failures"),
+    "repl": ("rpycsvc.repl", "interactive Python REPL running on a server"),
+    "registry": ("rpycsvc.registry", "run an RPyC registry for discovery"),
+    "deploy": ("rpycsvc.deployment", "push servers to hosts over SSH and serve or run a script"),
 }
 
 SERVE_DESCRIPTION = """\
@@ -57,6 +64,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--endpoints", action="append", default=None, metavar="MODULE",
                    help="import MODULE in every worker and offer its @rpycsvc.endpoint "
                    "functions by name (repeatable)")
+    w.add_argument("--service", dest="services", action="append", default=None,
+                   metavar="MODULE:CLASS[=NAME]",
+                   help="host an instance of CLASS, reachable as conn.root.NAME (default: the "
+                   "class name in lower case); repeatable")
+    w.add_argument("--service-scope", choices=("server", "connection"), default=None,
+                   help="one hosted instance per server (default) or per connection")
     w.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
                    help="address-space limit per worker process, e.g. 2G (a task exceeding it "
                    "gets MemoryError)")
@@ -101,7 +114,8 @@ def _size(text: str) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    names = ("host", "port", "ipv6", "mode", "workers", "threads", "endpoints", "memory_limit",
+    names = ("host", "port", "ipv6", "mode", "workers", "threads", "endpoints", "services",
+             "service_scope", "memory_limit",
              "grace", "classic", "authkey", "ssl_keyfile", "ssl_certfile", "ssl_cafile",
              "insecure", "handshake_timeout", "register", "registry_type", "registry_port",
              "registry_host", "logfile", "quiet", "verbose")
@@ -136,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
         serve_stdio(cfg)
         return 0
     server = Server(cfg).start()
-    print(server.address, flush=True)
+    # Handlers first: a script may signal us as soon as it has read the address.
     server.install_signal_handlers()
+    print(server.address, flush=True)
     server.serve()
     server.close()
     return 0
@@ -153,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rpycsvc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (modname, help_text) in COMMANDS.items():
-        mod = sys.modules[__name__] if modname == __name__ else importlib.import_module(modname)
+        try:
+            mod = sys.modules[__name__] if modname == __name__ else importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+            continue  # a subcommand whose module is not part of this build
         desc = getattr(mod, "DESCRIPTION", None) if name != "serve" else SERVE_DESCRIPTION
         p = sub.add_parser(name, help=help_text, description=desc or help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,6 +25,8 @@ class ServerConfig:
     workers: int = 0  # 0: one per core
     threads: int = 256  # thread-mode tasks running at once; 0 disables thread mode
     endpoints: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)  # module:Class[=name], hosted objects
+    service_scope: str = "server"
     classic: bool = True
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -23,11 +24,15 @@ from rpyc.utils.server import ForkingServer, OneShotServer, ThreadedServer
 from .config import ServerConfig
 from .errors import ConfigError
 from .handshake import server_handshake, server_ssl_context
+from .hosted import load_services
 from .pool import WorkerPool
 from .service import ClassicComputeService, ComputeService, Runtime
 from .transport import FastChannel, FastSocketStream
 
 log = logging.getLogger("rpycsvc.server")
+
+#: serve() wakes at least this often (seconds) so signal handlers run promptly.
+_WAKE = 0.2
 
 
 class _Handshake:
@@ -120,10 +125,13 @@ class Server:
             self.config.effective_workers, threads=self.config.threads,
             endpoints=self.config.endpoints, memory_limit=self.config.memory_limit,
         )
-        self.runtime = Runtime(self.pool, classic=self.config.classic)
+        self.runtime = Runtime(self.pool, classic=self.config.classic,
+                               hosted=load_services(self.config.services,
+                                                    self.config.service_scope))
         self._rpyc: Any = None
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._stop = threading.Event()  # asked to stop: serve() returns, close() follows
 
     @property
     def address(self) -> str:
@@ -176,14 +184,25 @@ class Server:
                 log.exception("accept loop failed")
         finally:
             if self.config.mode == "oneshot":
-                self._closed.set()
+                self._stop.set()
 
     def serve(self, timeout: float | None = None) -> bool:
-        """Block until :meth:`close` (or a signal handler installed by the CLI) stops us."""
-        return self._closed.wait(timeout)
+        """Block until asked to stop (:meth:`close`, a signal handler from
+        :meth:`install_signal_handlers`, or the end of a oneshot connection); True if so.
+        Call :meth:`close` afterwards, from the main thread."""
+        # Wake up now and then: the kernel may deliver SIGTERM to another thread (in
+        # forking mode it did, while SIGCHLD was pending), which only flags the main
+        # thread; our Python handler then runs the next time the main thread wakes.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.wait(_WAKE if deadline is None
+                                  else max(0.0, min(_WAKE, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
 
     def close(self, grace: float | None = None) -> None:
         """Stop accepting, let running tasks finish within ``grace`` seconds, stop workers."""
+        self._stop.set()
         if self._rpyc is None or getattr(self, "_closing", False):
             self._closed.set()
             return
@@ -206,11 +225,15 @@ class Server:
         self.close(grace=0)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: stop accepting, finish running tasks within the grace period."""
+        """SIGTERM/SIGINT make :meth:`serve` return; the caller then runs :meth:`close`.
+
+        The closing happens in the main thread, not here or in a helper thread: RPyC's
+        ``ForkingServer.close`` restores its SIGCHLD handler, which only the main thread may.
+        """
 
         def handler(signum: int, frame: FrameType | None) -> None:
             log.info("signal %s: shutting down", signal.Signals(signum).name)
-            threading.Thread(target=self.close, name="rpycsvc-shutdown", daemon=True).start()
+            self._stop.set()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
@@ -227,7 +250,8 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
     pool = WorkerPool(cfg.effective_workers, threads=cfg.threads, endpoints=cfg.endpoints,
                       memory_limit=cfg.memory_limit)
     pool.start()
-    runtime = Runtime(pool, classic=cfg.classic, address="stdio")
+    runtime = Runtime(pool, classic=cfg.classic, address="stdio",
+                      hosted=load_services(cfg.services, cfg.service_scope))
     rfile = rfile or os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
     wfile = wfile or os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     service = (ClassicComputeService if cfg.classic else ComputeService)(runtime)

@@ -25,6 +25,7 @@ from rpyc.core.service import Service, SlaveService
 
 from ._version import __version__
 from .errors import SerializationError, TaskError
+from .hosted import HostedQueue, HostedSpec, QueueRegistry
 from .pool import Task, WorkerPool
 from .serialization import dumps, load_exception, loads
 from .transport import Deferred, ServerConnection
@@ -38,9 +39,12 @@ MAX_NETREF_ITEMS = 100_000
 class Runtime:
     """State shared by every connection of one server: the pool, counters, identity."""
 
-    def __init__(self, pool: WorkerPool, *, classic: bool, address: str = "") -> None:
+    def __init__(self, pool: WorkerPool, *, classic: bool, address: str = "",
+                 hosted: dict[str, HostedSpec] | None = None) -> None:
         self.pool = pool
         self.classic = classic
+        self.hosted = dict(hosted or {})
+        self.queues = QueueRegistry()
         self.address = address
         self.started = time.time()
         self.connections = 0
@@ -114,6 +118,23 @@ class ComputeService(Service):
         self._sink: Any = None
         self._running: dict[Any, int] = {}
         self._lock = threading.Lock()
+        self._per_connection: dict[str, Any] = {}  # hosted objects with connection scope
+
+    def __getattr__(self, name: str) -> Any:
+        # conn.root.<name> for objects hosted with --service (exposed_<name> in service-only mode)
+        hosted = self.__dict__.get("_runtime")
+        key = name[8:] if name.startswith("exposed_") else name
+        if hosted is not None and key in hosted.hosted:
+            return hosted.hosted[key].get(self._per_connection)
+        raise AttributeError(name)
+
+    def exposed_queue(self, name: str, maxsize: int = 0) -> HostedQueue:
+        """The server's shared queue ``name`` (created on first use)."""
+        return self._runtime.queues.get(name, maxsize)
+
+    def exposed_hosted(self) -> tuple[str, ...]:
+        """Names of the objects hosted with ``--service``."""
+        return tuple(sorted(self._runtime.hosted))
 
     def on_connect(self, conn: Any) -> None:
         super().on_connect(conn)
