@@ -96,7 +96,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--registry-type", choices=("UDP", "TCP"), default=None)
     r.add_argument("--registry-port", type=int, default=None)
     r.add_argument("--registry-host", default=None)
-    o = p.add_argument_group("logging")
+    o = p.add_argument_group("monitoring and logging")
+    o.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics on http://127.0.0.1:P/metrics")
     o.add_argument("--logfile", default=None, help="log here instead of stderr")
     o.add_argument("-q", "--quiet", action="store_true", default=None, help="warnings only")
     o.add_argument("-v", "--verbose", action="store_true", default=None, help="debug logging")
@@ -118,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
              "service_scope", "memory_limit",
              "grace", "classic", "authkey", "ssl_keyfile", "ssl_certfile", "ssl_cafile",
              "insecure", "handshake_timeout", "register", "registry_type", "registry_port",
-             "registry_host", "logfile", "quiet", "verbose")
+             "registry_host", "logfile", "quiet", "verbose", "metrics_port")
     return ServerConfig.from_env(**{n: getattr(args, n, None) for n in names})
 
 

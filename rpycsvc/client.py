@@ -12,6 +12,7 @@ import itertools
 import socket
 import ssl as _ssl
 import threading
+import uuid
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -71,6 +72,7 @@ class TaskFuture(Future):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         super().__init__()
+        self.id = uuid.uuid4().hex  # like Celery's task id: to log and to correlate
         self.address: str | None = None
         self.stdout = ""
         self.stderr = ""

@@ -442,6 +442,15 @@ class Cluster:
                 out[addr] = srv.error or ServerLostError(f"{addr} is down", address=addr)
         return out
 
+    def task(self, fn: Any = None, /, **options: Any) -> Any:
+        """Decorator (``@cluster.task`` or ``@cluster.task(timeout=5)``) giving the function
+        Celery's ``.delay(*args)`` and ``.apply_async(args, kwargs, timeout=...)``."""
+        from .tasks import RemoteTask
+
+        if fn is None:
+            return lambda f: RemoteTask(self, f, **options)
+        return RemoteTask(self, fn, **options)
+
     def executor(self) -> ClusterExecutor:
         """A real ``concurrent.futures.Executor`` running on this cluster."""
         return ClusterExecutor(self)

@@ -36,6 +36,9 @@ from .errors import (
 
 log = logging.getLogger("rpycsvc.pool")
 
+#: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
+
 #: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
 #: raised (exception frames); error → the pool stopped or lost the task.
 DoneCallback = Callable[["Task", bool, "list[Any] | None", "TaskError | None"], None]
@@ -116,6 +119,11 @@ class WorkerPool:
         self._started = False
         self._start_lock = threading.Lock()
         self.counters = {"done": 0, "failed": 0, "restarts": 0}
+        #: task durations (seconds, from start to finish) by histogram bucket upper bound
+        self.duration_buckets: dict[float, int] = dict.fromkeys(DURATION_BUCKETS, 0)
+        self.duration_sum = 0.0
+        #: the last few failures: (time, label, client, error text)
+        self.recent_failures: deque[tuple[float, str, str, str]] = deque(maxlen=20)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def ensure_started(self) -> None:
@@ -411,6 +419,18 @@ class WorkerPool:
                 return  # already finished (e.g. a thread task that timed out, then returned)
             task.state = "done"
             self.counters["done" if ok else "failed"] += 1
+            if task.started:
+                took = time.monotonic() - task.started
+                self.duration_sum += took
+                for bound in DURATION_BUCKETS:
+                    if took <= bound:
+                        self.duration_buckets[bound] += 1
+                        break
+            if not ok:
+                why = str(err) if err is not None else "raised an exception"
+                self.recent_failures.append((time.time(), task.label, task.client, why[:200]))
+                log.info("task %s from %s failed after %.3f s: %s", task.label, task.client,
+                         time.monotonic() - task.started if task.started else 0.0, why[:200])
             self._finishing += 1
         try:
             task.on_done(task, ok, frames, err)

@@ -31,6 +31,9 @@ from rpyc.core.stream import SocketStream
 
 _CHUNK = 1 << 20
 
+#: Bytes this process received and sent on rpycsvc streams (for metrics; approximate).
+TRAFFIC = {"in": 0, "out": 0}
+
 
 def tune_socket(sock: socket.socket) -> None:
     """Low latency for small messages, large buffers for bulk transfers."""
@@ -76,11 +79,13 @@ class FastSocketStream(SocketStream):
                 self.close()
                 raise EOFError("connection closed by peer")
             got += n
+        TRAFFIC["in"] += count
         return bytes(buf) if count < 65536 else buf  # type: ignore[return-value]
 
     def write(self, data: Any) -> None:
         try:
             self.sock.sendall(data)
+            TRAFFIC["out"] += len(data)
         except OSError as exc:
             self.close()
             raise EOFError(exc) from exc
