@@ -1,17 +1,20 @@
 """Everything that crosses the wire by value: functions, arguments, results, errors.
 
-Data is pickled with protocol 5; buffers of at least ``OOB_THRESHOLD`` bytes (numpy arrays,
-bytes, bytearrays, memoryviews) travel out of band as separate frames, so they are never
-copied into the pickle stream. Functions go through cloudpickle, so lambdas, closures and
-functions defined in ``__main__`` work. A packed value is a tuple of ``bytes`` frames: RPyC's
-brine sends such a tuple by value, never as a netref.
+Data is pickled with protocol 5; buffers of at least ``OOB_THRESHOLD`` bytes (numpy arrays
+of numbers, contiguous memoryviews) travel out of band as separate frames, so they are never
+copied into the pickle stream. ``bytes`` and ``bytearray`` are always copied in band: the C
+pickler writes them itself, before any reducer could hand them over as a buffer. Functions
+go through cloudpickle, so lambdas, closures and functions defined in ``__main__`` work. A
+packed value is a tuple of ``bytes`` frames: RPyC's brine sends such a tuple by value,
+never as a netref.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import traceback
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from typing import Any
 
 import cloudpickle
@@ -24,6 +27,31 @@ OOB_THRESHOLD = 64 * 1024
 Frames = tuple[bytes, ...]
 
 
+def _reduce_memoryview(view: memoryview) -> tuple[Any, tuple[Any, ...]]:
+    # cloudpickle turns a memoryview into bytes (a copy, in band, and the type is lost);
+    # here a contiguous one travels as a PickleBuffer, out of band when it is large.
+    data: Any = pickle.PickleBuffer(view) if view.c_contiguous else view.tobytes()
+    return _rebuild_memoryview, (data, view.format, view.shape)
+
+
+def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if fmt == "B" and len(shape) == 1:
+        return view
+    try:
+        return view.cast(fmt, shape)
+    except (TypeError, ValueError):  # a format cast() can't express: the raw bytes, then
+        return view
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap(
+        {memoryview: _reduce_memoryview}, cloudpickle.Pickler.dispatch_table
+    )
+
+
 def _dumps_bytes(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
     def callback(buf: pickle.PickleBuffer) -> bool:
         # Small buffers stay in band: a frame of their own would cost more than it saves.
@@ -32,7 +60,9 @@ def _dumps_bytes(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
         buffers.append(buf)
         return False
 
-    return cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
+    with io.BytesIO() as out:
+        _Pickler(out, protocol=5, buffer_callback=callback).dump(obj)
+        return out.getvalue()
 
 
 def dumps(obj: Any, what: str = "value") -> Frames:

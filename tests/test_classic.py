@@ -58,7 +58,7 @@ def remote_pid() -> int:
     return os.getpid()
 
 
-# -- classic access, both clients ----------------------------------------------------------------
+# -- classic access, both clients --------------------------------------------------------------
 
 @pytest.fixture(params=["rpyc.classic", "rpycsvc"])
 def classic(request: pytest.FixtureRequest, server_proc: ServerProcess) -> Iterator[Any]:
@@ -134,7 +134,7 @@ def test_interact_is_available() -> None:
     assert callable(rpyc.classic.interact)
 
 
-# -- compute from a plain RPyC client --------------------------------------------------------------
+# -- compute from a plain RPyC client ----------------------------------------------------------
 
 def test_compute_import_path(conn: Any) -> None:
     assert conn.root.compute("math:factorial", 5) == 120

@@ -58,7 +58,7 @@ SERVE = (sys.executable, "-m", "rpycsvc.cli", "serve")
 CLASSIC = (sys.executable, str(REPO / "bin" / "rpycsvc_classic"))
 
 
-# -- serving ------------------------------------------------------------------------------------
+# -- serving -----------------------------------------------------------------------------------
 
 def test_serve_prints_address_serves_and_exits_0_on_sigterm(
         server_process: type[ServerProcess]) -> None:
@@ -176,7 +176,7 @@ def test_forking_mode(server_process: type[ServerProcess]) -> None:
     assert proc.stop() == 0
 
 
-# -- help and refusals -----------------------------------------------------------------------------
+# -- help and refusals -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cmd", [(*SERVE, "--help"), (*CLASSIC, "--help")],
                          ids=["rpycsvc serve", "rpycsvc_classic"])

@@ -60,7 +60,7 @@ def assert_no_netrefs(obj: Any, depth: int = 0) -> None:
             assert_no_netrefs(v, depth + 1)
 
 
-# -- what a task can be ----------------------------------------------------------------------
+# -- what a task can be ------------------------------------------------------------------------
 
 def test_lambda_by_value(client: rpycsvc.Client) -> None:
     assert client.compute(lambda x, y: x * y, 6, 7) == 42

@@ -90,7 +90,7 @@ def test_fair_share_between_clients(server: rpycsvc.Server) -> None:
         assert sorted(f.result(timeout=WAIT) for f in fa) == sorted(f"A{i}" for i in range(20))
 
 
-# -- task failures -------------------------------------------------------------------------------
+# -- task failures -----------------------------------------------------------------------------
 
 class Unusual(Exception):
     pass
@@ -197,7 +197,7 @@ def test_task_killing_its_worker(crash_server: rpycsvc.Server, how: str, expect:
         assert stats["tasks_failed"] >= 1
 
 
-# -- stats --------------------------------------------------------------------------------------
+# -- stats -------------------------------------------------------------------------------------
 
 def test_stats_is_a_plain_dict(client: rpycsvc.Client, server: rpycsvc.Server) -> None:
     client.compute(lambda: None)
@@ -236,7 +236,7 @@ def test_stats_counts_running_and_queued(server: rpycsvc.Server) -> None:
         assert sorted(f.result(timeout=WAIT) for f in futures) == ["0", "1", "2"]
 
 
-# -- versions -----------------------------------------------------------------------------------
+# -- versions ----------------------------------------------------------------------------------
 
 def _raw_hello(address: str, hello: dict[str, Any]) -> dict[str, Any]:
     host, port = address.rsplit(":", 1)
