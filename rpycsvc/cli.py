@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any
 
-from .config import DEFAULT_PORT, MODES, ServerConfig
+from .config import DEFAULT_PORT, MODES, ServerConfig, parse_size
 from .errors import RpycsvcError
 
 #: subcommand -> (module, one-line help)
@@ -105,12 +105,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("b")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        return parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)") from None
 

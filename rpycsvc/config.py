@@ -95,6 +95,9 @@ class ServerConfig:
                 "--ssl-keyfile/--ssl-certfile (TLS), --authkey (or RPYCSVC_AUTHKEY), or "
                 "--insecure if the network is trusted."
             )
+        self.registry_type = str(self.registry_type).upper()
+        if self.registry_type not in ("UDP", "TCP"):
+            raise ConfigError(f"--registry-type must be UDP or TCP; got {self.registry_type!r}")
         if self.authkey is not None and len(self.authkey) < 8:
             raise ConfigError("--authkey must be at least 8 characters long")
 
@@ -109,9 +112,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5k"`` or plain bytes → bytes; ``ValueError`` if not a size."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+#: Fields whose environment variable is parsed like the command-line option, not by type.
+_PARSERS = {"memory_limit": parse_size}
+
+
 def _parse(name: str, typ: str, raw: str) -> Any:
     var = f"RPYCSVC_{name.upper()}"
     try:
+        if name in _PARSERS:
+            return _PARSERS[name](raw)
         if typ.startswith("bool"):
             low = raw.strip().lower()
             if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
