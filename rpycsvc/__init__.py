@@ -5,6 +5,7 @@ Start servers with ``rpycsvc serve``; connect with :func:`connect` (one server) 
 """
 
 from ._version import __version__
+from .classic import redirected_stderr, redirected_stdout
 from .client import Client, TaskFuture, connect
 from .cluster import BroadcastResult, Cluster, ClusterExecutor
 from .config import ServerConfig
@@ -56,4 +57,6 @@ __all__ = [
     "__version__",
     "connect",
     "endpoint",
+    "redirected_stderr",
+    "redirected_stdout",
 ]

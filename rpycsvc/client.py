@@ -227,6 +227,7 @@ class Client:
         wire = dict(opts)
         mode = wire.pop("output", None) or self.output.mode
         wire["output"] = mode != "discard"
+        wire["logging"] = self.output.forward_logging
         wire["key"] = key
         with self._lock:
             if self.lost is not None:
@@ -269,7 +270,10 @@ class Client:
         if entry is None:
             return
         mode, sink = entry[1]
-        self.output.emit(self.address, key, fd, text, mode, sink)
+        if fd == 0:
+            self.output.log(self.address, key, text)
+        else:
+            self.output.emit(self.address, key, fd, text, mode, sink)
 
     # -- plumbing -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -389,6 +393,7 @@ def connect(
     server_hostname: str | None = None,
     output: str = "stream",
     prefix: str = "[{address}] ",
+    forward_logging: bool = False,
     **task_options: Any,
 ) -> Client:
     """Connect to an rpycsvc server and check versions (and credentials).
@@ -397,7 +402,9 @@ def connect(
     never sent); ``ssl`` is an ``ssl.SSLContext`` or ``True`` for the system's default CAs.
     ``output`` decides where tasks' stdout/stderr go: ``"stream"`` (to ours, each line
     prefixed with ``prefix``), ``"capture"`` (on ``future.stdout``/``future.stderr``) or
-    ``"discard"``. Other keywords set default task options (``timeout``, ``mode``).
+    ``"discard"``. With ``forward_logging``, ``logging`` records emitted in tasks are handed
+    to the local logger of the same name, with the server as ``record.server``. Other
+    keywords set default task options (``timeout``, ``mode``).
     """
     from .handshake import client_ssl_context
 
@@ -409,7 +416,7 @@ def connect(
         import os
 
         authkey = os.environ.get("RPYCSVC_AUTHKEY") or None
-    router = OutputRouter(output, prefix)
+    router = OutputRouter(output, prefix, forward_logging)
     _check_options({"output": output, **task_options})
     try:
         sock = socket.create_connection((h, p), timeout=timeout)
@@ -438,7 +445,10 @@ def connect(
             if client_box:
                 client_box[0]._on_output(key, fd, text)
 
-        conn = service._connect(FastChannel(stream), {"allow_pickle": False})
+        # The server may call back public methods of objects we hand it explicitly (an
+        # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
+        conn = service._connect(FastChannel(stream),
+                                {"allow_pickle": False, "allow_public_attrs": True})
         hello.update(dict(conn.root.hello(sink)))
     except BaseException:
         sock.close()

@@ -129,7 +129,8 @@ class Cluster:
         self.reconnect = reconnect
         self.timeout = timeout
         self._connect_kw = {k: options.pop(k) for k in
-                            ("authkey", "ssl", "output", "prefix", "server_hostname")
+                            ("authkey", "ssl", "output", "prefix", "server_hostname",
+                             "forward_logging")
                             if k in options}
         self._defaults = _check_options(options)
         self._lock = threading.Lock()

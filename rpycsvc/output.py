@@ -18,12 +18,29 @@ MODES = ("stream", "capture", "discard")
 class OutputRouter:
     """Routes one client's remote output. ``prefix`` may use ``{address}`` and ``{task}``."""
 
-    def __init__(self, mode: str = "stream", prefix: str = "[{address}] ") -> None:
+    def __init__(self, mode: str = "stream", prefix: str = "[{address}] ",
+                 forward_logging: bool = False) -> None:
         if mode not in MODES:
             raise ConfigError(f"output must be one of {', '.join(MODES)}; got {mode!r}")
         self.mode = mode
         self.prefix = prefix
+        self.forward_logging = forward_logging
         self._lock = threading.Lock()
+
+    def log(self, address: str, key: int, payload: bytes) -> None:
+        """Hand a task's logging record to the local logger of the same name.
+
+        The record gets ``server`` (the address) and ``task`` attributes, so handlers and
+        formatters can show where it came from (``%(server)s``).
+        """
+        import logging
+        import pickle
+
+        data = pickle.loads(payload)
+        data.update(server=address, task=key)
+        logger = logging.getLogger(data.get("name") or "root")
+        if logger.isEnabledFor(int(data.get("levelno") or 0)):
+            logger.handle(logging.makeLogRecord(data))
 
     def emit(self, address: str, key: int, fd: int, text: str, mode: str, sink: Any) -> None:
         """Deliver ``text`` (whole lines, except at a task's end) from task ``key``."""

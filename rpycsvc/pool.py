@@ -56,7 +56,7 @@ class Task:
     mode: str = "process"
     timeout: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    on_output: Callable[[int, str], None] | None = None
+    on_output: Callable[[int, Any], None] | None = None  # fd 1/2 text, or 0: log record bytes
     label: str = ""
     client: str = ""
     task_id: int = 0
@@ -322,6 +322,10 @@ class WorkerPool:
                         task = w.tasks.get(control[1])
                         if task is not None and task.on_output is not None:
                             task.on_output(control[2], control[3])
+                    elif op == "log":  # a pickled logging record, passed on as bytes
+                        task = w.tasks.get(control[1])
+                        if task is not None and task.on_output is not None:
+                            task.on_output(0, control[2])
                     elif op == "ready":
                         self._on_ready(w, control)
                 except Exception:  # a bug here must not silence this worker for good

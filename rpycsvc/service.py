@@ -97,6 +97,24 @@ class Runtime:
         }
 
 
+def _forget_streams(conn: Any) -> None:
+    """Drop this connection's redirects; undo its ``conn.modules.sys.stdout = ...``."""
+    import sys
+
+    from . import classic
+
+    for i, name in enumerate(("stdout", "stderr")):
+        current = getattr(sys, name)
+        # test for a netref first: isinstance() on any other class would ask the (gone) peer
+        if isinstance(current, netref.BaseNetref):
+            owner = object.__getattribute__(current, "____conn__")
+            if owner is conn or getattr(owner, "closed", True):
+                installed = classic.INSTALLED[i] if classic.INSTALLED else None
+                setattr(sys, name, installed or getattr(sys, f"__{name}__"))
+        elif isinstance(current, classic.ConnectionStreams):
+            current.set(conn, None)
+
+
 def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm") as f:
@@ -128,6 +146,15 @@ class ComputeService(Service):
             return hosted.hosted[key].get(self._per_connection)
         raise AttributeError(name)
 
+    def exposed_redirect_output(self, fd: int, stream: Any) -> None:
+        """Send this connection's classic-mode prints to ``stream`` (None: stop)."""
+        from .classic import install
+
+        if fd not in (1, 2):
+            raise ValueError(f"fd must be 1 (stdout) or 2 (stderr); got {fd!r}")
+        streams = install()[fd - 1]
+        streams.set(self._conn_ref, stream)
+
     def exposed_queue(self, name: str, maxsize: int = 0) -> HostedQueue:
         """The server's shared queue ``name`` (created on first use)."""
         return self._runtime.queues.get(name, maxsize)
@@ -138,6 +165,7 @@ class ComputeService(Service):
 
     def on_connect(self, conn: Any) -> None:
         super().on_connect(conn)
+        self._conn_ref = conn
         self._conn_id = self._runtime.connected()
         try:
             peer = conn._config.get("endpoints", (None, None))[1]
@@ -147,6 +175,7 @@ class ComputeService(Service):
 
     def on_disconnect(self, conn: Any) -> None:
         self._runtime.disconnected()
+        _forget_streams(conn)
         with self._lock:
             running = list(self._running.values())
             self._running.clear()
@@ -175,7 +204,7 @@ class ComputeService(Service):
         reply = Deferred()
         sink = self._sink if opts.get("output", True) else None
 
-        def on_output(fd: int, text: str) -> None:
+        def on_output(fd: int, text: Any) -> None:
             if sink is not None:
                 try:
                     sink(key, fd, text)

@@ -168,10 +168,22 @@ class Deferred:
             pass  # the client is gone; nobody is waiting for this reply
 
 
+#: The connection whose request this thread is serving (for per-connection stdout).
+CURRENT = threading.local()
+
+
 class ServerConnection(Connection):
     """An RPyC connection whose exposed methods may answer later via :class:`Deferred`."""
 
     def _dispatch_request(self, seq: int, raw_args: Any) -> None:
+        outer = getattr(CURRENT, "conn", None)
+        CURRENT.conn = self
+        try:
+            self._dispatch_request_here(seq, raw_args)
+        finally:
+            CURRENT.conn = outer
+
+    def _dispatch_request_here(self, seq: int, raw_args: Any) -> None:
         try:
             handler, args = raw_args
             args = self._unbox(args)

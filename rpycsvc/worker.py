@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import io
+import logging
 import os
 import signal
 import socket
@@ -36,13 +37,16 @@ FLUSH_BYTES = 32 * 1024
 class _TaskContext:
     """What a running task's output is attributed to, and its pending output."""
 
-    __slots__ = ("buffers", "forward", "lock", "task_id")
+    __slots__ = ("chunks", "forward", "lock", "logging", "sizes", "task_id")
 
-    def __init__(self, task_id: int, forward: bool) -> None:
+    def __init__(self, task_id: int, forward: bool, logging: bool = False) -> None:
         self.task_id = task_id
         self.forward = forward
+        self.logging = logging
         self.lock = threading.Lock()
-        self.buffers = {1: "", 2: ""}
+        # pending text per fd as a list of pieces (appending to one str would be quadratic)
+        self.chunks: dict[int, list[str]] = {1: [], 2: []}
+        self.sizes = {1: 0, 2: 0}
 
 
 class Worker:
@@ -67,6 +71,12 @@ class Worker:
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, "rpycsvc-task") if role == "thread" else None
         self.item_pool: ThreadPoolExecutor | None = None
+        self.logging_tasks = 0
+        self.fd_pumps: list[_FdPump] = []
+
+    def drain_fds(self) -> None:
+        for pump in self.fd_pumps:
+            pump.drain()
 
     # -- channel ---------------------------------------------------------------------------
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
@@ -83,28 +93,38 @@ class Worker:
         if ctx is None or not ctx.forward:
             return ctx is not None  # discarded for a task that asked for it, else not ours
         with ctx.lock:
-            ctx.buffers[fd] += text
-            if len(ctx.buffers[fd]) >= FLUSH_BYTES:
+            ctx.chunks[fd].append(text)
+            ctx.sizes[fd] += len(text)
+            if ctx.sizes[fd] >= FLUSH_BYTES:
                 self._flush_locked(ctx, fd, whole_lines=True)
         return True
 
     def _flush_locked(self, ctx: _TaskContext, fd: int, whole_lines: bool) -> None:
-        data = ctx.buffers[fd]
-        if not data:
+        if not ctx.sizes[fd]:
             return
+        data = "".join(ctx.chunks[fd])
+        rest = ""
         if whole_lines:
             cut = data.rfind("\n") + 1
             if cut == 0:
+                ctx.chunks[fd] = [data]
                 return
-            data, ctx.buffers[fd] = data[:cut], data[cut:]
-        else:
-            ctx.buffers[fd] = ""
+            data, rest = data[:cut], data[cut:]
+        ctx.chunks[fd] = [rest] if rest else []
+        ctx.sizes[fd] = len(rest)
         self.send(("out", ctx.task_id, fd, data))
 
     def flush(self, ctx: _TaskContext, whole_lines: bool) -> None:
         with ctx.lock:
             for fd in (1, 2):
                 self._flush_locked(ctx, fd, whole_lines)
+
+    def emit_log(self, record_dict: dict[str, Any], ctx: _TaskContext) -> None:
+        """Forward a logging record of a task whose client asked for its logs."""
+        import pickle
+
+        self.flush(ctx, whole_lines=True)  # keep prints and log records roughly in order
+        self.send(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
 
     def flusher(self) -> None:
         """Send complete lines of every running task at least every FLUSH_INTERVAL."""
@@ -119,7 +139,8 @@ class Worker:
                     return
 
     # -- tasks -----------------------------------------------------------------------------
-    def resolve(self, kind: str, spec: Any, frames: list[bytearray]) -> tuple[Callable[..., Any], list[bytearray]]:
+    def resolve(self, kind: str, spec: Any,
+                frames: list[bytearray]) -> tuple[Callable[..., Any], list[bytearray]]:
         if kind == "pickled":
             return self.functions.load(bytes(frames[0])), frames[1:]
         if kind == "endpoint":
@@ -132,8 +153,12 @@ class Worker:
             return fn, frames
         return resolve_path(spec), frames
 
-    def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any], frames: list[bytearray]) -> None:
-        ctx = _TaskContext(task_id, opts.get("output", True))
+    def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any],
+            frames: list[bytearray]) -> None:
+        ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False))
+        if ctx.logging:
+            self.logging_tasks += 1
+            logging.getLogger().setLevel(logging.DEBUG)  # the client's loggers decide
         self.local.ctx = ctx
         if self.pool is None:
             self.inline = ctx  # fd-level output now belongs to this task
@@ -156,11 +181,17 @@ class Worker:
                 sys.stderr.flush()
             except Exception:
                 pass
+            if self.pool is None:
+                self.drain_fds()  # what child processes wrote is this task's too
             self.flush(ctx, whole_lines=False)
             self.send(("done", task_id, ok), out)
         finally:
             self.local.ctx = None
             self.inline = None
+            if ctx.logging:
+                self.logging_tasks -= 1
+                if not self.logging_tasks:
+                    logging.getLogger().setLevel(logging.WARNING)
             with self.active_lock:
                 self.active.pop(task_id, None)
                 self.thread_ids.pop(task_id, None)
@@ -268,29 +299,82 @@ class _Router(io.TextIOBase):
         return self._fd
 
 
-def _capture_fds(worker: Worker, log: io.TextIOBase) -> None:
-    """Point fds 1 and 2 at pipes so child processes' and C code's output is captured too.
+class _FdPump:
+    """Reads what is written to fd 1 or 2 (child processes, C code) and attributes it.
 
-    Output read there belongs to the task running on the main thread, if any; otherwise
-    it goes to the server's log.
+    Output read here belongs to the task running on the main thread, if any; otherwise it
+    goes to the server's log. Reads happen under a lock, so :meth:`drain` can take
+    whatever is still in the pipe when a task ends and attribute it to that task.
     """
-    for fd in (1, 2):
+
+    def __init__(self, worker: Worker, fd: int, log: io.TextIOBase) -> None:
+        self.worker, self.fd, self.log = worker, fd, log
+        self.lock = threading.Lock()
         r, w = os.pipe()
         os.dup2(w, fd)
         os.close(w)
+        self.r = r
+        threading.Thread(target=self._run, name=f"rpycsvc-fd{fd}", daemon=True).start()
 
-        def pump(r: int = r, fd: int = fd) -> None:
-            with os.fdopen(r, "rb", buffering=0) as src:
-                while True:
-                    chunk = src.read(65536)
-                    if not chunk:
-                        return
-                    text = chunk.decode(errors="replace")
-                    if not worker.write(fd, text, worker.inline):
-                        log.write(text)
-                        log.flush()
+    def _pending(self) -> int:
+        import fcntl
+        import termios
 
-        threading.Thread(target=pump, name=f"rpycsvc-fd{fd}", daemon=True).start()
+        buf = bytearray(4)
+        fcntl.ioctl(self.r, termios.FIONREAD, buf)
+        return int.from_bytes(buf, sys.byteorder)
+
+    def _read_once(self) -> bool:
+        chunk = os.read(self.r, 65536)
+        if not chunk:
+            return False
+        text = chunk.decode(errors="replace")
+        if not self.worker.write(self.fd, text, self.worker.inline):
+            self.log.write(text)
+            self.log.flush()
+        return True
+
+    def _run(self) -> None:
+        import select
+
+        while True:
+            select.select([self.r], [], [])
+            with self.lock:
+                if not self._read_once():
+                    return
+
+    def drain(self) -> None:
+        with self.lock:
+            for _ in range(64):  # bounded: at most 4 MiB per task end
+                if self._pending() <= 0 or not self._read_once():
+                    return
+
+
+class _LogForwarder(logging.Handler):
+    """Root handler in a worker: sends a task's records to its client when asked to,
+    otherwise prints warnings and worse to stderr like Python's last-resort handler."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(logging.DEBUG)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ctx = self.worker.current()
+        if ctx is not None and ctx.logging and ctx.forward:
+            try:
+                msg = record.getMessage()
+                exc_text = (logging.Formatter().formatException(record.exc_info)
+                            if record.exc_info else record.exc_text)
+            except Exception:
+                self.handleError(record)
+                return
+            keep = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno",
+                    "funcName", "created", "msecs", "threadName", "processName", "process")
+            data = {k: getattr(record, k, None) for k in keep}
+            data.update(msg=msg, args=None, exc_text=exc_text)
+            self.worker.emit_log(data, ctx)
+        elif record.levelno >= logging.WARNING:
+            sys.stderr.write(self.format(record) + "\n")
 
 
 def _die_with_parent() -> None:
@@ -323,7 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     worker = Worker(sock, args.role, args.threads, endpoints)
     log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
     if args.role == "process":
-        _capture_fds(worker, log)
+        worker.fd_pumps = [_FdPump(worker, fd, log) for fd in (1, 2)]
+    logging.getLogger().addHandler(_LogForwarder(worker))
+    logging.getLogger().setLevel(logging.WARNING)
     sys.stdout = _Router(worker, 1, log)  # type: ignore[assignment]
     sys.stderr = _Router(worker, 2, log)  # type: ignore[assignment]
     threading.Thread(target=worker.flusher, name="rpycsvc-flush", daemon=True).start()
