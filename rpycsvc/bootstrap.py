@@ -1,0 +1,461 @@
+"""Zero-install remote start over ssh, execnet/mitogen style: nothing is copied to disk.
+
+``start_remote`` runs ``ssh HOST exec python3 -c '<one line>'``; that line checks the Python
+version and runs ``LOADER``, which reads a zip of our pure-Python packages from stdin, imports
+it from memory (a ``memfd`` served to zipimport, else a meta-path importer), answers one
+``RPYCSVC-READY`` line and hands the ssh pipes to an entry point ``"module:function"``.
+
+Wire format on stdin: ``>Q`` length + bundle zip, ``>Q`` length + entry name (UTF-8), then
+whatever the entry speaks. The loader writes exactly one line before the entry runs::
+
+    RPYCSVC-READY <python version> <remote pid> <sys.executable>\\n
+
+The entry is called as ``function(rfile, wfile)``: buffered binary files on the channel (flush
+``wfile``), while fd 0 is /dev/null and fd 1 goes to stderr. It returns the exit code and must
+return on EOF. With memfd, ``sys.path[0]``, ``PYTHONPATH`` and ``RPYCSVC_BUNDLE`` hold
+``/proc/<pid>/fd/<n>`` (``RPYCSVC_BUNDLE_FD`` is ``n``): child interpreters import the bundle
+too, while the loader lives. The loader also dies with its sshd session (PR_SET_PDEATHSIG).
+
+Remote exit codes: 0 the entry returned, ``EXIT_TOO_OLD`` (90), ``EXIT_IMPORT`` (91),
+``EXIT_FRAMING`` (92), ``EXIT_ENTRY_RAISED`` (93); the remote shell uses 126/127 when the
+interpreter is not executable/not found, and ssh itself 255.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import io
+import os
+import selectors
+import shlex
+import struct
+import subprocess
+import threading
+import time
+import zipfile
+import zlib
+from binascii import b2a_base64
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+EXIT_TOO_OLD = 90
+EXIT_IMPORT = 91
+EXIT_FRAMING = 92
+EXIT_ENTRY_RAISED = 93
+READY_MARKER = b"RPYCSVC-READY "
+MIN_VERSION = (3, 9)
+_MAX_PREAMBLE = 64 * 1024  # junk a login script may print before our ready line
+_STDERR_KEEP = 64 * 1024
+
+# Runs remotely, after the version check, with globals ``M`` (1: try memfd_create). Its
+# stdin/stdout are the ssh channel, so it reads with os.read (no read-ahead buffer may swallow
+# the entry's bytes) and moves the channel off fds 0/1: a stray print or a child process can
+# then never write into, or read from, the protocol stream.
+LOADER = r"""
+import os, struct, sys, threading, traceback
+
+def _fail(code, msg):
+    sys.stderr.write("rpycsvc-loader: %s\n" % msg)
+    sys.stderr.flush()
+    os._exit(code)
+
+def _read_frame(fd, what, limit):
+    want, parts, header = 8, [], True
+    while want > 0:
+        chunk = os.read(fd, min(want, 1 << 20))
+        if not chunk:
+            _fail(92, "input closed before the %s arrived" % what)
+        parts.append(chunk)
+        want -= len(chunk)
+        if want == 0 and header:
+            (want,), parts, header = struct.unpack(">Q", b"".join(parts)), [], False
+            if want > limit:
+                _fail(92, "implausible %s length %d: not an rpycsvc peer?" % (what, want))
+    return b"".join(parts)
+
+class _MemoryImporter(object):
+    # Serves .py modules straight from the zip bytes, for systems without memfd_create.
+    def __init__(self, data):
+        import io, zipfile
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            self.files = dict((n, z.read(n)) for n in z.namelist())
+    def _locate(self, fullname):
+        base = fullname.replace(".", "/")
+        for name, pkg in ((base + "/__init__.py", True), (base + ".py", False)):
+            if name in self.files:
+                return name, pkg
+        return None, False
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.util
+        name, pkg = self._locate(fullname)
+        return name and importlib.util.spec_from_loader(
+            fullname, self, origin="<rpycsvc-bundle>/" + name, is_package=pkg)
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        module.__file__ = module.__spec__.origin
+        code = self.files[self._locate(module.__name__)[0]]
+        exec(compile(code, module.__file__, "exec", dont_inherit=True), module.__dict__)
+    def is_package(self, fullname):
+        return self._locate(fullname)[1]
+    def get_source(self, fullname):  # lets tracebacks show bundle source lines
+        return self.files[self._locate(fullname)[0]].decode("utf-8", "replace")
+
+def _main():
+    # sshd sends no SIGHUP to a command without a pty; when the connection dies the sshd
+    # session process (our parent, thanks to exec) exits, and the kernel then TERMs us.
+    ppid = os.getppid()
+    try:
+        import ctypes, signal
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != ppid:
+            _fail(92, "the ssh session ended during start-up")
+    except Exception:
+        pass
+    in_fd, out_fd = os.dup(0), os.dup(1)  # dup() makes them non-inheritable
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    bundle = _read_frame(in_fd, "bundle", 1 << 31)
+    entry = _read_frame(in_fd, "entry name", 4096).decode("utf-8")
+    path = None
+    if M and hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create("rpycsvc-bundle")
+            view = memoryview(bundle)
+            while view:
+                view = view[os.write(fd, view):]
+            del view
+            # /proc/<pid>, not /proc/self: child interpreters get sys.path via PYTHONPATH.
+            path = "/proc/%d/fd/%d" % (os.getpid(), fd)
+            os.stat(path)
+        except OSError:
+            path = None
+    if path:
+        sys.path.insert(0, path)
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = path + (os.pathsep + old if old else "")
+        os.environ["RPYCSVC_BUNDLE_FD"], os.environ["RPYCSVC_BUNDLE"] = str(fd), path
+    else:
+        sys.meta_path.insert(0, _MemoryImporter(bundle))
+    del bundle
+    try:
+        import importlib
+        modname, _, attrs = entry.partition(":")
+        func = importlib.import_module(modname)
+        for attr in attrs.split("."):
+            func = getattr(func, attr)
+    except BaseException:
+        traceback.print_exc()
+        _fail(91, "cannot load entry point %r from the bundle" % entry)
+    ready = ("RPYCSVC-READY %d.%d.%d %d %s\n" % (
+        sys.version_info[:3] + (os.getpid(), sys.executable))).encode("utf-8")
+    try:
+        while ready:
+            ready = ready[os.write(out_fd, ready):]
+    except OSError:
+        _fail(92, "the ssh channel closed before the ready line was sent")
+    rfile, wfile = os.fdopen(in_fd, "rb"), os.fdopen(out_fd, "wb")
+    try:
+        code = func(rfile, wfile)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        traceback.print_exc()
+        code = 93
+    code = code if isinstance(code, int) else int(code is not None)
+    for stream in (wfile, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    # Normal exit runs atexit handlers, but a stray non-daemon thread must not keep us
+    # alive after the channel is gone: hard exit after a grace period.
+    timer = threading.Timer(5.0, os._exit, (code,))
+    timer.daemon = True
+    timer.start()
+    sys.exit(code)
+
+_main()
+"""
+
+
+def remote_command(
+    python: str | Sequence[str] = "python3",
+    *,
+    min_version: tuple[int, int] = MIN_VERSION,
+    memfd: bool = True,
+) -> str:
+    """The command string ssh hands to the remote login shell.
+
+    ssh joins its arguments into one string for the remote shell, so every word is quoted
+    here. The Python line is kept on one line without ``'``/``!`` so it survives sh, bash,
+    zsh and csh; its version check parses (and fails clearly) even under Python 2.
+    """
+    words = [python] if isinstance(python, str) else list(python)
+    if not words or not all(words):
+        raise ValueError(f"python must name an interpreter, got {python!r}")
+    payload = b2a_base64(zlib.compress(LOADER.encode("utf-8"), 9), newline=False).decode()
+    line = (
+        "import sys;sys.path[:]=[p for p in sys.path if p];"
+        f"M={int(memfd)};V=({min_version[0]},{min_version[1]});sys.version_info[:2]>=V or ("
+        'sys.stderr.write("rpycsvc-loader: Python %s at %s is too old, need >= %d.%d\\n"'
+        f"%(sys.version.split()[0],sys.executable,V[0],V[1])),sys.exit({EXIT_TOO_OLD}));"
+        f'import zlib,binascii;exec(zlib.decompress(binascii.a2b_base64("{payload}")))'
+    )
+    assert not set(line) & set("'!\n"), "the loader line must stay shell-neutral"
+    return " ".join(["exec", *map(shlex.quote, words), "-c", shlex.quote(line)])
+
+
+def build_bundle(packages: Sequence[str]) -> bytes:
+    """A deterministic zip of the named pure-Python packages/modules, cached per process.
+
+    Names are resolved in this interpreter; a dotted module also brings its parents'
+    ``__init__.py``. ``__pycache__`` and byte code are left out; compiled extensions are
+    refused (``ConfigError``) because they can't be imported from memory.
+    """
+    return _build_bundle(tuple(packages))
+
+
+@functools.cache
+def _build_bundle(names: tuple[str, ...]) -> bytes:
+    files: dict[str, Path] = {}
+    for name in names:
+        files.update(_package_files(name))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for arcname in sorted(files):
+            info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+            zf.writestr(info, files[arcname].read_bytes(), compresslevel=6)
+    return out.getvalue()
+
+
+def _package_files(name: str) -> dict[str, Path]:
+    from .errors import ConfigError
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"cannot bundle {name!r}: {exc}") from exc
+    if spec is None:
+        raise ConfigError(f"cannot bundle {name!r}: no such module or package here")
+    files: dict[str, Path] = {}
+    parts = name.split(".")
+    for i in range(1, len(parts)):  # the parents of a dotted name must import too
+        parent = importlib.util.find_spec(".".join(parts[:i]))
+        if parent and parent.origin and parent.origin.endswith("__init__.py"):
+            files["/".join(parts[:i]) + "/__init__.py"] = Path(parent.origin)
+    base = "/".join(parts)
+    if spec.origin and spec.origin.endswith(".py") and not spec.submodule_search_locations:
+        return {**files, base + ".py": Path(spec.origin)}
+    if not spec.submodule_search_locations:
+        raise ConfigError(f"cannot bundle {name!r}: not pure Python (origin {spec.origin!r})")
+    for root in map(Path, spec.submodule_search_locations):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__" and d[0] != "."]
+            for path in (Path(dirpath, f) for f in filenames if f[0] != "."):
+                if path.suffix in (".so", ".pyd", ".dylib"):
+                    raise ConfigError(f"cannot bundle {name!r}: {path} is a compiled extension")
+                if path.suffix not in (".pyc", ".pyo"):
+                    files[f"{base}/{path.relative_to(root).as_posix()}"] = path
+    return files
+
+
+class RemoteProcess:
+    """A started remote entry point; ``stdin``/``stdout`` are the binary (buffered) channel.
+
+    ``remote_pid``, ``python_version`` and ``python_executable`` come from the ready line,
+    ``pid`` is the local ssh process. ``close()`` (or leaving ``with``) ends the remote side
+    by EOF and reaps ssh.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], host: str) -> None:
+        assert proc.stdin and proc.stdout and proc.stderr
+        self.proc, self.host, self.pid = proc, host, proc.pid
+        self.stdin: IO[bytes] = proc.stdin
+        self.stdout: IO[bytes] = proc.stdout
+        self.remote_pid, self.python_version, self.python_executable = 0, "", ""
+        self._stderr = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._collect, args=(proc.stderr,), daemon=True)
+        self._reader.start()
+
+    def _collect(self, pipe: IO[bytes]) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(pipe.fileno(), 65536):
+                with self._lock:
+                    self._stderr += chunk
+                    del self._stderr[:-_STDERR_KEEP]
+
+    def stderr_text(self) -> str:
+        """What the remote side (and ssh) wrote to stderr so far: the last 64 KiB."""
+        with self._lock:
+            return self._stderr.decode("utf-8", "replace")
+
+    def close(self, timeout: float = 5.0) -> int | None:
+        """Send EOF, let the remote entry exit (bounded), then kill ssh. Returns its status."""
+        if self.stdout.closed:
+            return self.proc.poll()
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        # Keep reading stdout meanwhile: an ssh blocked on a full pipe would never exit.
+        with selectors.DefaultSelector() as sel, contextlib.suppress(OSError):
+            sel.register(self.stdout, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0 and sel.select(left):
+                if not os.read(self.stdout.fileno(), 65536):
+                    break
+        self._reap(max(0.0, deadline - time.monotonic()))
+        return self.proc.returncode
+
+    def _reap(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5.0)
+        self._reader.join(2.0)
+        for pipe in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def __enter__(self) -> RemoteProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_remote(
+    ssh_argv: Sequence[str],
+    entry: str,
+    packages: Sequence[str],
+    *,
+    python: str | Sequence[str] = "python3",
+    timeout: float,
+    host: str | None = None,
+    min_version: tuple[int, int] = MIN_VERSION,
+    memfd: bool = True,
+) -> RemoteProcess:
+    """Start ``entry`` (``"module:function"``, called as ``function(rfile, wfile)``) over ssh.
+
+    ``ssh_argv`` is the ssh command up to and including the destination, e.g.
+    ``["ssh", "-F", cfg, "host"]``; ``python`` is the remote interpreter (a name or path, or an
+    argv prefix such as ``["nice", "python3"]``). Returns once the remote side sent its ready
+    line, within ``timeout`` seconds; otherwise raises ``DeployError`` naming the host.
+    """
+    from .errors import DeployError
+
+    if not ssh_argv or ":" not in entry:
+        raise ValueError(f"need an ssh argv and a 'module:function' entry, got {entry!r}")
+    host = host or ssh_argv[-1]
+    frames = _frame(build_bundle(packages)) + _frame(entry.encode("utf-8"))
+    command = remote_command(python, min_version=min_version, memfd=memfd)
+    deadline = time.monotonic() + timeout
+    pipe = subprocess.PIPE
+    try:
+        proc = subprocess.Popen([*ssh_argv, command], stdin=pipe, stdout=pipe, stderr=pipe)
+    except OSError as exc:
+        raise DeployError(f"cannot run {ssh_argv[0]!r} to reach {host}: {exc}", host=host) from exc
+    remote = RemoteProcess(proc, host)
+    # Sent by a thread: a remote that never reads must not block us past the deadline.
+    writer = threading.Thread(target=_send, args=(remote.stdin, frames), daemon=True)
+    writer.start()
+    line, timed_out = None, True
+    try:
+        line, timed_out = _read_ready(remote.stdout, deadline)
+    finally:
+        if line is None:
+            if timed_out:
+                proc.kill()
+            remote._reap(5.0)  # after EOF on its stdout, ssh is on its way out anyway
+            writer.join(5.0)
+    if line is None:
+        raise DeployError(_diagnose(remote, python, timeout, timed_out), host=host)
+    _, remote.python_version, pid, remote.python_executable = (line.split(None, 3) + [""] * 4)[:4]
+    remote.remote_pid = int(pid) if pid.isdigit() else 0
+    writer.join(max(0.1, deadline - time.monotonic()))
+    return remote
+
+
+def _frame(data: bytes) -> bytes:
+    return struct.pack(">Q", len(data)) + data
+
+
+def _send(pipe: IO[bytes], data: bytes) -> None:
+    with contextlib.suppress(OSError, ValueError):  # the remote died: _diagnose says why
+        pipe.write(data)
+        pipe.flush()
+
+
+def _read_ready(stdout: IO[bytes], deadline: float) -> tuple[str | None, bool]:
+    """(ready line, False), or (None, timed out?) on EOF/deadline. Byte by byte: no read-ahead
+    may swallow the entry's first bytes."""
+    fd, buf = stdout.fileno(), bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while len(buf) < _MAX_PREAMBLE:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return None, True
+            byte = os.read(fd, 1)
+            if not byte:
+                return None, False
+            buf += byte
+            if byte == b"\n":
+                start = buf.find(READY_MARKER)
+                if start >= 0:
+                    return buf[start:].decode("utf-8", "replace").strip(), False
+                buf.clear()  # a login script's chatter: skip the line
+    return None, False
+
+
+_SSH_ERRORS = {  # what ssh prints -> what it means
+    "Permission denied": "ssh authentication failed (Permission denied): check the user, the "
+    "key (IdentityFile) and the host's authorized_keys",
+    "Host key verification failed": "host key verification failed: the host key is unknown "
+    "or has changed; check known_hosts",
+    "Could not resolve hostname": "unknown host: its name could not be resolved",
+    "Connection refused": "connection refused: is sshd running on that address and port?",
+    "timed out": "connection timed out: the host or the network does not answer",
+    "No route to host": "no route to host",
+    "Network is unreachable": "network is unreachable",
+}
+
+
+def _diagnose(
+    remote: RemoteProcess, python: str | Sequence[str], timeout: float, timed_out: bool
+) -> str:
+    """One clear message naming the host, from ssh's exit status and stderr."""
+    code, err, host = remote.proc.returncode, remote.stderr_text().strip(), remote.host
+    tail = "\n".join([ln for ln in err.splitlines() if ln.strip()][-6:]) or "(no message)"
+    shown = python if isinstance(python, str) else " ".join(python)
+    if timed_out:
+        return (
+            f"ssh to {host}: no ready handshake within {timeout} s (the host, the network "
+            f"or the remote Python is too slow or stuck); stderr: {tail}"
+        )
+    if code == 255 or code is None:
+        for needle, meaning in _SSH_ERRORS.items():
+            if needle in err:
+                return f"ssh to {host} failed: {meaning}\nssh said: {tail}"
+        return f"ssh to {host} failed (ssh exit {code}): {tail}"
+    if code == 127:
+        return (
+            f"python not found on {host}: the remote shell could not run {shown!r} "
+            "(command not found, exit 127); install Python >= 3.9 there or pass "
+            f"python='/path/to/python3'. Remote said: {tail}"
+        )
+    meaning = {
+        126: f"{shown!r} is not executable there (exit 126)",
+        EXIT_TOO_OLD: "its Python is too old",
+        EXIT_IMPORT: "the bundle failed to import; the remote traceback ends",
+        EXIT_FRAMING: "the remote loader lost its input",
+    }.get(code, f"the remote start failed (exit {code})")
+    return f"deploy to {host} failed: {meaning}:\n{tail}"
