@@ -163,6 +163,22 @@ class Cluster:
         cluster._owned = procs
         return cluster
 
+    @classmethod
+    def discover(cls, registry_host: str = "127.0.0.1", registry_port: int = 18811,
+                 mode: str = "TCP", timeout: float = 5, **kw: Any) -> Cluster:
+        """Connect to every rpycsvc server an RPyC registry knows (``rpycsvc registry``;
+        servers started with ``rpycsvc serve --register``). ``timeout`` bounds the query
+        and each connection; other keywords go to :class:`Cluster`."""
+        from .registry import discover
+
+        addresses = discover(registry_host, registry_port, mode, timeout)
+        if not addresses:
+            raise ConnectError(
+                f"the registry at {registry_host}:{registry_port} ({mode}) knows no rpycsvc "
+                "server; start servers with `rpycsvc serve --register --registry-type "
+                f"{mode.upper()} --registry-host {registry_host} --registry-port {registry_port}`")
+        return cls(addresses, timeout=timeout, **kw)
+
     def _connect_all(self, addresses: list[str], require_all: bool) -> None:
         results: dict[str, Client | BaseException] = {}
 

@@ -249,6 +249,10 @@ class ComputeService(Service):
     def exposed_running(self) -> tuple[bytes, ...]:
         return dumps(self._runtime.pool.running_tasks(), "running tasks")
 
+    def exposed_recent_failures(self) -> tuple[bytes, ...]:
+        """The pool's last failures, oldest first: (time, label, client, error) (for ``top``)."""
+        return dumps(list(self._runtime.pool.recent_failures), "recent failures")
+
     def exposed_ping(self, data: Any = None) -> Any:
         return data
 

@@ -1,0 +1,211 @@
+"""Discovery through RPyC's own registry: ``rpycsvc registry`` and :func:`discover`.
+
+The registry is ``rpyc.utils.registry`` unchanged on the wire, so plain RPyC tools
+(``rpyc.discover``, ``rpyc_registry``) interoperate. What we add: a bind address that
+defaults to 127.0.0.1 (``rpyc_registry`` always binds every interface), a per-request
+timeout so one silent client can't stall the registry, and a lookup of the names rpycsvc
+servers register under.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+from rpyc.utils.registry import (
+    REGISTRY_PORT,
+    TCPRegistryClient,
+    TCPRegistryServer,
+    UDPRegistryClient,
+    UDPRegistryServer,
+)
+
+from .errors import ConfigError
+
+log = logging.getLogger("rpycsvc.registry")
+
+#: What rpycsvc servers register as: RPyC derives a service's name from its class name
+#: (``ClassicComputeService`` → ``CLASSICCOMPUTE``; ``--no-classic`` → ``COMPUTE``).
+SERVICE_NAMES = ("CLASSICCOMPUTE", "COMPUTE")
+
+DESCRIPTION = """\
+Run an RPyC registry so servers started with `rpycsvc serve --register` can be found by
+`rpycsvc status --discover`, `rpycsvc top --discover` and `rpycsvc.Cluster.discover()`.
+
+It speaks RPyC's registry protocol (rpyc.utils.registry). It binds 127.0.0.1 by default:
+the registry has no authentication, so anyone who can reach it can announce a server.
+The first line on stdout is the address it listens on (host:port); SIGTERM or Ctrl-C
+stops it (exit 0). Servers re-register every 60 s; entries not refreshed within
+--timeout seconds are dropped.
+
+TCP (the default here) is the simplest: start servers with --register --registry-type TCP
+--registry-host HOST --registry-port PORT. UDP answers broadcasts on a LAN, which only
+reach a registry bound to 0.0.0.0 (or the broadcast interface), never one on 127.0.0.1."""
+
+#: How often (seconds) the serving loop wakes to notice it was asked to stop.
+_WAKE = 0.5
+
+
+class _TCPRegistry(TCPRegistryServer):
+    """RPyC's TCP registry with a read timeout on accepted sockets.
+
+    Upstream reads each request with a blocking ``recv`` in its only thread, so a client
+    that connects and sends nothing would stop the registry for good.
+    """
+
+    TIMEOUT = _WAKE
+
+    def _recv(self) -> tuple[bytes, Any]:
+        sock2, _ = self.sock.accept()
+        sock2.settimeout(2.0)
+        try:
+            addrinfo = sock2.getpeername()
+            data = sock2.recv(1500)
+        except OSError:
+            sock2.close()
+            raise
+        self._connected_sockets[addrinfo] = sock2
+        return data, addrinfo
+
+
+class _UDPRegistry(UDPRegistryServer):
+    TIMEOUT = _WAKE
+
+
+def start_registry(host: str = "127.0.0.1", port: int = REGISTRY_PORT, mode: str = "TCP",
+                   pruning_timeout: float | None = None) -> tuple[Any, threading.Thread]:
+    """Bind a registry and serve it in a daemon thread; returns ``(server, thread)``.
+
+    ``port`` 0 picks a free port (read ``server.port``). Stop with :func:`stop_registry`.
+    """
+    cls = {"TCP": _TCPRegistry, "UDP": _UDPRegistry}.get(mode.upper())
+    if cls is None:
+        raise ConfigError(f"registry mode must be TCP or UDP; got {mode!r}")
+    try:
+        server = cls(host=host, port=port, pruning_timeout=pruning_timeout,
+                     logger=logging.getLogger(f"rpycsvc.registry.{mode.lower()}"))
+    except OSError as exc:
+        raise ConfigError(f"can't bind the registry to {host}:{port} ({mode}): "
+                          f"{exc.strerror or exc}") from exc
+    thread = threading.Thread(target=server.start, name="rpycsvc-registry", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop_registry(server: Any, thread: threading.Thread, timeout: float = 5.0) -> None:
+    """Ask the registry loop to stop and wait (bounded) until it has closed its socket."""
+    server.active = False  # upstream close() raises if the loop has not started yet
+    thread.join(timeout)
+
+
+def discover(registry_host: str = "127.0.0.1", registry_port: int = REGISTRY_PORT,
+             mode: str = "TCP", timeout: float = 5.0) -> list[str]:
+    """Ask a registry for rpycsvc servers; returns their ``"host:port"``, sorted, no repeats.
+
+    The host is the address the server registered from, which RPyC binds to the server's
+    own listening address, so it is the address to dial. An empty list means the registry
+    answered but knows no server. A TCP registry that can't be reached raises
+    :class:`~rpycsvc.errors.ConnectError`; UDP has no way to tell "nobody answered" from
+    "nobody registered" and returns an empty list.
+    """
+    from .errors import ConnectError
+
+    if mode.upper() == "TCP":
+        client: Any = TCPRegistryClient(registry_host, port=registry_port, timeout=timeout)
+    elif mode.upper() == "UDP":
+        client = UDPRegistryClient(ip=registry_host, port=registry_port, timeout=timeout)
+    else:
+        raise ConfigError(f"registry mode must be TCP or UDP; got {mode!r}")
+    found: set[tuple[str, int]] = set()
+    for name in SERVICE_NAMES:
+        try:
+            found.update((str(h), int(p)) for h, p in client.discover(name))
+        except OSError as exc:
+            raise ConnectError(
+                f"can't query the registry at {registry_host}:{registry_port} ({mode}): "
+                f"{exc.strerror or exc}. Is `rpycsvc registry` running there?",
+                address=f"{registry_host}:{registry_port}") from exc
+    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in sorted(found)]
+
+
+def add_discover_arguments(p: argparse.ArgumentParser) -> None:
+    """``--discover`` and the registry's address, shared by ``status`` and ``top``."""
+    g = p.add_argument_group("discovery")
+    g.add_argument("--discover", action="store_true",
+                   help="also ask an RPyC registry for servers (see `rpycsvc registry`)")
+    g.add_argument("--registry-host", default="127.0.0.1",
+                   help="the registry's address (default 127.0.0.1)")
+    g.add_argument("--registry-port", type=int, default=REGISTRY_PORT,
+                   help=f"the registry's port (default {REGISTRY_PORT})")
+    g.add_argument("--registry-type", choices=("TCP", "UDP"), default="TCP", type=str.upper,
+                   help="registry protocol (default TCP)")
+
+
+def addresses_from_args(args: argparse.Namespace, timeout: float) -> list[str]:
+    """The servers named on the command line plus, with ``--discover``, the registry's."""
+    from .cluster import read_hosts_file
+
+    hosts: list[str] = []
+    for h in args.hosts:
+        hosts.extend(read_hosts_file(h[1:]) if h.startswith("@") else [h])
+    if args.discover:
+        for addr in discover(args.registry_host, args.registry_port, args.registry_type,
+                             timeout):
+            if addr not in hosts:
+                hosts.append(addr)
+    if not hosts:
+        raise ConfigError("no servers: name some (HOST[:PORT] or @hostsfile)"
+                          + (", or register them with the registry" if args.discover
+                             else ", or use --discover"))
+    return hosts
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("-p", "--port", type=int, default=REGISTRY_PORT,
+                   help=f"port to bind (default {REGISTRY_PORT}; 0 picks a free one)")
+    p.add_argument("-m", "--mode", choices=("UDP", "TCP"), default="TCP", type=str.upper,
+                   help="TCP (default: works on one host and across routers) or UDP (answers "
+                   "LAN broadcasts; rpyc_registry's default, needs --host 0.0.0.0 to hear them)")
+    p.add_argument("-t", "--timeout", type=float, default=240.0,
+                   help="seconds an entry lives without being refreshed (default 240)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``rpycsvc registry``: bind, print the address, serve until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds; got {args.timeout!r}")
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    # Handlers before the address line: a script may signal us as soon as it has read it.
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    server, thread = start_registry(args.host, args.port, args.mode, args.timeout)
+    host = server.sock.getsockname()[0]
+    print(f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}", flush=True)
+    log.info("%s registry listening on %s:%s", args.mode, host, server.port)
+    while not stop.wait(_WAKE) and thread.is_alive():
+        pass
+    stop_registry(server, thread)
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (for tests and scripts that must name one up front)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
