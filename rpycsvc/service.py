@@ -27,7 +27,7 @@ from ._version import __version__
 from .errors import SerializationError, TaskError
 from .hosted import HostedQueue, HostedSpec, QueueRegistry
 from .pool import Task, WorkerPool
-from .serialization import dumps, load_exception, loads
+from .serialization import check_plain, dumps, load_exception, loads
 from .transport import Deferred, ServerConnection
 
 log = logging.getLogger("rpycsvc.server")
@@ -194,12 +194,27 @@ class ComputeService(Service):
                     frames: tuple[bytes, ...]) -> Deferred:
         """Run one task (or a batch); replies ``("ok", frames)``, ``("raised", exc_frames)``
         or ``("error", kind, message)`` when it finishes."""
+        try:
+            return self._start_run(kind, spec, options, frames)
+        except Exception as exc:
+            # A refusal (service-only mode, bad arguments, shutting down) is an ("error", ...)
+            # reply like any failure found later: the client calls run() asynchronously, and
+            # an exception reply would be raised in its reader thread, not in the caller.
+            reply = Deferred()
+            reply.resolve(("error", type(exc).__name__, str(exc)))
+            return reply
+
+    def _start_run(self, kind: str, spec: Any, options: tuple[tuple[str, Any], ...],
+                   frames: tuple[bytes, ...]) -> Deferred:
         opts = dict(options)
-        if kind == "pickled" and not self._runtime.classic:
-            raise PermissionError(
-                "this server runs in service-only mode (--no-classic): it accepts no functions "
-                "or pickles from clients; call a registered endpoint by name instead"
-            )
+        if not self._runtime.classic:
+            if kind != "endpoint":
+                raise PermissionError(
+                    "this server runs in service-only mode (--no-classic): it accepts no "
+                    "functions or import paths from clients; call a registered endpoint by "
+                    f"name (it has: {', '.join(self._runtime.pool.endpoint_names) or 'none'})"
+                )
+            check_plain(frames)  # before any worker unpickles what the client sent
         key = opts.pop("key", None)
         reply = Deferred()
         sink = self._sink if opts.get("output", True) else None
@@ -275,6 +290,11 @@ class ComputeService(Service):
         if not isinstance(task, str):
             raise TypeError(f"task must be an endpoint name or 'module:function'; got {task!r}")
         kind = "endpoint" if task in self._runtime.pool.endpoint_names else "path"
+        if kind == "path" and not self._runtime.classic:
+            raise PermissionError(
+                f"service-only mode: {task!r} is not a registered endpoint of this server "
+                f"(it has: {', '.join(self._runtime.pool.endpoint_names) or 'none'})"
+            )
         value = (tuple(_by_value(a) for a in args), {k: _by_value(v) for k, v in kwargs.items()})
         if not self._runtime.classic:
             _check_plain(value)
