@@ -347,7 +347,9 @@ def _by_value(obj: Any, depth: int = 0) -> Any:
         return {"builtins.list": list, "builtins.tuple": tuple, "builtins.set": set,
                 "builtins.frozenset": frozenset}[cls](items)
     if cls == "builtins.dict":
-        return {_by_value(k, depth + 1): _by_value(v, depth + 1) for k, v in obj.items()}
+        # Only "safe" attributes (__iter__, __getitem__): a plain rpyc.connect() client
+        # refuses .items() and the like unless it allows all public attributes.
+        return {_by_value(k, depth + 1): _by_value(obj[k], depth + 1) for k in obj}
     if cls in ("builtins.bytearray",):
         return bytearray(bytes(obj))
     raise SerializationError(
