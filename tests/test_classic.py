@@ -84,25 +84,8 @@ def test_modules_run_on_the_server(classic: Any, server_proc: ServerProcess) -> 
     assert classic.modules.sys.executable == sys.executable
 
 
-# rpycsvc.connect() opens its RPyC connection with {"allow_pickle": False} only, so the
-# server may not call ``write`` on the client's stdout netref ("cannot access 'write'").
-# The fix belongs in rpycsvc/client.py (add "allow_public_attrs": True to that config);
-# strict: once it is fixed these xfails turn into failures, and this marker must go.
-CLIENT_STDOUT_BUG = pytest.mark.xfail(
-    strict=True, raises=AttributeError,
-    reason="rpycsvc/client.py: connect() config lacks allow_public_attrs",
-)
-
-
-def xfail_for_rpycsvc(request: pytest.FixtureRequest, classic: Any) -> None:
-    if isinstance(classic, rpycsvc.Client):
-        request.applymarker(CLIENT_STDOUT_BUG)
-
-
-def test_remote_print_on_client_stdout(classic: Any, capsys: pytest.CaptureFixture[str],
-                                       request: pytest.FixtureRequest) -> None:
+def test_remote_print_on_client_stdout(classic: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """``c.modules.sys.stdout = sys.stdout`` then ``c.execute("print('hi')")``."""
-    xfail_for_rpycsvc(request, classic)
     remote_sys = classic.modules.sys
     remote_sys.stdout = sys.stdout
     try:
@@ -112,8 +95,7 @@ def test_remote_print_on_client_stdout(classic: Any, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out == "hi\n"
 
 
-def test_remote_print_into_a_stringio(classic: Any, request: pytest.FixtureRequest) -> None:
-    xfail_for_rpycsvc(request, classic)
+def test_remote_print_into_a_stringio(classic: Any) -> None:
     buf = io.StringIO()
     remote_sys = classic.modules.sys
     remote_sys.stdout = buf
