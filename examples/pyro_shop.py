@@ -1,16 +1,16 @@
-"""Pyro4-style remote objects: a shop hosted by a server and found by name.
+"""Pyro4-style remote objects: a shop hosted by a server and found through a registry.
 
 With Pyro4 you start a name server, a daemon that registers ``example.shop``, and clients
-that call ``Pyro4.Proxy("PYRONAME:example.shop")``. Here the name server is RPyC's
-registry, the daemon is ``rpycsvc serve --service shop:Shop --register ...`` (``shop.py``
-next to this file is a plain class, hosted once per server), and a client asks the
-registry where "shop" lives, connects, and calls ``conn.root.shop``. Two customers on
-their own connections open accounts, deposit, and buy; one purchase is refused and the
-server's ``ValueError`` arrives here; a third connection sees the shared balances and
-inventory.
+that call ``Pyro4.Proxy("PYRONAME:example.shop")``. Here the name server is rpycsvc's
+registry (RPyC's, bound to 127.0.0.1), the daemon is ``rpycsvc serve --service shop:Shop
+--register ...`` (``shop.py`` next to this file is a plain class, hosted once per server),
+and a client asks the registry for the servers, picks the one that hosts "shop", and calls
+``conn.root.shop``. Two customers on their own connections open accounts, deposit, and
+buy; one purchase is refused and the server's ``ValueError`` arrives here; a third
+connection sees the shared balances and inventory.
 
 Run it with a registry and a shop server it starts on 127.0.0.1, against a shop server
-already running, or through a registry already running::
+already running, or through a registry already running (``rpycsvc registry``)::
 
     python examples/pyro_shop.py
     python examples/pyro_shop.py host:18812
@@ -22,58 +22,44 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
-from rpyc.utils.registry import TCPRegistryClient, TCPRegistryServer
-
 import rpycsvc
+from rpycsvc.registry import discover, start_registry, stop_registry
 
 
 @contextlib.contextmanager
 def local_shop() -> Iterator[str]:
     """A registry and a server hosting ``shop:Shop`` on 127.0.0.1; yields the registry."""
-    registry = TCPRegistryServer("127.0.0.1", port=0)
-    thread = threading.Thread(target=registry.start, name="registry", daemon=True)
-    thread.start()
-    # Cluster.local starts server processes here (with our sys.path, which holds this
-    # directory and so shop.py) and stops them when closed.
-    servers = rpycsvc.Cluster.local(1, server_args=[
-        "--service", "shop:Shop", "--register", "--registry-type", "TCP",
-        "--registry-host", "127.0.0.1", "--registry-port", str(registry.port)])
+    registry, thread = start_registry("127.0.0.1", port=0)
     try:
-        yield f"127.0.0.1:{registry.port}"
+        # Cluster.local starts server processes here (with our sys.path, which holds this
+        # directory and so shop.py) and stops them when closed.
+        with rpycsvc.Cluster.local(1, server_args=[
+                "--service", "shop:Shop", "--register", "--registry-type", "TCP",
+                "--registry-host", "127.0.0.1", "--registry-port", str(registry.port)]):
+            yield f"127.0.0.1:{registry.port}"
     finally:
-        servers.close()
-        registry.close()
-        thread.join(10)
+        stop_registry(registry, thread, timeout=10)
 
 
 def locate(registry: str, name: str, timeout: float = 15.0) -> str:
-    """The address of a server hosting ``name``, as the registry at ``registry`` knows it.
+    """The address of a server that hosts ``name``, among those the registry knows.
 
     Servers register in the background, so this asks again until ``timeout``.
     """
-    registry_host, _, registry_port = registry.rpartition(":")
-    registrar = TCPRegistryClient(registry_host, int(registry_port), timeout=2)
+    host, _, port = registry.rpartition(":")
     deadline = time.monotonic() + timeout
     while True:
-        found = list(registrar.discover(name.upper()))
-        if not found:  # rpycsvc 0.x registers only its own service name: ask each server
-            found = [a for a in registrar.discover("CLASSICCOMPUTE") if hosts(a, name)]
-        if found:
-            host, port = found[0]
-            return f"{host}:{port}"
+        for address in discover(host, int(port), timeout=2):
+            with rpycsvc.connect(address, timeout=5) as conn:
+                if name in conn.root.hosted():
+                    return address
         if time.monotonic() > deadline:
             raise TimeoutError(f"no server hosting {name!r} registered at {registry} "
                                f"within {timeout:g} s")
         time.sleep(0.2)
-
-
-def hosts(address: tuple[str, int], name: str) -> bool:
-    with rpycsvc.connect(*address, timeout=5) as conn:
-        return name in conn.root.hosted()
 
 
 def shop_scenario(address: str) -> None:

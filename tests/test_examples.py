@@ -205,6 +205,29 @@ def running_servers() -> Iterator[list[str]]:
             p.stop()
 
 
+class RegistryProcess(ServerProcess):
+    """``rpycsvc registry --port 0`` as a child process, read and stopped like a server."""
+
+    def __init__(self, timeout: float = 30.0) -> None:  # not super(): that runs `serve`
+        cmd = [sys.executable, "-m", "rpycsvc.cli", "registry", "--port", "0", "-q"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, cwd=str(REPO),
+                                     env=dict(os.environ, PYTHONPATH=str(REPO)))
+        self.address = self._read_address(timeout)
+        self.port = int(self.address.rsplit(":", 1)[1])
+
+
+@SLOW
+def test_pyro_shop_through_a_running_registry() -> None:
+    with RegistryProcess() as registry, ServerProcess(
+            "--workers", "1", "--service", "examples.shop:Shop", "--register",
+            "--registry-type", "TCP", "--registry-host", "127.0.0.1",
+            "--registry-port", str(registry.port)) as server:
+        out = run_example("pyro_shop", "--registry", registry.address)
+    assert f"found 'shop' at {server.address} through the registry at {registry.address}" in out
+    check_pyro_shop(out)
+
+
 @pytest.mark.parametrize("name", _params())
 def test_example_on_running_servers(name: str, running_servers: list[str]) -> None:
     # pyro_shop runs once per module fixture, so the shop starts fresh
