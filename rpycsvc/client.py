@@ -9,6 +9,7 @@ pickle protocol 5) and get results by value; many tasks may be in flight on one 
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import ssl as _ssl
 import threading
@@ -35,6 +36,8 @@ from .handshake import client_handshake
 from .output import OutputRouter
 from .serialization import dumps, dumps_function, load_exception, loads
 from .transport import FastChannel, FastSocketStream
+
+log = logging.getLogger("rpycsvc.client")
 
 DEFAULT_PORT = 18812
 _ERRORS: dict[str, type[Exception]] = {
@@ -258,10 +261,11 @@ class Client:
         if entry is None:
             return
         done = entry[0]
-        if res.error:
-            err = res.value
-            exc = err if isinstance(err, BaseException) else RemoteTaskError(str(err))
-            done("reply", ("error", type(exc).__name__, str(exc)))
+        if res.error:  # the server refused the call itself (not the task): res._obj is it
+            exc = res._obj
+            name = type(exc).__name__.replace("_get_exception_class.<locals>.Derived", "")
+            text = str(exc).split("\n\n========= Remote Traceback", 1)[0]
+            done("reply", ("error", name, text))
         else:
             done("reply", res.value)
 
@@ -292,7 +296,12 @@ class Client:
     def _serve(self) -> None:
         try:
             while not self._closed:
-                self.conn.serve(1.0)
+                try:
+                    self.conn.serve(1.0)
+                except (EOFError, OSError):
+                    raise
+                except Exception:  # a bug in a callback must not kill the connection
+                    log.exception("error while handling a message from %s", self.address)
         except BaseException as exc:  # EOFError, OSError, or anything RPyC raises
             if not self._closed:
                 self._lose(exc)

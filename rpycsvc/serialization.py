@@ -100,6 +100,33 @@ def loads(frames: Frames | list[bytes], what: str = "value") -> Any:
         ) from exc
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Refuses every global: what it loads can only be built from pickle's own opcodes
+    (numbers, strings, bytes, lists, tuples, dicts, sets, booleans, None)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise SerializationError(
+            f"service-only mode accepts plain data only; the arguments refer to {module}.{name}"
+        )
+
+
+def check_plain(frames: Frames | list[bytes]) -> None:
+    """Raise :class:`SerializationError` unless ``frames`` hold plain data only.
+
+    Used by servers in service-only mode before any worker unpickles client data: a pickle
+    with no globals can't run code when loaded.
+    """
+    import io
+
+    try:
+        _PlainUnpickler(io.BytesIO(bytes(frames[0])),
+                        buffers=[bytes(f) for f in frames[1:]]).load()
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise SerializationError(f"malformed arguments: {type(exc).__name__}: {exc}") from exc
+
+
 def dumps_function(fn: Any) -> bytes:
     """Pickle a task function by value (lambdas and closures included)."""
     if not callable(fn):

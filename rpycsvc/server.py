@@ -13,6 +13,8 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 import time
 from types import FrameType
 from typing import Any
@@ -46,27 +48,41 @@ class _Handshake:
         self.pending = threading.BoundedSemaphore(max(1, config.max_pending))
 
     def __call__(self, sock: socket.socket) -> tuple[socket.socket, dict[str, Any]]:
+        """TLS, then the hello; connections still proving who they are hold one of
+        ``max_pending`` slots and have ``handshake_timeout`` seconds to finish."""
         peer = _peer(sock)
-        if not self.pending.acquire(blocking=False):
-            log.warning("refusing %s: too many connections still in their handshake", peer)
-            raise RpycAuthError("too many pending handshakes")
-        try:
-            if self.ssl is not None:
+        if self.ssl is not None:
+            with self._slot(peer):
                 sock.settimeout(self.config.handshake_timeout)
                 try:
                     sock = self.ssl.wrap_socket(sock, server_side=True)
                 except (OSError, ValueError) as exc:
                     log.warning("TLS handshake with %s failed: %s", peer, exc)
                     raise RpycAuthError(str(exc)) from exc
-            try:
-                creds = server_handshake(
-                    sock, authkey=self.config.authkey, timeout=self.config.handshake_timeout,
-                    server_info=self.runtime.info(),
-                )
-            except RpycAuthError as exc:
-                log.warning("refused %s: %s", peer, exc)
-                raise
-            return sock, creds
+        try:
+            if self.config.authkey:
+                with self._slot(peer):
+                    creds = self._hello(sock)
+            else:
+                # nothing to prove: a plain RPyC client may stay silent until its first call
+                creds = self._hello(sock)
+        except RpycAuthError as exc:
+            log.warning("refused %s: %s", peer, exc)
+            raise
+        return sock, creds
+
+    def _hello(self, sock: socket.socket) -> dict[str, Any]:
+        return server_handshake(sock, authkey=self.config.authkey,
+                                timeout=self.config.handshake_timeout,
+                                server_info=self.runtime.info())
+
+    @contextmanager
+    def _slot(self, peer: str) -> Iterator[None]:
+        if not self.pending.acquire(blocking=False):
+            log.warning("refusing %s: too many connections still in their handshake", peer)
+            raise RpycAuthError("too many pending handshakes")
+        try:
+            yield
         finally:
             self.pending.release()
 

@@ -31,6 +31,10 @@ from rpyc.core.stream import SocketStream
 
 _CHUNK = 1 << 20
 
+#: Largest frame accepted from a peer; a bigger announced length closes the connection
+#: instead of allocating it (RPyC's frame header allows 4 GiB).
+MAX_FRAME = 1 << 30
+
 #: Bytes this process received and sent on rpycsvc streams (for metrics; approximate).
 TRAFFIC = {"in": 0, "out": 0}
 
@@ -100,6 +104,9 @@ class FastChannel(Channel):
     def recv(self) -> bytes:
         header = self.stream.read(self.FRAME_HEADER.size)
         length, compressed = self.FRAME_HEADER.unpack(header)
+        if length > MAX_FRAME:
+            self.stream.close()
+            raise EOFError(f"peer announced a {length}-byte frame (limit {MAX_FRAME}); closing")
         data = self.stream.read(length)
         self.stream.read(len(self.FLUSHER))
         if compressed:
