@@ -63,9 +63,9 @@ def locate(registry: str, name: str, timeout: float = 15.0) -> str:
 
 
 def shop_scenario(address: str) -> None:
-    alice_conn = rpycsvc.connect(address, timeout=10)
-    bob_conn = rpycsvc.connect(address, timeout=10)
-    with alice_conn, bob_conn:
+    # each customer on a connection of their own, like two Pyro proxies
+    with rpycsvc.connect(address, timeout=10) as alice_conn, \
+            rpycsvc.connect(address, timeout=10) as bob_conn:
         customers = {"alice": alice_conn.root.shop, "bob": bob_conn.root.shop}
         for name, shop in customers.items():
             try:
