@@ -63,7 +63,7 @@ class _TCPRegistry(TCPRegistryServer):
 
     def _recv(self) -> tuple[bytes, Any]:
         sock2, _ = self.sock.accept()
-        sock2.settimeout(2.0)
+        sock2.settimeout(1.0)  # a registrar sends its request right after connecting
         try:
             addrinfo = sock2.getpeername()
             data = sock2.recv(1500)
@@ -93,14 +93,28 @@ def start_registry(host: str = "127.0.0.1", port: int = REGISTRY_PORT, mode: str
     except OSError as exc:
         raise ConfigError(f"can't bind the registry to {host}:{port} ({mode}): "
                           f"{exc.strerror or exc}") from exc
-    thread = threading.Thread(target=server.start, name="rpycsvc-registry", daemon=True)
+    # Upstream's start() sets ``active`` itself, inside the thread: a stop requested before
+    # the thread got that far would be undone. So: active first, then the loop.
+    server.active = True
+    thread = threading.Thread(target=_serve, args=(server,), name="rpycsvc-registry",
+                              daemon=True)
     thread.start()
     return server, thread
 
 
+def _serve(server: Any) -> None:
+    try:
+        server._work()
+    except Exception:
+        log.exception("the registry stopped on an error")
+    finally:
+        server.active = False
+        server.sock.close()
+
+
 def stop_registry(server: Any, thread: threading.Thread, timeout: float = 5.0) -> None:
     """Ask the registry loop to stop and wait (bounded) until it has closed its socket."""
-    server.active = False  # upstream close() raises if the loop has not started yet
+    server.active = False
     thread.join(timeout)
 
 
