@@ -102,6 +102,12 @@ class _ServerMixin:
         conn = self.service._connect(FastChannel(stream), config)  # type: ignore[attr-defined]
         try:
             self._handle_connection(conn)  # type: ignore[attr-defined]
+        except (EOFError, OSError):
+            pass  # the client went away
+        except Exception as exc:  # malformed frames, a different protocol: drop this client only
+            log.warning("dropping %s after a protocol error: %s: %s (a different rpyc "
+                        "version, or not an RPyC client?)", peer, type(exc).__name__, exc)
+            conn.close()
         finally:
             log.info("connection from %s closed", peer)
 
