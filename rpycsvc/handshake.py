@@ -91,7 +91,8 @@ def server_handshake(
     """Run the server's side on a fresh (possibly TLS) socket.
 
     Returns the credentials: ``{"client": hello or None, "prefix": bytes}``, where ``prefix``
-    holds bytes already read that belong to the RPyC stream. Raises ``rpyc.utils.authenticators.AuthenticationError`` to refuse.
+    holds bytes already read that belong to the RPyC stream. Raises
+    ``rpyc.utils.authenticators.AuthenticationError`` to refuse.
     """
     from rpyc.utils.authenticators import AuthenticationError as RpycAuthError
 

@@ -417,7 +417,8 @@ class WorkerPool:
             pass
 
     # -- completion and deadlines ------------------------------------------------------------
-    def _finish(self, task: Task, ok: bool, frames: list[Any] | None, err: TaskError | None) -> None:
+    def _finish(self, task: Task, ok: bool, frames: list[Any] | None,
+                err: TaskError | None) -> None:
         with self._lock:
             if self._tasks.pop(task.task_id, None) is None:
                 return  # already finished (e.g. a thread task that timed out, then returned)
@@ -450,7 +451,8 @@ class WorkerPool:
             return TaskTimeoutError(
                 f"task {task.label or task.task_id} ran longer than its timeout of "
                 f"{task.timeout:g} s and was stopped"
-                + (" (its worker process was killed and replaced)" if task.mode == "process" else "")
+                + (" (its worker process was killed and replaced)"
+                   if task.mode == "process" else "")
             )
         return TaskCancelledError(f"task {task.label or task.task_id} was cancelled")
 

@@ -23,7 +23,6 @@ import rpyc
 from rpyc.core import netref
 from rpyc.core.service import Service, SlaveService
 
-from ._version import __version__
 from .errors import SerializationError, TaskError
 from .hosted import HostedQueue, HostedSpec, QueueRegistry
 from .pool import Task, WorkerPool
