@@ -230,3 +230,16 @@ def test_500_concurrent_clients_memory_back_near_baseline() -> None:
         assert stats["tasks_done"] >= 500
         # memory back near its baseline (allow allocator slack, not growth per client)
         assert stats["rss_bytes"] < base + 40 * 2**20, (base, stats["rss_bytes"])
+
+
+def _hog(mb: int) -> int:
+    block = bytearray(mb * 2**20)
+    return len(block)
+
+
+def test_memory_limit_per_task() -> None:
+    with running_server(workers=1, memory_limit=600 * 2**20) as srv:
+        with rpycsvc.connect(srv.address, output="discard") as c:
+            with pytest.raises(MemoryError):
+                c.compute(_hog, 2048)
+            assert c.compute(_hog, 10) == 10 * 2**20  # the same worker goes on
