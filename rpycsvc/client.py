@@ -446,21 +446,35 @@ def connect(
                 raise AuthenticationError(f"TLS handshake with {address} failed: {exc}",
                                           address=address) from exc
         hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
-        service = ClassicClient if hello.get("classic", True) else VoidService
-        stream = FastSocketStream(sock)
-        client_box: list[Client] = []
-
-        def sink(key: int, fd: int, text: str) -> None:
-            if client_box:
-                client_box[0]._on_output(key, fd, text)
-
-        # The server may call back public methods of objects we hand it explicitly (an
-        # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
-        conn = service._connect(FastChannel(stream),
-                                {"allow_pickle": False, "allow_public_attrs": True})
-        hello.update(dict(conn.root.hello(sink)))
+        return connect_stream(FastSocketStream(sock), address=address, hello=hello,
+                              router=router, **task_options)
     except BaseException:
         sock.close()
+        raise
+
+
+def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = None,
+                   router: OutputRouter | None = None, **task_options: Any) -> Client:
+    """A :class:`Client` over an already open RPyC stream (a socket after the handshake,
+    or the pipes of an ssh session for deployed servers)."""
+    hello = dict(hello or {})
+    router = router or OutputRouter()
+    client_box: list[Client] = []
+
+    def sink(key: int, fd: int, text: Any) -> None:
+        if client_box:
+            client_box[0]._on_output(key, fd, text)
+
+    classic = hello.get("classic", True)
+    service = ClassicClient if classic else VoidService
+    # The server may call back public methods of objects we hand it explicitly (an
+    # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
+    conn = service._connect(FastChannel(stream), {"allow_pickle": False,
+                                                  "allow_public_attrs": True})
+    try:
+        hello.update(dict(conn.root.hello(sink)))
+    except BaseException:
+        conn.close()
         raise
     client = Client(conn, hello, address, router, task_options)
     client_box.append(client)

@@ -147,7 +147,9 @@ class Cluster:
               server_args: Iterable[str] = (), **kwargs: Any) -> Cluster:
         """Start ``n`` servers on this machine (stopped on ``close()``) and connect to them.
 
-        Each gets ``workers`` processes (default: this machine's cores shared between them).
+        Each gets ``workers`` processes (default: this machine's cores shared between them)
+        and this process's ``sys.path`` as its ``PYTHONPATH``, so it can import what we can
+        (task modules, ``--service``/``--endpoints`` modules given in ``server_args``).
         """
         if n < 1:
             raise ConfigError(f"Cluster.local needs n >= 1; got {n!r}")
@@ -328,6 +330,8 @@ class Cluster:
                 srv.inflight.add(job)
                 srv.threaded += job.opts.get("mode") == "thread"
                 client = srv.client
+                if isinstance(job.future, TaskFuture):
+                    job.future.address = srv.address
             try:
                 assert client is not None
                 job.key = client.start_task(job.kind, job.spec, job.opts, job.frames,
@@ -444,10 +448,15 @@ class Cluster:
         return _wait(futures, timeout=timeout, return_when=return_when)
 
     def broadcast(self, fn: Any, /, *args: Any, timeout: float | None = None,
-                  **kwargs: Any) -> BroadcastResult:
-        """Run ``fn(*args, **kwargs)`` once on every server that is up; wait for all."""
+                  wait: bool = True, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` once on every server that is up and wait for all.
+
+        With ``wait=False`` return ``{address: future}`` at once (for long-running loops).
+        """
         futs = {a: self._submit(fn, args, kwargs, self._defaults, 0, pinned=a)
                 for a, s in self._servers.items() if s.up}
+        if not wait:
+            return futs
         out = BroadcastResult()
         for addr, f in futs.items():
             try:

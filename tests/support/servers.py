@@ -38,7 +38,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0):
         cmd = [sys.executable, "-m", "rpycsvc.cli", "serve", "--port", "0", "-q", *args]
-        full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=full_env, cwd=str(REPO))
         self.address = self._read_address(timeout)
