@@ -72,6 +72,18 @@ def test_serve_prints_address_serves_and_exits_0_on_sigterm(
     assert proc.stop() == 0
 
 
+def refuses_connections(address: str, attempts: int = 500) -> bool:
+    """True once a connection attempt is refused (bounded: the server closes its listener
+    asynchronously after a signal)."""
+    for _ in range(attempts):
+        try:
+            c = rpycsvc.connect(address, timeout=5)
+        except rpycsvc.ConnectError:
+            return True
+        close_after_server_exit(c)
+    return False
+
+
 def close_after_server_exit(client: rpycsvc.Client) -> None:
     """Work around a client.py bug (see test_client_close_after_server_exit)."""
     with contextlib.suppress(EOFError):
@@ -98,7 +110,8 @@ def test_running_task_finishes_within_grace_after_sigterm(
             future = c.submit(pass_gate, gate.port, "survivor")
             _, conn = gate.arrival()  # the task is running now
             proc.proc.send_signal(signal.SIGTERM)
-            gate.release(conn)  # ...and finishes only after the server was told to stop
+            assert refuses_connections(proc.address)  # stopped accepting, task still running
+            gate.release(conn)  # ...and it finishes only after the server was told to stop
             assert future.result(timeout=WAIT) == "survivor"
         assert proc.proc.wait(timeout=WAIT) == 0
     finally:

@@ -151,6 +151,18 @@ def test_memory_error_in_task_is_an_exception(client: rpycsvc.Client) -> None:
     assert client.compute(lambda: 1) == 1
 
 
+def test_memory_limit_gives_memory_error_and_the_worker_survives() -> None:
+    """With --memory-limit a runaway allocation fails as MemoryError, in the same worker."""
+    with running_server(workers=1, memory_limit=1 << 30) as srv, \
+            rpycsvc.connect(srv.address) as c:
+        pids = c.stats()["worker_pids"]
+        with pytest.raises(MemoryError) as info:
+            c.compute(lambda: bytearray(2 << 30))
+        assert info.value.address == srv.address  # type: ignore[attr-defined]
+        assert c.compute(lambda: len(bytearray(1 << 20))) == 1 << 20
+        assert c.stats()["worker_pids"] == pids
+
+
 def test_sys_exit_in_task_is_a_clear_error_not_an_exit(client: rpycsvc.Client) -> None:
     pids = client.stats()["worker_pids"]
     with pytest.raises(rpycsvc.RemoteTaskError) as info:
