@@ -139,7 +139,8 @@ def serve_raw(token: str) -> dict[str, int]:
 def _raw_loop(conn: socket.socket) -> dict[str, int]:
     """One-byte opcodes: P echo, U upload, C crc of the upload, G make a blob, D send it, Q quit."""
     conn.settimeout(RAW_TIMEOUT)
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if conn.family in (socket.AF_INET, socket.AF_INET6):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     counts = {"pings": 0, "bytes_in": 0, "bytes_out": 0}
     last: Any = b""
     blob = b""

@@ -84,3 +84,64 @@ def test_setup_names_the_references(report: dict) -> None:
     assert "thread-mode task" in setup["raw_tcp_reference"]
     assert setup["quick"] is True
     assert setup["workers"] >= 2
+
+
+# -- the pieces, without servers ------------------------------------------------------------------
+
+def test_a_failed_check_stays_failed() -> None:
+    from rpycsvc.bench import Report
+
+    r = Report()
+    r.check("sums", False, "got 3, want 4")
+    r.check("sums", True)  # a later run that happened to be right does not hide the first
+    assert r.checks == {"sums": False}
+    assert r.errors == ["check failed: sums: got 3, want 4"]
+
+
+def test_table_shows_pass_miss_and_failed_checks() -> None:
+    from rpycsvc.bench import Figure, Report, render
+
+    r = Report(setup={"servers": "1 server (127.0.0.1:1)", "workers": 2, "threads": 8,
+                      "python": "3", "rpyc": "6.0.2", "cores": 2, "quick": True,
+                      "load_start": "0.1"})
+    r.add(Figure("a", "fast thing", 120.0, "us", "reference", 100.0, 1.2, "<= 1.3x", True))
+    r.add(Figure("b", "slow thing", 50.0, "MB/s", "raw", 500.0, 0.1, ">= 0.6x", False))
+    r.add(Figure("c", "info", 3.0, "ms"))
+    r.check("b.bytes", False, "CRC-32 mismatch")
+    text = render(r)
+    assert "PASS" in text and "MISS" in text
+    assert "FAILED: b.bytes" in text and "CRC-32 mismatch" in text
+    assert "1 PASS, 1 MISS (b)" in text
+
+
+def test_raw_reference_protocol_round_trips() -> None:
+    import socket
+    import struct
+    import threading
+    import zlib
+
+    from rpycsvc.bench import _LEN, _raw_loop, _recv_exact
+
+    here, there = socket.socketpair()
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(_raw_loop(there)), daemon=True)
+    t.start()
+    try:
+        here.settimeout(10)
+        here.sendall(b"P")
+        assert here.recv(1) == b"P"
+        data = bytes(range(256)) * 1000
+        here.sendall(b"U" + _LEN.pack(len(data)) + data)
+        assert _recv_exact(here, 1) == b"A"
+        here.sendall(b"C")
+        assert _LEN.unpack(_recv_exact(here, 8))[0] == zlib.crc32(data)
+        here.sendall(b"G" + struct.pack("!QQ", 5000, 7))
+        crc = _LEN.unpack(_recv_exact(here, 8))[0]
+        here.sendall(b"D")
+        assert zlib.crc32(_recv_exact(here, 5000)) == crc
+        here.sendall(b"Q")
+        t.join(10)
+    finally:
+        here.close()
+        there.close()
+    assert out == {"pings": 1, "bytes_in": len(data), "bytes_out": 5000}
