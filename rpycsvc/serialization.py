@@ -41,7 +41,7 @@ def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...]) -> memoryvi
     if fmt == "B" and len(shape) == 1:
         return view
     try:
-        return view.cast(fmt, shape)
+        return view.cast(fmt, shape)  # type: ignore[call-overload]  # any struct format
     except (TypeError, ValueError):  # a format cast() can't express: the raw bytes, then
         return view
 
