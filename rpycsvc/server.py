@@ -13,9 +13,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-import time
 from types import FrameType
 from typing import Any
 
@@ -184,7 +184,8 @@ class Server:
             )
         except OSError as exc:
             self.pool.close(grace=0)
-            raise ConfigError(f"can't listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
+            raise ConfigError(
+                f"can't listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
         self.runtime.address = self.address
         self._rpyc._listen()
         self.runtime.address = self.address
