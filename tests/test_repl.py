@@ -1,0 +1,167 @@
+"""``rpycsvc repl`` driven through a pseudo-terminal (pexpect): statements run in the server
+process, their prints show here, Tab completes remote names, Ctrl-C interrupts the remote
+statement and the session goes on. Plus the API underneath and ``post_mortem``."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+import rpycsvc
+from rpycsvc.repl import RemoteRepl, post_mortem
+from tests.support.servers import REPO, ServerProcess, running_server
+
+WAIT = 20.0
+PROMPT = ">>> "
+
+
+@pytest.fixture(scope="module")
+def server_proc() -> Iterator[ServerProcess]:
+    with ServerProcess("--workers", "1") as proc:
+        yield proc
+
+
+@pytest.fixture
+def repl(server_proc: ServerProcess, tmp_path: Path) -> Iterator[pexpect.spawn]:
+    inputrc = tmp_path / "inputrc"
+    inputrc.write_text("set enable-bracketed-paste off\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(tmp_path), TERM="dumb",
+               INPUTRC=str(inputrc))
+    child = pexpect.spawn(sys.executable, ["-m", "rpycsvc.cli", "repl", server_proc.address],
+                          env=env, cwd=str(REPO), encoding="utf-8", timeout=WAIT,
+                          dimensions=(24, 200))
+    try:
+        child.expect_exact(PROMPT)
+        yield child
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        child.close()
+
+
+def run_line(child: pexpect.spawn, line: str) -> str:
+    """Send one line, wait for the next prompt; returns what came between."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    return str(child.before)
+
+
+def test_statements_run_on_the_server(repl: pexpect.spawn, server_proc: ServerProcess,
+                                      tmp_path: Path) -> None:
+    assert run_line(repl, "import os; os.getpid()").splitlines()[-1].strip() == str(
+        server_proc.pid)
+    # prints happen on the server and show here (the echoed line holds no "42")
+    assert "hello 42" in run_line(repl, "print('hello', 6 * 7)")
+    assert "ZeroDivisionError" in run_line(repl, "1 / 0")
+    assert run_line(repl, "_answer = 40 + 2; _answer").splitlines()[-1].strip() == "42"
+    repl.sendeof()
+    repl.expect(pexpect.EOF)
+    repl.close()
+    assert repl.exitstatus == 0
+    history = (tmp_path / ".rpycsvc_history").read_text().splitlines()
+    assert "print('hello', 6 * 7)" in history
+
+
+def test_ctrl_c_interrupts_the_remote_statement(repl: pexpect.spawn) -> None:
+    # the marker is computed, so seeing it means the statement runs (the echo can't match)
+    repl.sendline("print('spin' + 'ning'); exec('while True: pass')")
+    repl.expect_exact("spinning")
+    repl.sendintr()
+    repl.expect_exact("KeyboardInterrupt")
+    repl.expect_exact(PROMPT)
+    assert re.search(r"^2\s*$", run_line(repl, "1 + 1"), re.M)
+    # a compound statement, and the namespace survived the interrupt
+    repl.sendline("for i in range(3):")
+    repl.expect_exact("... ")
+    repl.sendline("    print('line', i * 10)")
+    repl.expect_exact("... ")
+    out = run_line(repl, "")
+    assert "line 0" in out and "line 20" in out
+    # Ctrl-C at the prompt discards the line and keeps the session
+    repl.send("1 +")
+    repl.sendintr()
+    repl.expect_exact("KeyboardInterrupt")
+    repl.expect_exact(PROMPT)
+    assert re.search(r"^7\s*$", run_line(repl, "3 + 4"), re.M)
+
+
+def test_tab_completes_remote_names(repl: pexpect.spawn) -> None:
+    run_line(repl, "remote_only_value_xyz = 5; import os")
+    repl.send("remote_only_va\t")
+    repl.expect_exact("remote_only_value_xyz")
+    assert re.search(r"^5\s*$", run_line(repl, ""), re.M)
+    repl.send("os.getpp\t")
+    repl.expect_exact("os.getppid")
+    run_line(repl, "()")
+
+
+def test_api_execute_complete_and_output() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with running_server(workers=1) as srv, RemoteRepl(srv.address, stdout=out,
+                                                      stderr=err) as repl:
+        assert repl.execute("x = 6 * 7") == "ok"
+        assert repl.execute("print(x, end='!')") == "ok"
+        assert repl.execute("x") == "ok"
+        assert repl.execute("raise ValueError('nope')") == "error"
+        assert repl.execute("def f(:") == "error"
+        assert repl.execute("raise SystemExit(3)") == "error"  # never ends the server
+        assert repl.execute("import os; os.getpid() == __import__('os').getpid()") == "ok"
+        assert repl._complete("x") and "x" in repl._complete("x")
+        assert "os.getcwd" in repl._complete("os.getc")
+        # completion evaluates dotted names only: it never calls anything on the server
+        assert repl.execute("calls = []\ndef h():\n    calls.append(1)\n    return 1") == "ok"
+        assert repl._complete("h().") == ()
+        assert repl.execute("assert calls == []") == "ok"
+    assert out.getvalue().startswith("42!42\n")
+    assert "ValueError: nope" in err.getvalue() and "SyntaxError" in err.getvalue()
+    assert "SystemExit: 3" in err.getvalue()
+
+
+def test_service_only_server_refuses() -> None:
+    with running_server(workers=1, classic=False) as srv, pytest.raises(
+            rpycsvc.ConfigError, match="service-only"):
+        RemoteRepl(srv.address)
+
+
+def _fails(n: int) -> None:
+    secret = n * 3
+    raise LookupError(f"no item {secret}")
+
+
+def test_post_mortem_of_a_task(server: rpycsvc.Server, client: rpycsvc.Client) -> None:
+    with pytest.raises(LookupError) as info:
+        client.compute(_fails, 7)
+    out = io.StringIO()
+    post_mortem(info.value, client, interactive=True, file=out)
+    text = out.getvalue()
+    assert f"Remote traceback (on {server.address})" in text
+    assert "_fails" in text and "LookupError: no item 21" in text
+    assert "stayed in a worker process" in text  # honest: no frames to inspect
+
+
+def test_post_mortem_of_a_classic_call_opens_pdb_on_the_server(client: rpycsvc.Client) -> None:
+    client.execute("def g(n):\n    secret = n * 3\n    return 1 // (n - n)\n")
+    with pytest.raises(ZeroDivisionError) as info:
+        client.eval("g(5)")
+    out = io.StringIO()
+    post_mortem(info.value, client, interactive=True, file=out,
+                stdin=io.StringIO("p secret\nq\n"))
+    text = out.getvalue()
+    assert "Remote traceback" in text and "ZeroDivisionError" in text
+    assert "(Pdb) 15\n" in text  # pdb printed the remote frame's local
+
+
+def test_post_mortem_of_a_local_exception() -> None:
+    out = io.StringIO()
+    try:
+        raise KeyError("here")
+    except KeyError as exc:
+        post_mortem(exc, file=out)
+    assert "no remote traceback" in out.getvalue() and "KeyError" in out.getvalue()
