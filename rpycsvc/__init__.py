@@ -9,6 +9,7 @@ from .classic import redirected_stderr, redirected_stdout
 from .client import Client, TaskFuture, connect
 from .cluster import BroadcastResult, Cluster, ClusterExecutor
 from .config import ServerConfig
+from .deployment import deploy
 from .endpoints import endpoint
 from .hosted import Queue
 from .errors import (
@@ -56,6 +57,7 @@ __all__ = [
     "WorkerCrashedError",
     "__version__",
     "connect",
+    "deploy",
     "endpoint",
     "redirected_stderr",
     "redirected_stdout",

@@ -216,8 +216,8 @@ def build_bundle(packages: Sequence[str]) -> bytes:
     """A deterministic zip of the named pure-Python packages/modules, cached per process.
 
     Names are resolved in this interpreter; a dotted module also brings its parents'
-    ``__init__.py``. ``__pycache__`` and byte code are left out; compiled extensions are
-    refused (``ConfigError``) because they can't be imported from memory.
+    ``__init__.py``. Byte code for this interpreter's version rides along (used remotely
+    only by the same Python version); compiled extensions are refused (``ConfigError``) because they can't be imported from memory.
     """
     return _build_bundle(tuple(packages))
 
@@ -230,10 +230,34 @@ def _build_bundle(names: tuple[str, ...]) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
         for arcname in sorted(files):
-            info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
-            zf.writestr(info, files[arcname].read_bytes(), compresslevel=6)
+            source = files[arcname].read_bytes()
+            _add(zf, arcname, source)
+            if arcname.endswith(".py"):
+                pyc = _bytecode(source, arcname)
+                if pyc is not None:
+                    _add(zf, arcname + "c", pyc)
     return out.getvalue()
+
+
+def _add(zf: zipfile.ZipFile, arcname: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+    zf.writestr(info, data, compresslevel=6)
+
+
+def _bytecode(source: bytes, arcname: str) -> bytes | None:
+    """An unchecked hash-based .pyc (PEP 552) beside each module, so every remote process
+    (server and workers) skips compiling the bundle. zipimport uses it only when the magic
+    number matches the remote Python's; otherwise it compiles the .py as before."""
+    import marshal
+
+    try:
+        code = compile(source, arcname, "exec", dont_inherit=True)
+    except SyntaxError:
+        return None
+    flags = (0b01).to_bytes(4, "little")  # hash-based, source not checked
+    return (importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source)
+            + marshal.dumps(code))
 
 
 def _package_files(name: str) -> dict[str, Path]:

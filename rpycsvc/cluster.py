@@ -123,6 +123,11 @@ class Cluster:
         addresses = read_hosts_file(servers) if isinstance(servers, str) else list(servers)
         if not addresses:
             raise ConfigError("Cluster needs at least one server address")
+        self._setup(retries, reconnect, timeout, options)
+        self._connect_all(addresses, require_all)
+
+    def _setup(self, retries: int, reconnect: bool, timeout: float,
+               options: dict[str, Any]) -> None:
         if retries < 0:
             raise ConfigError(f"retries must be >= 0; got {retries!r}")
         self.retries = retries
@@ -137,9 +142,38 @@ class Cluster:
         self._servers: dict[str, _Server] = {}
         self._queue: deque[_Job] = deque()
         self._closed = False
-        self._owned: list[Any] = []  # local server processes we started (Cluster.local)
+        self._owned: list[Any] = []  # servers we started (Cluster.local, deploy): stopped on close
         self.unreachable: dict[str, BaseException] = {}
-        self._connect_all(addresses, require_all)
+
+    @classmethod
+    def from_clients(cls, clients: Iterable[Client], *, owned: Iterable[Any] = (),
+                     unreachable: dict[str, BaseException] | None = None,
+                     retries: int = DEFAULT_RETRIES, **options: Any) -> Cluster:
+        """A cluster over connections made elsewhere (e.g. ssh pipes by ``deploy``).
+
+        They can't be redialled, so a lost one stays lost; ``owned`` things (with a
+        ``stop()``) are stopped on ``close()``.
+        """
+        self = cls.__new__(cls)
+        self._setup(retries, False, 10.0, options)
+        for client in clients:
+            client.on_lost(self._on_lost)
+            srv = _Server(client.address)
+            srv.client = client
+            self._servers[client.address] = srv
+        self._owned = list(owned)
+        self.unreachable = dict(unreachable or {})
+        return self
+
+    @classmethod
+    def deployed(cls) -> Cluster:
+        """The cluster ``rpycsvc deploy HOST... --run SCRIPT`` deployed for SCRIPT."""
+        from .deployment import _DEPLOYED
+
+        if not _DEPLOYED:
+            raise ConfigError("no deployed cluster: run this script with "
+                              "'rpycsvc deploy HOST... --run SCRIPT'")
+        return _DEPLOYED[-1]  # type: ignore[no-any-return]
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

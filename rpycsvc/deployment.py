@@ -1,0 +1,243 @@
+"""Deploy over SSH: run rpycsvc servers on hosts that have nothing but Python.
+
+Each host gets ``ssh HOST python3 -c <loader>``; rpycsvc, rpyc and cloudpickle travel as
+a zip over the ssh channel's stdin and are imported from memory (see
+:mod:`rpycsvc.bootstrap`), and the server then speaks RPyC over the same ssh pipes. So
+nothing is installed or written on the host, no port is opened there, and only the user
+who deployed can reach the server. When the connection ends — ``close()``, Ctrl-C, the
+client crashing, or the link dying — the server sees EOF and stops with its workers.
+
+The system ``ssh`` client does the connecting (as plumbum's ``SshMachine`` does), so
+``~/.ssh/config`` applies: keys, ports, users, jump hosts, ControlMaster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .bootstrap import RemoteProcess, start_remote
+from .errors import AllServersFailedError, ConfigError, DeployError
+
+DESCRIPTION = """\
+Push rpycsvc servers to HOSTs over SSH (nothing but python3 needed there; nothing is
+installed or written on them, no port is opened), then serve in the foreground until
+Ctrl-C, or run SCRIPT with RPYCSVC_HOSTS... set so rpycsvc.Cluster.deployed() finds them.
+
+HOST is [user@]host[:port] or any alias from ~/.ssh/config."""
+
+#: What the bundle carries: rpycsvc and the pure-Python packages its server imports.
+PACKAGES = ("rpycsvc", "rpyc", "cloudpickle")
+#: ssh options always given (yours come after and win): no prompts, notice a dead link.
+SSH_DEFAULTS = ("-o", "BatchMode=yes", "-o", "ServerAliveInterval=2",
+                "-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10")
+_LEN = struct.Struct(">Q")
+
+
+def ssh_argv(host: str, ssh_command: Sequence[str] = ("ssh",),
+             ssh_options: Sequence[str] = ()) -> list[str]:
+    """``[user@]host[:port]`` → the ssh command line that reaches it."""
+    dest, port = host, None
+    if host.count(":") == 1 and not host.startswith("["):
+        dest, port = host.rsplit(":", 1)
+    elif host.startswith("[") and "]:" in host:
+        dest, port = host[1:].split("]:", 1)
+    if port is not None and not port.isdigit():
+        raise ConfigError(f"bad host {host!r}: the port after ':' must be a number")
+    argv = [*ssh_command, *SSH_DEFAULTS, *ssh_options]
+    if port:
+        argv += ["-p", port]
+    return [*argv, dest]
+
+
+class RemoteServer:
+    """One deployed server: the ssh session running it and the server's settings."""
+
+    def __init__(self, host: str, remote: RemoteProcess) -> None:
+        self.host = host
+        self.remote = remote
+
+    @property
+    def pid(self) -> int:
+        """The remote server's process id (on the remote host)."""
+        return self.remote.remote_pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the ssh session: the remote server sees EOF and stops with its workers."""
+        self.remote.close(timeout)
+
+
+def _start_one(host: str, argv: list[str], python: str, settings: dict[str, Any],
+               timeout: float) -> RemoteServer:
+    remote = start_remote(argv, "rpycsvc.deployment:remote_main", PACKAGES, python=python,
+                          timeout=timeout, host=host)
+    try:
+        data = json.dumps(settings).encode()
+        remote.stdin.write(_LEN.pack(len(data)) + data)
+        remote.stdin.flush()
+    except OSError as exc:
+        remote.close(2.0)
+        raise DeployError(f"{host}: the ssh channel closed while starting the server: "
+                          f"{remote.stderr_text()[-500:] or exc}", host=host) from exc
+    return RemoteServer(host, remote)
+
+
+def deploy(hosts: Iterable[str], *, python: str = "python3", workers: int | None = None,
+           threads: int | None = None, endpoints: Sequence[str] = (),
+           services: Sequence[str] = (), classic: bool = True,
+           ssh_command: Sequence[str] = ("ssh",), ssh_options: Sequence[str] = (),
+           timeout: float = 60.0, require_all: bool = False, **cluster_options: Any) -> Any:
+    """Start a server on every host, in parallel, and return a :class:`Cluster` of them.
+
+    Use it as ``with rpycsvc.deploy(["user@host1", "host2:2222"]) as cluster: ...``:
+    leaving the block (or ``cluster.close()``) stops every remote server and leaves nothing
+    behind. Hosts that fail are reported in ``cluster.unreachable`` with their cause
+    (authentication, unknown host, no python3, python too old), unless ``require_all``.
+    ``endpoints``/``services`` modules must be importable on the host (or be shipped in the
+    bundle: add them to ``rpycsvc.deployment.PACKAGES``). Other keywords go to the Cluster
+    (``retries``, ``output``, task options).
+    """
+    from .client import OutputRouter, connect_stream
+    from .cluster import Cluster
+    from rpyc.core.stream import PipeStream
+
+    hosts = list(hosts)
+    if not hosts:
+        raise ConfigError("deploy needs at least one host")
+    settings = {"workers": workers or 0, "threads": 256 if threads is None else threads,
+                "endpoints": list(endpoints), "services": list(services), "classic": classic}
+    output = cluster_options.pop("output", "stream")
+    prefix = cluster_options.pop("prefix", "[{address}] ")
+    forward_logging = cluster_options.pop("forward_logging", False)
+    started: dict[str, RemoteServer | BaseException] = {}
+
+    def start(host: str) -> None:
+        try:
+            started[host] = _start_one(host, ssh_argv(host, ssh_command, ssh_options), python,
+                                       settings, timeout)
+        except BaseException as exc:
+            started[host] = exc
+
+    threads_ = [threading.Thread(target=start, args=(h,), daemon=True) for h in hosts]
+    for t in threads_:
+        t.start()
+    deadline = time.monotonic() + timeout + 10
+    for t in threads_:
+        t.join(max(0.0, deadline - time.monotonic()))
+    clients, owned, failed = [], [], {}
+    for host in hosts:
+        res = started.get(host, DeployError(f"{host}: deploy did not finish in time", host=host))
+        if isinstance(res, BaseException):
+            failed[host] = res
+            continue
+        try:
+            stream = PipeStream(res.remote.stdout, res.remote.stdin)
+            clients.append(connect_stream(stream, address=host,
+                                          router=OutputRouter(output, prefix, forward_logging),
+                                          **{k: v for k, v in cluster_options.items()
+                                             if k in ("timeout", "mode")}))
+            owned.append(res)
+        except BaseException as exc:
+            res.stop(2.0)
+            failed[host] = DeployError(f"{host}: the deployed server did not answer: {exc}; "
+                                       f"remote said: {res.remote.stderr_text()[-500:]}",
+                                       host=host)
+    if failed and (require_all or not clients):
+        for c in clients:
+            c.close()
+        for r in owned:
+            r.stop()
+        if not clients:
+            raise AllServersFailedError("no host could be deployed to", failed)
+        raise DeployError("not every host could be deployed to: " +
+                          "; ".join(f"{h}: {e}" for h, e in failed.items()))
+    task_opts = {k: v for k, v in cluster_options.items() if k in ("timeout", "mode")}
+    rest = {k: v for k, v in cluster_options.items() if k not in task_opts}
+    return Cluster.from_clients(clients, owned=owned, unreachable=failed, **rest, **task_opts)
+
+
+def remote_main(rfile: Any, wfile: Any) -> int:
+    """Runs on the host (the bootstrap's entry): read settings, serve over the ssh pipes."""
+    from .config import ServerConfig
+    from .server import serve_stdio
+
+    fd = rfile.fileno()
+    head = _read_exact(fd, _LEN.size)
+    settings = json.loads(_read_exact(fd, _LEN.unpack(head)[0]))
+    cfg = ServerConfig(mode="stdio", **settings)
+    serve_stdio(cfg, rfile, wfile)
+    return 0
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise EOFError("the deploying client went away")
+        buf += chunk
+    return buf
+
+
+# -- the command line ------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hosts", nargs="+", metavar="HOST", help="[user@]host[:port] or ssh alias")
+    p.add_argument("--run", metavar="SCRIPT", help="run this Python script against the "
+                   "deployed cluster (it gets it from rpycsvc.Cluster.deployed()), then tear down")
+    p.add_argument("--python", default="python3", help="python on the hosts (default python3)")
+    p.add_argument("--workers", type=int, default=None, help="workers per host (default: cores)")
+    p.add_argument("--endpoints", action="append", default=[], metavar="MODULE")
+    p.add_argument("--no-classic", dest="classic", action="store_false", default=True)
+    p.add_argument("-o", "--ssh-option", dest="ssh_options", action="append", default=[],
+                   metavar="OPT", help="extra ssh option, e.g. -o Port=2222 (repeatable)")
+    p.add_argument("-F", "--ssh-config", default=None, help="ssh config file")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per host to start")
+    p.add_argument("--require-all", action="store_true", help="fail unless every host works")
+
+
+def run(args: argparse.Namespace) -> int:
+    import runpy
+    import signal
+    import sys
+
+    ssh_options = [x for o in args.ssh_options for x in ("-o", o)]
+    if args.ssh_config:
+        ssh_options = ["-F", args.ssh_config, *ssh_options]
+    t0 = time.monotonic()
+    cluster = deploy(args.hosts, python=args.python, workers=args.workers,
+                     endpoints=args.endpoints, classic=args.classic, ssh_options=ssh_options,
+                     timeout=args.timeout, require_all=args.require_all)
+    try:
+        took = time.monotonic() - t0
+        for host, err in cluster.unreachable.items():
+            print(f"{host}: FAILED: {err}", file=sys.stderr)
+        print(f"deployed to {len(cluster.clients)} host(s) in {took:.2f} s: "
+              f"{', '.join(c.address for c in cluster.clients)}", file=sys.stderr)
+        if args.run:
+            _DEPLOYED.append(cluster)
+            try:
+                runpy.run_path(args.run, run_name="__main__")
+            except SystemExit as exc:
+                return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+            return 0
+        print("serving; Ctrl-C to stop and tear down", file=sys.stderr)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        try:
+            while not stop.is_set() and cluster.clients:
+                stop.wait(0.5)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        cluster.close()
+
+
+#: The cluster ``rpycsvc deploy --run SCRIPT`` made, for ``Cluster.deployed()``.
+_DEPLOYED: list[Any] = []
