@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+import importlib.util
 import zipfile
 from collections.abc import Iterator
 from io import BytesIO
@@ -369,7 +370,13 @@ def test_bundle_is_deterministic_cached_and_clean() -> None:
         "tests/support/echo_entry.py",
         "rpycsvc/bootstrap.py",
     } <= set(names)
-    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert not [n for n in names if "__pycache__" in n]
+    # byte code rides along as unchecked hash-based .pyc beside its .py (PEP 552)
+    pycs = [n for n in names if n.endswith(".pyc")]
+    assert pycs and all(n[:-1] in names for n in pycs)
+    with zipfile.ZipFile(BytesIO(first)) as zf:
+        head = zf.read("rpycsvc/bootstrap.pyc")[:8]
+    assert head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == (1).to_bytes(4, "little")
     assert "tests/support/sshd.py" not in names
 
 
