@@ -337,7 +337,7 @@ class Client:
         self._closed = True
         try:
             self.conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, EOFError):  # EOFError: rpyc's ClosedFile
             pass
         try:
             self.conn.close()

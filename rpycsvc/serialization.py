@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import pickle
 import traceback
+import weakref
 from collections import ChainMap, OrderedDict
 from typing import Any
 
@@ -127,8 +128,32 @@ def check_plain(frames: Frames | list[bytes]) -> None:
         raise SerializationError(f"malformed arguments: {type(exc).__name__}: {exc}") from exc
 
 
+_BY_REFERENCE: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
 def dumps_function(fn: Any) -> bytes:
-    """Pickle a task function by value (lambdas and closures included)."""
+    """Pickle a task function by value (lambdas and closures included).
+
+    Functions of importable modules pickle to just their module and name; those few bytes
+    can't go stale, so they are cached (saves ~30 µs a call). Anything pickled by value is
+    pickled anew each time: its globals or closure may have changed since.
+    """
+    try:
+        cached = _BY_REFERENCE.get(fn)
+    except TypeError:  # unhashable callables
+        cached = None
+    if cached is not None:
+        return cached
+    blob = _dumps_function(fn)
+    if len(blob) < 256 and b"cloudpickle" not in blob:
+        try:
+            _BY_REFERENCE[fn] = blob
+        except TypeError:
+            pass  # not weak-referenceable (e.g. builtins): fine, just not cached
+    return blob
+
+
+def _dumps_function(fn: Any) -> bytes:
     if not callable(fn):
         raise SerializationError(
             f"task must be callable, a 'module:function' path or an endpoint name; "

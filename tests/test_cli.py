@@ -118,10 +118,6 @@ def test_running_task_finishes_within_grace_after_sigterm(
         close_after_server_exit(c)
 
 
-@pytest.mark.xfail(strict=True, raises=EOFError,
-                   reason="rpycsvc/client.py Client.close(): the stream of a connection the "
-                          "server closed is rpyc's ClosedFile, whose .sock raises EOFError, "
-                          "and close() only catches (OSError, AttributeError)")
 def test_client_close_after_server_exit(server_process: type[ServerProcess]) -> None:
     proc = server_process("--workers", "1")
     c = rpycsvc.connect(proc.address)
