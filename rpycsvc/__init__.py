@@ -11,7 +11,6 @@ from .cluster import BroadcastResult, Cluster, ClusterExecutor
 from .config import ServerConfig
 from .deployment import deploy
 from .endpoints import endpoint
-from .hosted import Queue
 from .errors import (
     AllServersFailedError,
     AuthenticationError,
@@ -29,6 +28,7 @@ from .errors import (
     VersionMismatchError,
     WorkerCrashedError,
 )
+from .hosted import Queue
 from .server import Server
 
 __all__ = [

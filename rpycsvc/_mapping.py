@@ -175,7 +175,9 @@ def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], h
                 acc[key] = reducer(acc[key], value) if key in acc else value
         return acc
     mapped = map(fn, items)
-    return functools.reduce(reducer, mapped, init) if has_init else functools.reduce(reducer, mapped)
+    if has_init:
+        return functools.reduce(reducer, mapped, init)
+    return functools.reduce(reducer, mapped)
 
 
 def run_map_reduce(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any],

@@ -217,7 +217,8 @@ def build_bundle(packages: Sequence[str]) -> bytes:
 
     Names are resolved in this interpreter; a dotted module also brings its parents'
     ``__init__.py``. Byte code for this interpreter's version rides along (used remotely
-    only by the same Python version); compiled extensions are refused (``ConfigError``) because they can't be imported from memory.
+    only by the same Python version); compiled extensions are refused (``ConfigError``)
+    because they can't be imported from memory.
     """
     return _build_bundle(tuple(packages))
 

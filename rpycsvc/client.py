@@ -91,7 +91,8 @@ class TaskFuture(Future):  # type: ignore[type-arg]
         return cancelled
 
 
-def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any, tuple[bytes, ...]]:
+def frames_of_call(task: Any, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[str, Any, tuple[bytes, ...]]:
     """How a call travels: (kind, spec, frames) — functions pickled by value, names as text."""
     data = dumps((args, kwargs), "arguments")
     if isinstance(task, str):

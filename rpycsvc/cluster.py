@@ -518,7 +518,7 @@ class Cluster:
     def stats(self) -> dict[str, dict[str, Any] | BaseException]:
         """Each server's stats, or the exception for a server that is down."""
         out: dict[str, dict[str, Any] | BaseException] = {}
-        for addr, srv in self._servers.items():
+        for addr in self._servers:
             try:
                 out[addr] = self[addr].stats()
             except BaseException as exc:

@@ -103,9 +103,10 @@ def deploy(hosts: Iterable[str], *, python: str = "python3", workers: int | None
     bundle: add them to ``rpycsvc.deployment.PACKAGES``). Other keywords go to the Cluster
     (``retries``, ``output``, task options).
     """
+    from rpyc.core.stream import PipeStream
+
     from .client import OutputRouter, connect_stream
     from .cluster import Cluster
-    from rpyc.core.stream import PipeStream
 
     hosts = list(hosts)
     if not hosts:

@@ -5,7 +5,7 @@ into these types in one place each, with ``raise ... from exc``, so callers can 
 ``RpycsvcError`` (or a builtin such as ``TimeoutError``) and never an RPyC internal::
 
     RpycsvcError
-    ├── ConfigError                 (your code or command line asked for something invalid; ValueError)
+    ├── ConfigError                 (an invalid option or argument; also a ValueError)
     ├── SerializationError          (a task, argument or result can't travel by value)
     ├── ConnectError                (no connection could be made, or it was lost)
     │   ├── AuthenticationError     (credentials missing or wrong)

@@ -7,6 +7,7 @@ The "remote" is this machine through ssh, so the tests can look at the remote pr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -15,7 +16,6 @@ import struct
 import subprocess
 import sys
 import time
-import importlib.util
 import zipfile
 from collections.abc import Iterator
 from io import BytesIO

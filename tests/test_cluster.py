@@ -49,10 +49,11 @@ def test_submit_returns_a_stdlib_future(cluster: Cluster) -> None:
     assert isinstance(fut, cf.Future)
     assert fut.result(timeout=30) == 5
     futs = [cluster.submit(pow, 2, i) for i in range(10)]
-    done, not_done = cf.wait(futs, timeout=30)
+    _, not_done = cf.wait(futs, timeout=30)
     assert not not_done
-    assert sorted(f.result() for f in cf.as_completed(futs, timeout=30)) == [2**i for i in range(10)]
-    assert sorted(f.result() for f in cluster.as_completed(futs, timeout=30)) == [2**i for i in range(10)]
+    powers = [2**i for i in range(10)]
+    assert sorted(f.result() for f in cf.as_completed(futs, timeout=30)) == powers
+    assert sorted(f.result() for f in cluster.as_completed(futs, timeout=30)) == powers
 
 
 def test_asyncio_wrap_future(cluster: Cluster) -> None:
@@ -65,7 +66,8 @@ def test_asyncio_wrap_future(cluster: Cluster) -> None:
 def test_map_ordered_unordered_and_chunked(cluster: Cluster) -> None:
     assert list(cluster.map(lambda x: x * x, range(50), timeout=60)) == [x * x for x in range(50)]
     assert list(cluster.map(operator.add, range(5), range(10, 15))) == [10, 12, 14, 16, 18]
-    assert sorted(cluster.map(lambda x: -x, range(40), ordered=False)) == sorted(-x for x in range(40))
+    unordered = cluster.map(lambda x: -x, range(40), ordered=False)
+    assert sorted(unordered) == sorted(-x for x in range(40))
     assert list(cluster.map(str, range(100), chunksize=7)) == [str(x) for x in range(100)]
 
 
@@ -113,7 +115,8 @@ def test_map_reduce_plain_and_by_key(cluster: Cluster) -> None:
     counts = cluster.map_reduce(lambda w: [(w, 1)], operator.add, text, by_key=True)
     assert counts == {"the": 3, "cat": 1, "and": 2, "hat": 1, "bat": 1}
     # order-sensitive reducer: partials are combined in input order
-    assert cluster.map_reduce(str, operator.add, range(30), chunksize=4) == "".join(map(str, range(30)))
+    joined = cluster.map_reduce(str, operator.add, range(30), chunksize=4)
+    assert joined == "".join(map(str, range(30)))
 
 
 def test_broadcast_succeeded_and_failed(cluster: Cluster) -> None:
@@ -122,7 +125,6 @@ def test_broadcast_succeeded_and_failed(cluster: Cluster) -> None:
     assert len(set(res.succeeded.values())) == 2 and not res.failed
 
     def fails_on_first(first: str) -> str:
-        import socket
 
         return "ok"
 

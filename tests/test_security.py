@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -238,8 +237,8 @@ def _hog(mb: int) -> int:
 
 
 def test_memory_limit_per_task() -> None:
-    with running_server(workers=1, memory_limit=600 * 2**20) as srv:
-        with rpycsvc.connect(srv.address, output="discard") as c:
-            with pytest.raises(MemoryError):
-                c.compute(_hog, 2048)
-            assert c.compute(_hog, 10) == 10 * 2**20  # the same worker goes on
+    with (running_server(workers=1, memory_limit=600 * 2**20) as srv,
+          rpycsvc.connect(srv.address, output="discard") as c):
+        with pytest.raises(MemoryError):
+            c.compute(_hog, 2048)
+        assert c.compute(_hog, 10) == 10 * 2**20  # the same worker goes on
