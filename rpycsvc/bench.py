@@ -18,6 +18,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -205,6 +206,7 @@ class Figure:
     ratio: float | None = None  # value / ref_value
     target: str = ""  # e.g. "<= 1.3x", ">= 50000/s"
     passed: bool | None = None  # None: no target
+    ref_unit: str = ""  # when not the value's unit
 
 
 @dataclass
@@ -494,10 +496,22 @@ class Bench:
                     fn(i)
             rounds = 10
             per = max(1, n // rounds)
+            meter = _CpuMeter.of(c)
+            cpu: dict[str, dict[str, float]] = {}
             for r in range(rounds):  # interleaved, so drift in machine load hits all three
                 for name, fn in kinds.items():
+                    before = meter.read() if meter else {}
                     samples.setdefault(name, []).extend(fn(r * per + i) for i in range(per))
+                    if meter:
+                        meter.add(cpu.setdefault(name, {}), before)
         counts = raw.close()
+        if meter:
+            cpu = {k: {p: x * 1e6 / (rounds * per) for p, x in v.items()} for k, v in cpu.items()}
+            self.r.details["latency_cpu_us_per_call"] = cpu
+            self.r.notes.append(
+                "CPU per call, us (client / server process / its workers): " + "; ".join(
+                    f"{k} {v['client']:.0f} / {v['server']:.0f} / {v['workers']:.0f}"
+                    for k, v in cpu.items() if k in ("compute", "ping", "tcp")))
         self.r.check("latency.results", not bad, "; ".join(bad[:3]))
         self.r.check("latency.tcp_echo_count", counts.get("pings") == raw.pings,
                      f"echoed {counts.get('pings')} of {raw.pings}")
@@ -545,7 +559,7 @@ class Bench:
         self.r.add(Figure("map_first_result", "map: time to first result", first, "ms",
                           "compute(noop) p50", self.compute_p50 / 1e3,
                           first / (self.compute_p50 / 1e3) if self.compute_p50 else None))
-        m = max(100, n // 5)
+        m = max(100, n // 20)
         sub = self._submit_rate(m)
         self.r.add(Figure("submit_throughput", f"{m:,} submit(noop) futures, no batching", sub,
                           "tasks/s", "pipelined raw rpyc pings (1 server)", ref, sub / ref))
@@ -650,20 +664,22 @@ class Bench:
         n = max(1000, int(probe * s.cpu_seconds / t))
         args = [n + k for k in range(s.cpu_tasks)]
         want = [spin(a) for a in args]  # also the warm-up of the serial run
+        workers = self.cluster.total_workers
+        runs: dict[str, list[dict[str, float]]] = {"cluster": [], "pool": []}
 
-        runs: list[dict[str, float]] = []
-
-        def parallel() -> float:
+        def parallel(kind: str, mapper: Callable[..., Any]) -> float:
             t0 = time.perf_counter()
-            out = list(self.cluster.map(spin_timed, args, timeout=120))
+            out = list(mapper(spin_timed, args, timeout=120))
             dt = time.perf_counter() - t0
-            self.r.check("cpu.results", [x[0] for x in out] == want)
+            self.r.check(f"cpu.{kind}_results", [x[0] for x in out] == want)
             busy: dict[int, float] = {}
             for _, wall, _, pid in out:
                 busy[pid] = busy.get(pid, 0.0) + wall
-            runs.append({"wall": dt, "busiest_worker": max(busy.values()), "workers_used":
-                         len(busy), "core_share": sum(x[2] for x in out) / sum(x[1] for x in out)})
+            runs[kind].append({"wall": dt, "busiest": max(busy.values()), "processes": len(busy),
+                               "core_share": sum(x[2] for x in out) / sum(x[1] for x in out)})
             return dt
+
+        serial_share: list[float] = []
 
         def serial() -> float:
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -673,30 +689,65 @@ class Bench:
             self.r.check("cpu.serial_results", got == want)
             return dt
 
-        serial_share: list[float] = []
-        parallel()  # warm-up
-        runs.clear()
-        ps, ss = [], []
-        for _ in range(s.cpu_runs):
-            ss.append(serial())
-            ps.append(parallel())
-        speedup = _median(ss) / _median(ps)
-        workers = self.cluster.total_workers
+        # The same tasks on a local process pool of the same size, interleaved: what this
+        # machine can give right now (other load on a shared box shows up here too).
+        pool = None
+        if self.local:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            plan: dict[str, Callable[[], float]] = {
+                "serial": serial, "cluster": lambda: parallel("cluster", self.cluster.map)}
+            if pool is not None:
+                plan["pool"] = lambda: parallel("pool", pool.map)
+            for kind in ("cluster", "pool"):  # warm-ups
+                if kind in plan:
+                    plan[kind]()
+                    runs[kind].clear()
+            secs: dict[str, list[float]] = {k: [] for k in plan}
+            meter = _CpuMeter.of(self.client)
+            spent: dict[str, float] = {}
+            for _ in range(s.cpu_runs):
+                for kind, fn in plan.items():
+                    before = meter.read() if meter and kind == "cluster" else {}
+                    secs[kind].append(fn())
+                    if before:
+                        meter.add(spent, before)  # type: ignore[union-attr]
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        med = {k: _median(v) for k, v in secs.items()}
+        speedup = med["serial"] / med["cluster"]
         ideal = min(workers, os.cpu_count() or 1) if self.local else workers
         ideal = min(ideal, s.cpu_tasks)
-        share = _median([r["core_share"] for r in runs])
-        beyond = _median([r["wall"] - r["busiest_worker"] for r in runs])
-        self.r.details["cpu"] = {"n": n, "task_ms": _median(ss) / len(args) * 1e3,
-                                 "serial_s": ss, "parallel_s": ps, "workers": workers,
-                                 "parallel_runs": runs, "serial_core_share": serial_share}
-        self.r.notes.append(
-            f"cpu: tasks on the workers got {share:.0%} of a core while running (serial run "
-            f"here: {_median(serial_share):.0%}); a parallel run took {beyond * 1e3:.0f} ms "
-            "beyond its busiest worker's task time (dispatch, results, imbalance)")
-        self.r.add(Figure("cpu_speedup", f"{len(args)} CPU tasks of ~{s.cpu_seconds * 1e3:.0f} "
-                          f"ms: speedup (parallel {_median(ps):.2f} s)", speedup, "x",
-                          "serial here", _median(ss), None,
-                          f">= {0.95 * ideal:.2f}x ({ideal} workers)", speedup >= 0.95 * ideal))
+        self.r.details["cpu"] = {"n": n, "task_ms": med["serial"] / len(args) * 1e3,
+                                 "seconds": secs, "runs": runs, "workers": workers,
+                                 "serial_core_share": serial_share}
+        for kind, what in (("cluster", "rpycsvc workers"), ("pool", "local pool")):
+            if runs[kind]:
+                share = _median([r["core_share"] for r in runs[kind]])
+                beyond = _median([r["wall"] - r["busiest"] for r in runs[kind]])
+                self.r.notes.append(
+                    f"cpu, {what}: tasks got {share:.0%} of a core while running; a run took "
+                    f"{beyond * 1e3:.0f} ms beyond its busiest process's task time")
+        if spent:
+            self.r.notes.append(
+                f"cpu: CPU outside the tasks per rpycsvc run: this client "
+                f"{spent['client'] / s.cpu_runs * 1e3:.0f} ms, server process of "
+                f"{self.client.address} {spent['server'] / s.cpu_runs * 1e3:.0f} ms "
+                f"(serial run here got {_median(serial_share):.0%} of a core)")
+        label = f"{len(args)} CPU tasks of ~{s.cpu_seconds * 1e3:.0f} ms"
+        self.r.add(Figure("cpu_speedup", f"{label}: speedup (parallel {med['cluster']:.2f} s)",
+                          speedup, "x", "serial here", med["serial"], None,
+                          f">= {0.95 * ideal:.2f}x ({ideal} workers)", speedup >= 0.95 * ideal,
+                          ref_unit="s"))
+        if "pool" in med:
+            pool_speedup = med["serial"] / med["pool"]
+            self.r.add(Figure("cpu_speedup_vs_pool", "CPU speedup vs what a local pool got",
+                              speedup, "x", f"ProcessPoolExecutor({workers})", pool_speedup,
+                              speedup / pool_speedup))
 
     # -- large transfers --------------------------------------------------------------------------
     def transfers(self) -> None:
@@ -742,10 +793,23 @@ class Bench:
         for fn in plan.values():  # warm-up, full size
             slow = fn(0) > 5.0 or slow
         runs = 1 if slow else self.sizes.transfer_runs  # keep a regressed data path bounded
+        meter = _CpuMeter.of(c)
+        cpu: dict[str, dict[str, float]] = {}
         for i in range(runs):
             for name, fn in plan.items():  # interleaved with the raw reference
+                before = meter.read() if meter else {}
                 seconds.setdefault(name, []).append(fn(i + 1))
+                if meter:
+                    meter.add(cpu.setdefault(name, {}), before)
         counts = raw.close()
+        if meter:
+            cpu = {k: {p: x / runs for p, x in v.items()} for k, v in cpu.items()}
+            self.r.details["transfer_cpu_s"] = cpu
+            self.r.notes.append(
+                f"CPU per {size >> 20} MiB transfer, s (client / server process / its workers; "
+                "raw: the thread worker serves it): " + "; ".join(
+                    f"{k} {v['client']:.2f} / {v['server']:.2f} / {v['workers']:.2f}"
+                    for k, v in cpu.items()))
         self.r.check("transfer.raw_counts",
                      counts.get("bytes_in") == size * (runs + 1)
                      and counts.get("bytes_out") == size * (runs + 1), str(counts))
@@ -854,6 +918,43 @@ class _LineSink(io.TextIOBase):
         return before[-1] if before else 0
 
 
+class _CpuMeter:
+    """CPU seconds of this process and of one local server's processes (Linux /proc)."""
+
+    _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, server: int, workers: list[int]) -> None:
+        self.server = server
+        self.workers = workers
+
+    @classmethod
+    def of(cls, client: Any) -> _CpuMeter | None:
+        """A meter for ``client``'s server, or None when it is not on this host."""
+        if not _is_loopback(client.address):
+            return None
+        st = client.stats()
+        workers = [p for p in [*st.get("worker_pids", ()), st.get("thread_worker_pid")] if p]
+        return cls(st["pid"], workers) if _proc_cpu(st["pid"]) is not None else None
+
+    def read(self) -> dict[str, float]:
+        return {"client": time.process_time(), "server": _proc_cpu(self.server) or 0.0,
+                "workers": sum(_proc_cpu(p) or 0.0 for p in self.workers)}
+
+    def add(self, into: dict[str, float], before: dict[str, float]) -> None:
+        """Add the CPU seconds used since ``before`` to ``into``."""
+        for k, v in self.read().items():
+            into[k] = into.get(k, 0.0) + v - before[k]
+
+
+def _proc_cpu(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CpuMeter._TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _is_loopback(address: str) -> bool:
     from .client import parse_address
 
@@ -906,9 +1007,7 @@ def render(report: Report) -> str:
     ]
     rows = [("figure", "value", "reference", "ratio", "target", "result")]
     for f in report.figures:
-        ref_unit = "s" if f.key == "cpu_speedup" else (
-            "tasks/s" if f.key == "map_throughput" else f.unit)
-        ref = f"{f.ref_label}: {_fmt(f.ref_value, ref_unit)}" if f.ref_label else "-"
+        ref = f"{f.ref_label}: {_fmt(f.ref_value, f.ref_unit or f.unit)}" if f.ref_label else "-"
         result = "-" if f.passed is None else ("PASS" if f.passed else "MISS")
         rows.append((f.label, _fmt(f.value, f.unit), ref,
                      "-" if f.ratio is None else f"{f.ratio:.2f}x", f.target or "-", result))
@@ -924,7 +1023,7 @@ def render(report: Report) -> str:
     for err in report.errors:
         lines.append(f"ERROR: {err}")
     for note in report.notes:
-        lines.append(f"note: {note}")
+        lines.append(textwrap.fill(f"note: {note}", 100, subsequent_indent="      "))
     misses = [f.key for f in report.figures if f.passed is False]
     lines.append(f"targets: {sum(f.passed is True for f in report.figures)} PASS, "
                  f"{len(misses)} MISS" + (f" ({', '.join(misses)})" if misses else ""))

@@ -22,7 +22,7 @@ FIGURES = {
     "map_throughput", "map_first_result", "submit_throughput", "map_client_rss",
     "server_rss_growth",
     "sleep_200x10ms",
-    "cpu_speedup",
+    "cpu_speedup", "cpu_speedup_vs_pool",
     "stdout_stream", "stdout_capture",
     "server_rss_after_transfers",
     "numpy_up", "numpy_down", "bytes_up", "bytes_down",
@@ -31,7 +31,8 @@ FIGURES = {
 CHECKS = {
     "memory.idle_stats", "latency.results", "latency.tcp_echo_count", "map.warmup",
     "map.run0.results", "map.run1.results", "submit.results", "map.rpyc_pipelined",
-    "sleep.results", "cpu.results", "cpu.serial_results", "stdout.streamed_lines",
+    "sleep.results", "cpu.cluster_results", "cpu.pool_results", "cpu.serial_results",
+    "stdout.streamed_lines",
     "stdout.discard_result", "stdout.captured_lines", "transfer.numpy_up",
     "transfer.bytes_up", "transfer.numpy_down", "transfer.bytes_down", "transfer.raw_counts",
 }
