@@ -72,8 +72,9 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
 
     if not iterables:
         raise ConfigError("map needs at least one iterable")
+    head: tuple[bytes, ...] = ()
     if isinstance(fn, str):
-        kind, spec, head = ("path" if ":" in fn else "endpoint"), fn, ()
+        kind, spec = ("path" if ":" in fn else "endpoint"), fn
     else:
         kind, spec, head = "pickled", None, (dumps_function(fn),)
     total = _length(iterables)
@@ -118,7 +119,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
                         break
                     taken += len(items)
                     job = make_job(items)
-                    job.future.add_done_callback(lambda f, job=job: done_q.put(job))
+                    job.future.add_done_callback(functools.partial(_put, done_q, job))
                     inflight.append(job)
                     cluster._enqueue([job])
                 if not inflight:
@@ -145,6 +146,10 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
                 bar.close()
 
     return results()
+
+
+def _put(q: queue.SimpleQueue[_Job], job: _Job, _fut: Any) -> None:
+    q.put(job)
 
 
 def _wait_future(fut: Future[Any], deadline: float | None) -> None:

@@ -67,7 +67,7 @@ def parse_address(address: str, port: int | None = None) -> tuple[str, int]:
         raise ConfigError(f"bad server address {address!r}: expected host or host:port") from None
 
 
-class TaskFuture(Future):  # type: ignore[type-arg]
+class TaskFuture(Future):
     """A ``concurrent.futures.Future`` for one remote task, plus where it ran and its output.
 
     ``cancel()`` also stops the task on the server when it is already running there.
@@ -112,7 +112,7 @@ def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
         return False, RemoteTaskError(reply[2], remote_type=reply[1], address=address)
     exc = cls(f"{reply[2]} (on {address})")
     if hasattr(exc, "address"):
-        exc.address = address  # type: ignore[attr-defined]
+        exc.address = address
     return False, exc
 
 
@@ -270,7 +270,7 @@ class Client:
         else:
             done("reply", res.value)
 
-    def _on_output(self, key: int, fd: int, text: str) -> None:
+    def _on_output(self, key: int, fd: int, text: Any) -> None:
         entry = self._pending.get(key)
         if entry is None:
             return

@@ -10,6 +10,7 @@ fails at once with :class:`AllServersFailedError` naming each server and its cau
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -47,7 +48,7 @@ class _Job:
     spec: Any
     frames: tuple[bytes, ...]
     opts: dict[str, Any]
-    future: Future  # type: ignore[type-arg]
+    future: Future
     retries: int
     pinned: str | None = None  # broadcast: this server only
     attempts: int = 0
@@ -82,7 +83,7 @@ class _Server:
         return self.client is not None and not self.client.closed
 
 
-class BroadcastResult(dict):  # type: ignore[type-arg]
+class BroadcastResult(dict):
     """``broadcast()``'s answer: address → result or exception, plus the two halves."""
 
     @property
@@ -173,7 +174,7 @@ class Cluster:
         if not _DEPLOYED:
             raise ConfigError("no deployed cluster: run this script with "
                               "'rpycsvc deploy HOST... --run SCRIPT'")
-        return _DEPLOYED[-1]  # type: ignore[no-any-return]
+        return _DEPLOYED[-1]
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -276,6 +277,7 @@ class Cluster:
 
     def __getitem__(self, which: int | str) -> Client:
         """``cluster[0]`` or ``cluster["host:port"]``: that server's connection."""
+        srv: _Server | None
         if isinstance(which, int):
             srv = list(self._servers.values())[which]
         else:
@@ -349,13 +351,14 @@ class Cluster:
                     self._queue.clear()
                     causes = {a: (s.error or "down") for a, s in self._servers.items()}
                     break
-                job = None
+                job: _Job | None = None
+                srv: _Server | None = None
                 for cand in self._queue:
                     srv = self._pick_locked(cand)
                     if srv is not None:
                         job = cand
                         break
-                if job is None:
+                if job is None or srv is None:
                     return
                 self._queue.remove(job)
                 job.server = srv
@@ -369,8 +372,7 @@ class Cluster:
             try:
                 assert client is not None
                 job.key = client.start_task(job.kind, job.spec, job.opts, job.frames,
-                                            lambda st, val, job=job: self._on_done(job, st, val),
-                                            job.future)
+                                            functools.partial(self._on_done, job), job.future)
             except ServerLostError as exc:
                 self._on_done(job, "lost", exc)
         err = AllServersFailedError("every server of the cluster is down", causes)
@@ -472,12 +474,12 @@ class Cluster:
         return run_map_reduce(self, fn, reducer, iterable, initializer=initializer,
                               by_key=by_key, chunksize=chunksize, timeout=timeout)
 
-    def as_completed(self, futures: Iterable[Future], timeout: float | None = None  # type: ignore[type-arg]
-                     ) -> Iterator[Future]:  # type: ignore[type-arg]
+    def as_completed(self, futures: Iterable[Future], timeout: float | None = None
+                     ) -> Iterator[Future]:
         """``concurrent.futures.as_completed`` for this cluster's futures."""
         return _as_completed(futures, timeout=timeout)
 
-    def wait(self, futures: Iterable[Future], timeout: float | None = None,  # type: ignore[type-arg]
+    def wait(self, futures: Iterable[Future], timeout: float | None = None,
              return_when: str = "ALL_COMPLETED") -> Any:
         return _wait(futures, timeout=timeout, return_when=return_when)
 
@@ -528,12 +530,12 @@ class Cluster:
     @property
     def total_workers(self) -> int:
         """Process workers over every server that is up."""
-        return sum(s.client.workers for s in self._servers.values() if s.up)  # type: ignore[union-attr]
+        return sum(s.client.workers for s in self._servers.values() if s.client and s.up)
 
     @property
     def total_threads(self) -> int:
         """Thread-mode slots over every server that is up."""
-        return sum(s.client.threads for s in self._servers.values() if s.up)  # type: ignore[union-attr]
+        return sum(s.client.threads for s in self._servers.values() if s.client and s.up)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -563,7 +565,7 @@ class Cluster:
         return f"<rpycsvc.Cluster {up}/{len(self._servers)} servers up>"
 
 
-def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:  # type: ignore[type-arg]
+def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:
     if fut.done():
         return
     try:
@@ -593,10 +595,10 @@ class ClusterExecutor(Executor):
 
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
-        self._futures: set[Future] = set()  # type: ignore[type-arg]
+        self._futures: set[Future] = set()
         self._shutdown = False
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:  # type: ignore[override]
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         fut = self._cluster.submit(fn, *args, **kwargs)
@@ -604,7 +606,7 @@ class ClusterExecutor(Executor):
         fut.add_done_callback(self._futures.discard)
         return fut
 
-    def map(self, fn: Any, *iterables: Iterable[Any], timeout: float | None = None,  # type: ignore[override]
+    def map(self, fn: Any, *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
         return self._cluster.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 

@@ -90,4 +90,4 @@ def resolve_path(path: str) -> Callable[..., Any]:
             raise ConfigError(f"task {path!r}: module {modname!r} has no {attr!r}") from None
     if not callable(obj):
         raise ConfigError(f"task {path!r} names {type(obj).__name__} object, not a function")
-    return obj  # type: ignore[no-any-return]
+    return obj

@@ -194,8 +194,8 @@ class WorkerPool:
             if task.mode == "thread":
                 tw = self._thread_worker_locked()
                 self._thread_queue.append(task)
-                todo = self._take_thread_tasks_locked(tw)
-                worker = tw
+                todo: list[Task | None] = list(self._take_thread_tasks_locked(tw))
+                worker: _WorkerHandle | None = tw
             else:
                 q = self._queues.get(task.owner)
                 if q is None:
@@ -205,7 +205,8 @@ class WorkerPool:
                 worker = self._idle.popleft() if self._idle else None
                 todo = [self._next_process_task_locked(worker)] if worker else []
         for t in todo:
-            self._send_task(worker, t)  # type: ignore[arg-type]
+            if worker is not None and t is not None:
+                self._send_task(worker, t)
         return task.task_id
 
     def cancel(self, task_id: int, reason: str = "cancel") -> bool:
@@ -343,24 +344,26 @@ class WorkerPool:
             self._kill(w)
             return
         self.endpoint_names = list(names)
+        todo: list[Task | None]
         with self._lock:
             w.ready.set()
             if w.role == "process":
                 todo = [self._next_process_task_locked(w)]
             else:
-                todo = self._take_thread_tasks_locked(w)
+                todo = list(self._take_thread_tasks_locked(w))
         for t in todo:
             if t is not None:
                 self._send_task(w, t)
 
     def _on_done(self, w: _WorkerHandle, task_id: int, ok: bool, frames: list[Any]) -> None:
+        nxt: list[Task | None]
         with self._lock:
             task = w.tasks.pop(task_id, None)
             if w.role == "process":
                 # a worker we are killing must not be handed the next task
                 nxt = [self._next_process_task_locked(w)] if w.alive and not w.stopping else []
             else:
-                nxt = self._take_thread_tasks_locked(w)
+                nxt = list(self._take_thread_tasks_locked(w))
         for t in nxt:
             if t is not None:
                 self._send_task(w, t)

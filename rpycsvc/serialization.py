@@ -16,6 +16,7 @@ import pickle
 import traceback
 import weakref
 from collections import ChainMap, OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
@@ -85,7 +86,7 @@ def dumps(obj: Any, what: str = "value") -> Frames:
     return (head, *(bytes(b.raw()) for b in buffers))
 
 
-def loads(frames: Frames | list[bytes], what: str = "value") -> Any:
+def loads(frames: Sequence[bytes | bytearray], what: str = "value") -> Any:
     """Rebuild an object from the frames :func:`dumps` made."""
     try:
         head = frames[0]

@@ -43,8 +43,10 @@ class _Handshake:
     def __init__(self, config: ServerConfig, runtime: Runtime) -> None:
         self.config = config
         self.runtime = runtime
-        self.ssl = (server_ssl_context(config.ssl_certfile, config.ssl_keyfile, config.ssl_cafile)
-                    if config.uses_ssl else None)
+        self.ssl = None
+        if config.ssl_certfile and config.ssl_keyfile:
+            self.ssl = server_ssl_context(config.ssl_certfile, config.ssl_keyfile,
+                                          config.ssl_cafile)
         self.pending = threading.BoundedSemaphore(max(1, config.max_pending))
 
     def __call__(self, sock: socket.socket) -> tuple[socket.socket, dict[str, Any]]:

@@ -316,7 +316,7 @@ class ComputeService(Service):
         return reply
 
 
-class ClassicComputeService(ComputeService, SlaveService):  # type: ignore[misc]
+class ClassicComputeService(ComputeService, SlaveService):
     """Compute endpoints plus RPyC classic access (``modules``, ``execute``, ``eval``)."""
 
     def __init__(self, runtime: Runtime) -> None:

@@ -313,6 +313,8 @@ class _FdPump:
         r, w = os.pipe()
         os.dup2(w, fd)
         os.close(w)
+        # non-blocking: drain() may empty the pipe between our select() and our read()
+        os.set_blocking(r, False)
         self.r = r
         threading.Thread(target=self._run, name=f"rpycsvc-fd{fd}", daemon=True).start()
 
@@ -325,7 +327,11 @@ class _FdPump:
         return int.from_bytes(buf, sys.byteorder)
 
     def _read_once(self) -> bool:
-        chunk = os.read(self.r, 65536)
+        """Read what is there; False at EOF. Never blocks (the fd is non-blocking)."""
+        try:
+            chunk = os.read(self.r, 65536)
+        except BlockingIOError:
+            return True
         if not chunk:
             return False
         text = chunk.decode(errors="replace")
@@ -410,8 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         worker.fd_pumps = [_FdPump(worker, fd, log) for fd in (1, 2)]
     logging.getLogger().addHandler(_LogForwarder(worker))
     logging.getLogger().setLevel(logging.WARNING)
-    sys.stdout = _Router(worker, 1, log)  # type: ignore[assignment]
-    sys.stderr = _Router(worker, 2, log)  # type: ignore[assignment]
+    sys.stdout = _Router(worker, 1, log)
+    sys.stderr = _Router(worker, 2, log)
     threading.Thread(target=worker.flusher, name="rpycsvc-flush", daemon=True).start()
     worker.send(("ready", os.getpid(), sorted(worker.endpoints), worker.endpoint_error))
     worker.serve()
