@@ -72,6 +72,8 @@ def dumps(obj: Any, what: str = "value") -> Frames:
 
     ``what`` names the thing in the error message ("argument", "result", ...).
     """
+    if _is_plain(obj, 2):  # the common small case: C pickle, no cloudpickle machinery
+        return (pickle.dumps(obj, protocol=5),)
     buffers: list[pickle.PickleBuffer] = []
     try:
         head = _dumps_bytes(obj, buffers)
@@ -84,6 +86,25 @@ def dumps(obj: Any, what: str = "value") -> Frames:
     if not buffers:
         return (head,)
     return (head, *(bytes(b.raw()) for b in buffers))
+
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str})
+
+
+def _is_plain(obj: Any, depth: int) -> bool:
+    """Small, shallow, built-in data only: what plain pickle handles exactly like cloudpickle.
+
+    (Anything else — functions, classes, large or nested data — goes through cloudpickle,
+    which pickles ``__main__`` functions by value and buffers out of band.)
+    """
+    t = type(obj)
+    if t in _ATOMS:
+        return not (t is str and len(obj) > 4096)
+    if depth <= 0 or t not in (tuple, list, dict) or len(obj) > 16:
+        return False
+    if t is dict:
+        return all(_is_plain(k, 0) and _is_plain(v, depth - 1) for k, v in obj.items())
+    return all(_is_plain(x, depth - 1) for x in obj)
 
 
 def loads(frames: Sequence[bytes | bytearray], what: str = "value") -> Any:
