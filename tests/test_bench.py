@@ -146,3 +146,22 @@ def test_raw_reference_protocol_round_trips() -> None:
         here.close()
         there.close()
     assert out == {"pings": 1, "bytes_in": len(data), "bytes_out": 5000}
+
+
+def test_raw_reference_falls_back_to_a_local_subprocess() -> None:
+    """A server without thread mode can't host the raw reference: a subprocess serves it."""
+    import zlib
+
+    from rpycsvc.bench import RawPeer
+
+    class NoThreads:
+        address = "127.0.0.1:1"
+        threads = 0
+
+    peer = RawPeer(NoThreads(), timeout=30)
+    assert "subprocess on 127.0.0.1" in peer.where
+    assert peer.ping() > 0
+    data = b"x" * 100_000
+    assert peer.upload(data, zlib.crc32(data)) > 0
+    assert peer.download(50_000, 3) > 0
+    assert peer.close() == {"pings": 1, "bytes_in": 100_000, "bytes_out": 50_000}
