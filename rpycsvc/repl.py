@@ -16,11 +16,13 @@ statement blocked in one C call (``time.sleep``, a socket read) stops when the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import rpyc
@@ -257,15 +259,17 @@ class RemoteRepl:
         from .errors import ConfigError
 
         self.stdout, self.stderr = stdout or sys.stdout, stderr or sys.stderr
-        self.client = connect(address, timeout=timeout, authkey=authkey, output="discard")
-        try:
-            if not self.client.server_info.get("classic", True):
-                raise ConfigError(f"{self.client.address} runs in service-only mode "
-                                  "(--no-classic): it runs no code from clients, so no REPL")
-            self.control = connect(address, timeout=timeout, authkey=authkey, output="discard")
-        except BaseException:
-            self.client.close()
-            raise
+        with _sigint_to_main_thread_only():
+            self.client = connect(address, timeout=timeout, authkey=authkey, output="discard")
+            try:
+                if not self.client.server_info.get("classic", True):
+                    raise ConfigError(f"{self.client.address} runs in service-only mode "
+                                      "(--no-classic): it runs no code from clients, so no REPL")
+                self.control = connect(address, timeout=timeout, authkey=authkey,
+                                       output="discard")
+            except BaseException:
+                self.client.close()
+                raise
         for c in (self.client, self.control):  # completion and control calls: bounded
             c.conn._config["sync_request_timeout"] = timeout
         conn = self.client.conn
@@ -404,6 +408,26 @@ class RemoteRepl:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _sigint_to_main_thread_only() -> Iterator[None]:
+    """Threads started in this block (the connections' readers) never receive SIGINT.
+
+    The kernel may deliver Ctrl-C's SIGINT to any thread; Python then only flags it, and
+    a main thread blocked in readline's select() would not notice until the next key.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+            signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield  # new threads inherit the blocked mask
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _setup_readline(repl: RemoteRepl, history: str | None) -> str | None:

@@ -84,10 +84,16 @@ def test_ctrl_c_interrupts_the_remote_statement(repl: pexpect.spawn) -> None:
     repl.expect_exact("... ")
     out = run_line(repl, "")
     assert "line 0" in out and "line 20" in out
-    # Ctrl-C at the prompt discards the line and keeps the session
+    # Ctrl-C at the prompt discards the line and keeps the session. GNU readline (so the
+    # stock Python REPL too) misses a SIGINT that lands just outside its select(), which
+    # happens under load; like a user, press it again (bounded).
     repl.send("1 +")
-    repl.sendintr()
-    repl.expect_exact("KeyboardInterrupt")
+    for _ in range(5):
+        repl.sendintr()
+        if repl.expect_exact(["KeyboardInterrupt", pexpect.TIMEOUT], timeout=2) == 0:
+            break
+    else:
+        raise AssertionError("Ctrl-C at the prompt was never noticed")
     repl.expect_exact(PROMPT)
     assert re.search(r"^7\s*$", run_line(repl, "3 + 4"), re.M)
 
