@@ -757,7 +757,7 @@ class Bench:
         size = self.sizes.transfer_bytes
         raw = RawPeer(c)
         rng = np.random.default_rng(1)
-        payload = {"numpy": rng.random(size // 8), "bytes": rng.bytes(size)}
+        payload: dict[str, Any] = {"numpy": rng.random(size // 8), "bytes": rng.bytes(size)}
         crcs = {k: zlib.crc32(memoryview(v).cast("B")) for k, v in payload.items()}
         timeout = max(120.0, size / (1 * MB))  # even at 1 MB/s
         seconds: dict[str, list[float]] = {}
@@ -839,7 +839,7 @@ class Bench:
 
         def streamed() -> float:
             sink = _LineSink()
-            with contextlib.redirect_stdout(sink):  # type: ignore[type-var]
+            with contextlib.redirect_stdout(sink):
                 t0 = time.perf_counter()
                 got = c.options(output="stream").submit(print_lines, n).result(120)
                 t_done = time.perf_counter()
