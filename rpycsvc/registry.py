@@ -26,6 +26,7 @@ from rpyc.utils.registry import (
     UDPRegistryServer,
 )
 
+from .config import is_loopback
 from .errors import ConfigError
 
 log = logging.getLogger("rpycsvc.registry")
@@ -84,7 +85,7 @@ def start_registry(host: str = "127.0.0.1", port: int = REGISTRY_PORT, mode: str
 
     ``port`` 0 picks a free port (read ``server.port``). Stop with :func:`stop_registry`.
     """
-    cls = {"TCP": _TCPRegistry, "UDP": _UDPRegistry}.get(mode.upper())
+    cls: Any = {"TCP": _TCPRegistry, "UDP": _UDPRegistry}.get(mode.upper())
     if cls is None:
         raise ConfigError(f"registry mode must be TCP or UDP; got {mode!r}")
     try:
@@ -212,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
     host = server.sock.getsockname()[0]
     print(f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}", flush=True)
     log.info("%s registry listening on %s:%s", args.mode, host, server.port)
+    if not is_loopback(host):
+        log.warning("the registry on %s has no authentication: anyone who can reach it can "
+                    "announce a server, and clients that --discover will connect to it", host)
     while not stop.wait(_WAKE) and thread.is_alive():
         pass
     stop_registry(server, thread)

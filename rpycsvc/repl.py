@@ -142,7 +142,10 @@ class RemoteSession:
             tree = ast.parse(source, filename, "exec")
             last = None
             if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last = ast.Expression(tree.body.pop().value)
+                # a final expression is evaluated apart so its value can be shown (as
+                # Python's REPL does, but without the process-wide sys.displayhook)
+                last = ast.Expression(tree.body[-1].value)
+                tree.body.pop()
             code = compile(tree, filename, "exec")
             code_last = compile(last, filename, "eval") if last is not None else None
         except (SyntaxError, OverflowError, ValueError) as exc:

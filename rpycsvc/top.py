@@ -62,7 +62,7 @@ def take_snapshot(client: Any) -> Snapshot:
                                             "recent failures")]
     except AttributeError:  # a server from before recent_failures existed
         failures = []
-    return Snapshot(client.address, taken, stats, list(running), failures)  # type: ignore[arg-type]
+    return Snapshot(client.address, taken, stats, list(running), failures)
 
 
 # -- rendering (pure) ----------------------------------------------------------------------------
