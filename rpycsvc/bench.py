@@ -498,7 +498,7 @@ class Bench:
             per = max(1, n // rounds)
             meter = _CpuMeter.of(c)
             cpu: dict[str, dict[str, float]] = {}
-            for r in range(rounds):  # interleaved, so drift in machine load hits all three
+            for r in range(rounds):  # interleaved, so drift in machine load hits every kind
                 for name, fn in kinds.items():
                     before = meter.read() if meter else {}
                     samples.setdefault(name, []).extend(fn(r * per + i) for i in range(per))
