@@ -273,12 +273,18 @@ class RemoteRepl:
             except BaseException:
                 self.client.close()
                 raise
+        self._busy = False  # a statement we gave up on still runs on self.client
         for c in (self.client, self.control):  # completion and control calls: bounded
             c.conn._config["sync_request_timeout"] = timeout
         conn = self.client.conn
-        # created by a request on *this* connection: that is whose prints it collects
-        self.session = conn.modules["rpycsvc.repl"].RemoteSession(conn.namespace)
-        self.token = str(self.session.token)
+        try:
+            # created by a request on *this* connection: that is whose prints it collects
+            self.session = conn.modules["rpycsvc.repl"].RemoteSession(conn.namespace)
+            self.token = str(self.session.token)
+        except BaseException:
+            self.control.close()
+            self.client.close()
+            raise
         self._run = rpyc.async_(self.session.run)  # keep: RPyC caches these weakly
         self._complete = self.session.complete
         self._control = self.control.conn.modules["rpycsvc.repl"].control
@@ -292,17 +298,17 @@ class RemoteRepl:
         """
         import signal
 
-        done = threading.Event()
-        res = self._run(source)
-        res.add_callback(lambda _r: done.set())
-        asked = threading.Event()
+        done, asked = threading.Event(), threading.Event()
         old = None
         if threading.current_thread() is threading.main_thread():
             # Ctrl-C only sets a flag: a KeyboardInterrupt raised inside RPyC's own code
             # could leave a connection half-read.
             old = signal.signal(signal.SIGINT, lambda *_: asked.set())
         pending = 0
+        self._busy = True
         try:
+            res = self._run(source)
+            res.add_callback(lambda _r: done.set())
             while not done.wait(POLL):
                 if self.client.closed or self.control.closed:
                     self._show(2, f"\nconnection to {self.client.address} lost\n")
@@ -326,6 +332,7 @@ class RemoteRepl:
         finally:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
+        self._busy = False
         self._show_output()
         if res.error:
             self._show(2, f"error from the server: {res.value}\n")
@@ -399,10 +406,11 @@ class RemoteRepl:
                     pass
 
     def close(self) -> None:
-        try:
-            self.session.close()
-        except Exception:
-            pass  # the connection is gone: the server dropped the session with it
+        if not self._busy:  # else its connection can't answer before the statement ends
+            try:
+                self.session.close()
+            except Exception:
+                pass  # the connection is gone: the server dropped the session with it
         self.control.close()
         self.client.close()
 

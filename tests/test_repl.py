@@ -98,6 +98,22 @@ def test_ctrl_c_interrupts_the_remote_statement(repl: pexpect.spawn) -> None:
     assert re.search(r"^7\s*$", run_line(repl, "3 + 4"), re.M)
 
 
+def test_blocked_statement_can_be_abandoned(repl: pexpect.spawn) -> None:
+    # Event.wait blocks in C, where KeyboardInterrupt can't land until it returns
+    repl.sendline("import threading; print('bl' + 'ocked'); threading.Event().wait(20)")
+    repl.expect_exact("blocked")
+    for _ in range(8):  # Ctrl-Cs within one poll count once: press until it gives up
+        repl.sendintr()
+        if repl.expect_exact(["abandoning the session", "more time", pexpect.TIMEOUT],
+                             timeout=2) == 0:
+            break
+    else:
+        raise AssertionError("repeated Ctrl-C never gave up on the blocked statement")
+    repl.expect(pexpect.EOF)
+    repl.close()
+    assert repl.exitstatus == 1
+
+
 def test_tab_completes_remote_names(repl: pexpect.spawn) -> None:
     run_line(repl, "remote_only_value_xyz = 5; import os")
     repl.send("remote_only_va\t")
