@@ -59,6 +59,43 @@ class _Job:
     errors: list[str] = field(default_factory=list)
 
 
+class _JobQueue:
+    """Jobs waiting for a slot, one FIFO per (mode, pinned server): when every server is full
+    for a kind of job, only the head of that kind is looked at, not each queued job."""
+
+    def __init__(self) -> None:
+        self._fifos: dict[tuple[str, str | None], deque[_Job]] = {}
+
+    @staticmethod
+    def _kind(job: _Job) -> tuple[str, str | None]:
+        return job.opts.get("mode", "process"), job.pinned
+
+    def append(self, job: _Job, *, front: bool = False) -> None:
+        fifo = self._fifos.setdefault(self._kind(job), deque())
+        fifo.appendleft(job) if front else fifo.append(job)
+
+    def remove(self, job: _Job) -> bool:
+        fifo = self._fifos.get(self._kind(job))
+        if fifo is None or job not in fifo:
+            return False
+        fifo.remove(job)
+        return True
+
+    def heads(self) -> list[_Job]:
+        return [fifo[0] for fifo in self._fifos.values() if fifo]
+
+    def popleft(self, job: _Job) -> None:
+        self._fifos[self._kind(job)].popleft()
+
+    def clear(self) -> list[_Job]:
+        jobs = [j for fifo in self._fifos.values() for j in fifo]
+        self._fifos.clear()
+        return jobs
+
+    def __bool__(self) -> bool:
+        return any(self._fifos.values())
+
+
 class _Server:
     def __init__(self, address: str) -> None:
         self.address = address
@@ -141,7 +178,7 @@ class Cluster:
         self._defaults = _check_options(options)
         self._lock = threading.Lock()
         self._servers: dict[str, _Server] = {}
-        self._queue: deque[_Job] = deque()
+        self._queue = _JobQueue()
         self._closed = False
         self._owned: list[Any] = []  # servers we started (Cluster.local, deploy): stopped on close
         self.unreachable: dict[str, BaseException] = {}
@@ -317,13 +354,13 @@ class Cluster:
         with self._lock:
             if self._closed:
                 raise RpycsvcError("this cluster is closed")
-            self._queue.extend(jobs)
+            for job in jobs:
+                self._queue.append(job)
         self._dispatch()
 
     def _cancel(self, job: _Job) -> None:
         with self._lock:
-            if job in self._queue:
-                self._queue.remove(job)
+            if self._queue.remove(job):
                 return
             srv, key = job.server, job.key
         if srv is not None and srv.client is not None:
@@ -347,20 +384,19 @@ class Cluster:
                 if not self._queue:
                     return
                 if not any(s.up for s in self._servers.values()):
-                    doomed = list(self._queue)
-                    self._queue.clear()
+                    doomed = self._queue.clear()
                     causes = {a: (s.error or "down") for a, s in self._servers.items()}
                     break
                 job: _Job | None = None
                 srv: _Server | None = None
-                for cand in self._queue:
+                for cand in self._queue.heads():
                     srv = self._pick_locked(cand)
                     if srv is not None:
                         job = cand
                         break
                 if job is None or srv is None:
                     return
-                self._queue.remove(job)
+                self._queue.popleft(job)
                 job.server = srv
                 job.attempts += 1
                 job.sent = time.monotonic()
@@ -393,7 +429,7 @@ class Cluster:
                 log.warning("re-running a task from %s elsewhere (attempt %d of %d)",
                             srv.address if srv else "?", job.attempts + 1, job.retries + 1)
                 with self._lock:
-                    self._queue.appendleft(job)
+                    self._queue.append(job, front=True)
             else:
                 why = "retries=0" if job.retries == 0 else f"after {job.attempts} attempts"
                 _settle(job.future, None, ServerLostError(
@@ -544,8 +580,7 @@ class Cluster:
             if self._closed:
                 return
             self._closed = True
-            queued = list(self._queue)
-            self._queue.clear()
+            queued = self._queue.clear()
         for job in queued:
             _settle(job.future, None, RpycsvcError("the cluster was closed"))
         for srv in self._servers.values():

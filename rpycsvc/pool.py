@@ -331,6 +331,7 @@ class WorkerPool:
                         self._on_ready(w, control)
                 except Exception:  # a bug here must not silence this worker for good
                     log.exception("error handling %r from worker %s", op, w.proc.pid)
+                del control, frames  # don't keep the last (maybe 64 MiB) message alive
         except (EOFError, OSError):
             pass
         self._on_exit(w)

@@ -171,8 +171,10 @@ class Deferred:
                 conn._send(
                     consts.MSG_EXCEPTION, self._seq, conn._box_exc(type(value), value, None)
                 )
-        except (EOFError, OSError, ValueError):
-            pass  # the client is gone; nobody is waiting for this reply
+        except (EOFError, OSError, ValueError, RuntimeError):
+            # the client is gone (RuntimeError: rpyc's cleanup released its send lock under
+            # us); nobody is waiting for this reply
+            pass
 
 
 #: The connection whose request this thread is serving (for per-connection stdout).
