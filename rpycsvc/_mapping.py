@@ -23,7 +23,8 @@ from .errors import ConfigError, RpycsvcTimeoutError
 from .serialization import dumps, dumps_function, load_exception
 
 if TYPE_CHECKING:
-    from .cluster import Cluster, _Job
+    from ._jobs import _Job
+    from .cluster import Cluster
 
 TARGET_CHUNK_SECONDS = 0.02
 MAX_CHUNK = 8192
@@ -68,7 +69,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
             chunksize: int | None, timeout: float | None, progress: bool, retries: int,
             opts: dict[str, Any]) -> Iterator[Any]:
     """Validate eagerly (like ``Executor.map``), then return the lazy result iterator."""
-    from .cluster import PIPELINE, _Job
+    from ._jobs import PIPELINE, _Job
 
     if not iterables:
         raise ConfigError("map needs at least one iterable")

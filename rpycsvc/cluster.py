@@ -13,18 +13,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from concurrent.futures import as_completed as _as_completed
 from concurrent.futures import wait as _wait
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ._jobs import _Job, _JobQueue, _Server
+from ._local import _LocalServer
 from .client import Client, TaskFuture, _check_options, connect, decode_reply, frames_of_call
 from .errors import (
     AllServersFailedError,
@@ -33,91 +31,11 @@ from .errors import (
     RpycsvcError,
     ServerLostError,
 )
+from .executor import ClusterExecutor, _ClusterOptions
 
 log = logging.getLogger("rpycsvc.cluster")
 
-#: Jobs in flight per worker of a server: enough to hide the round trip, small enough that
-#: a dead server's share is small and a slow server is not handed a long backlog.
-PIPELINE = 2
 DEFAULT_RETRIES = 3
-
-
-@dataclass(eq=False)
-class _Job:
-    kind: str
-    spec: Any
-    frames: tuple[bytes, ...]
-    opts: dict[str, Any]
-    future: Future
-    retries: int
-    pinned: str | None = None  # broadcast: this server only
-    attempts: int = 0
-    server: _Server | None = None
-    key: int = 0
-    size: int = 1  # items in a map chunk
-    sent: float = 0.0
-    errors: list[str] = field(default_factory=list)
-
-
-class _JobQueue:
-    """Jobs waiting for a slot, one FIFO per (mode, pinned server): when every server is full
-    for a kind of job, only the head of that kind is looked at, not each queued job."""
-
-    def __init__(self) -> None:
-        self._fifos: dict[tuple[str, str | None], deque[_Job]] = {}
-
-    @staticmethod
-    def _kind(job: _Job) -> tuple[str, str | None]:
-        return job.opts.get("mode", "process"), job.pinned
-
-    def append(self, job: _Job, *, front: bool = False) -> None:
-        fifo = self._fifos.setdefault(self._kind(job), deque())
-        fifo.appendleft(job) if front else fifo.append(job)
-
-    def remove(self, job: _Job) -> bool:
-        fifo = self._fifos.get(self._kind(job))
-        if fifo is None or job not in fifo:
-            return False
-        fifo.remove(job)
-        return True
-
-    def heads(self) -> list[_Job]:
-        return [fifo[0] for fifo in self._fifos.values() if fifo]
-
-    def popleft(self, job: _Job) -> None:
-        self._fifos[self._kind(job)].popleft()
-
-    def clear(self) -> list[_Job]:
-        jobs = [j for fifo in self._fifos.values() for j in fifo]
-        self._fifos.clear()
-        return jobs
-
-    def __bool__(self) -> bool:
-        return any(self._fifos.values())
-
-
-class _Server:
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.client: Client | None = None
-        self.inflight: set[_Job] = set()
-        self.threaded = 0  # of which thread-mode
-        self.error: BaseException | None = None
-        self.reconnecting = False
-
-    def load(self, mode: str) -> float:
-        """Fraction of this server's capacity for ``mode`` in use (1.0: full or down)."""
-        if self.client is None:
-            return 1.0
-        if mode == "thread":
-            cap, used = self.client.threads, self.threaded
-        else:
-            cap, used = self.client.workers * PIPELINE, len(self.inflight) - self.threaded
-        return used / cap if cap > 0 else 1.0
-
-    @property
-    def up(self) -> bool:
-        return self.client is not None and not self.client.closed
 
 
 class BroadcastResult(dict):
@@ -612,98 +530,4 @@ def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:
         pass  # cancelled meanwhile
 
 
-class _ClusterOptions:
-    def __init__(self, cluster: Cluster, opts: dict[str, Any], retries: int | None) -> None:
-        self._c, self._opts = cluster, opts
-        self._retries = cluster.retries if retries is None else retries
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
-        return self._c._submit(fn, args, kwargs, self._opts, self._retries)
-
-    def map(self, fn: Any, *iterables: Iterable[Any], **kw: Any) -> Iterator[Any]:
-        kw.setdefault("retries", self._retries)
-        return self._c.map(fn, *iterables, **{**self._opts, **kw})
-
-
-class ClusterExecutor(Executor):
-    """``concurrent.futures.Executor`` over a cluster (``with cluster.executor() as ex:``)."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self._cluster = cluster
-        self._futures: set[Future] = set()
-        self._shutdown = False
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        fut = self._cluster.submit(fn, *args, **kwargs)
-        self._futures.add(fut)
-        fut.add_done_callback(self._futures.discard)
-        return fut
-
-    def map(self, fn: Any, *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
-        return self._cluster.map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shutdown = True
-        if cancel_futures:
-            for f in list(self._futures):
-                f.cancel()
-        if wait:
-            _wait(list(self._futures))
-
-    def __enter__(self) -> ClusterExecutor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown(wait=True)
-
-
-class _LocalServer:
-    """An ``rpycsvc serve --port 0`` child process for :meth:`Cluster.local`."""
-
-    def __init__(self, workers: int, args: list[str]) -> None:
-        cmd = [sys.executable, "-m", "rpycsvc.cli", "serve", "--port", "0", "-q",
-               "--workers", str(workers), *args]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     env=env)
-
-    def wait_address(self, timeout: float) -> str:
-        import selectors
-
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        line = b""
-        try:
-            while not line.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise ConnectError(f"local server did not start within {timeout:g} s")
-                chunk = os.read(self.proc.stdout.fileno(), 256)
-                if not chunk:
-                    raise ConnectError(f"local server exited with code {self.proc.wait(5)}; "
-                                       "see its messages on stderr")
-                line += chunk
-        finally:
-            sel.close()
-        return line.decode().strip()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
