@@ -84,10 +84,12 @@ def test_ctrl_c_interrupts_the_remote_statement(repl: pexpect.spawn) -> None:
     repl.expect_exact("... ")
     out = run_line(repl, "")
     assert "line 0" in out and "line 20" in out
-    # Ctrl-C at the prompt discards the line and keeps the session. GNU readline (so the
-    # stock Python REPL too) misses a SIGINT that lands just outside its select(), which
-    # happens under load; like a user, press it again (bounded).
-    repl.send("1 +")
+    # Ctrl-C at a continuation prompt drops the statement begun and keeps the session.
+    # (Not with keys typed ahead on the line: GNU readline can then sit in its own read
+    # loop, ignoring SIGINT until the next key, as in the stock Python REPL.) A SIGINT that
+    # lands just outside readline's select() is also missed; like a user, press again.
+    repl.sendline("for j in range(3):")
+    repl.expect_exact("... ")
     for _ in range(5):
         repl.sendintr()
         if repl.expect_exact(["KeyboardInterrupt", pexpect.TIMEOUT], timeout=2) == 0:
