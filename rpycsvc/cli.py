@@ -148,6 +148,14 @@ def run(args: argparse.Namespace) -> int:
         serve_stdio(cfg)
         return 0
     server = Server(cfg).start()
+    if cfg.metrics_port is not None:
+        from .metrics import serve_metrics
+
+        try:
+            serve_metrics(server, cfg.metrics_port)
+        except BaseException:
+            server.close(grace=0)
+            raise
     # Handlers first: a script may signal us as soon as it has read the address.
     server.install_signal_handlers()
     print(server.address, flush=True)

@@ -34,7 +34,7 @@ class ServerConfig:
     authkey: str | None = None
     insecure: bool = False
     register: bool = False
-    registry_type: str = "UDP"
+    registry_type: str = "TCP"  # a TCP registry on 127.0.0.1 unless told otherwise
     registry_host: str | None = None
     registry_port: int = 18811
     logfile: str | None = None

@@ -436,7 +436,13 @@ class WorkerPool:
                         self.duration_buckets[bound] += 1
                         break
             if not ok:
-                why = str(err) if err is not None else "raised an exception"
+                if err is not None:
+                    why = str(err)
+                elif frames and len(frames) >= 2:  # (type name, message, ...): no unpickling
+                    why = f"{bytes(frames[0]).decode(errors='replace')}: " \
+                          f"{bytes(frames[1]).decode(errors='replace')}"
+                else:
+                    why = "raised an exception"
                 self.recent_failures.append((time.time(), task.label, task.client, why[:200]))
                 log.info("task %s from %s failed after %.3f s: %s", task.label, task.client,
                          time.monotonic() - task.started if task.started else 0.0, why[:200])

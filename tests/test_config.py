@@ -58,7 +58,7 @@ ENV_CASES: list[tuple[str, str, Any]] = [
     ("authkey", "a-long-secret", "a-long-secret"),
     ("insecure", "true", True),
     ("register", "on", True),
-    ("registry_type", "TCP", "TCP"),
+    ("registry_type", "udp", "UDP"),
     ("registry_host", "127.0.0.9", "127.0.0.9"),
     ("registry_port", "18899", 18899),
     ("logfile", "/tmp/x.log", "/tmp/x.log"),
@@ -82,7 +82,7 @@ def test_every_field_has_an_env_var(tmp_path: Path) -> None:
     cert = tmp_path / "cert.pem"
     cert.write_text("not checked here")
     samples = {"str": "localhost", "int": "5", "float": "1.5", "bool": "1", "list": "m"}
-    special = {"mode": "oneshot", "authkey": "long-enough", "registry_type": "TCP",
+    special = {"mode": "oneshot", "authkey": "long-enough", "registry_type": "UDP",
                "ssl_keyfile": str(cert), "ssl_certfile": str(cert), "ssl_cafile": str(cert),
                "service_scope": "connection", "services": "m:C"}
     env = {}
