@@ -174,12 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rpycsvc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (modname, help_text) in COMMANDS.items():
-        try:
-            mod = sys.modules[__name__] if modname == __name__ else importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
-            continue  # a subcommand whose module is not part of this build
+        mod = sys.modules[__name__] if modname == __name__ else importlib.import_module(modname)
         desc = getattr(mod, "DESCRIPTION", None) if name != "serve" else SERVE_DESCRIPTION
         p = sub.add_parser(name, help=help_text, description=desc or help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
