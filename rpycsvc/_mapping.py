@@ -99,10 +99,12 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
         bar = Progress(total)
 
     def make_job(items: list[tuple[Any, ...]]) -> _Job:
-        fut: Future[Any] = TaskFuture()
+        fut = TaskFuture()
         job = _Job(kind, spec, (*head, *dumps(items, "map arguments")),
                    {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
         job.size = len(items)
+        # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
+        fut._canceller = functools.partial(cluster._cancel, job)
         return job
 
     def results() -> Iterator[Any]:

@@ -237,3 +237,25 @@ def test_progress_render_without_total() -> None:
     p = Progress(None, stream=buf)
     p.update(5, "a:1")
     assert "5/?" in p.render()
+
+
+def test_abandoned_map_stops_its_tasks_on_the_servers(cluster: Cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    marker = tmp_path / "started"
+    it = cluster.map(_mark_and_sleep, [(str(marker), 30)], chunksize=1, timeout=5)
+    with pytest.raises(TimeoutError):  # the map gives up on the result: abandoned
+        next(it)
+    pid = int(Path(marker).read_text())
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{pid}") and not _zombie(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), "abandoned task still running"
+    assert cluster.submit(abs, -1).result(timeout=30) == 1
+
+
+def _mark_and_sleep(args: tuple[str, float]) -> None:
+    path, seconds = args
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
