@@ -13,6 +13,8 @@ from .client import Client
 #: Jobs in flight per worker of a server: enough to hide the round trip, small enough that
 #: a dead server's share is small and a slow server is not handed a long backlog.
 PIPELINE = 2
+#: How often a task is re-run after its server died, unless told otherwise.
+DEFAULT_RETRIES = 3
 
 
 @dataclass(eq=False)

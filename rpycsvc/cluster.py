@@ -21,7 +21,7 @@ from concurrent.futures import as_completed as _as_completed
 from concurrent.futures import wait as _wait
 from typing import Any, Callable
 
-from ._jobs import _Job, _JobQueue, _Server
+from ._jobs import DEFAULT_RETRIES, _Job, _JobQueue, _Server
 from ._local import _LocalServer
 from .client import Client, TaskFuture, _check_options, connect, decode_reply, frames_of_call
 from .errors import (
@@ -35,7 +35,6 @@ from .executor import ClusterExecutor, _ClusterOptions
 
 log = logging.getLogger("rpycsvc.cluster")
 
-DEFAULT_RETRIES = 3
 
 
 class BroadcastResult(dict):

@@ -44,6 +44,7 @@ class ServerConfig:
     handshake_timeout: float = 5.0
     max_pending: int = 64  # connections still in their handshake
     memory_limit: int = 0  # bytes per worker process; 0: no limit
+    keepalive: float = 0.0  # stdio mode: exit after this long without a word from the client
     metrics_port: int | None = None
 
     @classmethod

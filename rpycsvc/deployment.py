@@ -22,19 +22,21 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ._jobs import DEFAULT_RETRIES
 from .bootstrap import RemoteProcess, start_remote
 from .errors import AllServersFailedError, ConfigError, DeployError
 
 DESCRIPTION = """\
 Push rpycsvc servers to HOSTs over SSH (nothing but python3 needed there; nothing is
 installed or written on them, no port is opened), then serve in the foreground until
-Ctrl-C, or run SCRIPT with RPYCSVC_HOSTS... set so rpycsvc.Cluster.deployed() finds them.
+Ctrl-C, or run SCRIPT (in this process; it gets the cluster from rpycsvc.Cluster.deployed()),
+then tear down.
 
 HOST is [user@]host[:port] or any alias from ~/.ssh/config."""
 
 #: What the bundle carries: rpycsvc and the pure-Python packages its server imports.
 PACKAGES = ("rpycsvc", "rpyc", "cloudpickle")
-#: ssh options always given (yours come after and win): no prompts, notice a dead link.
+#: ssh options always given (yours come first and win): no prompts, notice a dead link.
 SSH_DEFAULTS = ("-o", "BatchMode=yes", "-o", "ServerAliveInterval=2",
                 "-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10")
 _LEN = struct.Struct(">Q")
@@ -50,7 +52,8 @@ def ssh_argv(host: str, ssh_command: Sequence[str] = ("ssh",),
         dest, port = host[1:].split("]:", 1)
     if port is not None and not port.isdigit():
         raise ConfigError(f"bad host {host!r}: the port after ':' must be a number")
-    argv = [*ssh_command, *SSH_DEFAULTS, *ssh_options]
+    # ssh keeps the FIRST value it sees for an option: the caller's go first and win
+    argv = [*ssh_command, *ssh_options, *SSH_DEFAULTS]
     if port:
         argv += ["-p", port]
     return [*argv, dest]
@@ -105,62 +108,118 @@ def deploy(hosts: Iterable[str], *, python: str = "python3", workers: int | None
     """
     from rpyc.core.stream import PipeStream
 
-    from .client import OutputRouter, connect_stream
+    from .client import OutputRouter, _check_options, connect_stream
     from .cluster import Cluster
 
     hosts = list(hosts)
     if not hosts:
         raise ConfigError("deploy needs at least one host")
     settings = {"workers": workers or 0, "threads": 256 if threads is None else threads,
-                "endpoints": list(endpoints), "services": list(services), "classic": classic}
+                "endpoints": list(endpoints), "services": list(services), "classic": classic,
+                "keepalive": KEEPALIVE_TIMEOUT}
     output = cluster_options.pop("output", "stream")
     prefix = cluster_options.pop("prefix", "[{address}] ")
     forward_logging = cluster_options.pop("forward_logging", False)
+    retries = cluster_options.pop("retries", DEFAULT_RETRIES)
+    # Refuse bad options before anything starts on a host.
+    OutputRouter(output, prefix, forward_logging)
+    _check_options(cluster_options)
+    if not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"retries must be an int >= 0; got {retries!r}")
     started: dict[str, RemoteServer | BaseException] = {}
+    cancelled = threading.Event()
+    lock = threading.Lock()
 
     def start(host: str) -> None:
         try:
-            started[host] = _start_one(host, ssh_argv(host, ssh_command, ssh_options), python,
-                                       settings, timeout)
+            res: RemoteServer | BaseException = _start_one(
+                host, ssh_argv(host, ssh_command, ssh_options), python, settings, timeout)
         except BaseException as exc:
-            started[host] = exc
+            res = exc
+        with lock:
+            late = cancelled.is_set()
+            if not late:
+                started[host] = res
+        if late and isinstance(res, RemoteServer):
+            res.stop(2.0)  # deploy was abandoned (Ctrl-C, deadline) while we started
 
     threads_ = [threading.Thread(target=start, args=(h,), daemon=True) for h in hosts]
-    for t in threads_:
-        t.start()
-    deadline = time.monotonic() + timeout + 10
-    for t in threads_:
-        t.join(max(0.0, deadline - time.monotonic()))
-    clients, owned, failed = [], [], {}
-    for host in hosts:
-        res = started.get(host, DeployError(f"{host}: deploy did not finish in time", host=host))
-        if isinstance(res, BaseException):
-            failed[host] = res
-            continue
-        try:
-            stream = PipeStream(res.remote.stdout, res.remote.stdin)
-            clients.append(connect_stream(stream, address=host,
-                                          router=OutputRouter(output, prefix, forward_logging),
-                                          **{k: v for k, v in cluster_options.items()
-                                             if k in ("timeout", "mode")}))
-            owned.append(res)
-        except BaseException as exc:
-            res.stop(2.0)
-            failed[host] = DeployError(f"{host}: the deployed server did not answer: {exc}; "
-                                       f"remote said: {res.remote.stderr_text()[-500:]}",
-                                       host=host)
-    if failed and (require_all or not clients):
+    clients: list[Any] = []
+    owned: list[RemoteServer] = []
+    try:
+        for t in threads_:
+            t.start()
+        deadline = time.monotonic() + timeout + 10
+        for t in threads_:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with lock:
+            cancelled.set()  # from now on a late start stops itself
+            results = dict(started)
+        failed: dict[str, BaseException] = {}
+        for host in hosts:
+            res = results.get(host)
+            if res is None:
+                failed[host] = DeployError(f"{host}: deploy did not finish in time", host=host)
+            elif isinstance(res, BaseException):
+                failed[host] = res
+            else:
+                owned.append(res)
+        for res in list(owned):
+            try:
+                stream = PipeStream(res.remote.stdout, res.remote.stdin)
+                clients.append(connect_stream(
+                    stream, address=res.host,
+                    router=OutputRouter(output, prefix, forward_logging), **cluster_options))
+            except BaseException as exc:
+                owned.remove(res)
+                res.stop(2.0)
+                failed[res.host] = DeployError(
+                    f"{res.host}: the deployed server did not answer: {exc}; remote said: "
+                    f"{res.remote.stderr_text()[-500:]}", host=res.host)
+        if failed and (require_all or not clients):
+            if not clients:
+                raise AllServersFailedError("no host could be deployed to", failed)
+            raise DeployError("not every host could be deployed to: " +
+                              "; ".join(f"{h}: {e}" for h, e in failed.items()))
+        cluster = Cluster.from_clients(clients, owned=owned, unreachable=failed,
+                                       retries=retries, **cluster_options)
+    except BaseException:
+        with lock:
+            cancelled.set()
+            leftovers = [r for r in started.values() if isinstance(r, RemoteServer)]
         for c in clients:
             c.close()
-        for r in owned:
-            r.stop()
-        if not clients:
-            raise AllServersFailedError("no host could be deployed to", failed)
-        raise DeployError("not every host could be deployed to: " +
-                          "; ".join(f"{h}: {e}" for h, e in failed.items()))
-    task_opts = {k: v for k, v in cluster_options.items() if k in ("timeout", "mode")}
-    rest = {k: v for k, v in cluster_options.items() if k not in task_opts}
-    return Cluster.from_clients(clients, owned=owned, unreachable=failed, **rest, **task_opts)
+        for r in {id(r): r for r in [*owned, *leftovers]}.values():
+            r.stop(2.0)
+        raise
+    for c in clients:
+        _start_keepalive(c)
+    return cluster
+
+
+#: A deployed server stops when it hears nothing from its client for this long (seconds):
+#: sshd alone may not notice a dead link for minutes or hours. Clients ping every
+#: KEEPALIVE_INTERVAL.
+KEEPALIVE_TIMEOUT = 10.0
+KEEPALIVE_INTERVAL = 2.0
+
+
+def _start_keepalive(client: Any) -> None:
+    """Ping the deployed server every KEEPALIVE_INTERVAL so its watchdog knows we're here."""
+    import rpyc
+
+    ping = rpyc.async_(client.conn.root.ping)
+
+    def loop() -> None:
+        while not client.closed:
+            try:
+                ping()
+            except Exception:
+                return
+            time.sleep(KEEPALIVE_INTERVAL)
+
+    threading.Thread(target=loop, name=f"rpycsvc-keepalive-{client.address}",
+                     daemon=True).start()
 
 
 def remote_main(rfile: Any, wfile: Any) -> int:

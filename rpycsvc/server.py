@@ -280,7 +280,26 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
     rfile = rfile or os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
     wfile = wfile or os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     service = (ClassicComputeService if cfg.classic else ComputeService)(runtime)
-    conn = service._connect(FastChannel(PipeStream(rfile, wfile)), dict(PROTOCOL_CONFIG))
+    heard = [time.monotonic()]
+
+    class _Stream(PipeStream):
+        def read(self, count: int) -> bytes:
+            data: bytes = super().read(count)
+            heard[0] = time.monotonic()
+            return data
+
+    conn = service._connect(FastChannel(_Stream(rfile, wfile)), dict(PROTOCOL_CONFIG))
+    if cfg.keepalive > 0:
+        def watchdog() -> None:
+            # A dead ssh link may go unnoticed by sshd for hours: the client pings us, and
+            # silence for this long means it is gone. Stop, workers included.
+            while time.monotonic() - heard[0] < cfg.keepalive:
+                time.sleep(min(1.0, cfg.keepalive / 4))
+            log.warning("no word from the client for %.0f s: stopping", cfg.keepalive)
+            pool.close(grace=0)
+            os._exit(3)
+
+        threading.Thread(target=watchdog, name="rpycsvc-watchdog", daemon=True).start()
     try:
         conn.serve_all()
     finally:

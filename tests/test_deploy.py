@@ -414,11 +414,6 @@ def _stop_our_ssh_to(srv: SshServer) -> list[int]:
 
 
 @ssh
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: deploy() validates Cluster options only after every server started, and "
-    "then raises without stopping them (rpycsvc/deployment.py, deploy)",
-)
 def test_a_bad_cluster_option_leaves_nothing_running(sshd: SshServer) -> None:
     try:
         with pytest.raises(RpycsvcError, match="retires"):
@@ -430,11 +425,6 @@ def test_a_bad_cluster_option_leaves_nothing_running(sshd: SshServer) -> None:
 
 
 @ssh
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Ctrl-C while deploy() waits for its start threads leaves the servers they "
-    "start running, with their ssh, for the rest of the process (rpycsvc/deployment.py, deploy)",
-)
 def test_ctrl_c_during_deploy_leaves_nothing_running(sshd: SshServer, tmp_path: Path) -> None:
     # The remote start waits at a gate (a fifo) until we open it: Ctrl-C lands mid-deploy.
     gate = tmp_path / "gate"
@@ -656,11 +646,6 @@ def test_three_hosts_map_survives_a_cut_link(
 @ssh
 @pytest.mark.netns
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: a deployed server never notices a link that stays dead (no keepalive from "
-    "its side; sshd gives up only after TCP's ~15 min retransmission or 2 h keepalive)",
-)
 def test_a_host_whose_link_stays_dead_stops_its_server(tmp_path: Path) -> None:
     reason = sshd_available() or netns_available()
     if reason:
@@ -743,12 +728,6 @@ def test_ssh_defaults_apply() -> None:
     assert seen["serveralivecountmax"] == "3" and seen["connecttimeout"] == "10"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ssh_argv puts SSH_DEFAULTS before ssh_options, and ssh keeps the FIRST value "
-    "of an option, so -o ConnectTimeout/ServerAlive*/BatchMode given by the user are ignored "
-    "(rpycsvc/deployment.py, ssh_argv)",
-)
 def test_user_ssh_options_win_over_the_defaults() -> None:
     from rpycsvc.deployment import ssh_argv
 
