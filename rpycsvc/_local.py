@@ -22,26 +22,7 @@ class _LocalServer:
                                      env=env)
 
     def wait_address(self, timeout: float) -> str:
-        import selectors
-
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        line = b""
-        try:
-            while not line.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise ConnectError(f"local server did not start within {timeout:g} s")
-                chunk = os.read(self.proc.stdout.fileno(), 256)
-                if not chunk:
-                    raise ConnectError(f"local server exited with code {self.proc.wait(5)}; "
-                                       "see its messages on stderr")
-                line += chunk
-        finally:
-            sel.close()
-        return line.decode().strip()
+        return read_address(self.proc, timeout)
 
     @property
     def pid(self) -> int:
@@ -57,3 +38,27 @@ class _LocalServer:
                 self.proc.wait(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The ``host:port`` line ``rpycsvc serve`` prints first, waiting at most ``timeout`` s."""
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    line = b""
+    try:
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise ConnectError(f"the server did not print its address within {timeout:g} s")
+            chunk = os.read(proc.stdout.fileno(), 1)  # byte by byte: leave the rest unread
+            if not chunk:
+                raise ConnectError(f"the server exited with code {proc.wait(5)} before "
+                                   "listening; see its messages on stderr")
+            line += chunk
+    finally:
+        sel.close()
+    return line.decode().strip()

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from ._wire import _recv_exact
+
 DESCRIPTION = """\
 Measure a live cluster: the given servers (HOST[:PORT] ...), or N servers started here
 with --local N (default 2) and stopped at the end. Prints a table of figures, each next
@@ -179,18 +181,6 @@ def _raw_main() -> None:
     sock.close()
     with conn:
         print(json.dumps(_raw_loop(conn)), flush=True)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError(f"raw reference: peer closed after {got} of {n} bytes")
-        got += k
-    return buf
 
 
 # -- results --------------------------------------------------------------------------------------

@@ -7,16 +7,15 @@ never a sleep; both are torn down in ``finally`` by the fixtures that use them.
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rpycsvc import Server, ServerConfig
+from rpycsvc import ConnectError, Server, ServerConfig
+from rpycsvc._local import read_address
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,24 +44,12 @@ class ServerProcess:
         self.port = int(self.address.rsplit(":", 1)[1])
 
     def _read_address(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        line = b""
         try:
-            while not line.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise TimeoutError(f"server did not print its address in {timeout} s")
-                chunk = os.read(self.proc.stdout.fileno(), 1)
-                if not chunk:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    raise RuntimeError(f"server exited before listening: {err}")
-                line += chunk
-        finally:
-            sel.close()
-        return line.decode().strip()
+            return read_address(self.proc, timeout)
+        except ConnectError as exc:
+            if self.proc.poll() is not None and self.proc.stderr is not None:
+                raise RuntimeError(f"{exc}: {self.proc.stderr.read().decode()}") from exc
+            raise TimeoutError(str(exc)) from exc
 
     @property
     def pid(self) -> int:
