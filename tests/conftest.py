@@ -8,6 +8,7 @@ import pytest
 
 import rpycsvc
 from tests.support.servers import ServerProcess, running_server
+from tests.support.sshd import SshServer, sshd_available
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +42,17 @@ def server_process() -> Iterator[type[ServerProcess]]:
     finally:
         for proc in started:
             proc.stop()
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    """A private sshd on 127.0.0.1 for a test module (skipped where sshd is missing)."""
+    reason = sshd_available()
+    if reason:
+        pytest.skip(reason)
+    srv = SshServer()
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -46,19 +45,6 @@ from tests.support.sshd import (
 ENTRY = "tests.support.echo_entry:main"
 PACKAGES = ["tests.support.echo_entry"]
 ssh = pytest.mark.ssh
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    reason = sshd_available()
-    if reason:
-        pytest.skip(reason)
-    srv = SshServer()
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
 
 
 def start(srv: SshServer, **kw: object) -> RemoteProcess:

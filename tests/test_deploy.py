@@ -54,19 +54,6 @@ def tasks_by_value() -> Iterator[None]:
         cloudpickle.unregister_pickle_by_value(module)
 
 
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    reason = sshd_available()
-    if reason:
-        pytest.skip(reason)
-    srv = SshServer()
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
-
-
 # -- tasks (run remotely) ----------------------------------------------------------------------
 def pids() -> tuple[int, int]:
     return os.getpid(), os.getppid()
