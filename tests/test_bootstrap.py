@@ -33,6 +33,7 @@ from rpycsvc.bootstrap import (
 )
 from rpycsvc.errors import ConfigError, DeployError
 from tests.support.echo_entry import CMD_PREFIX, MARKER, exchange, write_frame
+from tests.support.leftovers import copies_of
 from tests.support.sshd import (
     SshServer,
     free_port,
@@ -139,31 +140,6 @@ def _entries(directory: Path) -> set[str]:
     return set(os.listdir(directory))
 
 
-def _contains_marker(path: Path, budget: list[int]) -> bool:
-    """Does this new file (or any file below this new dir) hold a copy of the bundle?"""
-    paths = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        budget[0] -= 1
-        if budget[0] < 0:
-            return False
-        try:
-            if p.stat().st_size > 16 << 20:  # far larger than any bundle of ours
-                continue
-            data = p.read_bytes()
-        except OSError:
-            continue
-        if MARKER.encode() in data:
-            return True
-        if data[:4] == b"PK\x03\x04":
-            try:
-                with zipfile.ZipFile(BytesIO(data)) as zf:
-                    if "tests/support/echo_entry.py" in zf.namelist():
-                        return True
-            except zipfile.BadZipFile:
-                pass
-    return False
-
-
 @ssh
 def test_no_new_files_in_tmp_or_home(sshd: SshServer) -> None:
     home, tmp = Path.home(), Path("/tmp")
@@ -173,9 +149,7 @@ def test_no_new_files_in_tmp_or_home(sshd: SshServer) -> None:
         assert call(remote, b"ping") == b"ping"
     assert _entries(home) - home_before == set()
     # Other work on this machine may create files in /tmp: only a copy of the bundle counts.
-    budget = [5000]
-    ours = [n for n in _entries(tmp) - tmp_before if _contains_marker(tmp / n, budget)]
-    assert ours == []
+    assert copies_of(tmp, tmp_before, MARKER.encode(), "tests/support/echo_entry.py") == []
 
 
 _WRITE_CALL = re.compile(r"^\d+\s+(?P<call>\w+)\((?P<args>.*)\)\s+=\s+(?P<ret>-?\d+)", re.MULTILINE)

@@ -18,9 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +27,7 @@ import pytest
 
 import rpycsvc
 from rpycsvc.errors import AllServersFailedError, ConfigError, DeployError, RpycsvcError
+from tests.support.leftovers import copies_of
 from tests.support.netns import NetnsNetwork, netns_available
 from tests.support.sshd import (
     SshServer,
@@ -197,26 +196,6 @@ def test_capture_mode_keeps_output_on_the_future(
 
 
 # -- teardown ----------------------------------------------------------------------------------
-def _holds_bundle(path: Path, budget: list[int]) -> bool:
-    """Is ``path`` (or a file below it) a copy of the deployed bundle or of its modules?"""
-    paths = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        budget[0] -= 1
-        if budget[0] < 0:
-            return False
-        with contextlib.suppress(OSError):
-            if p.stat().st_size > 16 << 20:  # far larger than the bundle
-                continue
-            data = p.read_bytes()
-            if b"def remote_main(rfile" in data:  # rpycsvc/deployment.py's source
-                return True
-            if data[:4] == b"PK\x03\x04":
-                with contextlib.suppress(zipfile.BadZipFile):
-                    if "rpycsvc/deployment.py" in zipfile.ZipFile(BytesIO(data)).namelist():
-                        return True
-    return False
-
-
 def _open_files(pid: int) -> list[str]:
     """Regular files (not memfds, pipes or sockets) the process has open."""
     found = []
@@ -255,9 +234,8 @@ def test_close_leaves_no_process_and_no_file(
     assert wait_no_sessions(sshd) == [], "an ssh session outlived close()"
     assert set(os.listdir(home)) - home_before == set()
     # Others may create files in /tmp meanwhile: only a copy of our code counts.
-    budget = [5000]
-    new = set(os.listdir(tmp)) - tmp_before
-    assert [n for n in new if _holds_bundle(tmp / n, budget)] == []
+    # (b"def remote_main(rfile" is in rpycsvc/deployment.py's source)
+    assert copies_of(tmp, tmp_before, b"def remote_main(rfile", "rpycsvc/deployment.py") == []
 
 
 @ssh
