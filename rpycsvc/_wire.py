@@ -21,10 +21,9 @@ _MAX_FRAMES = 1 << 16
 def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
     """Send one message. Callers serialise concurrent senders with their own lock."""
     ctl = pickle.dumps(control, protocol=5)
-    head = _HEAD.pack(len(ctl), len(frames)) + b"".join(
-        _LEN.pack(memoryview(f).nbytes) for f in frames
-    )
-    if sum(memoryview(f).nbytes for f in frames) < 65536:
+    sizes = [memoryview(f).nbytes for f in frames]
+    head = _HEAD.pack(len(ctl), len(frames)) + b"".join(_LEN.pack(n) for n in sizes)
+    if sum(sizes) < 65536:
         sock.sendall(b"".join((head, ctl, *frames)))
         return
     sock.sendall(head + ctl)

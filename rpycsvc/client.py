@@ -116,6 +116,28 @@ def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
     return False, exc
 
 
+def settle(fut: Future, result: Any, exc: BaseException | None) -> None:
+    """Complete ``fut`` unless it is done already (e.g. cancelled by its owner meanwhile)."""
+    if fut.done():
+        return
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except Exception:
+        pass  # cancelled between the check and the set
+
+
+def settle_reply(fut: Future, reply: Any, address: str) -> None:
+    """Complete ``fut`` from a server's reply to ``run``."""
+    try:
+        ok, result = decode_reply(reply, address)
+    except RpycsvcError as exc:
+        ok, result = False, exc
+    settle(fut, result if ok else None, None if ok else result)
+
+
 class _Root:
     """``client.root``: ``compute``/``stats`` by value, anything else from the server's root."""
 
@@ -205,19 +227,10 @@ class Client:
         label = spec if spec else getattr(task, "__qualname__", "task")
 
         def done(status: str, value: Any) -> None:
-            if fut.done():
-                return
             if status == "lost":
-                fut.set_exception(value)
-                return
-            try:
-                ok, result = decode_reply(value, self.address)
-            except RpycsvcError as exc:
-                ok, result = False, exc
-            if ok:
-                fut.set_result(result)
+                settle(fut, None, value)
             else:
-                fut.set_exception(result)
+                settle_reply(fut, value, self.address)
 
         key = self.start_task(kind, spec, {**opts, "label": label}, frames, done, fut)
         fut._canceller = lambda: self.cancel_task(key)

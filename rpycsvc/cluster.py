@@ -23,7 +23,15 @@ from typing import Any, Callable
 
 from ._jobs import DEFAULT_RETRIES, _Job, _JobQueue, _Server
 from ._local import _LocalServer
-from .client import Client, TaskFuture, _check_options, connect, decode_reply, frames_of_call
+from .client import (
+    Client,
+    TaskFuture,
+    _check_options,
+    connect,
+    frames_of_call,
+    settle,
+    settle_reply,
+)
 from .errors import (
     AllServersFailedError,
     ConfigError,
@@ -330,7 +338,7 @@ class Cluster:
                 self._on_done(job, "lost", exc)
         err = AllServersFailedError("every server of the cluster is down", causes)
         for job in doomed:
-            _settle(job.future, None, err)
+            settle(job.future, None, err)
 
     def _on_done(self, job: _Job, status: str, value: Any) -> None:
         srv = job.server
@@ -341,7 +349,7 @@ class Cluster:
         if status == "lost":
             job.errors.append(f"{srv.address if srv else '?'}: {value}")
             if job.future.done():
-                pass
+                pass  # cancelled, or already answered by an earlier attempt
             elif job.attempts <= job.retries and not job.pinned:
                 log.warning("re-running a task from %s elsewhere (attempt %d of %d)",
                             srv.address if srv else "?", job.attempts + 1, job.retries + 1)
@@ -349,15 +357,11 @@ class Cluster:
                     self._queue.append(job, front=True)
             else:
                 why = "retries=0" if job.retries == 0 else f"after {job.attempts} attempts"
-                _settle(job.future, None, ServerLostError(
+                settle(job.future, None, ServerLostError(
                     f"task lost with its server ({why}): {'; '.join(job.errors)}",
                     address=srv.address if srv else None))
         else:
-            try:
-                ok, result = decode_reply(value, srv.address if srv else "?")
-            except RpycsvcError as exc:
-                ok, result = False, exc
-            _settle(job.future, result if ok else None, None if ok else result)
+            settle_reply(job.future, value, srv.address if srv else "?")
         self._dispatch()
 
     # -- failures --------------------------------------------------------------------------------
@@ -499,7 +503,7 @@ class Cluster:
             self._closed = True
             queued = self._queue.clear()
         for job in queued:
-            _settle(job.future, None, RpycsvcError("the cluster was closed"))
+            settle(job.future, None, RpycsvcError("the cluster was closed"))
         for srv in self._servers.values():
             if srv.client is not None:
                 srv.client.close()
@@ -515,18 +519,6 @@ class Cluster:
     def __repr__(self) -> str:
         up = sum(1 for s in self._servers.values() if s.up)
         return f"<rpycsvc.Cluster {up}/{len(self._servers)} servers up>"
-
-
-def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except Exception:
-        pass  # cancelled meanwhile
 
 
 

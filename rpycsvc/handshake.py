@@ -33,8 +33,7 @@ _MAX_HELLO = 64 * 1024
 def versions() -> dict[str, str]:
     return {
         "rpycsvc": __version__,
-        "rpyc": rpyc.__version__ if isinstance(rpyc.__version__, str) else ".".join(
-            map(str, rpyc.version.version)),
+        "rpyc": str(rpyc.__version__),
         "python": platform.python_version(),
     }
 

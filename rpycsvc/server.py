@@ -188,8 +188,7 @@ class Server:
             self.pool.close(grace=0)
             raise ConfigError(
                 f"can't listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
-        self.runtime.address = self.address
-        self._rpyc._listen()
+        self._rpyc._listen()  # with port 0, the real port is known from here on
         self.runtime.address = self.address
         self._rpyc._register()
         self._thread = threading.Thread(target=self._accept_loop, name="rpycsvc-accept",

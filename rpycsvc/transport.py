@@ -84,7 +84,7 @@ class FastSocketStream(SocketStream):
                 raise EOFError("connection closed by peer")
             got += n
         TRAFFIC["in"] += count
-        return bytes(buf) if count < 65536 else buf  # type: ignore[return-value]
+        return bytes(buf)  # brine slices it: it must be bytes
 
     def write(self, data: Any) -> None:
         try:
@@ -109,9 +109,7 @@ class FastChannel(Channel):
             raise EOFError(f"peer announced a {length}-byte frame (limit {MAX_FRAME}); closing")
         data = self.stream.read(length)
         self.stream.read(len(self.FLUSHER))
-        if compressed:
-            return zlib.decompress(data)
-        return bytes(data) if not isinstance(data, bytes) else data
+        return zlib.decompress(data) if compressed else data
 
     def send(self, data: bytes) -> None:
         header = self.FRAME_HEADER.pack(len(data), 0)

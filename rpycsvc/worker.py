@@ -85,8 +85,7 @@ class Worker:
 
     # -- output ----------------------------------------------------------------------------
     def current(self) -> _TaskContext | None:
-        ctx = getattr(self.local, "ctx", None)
-        return ctx if ctx is not None else None
+        return getattr(self.local, "ctx", None)
 
     def write(self, fd: int, text: str, ctx: _TaskContext | None) -> bool:
         """Buffer ``text`` for ``ctx``; send whole lines when enough is pending."""

@@ -124,10 +124,6 @@ def test_broadcast_succeeded_and_failed(cluster: Cluster) -> None:
     assert set(res) == set(cluster.addresses)
     assert len(set(res.succeeded.values())) == 2 and not res.failed
 
-    def fails_on_first(first: str) -> str:
-
-        return "ok"
-
     res = cluster.broadcast(lambda: 1 / 0)
     assert set(res.failed) == set(cluster.addresses)
     assert all(isinstance(e, ZeroDivisionError) for e in res.failed.values())
