@@ -2,33 +2,52 @@
 
 A message is a small pickled control tuple plus zero or more binary frames (pickled task
 data, out-of-band buffers). Frames are written as they are and read with ``recv_into``
-into one buffer each, so large arrays cross with no extra copies. Only the server's own
-processes speak this; clients never see it.
+into one buffer each, so large arrays cross with no extra copies. The same framing
+carries a client's direct *lane* to a worker (see :mod:`rpycsvc.lane`); there the control
+tuple is unpickled with a caller-given loader, so a restricted server can refuse globals.
+A message may carry file descriptors (``SCM_RIGHTS``): that is how the server hands a
+lane's socket to a worker.
 """
 
 from __future__ import annotations
 
+import array
 import pickle
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 _HEAD = struct.Struct("!II")  # control length, number of frames
 _LEN = struct.Struct("!Q")
 _MAX_FRAMES = 1 << 16
 
 
-def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
-    """Send one message. Callers serialise concurrent senders with their own lock."""
+#: Most file descriptors one message may carry.
+MAX_FDS = 4
+
+
+def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
+             fds: tuple[int, ...] = ()) -> None:
+    """Send one message (with ``fds`` attached, over a Unix socket).
+
+    Callers serialise concurrent senders with their own lock. Large frames are sent from
+    the caller's buffers as they are (``memoryview``\ s included), never joined into a copy.
+    """
     ctl = pickle.dumps(control, protocol=5)
     sizes = [memoryview(f).nbytes for f in frames]
     head = _HEAD.pack(len(ctl), len(frames)) + b"".join(_LEN.pack(n) for n in sizes)
-    if sum(sizes) < 65536:
-        sock.sendall(b"".join((head, ctl, *frames)))
-        return
-    sock.sendall(head + ctl)
-    for f in frames:
-        sock.sendall(f)
+    small = sum(sizes) < 65536
+    first = b"".join((head, ctl, *frames)) if small else head + ctl
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sent = sock.sendmsg([first], anc)
+        if sent < len(first):
+            sock.sendall(memoryview(first)[sent:])
+    else:
+        sock.sendall(first)
+    if not small:
+        for f in frames:
+            sock.sendall(f)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -43,12 +62,42 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv_msg(sock: socket.socket) -> tuple[tuple[Any, ...], list[bytearray]]:
-    """Receive one message; raises ``EOFError`` when the peer is gone."""
-    ctl_len, nframes = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
+def _recv_head(sock: socket.socket, fds: list[int]) -> bytearray:
+    """The fixed-size header, collecting any file descriptors sent along with it."""
+    buf = bytearray(_HEAD.size)
+    got = 0
+    cmsg_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+    while got < _HEAD.size:
+        k, anc, _flags, _addr = sock.recvmsg_into([memoryview(buf)[got:]], cmsg_space)
+        if k == 0:
+            raise EOFError("peer closed the channel")
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(data[: len(data) - len(data) % a.itemsize])
+                fds.extend(a)
+        got += k
+    return buf
+
+
+def recv_msg(
+    sock: socket.socket, *, fds: list[int] | None = None,
+    loads: Callable[[bytes | bytearray], Any] = pickle.loads, max_bytes: int = 0,
+) -> tuple[tuple[Any, ...], list[bytearray]]:
+    """Receive one message; raises ``EOFError`` when the peer is gone.
+
+    With ``fds`` (a list), file descriptors sent along are appended to it. ``loads``
+    unpickles the control tuple. ``max_bytes`` (if set) bounds what one message may
+    announce; a bigger one raises ``ValueError`` before anything is allocated.
+    """
+    head = _recv_head(sock, fds) if fds is not None else _recv_exact(sock, _HEAD.size)
+    ctl_len, nframes = _HEAD.unpack(head)
     if nframes > _MAX_FRAMES:
-        raise EOFError(f"corrupt worker channel: {nframes} frames")
+        raise EOFError(f"corrupt channel: {nframes} frames")
     lens = struct.unpack(f"!{nframes}Q", _recv_exact(sock, _LEN.size * nframes)) if nframes else ()
-    control = pickle.loads(_recv_exact(sock, ctl_len))
+    if max_bytes and ctl_len + sum(lens) > max_bytes:
+        raise ValueError(f"a message of {ctl_len + sum(lens)} bytes is over the limit of "
+                         f"{max_bytes} bytes")
+    control = loads(_recv_exact(sock, ctl_len))
     frames = [_recv_exact(sock, n) for n in lens]
     return control, frames

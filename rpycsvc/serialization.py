@@ -2,8 +2,9 @@
 
 Data is pickled with protocol 5; buffers of at least ``OOB_THRESHOLD`` bytes (numpy arrays
 of numbers, contiguous memoryviews) travel out of band as separate frames, so they are never
-copied into the pickle stream. ``bytes`` and ``bytearray`` are always copied in band: the C
-pickler writes them itself, before any reducer could hand them over as a buffer. Functions
+copied into the pickle stream. The C pickler writes ``bytes`` and ``bytearray`` itself, before
+any reducer could hand them over as a buffer, so large ones (at the top of a value or up to
+three containers deep) are wrapped first to travel out of band as well. Functions
 go through cloudpickle, so lambdas, closures and functions defined in ``__main__`` work. A
 packed value is a tuple of ``bytes`` frames: RPyC's brine sends such a tuple by value,
 never as a netref.
@@ -67,16 +68,54 @@ def _dumps_bytes(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
         return out.getvalue()
 
 
-def dumps(obj: Any, what: str = "value") -> Frames:
+class _BigBytes:
+    """Stands in for a large ``bytes``/``bytearray`` so it pickles as an out-of-band buffer."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        rebuild = _rebuild_bytes if type(self.data) is bytes else _rebuild_bytearray
+        return rebuild, (pickle.PickleBuffer(self.data),)
+
+
+def _rebuild_bytes(buf: Any) -> bytes:
+    return buf if type(buf) is bytes else bytes(buf)
+
+
+def _rebuild_bytearray(buf: Any) -> bytearray:
+    return buf if type(buf) is bytearray else bytearray(buf)
+
+
+def _lift(obj: Any, depth: int = 3) -> Any:
+    """``obj`` with its large bytes/bytearrays wrapped in :class:`_BigBytes` (shallowly:
+    small tuples, lists and dicts up to ``depth`` deep); ``obj`` itself if it has none."""
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return _BigBytes(obj) if len(obj) >= OOB_THRESHOLD else obj
+    if t not in (tuple, list, dict) or depth <= 0 or len(obj) > 64:
+        return obj
+    if t is dict:
+        values = {k: _lift(v, depth - 1) for k, v in obj.items()}
+        return values if any(values[k] is not v for k, v in obj.items()) else obj
+    items = [_lift(x, depth - 1) for x in obj]
+    return t(items) if any(a is not b for a, b in zip(items, obj)) else obj
+
+
+def dumps(obj: Any, what: str = "value", copy: bool = True) -> Frames:
     """Pickle ``obj`` by value into frames: ``(pickle, buffer1, buffer2, ...)``.
 
-    ``what`` names the thing in the error message ("argument", "result", ...).
+    ``what`` names the thing in the error message ("argument", "result", ...). With
+    ``copy=False`` the buffers are ``memoryview``\ s of ``obj``'s own memory (for a
+    sender that writes them out before ``obj`` can change), not ``bytes`` copies.
     """
     if _is_plain(obj, 2):  # the common small case: C pickle, no cloudpickle machinery
         return (pickle.dumps(obj, protocol=5),)
     buffers: list[pickle.PickleBuffer] = []
     try:
-        head = _dumps_bytes(obj, buffers)
+        head = _dumps_bytes(_lift(obj), buffers)
     except Exception as exc:
         raise SerializationError(
             f"can't send {what} {_short_repr(obj)} by value: {type(exc).__name__}: {exc}. "
@@ -85,6 +124,8 @@ def dumps(obj: Any, what: str = "value") -> Frames:
         ) from exc
     if not buffers:
         return (head,)
+    if not copy:
+        return (head, *(b.raw() for b in buffers))  # type: ignore[misc]
     return (head, *(bytes(b.raw()) for b in buffers))
 
 
@@ -128,9 +169,21 @@ class _PlainUnpickler(pickle.Unpickler):
     (numbers, strings, bytes, lists, tuples, dicts, sets, booleans, None)."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name in ("_rebuild_bytes", "_rebuild_bytearray"):
+            return globals()[name]  # large bytes sent out of band: still plain data
         raise SerializationError(
             f"service-only mode accepts plain data only; the arguments refer to {module}.{name}"
         )
+
+
+def loads_plain(data: bytes | bytearray) -> Any:
+    """Unpickle plain data only (no globals): for what a restricted server reads first."""
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise SerializationError(f"malformed message: {type(exc).__name__}: {exc}") from exc
 
 
 def check_plain(frames: Frames | list[bytes]) -> None:

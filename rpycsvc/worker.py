@@ -6,6 +6,12 @@ runs many tasks at once in threads, for I/O-bound work. Whatever a task prints (
 ``sys.stdout``/``sys.stderr`` or, in a process worker, straight to file descriptors 1
 and 2) is sent back as whole lines, attributed to the task, while the task runs.
 
+A process worker may also be handed *lanes*: client sockets passed over by the server
+(``SCM_RIGHTS``) on which one client sends tasks straight to this worker and gets results
+and output back, with no hop through the server process (see :mod:`rpycsvc.lane`). The
+server is told when a lane task starts and ends, so it still schedules, times out, counts
+and reports it like any other.
+
 Started by :mod:`rpycsvc.pool` as ``python -m rpycsvc.worker --fd N ...``; not an API.
 """
 
@@ -16,6 +22,7 @@ import ctypes
 import io
 import logging
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -26,7 +33,14 @@ from typing import Any, Callable
 
 from . import _wire
 from .endpoints import load_endpoints, resolve_path
-from .serialization import FunctionCache, dump_exception, dumps, loads
+from .serialization import (
+    FunctionCache,
+    check_plain,
+    dump_exception,
+    dumps,
+    loads,
+    loads_plain,
+)
 
 #: Output is sent at least this often while a task runs (seconds).
 FLUSH_INTERVAL = 0.05
@@ -37,10 +51,12 @@ FLUSH_BYTES = 32 * 1024
 class _TaskContext:
     """What a running task's output is attributed to, and its pending output."""
 
-    __slots__ = ("chunks", "forward", "lock", "logging", "sizes", "task_id")
+    __slots__ = ("chunks", "forward", "lock", "logging", "send", "sizes", "task_id")
 
-    def __init__(self, task_id: int, forward: bool, logging: bool = False) -> None:
+    def __init__(self, task_id: int, forward: bool, logging: bool = False,
+                 send: Callable[..., None] | None = None) -> None:
         self.task_id = task_id
+        self.send = send  # where output and the result go: the server, or a client's lane
         self.forward = forward
         self.logging = logging
         self.lock = threading.Lock()
@@ -111,7 +127,13 @@ class Worker:
             data, rest = data[:cut], data[cut:]
         ctx.chunks[fd] = [rest] if rest else []
         ctx.sizes[fd] = len(rest)
-        self.send(("out", ctx.task_id, fd, data))
+        if ctx.send is None:
+            self.send(("out", ctx.task_id, fd, data))
+            return
+        try:
+            ctx.send(("out", ctx.task_id, fd, data))
+        except OSError:
+            pass  # the lane's client is gone; the task's reply will fail too
 
     def flush(self, ctx: _TaskContext, whole_lines: bool) -> None:
         with ctx.lock:
@@ -123,7 +145,7 @@ class Worker:
         import pickle
 
         self.flush(ctx, whole_lines=True)  # keep prints and log records roughly in order
-        self.send(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
+        (ctx.send or self.send)(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
 
     def flusher(self) -> None:
         """Send complete lines of every running task at least every FLUSH_INTERVAL."""
@@ -153,8 +175,10 @@ class Worker:
         return resolve_path(spec), frames
 
     def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any],
-            frames: list[bytearray]) -> None:
-        ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False))
+            frames: list[bytearray], send: Callable[..., None] | None = None) -> bool:
+        """Run one task; output and the ``done`` message go to ``send`` (default: the
+        server). Returns whether the task succeeded."""
+        ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False), send)
         if ctx.logging:
             self.logging_tasks += 1
             logging.getLogger().setLevel(logging.DEBUG)  # the client's loggers decide
@@ -171,7 +195,7 @@ class Worker:
                     out = self._run_batch(fn, data)
                 else:
                     args, kwargs = loads(data, "task arguments")
-                    out = dumps(fn(*args, **kwargs), "result")
+                    out = dumps(fn(*args, **kwargs), "result", copy=False)
                 ok = True
             except BaseException as exc:  # a task's SystemExit must not end the worker
                 ok, out = False, dump_exception(exc)
@@ -183,7 +207,8 @@ class Worker:
             if self.pool is None:
                 self.drain_fds()  # what child processes wrote is this task's too
             self.flush(ctx, whole_lines=False)
-            self.send(("done", task_id, ok), out)
+            (send or self.send)(("done", task_id, ok), out)
+            return ok
         finally:
             self.local.ctx = None
             self.inline = None
@@ -243,22 +268,114 @@ class Worker:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
 
     def serve(self) -> None:
-        while True:
+        """Take messages from the server and, in a process worker, from its lanes."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    lane: _Lane | None = key.data
+                    if lane is not None:
+                        if not self.serve_lane(lane):
+                            sel.unregister(lane.sock)
+                            lane.close()
+                            self.send(("lane-closed", lane.id))
+                    elif not self.serve_server(sel):
+                        return
+        finally:
+            sel.close()
+
+    def serve_server(self, sel: selectors.BaseSelector) -> bool:
+        """Handle one message from the server; False when it is time to exit."""
+        fds: list[int] = []
+        try:
+            control, frames = _wire.recv_msg(self.sock, fds=fds)
+        except (EOFError, OSError):
+            return False
+        op = control[0]
+        if op == "run":
+            _, task_id, kind, spec, opts = control
+            if self.pool is not None:
+                self.pool.submit(self.run, task_id, kind, spec, opts, frames)
+            else:
+                self.run(task_id, kind, spec, opts, frames)
+        elif op == "lane" and fds:
+            _, lane_id, restricted = control
+            lane = _Lane(lane_id, socket.socket(fileno=fds.pop(0)), restricted)
+            sel.register(lane.sock, selectors.EVENT_READ, lane)
+        elif op == "cancel":
+            self.cancel(control[1], control[2])
+        elif op == "exit":
+            return False
+        for fd in fds:  # descriptors we did not ask for
+            os.close(fd)
+        return True
+
+    def serve_lane(self, lane: _Lane) -> bool:
+        """Run one task a client sent on its lane; False when the lane is done."""
+        try:
+            control, frames = _wire.recv_msg(
+                lane.sock, loads=loads_plain if lane.restricted else _wire.pickle.loads,
+                max_bytes=LANE_MAX_MESSAGE)
+            if control[0] != "run" or len(control) != 5:
+                raise ValueError(f"unexpected lane message {control[0]!r}")
+            _, key, kind, spec, opts = control
+            opts = dict(opts)
+            if lane.restricted:
+                if kind != "endpoint":
+                    raise PermissionError(
+                        "this server runs in service-only mode (--no-classic): it accepts no "
+                        "functions or import paths from clients; call a registered endpoint")
+                check_plain(frames)
+        except (EOFError, OSError):
+            return False
+        except Exception as exc:  # malformed, too large, refused: say why, then hang up
             try:
-                control, frames = _wire.recv_msg(self.sock)
-            except (EOFError, OSError):
-                return
-            op = control[0]
-            if op == "run":
-                _, task_id, kind, spec, opts = control
-                if self.pool is not None:
-                    self.pool.submit(self.run, task_id, kind, spec, opts, frames)
-                else:
-                    self.run(task_id, kind, spec, opts, frames)
-            elif op == "cancel":
-                self.cancel(control[1], control[2])
-            elif op == "exit":
-                return
+                lane.send(("fail", None, type(exc).__name__, str(exc)))
+            except OSError:
+                pass
+            return False
+        label = str(opts.get("label") or spec or "task")
+        timeout = opts.get("timeout")
+        self.send(("lane-start", lane.id, label, timeout))
+        ok = False
+        try:
+            ok = self.run(key, kind, spec, opts, frames, lane.send)
+        except OSError:  # the client went away mid-reply
+            return False
+        finally:
+            self.send(("lane-end", lane.id, ok))
+        return True
+
+
+#: Largest task message a lane accepts (frames included).
+LANE_MAX_MESSAGE = 1 << 36
+
+
+class _Lane:
+    """A client's socket handed to this worker by the server."""
+
+    def __init__(self, lane_id: str, sock: socket.socket, restricted: bool) -> None:
+        self.id = lane_id
+        self.sock = sock
+        self.restricted = restricted
+        self.lock = threading.Lock()
+        sock.setblocking(True)
+        sock.settimeout(LANE_IO_TIMEOUT)
+
+    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
+        with self.lock:
+            _wire.send_msg(self.sock, control, frames)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+#: A lane client that stops reading or writing mid-message for this long is dropped.
+LANE_IO_TIMEOUT = 120.0
 
 
 class _Cancelled(Exception):
