@@ -31,7 +31,7 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, .
     """Send one message (with ``fds`` attached, over a Unix socket).
 
     Callers serialise concurrent senders with their own lock. Large frames are sent from
-    the caller's buffers as they are (``memoryview``\ s included), never joined into a copy.
+    the caller's buffers as they are (memoryviews included), never joined into a copy.
     """
     ctl = pickle.dumps(control, protocol=5)
     sizes = [memoryview(f).nbytes for f in frames]

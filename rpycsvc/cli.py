@@ -73,6 +73,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
                    help="address-space limit per worker process, e.g. 2G (a task exceeding it "
                    "gets MemoryError)")
+    w.add_argument("--no-lanes", dest="lanes", action="store_false", default=None,
+                   help="don't let clients open direct lanes to worker processes (every task "
+                   "then goes through the server process; slower, see README 'Performance')")
     w.add_argument("--grace", type=float, default=None,
                    help="seconds running tasks may finish after SIGTERM (default 10)")
     s = p.add_argument_group("security")
@@ -116,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
              "service_scope", "memory_limit",
              "grace", "classic", "authkey", "ssl_keyfile", "ssl_certfile", "ssl_cafile",
              "insecure", "handshake_timeout", "register", "registry_type", "registry_port",
-             "registry_host", "logfile", "quiet", "verbose", "metrics_port")
+             "registry_host", "logfile", "quiet", "verbose", "metrics_port", "lanes")
     return ServerConfig.from_env(**{n: getattr(args, n, None) for n in names})
 
 

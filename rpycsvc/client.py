@@ -4,6 +4,11 @@
 ``client.submit(fn, *args)`` send the function and its arguments by value (cloudpickle,
 pickle protocol 5) and get results by value; many tasks may be in flight on one connection.
 ``client.modules``/``execute``/``eval`` are RPyC's classic access, unchanged.
+
+When the server allows it, a task goes over the client's *lane* (:mod:`rpycsvc.lane`)
+instead: straight to a worker process, skipping the server process and RPyC. That is
+the path of a lone ``compute()`` call and of one task of a fan-out; tasks beyond what
+the lane carries at once, and thread-mode tasks, take the RPyC path.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import socket
 import ssl as _ssl
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -33,6 +39,7 @@ from .errors import (
     WorkerCrashedError,
 )
 from .handshake import client_handshake
+from .lane import Lane, LaneBroken
 from .output import OutputRouter
 from .serialization import dumps, dumps_function, load_exception, loads
 from .transport import FastChannel, FastSocketStream
@@ -91,10 +98,12 @@ class TaskFuture(Future):
         return cancelled
 
 
-def frames_of_call(task: Any, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> tuple[str, Any, tuple[bytes, ...]]:
-    """How a call travels: (kind, spec, frames) — functions pickled by value, names as text."""
-    data = dumps((args, kwargs), "arguments")
+def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   copy: bool = True) -> tuple[str, Any, tuple[bytes, ...]]:
+    """How a call travels: (kind, spec, frames) — functions pickled by value, names as text.
+
+    With ``copy=False`` large buffers stay views of the arguments (see ``dumps``)."""
+    data = dumps((args, kwargs), "arguments", copy=copy)
     if isinstance(task, str):
         return ("path" if ":" in task else "endpoint"), task, data
     return "pickled", None, (dumps_function(task), *data)
@@ -174,6 +183,13 @@ class Client:
         self.lost: BaseException | None = None
         self._lost_callbacks: list[Callable[[Client, BaseException], None]] = []
         self.root = _Root(self)
+        self._authkey: str | None = None
+        #: opens a socket to the server for a lane; None: no lanes (set by connect())
+        self._dial: Callable[[], socket.socket] | None = None
+        self._lane: Lane | None = None
+        self._lane_n = 0
+        self._lane_lock = threading.Lock()
+        self._lane_backoff = (0.0, 0.0)  # (no lane before this monotonic time, next wait)
         self._run = rpyc.async_(conn.root.run)
         self._cancel = rpyc.async_(conn.root.cancel)
         self._ready = threading.Event()
@@ -217,14 +233,57 @@ class Client:
 
         ``task`` is a function (sent by value), ``"module:function"`` or an endpoint name.
         """
-        return self._submit(task, args, kwargs, self._defaults).result()
+        return self._compute(task, args, kwargs, self._defaults)
+
+    def _compute(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 opts: dict[str, Any]) -> Any:
+        lane = self._take_lane(opts)
+        if lane is None:
+            return self._submit(task, args, kwargs, opts).result()
+        # The lane's reply is read right here: no hand-over between threads.
+        try:
+            kind, spec, frames = frames_of_call(task, args, kwargs, copy=False)
+        except BaseException:
+            lane.release()
+            raise
+        key = next(self._keys)
+        wire = self._wire_options(key, {**opts, "label": _label(task, spec)})
+        with self._lock:
+            self._pending[key] = (_ignore, (wire.pop("_mode"), None))
+        try:
+            try:
+                lane.send(key, kind, spec, wire, frames)
+            except OSError:
+                lane.release()
+                with self._lock:
+                    self._pending.pop(key, None)
+                return self._submit(task, args, kwargs, opts).result()
+            del frames
+            try:
+                reply = lane.receive(key)
+            except LaneBroken as exc:
+                lane.release()
+                if exc.ran:
+                    raise self._lane_error(exc) from None
+                return self._submit(task, args, kwargs, opts).result()
+            except BaseException:  # KeyboardInterrupt: stop the task, drop the lane
+                self._abandon_lane(lane)
+                raise
+            lane.release()
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+        ok, value = decode_reply(reply, self.address)
+        if not ok:
+            raise value
+        return value
 
     def _submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 opts: dict[str, Any]) -> TaskFuture:
         fut = TaskFuture()
         fut.address = self.address
-        kind, spec, frames = frames_of_call(task, args, kwargs)
-        label = spec if spec else getattr(task, "__qualname__", "task")
+        kind, spec, frames = frames_of_call(task, args, kwargs, copy=False)
+        label = _label(task, spec)
 
         def done(status: str, value: Any) -> None:
             if status == "lost":
@@ -241,16 +300,38 @@ class Client:
         """Low level: send one task; ``done(status, reply)`` runs once in the reader thread
         (status ``"reply"`` with the raw reply, or ``"lost"`` with the exception)."""
         key = next(self._keys)
-        wire = dict(opts)
-        mode = wire.pop("output", None) or self.output.mode
-        wire["output"] = mode != "discard"
-        wire["logging"] = self.output.forward_logging
-        wire["key"] = key
+        wire = self._wire_options(key, opts)
+        mode = wire.pop("_mode")
         with self._lock:
             if self.lost is not None:
                 raise ServerLostError(f"connection to {self.address} is lost: {self.lost}",
                                       address=self.address)
             self._pending[key] = (done, (mode, sink))
+        lane = self._take_lane(opts)
+        if lane is not None:
+            try:
+                lane.send(key, kind, spec, wire, frames)
+            except OSError:
+                lane.release()  # never reached the worker: the RPyC path below takes it
+            else:
+                job = (kind, spec, wire, frames)
+                lane.start(key, lambda k, r: self._on_lane_reply(k, r, job))
+                return key
+        self._send_rpyc(key, kind, spec, wire, frames)
+        return key
+
+    def _wire_options(self, key: int, opts: dict[str, Any]) -> dict[str, Any]:
+        wire = dict(opts)
+        mode = wire.pop("output", None) or self.output.mode
+        wire["output"] = mode != "discard"
+        wire["logging"] = self.output.forward_logging
+        wire["key"] = key
+        wire["_mode"] = mode
+        return wire
+
+    def _send_rpyc(self, key: int, kind: str, spec: Any, wire: dict[str, Any],
+                   frames: tuple[Any, ...]) -> None:
+        frames = tuple(f if type(f) is bytes else bytes(f) for f in frames)  # brine: bytes only
         try:
             res = self._run(kind, spec, tuple(wire.items()), frames)
         except (EOFError, OSError) as exc:
@@ -260,14 +341,96 @@ class Client:
             raise ServerLostError(f"connection to {self.address} is lost: {exc}",
                                   address=self.address) from exc
         res.add_callback(lambda r, key=key: self._on_reply(key, r))
-        return key
 
     def cancel_task(self, key: int) -> None:
         if self.lost is None and not self._closed:
+            lane = self._lane
             try:
-                self._cancel(key)
+                if lane is not None and lane.key == key:
+                    rpyc.async_(self.conn.root.cancel_lane)(lane.id)
+                else:
+                    self._cancel(key)
             except (EOFError, OSError):
                 pass
+
+    # -- lanes (see rpycsvc.lane) ------------------------------------------------------------------
+    def _take_lane(self, opts: dict[str, Any]) -> Lane | None:
+        """The lane, held for one task, if this task may take it and it is free."""
+        if self._dial is None or opts.get("mode", "process") != "process" or self.closed:
+            return None
+        lane = self._lane
+        if lane is not None and lane.try_acquire():
+            return lane
+        if (lane is not None and not lane.broken) or not self._lane_lock.acquire(blocking=False):
+            return None  # busy, or another thread is opening one
+        try:
+            if self._lane is not lane:  # replaced meanwhile
+                return self._lane if self._lane is not None and self._lane.try_acquire() \
+                    else None
+            if lane is not None:
+                lane.close()
+            self._lane = None
+            token = self.server_info.get("lane")
+            not_before, wait = self._lane_backoff
+            if not token or time.monotonic() < not_before:
+                return None
+            self._lane_n += 1
+            try:
+                new = Lane.open(self, self._dial, str(token), self._lane_n, timeout=10.0)
+            except Exception as exc:  # refused or unreachable: RPyC carries tasks meanwhile
+                wait = min(30.0, max(0.1, wait * 2))
+                self._lane_backoff = (time.monotonic() + wait, wait)
+                log.info("no lane to %s (%s: %s); tasks go through RPyC for %.1f s",
+                         self.address, type(exc).__name__, exc, wait)
+                return None
+            self._lane_backoff = (0.0, 0.0)
+            new.try_acquire()
+            self._lane = new
+            if self.closed:  # closed while we opened it
+                new.close()
+                return None
+            return new
+        finally:
+            self._lane_lock.release()
+
+    def _abandon_lane(self, lane: Lane) -> None:
+        """Stop the lane's task on the server and hang up (the next task opens a new lane)."""
+        try:
+            rpyc.async_(self.conn.root.cancel_lane)(lane.id)
+        except Exception:
+            pass
+        lane.close()
+
+    def _lane_error(self, exc: LaneBroken) -> BaseException:
+        if exc.fate is None:
+            err = ServerLostError(str(exc), address=self.address)
+            return err
+        _ok, value = decode_reply(("error", *exc.fate), self.address)
+        return value
+
+    def _on_lane_reply(self, key: int, reply: Any, job: tuple[Any, ...]) -> None:
+        if isinstance(reply, LaneBroken):
+            if not reply.ran:  # the worker never saw it: send it the other way
+                with self._lock:
+                    still = key in self._pending
+                if still:
+                    try:
+                        self._send_rpyc(key, *job)
+                    except ServerLostError:
+                        pass  # _lose() failed it already
+                return
+            with self._lock:
+                entry = self._pending.pop(key, None)
+            if entry is not None:
+                err = self._lane_error(reply)
+                entry[0]("lost" if isinstance(err, ServerLostError) else "reply",
+                         err if isinstance(err, ServerLostError)
+                         else ("error", *(reply.fate or ("ServerLostError", str(reply)))))
+            return
+        with self._lock:
+            entry = self._pending.pop(key, None)
+        if entry is not None:
+            entry[0]("reply", reply)
 
     def _on_reply(self, key: int, res: Any) -> None:
         with self._lock:
@@ -330,6 +493,8 @@ class Client:
             self.lost = exc
             pending = list(self._pending.values())
             self._pending.clear()
+        if self._lane is not None:
+            self._lane.close()
         err = exc if isinstance(exc, ServerLostError) else ServerLostError(
             f"lost the connection to {self.address} ({type(exc).__name__}: {exc})",
             address=self.address)
@@ -388,7 +553,15 @@ class _Options:
         return self._client._submit(task, args, kwargs, self._opts)
 
     def compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
-        return self.submit(task, *args, **kwargs).result()
+        return self._client._compute(task, args, kwargs, self._opts)
+
+
+def _label(task: Any, spec: Any) -> str:
+    return str(spec) if spec else getattr(task, "__qualname__", "task")
+
+
+def _ignore(status: str, value: Any) -> None:
+    """The pending entry of a task whose reply is read in the calling thread."""
 
 
 def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -417,6 +590,7 @@ def connect(
     output: str = "stream",
     prefix: str = "[{address}] ",
     forward_logging: bool = False,
+    lanes: bool = True,
     **task_options: Any,
 ) -> Client:
     """Connect to an rpycsvc server and check versions (and credentials).
@@ -426,7 +600,9 @@ def connect(
     ``output`` decides where tasks' stdout/stderr go: ``"stream"`` (to ours, each line
     prefixed with ``prefix``), ``"capture"`` (on ``future.stdout``/``future.stderr``) or
     ``"discard"``. With ``forward_logging``, ``logging`` records emitted in tasks are handed
-    to the local logger of the same name, with the server as ``record.server``. Other
+    to the local logger of the same name, with the server as ``record.server``. With
+    ``lanes`` (the default), tasks go straight to a worker process when the server allows
+    it (see :mod:`rpycsvc.lane`); ``lanes=False`` sends every task through RPyC. Other
     keywords set default task options (``timeout``, ``mode``).
     """
     from .handshake import client_ssl_context
@@ -460,8 +636,12 @@ def connect(
                 raise AuthenticationError(f"TLS handshake with {address} failed: {exc}",
                                           address=address) from exc
         hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
-        return connect_stream(FastSocketStream(sock), address=address, hello=hello,
-                              router=router, **task_options)
+        client = connect_stream(FastSocketStream(sock), address=address, hello=hello,
+                                router=router, **task_options)
+        if lanes and not ssl and client.server_info.get("lane"):
+            client._authkey = authkey
+            client._dial = lambda: socket.create_connection((h, p), timeout=timeout)
+        return client
     except BaseException:
         sock.close()
         raise

@@ -46,6 +46,7 @@ class ServerConfig:
     memory_limit: int = 0  # bytes per worker process; 0: no limit
     keepalive: float = 0.0  # stdio mode: exit after this long without a word from the client
     metrics_port: int | None = None
+    lanes: bool = True  # clients may send tasks straight to a worker (threaded mode, no TLS)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:

@@ -138,14 +138,17 @@ def server_handshake(
 
 
 def client_handshake(
-    sock: socket.socket, *, address: str, authkey: str | None, timeout: float
+    sock: socket.socket, *, address: str, authkey: str | None, timeout: float,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the client's side; returns the server's hello (versions, host, pid, workers...)."""
+    """Run the client's side; returns the server's hello (versions, host, pid, workers...).
+
+    ``extra`` adds fields to our hello (``lane``: this connection is a lane, not RPyC)."""
     sock.settimeout(timeout)
     mine = versions()
     try:
         sock.sendall(MAGIC)
-        _send_json(sock, {**mine, "auth": bool(authkey)})
+        _send_json(sock, {**(extra or {}), **mine, "auth": bool(authkey)})
         hello = _recv_json(sock)
         if not hello.get("ok", False) or not compatible(mine, hello):
             if hello.get("error") == "version mismatch" or not compatible(mine, hello):

@@ -6,6 +6,12 @@ timeout, or cancelled while running, is stopped by killing its worker, which is 
 replaced. A worker that dies by itself (``os._exit``, a signal, the kernel's OOM killer)
 fails only the task it was running. Thread-mode tasks share one worker process with many
 threads; they are stopped by an exception raised in their thread.
+
+A process worker may also serve *lanes* (client sockets handed to it with
+:meth:`WorkerPool.attach_lane`). The worker reports each lane task's start and end, and the
+pool books it as a running task: the worker takes no queued task meanwhile, its timeout is
+enforced, and it is counted and shown like the rest. How a lane task ended badly (timeout,
+cancel, crash) is kept for its client to ask with :meth:`WorkerPool.lane_fate`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -76,10 +82,23 @@ class _WorkerHandle:
         self.ready = threading.Event()
         self.alive = True
         self.stopping = ""  # why we killed it on purpose (timeout, cancel)
+        self.lanes: set[str] = set()
 
-    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
+    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
+             fds: tuple[int, ...] = ()) -> None:
         with self.send_lock:
-            _wire.send_msg(self.sock, control, frames)
+            _wire.send_msg(self.sock, control, frames, fds)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """A client's lane to one worker, as the pool books it."""
+
+    id: str
+    worker: _WorkerHandle
+    owner: Hashable
+    client: str
+    task: Task | None = None
 
 
 class WorkerPool:
@@ -124,6 +143,10 @@ class WorkerPool:
         self.duration_sum = 0.0
         #: the last few failures: (time, label, client, error text)
         self.recent_failures: deque[tuple[float, str, str, str]] = deque(maxlen=20)
+        self._lanes: dict[str, _Lane] = {}
+        #: how lanes' last tasks ended badly, or why an idle lane closed: (error name, text)
+        self._lane_fates: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._fate_cv = threading.Condition(self._lock)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def ensure_started(self) -> None:
@@ -329,6 +352,13 @@ class WorkerPool:
                             task.on_output(0, control[2])
                     elif op == "ready":
                         self._on_ready(w, control)
+                    elif op == "lane-start":
+                        self._on_lane_start(w, *control[1:])
+                    elif op == "lane-end":
+                        self._on_lane_end(w, control[1], control[2])
+                    elif op == "lane-closed":
+                        with self._lock:
+                            self._drop_lane_locked(control[1], None)
                 except Exception:  # a bug here must not silence this worker for good
                     log.exception("error handling %r from worker %s", op, w.proc.pid)
                 del control, frames  # don't keep the last (maybe 64 MiB) message alive
@@ -362,7 +392,8 @@ class WorkerPool:
             task = w.tasks.pop(task_id, None)
             if w.role == "process":
                 # a worker we are killing must not be handed the next task
-                nxt = [self._next_process_task_locked(w)] if w.alive and not w.stopping else []
+                nxt = ([self._next_process_task_locked(w)]
+                       if w.alive and not w.stopping and not w.tasks else [])
             else:
                 nxt = list(self._take_thread_tasks_locked(w))
         for t in nxt:
@@ -379,6 +410,7 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 self._kill(w)
                 code = w.proc.wait(timeout=5.0)
+        how0 = "the server is shutting down" if self._closing else _describe_exit(code)
         with self._lock:
             was_alive, w.alive = w.alive, False
             lost = list(w.tasks.values())
@@ -390,6 +422,11 @@ class WorkerPool:
             replace = was_alive and not self._closing
             if replace:
                 self.counters["restarts"] += 1
+            for lane_id in list(w.lanes):
+                lane = self._lanes.get(lane_id)
+                if lane is not None and lane.task is None:  # idle: nothing of it was lost
+                    self._drop_lane_locked(lane_id, (
+                        "LaneClosed", f"the worker process serving this lane exited ({how0})"))
         w.sock.close()
         w.ready.set()
         how = _describe_exit(code)
@@ -400,6 +437,9 @@ class WorkerPool:
                 "of memory. The worker was replaced."
             )
             self._finish(task, False, None, err)
+        with self._lock:
+            for lane_id in list(w.lanes):
+                self._drop_lane_locked(lane_id, None)
         if replace:
             if w.stopping:
                 log.info("worker %s stopped to end a task (%s); starting a replacement",
@@ -482,6 +522,109 @@ class WorkerPool:
                     continue
                 wait = self._deadlines[0][0] - now if self._deadlines else None
                 self._deadline_cv.wait(wait)
+
+    # -- lanes ---------------------------------------------------------------------------------
+    def attach_lane(self, fd: int, lane_id: str, *, owner: Hashable, client: str,
+                    restricted: bool) -> None:
+        """Hand a client's connected socket ``fd`` to the process worker with the fewest
+        lanes. The caller closes its ``fd`` afterwards (the worker has its own copy)."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:  # bounded: a replacement worker may still be starting
+            with self._lock:
+                if self._closing:
+                    raise TaskCancelledError("the server is shutting down")
+                if lane_id in self._lanes:
+                    raise ConfigError(f"lane {lane_id} is already attached")
+                ready = [w for w in self._workers
+                         if w.alive and w.ready.is_set() and not w.stopping]
+                if ready:
+                    w = min(ready, key=lambda x: len(x.lanes))
+                    w.lanes.add(lane_id)
+                    self._lanes[lane_id] = _Lane(lane_id, w, owner, client)
+                    break
+            if time.monotonic() > deadline:
+                raise ConfigError("no worker process became ready to take the lane")
+            time.sleep(0.005)
+        try:
+            w.send(("lane", lane_id, restricted), fds=(fd,))
+        except OSError:
+            with self._lock:
+                self._drop_lane_locked(lane_id, None)
+            raise
+
+    def _on_lane_start(self, w: _WorkerHandle, lane_id: str, label: str,
+                       timeout: float | None) -> None:
+        with self._lock:
+            lane = self._lanes.get(lane_id)
+            if lane is None or self._closing:
+                return
+
+            def on_done(task: Task, ok: bool, frames: Any, err: TaskError | None) -> None:
+                if err is not None:
+                    with self._lock:
+                        self._set_fate_locked(lane_id, (type(err).__name__, str(err)))
+
+            task = Task(kind="lane", spec=None, frames=(), on_done=on_done, owner=lane.owner,
+                        timeout=timeout, label=label, client=lane.client,
+                        task_id=next(self._ids), state="running")
+            self._tasks[task.task_id] = task
+            self._start_locked(task, w)
+            lane.task = task
+            if w in self._idle:
+                self._idle.remove(w)
+
+    def _on_lane_end(self, w: _WorkerHandle, lane_id: str, ok: bool) -> None:
+        with self._lock:
+            lane = self._lanes.get(lane_id)
+            task = lane.task if lane is not None else None
+            if lane is None or task is None:
+                return
+            lane.task = None
+            w.tasks.pop(task.task_id, None)
+            nxt = (self._next_process_task_locked(w)
+                   if w.alive and not w.stopping and not w.tasks else None)
+        if nxt is not None:
+            self._send_task(w, nxt)
+        self._finish(task, ok, None, None)
+
+    def _drop_lane_locked(self, lane_id: str, fate: tuple[str, str] | None) -> None:
+        lane = self._lanes.pop(lane_id, None)
+        if lane is not None:
+            lane.worker.lanes.discard(lane_id)
+        if fate is not None and lane_id not in self._lane_fates:
+            self._set_fate_locked(lane_id, fate)
+        self._fate_cv.notify_all()
+
+    def _set_fate_locked(self, lane_id: str, fate: tuple[str, str]) -> None:
+        self._lane_fates[lane_id] = fate
+        while len(self._lane_fates) > 1000:
+            self._lane_fates.popitem(last=False)
+        self._fate_cv.notify_all()
+
+    def lane_fate(self, lane_id: str, timeout: float = 5.0) -> tuple[str, str] | None:
+        """Why ``lane_id`` failed its client: ``(error name, text)``, waiting up to
+        ``timeout`` seconds for the pool to learn it; None if it closed cleanly."""
+        with self._lock:
+            self._fate_cv.wait_for(
+                lambda: lane_id in self._lane_fates or lane_id not in self._lanes
+                or (self._lanes[lane_id].task is None and not self._lanes[lane_id].worker.alive),
+                timeout)
+            return self._lane_fates.get(lane_id)
+
+    def cancel_lane(self, lane_id: str, owner: Hashable, reason: str = "cancel") -> bool:
+        """Stop the task running on ``owner``'s lane ``lane_id`` (by killing its worker)."""
+        with self._lock:
+            lane = self._lanes.get(lane_id)
+            task = lane.task if lane is not None and lane.owner == owner else None
+        return task is not None and self.cancel(task.task_id, reason)
+
+    def drop_owner_lanes(self, owner: Hashable) -> None:
+        """``owner`` is gone: stop whatever its lanes still run."""
+        with self._lock:
+            running = [lane.task for lane in self._lanes.values()
+                       if lane.owner == owner and lane.task is not None]
+        for task in running:
+            self.cancel(task.task_id, "cancel")
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

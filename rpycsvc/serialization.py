@@ -108,7 +108,7 @@ def dumps(obj: Any, what: str = "value", copy: bool = True) -> Frames:
     """Pickle ``obj`` by value into frames: ``(pickle, buffer1, buffer2, ...)``.
 
     ``what`` names the thing in the error message ("argument", "result", ...). With
-    ``copy=False`` the buffers are ``memoryview``\ s of ``obj``'s own memory (for a
+    ``copy=False`` the buffers are memoryviews of ``obj``'s own memory (for a
     sender that writes them out before ``obj`` can change), not ``bytes`` copies.
     """
     if _is_plain(obj, 2):  # the common small case: C pickle, no cloudpickle machinery
@@ -125,7 +125,7 @@ def dumps(obj: Any, what: str = "value", copy: bool = True) -> Frames:
     if not buffers:
         return (head,)
     if not copy:
-        return (head, *(b.raw() for b in buffers))  # type: ignore[misc]
+        return (head, *(b.raw() for b in buffers))  # type: ignore[arg-type]
     return (head, *(bytes(b.raw()) for b in buffers))
 
 
@@ -186,7 +186,7 @@ def loads_plain(data: bytes | bytearray) -> Any:
         raise SerializationError(f"malformed message: {type(exc).__name__}: {exc}") from exc
 
 
-def check_plain(frames: Frames | list[bytes]) -> None:
+def check_plain(frames: Sequence[bytes | bytearray]) -> None:
     """Raise :class:`SerializationError` unless ``frames`` hold plain data only.
 
     Used by servers in service-only mode before any worker unpickles client data: a pickle

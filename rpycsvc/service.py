@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import platform
+import secrets
 import socket
 import threading
 import time
@@ -52,6 +53,26 @@ class Runtime:
         self.bytes_out = 0
         self._lock = threading.Lock()
         self._conn_ids = itertools.count(1)
+        #: set by the server when clients may open lanes (threaded mode, no TLS)
+        self.lanes = False
+        #: lane token → (connection id, client address) of the connection it was issued to
+        self.lane_tokens: dict[str, tuple[int, str]] = {}
+
+    def attach_lane(self, sock: socket.socket, lane_id: str) -> None:
+        """Hand a client's lane socket (after its handshake) to a worker process.
+
+        ``lane_id`` is ``"<token>/<n>"``; the token must be one this server issued to a
+        connection still open. Raises ``PermissionError``/``ConfigError`` to refuse.
+        """
+        owner = self.lane_tokens.get(lane_id.split("/", 1)[0]) if self.lanes else None
+        if owner is None:
+            raise PermissionError("unknown or expired lane token")
+        fd = sock.detach()
+        try:
+            self.pool.attach_lane(fd, lane_id, owner=owner[0], client=owner[1],
+                                  restricted=not self.classic)
+        finally:
+            os.close(fd)
 
     def connected(self) -> int:
         self.pool.ensure_started()
@@ -136,6 +157,7 @@ class ComputeService(Service):
         self._running: dict[Any, int] = {}
         self._lock = threading.Lock()
         self._per_connection: dict[str, Any] = {}  # hosted objects with connection scope
+        self._lane_token = ""
 
     def __getattr__(self, name: str) -> Any:
         # conn.root.<name> for objects hosted with --service (exposed_<name> in service-only mode)
@@ -174,6 +196,9 @@ class ComputeService(Service):
 
     def on_disconnect(self, conn: Any) -> None:
         self._runtime.disconnected()
+        if self._lane_token:
+            self._runtime.lane_tokens.pop(self._lane_token, None)
+            self._runtime.pool.drop_owner_lanes(self._conn_id)
         _forget_streams(conn)
         with self._lock:
             running = list(self._running.values())
@@ -187,7 +212,26 @@ class ComputeService(Service):
         self._sink = rpyc.async_(sink) if sink is not None else None
         info = self._runtime.info()
         info["endpoints"] = tuple(self._runtime.pool.endpoint_names)
+        if self._runtime.lanes:
+            if not self._lane_token:
+                self._lane_token = secrets.token_hex(16)
+                self._runtime.lane_tokens[self._lane_token] = (self._conn_id, self._client)
+            info["lane"] = self._lane_token
         return tuple(info.items())
+
+    def _own_lane(self, lane_id: str) -> bool:
+        return bool(self._lane_token) and str(lane_id).split("/", 1)[0] == self._lane_token
+
+    def exposed_lane_fate(self, lane_id: str, timeout: float = 5.0) -> tuple[str, str] | None:
+        """Why this connection's lane ``lane_id`` broke: ``(error name, text)``, or None."""
+        if not self._own_lane(lane_id):
+            return None
+        return self._runtime.pool.lane_fate(str(lane_id), min(float(timeout), 30.0))
+
+    def exposed_cancel_lane(self, lane_id: str) -> bool:
+        """Stop the task running on this connection's lane ``lane_id``."""
+        return self._own_lane(lane_id) and self._runtime.pool.cancel_lane(
+            str(lane_id), self._conn_id)
 
     def exposed_run(self, kind: str, spec: Any, options: tuple[tuple[str, Any], ...],
                     frames: tuple[bytes, ...]) -> Deferred:

@@ -302,7 +302,12 @@ class Worker:
         elif op == "lane" and fds:
             _, lane_id, restricted = control
             lane = _Lane(lane_id, socket.socket(fileno=fds.pop(0)), restricted)
-            sel.register(lane.sock, selectors.EVENT_READ, lane)
+            try:
+                lane.send(("lane-ready", os.getpid()))
+                sel.register(lane.sock, selectors.EVENT_READ, lane)
+            except OSError:
+                lane.close()
+                self.send(("lane-closed", lane.id))
         elif op == "cancel":
             self.cancel(control[1], control[2])
         elif op == "exit":
