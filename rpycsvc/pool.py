@@ -39,6 +39,7 @@ from .errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from .transport import TRAFFIC
 
 log = logging.getLogger("rpycsvc.pool")
 
@@ -225,7 +226,7 @@ class WorkerPool:
                     q = self._queues[task.owner] = deque()
                     self._turns.append(task.owner)
                 q.append(task)
-                worker = self._idle.popleft() if self._idle else None
+                worker = self._idle_worker_locked(task.owner)
                 todo = [self._next_process_task_locked(worker)] if worker else []
         for t in todo:
             if worker is not None and t is not None:
@@ -261,9 +262,25 @@ class WorkerPool:
         return True
 
     # -- scheduling (call with the lock held) -----------------------------------------------
+    def _idle_worker_locked(self, owner: Hashable) -> _WorkerHandle | None:
+        """An idle worker for a new task of ``owner``, but not one serving a lane of
+        ``owner`` (unless it is the only worker): that client may have just sent its lane
+        a task the pool has not heard of yet, and a task queued behind it there would wait
+        for it, or never run if the two must meet. Such a task stays queued for another
+        worker, or for this one once its lane task has ended."""
+        for w in self._idle:
+            if not any(self._lanes[i].owner == owner for i in w.lanes if i in self._lanes):
+                self._idle.remove(w)
+                return w
+        if self._idle and len(self._workers) <= 1:
+            return self._idle.popleft()
+        return None
+
     def _next_process_task_locked(self, worker: _WorkerHandle | None) -> Task | None:
         if worker is None:
             return None
+        if worker in self._idle:  # e.g. a lane task ended that the pool never heard start
+            self._idle.remove(worker)
         while self._turns:
             owner = self._turns[0]
             self._turns.rotate(-1)
@@ -356,6 +373,8 @@ class WorkerPool:
                         self._on_lane_start(w, *control[1:])
                     elif op == "lane-end":
                         self._on_lane_end(w, control[1], control[2])
+                        TRAFFIC["in"] += control[3]
+                        TRAFFIC["out"] += control[4]
                     elif op == "lane-closed":
                         with self._lock:
                             self._drop_lane_locked(control[1], None)

@@ -322,6 +322,11 @@ class Worker:
             control, frames = _wire.recv_msg(
                 lane.sock, loads=loads_plain if lane.restricted else _wire.pickle.loads,
                 max_bytes=LANE_MAX_MESSAGE)
+        except (EOFError, OSError):
+            return False
+        except Exception as exc:  # malformed or too large: say why, then hang up
+            return self._refuse(lane, exc)
+        try:
             if control[0] != "run" or len(control) != 5:
                 raise ValueError(f"unexpected lane message {control[0]!r}")
             _, key, kind, spec, opts = control
@@ -330,16 +335,12 @@ class Worker:
                 if kind != "endpoint":
                     raise PermissionError(
                         "this server runs in service-only mode (--no-classic): it accepts no "
-                        "functions or import paths from clients; call a registered endpoint")
+                        "functions or import paths from clients; call a registered endpoint by "
+                        f"name (it has: {', '.join(sorted(self.endpoints)) or 'none'})")
                 check_plain(frames)
-        except (EOFError, OSError):
-            return False
-        except Exception as exc:  # malformed, too large, refused: say why, then hang up
-            try:
-                lane.send(("fail", None, type(exc).__name__, str(exc)))
-            except OSError:
-                pass
-            return False
+        except Exception as exc:  # refused (PermissionError is an OSError too)
+            return self._refuse(lane, exc)
+        lane.bytes_in += sum(len(f) for f in frames)
         label = str(opts.get("label") or spec or "task")
         timeout = opts.get("timeout")
         self.send(("lane-start", lane.id, label, timeout))
@@ -349,8 +350,18 @@ class Worker:
         except OSError:  # the client went away mid-reply
             return False
         finally:
-            self.send(("lane-end", lane.id, ok))
+            self.send(("lane-end", lane.id, ok, lane.bytes_in, lane.bytes_out))
+            lane.bytes_in = lane.bytes_out = 0
         return True
+
+    @staticmethod
+    def _refuse(lane: _Lane, exc: Exception) -> bool:
+        """Tell the lane's client why its message was refused; the lane then closes."""
+        try:
+            lane.send(("fail", None, type(exc).__name__, str(exc)))
+        except OSError:
+            pass
+        return False
 
 
 #: Largest task message a lane accepts (frames included).
@@ -365,12 +376,14 @@ class _Lane:
         self.sock = sock
         self.restricted = restricted
         self.lock = threading.Lock()
+        self.bytes_in = self.bytes_out = 0  # since the last lane-end (for the server's metrics)
         sock.setblocking(True)
         sock.settimeout(LANE_IO_TIMEOUT)
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
         with self.lock:
             _wire.send_msg(self.sock, control, frames)
+            self.bytes_out += sum(memoryview(f).nbytes for f in frames)
 
     def close(self) -> None:
         try:
