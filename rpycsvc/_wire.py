@@ -20,6 +20,9 @@ from typing import Any, Callable
 _HEAD = struct.Struct("!II")  # control length, number of frames
 _LEN = struct.Struct("!Q")
 _MAX_FRAMES = 1 << 16
+#: Set in a frame's length: its source was read-only (``bytes``), so the receiver may
+#: read it into an immutable ``bytes`` (one copy, no zero-filling) instead of a bytearray.
+_READONLY = 1 << 63
 
 
 #: Most file descriptors one message may carry.
@@ -35,7 +38,9 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, .
     """
     ctl = pickle.dumps(control, protocol=5)
     sizes = [memoryview(f).nbytes for f in frames]
-    head = _HEAD.pack(len(ctl), len(frames)) + b"".join(_LEN.pack(n) for n in sizes)
+    head = _HEAD.pack(len(ctl), len(frames)) + b"".join(
+        _LEN.pack(n | _READONLY if type(f) is memoryview and f.readonly else n)
+        for n, f in zip(sizes, frames))
     small = sum(sizes) < 65536
     first = b"".join((head, ctl, *frames)) if small else head + ctl
     if fds:
@@ -62,6 +67,20 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes as one ``bytes`` object, read straight into it (``MSG_WAITALL``)."""
+    data = sock.recv(n, socket.MSG_WAITALL)
+    if len(data) == n:
+        return data
+    parts, got = [data], len(data)
+    while got < n:  # a signal, or a socket with a timeout: MSG_WAITALL gave up early
+        if not parts[-1]:
+            raise EOFError("peer closed the channel")
+        parts.append(sock.recv(n - got, socket.MSG_WAITALL))
+        got += len(parts[-1])
+    return b"".join(parts)
+
+
 def _recv_head(sock: socket.socket, fds: list[int]) -> bytearray:
     """The fixed-size header, collecting any file descriptors sent along with it."""
     buf = bytearray(_HEAD.size)
@@ -83,8 +102,10 @@ def _recv_head(sock: socket.socket, fds: list[int]) -> bytearray:
 def recv_msg(
     sock: socket.socket, *, fds: list[int] | None = None,
     loads: Callable[[bytes | bytearray], Any] = pickle.loads, max_bytes: int = 0,
-) -> tuple[tuple[Any, ...], list[bytearray]]:
+) -> tuple[tuple[Any, ...], list[Any]]:
     """Receive one message; raises ``EOFError`` when the peer is gone.
+
+    Frames are bytearrays, or ``bytes`` where the sender's buffer was read-only.
 
     With ``fds`` (a list), file descriptors sent along are appended to it. ``loads``
     unpickles the control tuple. ``max_bytes`` (if set) bounds what one message may
@@ -95,9 +116,11 @@ def recv_msg(
     if nframes > _MAX_FRAMES:
         raise EOFError(f"corrupt channel: {nframes} frames")
     lens = struct.unpack(f"!{nframes}Q", _recv_exact(sock, _LEN.size * nframes)) if nframes else ()
-    if max_bytes and ctl_len + sum(lens) > max_bytes:
-        raise ValueError(f"a message of {ctl_len + sum(lens)} bytes is over the limit of "
+    sizes = [n & ~_READONLY for n in lens]
+    if max_bytes and ctl_len + sum(sizes) > max_bytes:
+        raise ValueError(f"a message of {ctl_len + sum(sizes)} bytes is over the limit of "
                          f"{max_bytes} bytes")
     control = loads(_recv_exact(sock, ctl_len))
-    frames = [_recv_exact(sock, n) for n in lens]
+    frames: list[Any] = [_recv_bytes(sock, n & ~_READONLY) if n & _READONLY
+                         else _recv_exact(sock, n) for n in lens]
     return control, frames

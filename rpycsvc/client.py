@@ -112,8 +112,8 @@ def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
 def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
     """Turn a server reply into ``(True, result)`` or ``(False, exception)``."""
     status = reply[0]
-    if status == "ok":
-        return True, loads(reply[1], "result")
+    if status == "ok":  # a third item: it came over a lane, not through RPyC
+        return True, loads(reply[1], "result", writable=len(reply) < 3)
     if status == "raised":
         return False, load_exception(reply[1], address)
     cls = _ERRORS.get(reply[1])

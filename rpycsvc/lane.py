@@ -123,7 +123,7 @@ class Lane:
                 control, frames = _wire.recv_msg(self.sock)
                 op = control[0]
                 if op == "done":
-                    return ("ok" if control[2] else "raised", frames)
+                    return ("ok", frames, "lane") if control[2] else ("raised", frames)
                 if op == "out":
                     client._on_output(key, control[2], control[3])
                 elif op == "log":

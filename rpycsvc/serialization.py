@@ -148,12 +148,18 @@ def _is_plain(obj: Any, depth: int) -> bool:
     return all(_is_plain(x, depth - 1) for x in obj)
 
 
-def loads(frames: Sequence[bytes | bytearray], what: str = "value") -> Any:
-    """Rebuild an object from the frames :func:`dumps` made."""
+def loads(frames: Sequence[bytes | bytearray], what: str = "value",
+          writable: bool = True) -> Any:
+    """Rebuild an object from the frames :func:`dumps` made.
+
+    With ``writable`` (for frames that came through RPyC, which makes every frame
+    ``bytes``), ``bytes`` buffers are copied into bytearrays so that numpy arrays come
+    back writeable. Frames from :mod:`rpycsvc._wire` are ``bytes`` only where the
+    sender's buffer was read-only: pass ``writable=False`` and they are used as they are.
+    """
     try:
         head = frames[0]
-        # bytearray buffers let numpy arrays come back writeable without another copy.
-        bufs = [bytearray(f) if isinstance(f, bytes) else f for f in frames[1:]]
+        bufs = [bytearray(f) if writable and isinstance(f, bytes) else f for f in frames[1:]]
         return pickle.loads(head, buffers=bufs)
     except Exception as exc:
         raise SerializationError(

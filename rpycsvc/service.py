@@ -349,7 +349,7 @@ class ComputeService(Service):
                 reply.fail(err)
             elif ok:
                 try:
-                    reply.resolve(loads(out or [], "result"))
+                    reply.resolve(loads(out or [], "result", writable=False))
                 except SerializationError as exc:
                     reply.fail(exc)
             else:

@@ -25,6 +25,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -194,7 +195,7 @@ class Worker:
                 if opts.get("batch"):
                     out = self._run_batch(fn, data)
                 else:
-                    args, kwargs = loads(data, "task arguments")
+                    args, kwargs = loads(data, "task arguments", writable=False)
                     out = dumps(fn(*args, **kwargs), "result", copy=False)
                 ok = True
             except BaseException as exc:  # a task's SystemExit must not end the worker
@@ -222,7 +223,7 @@ class Worker:
 
     def _run_batch(self, fn: Callable[..., Any], data: list[bytearray]) -> tuple[bytes, ...]:
         """Run ``fn`` over a chunk of argument tuples; each item keeps its own result or error."""
-        items = loads(data, "batch arguments")
+        items = loads(data, "batch arguments", writable=False)
 
         def one(args: tuple[Any, ...]) -> tuple[bool, Any]:
             try:
@@ -377,8 +378,12 @@ class _Lane:
         self.restricted = restricted
         self.lock = threading.Lock()
         self.bytes_in = self.bytes_out = 0  # since the last lane-end (for the server's metrics)
+        # Blocking, with kernel timeouts rather than Python's (which make the socket
+        # non-blocking, and then MSG_WAITALL reads give up early).
         sock.setblocking(True)
-        sock.settimeout(LANE_IO_TIMEOUT)
+        tv = struct.pack("ll", int(LANE_IO_TIMEOUT), 0)
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            sock.setsockopt(socket.SOL_SOCKET, opt, tv)
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
         with self.lock:
