@@ -29,6 +29,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -61,8 +62,10 @@ class _TaskContext:
         self.forward = forward
         self.logging = logging
         self.lock = threading.Lock()
-        # pending text per fd as a list of pieces (appending to one str would be quadratic)
-        self.chunks: dict[int, list[str]] = {1: [], 2: []}
+        # Pending text per fd, as pieces (appending to one str would be quadratic). Writers
+        # append without a lock (deque.append is atomic); flushers take ``lock`` and pop from
+        # the left, so a write racing a flush is never lost. ``sizes`` is approximate.
+        self.chunks: dict[int, deque[str]] = {1: deque(), 2: deque()}
         self.sizes = {1: 0, 2: 0}
 
 
@@ -108,25 +111,29 @@ class Worker:
         """Buffer ``text`` for ``ctx``; send whole lines when enough is pending."""
         if ctx is None or not ctx.forward:
             return ctx is not None  # discarded for a task that asked for it, else not ours
-        with ctx.lock:
-            ctx.chunks[fd].append(text)
-            ctx.sizes[fd] += len(text)
-            if ctx.sizes[fd] >= FLUSH_BYTES:
+        ctx.chunks[fd].append(text)
+        ctx.sizes[fd] += len(text)
+        if ctx.sizes[fd] >= FLUSH_BYTES:
+            with ctx.lock:
                 self._flush_locked(ctx, fd, whole_lines=True)
         return True
 
     def _flush_locked(self, ctx: _TaskContext, fd: int, whole_lines: bool) -> None:
-        if not ctx.sizes[fd]:
+        pending = ctx.chunks[fd]
+        n = len(pending)
+        if not n:
             return
-        data = "".join(ctx.chunks[fd])
+        data = "".join([pending.popleft() for _ in range(n)])
         rest = ""
         if whole_lines:
             cut = data.rfind("\n") + 1
             if cut == 0:
-                ctx.chunks[fd] = [data]
+                pending.appendleft(data)
+                ctx.sizes[fd] = len(data)
                 return
             data, rest = data[:cut], data[cut:]
-        ctx.chunks[fd] = [rest] if rest else []
+        if rest:
+            pending.appendleft(rest)  # older than anything appended meanwhile
         ctx.sizes[fd] = len(rest)
         if ctx.send is None:
             self.send(("out", ctx.task_id, fd, data))
@@ -410,6 +417,7 @@ class _Router(io.TextIOBase):
 
     def __init__(self, worker: Worker, fd: int, fallback: io.TextIOBase) -> None:
         self._worker = worker
+        self._local = worker.local
         self._fd = fd
         self._fallback = fallback
 
@@ -417,11 +425,18 @@ class _Router(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        if not isinstance(text, str):
+        if type(text) is not str and not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        w = self._worker
-        if not w.write(self._fd, text, w.current()):
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:  # not a task's: the server's log
             self._fallback.write(text)
+        elif ctx.forward:  # Worker.write, inlined: print() calls this twice per line
+            fd = self._fd
+            ctx.chunks[fd].append(text)
+            ctx.sizes[fd] += len(text)
+            if ctx.sizes[fd] >= FLUSH_BYTES:
+                with ctx.lock:
+                    self._worker._flush_locked(ctx, fd, whole_lines=True)
         return len(text)
 
     def flush(self) -> None:
