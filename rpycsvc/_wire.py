@@ -1,8 +1,11 @@
 """Framing between the server process and its worker processes (a local socketpair).
 
 A message is a small pickled control tuple plus zero or more binary frames (pickled task
-data, out-of-band buffers). Frames are written as they are and read with ``recv_into``
-into one buffer each, so large arrays cross with no extra copies. The same framing
+data, out-of-band buffers). A fixed header says how many bytes follow it *inline* (the
+frame lengths, the control tuple and, when they are small, the frames), so a small message
+takes two reads: the header, then the rest. Large frames follow on their own, written
+from the sender's buffers and read into one buffer each, so large arrays cross with no
+extra copies. The same framing
 carries a client's direct *lane* to a worker (see :mod:`rpycsvc.lane`); there the control
 tuple is unpickled with a caller-given loader, so a restricted server can refuse globals.
 A message may carry file descriptors (``SCM_RIGHTS``): that is how the server hands a
@@ -17,7 +20,9 @@ import socket
 import struct
 from typing import Any, Callable
 
-_HEAD = struct.Struct("!II")  # control length, number of frames
+_HEAD = struct.Struct("!IIQ")  # control length, number of frames, inline bytes after the head
+#: Frames are sent inline (in the same write as the header) while their total is below this.
+_INLINE = 65536
 _LEN = struct.Struct("!Q")
 _MAX_FRAMES = 1 << 16
 #: Set in a frame's length: its source was read-only (``bytes``), so the receiver may
@@ -38,11 +43,12 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, .
     """
     ctl = pickle.dumps(control, protocol=5)
     sizes = [memoryview(f).nbytes for f in frames]
-    head = _HEAD.pack(len(ctl), len(frames)) + b"".join(
-        _LEN.pack(n | _READONLY if type(f) is memoryview and f.readonly else n)
-        for n, f in zip(sizes, frames))
-    small = sum(sizes) < 65536
-    first = b"".join((head, ctl, *frames)) if small else head + ctl
+    lens = b"".join(_LEN.pack(n | _READONLY if type(f) is memoryview and f.readonly else n)
+                    for n, f in zip(sizes, frames))
+    small = sum(sizes) < _INLINE
+    inline = len(lens) + len(ctl) + (sum(sizes) if small else 0)
+    head = _HEAD.pack(len(ctl), len(frames), inline)
+    first = b"".join((head, lens, ctl, *frames)) if small else b"".join((head, lens, ctl))
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         sent = sock.sendmsg([first], anc)
@@ -101,7 +107,7 @@ def _recv_head(sock: socket.socket, fds: list[int]) -> bytearray:
 
 def recv_msg(
     sock: socket.socket, *, fds: list[int] | None = None,
-    loads: Callable[[bytes | bytearray], Any] = pickle.loads, max_bytes: int = 0,
+    loads: Callable[[Any], Any] = pickle.loads, max_bytes: int = 0,
 ) -> tuple[tuple[Any, ...], list[Any]]:
     """Receive one message; raises ``EOFError`` when the peer is gone.
 
@@ -112,15 +118,30 @@ def recv_msg(
     announce; a bigger one raises ``ValueError`` before anything is allocated.
     """
     head = _recv_head(sock, fds) if fds is not None else _recv_exact(sock, _HEAD.size)
-    ctl_len, nframes = _HEAD.unpack(head)
-    if nframes > _MAX_FRAMES:
-        raise EOFError(f"corrupt channel: {nframes} frames")
-    lens = struct.unpack(f"!{nframes}Q", _recv_exact(sock, _LEN.size * nframes)) if nframes else ()
+    ctl_len, nframes, inline = _HEAD.unpack(head)
+    if nframes > _MAX_FRAMES or inline < _LEN.size * nframes + ctl_len:
+        raise EOFError(f"corrupt channel: {nframes} frames, {inline} inline bytes")
+    if max_bytes and inline > max_bytes:
+        raise ValueError(f"a message of {inline} bytes is over the limit of {max_bytes} bytes")
+    body = _recv_exact(sock, inline)
+    view = memoryview(body)
+    lens = struct.unpack_from(f"!{nframes}Q", body) if nframes else ()
     sizes = [n & ~_READONLY for n in lens]
-    if max_bytes and ctl_len + sum(sizes) > max_bytes:
-        raise ValueError(f"a message of {ctl_len + sum(sizes)} bytes is over the limit of "
+    if max_bytes and inline + sum(sizes) > max_bytes:
+        raise ValueError(f"a message of {inline + sum(sizes)} bytes is over the limit of "
                          f"{max_bytes} bytes")
-    control = loads(_recv_exact(sock, ctl_len))
-    frames: list[Any] = [_recv_bytes(sock, n & ~_READONLY) if n & _READONLY
-                         else _recv_exact(sock, n) for n in lens]
+    at = _LEN.size * nframes
+    control = loads(view[at:at + ctl_len])
+    at += ctl_len
+    frames: list[Any] = []
+    for n, size in zip(lens, sizes):
+        readonly = n & _READONLY
+        if at < inline:  # sent inline: a slice of what we read (small)
+            if at + size > inline:
+                raise EOFError("corrupt channel: a frame runs past the inline bytes")
+            piece = view[at:at + size]
+            frames.append(bytes(piece) if readonly else bytearray(piece))
+            at += size
+        else:
+            frames.append(_recv_bytes(sock, size) if readonly else _recv_exact(sock, size))
     return control, frames

@@ -19,11 +19,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -42,6 +45,11 @@ from .errors import (
 from .transport import TRAFFIC
 
 log = logging.getLogger("rpycsvc.pool")
+
+#: A worker's shared state: the number of the lane whose task it runs, when it started
+#: (``time.monotonic()``), and the task's label (its length, then up to _LABEL bytes).
+_STATE = struct.Struct("=QdH")
+_LABEL = 200
 
 #: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
@@ -84,6 +92,16 @@ class _WorkerHandle:
         self.alive = True
         self.stopping = ""  # why we killed it on purpose (timeout, cancel)
         self.lanes: set[str] = set()
+        self.state: mmap.mmap | None = None  # see _spawn
+
+    def running_lane(self) -> tuple[int, str, float]:
+        """The number of the lane whose task this worker runs now (0: none), the task's
+        label and start time, from the memory we share with it."""
+        if self.state is None:
+            return 0, "", 0.0
+        number, started, n = _STATE.unpack_from(self.state)
+        label = bytes(self.state[_STATE.size:_STATE.size + min(n, _LABEL)])
+        return int(number), label.decode(errors="replace"), started
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
              fds: tuple[int, ...] = ()) -> None:
@@ -99,7 +117,9 @@ class _Lane:
     worker: _WorkerHandle
     owner: Hashable
     client: str
-    task: Task | None = None
+    no: int  # what the worker writes in its shared state while it runs a task of this lane
+    task: Task | None = None  # the lane task the worker told us of, while it runs
+    cancel: str = ""  # a cancel asked for before the worker told us of the task
 
 
 class WorkerPool:
@@ -268,7 +288,9 @@ class WorkerPool:
         a task the pool has not heard of yet, and a task queued behind it there would wait
         for it, or never run if the two must meet. Such a task stays queued for another
         worker, or for this one once its lane task has ended."""
-        for w in self._idle:
+        # Not a worker running a lane task it has not told us of yet (its shared state says
+        # so); then a worker with fewer lanes first.
+        for w in sorted(self._idle, key=lambda x: (x.running_lane()[0] != 0, len(x.lanes))):
             if not any(self._lanes[i].owner == owner for i in w.lanes if i in self._lanes):
                 self._idle.remove(w)
                 return w
@@ -303,10 +325,11 @@ class WorkerPool:
             todo.append(task)
         return todo
 
-    def _start_locked(self, task: Task, worker: _WorkerHandle) -> None:
+    def _start_locked(self, task: Task, worker: _WorkerHandle,
+                      started: float | None = None) -> None:
         task.state = "running"
         task.worker = worker
-        task.started = time.monotonic()
+        task.started = time.monotonic() if started is None else started
         worker.tasks[task.task_id] = task
         if task.timeout is not None:
             heapq.heappush(self._deadlines, (task.started + task.timeout, task.task_id))
@@ -335,15 +358,22 @@ class WorkerPool:
             cmd += ["--memory-limit", str(self.memory_limit)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        fds = [child.fileno()]
-        bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
-        if bundle_fd and bundle_fd.isdigit():
-            fds.append(int(bundle_fd))
-        proc = subprocess.Popen(cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL,
-                                stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None,
-                                close_fds=True)
+        # A word of memory shared with the worker: the number of the lane task it runs now
+        # (0: none). Written before and after each lane task, read when the worker dies.
+        with tempfile.TemporaryFile() as f:
+            f.truncate(_STATE.size + _LABEL)
+            state = mmap.mmap(f.fileno(), _STATE.size + _LABEL)
+            cmd += ["--state-fd", str(f.fileno())]
+            fds = [child.fileno(), f.fileno()]
+            bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
+            if bundle_fd and bundle_fd.isdigit():
+                fds.append(int(bundle_fd))
+            proc = subprocess.Popen(
+                cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
+                stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
         child.close()
         handle = _WorkerHandle(role, proc, parent)
+        handle.state = state
         if role == "process":  # never called with the lock held for this role
             with self._lock:
                 self._workers.append(handle)
@@ -372,7 +402,7 @@ class WorkerPool:
                     elif op == "lane-start":
                         self._on_lane_start(w, *control[1:])
                     elif op == "lane-end":
-                        self._on_lane_end(w, control[1], control[2])
+                        self._on_lane_end(w, control[1], control[2], control[5])
                         TRAFFIC["in"] += control[3]
                         TRAFFIC["out"] += control[4]
                     elif op == "lane-closed":
@@ -430,10 +460,16 @@ class WorkerPool:
                 self._kill(w)
                 code = w.proc.wait(timeout=5.0)
         how0 = "the server is shutting down" if self._closing else _describe_exit(code)
+        running_lane, label, _ = w.running_lane()
         with self._lock:
             was_alive, w.alive = w.alive, False
             lost = list(w.tasks.values())
             w.tasks.clear()
+            for lane_id in w.lanes:  # a lane task too short to have been announced?
+                lane = self._lanes[lane_id]
+                if lane.task is None and lane.no == running_lane:
+                    lane.task = self._lane_task_locked(lane, label, None, time.monotonic())
+                    lost.append(lane.task)
             if w in self._idle:
                 self._idle.remove(w)
             if w in self._workers:
@@ -442,8 +478,8 @@ class WorkerPool:
             if replace:
                 self.counters["restarts"] += 1
             for lane_id in list(w.lanes):
-                lane = self._lanes.get(lane_id)
-                if lane is not None and lane.task is None:  # idle: nothing of it was lost
+                idle = self._lanes.get(lane_id)
+                if idle is not None and idle.task is None:  # idle: nothing of it was lost
                     self._drop_lane_locked(lane_id, (
                         "LaneClosed", f"the worker process serving this lane exited ({how0})"))
         w.sock.close()
@@ -559,49 +595,72 @@ class WorkerPool:
                 if ready:
                     w = min(ready, key=lambda x: len(x.lanes))
                     w.lanes.add(lane_id)
-                    self._lanes[lane_id] = _Lane(lane_id, w, owner, client)
+                    lane = _Lane(lane_id, w, owner, client, next(self._ids))
+                    self._lanes[lane_id] = lane
                     break
             if time.monotonic() > deadline:
                 raise ConfigError("no worker process became ready to take the lane")
             time.sleep(0.005)
         try:
-            w.send(("lane", lane_id, restricted), fds=(fd,))
+            w.send(("lane", lane_id, restricted, lane.no), fds=(fd,))
         except OSError:
             with self._lock:
                 self._drop_lane_locked(lane_id, None)
             raise
 
+    def _lane_task_locked(self, lane: _Lane, label: str, timeout: float | None,
+                          started: float) -> Task:
+        lane_id = lane.id
+
+        def on_done(task: Task, ok: bool, frames: Any, err: TaskError | None) -> None:
+            if err is not None:
+                with self._lock:
+                    self._set_fate_locked(lane_id, (type(err).__name__, str(err)))
+
+        task = Task(kind="lane", spec=None, frames=(), on_done=on_done, owner=lane.owner,
+                    timeout=timeout, label=label, client=lane.client,
+                    task_id=next(self._ids), state="running")
+        self._tasks[task.task_id] = task
+        return task
+
     def _on_lane_start(self, w: _WorkerHandle, lane_id: str, label: str,
-                       timeout: float | None) -> None:
+                       timeout: float | None, started: float) -> None:
+        """The worker runs a lane task: book it as running there (``started`` is the
+        worker's ``time.monotonic()``, the same clock as ours)."""
         with self._lock:
             lane = self._lanes.get(lane_id)
             if lane is None or self._closing:
                 return
-
-            def on_done(task: Task, ok: bool, frames: Any, err: TaskError | None) -> None:
-                if err is not None:
-                    with self._lock:
-                        self._set_fate_locked(lane_id, (type(err).__name__, str(err)))
-
-            task = Task(kind="lane", spec=None, frames=(), on_done=on_done, owner=lane.owner,
-                        timeout=timeout, label=label, client=lane.client,
-                        task_id=next(self._ids), state="running")
-            self._tasks[task.task_id] = task
-            self._start_locked(task, w)
+            task = self._lane_task_locked(lane, label, timeout, started)
+            self._start_locked(task, w, started)
             lane.task = task
             if w in self._idle:
                 self._idle.remove(w)
+            cancel, lane.cancel = lane.cancel, ""
+        if cancel:
+            self.cancel(task.task_id, cancel)
 
-    def _on_lane_end(self, w: _WorkerHandle, lane_id: str, ok: bool) -> None:
+    def _on_lane_end(self, w: _WorkerHandle, lane_id: str, ok: bool,
+                     unannounced: tuple[str, float] | None) -> None:
+        """A lane task ended; ``unannounced`` is ``(label, started)`` of one too short for
+        the worker to have told us of its start."""
+        nxt = None
         with self._lock:
             lane = self._lanes.get(lane_id)
-            task = lane.task if lane is not None else None
-            if lane is None or task is None:
+            if lane is None:
                 return
-            lane.task = None
-            w.tasks.pop(task.task_id, None)
-            nxt = (self._next_process_task_locked(w)
-                   if w.alive and not w.stopping and not w.tasks else None)
+            lane.cancel = ""
+            task = lane.task
+            if task is not None:
+                lane.task = None
+                w.tasks.pop(task.task_id, None)
+                nxt = (self._next_process_task_locked(w)
+                       if w.alive and not w.stopping and not w.tasks else None)
+            elif unannounced is not None:
+                task = self._lane_task_locked(lane, unannounced[0], None, unannounced[1])
+                task.started = unannounced[1]
+            else:
+                return
         if nxt is not None:
             self._send_task(w, nxt)
         self._finish(task, ok, None, None)
@@ -631,24 +690,45 @@ class WorkerPool:
             return self._lane_fates.get(lane_id)
 
     def cancel_lane(self, lane_id: str, owner: Hashable, reason: str = "cancel") -> bool:
-        """Stop the task running on ``owner``'s lane ``lane_id`` (by killing its worker)."""
+        """Stop the task running on ``owner``'s lane ``lane_id`` (by killing its worker).
+
+        A task the worker has not told us of yet is stopped as soon as it does (if it ends
+        first, there is nothing left to stop)."""
         with self._lock:
             lane = self._lanes.get(lane_id)
-            task = lane.task if lane is not None and lane.owner == owner else None
-        return task is not None and self.cancel(task.task_id, reason)
+            if lane is None or lane.owner != owner:
+                return False
+            task = lane.task
+            if task is None:
+                lane.cancel = reason
+                return True
+        return self.cancel(task.task_id, reason)
 
     def drop_owner_lanes(self, owner: Hashable) -> None:
         """``owner`` is gone: stop whatever its lanes still run."""
         with self._lock:
-            running = [lane.task for lane in self._lanes.values()
-                       if lane.owner == owner and lane.task is not None]
-        for task in running:
-            self.cancel(task.task_id, "cancel")
+            lanes = [lane.id for lane in self._lanes.values() if lane.owner == owner]
+        for lane_id in lanes:
+            self.cancel_lane(lane_id, owner)
 
     # -- introspection ------------------------------------------------------------------------
+    def _unannounced_locked(self) -> list[tuple[_Lane, str, float]]:
+        """Lane tasks running now that their workers have not told us of yet (too young):
+        ``(lane, label, started)``, read from the workers' shared memory."""
+        found = []
+        for w in self._workers:
+            if w.lanes:
+                number, label, started = w.running_lane()
+                for lane_id in w.lanes:
+                    lane = self._lanes[lane_id]
+                    if number and lane.no == number and lane.task is None:
+                        found.append((lane, label, started))
+        return found
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            running = sum(1 for t in self._tasks.values() if t.state == "running")
+            running = sum(1 for t in self._tasks.values() if t.state == "running") \
+                + len(self._unannounced_locked())
             queued = sum(len(q) for q in self._queues.values()) + len(self._thread_queue)
             pids = [w.proc.pid for w in self._workers]
             tw = self._thread_worker
@@ -672,6 +752,10 @@ class WorkerPool:
                 {"task": t.label, "client": t.client, "mode": t.mode,
                  "elapsed": round(now - t.started, 3)}
                 for t in self._tasks.values() if t.state == "running"
+            ] + [
+                {"task": label, "client": lane.client, "mode": "process",
+                 "elapsed": round(now - started, 3)}
+                for lane, label, started in self._unannounced_locked()
             ]
 
 

@@ -9,8 +9,10 @@ and 2) is sent back as whole lines, attributed to the task, while the task runs.
 A process worker may also be handed *lanes*: client sockets passed over by the server
 (``SCM_RIGHTS``) on which one client sends tasks straight to this worker and gets results
 and output back, with no hop through the server process (see :mod:`rpycsvc.lane`). The
-server is told when a lane task starts and ends, so it still schedules, times out, counts
-and reports it like any other.
+server is told of each lane task, so it still schedules, times out, counts and reports it
+like any other: at its start if it has a timeout, once it has run for ``FLUSH_INTERVAL``
+otherwise, and at its end (after the reply) in any case. A short task thus costs the
+server one message, and its client none of the wait.
 
 Started by :mod:`rpycsvc.pool` as ``python -m rpycsvc.worker --fd N ...``; not an API.
 """
@@ -21,6 +23,7 @@ import argparse
 import ctypes
 import io
 import logging
+import mmap
 import os
 import selectors
 import signal
@@ -43,6 +46,11 @@ from .serialization import (
     loads,
     loads_plain,
 )
+
+#: Shared with the server: the number of the lane whose task runs, the label's length; then
+#: the label (see rpycsvc.pool).
+_STATE = struct.Struct("=QdH")
+_LABEL = 200
 
 #: Output is sent at least this often while a task runs (seconds).
 FLUSH_INTERVAL = 0.05
@@ -93,6 +101,10 @@ class Worker:
         self.item_pool: ThreadPoolExecutor | None = None
         self.logging_tasks = 0
         self.fd_pumps: list[_FdPump] = []
+        #: the lane task running now: [lane id, label, timeout, started, told the server]
+        self.lane_task: list[Any] | None = None
+        self.lane_lock = threading.Lock()
+        self.state: mmap.mmap | None = None  # shared with the server (see set_running_lane)
 
     def drain_fds(self) -> None:
         for pump in self.fd_pumps:
@@ -156,7 +168,8 @@ class Worker:
         (ctx.send or self.send)(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
 
     def flusher(self) -> None:
-        """Send complete lines of every running task at least every FLUSH_INTERVAL."""
+        """Send complete lines of every running task at least every FLUSH_INTERVAL, and
+        tell the server of a lane task that has run that long."""
         while True:
             time.sleep(FLUSH_INTERVAL)
             with self.active_lock:
@@ -165,7 +178,17 @@ class Worker:
                 try:
                     self.flush(ctx, whole_lines=True)
                 except OSError:
-                    return
+                    if ctx.send is None:
+                        return  # the server is gone
+            with self.lane_lock:
+                task = self.lane_task
+                if task is not None and not task[4] \
+                        and time.monotonic() - task[3] >= FLUSH_INTERVAL:
+                    task[4] = True
+                    try:
+                        self.send(("lane-start", *task[:4]))
+                    except OSError:
+                        return
 
     # -- tasks -----------------------------------------------------------------------------
     def resolve(self, kind: str, spec: Any,
@@ -308,8 +331,8 @@ class Worker:
             else:
                 self.run(task_id, kind, spec, opts, frames)
         elif op == "lane" and fds:
-            _, lane_id, restricted = control
-            lane = _Lane(lane_id, socket.socket(fileno=fds.pop(0)), restricted)
+            _, lane_id, restricted, number = control
+            lane = _Lane(lane_id, socket.socket(fileno=fds.pop(0)), restricted, number)
             try:
                 lane.send(("lane-ready", os.getpid()))
                 sel.register(lane.sock, selectors.EVENT_READ, lane)
@@ -351,16 +374,39 @@ class Worker:
         lane.bytes_in += sum(len(f) for f in frames)
         label = str(opts.get("label") or spec or "task")
         timeout = opts.get("timeout")
-        self.send(("lane-start", lane.id, label, timeout))
+        started = time.monotonic()
+        task = [lane.id, label, timeout, started, timeout is not None]
+        with self.lane_lock:
+            self.lane_task = task
+            self.set_running_lane(lane.number, label, started)
+            if task[4]:  # the server enforces the timeout: it must know at once
+                self.send(("lane-start", *task[:4]))
         ok = False
         try:
             ok = self.run(key, kind, spec, opts, frames, lane.send)
         except OSError:  # the client went away mid-reply
             return False
         finally:
-            self.send(("lane-end", lane.id, ok, lane.bytes_in, lane.bytes_out))
+            with self.lane_lock:
+                self.lane_task = None
+                self.set_running_lane(0)
+                self.send(("lane-end", lane.id, ok, lane.bytes_in, lane.bytes_out,
+                           None if task[4] else (label, task[3])))
             lane.bytes_in = lane.bytes_out = 0
         return True
+
+    def set_running_lane(self, number: int, label: str = "", started: float = 0.0) -> None:
+        """Say in the memory we share with the server which lane's task runs (0: none): if
+        we die, the server then knows that task died with us, though we never told it."""
+        state = self.state
+        if state is None:
+            return
+        if number:
+            text = label.encode(errors="replace")[:_LABEL]
+            state[_STATE.size:_STATE.size + len(text)] = text
+            _STATE.pack_into(state, 0, number, started, len(text))
+        else:
+            _STATE.pack_into(state, 0, 0, 0.0, 0)
 
     @staticmethod
     def _refuse(lane: _Lane, exc: Exception) -> bool:
@@ -379,8 +425,9 @@ LANE_MAX_MESSAGE = 1 << 36
 class _Lane:
     """A client's socket handed to this worker by the server."""
 
-    def __init__(self, lane_id: str, sock: socket.socket, restricted: bool) -> None:
+    def __init__(self, lane_id: str, sock: socket.socket, restricted: bool, number: int) -> None:
         self.id = lane_id
+        self.number = number
         self.sock = sock
         self.restricted = restricted
         self.lock = threading.Lock()
@@ -555,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=256)
     parser.add_argument("--endpoints", default="")
     parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space")
+    parser.add_argument("--state-fd", type=int, default=-1)
     args = parser.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
@@ -565,6 +613,9 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=args.fd)
     endpoints = [m for m in args.endpoints.split(",") if m]
     worker = Worker(sock, args.role, args.threads, endpoints)
+    if args.state_fd >= 0:
+        worker.state = mmap.mmap(args.state_fd, _STATE.size + _LABEL)
+        os.close(args.state_fd)
     log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
     if args.role == "process":
         worker.fd_pumps = [_FdPump(worker, fd, log) for fd in (1, 2)]
