@@ -82,7 +82,7 @@ class Lane:
                              timeout=timeout, extra={"lane": lane_id})
             sock.settimeout(timeout)
             control, _ = _wire.recv_msg(sock)
-            if control[0] != "lane-ready":
+            if control[0] != "lane-ready":  # the worker took it
                 raise ConnectionError(f"unexpected first lane message {control[0]!r}")
             sock.settimeout(None)
         except BaseException:
@@ -128,9 +128,13 @@ class Lane:
                     client._on_output(key, control[2], control[3])
                 elif op == "log":
                     client._on_output(key, 0, control[2])
-                elif op == "fail":  # the worker refused the message and hung up
+                elif op == "fail":  # the worker refused a message and hung up
                     self.broken = True
-                    return ("error", str(control[2]), str(control[3]))
+                    if control[1] == key:
+                        return ("error", str(control[2]), str(control[3]))
+                    # an earlier message of ours (never a task): this one was not read
+                    raise LaneBroken(f"lane to {client.address} was refused: {control[3]}",
+                                     fate=("LaneClosed", str(control[3])))
         except (EOFError, OSError) as exc:
             self.broken = True
             raise self._broken(exc) from exc

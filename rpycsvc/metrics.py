@@ -66,9 +66,11 @@ def render_metrics(server: Server) -> str:
     runtime, pool = server.runtime, server.pool
     stats = runtime.stats()
     # copies first: the pool updates these under its own lock while we format
-    buckets = sorted(dict(pool.duration_buckets).items())
-    duration_sum = pool.duration_sum
-    traffic = dict(transport.TRAFFIC)
+    hist, duration_sum = pool.durations()
+    buckets = sorted(hist.items())
+    lanes = pool.lane_counts()  # lane traffic goes to the workers, not through this process
+    traffic = {"in": transport.TRAFFIC["in"] + lanes["bytes_in"],
+               "out": transport.TRAFFIC["out"] + lanes["bytes_out"]}
     w = _Writer()
     w.family("rpycsvc_info", "gauge", "Versions this server runs (always 1).",
              [({k[:-8]: str(v) for k, v in stats.items() if k.endswith("_version")}, 1)])

@@ -19,14 +19,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import mmap
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -35,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _wire
+from ._shared import DURATION_BUCKETS, WorkerState
 from .errors import (
     ConfigError,
     TaskCancelledError,
@@ -42,17 +40,9 @@ from .errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from .transport import TRAFFIC
 
 log = logging.getLogger("rpycsvc.pool")
 
-#: A worker's shared state: the number of the lane whose task it runs, when it started
-#: (``time.monotonic()``), and the task's label (its length, then up to _LABEL bytes).
-_STATE = struct.Struct("=QdH")
-_LABEL = 200
-
-#: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
 
 #: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
 #: raised (exception frames); error → the pool stopped or lost the task.
@@ -79,6 +69,13 @@ class Task:
     started: float = 0.0
     ending: str = ""
     worker: _WorkerHandle | None = None
+    waiting: bool = False  # sent to a worker busy with a lane task: its time has not started
+
+
+#: How often (seconds) a task waiting behind a lane task looks whether it has started.
+_WAIT_POLL = 0.01
+#: The fate of a lane closed between tasks: its client's task never reached a worker.
+_LANE_CLOSED = ("LaneClosed", "the lane closed before its worker read a task from it")
 
 
 class _WorkerHandle:
@@ -92,16 +89,12 @@ class _WorkerHandle:
         self.alive = True
         self.stopping = ""  # why we killed it on purpose (timeout, cancel)
         self.lanes: set[str] = set()
-        self.state: mmap.mmap | None = None  # see _spawn
+        self.state: WorkerState | None = None  # memory shared with the worker (process role)
 
-    def running_lane(self) -> tuple[int, str, float]:
-        """The number of the lane whose task this worker runs now (0: none), the task's
-        label and start time, from the memory we share with it."""
-        if self.state is None:
-            return 0, "", 0.0
-        number, started, n = _STATE.unpack_from(self.state)
-        label = bytes(self.state[_STATE.size:_STATE.size + min(n, _LABEL)])
-        return int(number), label.decode(errors="replace"), started
+    def running_lane(self) -> tuple[int, str, float, bool]:
+        """``(lane number, label, started, finished)`` of the lane task this worker has in
+        hand (see :meth:`rpycsvc._shared.WorkerState.running`)."""
+        return self.state.running() if self.state is not None else (0, "", 0.0, False)
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
              fds: tuple[int, ...] = ()) -> None:
@@ -159,6 +152,8 @@ class WorkerPool:
         self._started = False
         self._start_lock = threading.Lock()
         self.counters = {"done": 0, "failed": 0, "restarts": 0}
+        #: lane-task counts of workers that have exited (see rpycsvc._shared)
+        self._harvested = _empty_counts()
         #: task durations (seconds, from start to finish) by histogram bucket upper bound
         self.duration_buckets: dict[float, int] = dict.fromkeys(DURATION_BUCKETS, 0)
         self.duration_sum = 0.0
@@ -332,7 +327,10 @@ class WorkerPool:
         task.started = time.monotonic() if started is None else started
         worker.tasks[task.task_id] = task
         if task.timeout is not None:
-            heapq.heappush(self._deadlines, (task.started + task.timeout, task.task_id))
+            first = task.started + task.timeout
+            if task.kind != "lane" and worker.role == "process" and worker.running_lane()[0]:
+                task.waiting, first = True, task.started + _WAIT_POLL  # behind a lane task
+            heapq.heappush(self._deadlines, (first, task.task_id))
             self._deadline_cv.notify()
 
     def _thread_worker_locked(self) -> _WorkerHandle:
@@ -358,11 +356,8 @@ class WorkerPool:
             cmd += ["--memory-limit", str(self.memory_limit)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        # A word of memory shared with the worker: the number of the lane task it runs now
-        # (0: none). Written before and after each lane task, read when the worker dies.
-        with tempfile.TemporaryFile() as f:
-            f.truncate(_STATE.size + _LABEL)
-            state = mmap.mmap(f.fileno(), _STATE.size + _LABEL)
+        state, f = WorkerState.create()  # see rpycsvc._shared
+        with f:
             cmd += ["--state-fd", str(f.fileno())]
             fds = [child.fileno(), f.fileno()]
             bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
@@ -402,12 +397,10 @@ class WorkerPool:
                     elif op == "lane-start":
                         self._on_lane_start(w, *control[1:])
                     elif op == "lane-end":
-                        self._on_lane_end(w, control[1], control[2], control[5])
-                        TRAFFIC["in"] += control[3]
-                        TRAFFIC["out"] += control[4]
-                    elif op == "lane-closed":
+                        self._on_lane_end(w, *control[1:])
+                    elif op == "lane-closed":  # it does so between tasks only
                         with self._lock:
-                            self._drop_lane_locked(control[1], None)
+                            self._drop_lane_locked(control[1], _LANE_CLOSED)
                 except Exception:  # a bug here must not silence this worker for good
                     log.exception("error handling %r from worker %s", op, w.proc.pid)
                 del control, frames  # don't keep the last (maybe 64 MiB) message alive
@@ -460,7 +453,7 @@ class WorkerPool:
                 self._kill(w)
                 code = w.proc.wait(timeout=5.0)
         how0 = "the server is shutting down" if self._closing else _describe_exit(code)
-        running_lane, label, _ = w.running_lane()
+        running_lane, label, _, _ = w.running_lane()
         with self._lock:
             was_alive, w.alive = w.alive, False
             lost = list(w.tasks.values())
@@ -474,6 +467,10 @@ class WorkerPool:
                 self._idle.remove(w)
             if w in self._workers:
                 self._workers.remove(w)
+            if w.state is not None:  # keep what it counted; it stops counting now
+                self._add_counts_locked(self._harvested, w.state.counts())
+                w.state.close()
+                w.state = None
             replace = was_alive and not self._closing
             if replace:
                 self.counters["restarts"] += 1
@@ -517,13 +514,16 @@ class WorkerPool:
 
     # -- completion and deadlines ------------------------------------------------------------
     def _finish(self, task: Task, ok: bool, frames: list[Any] | None,
-                err: TaskError | None) -> None:
+                err: TaskError | None, counted: bool = False) -> None:
+        """Book ``task`` as finished (``counted``: its counts are in a worker's shared state
+        already) and hand its result to ``on_done``."""
         with self._lock:
             if self._tasks.pop(task.task_id, None) is None:
                 return  # already finished (e.g. a thread task that timed out, then returned)
             task.state = "done"
-            self.counters["done" if ok else "failed"] += 1
-            if task.started:
+            if not counted:
+                self.counters["done" if ok else "failed"] += 1
+            if task.started and not counted:
                 took = time.monotonic() - task.started
                 self.duration_sum += took
                 for bound in DURATION_BUCKETS:
@@ -569,6 +569,8 @@ class WorkerPool:
                     _, task_id = heapq.heappop(self._deadlines)
                     task = self._tasks.get(task_id)
                     if task is not None and task.state == "running" and not task.ending:
+                        if self._behind_lane_task_locked(task, now):
+                            continue
                         self._lock.release()
                         try:
                             self.cancel(task_id, "timeout")
@@ -577,6 +579,23 @@ class WorkerPool:
                     continue
                 wait = self._deadlines[0][0] - now if self._deadlines else None
                 self._deadline_cv.wait(wait)
+
+    def _behind_lane_task_locked(self, task: Task, now: float) -> bool:
+        """True if ``task``'s time has not run out after all: its worker was busy with a
+        lane task that came first, so it has not started (or started just now)."""
+        w = task.worker
+        if task.kind == "lane" or w is None or w.role != "process" or task.timeout is None:
+            return False
+        if w.running_lane()[0]:  # the worker runs a lane task, so not this one: look again
+            task.waiting = True
+            heapq.heappush(self._deadlines, (now + _WAIT_POLL, task.task_id))
+            return True
+        if task.waiting:  # the lane task ended since we looked: this one starts about now
+            task.waiting = False
+            task.started = now
+            heapq.heappush(self._deadlines, (now + task.timeout, task.task_id))
+            return True
+        return False
 
     # -- lanes ---------------------------------------------------------------------------------
     def attach_lane(self, fd: int, lane_id: str, *, owner: Hashable, client: str,
@@ -641,9 +660,11 @@ class WorkerPool:
             self.cancel(task.task_id, cancel)
 
     def _on_lane_end(self, w: _WorkerHandle, lane_id: str, ok: bool,
-                     unannounced: tuple[str, float] | None) -> None:
-        """A lane task ended; ``unannounced`` is ``(label, started)`` of one too short for
-        the worker to have told us of its start."""
+                     unannounced: tuple[str, float] | None, why: tuple[Any, ...] | None) -> None:
+        """A lane task that we knew of, or that failed, ended. ``unannounced`` is ``(label,
+        started)`` of one too short for the worker to have told us of its start; ``why``
+        the failure's (type name, message). Counted already: in the worker's shared
+        state."""
         nxt = None
         with self._lock:
             lane = self._lanes.get(lane_id)
@@ -663,7 +684,7 @@ class WorkerPool:
                 return
         if nxt is not None:
             self._send_task(w, nxt)
-        self._finish(task, ok, None, None)
+        self._finish(task, ok, list(why) if why else None, None, counted=True)
 
     def _drop_lane_locked(self, lane_id: str, fate: tuple[str, str] | None) -> None:
         lane = self._lanes.pop(lane_id, None)
@@ -681,13 +702,17 @@ class WorkerPool:
 
     def lane_fate(self, lane_id: str, timeout: float = 5.0) -> tuple[str, str] | None:
         """Why ``lane_id`` failed its client: ``(error name, text)``, waiting up to
-        ``timeout`` seconds for the pool to learn it; None if it closed cleanly."""
+        ``timeout`` seconds for the pool to learn it. ``("LaneClosed", ...)`` means no task
+        of it was running: the client may send its task another way. None: still open."""
         with self._lock:
             self._fate_cv.wait_for(
                 lambda: lane_id in self._lane_fates or lane_id not in self._lanes
                 or (self._lanes[lane_id].task is None and not self._lanes[lane_id].worker.alive),
                 timeout)
-            return self._lane_fates.get(lane_id)
+            fate = self._lane_fates.get(lane_id)
+            if fate is None and lane_id not in self._lanes:
+                fate = _LANE_CLOSED
+            return fate
 
     def cancel_lane(self, lane_id: str, owner: Hashable, reason: str = "cancel") -> bool:
         """Stop the task running on ``owner``'s lane ``lane_id`` (by killing its worker).
@@ -718,14 +743,41 @@ class WorkerPool:
         found = []
         for w in self._workers:
             if w.lanes:
-                number, label, started = w.running_lane()
+                number, label, started, finished = w.running_lane()
                 for lane_id in w.lanes:
                     lane = self._lanes[lane_id]
-                    if number and lane.no == number and lane.task is None:
+                    if number and not finished and lane.no == number and lane.task is None:
                         found.append((lane, label, started))
         return found
 
+    @staticmethod
+    def _add_counts_locked(into: dict[str, Any], counts: dict[str, Any]) -> None:
+        for key, value in counts.items():
+            if key == "buckets":
+                for bound, n in value.items():
+                    into["buckets"][bound] += n
+            else:
+                into[key] += value
+
+    def lane_counts(self) -> dict[str, Any]:
+        """Totals of every lane task finished here (done, failed, bytes, durations)."""
+        with self._lock:
+            total = _empty_counts()
+            self._add_counts_locked(total, self._harvested)
+            for w in self._workers:
+                if w.state is not None:
+                    self._add_counts_locked(total, w.state.counts())
+            return total
+
+    def durations(self) -> tuple[dict[float, int], float]:
+        """The task-duration histogram (bucket upper bound → count) and sum of seconds."""
+        lanes = self.lane_counts()
+        with self._lock:
+            buckets = {b: n + lanes["buckets"][b] for b, n in self.duration_buckets.items()}
+            return buckets, self.duration_sum + lanes["duration_sum"]
+
     def stats(self) -> dict[str, Any]:
+        lanes = self.lane_counts()
         with self._lock:
             running = sum(1 for t in self._tasks.values() if t.state == "running") \
                 + len(self._unannounced_locked())
@@ -739,8 +791,8 @@ class WorkerPool:
                 "threads": self.threads,
                 "tasks_running": running,
                 "tasks_queued": queued,
-                "tasks_done": self.counters["done"],
-                "tasks_failed": self.counters["failed"],
+                "tasks_done": self.counters["done"] + lanes["done"],
+                "tasks_failed": self.counters["failed"] + lanes["failed"],
                 "worker_restarts": self.counters["restarts"],
             }
 
@@ -757,6 +809,11 @@ class WorkerPool:
                  "elapsed": round(now - started, 3)}
                 for lane, label, started in self._unannounced_locked()
             ]
+
+
+def _empty_counts() -> dict[str, Any]:
+    return {"done": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0, "duration_sum": 0.0,
+            "buckets": dict.fromkeys(DURATION_BUCKETS, 0)}
 
 
 def _has_fileno(stream: Any) -> bool:

@@ -9,10 +9,10 @@ and 2) is sent back as whole lines, attributed to the task, while the task runs.
 A process worker may also be handed *lanes*: client sockets passed over by the server
 (``SCM_RIGHTS``) on which one client sends tasks straight to this worker and gets results
 and output back, with no hop through the server process (see :mod:`rpycsvc.lane`). The
-server is told of each lane task, so it still schedules, times out, counts and reports it
-like any other: at its start if it has a timeout, once it has run for ``FLUSH_INTERVAL``
-otherwise, and at its end (after the reply) in any case. A short task thus costs the
-server one message, and its client none of the wait.
+server still schedules, times out, counts and reports lane tasks like any other: the
+worker notes each one in memory it shares with the server (:mod:`rpycsvc._shared`), and
+sends a message only for a task that has a timeout (at its start), runs longer than
+``FLUSH_INTERVAL`` (then, and at its end) or fails. A short task costs the server nothing.
 
 Started by :mod:`rpycsvc.pool` as ``python -m rpycsvc.worker --fd N ...``; not an API.
 """
@@ -23,7 +23,6 @@ import argparse
 import ctypes
 import io
 import logging
-import mmap
 import os
 import selectors
 import signal
@@ -37,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from . import _wire
+from ._shared import WorkerState
 from .endpoints import load_endpoints, resolve_path
 from .serialization import (
     FunctionCache,
@@ -46,11 +46,6 @@ from .serialization import (
     loads,
     loads_plain,
 )
-
-#: Shared with the server: the number of the lane whose task runs, the label's length; then
-#: the label (see rpycsvc.pool).
-_STATE = struct.Struct("=QdH")
-_LABEL = 200
 
 #: Output is sent at least this often while a task runs (seconds).
 FLUSH_INTERVAL = 0.05
@@ -104,7 +99,7 @@ class Worker:
         #: the lane task running now: [lane id, label, timeout, started, told the server]
         self.lane_task: list[Any] | None = None
         self.lane_lock = threading.Lock()
-        self.state: mmap.mmap | None = None  # shared with the server (see set_running_lane)
+        self.state: WorkerState | None = None  # shared with the server (see rpycsvc._shared)
 
     def drain_fds(self) -> None:
         for pump in self.fd_pumps:
@@ -206,9 +201,13 @@ class Worker:
         return resolve_path(spec), frames
 
     def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any],
-            frames: list[bytearray], send: Callable[..., None] | None = None) -> bool:
+            frames: list[bytearray], send: Callable[..., None] | None = None,
+            before_reply: Callable[[bool, tuple[Any, ...]], None] | None = None,
+            ) -> tuple[bool, tuple[Any, ...] | None]:
         """Run one task; output and the ``done`` message go to ``send`` (default: the
-        server). Returns whether the task succeeded."""
+        server), ``before_reply(ok, frames)`` is called just before the latter. Returns
+        whether it succeeded and, if it raised, the exception's name and message (the
+        first frames of :func:`dump_exception`)."""
         ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False), send)
         if ctx.logging:
             self.logging_tasks += 1
@@ -238,8 +237,10 @@ class Worker:
             if self.pool is None:
                 self.drain_fds()  # what child processes wrote is this task's too
             self.flush(ctx, whole_lines=False)
+            if before_reply is not None:
+                before_reply(ok, out)
             (send or self.send)(("done", task_id, ok), out)
-            return ok
+            return ok, None if ok else tuple(out[:2])
         finally:
             self.local.ctx = None
             self.inline = None
@@ -304,7 +305,8 @@ class Worker:
         sel.register(self.sock, selectors.EVENT_READ, None)
         try:
             while True:
-                for key, _ in sel.select():
+                # The server's messages first: a task it sent may be waiting behind a lane's.
+                for key, _ in sorted(sel.select(), key=lambda e: e[0].data is not None):
                     lane: _Lane | None = key.data
                     if lane is not None:
                         if not self.serve_lane(lane):
@@ -356,7 +358,8 @@ class Worker:
         except (EOFError, OSError):
             return False
         except Exception as exc:  # malformed or too large: say why, then hang up
-            return self._refuse(lane, exc)
+            return self._refuse(lane, exc, None)
+        key = control[1] if len(control) > 1 else None
         try:
             if control[0] != "run" or len(control) != 5:
                 raise ValueError(f"unexpected lane message {control[0]!r}")
@@ -370,7 +373,7 @@ class Worker:
                         f"name (it has: {', '.join(sorted(self.endpoints)) or 'none'})")
                 check_plain(frames)
         except Exception as exc:  # refused (PermissionError is an OSError too)
-            return self._refuse(lane, exc)
+            return self._refuse(lane, exc, key)
         lane.bytes_in += sum(len(f) for f in frames)
         label = str(opts.get("label") or spec or "task")
         timeout = opts.get("timeout")
@@ -378,41 +381,38 @@ class Worker:
         task = [lane.id, label, timeout, started, timeout is not None]
         with self.lane_lock:
             self.lane_task = task
-            self.set_running_lane(lane.number, label, started)
+            if self.state is not None:
+                self.state.begin(lane.number, label, started)
             if task[4]:  # the server enforces the timeout: it must know at once
                 self.send(("lane-start", *task[:4]))
-        ok = False
+        def count(ok: bool, out: tuple[Any, ...]) -> None:
+            # before the reply: whoever asks the server after it sees this task counted
+            if self.state is not None:
+                self.state.count(ok, time.monotonic() - started, lane.bytes_in,
+                                 lane.bytes_out + sum(memoryview(f).nbytes for f in out))
+
+        ok, why = False, None
         try:
-            ok = self.run(key, kind, spec, opts, frames, lane.send)
+            ok, why = self.run(key, kind, spec, opts, frames, lane.send, count)
         except OSError:  # the client went away mid-reply
             return False
         finally:
             with self.lane_lock:
                 self.lane_task = None
-                self.set_running_lane(0)
-                self.send(("lane-end", lane.id, ok, lane.bytes_in, lane.bytes_out,
-                           None if task[4] else (label, task[3])))
+                if self.state is not None:
+                    self.state.end()
+                if task[4] or not ok:  # announced, or a failure for the server's records
+                    self.send(("lane-end", lane.id, ok, None if task[4] else (label, started),
+                               why))
             lane.bytes_in = lane.bytes_out = 0
         return True
 
-    def set_running_lane(self, number: int, label: str = "", started: float = 0.0) -> None:
-        """Say in the memory we share with the server which lane's task runs (0: none): if
-        we die, the server then knows that task died with us, though we never told it."""
-        state = self.state
-        if state is None:
-            return
-        if number:
-            text = label.encode(errors="replace")[:_LABEL]
-            state[_STATE.size:_STATE.size + len(text)] = text
-            _STATE.pack_into(state, 0, number, started, len(text))
-        else:
-            _STATE.pack_into(state, 0, 0, 0.0, 0)
-
     @staticmethod
-    def _refuse(lane: _Lane, exc: Exception) -> bool:
-        """Tell the lane's client why its message was refused; the lane then closes."""
+    def _refuse(lane: _Lane, exc: Exception, key: Any) -> bool:
+        """Tell the lane's client why its message (task ``key``, None if unreadable) was
+        refused; the lane then closes."""
         try:
-            lane.send(("fail", None, type(exc).__name__, str(exc)))
+            lane.send(("fail", key, type(exc).__name__, str(exc)))
         except OSError:
             pass
         return False
@@ -431,7 +431,7 @@ class _Lane:
         self.sock = sock
         self.restricted = restricted
         self.lock = threading.Lock()
-        self.bytes_in = self.bytes_out = 0  # since the last lane-end (for the server's metrics)
+        self.bytes_in = self.bytes_out = 0  # of the task in hand (see WorkerState.end)
         # Blocking, with kernel timeouts rather than Python's (which make the socket
         # non-blocking, and then MSG_WAITALL reads give up early).
         sock.setblocking(True)
@@ -602,7 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=256)
     parser.add_argument("--endpoints", default="")
     parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space")
-    parser.add_argument("--state-fd", type=int, default=-1)
+    parser.add_argument("--state-fd", type=int, default=-1,
+                        help="memory shared with the server (rpycsvc._shared)")
     args = parser.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     endpoints = [m for m in args.endpoints.split(",") if m]
     worker = Worker(sock, args.role, args.threads, endpoints)
     if args.state_fd >= 0:
-        worker.state = mmap.mmap(args.state_fd, _STATE.size + _LABEL)
+        worker.state = WorkerState.attach(args.state_fd)
         os.close(args.state_fd)
     log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
     if args.role == "process":
