@@ -111,6 +111,7 @@ class _Lane:
     owner: Hashable
     client: str
     no: int  # what the worker writes in its shared state while it runs a task of this lane
+    restricted: bool = False  # service-only mode: the worker accepts endpoint calls only
     task: Task | None = None  # the lane task the worker told us of, while it runs
     cancel: str = ""  # a cancel asked for before the worker told us of the task
 
@@ -379,7 +380,8 @@ class WorkerPool:
     def _reader(self, w: _WorkerHandle) -> None:
         try:
             while True:
-                control, frames = _wire.recv_msg(w.sock)
+                fds: list[int] = []
+                control, frames = _wire.recv_msg(w.sock, fds=fds)
                 op = control[0]
                 try:
                     if op == "done":
@@ -398,11 +400,15 @@ class WorkerPool:
                         self._on_lane_start(w, *control[1:])
                     elif op == "lane-end":
                         self._on_lane_end(w, *control[1:])
+                    elif op == "lane-move" and fds:
+                        self._move_lane(w, control[1], fds.pop(0))
                     elif op == "lane-closed":  # it does so between tasks only
                         with self._lock:
                             self._drop_lane_locked(control[1], _LANE_CLOSED)
                 except Exception:  # a bug here must not silence this worker for good
                     log.exception("error handling %r from worker %s", op, w.proc.pid)
+                for fd in fds:  # none is expected but with lane-move
+                    os.close(fd)
                 del control, frames  # don't keep the last (maybe 64 MiB) message alive
         except (EOFError, OSError):
             pass
@@ -614,7 +620,7 @@ class WorkerPool:
                 if ready:
                     w = min(ready, key=lambda x: len(x.lanes))
                     w.lanes.add(lane_id)
-                    lane = _Lane(lane_id, w, owner, client, next(self._ids))
+                    lane = _Lane(lane_id, w, owner, client, next(self._ids), restricted)
                     self._lanes[lane_id] = lane
                     break
             if time.monotonic() > deadline:
@@ -685,6 +691,28 @@ class WorkerPool:
         if nxt is not None:
             self._send_task(w, nxt)
         self._finish(task, ok, list(why) if why else None, None, counted=True)
+
+    def _move_lane(self, old: _WorkerHandle, lane_id: str, fd: int) -> None:
+        """``old`` is busy and handed back a lane whose client waits: give it to an idle
+        worker (back to ``old`` if none is idle; it serves the lane when it can)."""
+        try:
+            with self._lock:
+                lane = self._lanes.get(lane_id)
+                if lane is None:
+                    return
+                idle = [w for w in self._idle if w is not old and w.alive
+                        and not w.running_lane()[0]]
+                new = min(idle, key=lambda w: len(w.lanes)) if idle else old
+                old.lanes.discard(lane_id)
+                new.lanes.add(lane_id)
+                lane.worker = new
+            try:
+                new.send(("lane", lane_id, lane.restricted, lane.no), fds=(fd,))
+            except OSError:
+                with self._lock:
+                    self._drop_lane_locked(lane_id, _LANE_CLOSED)
+        finally:
+            os.close(fd)
 
     def _drop_lane_locked(self, lane_id: str, fate: tuple[str, str] | None) -> None:
         lane = self._lanes.pop(lane_id, None)

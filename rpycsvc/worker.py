@@ -24,6 +24,7 @@ import ctypes
 import io
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -99,6 +100,12 @@ class Worker:
         #: the lane task running now: [lane id, label, timeout, started, told the server]
         self.lane_task: list[Any] | None = None
         self.lane_lock = threading.Lock()
+        # The main thread holds sel_lock while it waits in select(); busy_since says since
+        # when it has been handling what select() gave it (0: it is not).
+        self.sel: selectors.BaseSelector | None = None
+        self.sel_lock = threading.Lock()
+        self.busy_since = 0.0
+        self.current_lane: _Lane | None = None
         self.state: WorkerState | None = None  # shared with the server (see rpycsvc._shared)
 
     def drain_fds(self) -> None:
@@ -106,9 +113,10 @@ class Worker:
             pump.drain()
 
     # -- channel ---------------------------------------------------------------------------
-    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
+    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
+             fds: tuple[int, ...] = ()) -> None:
         with self.send_lock:
-            _wire.send_msg(self.sock, control, frames)
+            _wire.send_msg(self.sock, control, frames, fds)
 
     # -- output ----------------------------------------------------------------------------
     def current(self) -> _TaskContext | None:
@@ -184,6 +192,35 @@ class Worker:
                         self.send(("lane-start", *task[:4]))
                     except OSError:
                         return
+            try:
+                self.move_waiting_lanes()
+            except OSError:
+                return
+
+    def move_waiting_lanes(self) -> None:
+        """While our main thread is busy with a task, hand every other lane whose client
+        waits for us back to the server, which gives it to an idle worker (the request
+        still unread in the socket goes along). Without this, a client whose lane shares
+        this worker would wait for another client's long task."""
+        busy = self.busy_since
+        if self.sel is None or not busy or time.monotonic() - busy < FLUSH_INTERVAL:
+            return
+        if not self.sel_lock.acquire(blocking=False):
+            return  # the main thread is back in select(): not busy any more
+        try:
+            lanes = [k.data for k in list(self.sel.get_map().values())
+                     if k.data is not None and k.data is not self.current_lane]
+            if not lanes:
+                return
+            waiting, _, _ = select.select([lane.sock for lane in lanes], [], [], 0)
+            for lane in lanes:
+                if lane.sock in waiting:
+                    self.sel.unregister(lane.sock)
+                    lane.moved = True
+                    self.send(("lane-move", lane.id), fds=(lane.sock.fileno(),))
+                    lane.close()  # the server holds it now
+        finally:
+            self.sel_lock.release()
 
     # -- tasks -----------------------------------------------------------------------------
     def resolve(self, kind: str, spec: Any,
@@ -301,20 +338,26 @@ class Worker:
 
     def serve(self) -> None:
         """Take messages from the server and, in a process worker, from its lanes."""
-        sel = selectors.DefaultSelector()
+        sel = self.sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, None)
         try:
             while True:
+                with self.sel_lock:
+                    self.busy_since = 0.0
+                    events = sel.select()
+                    self.busy_since = time.monotonic()
                 # The server's messages first: a task it sent may be waiting behind a lane's.
-                for key, _ in sorted(sel.select(), key=lambda e: e[0].data is not None):
+                for key, _ in sorted(events, key=lambda e: e[0].data is not None):
                     lane: _Lane | None = key.data
-                    if lane is not None:
-                        if not self.serve_lane(lane):
-                            sel.unregister(lane.sock)
-                            lane.close()
-                            self.send(("lane-closed", lane.id))
-                    elif not self.serve_server(sel):
-                        return
+                    if lane is None:
+                        if not self.serve_server(sel):
+                            return
+                    elif not lane.moved and not self.serve_lane(lane):
+                        with self.sel_lock:
+                            if not lane.moved:
+                                sel.unregister(lane.sock)
+                        lane.close()
+                        self.send(("lane-closed", lane.id))
         finally:
             sel.close()
 
@@ -337,7 +380,8 @@ class Worker:
             lane = _Lane(lane_id, socket.socket(fileno=fds.pop(0)), restricted, number)
             try:
                 lane.send(("lane-ready", os.getpid()))
-                sel.register(lane.sock, selectors.EVENT_READ, lane)
+                with self.sel_lock:
+                    sel.register(lane.sock, selectors.EVENT_READ, lane)
             except OSError:
                 lane.close()
                 self.send(("lane-closed", lane.id))
@@ -392,11 +436,13 @@ class Worker:
                                  lane.bytes_out + sum(memoryview(f).nbytes for f in out))
 
         ok, why = False, None
+        self.current_lane = lane
         try:
             ok, why = self.run(key, kind, spec, opts, frames, lane.send, count)
         except OSError:  # the client went away mid-reply
             return False
         finally:
+            self.current_lane = None
             with self.lane_lock:
                 self.lane_task = None
                 if self.state is not None:
@@ -428,6 +474,7 @@ class _Lane:
     def __init__(self, lane_id: str, sock: socket.socket, restricted: bool, number: int) -> None:
         self.id = lane_id
         self.number = number
+        self.moved = False  # handed back to the server (see Worker.move_waiting_lanes)
         self.sock = sock
         self.restricted = restricted
         self.lock = threading.Lock()
