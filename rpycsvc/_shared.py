@@ -7,8 +7,8 @@ lane's task it runs now (its number, start time and label), and running totals o
 lane tasks it finished (done, failed, bytes, a duration histogram). The server reads it
 for ``stats()``, ``rpycsvc top`` and metrics, when it schedules (a worker busy with a lane
 task is not idle), and when the worker dies (a lane task that died with it is reported as
-such, never re-run). The block is a file the server creates and the worker maps (its
-descriptor is inherited), so it works on any POSIX system.
+such, never re-run). The block is a memfd (Linux; a deleted temporary file elsewhere) the
+server creates and the worker maps through an inherited descriptor: nothing on disk.
 
 Reads are not atomic with the writes: a reader may see a count a moment late, never a
 torn one that matters (each field is one aligned 8-byte word).
@@ -17,6 +17,7 @@ torn one that matters (each field is one aligned 8-byte word).
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import tempfile
 from typing import Any
@@ -24,9 +25,10 @@ from typing import Any
 #: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
 
-#: lane number (0: none), started (monotonic), label length, finished (reply on its way)
-_RUNNING = struct.Struct("=QdII")
-_LABEL_AT, _LABEL = 24, 200
+#: lane number (0: none), started (monotonic), label length, finished (reply on its way),
+#: the task's key (the client's number for it)
+_RUNNING = struct.Struct("=QdIIq")
+_LABEL_AT, _LABEL = 32, 200
 _FINISHED_AT = 20
 _COUNTS = struct.Struct(f"=QQQQd{len(DURATION_BUCKETS)}Q")  # done failed in out sum buckets
 _COUNTS_AT = _LABEL_AT + _LABEL
@@ -40,28 +42,36 @@ class WorkerState:
         self.mm = mm
 
     @classmethod
-    def create(cls) -> tuple[WorkerState, Any]:
-        """A new zeroed block and its open file, whose descriptor the worker inherits
-        (close the file once the worker has started)."""
-        f = tempfile.TemporaryFile()  # noqa: SIM115 -- the caller closes it after the spawn
-        f.truncate(SIZE)
-        return cls(mmap.mmap(f.fileno(), SIZE)), f
+    def create(cls) -> tuple[WorkerState, int]:
+        """A new zeroed block and a descriptor of it for the worker to inherit (the caller
+        closes it once the worker has started)."""
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("rpycsvc-worker-state")
+        else:
+            fd, path = tempfile.mkstemp(prefix="rpycsvc-state-")
+            os.unlink(path)
+        try:
+            os.ftruncate(fd, SIZE)
+            return cls(mmap.mmap(fd, SIZE)), fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     @classmethod
     def attach(cls, fd: int) -> WorkerState:
         return cls(mmap.mmap(fd, SIZE))
 
     # -- the worker writes -------------------------------------------------------------------
-    def begin(self, number: int, label: str, started: float) -> None:
+    def begin(self, number: int, label: str, started: float, key: int) -> None:
         """A task of lane ``number`` starts (the label first: readers trust it once the
         number is set)."""
         text = label.encode(errors="replace")[:_LABEL]
         self.mm[_LABEL_AT:_LABEL_AT + len(text)] = text
-        _RUNNING.pack_into(self.mm, 0, number, started, len(text), 0)
+        _RUNNING.pack_into(self.mm, 0, number, started, len(text), 0, key)
 
     def end(self) -> None:
         """The lane task is over: none runs now."""
-        _RUNNING.pack_into(self.mm, 0, 0, 0.0, 0, 0)
+        _RUNNING.pack_into(self.mm, 0, 0, 0.0, 0, 0, 0)
 
     def count(self, ok: bool, seconds: float, bytes_in: int, bytes_out: int) -> None:
         """Count a finished lane task, and mark it finished (before its reply goes out: a
@@ -76,12 +86,13 @@ class WorkerState:
                           nout + bytes_out, total + seconds, *buckets)
 
     # -- the server reads --------------------------------------------------------------------
-    def running(self) -> tuple[int, str, float, bool]:
-        """``(lane number, label, started, finished)`` of the lane task in hand (number 0:
-        none; finished: its reply is on its way)."""
-        number, started, n, finished = _RUNNING.unpack_from(self.mm)
+    def running(self) -> tuple[int, str, float, bool, int]:
+        """``(lane number, label, started, finished, key)`` of the lane task in hand
+        (number 0: none; finished: its reply is on its way)."""
+        number, started, n, finished, key = _RUNNING.unpack_from(self.mm)
         label = bytes(self.mm[_LABEL_AT:_LABEL_AT + min(n, _LABEL)])
-        return int(number), label.decode(errors="replace"), float(started), bool(finished)
+        return (int(number), label.decode(errors="replace"), float(started), bool(finished),
+                int(key))
 
     def counts(self) -> dict[str, Any]:
         """Totals of the lane tasks this worker finished."""

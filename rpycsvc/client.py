@@ -347,7 +347,7 @@ class Client:
             lane = self._lane
             try:
                 if lane is not None and lane.key == key:
-                    rpyc.async_(self.conn.root.cancel_lane)(lane.id)
+                    rpyc.async_(self.conn.root.cancel_lane)(lane.id, key)
                 else:
                     self._cancel(key)
             except (EOFError, OSError):
@@ -396,7 +396,7 @@ class Client:
     def _abandon_lane(self, lane: Lane) -> None:
         """Stop the lane's task on the server and hang up (the next task opens a new lane)."""
         try:
-            rpyc.async_(self.conn.root.cancel_lane)(lane.id)
+            rpyc.async_(self.conn.root.cancel_lane)(lane.id, lane.key)
         except Exception:
             pass
         lane.close()

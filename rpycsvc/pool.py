@@ -91,10 +91,10 @@ class _WorkerHandle:
         self.lanes: set[str] = set()
         self.state: WorkerState | None = None  # memory shared with the worker (process role)
 
-    def running_lane(self) -> tuple[int, str, float, bool]:
-        """``(lane number, label, started, finished)`` of the lane task this worker has in
-        hand (see :meth:`rpycsvc._shared.WorkerState.running`)."""
-        return self.state.running() if self.state is not None else (0, "", 0.0, False)
+    def running_lane(self) -> tuple[int, str, float, bool, int]:
+        """``(lane number, label, started, finished, key)`` of the lane task this worker
+        has in hand (see :meth:`rpycsvc._shared.WorkerState.running`)."""
+        return self.state.running() if self.state is not None else (0, "", 0.0, False, 0)
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
              fds: tuple[int, ...] = ()) -> None:
@@ -113,7 +113,8 @@ class _Lane:
     no: int  # what the worker writes in its shared state while it runs a task of this lane
     restricted: bool = False  # service-only mode: the worker accepts endpoint calls only
     task: Task | None = None  # the lane task the worker told us of, while it runs
-    cancel: str = ""  # a cancel asked for before the worker told us of the task
+    cancel: tuple[int | None, str] | None = None  # (key, reason) of a cancel asked for
+    # before that task started
 
 
 class WorkerPool:
@@ -357,16 +358,21 @@ class WorkerPool:
             cmd += ["--memory-limit", str(self.memory_limit)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        state, f = WorkerState.create()  # see rpycsvc._shared
-        with f:
-            cmd += ["--state-fd", str(f.fileno())]
-            fds = [child.fileno(), f.fileno()]
+        state, state_fd = WorkerState.create()  # see rpycsvc._shared
+        try:
+            cmd += ["--state-fd", str(state_fd)]
+            fds = [child.fileno(), state_fd]
             bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
             if bundle_fd and bundle_fd.isdigit():
                 fds.append(int(bundle_fd))
             proc = subprocess.Popen(
                 cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
                 stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
+        except BaseException:
+            state.close()
+            raise
+        finally:
+            os.close(state_fd)
         child.close()
         handle = _WorkerHandle(role, proc, parent)
         handle.state = state
@@ -459,14 +465,14 @@ class WorkerPool:
                 self._kill(w)
                 code = w.proc.wait(timeout=5.0)
         how0 = "the server is shutting down" if self._closing else _describe_exit(code)
-        running_lane, label, _, _ = w.running_lane()
+        running_lane, label, _, finished, _ = w.running_lane()
         with self._lock:
             was_alive, w.alive = w.alive, False
             lost = list(w.tasks.values())
             w.tasks.clear()
             for lane_id in w.lanes:  # a lane task too short to have been announced?
                 lane = self._lanes[lane_id]
-                if lane.task is None and lane.no == running_lane:
+                if lane.task is None and lane.no == running_lane and not finished:
                     lane.task = self._lane_task_locked(lane, label, None, time.monotonic())
                     lost.append(lane.task)
             if w in self._idle:
@@ -634,7 +640,7 @@ class WorkerPool:
             raise
 
     def _lane_task_locked(self, lane: _Lane, label: str, timeout: float | None,
-                          started: float) -> Task:
+                          started: float, key: int = 0) -> Task:
         lane_id = lane.id
 
         def on_done(task: Task, ok: bool, frames: Any, err: TaskError | None) -> None:
@@ -644,26 +650,31 @@ class WorkerPool:
 
         task = Task(kind="lane", spec=None, frames=(), on_done=on_done, owner=lane.owner,
                     timeout=timeout, label=label, client=lane.client,
-                    task_id=next(self._ids), state="running")
+                    task_id=next(self._ids), state="running", options={"key": key})
         self._tasks[task.task_id] = task
         return task
 
     def _on_lane_start(self, w: _WorkerHandle, lane_id: str, label: str,
-                       timeout: float | None, started: float) -> None:
-        """The worker runs a lane task: book it as running there (``started`` is the
+                       timeout: float | None, started: float, key: int) -> None:
+        """The worker runs lane task ``key``: book it as running there (``started`` is the
         worker's ``time.monotonic()``, the same clock as ours)."""
         with self._lock:
             lane = self._lanes.get(lane_id)
-            if lane is None or self._closing:
-                return
-            task = self._lane_task_locked(lane, label, timeout, started)
-            self._start_locked(task, w, started)
-            lane.task = task
-            if w in self._idle:
-                self._idle.remove(w)
-            cancel, lane.cancel = lane.cancel, ""
-        if cancel:
-            self.cancel(task.task_id, cancel)
+            if lane is None or self._closing or lane.task is not None:
+                return  # (booked already if a cancel found it running)
+            task = self._book_lane_task_locked(lane, label, timeout, started, key)
+            pending, lane.cancel = lane.cancel, None
+        if pending is not None and pending[0] in (key, None):
+            self.cancel(task.task_id, pending[1])
+
+    def _book_lane_task_locked(self, lane: _Lane, label: str, timeout: float | None,
+                               started: float, key: int) -> Task:
+        task = self._lane_task_locked(lane, label, timeout, started, key)
+        self._start_locked(task, lane.worker, started)
+        lane.task = task
+        if lane.worker in self._idle:
+            self._idle.remove(lane.worker)
+        return task
 
     def _on_lane_end(self, w: _WorkerHandle, lane_id: str, ok: bool,
                      unannounced: tuple[str, float] | None, why: tuple[Any, ...] | None) -> None:
@@ -676,7 +687,6 @@ class WorkerPool:
             lane = self._lanes.get(lane_id)
             if lane is None:
                 return
-            lane.cancel = ""
             task = lane.task
             if task is not None:
                 lane.task = None
@@ -742,23 +752,29 @@ class WorkerPool:
                 fate = _LANE_CLOSED
             return fate
 
-    def cancel_lane(self, lane_id: str, owner: Hashable, reason: str = "cancel") -> bool:
-        """Stop the task running on ``owner``'s lane ``lane_id`` (by killing its worker).
-
-        A task the worker has not told us of yet is stopped as soon as it does (if it ends
-        first, there is nothing left to stop)."""
+    def cancel_lane(self, lane_id: str, owner: Hashable, key: int | None = None,
+                    reason: str = "cancel") -> bool:
+        """Stop task ``key`` (None: whichever) of ``owner``'s lane ``lane_id``, by killing
+        its worker. One not started yet (still unread in the lane) is stopped when it
+        starts; one that ended already is left alone."""
         with self._lock:
             lane = self._lanes.get(lane_id)
             if lane is None or lane.owner != owner:
                 return False
             task = lane.task
             if task is None:
-                lane.cancel = reason
-                return True
+                number, label, started, finished, running_key = lane.worker.running_lane()
+                if number == lane.no and not finished and key in (None, running_key):
+                    task = self._book_lane_task_locked(lane, label, None, started, running_key)
+                else:
+                    lane.cancel = (key, reason)
+                    return True
+            elif key not in (None, task.options.get("key")):
+                return False
         return self.cancel(task.task_id, reason)
 
     def drop_owner_lanes(self, owner: Hashable) -> None:
-        """``owner`` is gone: stop whatever its lanes still run."""
+        """``owner`` is gone: stop whatever its lanes run or are about to."""
         with self._lock:
             lanes = [lane.id for lane in self._lanes.values() if lane.owner == owner]
         for lane_id in lanes:
@@ -771,7 +787,7 @@ class WorkerPool:
         found = []
         for w in self._workers:
             if w.lanes:
-                number, label, started, finished = w.running_lane()
+                number, label, started, finished, _ = w.running_lane()
                 for lane_id in w.lanes:
                     lane = self._lanes[lane_id]
                     if number and not finished and lane.no == number and lane.task is None:

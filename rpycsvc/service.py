@@ -228,10 +228,10 @@ class ComputeService(Service):
             return None
         return self._runtime.pool.lane_fate(str(lane_id), min(float(timeout), 30.0))
 
-    def exposed_cancel_lane(self, lane_id: str) -> bool:
-        """Stop the task running on this connection's lane ``lane_id``."""
+    def exposed_cancel_lane(self, lane_id: str, key: int | None = None) -> bool:
+        """Stop task ``key`` (None: whichever runs) of this connection's lane ``lane_id``."""
         return self._own_lane(lane_id) and self._runtime.pool.cancel_lane(
-            str(lane_id), self._conn_id)
+            str(lane_id), self._conn_id, int(key) if key is not None else None)
 
     def exposed_run(self, kind: str, spec: Any, options: tuple[tuple[str, Any], ...],
                     frames: tuple[bytes, ...]) -> Deferred:

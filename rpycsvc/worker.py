@@ -97,7 +97,7 @@ class Worker:
         self.item_pool: ThreadPoolExecutor | None = None
         self.logging_tasks = 0
         self.fd_pumps: list[_FdPump] = []
-        #: the lane task running now: [lane id, label, timeout, started, told the server]
+        #: the lane task running now: [lane id, label, timeout, started, told the server, key]
         self.lane_task: list[Any] | None = None
         self.lane_lock = threading.Lock()
         # The main thread holds sel_lock while it waits in select(); busy_since says since
@@ -189,7 +189,7 @@ class Worker:
                         and time.monotonic() - task[3] >= FLUSH_INTERVAL:
                     task[4] = True
                     try:
-                        self.send(("lane-start", *task[:4]))
+                        self.send(("lane-start", *task[:4], task[5]))
                     except OSError:
                         return
             try:
@@ -422,13 +422,14 @@ class Worker:
         label = str(opts.get("label") or spec or "task")
         timeout = opts.get("timeout")
         started = time.monotonic()
-        task = [lane.id, label, timeout, started, timeout is not None]
+        key_no = key if isinstance(key, int) else 0
+        task = [lane.id, label, timeout, started, timeout is not None, key_no]
         with self.lane_lock:
             self.lane_task = task
             if self.state is not None:
-                self.state.begin(lane.number, label, started)
+                self.state.begin(lane.number, label, started, key_no)
             if task[4]:  # the server enforces the timeout: it must know at once
-                self.send(("lane-start", *task[:4]))
+                self.send(("lane-start", *task[:4], key_no))
         def count(ok: bool, out: tuple[Any, ...]) -> None:
             # before the reply: whoever asks the server after it sees this task counted
             if self.state is not None:

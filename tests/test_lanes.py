@@ -631,11 +631,6 @@ def reply_then_hold_lane_lock(port: int) -> int:
     return os.getpid()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=(AssertionError, rpycsvc.WorkerCrashedError),
-    reason="BUG: a worker that dies after a lane task's reply went out but before the task's "
-    "end was booked: the finished task is counted failed too, and the client's next task "
-    "(never run) gets WorkerCrashedError")
 def test_worker_dying_right_after_a_reply(fresh_server: rpycsvc.Server) -> None:
     with rpycsvc.connect(fresh_server.address) as c, Gate() as gate:
         c.compute(int)
