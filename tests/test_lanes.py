@@ -41,6 +41,7 @@ from rpycsvc.client import frames_of_call
 from rpycsvc.handshake import client_handshake, client_ssl_context
 from rpycsvc.lane import Lane
 from rpycsvc.serialization import loads
+from tests.support.logs import Collect
 from tests.support.rendezvous import Barrier, Gate, meet, pass_gate
 from tests.support.sample_endpoints import Point
 from tests.support.servers import ServerProcess, running_server
@@ -69,12 +70,9 @@ def fresh_server() -> Iterator[rpycsvc.Server]:
 
 
 @pytest.fixture
-def lane_client(server: rpycsvc.Server) -> Iterator[rpycsvc.Client]:
-    c = rpycsvc.connect(server.address, output="capture")
-    try:
-        yield c
-    finally:
-        c.close()
+def lane_client(client: rpycsvc.Client) -> rpycsvc.Client:
+    """The conftest client: lanes are on by default."""
+    return client
 
 
 @pytest.fixture
@@ -330,17 +328,8 @@ def emit_logs() -> int:
     return os.getpid()
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_logging_forwarded_over_the_lane(server: rpycsvc.Server) -> None:
-    handler = _Collect()
+    handler = Collect()
     logger = logging.getLogger("lanes.remote")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -13,6 +13,7 @@ import pytest
 import rpyc
 
 import rpycsvc
+from tests.support.logs import Collect
 
 
 def _print_then_wait(gate: str, timeout: float = 30.0) -> str:
@@ -127,17 +128,8 @@ def _logs() -> None:
     log.debug("debug record")
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_logging_forwarded_into_client_logging(server: rpycsvc.Server) -> None:
-    handler = _Collect()
+    handler = Collect()
     logger = logging.getLogger("app.remote")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
