@@ -352,12 +352,20 @@ class Worker:
                     if lane is None:
                         if not self.serve_server(sel):
                             return
-                    elif not lane.moved and not self.serve_lane(lane):
-                        with self.sel_lock:
-                            if not lane.moved:
+                    else:
+                        with self.sel_lock:  # claim it: never moved while we read or serve it
+                            if lane.moved:
+                                continue
+                            self.current_lane = lane
+                        try:
+                            served = self.serve_lane(lane)
+                        finally:
+                            self.current_lane = None
+                        if not served:
+                            with self.sel_lock:
                                 sel.unregister(lane.sock)
-                        lane.close()
-                        self.send(("lane-closed", lane.id))
+                            lane.close()
+                            self.send(("lane-closed", lane.id))
         finally:
             sel.close()
 
@@ -437,13 +445,11 @@ class Worker:
                                  lane.bytes_out + sum(memoryview(f).nbytes for f in out))
 
         ok, why = False, None
-        self.current_lane = lane
         try:
             ok, why = self.run(key, kind, spec, opts, frames, lane.send, count)
         except OSError:  # the client went away mid-reply
             return False
         finally:
-            self.current_lane = None
             with self.lane_lock:
                 self.lane_task = None
                 if self.state is not None:
