@@ -26,6 +26,7 @@ from typing import Any, Callable
 import rpyc
 from rpyc.core.service import ClassicClient, VoidService
 
+from .config import check_timeout
 from .errors import (
     ConfigError,
     ConnectError,
@@ -568,10 +569,8 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
     for name, value in opts.items():
         if name not in TASK_OPTIONS:
             raise ConfigError(f"unknown task option {name!r}; known: {', '.join(TASK_OPTIONS)}")
-        if name == "timeout" and value is not None and (
-            not isinstance(value, (int, float)) or value <= 0
-        ):
-            raise ConfigError(f"timeout must be a positive number of seconds; got {value!r}")
+        if name == "timeout":
+            check_timeout(value)
         if name == "mode" and value not in ("process", "thread"):
             raise ConfigError(f"mode must be 'process' or 'thread'; got {value!r}")
         if name == "output" and value not in ("stream", "capture", "discard"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -146,3 +147,16 @@ def _parse(name: str, typ: str, raw: str) -> Any:
     except ValueError:
         raise ConfigError(f"environment variable {var}={raw!r} is not a valid {typ}") from None
     return raw
+
+
+def check_timeout(value: Any) -> float | None:
+    """A task's ``timeout``: None, or a finite number of seconds above 0 (else ConfigError).
+
+    Checked by the client, and again by the server on both paths (RPyC and lanes): a
+    ``nan`` deadline would sort before every other and silence all timeouts."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"timeout must be a positive number of seconds; got {value!r}")
+    return float(value)

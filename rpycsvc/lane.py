@@ -47,7 +47,7 @@ Reply = tuple[Any, ...]
 class LaneBroken(RpycsvcError):
     """The lane closed before the task's reply; ``ran`` says whether the task started."""
 
-    def __init__(self, message: str, *, fate: tuple[str, str] | None) -> None:
+    def __init__(self, message: str, *, fate: tuple[Any, ...] | None) -> None:
         super().__init__(message)
         self.fate = fate
 
@@ -139,14 +139,16 @@ class Lane:
                                      fate=("LaneClosed", str(control[3])))
         except (EOFError, OSError) as exc:
             self.broken = True
-            raise self._broken(exc) from exc
+            raise self._broken(exc, key) from exc
 
-    def _broken(self, exc: BaseException) -> LaneBroken:
+    def _broken(self, exc: BaseException, key: int) -> LaneBroken:
         """Ask the server why the lane closed (it knows: timeout, cancel, a crash)."""
         if self.client.closed:
             return LaneBroken(f"connection to {self.client.address} was closed", fate=None)
         try:
             fate = self.client.conn.root.lane_fate(self.id)
+            if fate and len(fate) > 2 and fate[2] is not None and fate[2] != key:
+                fate = ("LaneClosed", f"an earlier task's: {fate[1]}")  # ours never ran
             fate = (str(fate[0]), str(fate[1])) if fate else None
         except Exception as err:  # the server itself is gone
             return LaneBroken(f"lost {self.client.address}: {type(err).__name__}: {err}",

@@ -74,8 +74,18 @@ class Task:
 
 #: How often (seconds) a task waiting behind a lane task looks whether it has started.
 _WAIT_POLL = 0.01
+#: How a lane failed its client: (error name, text, key of the task it concerns or None).
+Fate = tuple[Any, ...]
 #: The fate of a lane closed between tasks: its client's task never reached a worker.
-_LANE_CLOSED = ("LaneClosed", "the lane closed before its worker read a task from it")
+_LANE_CLOSED = ("LaneClosed", "the lane closed before its worker read a task from it", None)
+#: ...and of one whose task ran, but whose result could not be sent (the client can't
+#: know if it had effects: never re-run it)
+_REPLY_LOST = ("LaneReplyLost", "the task ran, but its result could not be sent back "
+               "(the worker died, or the client did not read for too long)")
+
+
+def _reply_lost(key: Any) -> Fate:
+    return (*_REPLY_LOST, key)
 
 
 class _WorkerHandle:
@@ -163,8 +173,9 @@ class WorkerPool:
         self.recent_failures: deque[tuple[float, str, str, str]] = deque(maxlen=20)
         self._lanes: dict[str, _Lane] = {}
         #: how lanes' last tasks ended badly, or why an idle lane closed: (error name, text)
-        self._lane_fates: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._lane_fates: OrderedDict[str, Fate] = OrderedDict()
         self._fate_cv = threading.Condition(self._lock)
+        self._lane_poll = False  # tasks wait for idle workers busy with lane tasks
 
     # -- lifecycle ---------------------------------------------------------------------------
     def ensure_started(self) -> None:
@@ -201,9 +212,20 @@ class WorkerPool:
         for t in queued:
             self._finish(t, False, None, TaskCancelledError("the server is shutting down"))
         with self._lock:
+            busy = list(self._workers)
+        for w in busy:  # idle lanes close now: their clients' next tasks are refused
+            try:
+                w.send(("lanes-close",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        with self._lock:
             # Until every running task's result has been handed to its connection, not
             # merely taken off the books: the server closes connections right after this.
-            self._settled_cv.wait_for(lambda: not self._tasks and not self._finishing, grace)
+            # (Lane tasks too short to be announced show in the workers' shared state.)
+            while (self._tasks or self._finishing or self._unannounced_locked()) \
+                    and time.monotonic() < deadline:
+                self._settled_cv.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             workers = list(self._workers) + ([self._thread_worker] if self._thread_worker else [])
         for w in workers:
             w.alive = False
@@ -280,20 +302,39 @@ class WorkerPool:
 
     # -- scheduling (call with the lock held) -----------------------------------------------
     def _idle_worker_locked(self, owner: Hashable) -> _WorkerHandle | None:
-        """An idle worker for a new task of ``owner``, but not one serving a lane of
-        ``owner`` (unless it is the only worker): that client may have just sent its lane
-        a task the pool has not heard of yet, and a task queued behind it there would wait
-        for it, or never run if the two must meet. Such a task stays queued for another
-        worker, or for this one once its lane task has ended."""
-        # Not a worker running a lane task it has not told us of yet (its shared state says
-        # so); then a worker with fewer lanes first.
-        for w in sorted(self._idle, key=lambda x: (x.running_lane()[0] != 0, len(x.lanes))):
-            if not any(self._lanes[i].owner == owner for i in w.lanes if i in self._lanes):
-                self._idle.remove(w)
-                return w
-        if self._idle and len(self._workers) <= 1:
-            return self._idle.popleft()
-        return None
+        """An idle worker for a new task of ``owner``: not one busy with a lane task we
+        have not heard of (its shared state tells); best one serving no lane of ``owner``
+        (that client may just have sent its lane a task), then fewer lanes. If every idle
+        worker is busy so, the task stays queued and the deadline thread looks again every
+        _WAIT_POLL seconds (a short lane task ends without telling us). A task that still
+        lands behind a lane task (sent just before) waits for it; its timeout waits too,
+        and a lane task stuck behind it goes to another worker after FLUSH_INTERVAL (a busy
+        worker hands waiting lanes away), so two tasks that must meet still do."""
+        free = [w for w in self._idle if not w.running_lane()[0]]
+        if len(free) < len(self._idle):
+            self._lane_poll = True
+            self._deadline_cv.notify()
+        if not free:
+            return None
+        best = min(free, key=lambda w: (
+            any(self._lanes[i].owner == owner for i in w.lanes if i in self._lanes),
+            len(w.lanes)))
+        self._idle.remove(best)
+        return best
+
+    def _poll_lane_busy_locked(self) -> list[tuple[_WorkerHandle, Task]]:
+        """Queued tasks for idle workers whose lane task has ended since we last looked."""
+        todo = []
+        waiting = False
+        for w in list(self._idle):
+            if w.running_lane()[0]:
+                waiting = True
+            elif self._turns:
+                task = self._next_process_task_locked(w)
+                if task is not None:
+                    todo.append((w, task))
+        self._lane_poll = waiting and bool(self._turns)
+        return todo
 
     def _next_process_task_locked(self, worker: _WorkerHandle | None) -> Task | None:
         if worker is None:
@@ -408,9 +449,11 @@ class WorkerPool:
                         self._on_lane_end(w, *control[1:])
                     elif op == "lane-move" and fds:
                         self._move_lane(w, control[1], fds.pop(0))
-                    elif op == "lane-closed":  # it does so between tasks only
-                        with self._lock:
-                            self._drop_lane_locked(control[1], _LANE_CLOSED)
+                    elif op == "lane-closed":
+                        with self._lock:  # between tasks, or after one whose reply failed
+                            self._drop_lane_locked(control[1], _LANE_CLOSED
+                                                   if control[2] is None
+                                                   else _reply_lost(control[2]))
                 except Exception:  # a bug here must not silence this worker for good
                     log.exception("error handling %r from worker %s", op, w.proc.pid)
                 for fd in fds:  # none is expected but with lane-move
@@ -465,15 +508,27 @@ class WorkerPool:
                 self._kill(w)
                 code = w.proc.wait(timeout=5.0)
         how0 = "the server is shutting down" if self._closing else _describe_exit(code)
-        running_lane, label, _, finished, _ = w.running_lane()
+        running_lane, label, _, finished, running_key = w.running_lane()
         with self._lock:
             was_alive, w.alive = w.alive, False
-            lost = list(w.tasks.values())
+            # A lane task that had finished (and been counted) when the worker died: only
+            # its reply may be lost. It is not failed, and not to be run again.
+            done_lane = self._lane_of_no(w, running_lane) if finished and running_lane else ""
+            if done_lane:
+                self._set_fate_locked(done_lane, _reply_lost(running_key))
+            lost = []
+            for task in w.tasks.values():
+                if done_lane and task.kind == "lane" \
+                        and task.options.get("lane_no") == running_lane:
+                    self._tasks.pop(task.task_id, None)
+                else:
+                    lost.append(task)
             w.tasks.clear()
             for lane_id in w.lanes:  # a lane task too short to have been announced?
                 lane = self._lanes[lane_id]
                 if lane.task is None and lane.no == running_lane and not finished:
-                    lane.task = self._lane_task_locked(lane, label, None, time.monotonic())
+                    lane.task = self._lane_task_locked(lane, label, None, time.monotonic(),
+                                                       running_key)
                     lost.append(lane.task)
             if w in self._idle:
                 self._idle.remove(w)
@@ -495,11 +550,17 @@ class WorkerPool:
         w.ready.set()
         how = _describe_exit(code)
         for task in lost:
-            err = self._ending_error(task) if task.ending else WorkerCrashedError(
-                f"the worker process running task {task.label or task.task_id} died ({how}); "
-                "the task may have called os._exit(), crashed the interpreter, or run out "
-                "of memory. The worker was replaced."
-            )
+            err: TaskError
+            if task.ending:
+                err = self._ending_error(task)
+            elif self._closing:
+                err = TaskCancelledError(f"the server shut down before task "
+                                         f"{task.label or task.task_id} finished")
+            else:
+                err = WorkerCrashedError(
+                    f"the worker process running task {task.label or task.task_id} died "
+                    f"({how}); the task may have called os._exit(), crashed the interpreter, "
+                    "or run out of memory. The worker was replaced.")
             self._finish(task, False, None, err)
         with self._lock:
             for lane_id in list(w.lanes):
@@ -576,6 +637,15 @@ class WorkerPool:
     def _deadline_loop(self) -> None:
         with self._lock:
             while not self._closing:
+                if self._lane_poll:
+                    todo = self._poll_lane_busy_locked()
+                    if todo:
+                        self._lock.release()
+                        try:
+                            for w, queued in todo:
+                                self._send_task(w, queued)
+                        finally:
+                            self._lock.acquire()
                 now = time.monotonic()
                 if self._deadlines and self._deadlines[0][0] <= now:
                     _, task_id = heapq.heappop(self._deadlines)
@@ -590,13 +660,22 @@ class WorkerPool:
                             self._lock.acquire()
                     continue
                 wait = self._deadlines[0][0] - now if self._deadlines else None
+                if self._lane_poll:
+                    wait = _WAIT_POLL if wait is None else min(wait, _WAIT_POLL)
                 self._deadline_cv.wait(wait)
 
     def _behind_lane_task_locked(self, task: Task, now: float) -> bool:
         """True if ``task``'s time has not run out after all: its worker was busy with a
-        lane task that came first, so it has not started (or started just now)."""
+        lane task that came first, so it has not started (or started just now); or it is
+        a lane task that finished in time and is sending its reply."""
         w = task.worker
-        if task.kind == "lane" or w is None or w.role != "process" or task.timeout is None:
+        if w is None or w.role != "process" or task.timeout is None:
+            return False
+        if task.kind == "lane":
+            number, _, _, finished, _ = w.running_lane()
+            if finished and number == task.options.get("lane_no"):
+                heapq.heappush(self._deadlines, (now + _WAIT_POLL, task.task_id))
+                return True
             return False
         if w.running_lane()[0]:  # the worker runs a lane task, so not this one: look again
             task.waiting = True
@@ -624,7 +703,10 @@ class WorkerPool:
                 ready = [w for w in self._workers
                          if w.alive and w.ready.is_set() and not w.stopping]
                 if ready:
-                    w = min(ready, key=lambda x: len(x.lanes))
+                    # an idle worker first: a busy one takes the lane only when it is done
+                    w = min(ready, key=lambda x: (x not in self._idle or bool(x.running_lane()[0]),
+                                                  len(x.lanes)))
+                    self._lane_fates.pop(lane_id, None)
                     w.lanes.add(lane_id)
                     lane = _Lane(lane_id, w, owner, client, next(self._ids), restricted)
                     self._lanes[lane_id] = lane
@@ -646,11 +728,13 @@ class WorkerPool:
         def on_done(task: Task, ok: bool, frames: Any, err: TaskError | None) -> None:
             if err is not None:
                 with self._lock:
-                    self._set_fate_locked(lane_id, (type(err).__name__, str(err)))
+                    self._set_fate_locked(lane_id, (type(err).__name__, str(err),
+                                                    task.options.get("key")))
 
         task = Task(kind="lane", spec=None, frames=(), on_done=on_done, owner=lane.owner,
                     timeout=timeout, label=label, client=lane.client,
-                    task_id=next(self._ids), state="running", options={"key": key})
+                    task_id=next(self._ids), state="running",
+                    options={"key": key, "lane_no": lane.no})
         self._tasks[task.task_id] = task
         return task
 
@@ -724,7 +808,12 @@ class WorkerPool:
         finally:
             os.close(fd)
 
-    def _drop_lane_locked(self, lane_id: str, fate: tuple[str, str] | None) -> None:
+    def _lane_of_no(self, w: _WorkerHandle, number: int) -> str:
+        """The id of ``w``'s lane numbered ``number`` ("" if none)."""
+        return next((i for i in w.lanes if i in self._lanes and self._lanes[i].no == number),
+                    "")
+
+    def _drop_lane_locked(self, lane_id: str, fate: Fate | None) -> None:
         lane = self._lanes.pop(lane_id, None)
         if lane is not None:
             lane.worker.lanes.discard(lane_id)
@@ -732,14 +821,14 @@ class WorkerPool:
             self._set_fate_locked(lane_id, fate)
         self._fate_cv.notify_all()
 
-    def _set_fate_locked(self, lane_id: str, fate: tuple[str, str]) -> None:
+    def _set_fate_locked(self, lane_id: str, fate: Fate) -> None:
         self._lane_fates[lane_id] = fate
         while len(self._lane_fates) > 1000:
             self._lane_fates.popitem(last=False)
         self._fate_cv.notify_all()
 
-    def lane_fate(self, lane_id: str, timeout: float = 5.0) -> tuple[str, str] | None:
-        """Why ``lane_id`` failed its client: ``(error name, text)``, waiting up to
+    def lane_fate(self, lane_id: str, timeout: float = 5.0) -> Fate | None:
+        """Why ``lane_id`` failed its client: ``(error name, text, task key)``, waiting up to
         ``timeout`` seconds for the pool to learn it. ``("LaneClosed", ...)`` means no task
         of it was running: the client may send its task another way. None: still open."""
         with self._lock:

@@ -24,6 +24,7 @@ import rpyc
 from rpyc.core import netref
 from rpyc.core.service import Service, SlaveService
 
+from .config import check_timeout
 from .errors import SerializationError, TaskError
 from .hosted import HostedQueue, HostedSpec, QueueRegistry
 from .pool import Task, WorkerPool
@@ -222,8 +223,9 @@ class ComputeService(Service):
     def _own_lane(self, lane_id: str) -> bool:
         return bool(self._lane_token) and str(lane_id).split("/", 1)[0] == self._lane_token
 
-    def exposed_lane_fate(self, lane_id: str, timeout: float = 5.0) -> tuple[str, str] | None:
-        """Why this connection's lane ``lane_id`` broke: ``(error name, text)``, or None."""
+    def exposed_lane_fate(self, lane_id: str, timeout: float = 5.0) -> tuple[Any, ...] | None:
+        """Why this connection's lane ``lane_id`` broke: ``(error name, text, key of the
+        task it concerns or None)``, or None."""
         if not self._own_lane(lane_id):
             return None
         return self._runtime.pool.lane_fate(str(lane_id), min(float(timeout), 30.0))
@@ -250,6 +252,7 @@ class ComputeService(Service):
     def _start_run(self, kind: str, spec: Any, options: tuple[tuple[str, Any], ...],
                    frames: tuple[bytes, ...]) -> Deferred:
         opts = dict(options)
+        opts["timeout"] = check_timeout(opts.get("timeout"))
         if not self._runtime.classic:
             if kind != "endpoint":
                 raise PermissionError(

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from . import _wire
 from ._shared import WorkerState
+from .config import check_timeout
 from .endpoints import load_endpoints, resolve_path
 from .serialization import (
     FunctionCache,
@@ -171,31 +172,41 @@ class Worker:
         (ctx.send or self.send)(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
 
     def flusher(self) -> None:
-        """Send complete lines of every running task at least every FLUSH_INTERVAL, and
-        tell the server of a lane task that has run that long."""
+        """Every FLUSH_INTERVAL, :meth:`tick`, for the worker's life: an error in one tick
+        is logged and the next one comes anyway."""
         while True:
             time.sleep(FLUSH_INTERVAL)
-            with self.active_lock:
-                running = list(self.active.values())
-            for ctx in running:
-                try:
-                    self.flush(ctx, whole_lines=True)
-                except OSError:
-                    if ctx.send is None:
-                        return  # the server is gone
-            with self.lane_lock:
-                task = self.lane_task
-                if task is not None and not task[4] \
-                        and time.monotonic() - task[3] >= FLUSH_INTERVAL:
-                    task[4] = True
-                    try:
-                        self.send(("lane-start", *task[:4], task[5]))
-                    except OSError:
-                        return
             try:
-                self.move_waiting_lanes()
+                if not self.tick():
+                    return
+            except Exception:
+                logging.getLogger("rpycsvc.worker").exception("worker housekeeping failed")
+
+    def tick(self) -> bool:
+        """Send complete lines of every running task, tell the server of a lane task that
+        has run FLUSH_INTERVAL, hand waiting lanes away if busy. False: the server is gone."""
+        with self.active_lock:
+            running = list(self.active.values())
+        for ctx in running:
+            try:
+                self.flush(ctx, whole_lines=True)
             except OSError:
-                return
+                if ctx.send is None:
+                    return False
+        with self.lane_lock:
+            task = self.lane_task
+            if task is not None and not task[4] \
+                    and time.monotonic() - task[3] >= FLUSH_INTERVAL:
+                task[4] = True
+                try:
+                    self.send(("lane-start", *task[:4], task[5]))
+                except OSError:
+                    return False
+        try:
+            self.move_waiting_lanes()
+        except OSError:
+            return False
+        return True
 
     def move_waiting_lanes(self) -> None:
         """While our main thread is busy with a task, hand every other lane whose client
@@ -212,9 +223,12 @@ class Worker:
                      if k.data is not None and k.data is not self.current_lane]
             if not lanes:
                 return
-            waiting, _, _ = select.select([lane.sock for lane in lanes], [], [], 0)
+            poller = select.poll()  # (select() can't watch descriptors over 1023)
             for lane in lanes:
-                if lane.sock in waiting:
+                poller.register(lane.sock, select.POLLIN)
+            waiting = {fd for fd, _ in poller.poll(0)}
+            for lane in lanes:
+                if lane.sock.fileno() in waiting:
                     self.sel.unregister(lane.sock)
                     lane.moved = True
                     self.send(("lane-move", lane.id), fds=(lane.sock.fileno(),))
@@ -359,13 +373,16 @@ class Worker:
                             self.current_lane = lane
                         try:
                             served = self.serve_lane(lane)
-                        finally:
+                        except BaseException:
                             self.current_lane = None
-                        if not served:
-                            with self.sel_lock:
+                            raise
+                        with self.sel_lock:  # (so it can't be handed away in between)
+                            self.current_lane = None
+                            if not served and not lane.moved:
                                 sel.unregister(lane.sock)
+                        if not served:
                             lane.close()
-                            self.send(("lane-closed", lane.id))
+                            self.send(("lane-closed", lane.id, lane.ran))  # key or None
         finally:
             sel.close()
 
@@ -385,7 +402,9 @@ class Worker:
                 self.run(task_id, kind, spec, opts, frames)
         elif op == "lane" and fds:
             _, lane_id, restricted, number = control
-            lane = _Lane(lane_id, socket.socket(fileno=fds.pop(0)), restricted, number)
+            fd = fds.pop(0)
+            os.set_inheritable(fd, False)  # (received fds are; a task's children must not)
+            lane = _Lane(lane_id, socket.socket(fileno=fd), restricted, number)
             try:
                 lane.send(("lane-ready", os.getpid()))
                 with self.sel_lock:
@@ -395,6 +414,15 @@ class Worker:
                 self.send(("lane-closed", lane.id))
         elif op == "cancel":
             self.cancel(control[1], control[2])
+        elif op == "lanes-close":  # the server is shutting down: no new lane tasks
+            with self.sel_lock:
+                lanes = [k.data for k in list(sel.get_map().values()) if k.data is not None]
+                for lane in lanes:
+                    sel.unregister(lane.sock)
+                    lane.moved = True  # gone: the loop skips it if select() just gave it
+            for lane in lanes:
+                lane.close()
+                self.send(("lane-closed", lane.id, None))
         elif op == "exit":
             return False
         for fd in fds:  # descriptors we did not ask for
@@ -411,12 +439,10 @@ class Worker:
             return False
         except Exception as exc:  # malformed or too large: say why, then hang up
             return self._refuse(lane, exc, None)
-        key = control[1] if len(control) > 1 else None
+        key = control[1] if type(control) is tuple and len(control) > 1 \
+            and type(control[1]) is int else None  # to name the task we refuse, if any
         try:
-            if control[0] != "run" or len(control) != 5:
-                raise ValueError(f"unexpected lane message {control[0]!r}")
-            _, key, kind, spec, opts = control
-            opts = dict(opts)
+            key, kind, spec, opts = _lane_task(control)
             if lane.restricted:
                 if kind != "endpoint":
                     raise PermissionError(
@@ -427,17 +453,16 @@ class Worker:
         except Exception as exc:  # refused (PermissionError is an OSError too)
             return self._refuse(lane, exc, key)
         lane.bytes_in += sum(len(f) for f in frames)
-        label = str(opts.get("label") or spec or "task")
-        timeout = opts.get("timeout")
+        label, timeout = opts["label"], opts["timeout"]
         started = time.monotonic()
-        key_no = key if isinstance(key, int) else 0
-        task = [lane.id, label, timeout, started, timeout is not None, key_no]
+        task = [lane.id, label, timeout, started, timeout is not None, key]
         with self.lane_lock:
             self.lane_task = task
             if self.state is not None:
-                self.state.begin(lane.number, label, started, key_no)
+                self.state.begin(lane.number, label, started, key)
             if task[4]:  # the server enforces the timeout: it must know at once
-                self.send(("lane-start", *task[:4], key_no))
+                self.send(("lane-start", *task[:4], key))
+
         def count(ok: bool, out: tuple[Any, ...]) -> None:
             # before the reply: whoever asks the server after it sees this task counted
             if self.state is not None:
@@ -447,7 +472,8 @@ class Worker:
         ok, why = False, None
         try:
             ok, why = self.run(key, kind, spec, opts, frames, lane.send, count)
-        except OSError:  # the client went away mid-reply
+        except OSError:  # the task ran, but its client does not take the reply
+            lane.ran = key
             return False
         finally:
             with self.lane_lock:
@@ -471,6 +497,25 @@ class Worker:
         return False
 
 
+def _lane_task(control: Any) -> tuple[int, str, Any, dict[str, Any]]:
+    """``(key, kind, spec, options)`` of a lane's ``run`` message, checked: it comes from
+    a client, so anything malformed is refused here, before it can upset the worker."""
+    if not isinstance(control, tuple) or len(control) != 5 or control[0] != "run":
+        raise ValueError(f"not a task message: {str(control)[:80]}")
+    _, key, kind, spec, options = control
+    if type(key) is not int or not 0 <= key < 1 << 62:
+        raise ValueError(f"bad task key {key!r}")
+    if kind not in ("pickled", "path", "endpoint") or not (spec is None or type(spec) is str):
+        raise ValueError(f"bad task kind or name: {kind!r} {spec!r}")
+    if type(options) is not tuple or not all(
+            type(o) is tuple and len(o) == 2 and type(o[0]) is str for o in options):
+        raise ValueError("bad task options")
+    opts = dict(options)
+    opts["timeout"] = check_timeout(opts.get("timeout"))
+    opts["label"] = str(opts.get("label") or spec or "task")[:200]
+    return key, kind, spec, opts
+
+
 #: Largest task message a lane accepts (frames included).
 LANE_MAX_MESSAGE = 1 << 36
 
@@ -481,7 +526,9 @@ class _Lane:
     def __init__(self, lane_id: str, sock: socket.socket, restricted: bool, number: int) -> None:
         self.id = lane_id
         self.number = number
-        self.moved = False  # handed back to the server (see Worker.move_waiting_lanes)
+        self.moved = False  # handed back to the server, or closed for shutdown: not ours
+        self.broken = False  # a send failed: nothing more goes out
+        self.ran: int | None = None  # key of the task that ran but whose reply failed
         self.sock = sock
         self.restricted = restricted
         self.lock = threading.Lock()
@@ -494,8 +541,17 @@ class _Lane:
             sock.setsockopt(socket.SOL_SOCKET, opt, tv)
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
+        """Send a message; after one failed send (the client gone, or not reading for
+        LANE_IO_TIMEOUT) every later one fails at once: a half-written message must not
+        be followed by more bytes the client would misread."""
         with self.lock:
-            _wire.send_msg(self.sock, control, frames)
+            if self.broken:
+                raise OSError("this lane is broken")
+            try:
+                _wire.send_msg(self.sock, control, frames)
+            except OSError:
+                self.broken = True
+                raise
             self.bytes_out += sum(memoryview(f).nbytes for f in frames)
 
     def close(self) -> None:
@@ -665,6 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    os.set_inheritable(args.fd, False)  # not for the processes tasks start
     sock = socket.socket(fileno=args.fd)
     endpoints = [m for m in args.endpoints.split(",") if m]
     worker = Worker(sock, args.role, args.threads, endpoints)
