@@ -19,15 +19,19 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import tempfile
 from typing import Any
 
 #: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
 
-#: lane number (0: none), started (monotonic), label length, finished (reply on its way),
-#: the task's key (the client's number for it)
+#: lane number (0: none), started (monotonic), label length, phase (below), the task's key
+#: (the client's number for it)
 _RUNNING = struct.Struct("=QdIIq")
+#: Phases of the lane task in hand: it runs; it finished and its reply is on its way; the
+#: worker is still reading it (it has not started).
+RUNNING, FINISHED, RECEIVING = 0, 1, 2
 _LABEL_AT, _LABEL = 32, 200
 _FINISHED_AT = 20
 _COUNTS = struct.Struct(f"=QQQQd{len(DURATION_BUCKETS)}Q")  # done failed in out sum buckets
@@ -69,6 +73,10 @@ class WorkerState:
         self.mm[_LABEL_AT:_LABEL_AT + len(text)] = text
         _RUNNING.pack_into(self.mm, 0, number, started, len(text), 0, key)
 
+    def receiving(self, number: int, started: float) -> None:
+        """We are reading a task from lane ``number`` (busy, though nothing runs yet)."""
+        _RUNNING.pack_into(self.mm, 0, number, started, 0, RECEIVING, 0)
+
     def end(self) -> None:
         """The lane task is over: none runs now."""
         _RUNNING.pack_into(self.mm, 0, 0, 0.0, 0, 0, 0)
@@ -76,7 +84,7 @@ class WorkerState:
     def count(self, ok: bool, seconds: float, bytes_in: int, bytes_out: int) -> None:
         """Count a finished lane task, and mark it finished (before its reply goes out: a
         client that asks for stats after its result sees it counted, not running)."""
-        self.mm[_FINISHED_AT:_FINISHED_AT + 4] = b"\x01\x00\x00\x00"
+        self.mm[_FINISHED_AT:_FINISHED_AT + 4] = FINISHED.to_bytes(4, sys.byteorder)
         done, failed, nin, nout, total, *buckets = _COUNTS.unpack_from(self.mm, _COUNTS_AT)
         for i, bound in enumerate(DURATION_BUCKETS):
             if seconds <= bound:
@@ -86,13 +94,12 @@ class WorkerState:
                           nout + bytes_out, total + seconds, *buckets)
 
     # -- the server reads --------------------------------------------------------------------
-    def running(self) -> tuple[int, str, float, bool, int]:
-        """``(lane number, label, started, finished, key)`` of the lane task in hand
-        (number 0: none; finished: its reply is on its way)."""
-        number, started, n, finished, key = _RUNNING.unpack_from(self.mm)
+    def running(self) -> tuple[int, str, float, int, int]:
+        """``(lane number, label, started, phase, key)`` of the lane task in hand (number
+        0: none; phase RUNNING, FINISHED or RECEIVING)."""
+        number, started, n, phase, key = _RUNNING.unpack_from(self.mm)
         label = bytes(self.mm[_LABEL_AT:_LABEL_AT + min(n, _LABEL)])
-        return (int(number), label.decode(errors="replace"), float(started), bool(finished),
-                int(key))
+        return int(number), label.decode(errors="replace"), float(started), int(phase), int(key)
 
     def counts(self) -> dict[str, Any]:
         """Totals of the lane tasks this worker finished."""

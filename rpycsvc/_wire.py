@@ -15,6 +15,7 @@ lane's socket to a worker.
 from __future__ import annotations
 
 import array
+import mmap
 import pickle
 import socket
 import struct
@@ -61,8 +62,15 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, .
             sock.sendall(f)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
+#: Frames at least this large are read into an anonymous mmap rather than a bytearray.
+_LAZY = 1 << 20
+
+
+def _recv_exact(sock: socket.socket, n: int) -> Any:
+    """``n`` bytes in a writable buffer: a bytearray, or for large ``n`` an anonymous mmap,
+    whose pages are taken as the bytes arrive (a bytearray is zero-filled first: a sender
+    announcing gigabytes would cost that memory at once, and every large read a pass)."""
+    buf: Any = bytearray(n) if n < _LAZY else mmap.mmap(-1, n)
     view = memoryview(buf)
     got = 0
     while got < n:

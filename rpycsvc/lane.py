@@ -128,6 +128,8 @@ class Lane:
                     client._on_output(key, control[2], control[3])
                 elif op == "log":
                     client._on_output(key, 0, control[2])
+                elif op == "cancelled" and control[1] == key:  # before it started
+                    return ("error", "TaskCancelledError", "the task was cancelled")
                 elif op == "lane-ready":  # moved to another worker (its first worker was busy)
                     self.worker_pid = int(control[1])
                 elif op == "fail":  # the worker refused a message and hung up

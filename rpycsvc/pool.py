@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _wire
-from ._shared import DURATION_BUCKETS, WorkerState
+from ._shared import DURATION_BUCKETS, FINISHED, RUNNING, WorkerState
 from .errors import (
     ConfigError,
     TaskCancelledError,
@@ -101,10 +101,10 @@ class _WorkerHandle:
         self.lanes: set[str] = set()
         self.state: WorkerState | None = None  # memory shared with the worker (process role)
 
-    def running_lane(self) -> tuple[int, str, float, bool, int]:
-        """``(lane number, label, started, finished, key)`` of the lane task this worker
-        has in hand (see :meth:`rpycsvc._shared.WorkerState.running`)."""
-        return self.state.running() if self.state is not None else (0, "", 0.0, False, 0)
+    def running_lane(self) -> tuple[int, str, float, int, int]:
+        """``(lane number, label, started, phase, key)`` of the lane task this worker has
+        in hand (see :meth:`rpycsvc._shared.WorkerState.running`)."""
+        return self.state.running() if self.state is not None else (0, "", 0.0, RUNNING, 0)
 
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
              fds: tuple[int, ...] = ()) -> None:
@@ -513,7 +513,8 @@ class WorkerPool:
             was_alive, w.alive = w.alive, False
             # A lane task that had finished (and been counted) when the worker died: only
             # its reply may be lost. It is not failed, and not to be run again.
-            done_lane = self._lane_of_no(w, running_lane) if finished and running_lane else ""
+            done_lane = self._lane_of_no(w, running_lane) \
+                if finished == FINISHED and running_lane else ""
             if done_lane:
                 self._set_fate_locked(done_lane, _reply_lost(running_key))
             lost = []
@@ -526,7 +527,7 @@ class WorkerPool:
             w.tasks.clear()
             for lane_id in w.lanes:  # a lane task too short to have been announced?
                 lane = self._lanes[lane_id]
-                if lane.task is None and lane.no == running_lane and not finished:
+                if lane.task is None and lane.no == running_lane and finished == RUNNING:
                     lane.task = self._lane_task_locked(lane, label, None, time.monotonic(),
                                                        running_key)
                     lost.append(lane.task)
@@ -673,7 +674,7 @@ class WorkerPool:
             return False
         if task.kind == "lane":
             number, _, _, finished, _ = w.running_lane()
-            if finished and number == task.options.get("lane_no"):
+            if finished == FINISHED and number == task.options.get("lane_no"):
                 heapq.heappush(self._deadlines, (now + _WAIT_POLL, task.task_id))
                 return True
             return False
@@ -844,8 +845,9 @@ class WorkerPool:
     def cancel_lane(self, lane_id: str, owner: Hashable, key: int | None = None,
                     reason: str = "cancel") -> bool:
         """Stop task ``key`` (None: whichever) of ``owner``'s lane ``lane_id``, by killing
-        its worker. One not started yet (still unread in the lane) is stopped when it
-        starts; one that ended already is left alone."""
+        its worker. One not started yet (still unread in the lane) is refused by the worker
+        when it reads it, or stopped when it starts; one that ended already is left alone.
+        With ``key`` None, a lane running nothing is closed (its owner is gone)."""
         with self._lock:
             lane = self._lanes.get(lane_id)
             if lane is None or lane.owner != owner:
@@ -853,17 +855,24 @@ class WorkerPool:
             task = lane.task
             if task is None:
                 number, label, started, finished, running_key = lane.worker.running_lane()
-                if number == lane.no and not finished and key in (None, running_key):
+                if number == lane.no and finished == RUNNING and key in (None, running_key):
                     task = self._book_lane_task_locked(lane, label, None, started, running_key)
                 else:
                     lane.cancel = (key, reason)
-                    return True
+                    worker = lane.worker
             elif key not in (None, task.options.get("key")):
                 return False
+        if task is None:
+            try:
+                worker.send(("lane-drop", lane_id) if key is None
+                            else ("lane-cancel", lane_id, key))
+            except OSError:
+                pass
+            return True
         return self.cancel(task.task_id, reason)
 
     def drop_owner_lanes(self, owner: Hashable) -> None:
-        """``owner`` is gone: stop whatever its lanes run or are about to."""
+        """``owner`` is gone: stop what its lanes run, close the others."""
         with self._lock:
             lanes = [lane.id for lane in self._lanes.values() if lane.owner == owner]
         for lane_id in lanes:
@@ -879,7 +888,8 @@ class WorkerPool:
                 number, label, started, finished, _ = w.running_lane()
                 for lane_id in w.lanes:
                     lane = self._lanes[lane_id]
-                    if number and not finished and lane.no == number and lane.task is None:
+                    if number and finished == RUNNING and lane.no == number \
+                            and lane.task is None:
                         found.append((lane, label, started))
         return found
 

@@ -107,6 +107,8 @@ class Worker:
         self.sel_lock = threading.Lock()
         self.busy_since = 0.0
         self.current_lane: _Lane | None = None
+        #: lane id -> key of a task its client cancelled before we read it
+        self.lane_cancels: dict[str, int] = {}
         self.state: WorkerState | None = None  # shared with the server (see rpycsvc._shared)
 
     def drain_fds(self) -> None:
@@ -371,11 +373,16 @@ class Worker:
                             if lane.moved:
                                 continue
                             self.current_lane = lane
+                        if self.state is not None:  # busy: the server sends nothing our way
+                            self.state.receiving(lane.number, time.monotonic())
                         try:
                             served = self.serve_lane(lane)
                         except BaseException:
                             self.current_lane = None
                             raise
+                        finally:
+                            if self.state is not None:
+                                self.state.end()
                         with self.sel_lock:  # (so it can't be handed away in between)
                             self.current_lane = None
                             if not served and not lane.moved:
@@ -414,6 +421,16 @@ class Worker:
                 self.send(("lane-closed", lane.id))
         elif op == "cancel":
             self.cancel(control[1], control[2])
+        elif op == "lane-cancel":  # refuse that task when it comes (it is not read yet)
+            self.lane_cancels[control[1]] = control[2]
+        elif op == "lane-drop":  # its client's connection closed
+            with self.sel_lock:
+                for k in list(sel.get_map().values()):
+                    if k.data is not None and k.data.id == control[1]:
+                        sel.unregister(k.data.sock)
+                        k.data.moved = True
+                        k.data.close()
+                        self.send(("lane-closed", k.data.id, None))
         elif op == "lanes-close":  # the server is shutting down: no new lane tasks
             with self.sel_lock:
                 lanes = [k.data for k in list(sel.get_map().values()) if k.data is not None]
@@ -452,6 +469,12 @@ class Worker:
                 check_plain(frames)
         except Exception as exc:  # refused (PermissionError is an OSError too)
             return self._refuse(lane, exc, key)
+        cancelled = self.lane_cancels.get(lane.id)
+        if cancelled is not None and cancelled <= key:  # (keys only grow: older ones are stale)
+            del self.lane_cancels[lane.id]
+            if cancelled == key:
+                lane.send(("cancelled", key))
+                return True
         lane.bytes_in += sum(len(f) for f in frames)
         label, timeout = opts["label"], opts["timeout"]
         started = time.monotonic()
