@@ -28,10 +28,13 @@ import logging
 import queue
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
+import rpyc
+
 from . import _wire
-from .errors import RpycsvcError
+from .errors import RpycsvcError, ServerLostError
 from .handshake import client_handshake
 from .transport import tune_socket
 
@@ -196,3 +199,157 @@ class Lane:
         except OSError:
             pass
         self._jobs.put(None)
+
+
+class LaneUser:
+    """The lane part of :class:`~rpycsvc.client.Client` (a mixin sharing its state): which
+    task takes the lane, opening and reopening it, and what a broken lane means for the
+    task that was on it."""
+
+    # The client's state this part uses (set up in Client.__init__).
+    address: str
+    conn: Any
+    server_info: dict[str, Any]
+    _dial: Callable[[], socket.socket] | None
+    _lane: Lane | None
+    _lane_n: int
+    _lane_lock: threading.Lock
+    _lane_backoff: tuple[float, float]
+    _lock: threading.Lock
+    _pending: dict[int, tuple[Callable[[str, Any], None], Any]]
+    _keys: Any
+
+    if TYPE_CHECKING:
+        @property
+        def closed(self) -> bool: ...
+        def _submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    opts: dict[str, Any]) -> Any: ...
+        def _wire_options(self, key: int, opts: dict[str, Any]) -> dict[str, Any]: ...
+        def _send_rpyc(self, key: int, kind: str, spec: Any, wire: dict[str, Any],
+                       frames: tuple[Any, ...]) -> None: ...
+
+    def _compute(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 opts: dict[str, Any]) -> Any:
+        from .client import _ignore, _label, decode_reply, frames_of_call  # (a cycle)
+
+        lane = self._take_lane(opts)
+        if lane is None:
+            return self._submit(task, args, kwargs, opts).result()
+        # The lane's reply is read right here: no hand-over between threads.
+        try:
+            kind, spec, frames = frames_of_call(task, args, kwargs, copy=False)
+        except BaseException:
+            lane.release()
+            raise
+        key = next(self._keys)
+        wire = self._wire_options(key, {**opts, "label": _label(task, spec)})
+        with self._lock:
+            self._pending[key] = (_ignore, (wire.pop("_mode"), None))
+        try:
+            try:
+                lane.send(key, kind, spec, wire, frames)
+            except OSError:
+                lane.release()
+                with self._lock:
+                    self._pending.pop(key, None)
+                return self._submit(task, args, kwargs, opts).result()
+            del frames
+            try:
+                reply = lane.receive(key)
+            except LaneBroken as exc:
+                lane.release()
+                if exc.ran:
+                    raise self._lane_error(exc) from None
+                return self._submit(task, args, kwargs, opts).result()
+            except BaseException:  # KeyboardInterrupt: stop the task, drop the lane
+                self._abandon_lane(lane)
+                raise
+            lane.release()
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+        ok, value = decode_reply(reply, self.address)
+        if not ok:
+            raise value
+        return value
+
+    def _take_lane(self, opts: dict[str, Any]) -> Lane | None:
+        """The lane, held for one task, if this task may take it and it is free."""
+        if self._dial is None or opts.get("mode", "process") != "process" or self.closed:
+            return None
+        lane = self._lane
+        if lane is not None and lane.try_acquire():
+            return lane
+        if (lane is not None and not lane.broken) or not self._lane_lock.acquire(blocking=False):
+            return None  # busy, or another thread is opening one
+        try:
+            if self._lane is not lane:  # replaced meanwhile
+                return self._lane if self._lane is not None and self._lane.try_acquire() \
+                    else None
+            if lane is not None:
+                lane.close()
+            self._lane = None
+            token = self.server_info.get("lane")
+            not_before, wait = self._lane_backoff
+            if not token or time.monotonic() < not_before:
+                return None
+            self._lane_n += 1
+            try:
+                new = Lane.open(self, self._dial, str(token),  # type: ignore[arg-type]
+                                self._lane_n, timeout=10.0)  # (self is the Client)
+            except Exception as exc:  # refused or unreachable: RPyC carries tasks meanwhile
+                wait = min(30.0, max(0.1, wait * 2))
+                self._lane_backoff = (time.monotonic() + wait, wait)
+                log.info("no lane to %s (%s: %s); tasks go through RPyC for %.1f s",
+                         self.address, type(exc).__name__, exc, wait)
+                return None
+            self._lane_backoff = (0.0, 0.0)
+            new.try_acquire()
+            self._lane = new
+            if self.closed:  # closed while we opened it
+                new.close()
+                return None
+            return new
+        finally:
+            self._lane_lock.release()
+
+    def _abandon_lane(self, lane: Lane) -> None:
+        """Stop the lane's task on the server and hang up (the next task opens a new lane)."""
+        try:
+            rpyc.async_(self.conn.root.cancel_lane)(lane.id, lane.key)
+        except Exception:
+            pass
+        lane.close()
+
+    def _lane_error(self, exc: LaneBroken) -> BaseException:
+        from .client import decode_reply  # (a cycle)
+
+        if exc.fate is None:
+            err = ServerLostError(str(exc), address=self.address)
+            return err
+        _ok, value = decode_reply(("error", *exc.fate), self.address)
+        return value
+
+    def _on_lane_reply(self, key: int, reply: Any, job: tuple[Any, ...]) -> None:
+        if isinstance(reply, LaneBroken):
+            if not reply.ran:  # the worker never saw it: send it the other way
+                with self._lock:
+                    still = key in self._pending
+                if still:
+                    try:
+                        self._send_rpyc(key, *job)
+                    except ServerLostError:
+                        pass  # _lose() failed it already
+                return
+            with self._lock:
+                entry = self._pending.pop(key, None)
+            if entry is not None:
+                err = self._lane_error(reply)
+                entry[0]("lost" if isinstance(err, ServerLostError) else "reply",
+                         err if isinstance(err, ServerLostError)
+                         else ("error", *(reply.fate or ("ServerLostError", str(reply)))))
+            return
+        with self._lock:
+            entry = self._pending.pop(key, None)
+        if entry is not None:
+            entry[0]("reply", reply)

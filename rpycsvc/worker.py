@@ -24,11 +24,9 @@ import ctypes
 import io
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -38,21 +36,18 @@ from typing import Any, Callable
 
 from . import _wire
 from ._shared import WorkerState
-from .config import check_timeout
+from ._workerio import FLUSH_BYTES, _FdPump, _LogForwarder, _Router
+from ._workerlanes import FLUSH_INTERVAL, LaneServer, _Lane
 from .endpoints import load_endpoints, resolve_path
 from .serialization import (
     FunctionCache,
-    check_plain,
     dump_exception,
     dumps,
     loads,
-    loads_plain,
 )
 
-#: Output is sent at least this often while a task runs (seconds).
-FLUSH_INTERVAL = 0.05
-#: ...or as soon as this much whole-line output is buffered.
-FLUSH_BYTES = 32 * 1024
+#: Output is sent at least this often while a task runs (seconds): FLUSH_INTERVAL;
+#: or as soon as FLUSH_BYTES of whole-line output is buffered.
 
 
 class _TaskContext:
@@ -74,7 +69,7 @@ class _TaskContext:
         self.sizes = {1: 0, 2: 0}
 
 
-class Worker:
+class Worker(LaneServer):
     """One worker process's state: its channel to the server, caches and running tasks."""
 
     def __init__(self, sock: socket.socket, role: str, threads: int, endpoints: list[str]):
@@ -209,34 +204,6 @@ class Worker:
         except OSError:
             return False
         return True
-
-    def move_waiting_lanes(self) -> None:
-        """While our main thread is busy with a task, hand every other lane whose client
-        waits for us back to the server, which gives it to an idle worker (the request
-        still unread in the socket goes along). Without this, a client whose lane shares
-        this worker would wait for another client's long task."""
-        busy = self.busy_since
-        if self.sel is None or not busy or time.monotonic() - busy < FLUSH_INTERVAL:
-            return
-        if not self.sel_lock.acquire(blocking=False):
-            return  # the main thread is back in select(): not busy any more
-        try:
-            lanes = [k.data for k in list(self.sel.get_map().values())
-                     if k.data is not None and k.data is not self.current_lane]
-            if not lanes:
-                return
-            poller = select.poll()  # (select() can't watch descriptors over 1023)
-            for lane in lanes:
-                poller.register(lane.sock, select.POLLIN)
-            waiting = {fd for fd, _ in poller.poll(0)}
-            for lane in lanes:
-                if lane.sock.fileno() in waiting:
-                    self.sel.unregister(lane.sock)
-                    lane.moved = True
-                    self.send(("lane-move", lane.id), fds=(lane.sock.fileno(),))
-                    lane.close()  # the server holds it now
-        finally:
-            self.sel_lock.release()
 
     # -- tasks -----------------------------------------------------------------------------
     def resolve(self, kind: str, spec: Any,
@@ -446,275 +413,9 @@ class Worker:
             os.close(fd)
         return True
 
-    def serve_lane(self, lane: _Lane) -> bool:
-        """Run one task a client sent on its lane; False when the lane is done."""
-        try:
-            control, frames = _wire.recv_msg(
-                lane.sock, loads=loads_plain if lane.restricted else _wire.pickle.loads,
-                max_bytes=LANE_MAX_MESSAGE)
-        except (EOFError, OSError):
-            return False
-        except Exception as exc:  # malformed or too large: say why, then hang up
-            return self._refuse(lane, exc, None)
-        key = control[1] if type(control) is tuple and len(control) > 1 \
-            and type(control[1]) is int else None  # to name the task we refuse, if any
-        try:
-            key, kind, spec, opts = _lane_task(control)
-            if lane.restricted:
-                if kind != "endpoint":
-                    raise PermissionError(
-                        "this server runs in service-only mode (--no-classic): it accepts no "
-                        "functions or import paths from clients; call a registered endpoint by "
-                        f"name (it has: {', '.join(sorted(self.endpoints)) or 'none'})")
-                check_plain(frames)
-        except Exception as exc:  # refused (PermissionError is an OSError too)
-            return self._refuse(lane, exc, key)
-        cancelled = self.lane_cancels.get(lane.id)
-        if cancelled is not None and cancelled <= key:  # (keys only grow: older ones are stale)
-            del self.lane_cancels[lane.id]
-            if cancelled == key:
-                lane.send(("cancelled", key))
-                return True
-        lane.bytes_in += sum(len(f) for f in frames)
-        label, timeout = opts["label"], opts["timeout"]
-        started = time.monotonic()
-        task = [lane.id, label, timeout, started, timeout is not None, key]
-        with self.lane_lock:
-            self.lane_task = task
-            if self.state is not None:
-                self.state.begin(lane.number, label, started, key)
-            if task[4]:  # the server enforces the timeout: it must know at once
-                self.send(("lane-start", *task[:4], key))
-
-        def count(ok: bool, out: tuple[Any, ...]) -> None:
-            # before the reply: whoever asks the server after it sees this task counted
-            if self.state is not None:
-                self.state.count(ok, time.monotonic() - started, lane.bytes_in,
-                                 lane.bytes_out + sum(memoryview(f).nbytes for f in out))
-
-        ok, why = False, None
-        try:
-            ok, why = self.run(key, kind, spec, opts, frames, lane.send, count)
-        except OSError:  # the task ran, but its client does not take the reply
-            lane.ran = key
-            return False
-        finally:
-            with self.lane_lock:
-                self.lane_task = None
-                if self.state is not None:
-                    self.state.end()
-                if task[4] or not ok:  # announced, or a failure for the server's records
-                    self.send(("lane-end", lane.id, ok, None if task[4] else (label, started),
-                               why))
-            lane.bytes_in = lane.bytes_out = 0
-        return True
-
-    @staticmethod
-    def _refuse(lane: _Lane, exc: Exception, key: Any) -> bool:
-        """Tell the lane's client why its message (task ``key``, None if unreadable) was
-        refused; the lane then closes."""
-        try:
-            lane.send(("fail", key, type(exc).__name__, str(exc)))
-        except OSError:
-            pass
-        return False
-
-
-def _lane_task(control: Any) -> tuple[int, str, Any, dict[str, Any]]:
-    """``(key, kind, spec, options)`` of a lane's ``run`` message, checked: it comes from
-    a client, so anything malformed is refused here, before it can upset the worker."""
-    if not isinstance(control, tuple) or len(control) != 5 or control[0] != "run":
-        raise ValueError(f"not a task message: {str(control)[:80]}")
-    _, key, kind, spec, options = control
-    if type(key) is not int or not 0 <= key < 1 << 62:
-        raise ValueError(f"bad task key {key!r}")
-    if kind not in ("pickled", "path", "endpoint") or not (spec is None or type(spec) is str):
-        raise ValueError(f"bad task kind or name: {kind!r} {spec!r}")
-    if type(options) is not tuple or not all(
-            type(o) is tuple and len(o) == 2 and type(o[0]) is str for o in options):
-        raise ValueError("bad task options")
-    opts = dict(options)
-    opts["timeout"] = check_timeout(opts.get("timeout"))
-    opts["label"] = str(opts.get("label") or spec or "task")[:200]
-    return key, kind, spec, opts
-
-
-#: Largest task message a lane accepts (frames included).
-LANE_MAX_MESSAGE = 1 << 36
-
-
-class _Lane:
-    """A client's socket handed to this worker by the server."""
-
-    def __init__(self, lane_id: str, sock: socket.socket, restricted: bool, number: int) -> None:
-        self.id = lane_id
-        self.number = number
-        self.moved = False  # handed back to the server, or closed for shutdown: not ours
-        self.broken = False  # a send failed: nothing more goes out
-        self.ran: int | None = None  # key of the task that ran but whose reply failed
-        self.sock = sock
-        self.restricted = restricted
-        self.lock = threading.Lock()
-        self.bytes_in = self.bytes_out = 0  # of the task in hand (see WorkerState.end)
-        # Blocking, with kernel timeouts rather than Python's (which make the socket
-        # non-blocking, and then MSG_WAITALL reads give up early).
-        sock.setblocking(True)
-        tv = struct.pack("ll", int(LANE_IO_TIMEOUT), 0)
-        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-            sock.setsockopt(socket.SOL_SOCKET, opt, tv)
-
-    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
-        """Send a message; after one failed send (the client gone, or not reading for
-        LANE_IO_TIMEOUT) every later one fails at once: a half-written message must not
-        be followed by more bytes the client would misread."""
-        with self.lock:
-            if self.broken:
-                raise OSError("this lane is broken")
-            try:
-                _wire.send_msg(self.sock, control, frames)
-            except OSError:
-                self.broken = True
-                raise
-            self.bytes_out += sum(memoryview(f).nbytes for f in frames)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-#: A lane client that stops reading or writing mid-message for this long is dropped.
-LANE_IO_TIMEOUT = 120.0
-
 
 class _Cancelled(Exception):
     """Raised inside a thread-mode task that its client cancelled."""
-
-
-class _Router(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` of a worker: routes each write to the task that made it."""
-
-    def __init__(self, worker: Worker, fd: int, fallback: io.TextIOBase) -> None:
-        self._worker = worker
-        self._local = worker.local
-        self._fd = fd
-        self._fallback = fallback
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        if type(text) is not str and not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        ctx = getattr(self._local, "ctx", None)
-        if ctx is None:  # not a task's: the server's log
-            self._fallback.write(text)
-        elif ctx.forward:  # Worker.write, inlined: print() calls this twice per line
-            fd = self._fd
-            ctx.chunks[fd].append(text)
-            ctx.sizes[fd] += len(text)
-            if ctx.sizes[fd] >= FLUSH_BYTES:
-                with ctx.lock:
-                    self._worker._flush_locked(ctx, fd, whole_lines=True)
-        return len(text)
-
-    def flush(self) -> None:
-        self._fallback.flush()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        return self._fd
-
-
-class _FdPump:
-    """Reads what is written to fd 1 or 2 (child processes, C code) and attributes it.
-
-    Output read here belongs to the task running on the main thread, if any; otherwise it
-    goes to the server's log. Reads happen under a lock, so :meth:`drain` can take
-    whatever is still in the pipe when a task ends and attribute it to that task.
-    """
-
-    def __init__(self, worker: Worker, fd: int, log: io.TextIOBase) -> None:
-        self.worker, self.fd, self.log = worker, fd, log
-        self.lock = threading.Lock()
-        r, w = os.pipe()
-        os.dup2(w, fd)
-        os.close(w)
-        # non-blocking: drain() may empty the pipe between our select() and our read()
-        os.set_blocking(r, False)
-        self.r = r
-        threading.Thread(target=self._run, name=f"rpycsvc-fd{fd}", daemon=True).start()
-
-    def _pending(self) -> int:
-        import fcntl
-        import termios
-
-        buf = bytearray(4)
-        fcntl.ioctl(self.r, termios.FIONREAD, buf)
-        return int.from_bytes(buf, sys.byteorder)
-
-    def _read_once(self) -> bool:
-        """Read what is there; False at EOF. Never blocks (the fd is non-blocking)."""
-        try:
-            chunk = os.read(self.r, 65536)
-        except BlockingIOError:
-            return True
-        if not chunk:
-            return False
-        text = chunk.decode(errors="replace")
-        if not self.worker.write(self.fd, text, self.worker.inline):
-            self.log.write(text)
-            self.log.flush()
-        return True
-
-    def _run(self) -> None:
-        import select
-
-        while True:
-            select.select([self.r], [], [])
-            with self.lock:
-                if not self._read_once():
-                    return
-
-    def drain(self) -> None:
-        with self.lock:
-            for _ in range(64):  # bounded: at most 4 MiB per task end
-                if self._pending() <= 0 or not self._read_once():
-                    return
-
-
-class _LogForwarder(logging.Handler):
-    """Root handler in a worker: sends a task's records to its client when asked to,
-    otherwise prints warnings and worse to stderr like Python's last-resort handler."""
-
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(logging.DEBUG)
-        self.worker = worker
-
-    def emit(self, record: logging.LogRecord) -> None:
-        ctx = self.worker.current()
-        if ctx is not None and ctx.logging and ctx.forward:
-            try:
-                msg = record.getMessage()
-                exc_text = (logging.Formatter().formatException(record.exc_info)
-                            if record.exc_info else record.exc_text)
-            except Exception:
-                self.handleError(record)
-                return
-            keep = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno",
-                    "funcName", "created", "msecs", "threadName", "processName", "process")
-            data = {k: getattr(record, k, None) for k in keep}
-            data.update(msg=msg, args=None, exc_text=exc_text)
-            self.worker.emit_log(data, ctx)
-        elif record.levelno >= logging.WARNING:
-            sys.stderr.write(self.format(record) + "\n")
 
 
 def _die_with_parent() -> None:
