@@ -250,6 +250,13 @@ class WorkerPool(LaneBook):
             task = self._tasks.get(task_id)
             if task is None or task.ending:
                 return False
+            if task.kind == "lane" and task.worker is not None:
+                # Stopped by killing its worker: only if that still runs it. One that just
+                # finished (its lane-end on its way) must not cost the worker's next task.
+                number, _, _, phase, key = task.worker.running_lane()
+                if (number, key, phase) != (task.options.get("lane_no"),
+                                            task.options.get("key"), RUNNING):
+                    return False
             task.ending = reason
             if task.state == "queued":
                 q = self._queues.get(task.owner) if task.mode == "process" else self._thread_queue

@@ -482,6 +482,10 @@ def test_s12_lane_task_cancelled_before_it_starts_never_runs(one_worker: rpycsvc
         assert lane is not None and lane.key is not None, "the task did not take the lane"
         assert fut.cancel()
         assert fut.cancelled()
+        # The cancel goes to the server asynchronously, like on the RPyC path; requests on
+        # one connection are handled in order, so once this round trip is back, the server
+        # has told the worker (before the worker is free to read the lane).
+        c.ping()
         gate.release(conn)
         assert held.result(timeout=WAIT) == "busy"
         # the lane is free again once the worker answered the cancelled task
