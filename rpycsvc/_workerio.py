@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .worker import Worker
 
+#: A running task's output is sent at least this often (seconds)...
+FLUSH_INTERVAL = 0.05
 #: ...or as soon as this much whole-line output is buffered.
 FLUSH_BYTES = 32 * 1024
 

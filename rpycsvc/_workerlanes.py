@@ -10,21 +10,34 @@ and, while the worker is busy, hands other waiting lanes back to the server.
 
 from __future__ import annotations
 
+import os
 import select
 import selectors
 import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import _wire
 from ._shared import WorkerState
+from ._workerio import FLUSH_INTERVAL
 from .config import check_timeout
 from .serialization import check_plain, loads_plain
 
-#: A lane task running this long is announced to the server (and output is sent this often).
-FLUSH_INTERVAL = 0.05
+
+@dataclass
+class _LaneTask:
+    """The lane task a worker runs now (shared by its main and flusher threads)."""
+
+    lane_id: str
+    label: str
+    timeout: float | None
+    started: float  # time.monotonic()
+    key: int
+    announced: bool = False  # the server was sent "lane-start" (a timeout, or it ran long)
+
 
 def _lane_task(control: Any) -> tuple[int, str, Any, dict[str, Any]]:
     """``(key, kind, spec, options)`` of a lane's ``run`` message, checked: it comes from
@@ -47,6 +60,9 @@ def _lane_task(control: Any) -> tuple[int, str, Any, dict[str, Any]]:
 
 #: Largest task message a lane accepts (frames included).
 LANE_MAX_MESSAGE = 1 << 36
+#: A lane client that stops reading or writing mid-message for this long is dropped.
+LANE_IO_TIMEOUT = 120.0
+
 
 class _Lane:
     """A client's socket handed to this worker by the server."""
@@ -60,7 +76,7 @@ class _Lane:
         self.sock = sock
         self.restricted = restricted
         self.lock = threading.Lock()
-        self.bytes_in = self.bytes_out = 0  # of the task in hand (see WorkerState.end)
+        self.bytes_in = self.bytes_out = 0  # of the task in hand (see WorkerState.count)
         # Blocking, with kernel timeouts rather than Python's (which make the socket
         # non-blocking, and then MSG_WAITALL reads give up early).
         sock.setblocking(True)
@@ -89,11 +105,6 @@ class _Lane:
             pass
 
 
-#: A lane client that stops reading or writing mid-message for this long is dropped.
-LANE_IO_TIMEOUT = 120.0
-
-
-
 class LaneServer:
     """The lane part of :class:`~rpycsvc.worker.Worker` (see the module docstring)."""
 
@@ -103,7 +114,7 @@ class LaneServer:
     sel_lock: threading.Lock
     busy_since: float
     current_lane: _Lane | None
-    lane_task: list[Any] | None
+    lane_task: _LaneTask | None
     lane_lock: threading.Lock
     lane_cancels: dict[str, int]
     endpoints: dict[str, Any]
@@ -115,6 +126,61 @@ class LaneServer:
                 frames: list[bytearray], send: Callable[..., None] | None = None,
                 before_reply: Callable[[bool, tuple[Any, ...]], None] | None = None,
                 ) -> tuple[bool, tuple[Any, ...] | None]: ...
+
+    # -- what the main loop calls ---------------------------------------------------------
+    def attach_lane(self, sel: selectors.BaseSelector, lane_id: str, restricted: bool,
+                    number: int, *, fd: int) -> None:
+        """Take the client socket ``fd`` the server handed us as lane ``lane_id``."""
+        os.set_inheritable(fd, False)  # (received fds are; a task's children must not)
+        lane = _Lane(lane_id, socket.socket(fileno=fd), restricted, number)
+        try:
+            lane.send(("lane-ready", os.getpid()))
+            with self.sel_lock:
+                sel.register(lane.sock, selectors.EVENT_READ, lane)
+        except OSError:
+            lane.close()
+            self.send(("lane-closed", lane.id, None))
+
+    def drop_lanes(self, sel: selectors.BaseSelector, lane_id: str | None = None) -> None:
+        """Close lane ``lane_id`` (its client's connection closed), or every lane (the
+        server is shutting down): their clients' next tasks go another way."""
+        with self.sel_lock:
+            lanes = [k.data for k in list(sel.get_map().values())
+                     if k.data is not None and lane_id in (None, k.data.id)]
+            for lane in lanes:
+                sel.unregister(lane.sock)
+                lane.moved = True  # gone: the loop skips it if select() just gave it
+        for lane in lanes:
+            lane.close()
+            self.send(("lane-closed", lane.id, None))
+
+    def lane_event(self, sel: selectors.BaseSelector, lane: _Lane) -> None:
+        """``lane`` is readable: serve one task from it, or close it."""
+        with self.sel_lock:  # claim it: never moved while we read or serve it
+            if lane.moved:
+                return
+            self.current_lane = lane
+        if self.state is not None:  # busy: the server sends nothing our way
+            self.state.receiving(lane.number, time.monotonic())
+        served = False
+        try:
+            served = self.serve_lane(lane)
+        finally:
+            if self.state is not None:
+                self.state.end()
+            with self.sel_lock:  # (so it can't be handed away in between)
+                self.current_lane = None
+                if not served and not lane.moved:
+                    sel.unregister(lane.sock)
+        if not served:
+            lane.close()
+            self.send(("lane-closed", lane.id, lane.ran))  # key of a task that ran, or None
+
+    def announce(self, task: _LaneTask) -> None:
+        """Tell the server of a lane task (call with ``lane_lock`` held)."""
+        task.announced = True
+        self.send(("lane-start", task.lane_id, task.label, task.timeout, task.started,
+                   task.key))
 
     def move_waiting_lanes(self) -> None:
         """While our main thread is busy with a task, hand every other lane whose client
@@ -174,36 +240,36 @@ class LaneServer:
                 lane.send(("cancelled", key))
                 return True
         lane.bytes_in += sum(len(f) for f in frames)
-        label, timeout = opts["label"], opts["timeout"]
-        started = time.monotonic()
-        task = [lane.id, label, timeout, started, timeout is not None, key]
+        task = _LaneTask(lane.id, opts["label"], opts["timeout"], time.monotonic(), key)
         with self.lane_lock:
             self.lane_task = task
             if self.state is not None:
-                self.state.begin(lane.number, label, started, key)
-            if task[4]:  # the server enforces the timeout: it must know at once
-                self.send(("lane-start", *task[:4], key))
+                self.state.begin(lane.number, task.label, task.started, key)
+            if task.timeout is not None:  # the server enforces it: it must know at once
+                self.announce(task)
+        outcome: list[Any] = [False, None]  # ok, and (type, message) if it raised
 
         def count(ok: bool, out: tuple[Any, ...]) -> None:
             # before the reply: whoever asks the server after it sees this task counted
+            outcome[0] = ok
             if self.state is not None:
-                self.state.count(ok, time.monotonic() - started, lane.bytes_in,
+                self.state.count(ok, time.monotonic() - task.started, lane.bytes_in,
                                  lane.bytes_out + sum(memoryview(f).nbytes for f in out))
 
-        ok, why = False, None
         try:
-            ok, why = self.run(key, kind, spec, opts, frames, lane.send, count)
+            outcome[:] = self.run(key, kind, spec, opts, frames, lane.send, count)
         except OSError:  # the task ran, but its client does not take the reply
             lane.ran = key
             return False
         finally:
+            ok, why = outcome
             with self.lane_lock:
                 self.lane_task = None
                 if self.state is not None:
                     self.state.end()
-                if task[4] or not ok:  # announced, or a failure for the server's records
-                    self.send(("lane-end", lane.id, ok, None if task[4] else (label, started),
-                               why))
+                if task.announced or not ok:  # the server booked it, or a failure to record
+                    self.send(("lane-end", lane.id, ok,
+                               None if task.announced else (task.label, task.started), why))
             lane.bytes_in = lane.bytes_out = 0
         return True
 

@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 from . import _wire
 from ._shared import WorkerState
-from ._workerio import FLUSH_BYTES, _FdPump, _LogForwarder, _Router
-from ._workerlanes import FLUSH_INTERVAL, LaneServer, _Lane
+from ._workerio import FLUSH_BYTES, FLUSH_INTERVAL, _FdPump, _LogForwarder, _Router
+from ._workerlanes import LaneServer, _Lane, _LaneTask
 from .endpoints import load_endpoints, resolve_path
 from .serialization import (
     FunctionCache,
@@ -45,9 +45,6 @@ from .serialization import (
     dumps,
     loads,
 )
-
-#: Output is sent at least this often while a task runs (seconds): FLUSH_INTERVAL;
-#: or as soon as FLUSH_BYTES of whole-line output is buffered.
 
 
 class _TaskContext:
@@ -93,8 +90,7 @@ class Worker(LaneServer):
         self.item_pool: ThreadPoolExecutor | None = None
         self.logging_tasks = 0
         self.fd_pumps: list[_FdPump] = []
-        #: the lane task running now: [lane id, label, timeout, started, told the server, key]
-        self.lane_task: list[Any] | None = None
+        self.lane_task: _LaneTask | None = None  # the lane task running now
         self.lane_lock = threading.Lock()
         # The main thread holds sel_lock while it waits in select(); busy_since says since
         # when it has been handling what select() gave it (0: it is not).
@@ -192,11 +188,10 @@ class Worker(LaneServer):
                     return False
         with self.lane_lock:
             task = self.lane_task
-            if task is not None and not task[4] \
-                    and time.monotonic() - task[3] >= FLUSH_INTERVAL:
-                task[4] = True
+            if task is not None and not task.announced \
+                    and time.monotonic() - task.started >= FLUSH_INTERVAL:
                 try:
-                    self.send(("lane-start", *task[:4], task[5]))
+                    self.announce(task)
                 except OSError:
                     return False
         try:
@@ -332,31 +327,10 @@ class Worker(LaneServer):
                 # The server's messages first: a task it sent may be waiting behind a lane's.
                 for key, _ in sorted(events, key=lambda e: e[0].data is not None):
                     lane: _Lane | None = key.data
-                    if lane is None:
-                        if not self.serve_server(sel):
-                            return
-                    else:
-                        with self.sel_lock:  # claim it: never moved while we read or serve it
-                            if lane.moved:
-                                continue
-                            self.current_lane = lane
-                        if self.state is not None:  # busy: the server sends nothing our way
-                            self.state.receiving(lane.number, time.monotonic())
-                        try:
-                            served = self.serve_lane(lane)
-                        except BaseException:
-                            self.current_lane = None
-                            raise
-                        finally:
-                            if self.state is not None:
-                                self.state.end()
-                        with self.sel_lock:  # (so it can't be handed away in between)
-                            self.current_lane = None
-                            if not served and not lane.moved:
-                                sel.unregister(lane.sock)
-                        if not served:
-                            lane.close()
-                            self.send(("lane-closed", lane.id, lane.ran))  # key or None
+                    if lane is not None:
+                        self.lane_event(sel, lane)
+                    elif not self.serve_server(sel):
+                        return
         finally:
             sel.close()
 
@@ -375,38 +349,15 @@ class Worker(LaneServer):
             else:
                 self.run(task_id, kind, spec, opts, frames)
         elif op == "lane" and fds:
-            _, lane_id, restricted, number = control
-            fd = fds.pop(0)
-            os.set_inheritable(fd, False)  # (received fds are; a task's children must not)
-            lane = _Lane(lane_id, socket.socket(fileno=fd), restricted, number)
-            try:
-                lane.send(("lane-ready", os.getpid()))
-                with self.sel_lock:
-                    sel.register(lane.sock, selectors.EVENT_READ, lane)
-            except OSError:
-                lane.close()
-                self.send(("lane-closed", lane.id))
+            self.attach_lane(sel, *control[1:], fd=fds.pop(0))
         elif op == "cancel":
             self.cancel(control[1], control[2])
         elif op == "lane-cancel":  # refuse that task when it comes (it is not read yet)
             self.lane_cancels[control[1]] = control[2]
         elif op == "lane-drop":  # its client's connection closed
-            with self.sel_lock:
-                for k in list(sel.get_map().values()):
-                    if k.data is not None and k.data.id == control[1]:
-                        sel.unregister(k.data.sock)
-                        k.data.moved = True
-                        k.data.close()
-                        self.send(("lane-closed", k.data.id, None))
+            self.drop_lanes(sel, control[1])
         elif op == "lanes-close":  # the server is shutting down: no new lane tasks
-            with self.sel_lock:
-                lanes = [k.data for k in list(sel.get_map().values()) if k.data is not None]
-                for lane in lanes:
-                    sel.unregister(lane.sock)
-                    lane.moved = True  # gone: the loop skips it if select() just gave it
-            for lane in lanes:
-                lane.close()
-                self.send(("lane-closed", lane.id, None))
+            self.drop_lanes(sel)
         elif op == "exit":
             return False
         for fd in fds:  # descriptors we did not ask for

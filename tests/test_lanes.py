@@ -25,6 +25,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -1110,3 +1111,26 @@ def test_a_long_upload_is_not_moved_mid_message(fresh_server: rpycsvc.Server) ->
         for _ in range(5):
             assert c.submit(with_pid, len, data).result(timeout=WAIT) == (len(data), pid)
         assert_on_lane(c, pid)
+
+
+def test_a_lane_reset_at_once_leaves_no_lane_behind(fresh_server: rpycsvc.Server) -> None:
+    """A lane whose client resets it right after the handshake: the worker can't greet
+    it and gives it back; the server forgets it (once the worker's message for that case
+    was malformed, and the server kept the lane on its books for good)."""
+    with rpycsvc.connect(fresh_server.address) as c:
+        _, pid = c.compute(with_pid, int)
+        token = c.server_info["lane"]
+        before = c.stats()["worker_restarts"]
+        ids = [f"{token}/{100 + n}" for n in range(5)]
+        for lane_id in ids:
+            sock = socket.create_connection(host_port(fresh_server), timeout=WAIT)
+            try:
+                client_handshake(sock, address=fresh_server.address, authkey=None,
+                                 timeout=WAIT, extra={"lane": lane_id})
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            finally:
+                sock.close()  # with SO_LINGER 0: a reset, not a goodbye
+        eventually("the reset lanes forgotten",
+                   lambda: not set(ids) & set(fresh_server.pool._lanes))
+        assert c.compute(with_pid, abs, -4) == (4, pid)
+        assert c.stats()["worker_restarts"] == before
