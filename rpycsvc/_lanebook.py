@@ -182,7 +182,7 @@ class LaneBook:
 
         task = Task(kind="lane", spec=None, frames=(), on_done=on_done, owner=lane.owner,
                     timeout=timeout, label=label, client=lane.client,
-                    task_id=next(self._ids), state="running",
+                    task_id=next(self._ids), state="running", started=started,
                     options={"key": key, "lane_no": lane.no})
         self._tasks[task.task_id] = task
         return task
@@ -228,12 +228,35 @@ class LaneBook:
                        if w.alive and not w.stopping and not w.tasks else None)
             elif unannounced is not None:
                 task = self._lane_task_locked(lane, unannounced[0], None, unannounced[1])
-                task.started = unannounced[1]
             else:
                 return
         if nxt is not None:
             self._send_task(w, nxt)
         self._finish(task, ok, list(why) if why else None, None, counted=True)
+
+    def _lost_with_worker_locked(self, w: _WorkerHandle,
+                                 running: tuple[int, str, float, int, int]) -> list[Task]:
+        """The tasks that died with worker ``w``, given what its shared memory said it ran.
+
+        A lane task that had finished (and been counted) is not among them: only its reply
+        may be lost, and it must not run again. A lane task too short to have been
+        announced is booked now, so that it is reported like the others."""
+        number, label, started, phase, key = running
+        done_lane = self._lane_of_no(w, number) if phase == FINISHED and number else ""
+        if done_lane:
+            self._set_fate_locked(done_lane, _reply_lost(key))
+        lost = []
+        for task in w.tasks.values():
+            if done_lane and task.kind == "lane" and task.options.get("lane_no") == number:
+                self._tasks.pop(task.task_id, None)
+            else:
+                lost.append(task)
+        for lane_id in w.lanes:
+            lane = self._lanes[lane_id]
+            if lane.task is None and lane.no == number and phase == RUNNING:
+                lane.task = self._lane_task_locked(lane, label, None, started, key)
+                lost.append(lane.task)
+        return lost
 
     def _move_lane(self, old: _WorkerHandle, lane_id: str, fd: int) -> None:
         """``old`` is busy and handed back a lane whose client waits: give it to an idle

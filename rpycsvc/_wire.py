@@ -5,9 +5,9 @@ data, out-of-band buffers). A fixed header says how many bytes follow it *inline
 frame lengths, the control tuple and, when they are small, the frames), so a small message
 takes two reads: the header, then the rest. Large frames follow on their own, written
 from the sender's buffers and read into one buffer each, so large arrays cross with no
-extra copies. The same framing
-carries a client's direct *lane* to a worker (see :mod:`rpycsvc.lane`); there the control
-tuple is unpickled with a caller-given loader, so a restricted server can refuse globals.
+extra copies. The same framing carries a client's direct *lane* to a worker (see
+:mod:`rpycsvc.lane`); there the control tuple is unpickled with a caller-given loader, so
+a restricted server can refuse globals.
 A message may carry file descriptors (``SCM_RIGHTS``): that is how the server hands a
 lane's socket to a worker.
 """

@@ -322,13 +322,12 @@ class LaneUser:
         lane.close()
 
     def _lane_error(self, exc: LaneBroken) -> BaseException:
+        """What a task that ran on a lane that broke ends with (see :meth:`_on_lane_reply`)."""
         from .client import decode_reply  # (a cycle)
 
         if exc.fate is None:
-            err = ServerLostError(str(exc), address=self.address)
-            return err
-        _ok, value = decode_reply(("error", *exc.fate), self.address)
-        return value
+            return ServerLostError(str(exc), address=self.address)
+        return decode_reply(("error", *exc.fate), self.address)[1]
 
     def _on_lane_reply(self, key: int, reply: Any, job: tuple[Any, ...]) -> None:
         if isinstance(reply, LaneBroken):
@@ -343,11 +342,11 @@ class LaneUser:
                 return
             with self._lock:
                 entry = self._pending.pop(key, None)
-            if entry is not None:
-                err = self._lane_error(reply)
-                entry[0]("lost" if isinstance(err, ServerLostError) else "reply",
-                         err if isinstance(err, ServerLostError)
-                         else ("error", *(reply.fate or ("ServerLostError", str(reply)))))
+            if entry is not None:  # the same outcome _lane_error gives a compute() call
+                if reply.fate is None:
+                    entry[0]("lost", ServerLostError(str(reply), address=self.address))
+                else:
+                    entry[0]("reply", ("error", *reply.fate))
             return
         with self._lock:
             entry = self._pending.pop(key, None)

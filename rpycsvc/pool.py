@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from . import _wire
 from ._lanebook import _LANE_CLOSED, _WAIT_POLL, LaneBook, _empty_counts, _reply_lost
-from ._shared import DURATION_BUCKETS, FINISHED, RUNNING, WorkerState
+from ._shared import DURATION_BUCKETS, RUNNING, WorkerState
 from .errors import (
     ConfigError,
     TaskCancelledError,
@@ -473,29 +473,11 @@ class WorkerPool(LaneBook):
                 self._kill(w)
                 code = w.proc.wait(timeout=5.0)
         how0 = "the server is shutting down" if self._closing else _describe_exit(code)
-        running_lane, label, _, finished, running_key = w.running_lane()
+        running = w.running_lane()  # (read before the lock: its memory is unmapped below)
         with self._lock:
             was_alive, w.alive = w.alive, False
-            # A lane task that had finished (and been counted) when the worker died: only
-            # its reply may be lost. It is not failed, and not to be run again.
-            done_lane = self._lane_of_no(w, running_lane) \
-                if finished == FINISHED and running_lane else ""
-            if done_lane:
-                self._set_fate_locked(done_lane, _reply_lost(running_key))
-            lost = []
-            for task in w.tasks.values():
-                if done_lane and task.kind == "lane" \
-                        and task.options.get("lane_no") == running_lane:
-                    self._tasks.pop(task.task_id, None)
-                else:
-                    lost.append(task)
+            lost = self._lost_with_worker_locked(w, running)
             w.tasks.clear()
-            for lane_id in w.lanes:  # a lane task too short to have been announced?
-                lane = self._lanes[lane_id]
-                if lane.task is None and lane.no == running_lane and finished == RUNNING:
-                    lane.task = self._lane_task_locked(lane, label, None, time.monotonic(),
-                                                       running_key)
-                    lost.append(lane.task)
             if w in self._idle:
                 self._idle.remove(w)
             if w in self._workers:
