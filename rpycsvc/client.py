@@ -41,7 +41,7 @@ from .errors import (
 from .handshake import client_handshake
 from .lane import Lane, LaneUser
 from .output import OutputRouter
-from .serialization import dumps, dumps_function, load_exception, loads
+from .serialization import dumps, dumps_function, load_exception, loads, writable_frames
 from .transport import FastChannel, FastSocketStream
 
 log = logging.getLogger("rpycsvc.client")
@@ -112,8 +112,8 @@ def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
 def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
     """Turn a server reply into ``(True, result)`` or ``(False, exception)``."""
     status = reply[0]
-    if status == "ok":  # a third item: it came over a lane, not through RPyC
-        return True, loads(reply[1], "result", writable=len(reply) < 3)
+    if status == "ok":  # (frames through RPyC were made writable in Client._on_reply)
+        return True, loads(reply[1], "result", writable=False)
     if status == "raised":
         return False, load_exception(reply[1], address)
     cls = _ERRORS.get(reply[1])
@@ -257,8 +257,7 @@ class Client(LaneUser):
         """Low level: send one task; ``done(status, reply)`` runs once in the reader thread
         (status ``"reply"`` with the raw reply, or ``"lost"`` with the exception)."""
         key = next(self._keys)
-        wire = self._wire_options(key, opts)
-        mode = wire.pop("_mode")
+        wire, mode = self._wire_options(key, opts)
         with self._lock:
             if self.lost is not None:
                 raise ServerLostError(f"connection to {self.address} is lost: {self.lost}",
@@ -277,14 +276,14 @@ class Client(LaneUser):
         self._send_rpyc(key, kind, spec, wire, frames)
         return key
 
-    def _wire_options(self, key: int, opts: dict[str, Any]) -> dict[str, Any]:
+    def _wire_options(self, key: int, opts: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The options as the worker reads them, and where the task's output goes here."""
         wire = dict(opts)
         mode = wire.pop("output", None) or self.output.mode
         wire["output"] = mode != "discard"
         wire["logging"] = self.output.forward_logging
         wire["key"] = key
-        wire["_mode"] = mode
-        return wire
+        return wire, mode
 
     def _send_rpyc(self, key: int, kind: str, spec: Any, wire: dict[str, Any],
                    frames: tuple[Any, ...]) -> None:
@@ -321,6 +320,8 @@ class Client(LaneUser):
             name = type(exc).__name__.replace("_get_exception_class.<locals>.Derived", "")
             text = str(exc).split("\n\n========= Remote Traceback", 1)[0]
             done("reply", ("error", name, text))
+        elif res.value[0] == "ok":  # brine hands over bytes: numpy results need writable ones
+            done("reply", ("ok", writable_frames(res.value[1])))
         else:
             done("reply", res.value)
 

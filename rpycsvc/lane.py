@@ -126,7 +126,7 @@ class Lane:
                 control, frames = _wire.recv_msg(self.sock)
                 op = control[0]
                 if op == "done":
-                    return ("ok", frames, "lane") if control[2] else ("raised", frames)
+                    return ("ok" if control[2] else "raised", frames)
                 if op == "out":
                     client._on_output(key, control[2], control[3])
                 elif op == "log":
@@ -224,7 +224,8 @@ class LaneUser:
         def closed(self) -> bool: ...
         def _submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                     opts: dict[str, Any]) -> Any: ...
-        def _wire_options(self, key: int, opts: dict[str, Any]) -> dict[str, Any]: ...
+        def _wire_options(self, key: int,
+                          opts: dict[str, Any]) -> tuple[dict[str, Any], str]: ...
         def _send_rpyc(self, key: int, kind: str, spec: Any, wire: dict[str, Any],
                        frames: tuple[Any, ...]) -> None: ...
 
@@ -242,9 +243,9 @@ class LaneUser:
             lane.release()
             raise
         key = next(self._keys)
-        wire = self._wire_options(key, {**opts, "label": _label(task, spec)})
+        wire, mode = self._wire_options(key, {**opts, "label": _label(task, spec)})
         with self._lock:
-            self._pending[key] = (_ignore, (wire.pop("_mode"), None))
+            self._pending[key] = (_ignore, (mode, None))
         try:
             try:
                 lane.send(key, kind, spec, wire, frames)

@@ -158,9 +158,9 @@ def loads(frames: Sequence[bytes | bytearray], what: str = "value",
     sender's buffer was read-only: pass ``writable=False`` and they are used as they are.
     """
     try:
-        head = frames[0]
-        bufs = [bytearray(f) if writable and isinstance(f, bytes) else f for f in frames[1:]]
-        return pickle.loads(head, buffers=bufs)
+        if writable:
+            frames = writable_frames(frames)
+        return pickle.loads(frames[0], buffers=frames[1:])
     except Exception as exc:
         raise SerializationError(
             f"can't unpickle {what}: {type(exc).__name__}: {exc}. Is the module that defines "
@@ -180,6 +180,12 @@ class _PlainUnpickler(pickle.Unpickler):
         raise SerializationError(
             f"service-only mode accepts plain data only; the arguments refer to {module}.{name}"
         )
+
+
+def writable_frames(frames: Sequence[bytes | bytearray]) -> tuple[Any, ...]:
+    """``frames`` with their ``bytes`` buffers copied into bytearrays: what arrives through
+    RPyC is all ``bytes``, and a numpy array rebuilt on a ``bytes`` buffer is read-only."""
+    return (frames[0], *(bytearray(f) if isinstance(f, bytes) else f for f in frames[1:]))
 
 
 def loads_plain(data: bytes | bytearray) -> Any:
