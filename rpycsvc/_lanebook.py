@@ -96,6 +96,8 @@ class LaneBook:
         def _send_task(self, worker: _WorkerHandle, task: Task) -> None: ...
         def _finish(self, task: Task, ok: bool, frames: list[Any] | None,
                     err: TaskError | None, counted: bool = False) -> None: ...
+        @staticmethod
+        def _kill(w: _WorkerHandle) -> None: ...
 
     def _poll_lane_busy_locked(self) -> list[tuple[_WorkerHandle, Task]]:
         """Queued tasks for idle workers whose lane task has ended since we last looked."""
@@ -255,6 +257,8 @@ class LaneBook:
             lane = self._lanes[lane_id]
             if lane.task is None and lane.no == number and phase == RUNNING:
                 lane.task = self._lane_task_locked(lane, label, None, started, key)
+                if lane.cancel is not None and lane.cancel[0] in (key, None):
+                    lane.task.ending = lane.cancel[1]  # we killed it: reported as such
                 lost.append(lane.task)
         return lost
 
@@ -324,13 +328,18 @@ class LaneBook:
             if lane is None or lane.owner != owner:
                 return False
             task = lane.task
+            worker = lane.worker
             if task is None:
-                number, label, started, finished, running_key = lane.worker.running_lane()
-                if number == lane.no and finished == RUNNING and key in (None, running_key):
-                    task = self._book_lane_task_locked(lane, label, None, started, running_key)
-                else:
-                    lane.cancel = (key, reason)
-                    worker = lane.worker
+                number, _, _, phase, running_key = worker.running_lane()
+                lane.cancel = (key, reason)
+                if number == lane.no and phase == RUNNING and key in (None, running_key):
+                    # Running, unannounced: no lane-end will come for it, so it is not
+                    # booked here; the worker dies, and what died with it is booked then,
+                    # as cancelled (see _lost_with_worker_locked).
+                    lane.cancel = (running_key, reason)
+                    worker.stopping = reason
+                    self._kill(worker)
+                    return True
             elif key not in (None, task.options.get("key")):
                 return False
         if task is None:
