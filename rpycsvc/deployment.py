@@ -286,9 +286,10 @@ def run(args: argparse.Namespace) -> int:
             except SystemExit as exc:
                 return int(exc.code or 0) if not isinstance(exc.code, str) else 1
             return 0
-        print("serving; Ctrl-C to stop and tear down", file=sys.stderr)
         stop = threading.Event()
+        # before saying so: a SIGTERM right after "serving" must tear down, not kill us
         signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        print("serving; Ctrl-C to stop and tear down", file=sys.stderr)
         try:
             while not stop.is_set() and cluster.clients:
                 stop.wait(0.5)
