@@ -18,6 +18,14 @@ def server() -> Iterator[rpycsvc.Server]:
         yield srv
 
 
+@pytest.fixture(scope="module")
+def service_only() -> Iterator[rpycsvc.Server]:
+    """A service-only server (--no-classic, 1 worker) offering the sample endpoints."""
+    with running_server(endpoints=["tests.support.sample_endpoints"], workers=1,
+                        classic=False) as srv:
+        yield srv
+
+
 @pytest.fixture
 def client(server: rpycsvc.Server) -> Iterator[rpycsvc.Client]:
     c = rpycsvc.connect(server.address, output="capture")

@@ -173,12 +173,6 @@ def test_server_refuses_to_start_with_a_bad_endpoints_module() -> None:
 
 # -- service-only mode -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def service_only() -> Iterator[rpycsvc.Server]:
-    with running_server(endpoints=[SAMPLE], workers=1, classic=False) as srv:
-        yield srv
-
-
 def test_service_only_runs_endpoints_by_name(service_only: rpycsvc.Server) -> None:
     with rpycsvc.connect(service_only.address) as c:
         assert c.compute("add", 1, 2) == 3

@@ -882,12 +882,6 @@ def test_authkey_server_lanes(lane_client: rpycsvc.Client) -> None:
 
 # -- 8. service-only servers -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def service_only() -> Iterator[rpycsvc.Server]:
-    with running_server(endpoints=[SAMPLE], workers=1, classic=False) as srv:
-        yield srv
-
-
 def test_service_only_endpoints_over_the_lane(service_only: rpycsvc.Server) -> None:
     with rpycsvc.connect(service_only.address) as c:
         assert c.server_info.get("lane")
