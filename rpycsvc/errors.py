@@ -15,15 +15,30 @@ into these types in one place each, with ``raise ... from exc``, so callers can 
     │   ├── RemoteTaskError         (the task raised; keeps remote type, traceback, server)
     │   ├── TaskTimeoutError        (the task ran past its timeout; also a TimeoutError)
     │   ├── WorkerCrashedError      (the task killed its worker process: os._exit, segfault, OOM)
-    │   └── TaskCancelledError      (cancelled on request)
+    │   ├── TaskCancelledError      (cancelled on request)
+    │   │   └── ServerDrainingError (refused or never started: the server is shutting down)
+    │   └── MessageTooLargeError    (an argument or result is over a size limit; also a
+    │                                SerializationError)
     ├── AllServersFailedError       (no server is left to run a task; names every server)
     ├── DeployError                 (pushing or starting a server over SSH failed)
     └── RpycsvcTimeoutError         (a blocking call ran out of time; also a TimeoutError)
+
+Every timeout rpycsvc raises (``RpycsvcTimeoutError``, ``TaskTimeoutError``) is caught by both
+``except TimeoutError`` and ``except concurrent.futures.TimeoutError`` on every supported
+Python: before 3.11 those are two different classes, so both are bases here.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Mapping
+
+# Before Python 3.11, concurrent.futures.TimeoutError is not the builtin TimeoutError.
+_TIMEOUT_BASES: tuple[type[Exception], ...] = (
+    (TimeoutError,)
+    if concurrent.futures.TimeoutError is TimeoutError
+    else (TimeoutError, concurrent.futures.TimeoutError)
+)
 
 
 class RpycsvcError(Exception):
@@ -58,7 +73,7 @@ class ServerLostError(ConnectError):
     """An established connection died while tasks were in flight on it."""
 
 
-class RpycsvcTimeoutError(RpycsvcError, TimeoutError):
+class RpycsvcTimeoutError(RpycsvcError, *_TIMEOUT_BASES):  # type: ignore[misc]
     """A blocking call (connect, result, map) ran out of time."""
 
 
@@ -98,7 +113,7 @@ class RemoteTaskError(TaskError):
         return f"{head}{where}"
 
 
-class TaskTimeoutError(TaskError, TimeoutError):
+class TaskTimeoutError(TaskError, *_TIMEOUT_BASES):  # type: ignore[misc]
     """The task ran longer than its ``timeout`` and was stopped on the server."""
 
 
@@ -108,6 +123,20 @@ class WorkerCrashedError(TaskError):
 
 class TaskCancelledError(TaskError):
     """The task was cancelled before it finished."""
+
+
+class ServerDrainingError(TaskCancelledError):
+    """The server is shutting down and refused the task, or dropped it before it started.
+
+    The task never ran, so a ``Cluster`` sends it to another server whatever ``retries`` says.
+    """
+
+
+class MessageTooLargeError(TaskError, SerializationError):
+    """An argument or a result is over a size limit; the error names the limit and its setting.
+
+    Only this task fails: the connection stays up and a ``Cluster`` does not retry it.
+    """
 
 
 class AllServersFailedError(RpycsvcError):

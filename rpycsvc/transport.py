@@ -21,6 +21,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 import zlib
 from typing import Any
 
@@ -59,6 +60,9 @@ class FastSocketStream(SocketStream):
         super().__init__(sock)
         tune_socket(sock)
         self._prefix = prefix  # bytes the handshake read that belong to the stream
+        # When bytes last arrived (time.monotonic()): a client's liveness check reads it, so
+        # a long transfer counts as a sign of life even before its message is complete.
+        self.last_activity = time.monotonic()
 
     def poll(self, timeout: Any) -> bool:
         return bool(self._prefix) or super().poll(timeout)
@@ -83,6 +87,7 @@ class FastSocketStream(SocketStream):
                 self.close()
                 raise EOFError("connection closed by peer")
             got += n
+            self.last_activity = time.monotonic()
         TRAFFIC["in"] += count
         return bytes(buf)  # brine slices it: it must be bytes
 
