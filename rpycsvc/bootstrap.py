@@ -32,6 +32,7 @@ import selectors
 import shlex
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -185,8 +186,23 @@ _main()
 """
 
 
+def host_pythons(version: Sequence[int] = tuple(sys.version_info[:2])) -> tuple[str, str]:
+    """The interpreters a host is searched for when no ``python`` is given, in order.
+
+    ``python3.X`` of this (the client's) minor version first, because a task pickled by
+    value only unpickles under the same minor version (code objects change between them);
+    then the host's ``python3``.
+    """
+    return (f"python{version[0]}.{version[1]}", "python3")
+
+
+# Runs under sh with the loader line as $0 and host_pythons() as the arguments: exec the first
+# interpreter the remote PATH has; 127 (what a shell says for "not found") if none.
+_PICK = 'for p; do command -v "$p" >/dev/null 2>&1 && exec "$p" -c "$0"; done; exit 127'
+
+
 def remote_command(
-    python: str | Sequence[str] = "python3",
+    python: str | Sequence[str] | None = "python3",
     *,
     min_version: tuple[int, int] = MIN_VERSION,
     memfd: bool = True,
@@ -195,10 +211,11 @@ def remote_command(
 
     ssh joins its arguments into one string for the remote shell, so every word is quoted
     here. The Python line is kept on one line without ``'``/``!`` so it survives sh, bash,
-    zsh and csh; its version check parses (and fails clearly) even under Python 2.
+    zsh and csh; its version check parses (and fails clearly) even under Python 2. With
+    ``python=None``, ``sh`` runs the first of :func:`host_pythons` found on the remote PATH.
     """
-    words = [python] if isinstance(python, str) else list(python)
-    if not words or not all(words):
+    words = [] if python is None else [python] if isinstance(python, str) else list(python)
+    if python is not None and (not words or not all(words)):
         raise ValueError(f"python must name an interpreter, got {python!r}")
     payload = b2a_base64(zlib.compress(LOADER.encode("utf-8"), 9), newline=False).decode()
     line = (
@@ -209,6 +226,9 @@ def remote_command(
         f'import zlib,binascii;exec(zlib.decompress(binascii.a2b_base64("{payload}")))'
     )
     assert not set(line) & set("'!\n"), "the loader line must stay shell-neutral"
+    if python is None:
+        return " ".join(["exec", "sh", "-c", shlex.quote(_PICK), shlex.quote(line),
+                         *host_pythons()])
     return " ".join(["exec", *map(shlex.quote, words), "-c", shlex.quote(line)])
 
 
@@ -362,7 +382,7 @@ def start_remote(
     entry: str,
     packages: Sequence[str],
     *,
-    python: str | Sequence[str] = "python3",
+    python: str | Sequence[str] | None = "python3",
     timeout: float,
     host: str | None = None,
     min_version: tuple[int, int] = MIN_VERSION,
@@ -372,7 +392,8 @@ def start_remote(
 
     ``ssh_argv`` is the ssh command up to and including the destination, e.g.
     ``["ssh", "-F", cfg, "host"]``; ``python`` is the remote interpreter (a name or path, or an
-    argv prefix such as ``["nice", "python3"]``). Returns once the remote side sent its ready
+    argv prefix such as ``["nice", "python3"]``), or ``None`` for the first of
+    :func:`host_pythons` the host has. Returns once the remote side sent its ready
     line, within ``timeout`` seconds; otherwise raises ``DeployError`` naming the host.
     """
     from .errors import DeployError
@@ -455,12 +476,13 @@ _SSH_ERRORS = {  # what ssh prints -> what it means
 
 
 def _diagnose(
-    remote: RemoteProcess, python: str | Sequence[str], timeout: float, timed_out: bool
+    remote: RemoteProcess, python: str | Sequence[str] | None, timeout: float, timed_out: bool
 ) -> str:
     """One clear message naming the host, from ssh's exit status and stderr."""
     code, err, host = remote.proc.returncode, remote.stderr_text().strip(), remote.host
     tail = "\n".join([ln for ln in err.splitlines() if ln.strip()][-6:]) or "(no message)"
-    shown = python if isinstance(python, str) else " ".join(python)
+    shown = (" or ".join(host_pythons()) if python is None
+             else python if isinstance(python, str) else " ".join(python))
     if timed_out:
         return (
             f"ssh to {host}: no ready handshake within {timeout} s (the host, the network "

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._jobs import DEFAULT_RETRIES
-from .bootstrap import RemoteProcess, start_remote
+from .bootstrap import RemoteProcess, host_pythons, start_remote
 from .errors import AllServersFailedError, ConfigError, DeployError
+
+log = logging.getLogger("rpycsvc.deploy")
 
 DESCRIPTION = """\
 Push rpycsvc servers to HOSTs over SSH (nothing but python3 needed there; nothing is
@@ -76,10 +80,11 @@ class RemoteServer:
         self.remote.close(timeout)
 
 
-def _start_one(host: str, argv: list[str], python: str, settings: dict[str, Any],
+def _start_one(host: str, argv: list[str], python: str | None, settings: dict[str, Any],
                timeout: float) -> RemoteServer:
     remote = start_remote(argv, "rpycsvc.deployment:remote_main", PACKAGES, python=python,
                           timeout=timeout, host=host)
+    _say_which_python(host, python, remote)
     try:
         data = json.dumps(settings).encode()
         remote.stdin.write(_LEN.pack(len(data)) + data)
@@ -91,7 +96,28 @@ def _start_one(host: str, argv: list[str], python: str, settings: dict[str, Any]
     return RemoteServer(host, remote)
 
 
-def deploy(hosts: Iterable[str], *, python: str = "python3", workers: int | None = None,
+def _say_which_python(host: str, python: str | None, remote: RemoteProcess) -> None:
+    """Log which interpreter the host's server runs, and warn when its minor version is not
+    this client's: tasks pickled by value (functions, lambdas) then can't run there."""
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    there = ".".join(remote.python_version.split(".")[:2])
+    wanted = host_pythons()[0]
+    how = (f"python={python!r}" if python is not None else
+           f"the host's {wanted}" if os.path.basename(remote.python_executable) == wanted else
+           f"the host's python3: no {wanted} on its PATH")
+    if there == here:
+        log.info("%s: the server runs Python %s (%s, %s)", host, remote.python_version,
+                 remote.python_executable, how)
+    else:
+        log.warning(
+            "%s: the server runs Python %s (%s, %s) but this client runs Python %s: classic "
+            "access and tasks named by import path work, tasks sent by value (functions, "
+            "lambdas) need the same minor version; install python%s on the host, or pass "
+            "python='/path/to/python%s'", host, remote.python_version,
+            remote.python_executable, how, here, here, here)
+
+
+def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | None = None,
            threads: int | None = None, endpoints: Sequence[str] = (),
            services: Sequence[str] = (), classic: bool = True,
            ssh_command: Sequence[str] = ("ssh",), ssh_options: Sequence[str] = (),
@@ -102,6 +128,10 @@ def deploy(hosts: Iterable[str], *, python: str = "python3", workers: int | None
     leaving the block (or ``cluster.close()``) stops every remote server and leaves nothing
     behind. Hosts that fail are reported in ``cluster.unreachable`` with their cause
     (authentication, unknown host, no python3, python too old), unless ``require_all``.
+    ``python`` is the interpreter on the hosts (a name or path); by default the host's
+    ``python3.X`` of this client's minor version, else its ``python3`` (a log line of
+    ``rpycsvc.deploy`` says which, and warns when the versions differ: tasks sent by value
+    need the same minor version).
     ``endpoints``/``services`` modules must be importable on the host (or be shipped in the
     bundle: add them to ``rpycsvc.deployment.PACKAGES``). Other keywords go to the Cluster
     (``retries``, ``output``, task options).
@@ -250,7 +280,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("hosts", nargs="+", metavar="HOST", help="[user@]host[:port] or ssh alias")
     p.add_argument("--run", metavar="SCRIPT", help="run this Python script against the "
                    "deployed cluster (it gets it from rpycsvc.Cluster.deployed()), then tear down")
-    p.add_argument("--python", default="python3", help="python on the hosts (default python3)")
+    p.add_argument("--python", default=None, help="python on the hosts (default: python3.X "
+                   "of this Python's version if the host has it, else python3)")
     p.add_argument("--workers", type=int, default=None, help="workers per host (default: cores)")
     p.add_argument("--endpoints", action="append", default=[], metavar="MODULE")
     p.add_argument("--no-classic", dest="classic", action="store_false", default=True)

@@ -245,11 +245,23 @@ AllowTcpForwarding yes
 X11Forwarding no
 PrintMotd no
 Subsystem sftp {SFTP_SERVER}
-SetEnv SHLVL=1
+SetEnv SHLVL=1 PATH={self._host_path()}
 LogLevel INFO
 """
         )
         self.config_path.write_text(self._client_config())
+
+    def _host_path(self) -> str:
+        """The ssh sessions' PATH: the system's, after a directory that offers the Python
+        running the tests as ``python3.X``, as a host with that version installed would (so
+        ``deploy`` finds the client's version there on every interpreter of the matrix)."""
+        assert self.dir is not None
+        bindir = self.dir / "bin"
+        bindir.mkdir(exist_ok=True)
+        link = bindir / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+        if not link.exists():
+            link.symlink_to(os.path.realpath(sys.executable))
+        return f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
     def _client_config(self, **overrides: str) -> str:
         d = self.dir
