@@ -509,8 +509,9 @@ def connect(
                 sock = ctx.wrap_socket(sock, server_hostname=server_hostname or h)
             except (OSError, _ssl.SSLError) as exc:
                 from .errors import AuthenticationError
+                from .tls import handshake_failure
 
-                raise AuthenticationError(f"TLS handshake with {address} failed: {exc}",
+                raise AuthenticationError(handshake_failure(exc, address, ctx),
                                           address=address) from exc
         hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
         client = connect_stream(FastSocketStream(sock), address=address, hello=hello,

@@ -396,19 +396,45 @@ def _by_value(obj: Any, depth: int = 0) -> Any:
         # Only "safe" attributes (__iter__, __getitem__): a plain rpyc.connect() client
         # refuses .items() and the like unless it allows all public attributes.
         return {_by_value(k, depth + 1): _by_value(obj[k], depth + 1) for k in obj}
-    if cls in ("builtins.bytearray",):
-        return bytearray(bytes(obj))
+    if cls == "builtins.bytearray":
+        return _fetch_bytearray(obj)
     raise SerializationError(
         f"can't fetch an argument of type {cls} by value from a plain RPyC client; pass "
         "numbers, strings, bytes, tuples, lists or dicts, or use rpycsvc.connect()"
     )
 
 
+def _fetch_bytearray(obj: Any) -> bytearray:
+    """Copy a plain client's bytearray in one round trip, on every Python version.
+
+    ``bytes(netref)`` can't be used: before 3.12 it iterates the netref (a round trip per
+    byte), and from 3.12 on it calls the proxy's PEP 688 ``__buffer__``, which returns a
+    netref instead of a memoryview (``TypeError``). ``repr`` is a request every RPyC
+    client answers, whatever attributes it allows, and gives ``bytearray(b'...')``: a
+    literal, parsed here without evaluating code. The type in a netref is what the client says it is, so anything but
+    that exact form is refused.
+    """
+    import ast
+
+    text = repr(obj)
+    body = text[len("bytearray("):-1] if text.startswith("bytearray(b") and \
+        text.endswith(")") else ""
+    try:
+        value = ast.literal_eval(body) if body[1:2] in ("'", '"') else None
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = None
+    if not isinstance(value, bytes):
+        raise SerializationError(
+            f"the client's bytearray argument has an unexpected repr {text[:80]!r}; send "
+            "bytes, or use rpycsvc.connect()")
+    return bytearray(value)
+
+
 def _check_plain(value: Any, depth: int = 0) -> None:
     """Service-only mode: arguments must be plain data, not arbitrary objects."""
     if depth > 50:
         raise SerializationError("argument nested too deeply")
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, bytearray)):
         return
     if isinstance(value, (list, tuple, set, frozenset)):
         for v in value:
