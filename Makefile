@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint install
+.PHONY: demo test matrix lint install
 
 install:
 	$(PIP) -e .
@@ -13,6 +13,13 @@ demo: install
 test:
 	$(PIP) -e '.[test]'
 	$(PYTHON) -m pytest
+
+# The suite on every supported CPython (3.9 to 3.13), a venv each (noxfile.py). Found on PATH
+# or under pyenv; a missing one fails unless RPYCSVC_ALLOW_MISSING_PYTHONS=1.
+# NOX="-s tests-3.9" picks sessions.
+matrix:
+	$(PIP) 'nox>=2024.10.9'
+	$(PYTHON) -m nox $(NOX)
 
 lint:
 	$(PIP) -e '.[dev]'
