@@ -160,7 +160,17 @@ def check_rpyc_tutorial(out: str) -> None:
     assert "Hello from the server" not in out  # printed before the redirection: stayed there
 
 
+def check_joblib_sklearn(out: str) -> None:
+    assert re.search(r"rpycsvc: 80 fits on \d+ workers of 2 servers in [\d.]+ s\n", out), out
+    ran = [int(n) for n in re.findall(r"127\.0\.0\.1:\d+ ran (\d+) tasks", out)]
+    assert len(ran) == 2 and sum(ran) > 0  # the servers' own counters: the work ran there
+    best = re.findall(r"(?:rpycsvc|loky) best parameters: (.*)\n", out)
+    assert len(best) == 2 and best[0] == best[1], out
+    assert "same answer: True\n" in out
+
+
 CHECKS: dict[str, Callable[[str], None]] = {
+    "joblib_sklearn": check_joblib_sklearn,
     "task_queue_map": check_task_queue_map,
     "task_queue_shared": check_task_queue_shared,
     "celery_tasks": check_celery_tasks,
@@ -172,7 +182,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "rpyc_tutorial": check_rpyc_tutorial,
 }
 #: Longer than about 3 s each (time limits, sleeps, the registry's shutdown poll).
-SLOW_ONES = {"celery_tasks", "scoop_mapreduce", "pyro_shop"}
+SLOW_ONES = {"celery_tasks", "scoop_mapreduce", "pyro_shop", "joblib_sklearn"}
 #: How many of the running servers each example is given.
 SERVERS_NEEDED = {"pyro_chain": 3, "pyro_shop": 1, "rpyc_tutorial": 1}
 
