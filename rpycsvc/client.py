@@ -23,7 +23,6 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 import rpyc
-from rpyc.core.service import ClassicClient, VoidService
 
 from .config import check_timeout
 from .errors import (
@@ -40,9 +39,19 @@ from .errors import (
 )
 from .handshake import client_handshake
 from .lane import Lane, LaneUser
+from .liveness import (
+    DEFAULT_LOST_AFTER,
+    WATCHDOG,
+    ClientConnection,
+    LiveChannel,
+    LiveClassicClient,
+    LiveVoidService,
+    check_lost_after,
+    heartbeat_interval,
+)
 from .output import OutputRouter
 from .serialization import dumps, dumps_function, load_exception, loads, writable_frames
-from .transport import FastChannel, FastSocketStream
+from .transport import FastSocketStream
 
 log = logging.getLogger("rpycsvc.client")
 
@@ -170,7 +179,7 @@ class Client(LaneUser):
     """A connection to one rpycsvc server. Create with :func:`connect`; close when done."""
 
     def __init__(self, conn: Any, hello: dict[str, Any], address: str, output: OutputRouter,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, lost_after: float | None = None) -> None:
         self.conn = conn
         self.address = address
         self.server_info = hello
@@ -193,9 +202,14 @@ class Client(LaneUser):
         self._run = rpyc.async_(conn.root.run)
         self._cancel = rpyc.async_(conn.root.cancel)
         self._ready = threading.Event()
+        #: seconds of silence after which the server is declared lost (None: never); only
+        #: when the server agreed to send heartbeats (see rpycsvc.liveness)
+        self.lost_after = lost_after if hello.get("heartbeat") else None
         self._reader = threading.Thread(target=self._serve, name=f"rpycsvc-client-{address}",
                                         daemon=True)
         self._reader.start()
+        if self.lost_after is not None and isinstance(conn, ClientConnection):
+            WATCHDOG.watch(conn, self.lost_after, self._server_silent)
 
     # -- classic access ------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -315,7 +329,9 @@ class Client(LaneUser):
         if entry is None:
             return
         done = entry[0]
-        if res.error:  # the server refused the call itself (not the task): res._obj is it
+        if res.error and isinstance(res._obj, ServerLostError):  # see ClientConnection.mark_lost
+            done("lost", res._obj)
+        elif res.error:  # the server refused the call itself (not the task): res._obj is it
             exc = res._obj
             name = type(exc).__name__.replace("_get_exception_class.<locals>.Derived", "")
             text = str(exc).split("\n\n========= Remote Traceback", 1)[0]
@@ -351,7 +367,7 @@ class Client(LaneUser):
 
     def _serve(self) -> None:
         try:
-            while not self._closed:
+            while not self._closed and self.lost is None:  # (lost: declared by the watchdog)
                 try:
                     self.conn.serve(1.0)
                 except (EOFError, OSError):
@@ -362,16 +378,35 @@ class Client(LaneUser):
             if not self._closed:
                 self._lose(exc)
                 return
+        if self.lost is not None:
+            return
         self._lose(ServerLostError(f"connection to {self.address} was closed",
                                    address=self.address))
 
-    def _lose(self, exc: BaseException) -> None:
+    def _server_silent(self, silence: float) -> None:
+        """The watchdog heard nothing from the server for longer than ``lost_after``."""
+        err = ServerLostError(
+            f"{self.address} sent nothing for {silence:.1f} s (lost_after={self.lost_after:g}):"
+            " declared lost (the server is frozen or paused, or the network to it is down)",
+            address=self.address)
+        log.warning("%s", err)
+        conn = self.conn
+        # (woken after the loss is booked: the reader thread then reads EOF, and must not
+        # report that as the cause)
+        self._lose(err, wake=conn.mark_lost if isinstance(conn, ClientConnection) else None)
+
+    def _lose(self, exc: BaseException,
+              wake: Callable[[ServerLostError], None] | None = None) -> None:
+        """Book the connection as lost (once) and fail what was in flight on it; ``wake``
+        (with the error) runs first after booking, to wake threads blocked on it."""
         with self._lock:
             if self.lost is not None:
                 return
             self.lost = exc
             pending = list(self._pending.values())
             self._pending.clear()
+        if wake is not None and isinstance(exc, ServerLostError):
+            wake(exc)
         if self._lane is not None:
             self._lane.close()
         err = exc if isinstance(exc, ServerLostError) else ServerLostError(
@@ -393,6 +428,8 @@ class Client(LaneUser):
         if self._closed:
             return
         self._closed = True
+        if isinstance(self.conn, ClientConnection):
+            WATCHDOG.unwatch(self.conn)
         try:
             self.conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
         except (OSError, AttributeError, EOFError):  # EOFError: rpyc's ClosedFile
@@ -468,6 +505,7 @@ def connect(
     prefix: str = "[{address}] ",
     forward_logging: bool = False,
     lanes: bool = True,
+    lost_after: float | None = DEFAULT_LOST_AFTER,
     **task_options: Any,
 ) -> Client:
     """Connect to an rpycsvc server and check versions (and credentials).
@@ -481,6 +519,14 @@ def connect(
     ``lanes`` (the default), tasks go straight to a worker process when the server allows
     it (see :mod:`rpycsvc.lane`); ``lanes=False`` sends every task through RPyC. Other
     keywords set default task options (``timeout``, ``mode``).
+
+    ``lost_after`` (seconds, default 10) bounds how long the server may stay silent: the
+    server sends a heartbeat about every second from a thread of its own (a long classic
+    call or a busy connection doesn't delay it), and when nothing has arrived for
+    ``lost_after`` seconds the server is declared lost — frozen (SIGSTOP, a paused VM) or
+    cut off without a reset. Every task in flight and every waiting classic call then fails
+    with ``ServerLostError``. ``None`` turns the check off. Classic calls have no time
+    limit of their own (RPyC's 30 s ``sync_request_timeout`` does not apply).
     """
     from .handshake import client_ssl_context
 
@@ -494,6 +540,7 @@ def connect(
         authkey = os.environ.get("RPYCSVC_AUTHKEY") or None
     router = OutputRouter(output, prefix, forward_logging)
     _check_options({"output": output, **task_options})
+    lost_after = check_lost_after(lost_after)
     try:
         sock = socket.create_connection((h, p), timeout=timeout)
     except socket.timeout as exc:
@@ -515,7 +562,8 @@ def connect(
                                           address=address) from exc
         hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
         client = connect_stream(FastSocketStream(sock), address=address, hello=hello,
-                                router=router, **task_options)
+                                router=router, lost_after=lost_after, hello_timeout=timeout,
+                                **task_options)
         if lanes and not ssl and client.server_info.get("lane"):
             client._authkey = authkey
             client._dial = lambda: socket.create_connection((h, p), timeout=timeout)
@@ -526,9 +574,14 @@ def connect(
 
 
 def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = None,
-                   router: OutputRouter | None = None, **task_options: Any) -> Client:
+                   router: OutputRouter | None = None,
+                   lost_after: float | None = DEFAULT_LOST_AFTER,
+                   hello_timeout: float | None = 30.0, **task_options: Any) -> Client:
     """A :class:`Client` over an already open RPyC stream (a socket after the handshake,
-    or the pipes of an ssh session for deployed servers)."""
+    or the pipes of an ssh session for deployed servers).
+
+    ``lost_after`` as for :func:`connect`; ``hello_timeout`` bounds the first exchange."""
+    lost_after = check_lost_after(lost_after)
     hello = dict(hello or {})
     router = router or OutputRouter()
     client_box: list[Client] = []
@@ -538,17 +591,27 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
             client_box[0]._on_output(key, fd, text)
 
     classic = hello.get("classic", True)
-    service = ClassicClient if classic else VoidService
+    service = LiveClassicClient if classic else LiveVoidService
     # The server may call back public methods of objects we hand it explicitly (an
     # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
-    conn = service._connect(FastChannel(stream), {"allow_pickle": False,
+    conn = service._connect(LiveChannel(stream), {"allow_pickle": False,
                                                   "allow_public_attrs": True})
+    conn.request_timeout = hello_timeout  # the liveness check starts after hello
     try:
-        hello.update(dict(conn.root.hello(sink)))
+        if lost_after is not None:
+            reply = conn.root.hello(sink, heartbeat_interval(lost_after))
+        else:
+            reply = conn.root.hello(sink)
+        hello.update(dict(reply))
+    except RpycsvcTimeoutError as exc:
+        conn.close()
+        raise RpycsvcTimeoutError(f"{address} did not answer hello within "
+                                  f"{hello_timeout:g} s") from exc
     except BaseException:
         conn.close()
         raise
-    client = Client(conn, hello, address, router, task_options)
+    conn.request_timeout = None
+    client = Client(conn, hello, address, router, task_options, lost_after=lost_after)
     client_box.append(client)
     return client
 

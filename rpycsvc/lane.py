@@ -215,6 +215,7 @@ class LaneUser:
     _lane_n: int
     _lane_lock: threading.Lock
     _lane_backoff: tuple[float, float]
+    lost_after: float | None
     _lock: threading.Lock
     _pending: dict[int, tuple[Callable[[str, Any], None], Any]]
     _keys: Any
@@ -296,8 +297,9 @@ class LaneUser:
                 return None
             self._lane_n += 1
             try:
+                # (a frozen server accepts but never answers: no longer than lost_after)
                 new = Lane.open(self, self._dial, str(token),  # type: ignore[arg-type]
-                                self._lane_n, timeout=10.0)  # (self is the Client)
+                                self._lane_n, timeout=min(10.0, self.lost_after or 10.0))
             except Exception as exc:  # refused or unreachable: RPyC carries tasks meanwhile
                 wait = min(30.0, max(0.1, wait * 2))
                 self._lane_backoff = (time.monotonic() + wait, wait)

@@ -27,6 +27,7 @@ from rpyc.core.service import Service, SlaveService
 from .config import check_timeout
 from .errors import SerializationError, TaskError
 from .hosted import HostedQueue, HostedSpec, QueueRegistry
+from .liveness import Heartbeat
 from .pool import Task, WorkerPool
 from .serialization import check_plain, dumps, load_exception, loads
 from .transport import Deferred, ServerConnection
@@ -58,6 +59,8 @@ class Runtime:
         self.lanes = False
         #: lane token → (connection id, client address) of the connection it was issued to
         self.lane_tokens: dict[str, tuple[int, str]] = {}
+        #: beats on the connections of clients that asked for it in hello (liveness)
+        self.heartbeat = Heartbeat()
 
     def attach_lane(self, sock: socket.socket, lane_id: str) -> None:
         """Hand a client's lane socket (after its handshake) to a worker process.
@@ -196,6 +199,7 @@ class ComputeService(Service):
             self._client = "?"
 
     def on_disconnect(self, conn: Any) -> None:
+        self._runtime.heartbeat.remove(conn)
         self._runtime.disconnected()
         if self._lane_token:
             self._runtime.lane_tokens.pop(self._lane_token, None)
@@ -208,10 +212,18 @@ class ComputeService(Service):
             self._runtime.pool.cancel(task_id, "cancel")
 
     # -- the rpycsvc client's by-value path ---------------------------------------------------
-    def exposed_hello(self, sink: Any = None) -> tuple[tuple[str, Any], ...]:
-        """Register the client's output sink; returns server info as (key, value) pairs."""
+    def exposed_hello(self, sink: Any = None,
+                      heartbeat: float | None = None) -> tuple[tuple[str, Any], ...]:
+        """Register the client's output sink; returns server info as (key, value) pairs.
+
+        With ``heartbeat`` (seconds), the server sends an empty frame on this connection
+        that often, from a thread of its own, so the client can tell a frozen server from a
+        busy one (see :mod:`rpycsvc.liveness`); ``info["heartbeat"]`` is the interval granted.
+        """
         self._sink = rpyc.async_(sink) if sink is not None else None
         info = self._runtime.info()
+        if heartbeat is not None:
+            info["heartbeat"] = self._runtime.heartbeat.add(self._conn_ref, float(heartbeat))
         info["endpoints"] = tuple(self._runtime.pool.endpoint_names)
         if self._runtime.lanes:
             if not self._lane_token:

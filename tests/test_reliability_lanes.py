@@ -1,0 +1,79 @@
+"""Regression tests for issue 13's lane items (2 and 7): they fail on the lane code of today
+and pass once the one-path redesign (issue 15) replaces it; strict xfail until then.
+
+Servers run as subprocesses (one worker, so which worker runs what is known), stopped and
+resumed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+import rpycsvc
+from tests.support.servers import ServerProcess
+
+LANE_PATH = "lane path; fixed by the one-path redesign (issue 15)"
+
+
+@pytest.fixture
+def one_worker() -> Iterator[ServerProcess]:
+    srv = ServerProcess("--workers", "1")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.xfail(strict=True, reason=LANE_PATH)
+def test_cancel_returns_at_once_while_the_server_is_frozen(one_worker: ServerProcess) -> None:
+    """Item 2: cancel() must never block, even when the server doesn't answer (it looked
+    up ``cancel_lane`` with a synchronous round trip first). ``lost_after`` is long here, so
+    that the liveness check does not end the wait instead."""
+    with rpycsvc.connect(one_worker.address, lost_after=60, output="capture") as c:
+        assert c.compute(os.getpid) != os.getpid()  # opens the lane
+        fut = c.submit(time.sleep, 30)  # the lane is free: the task takes it
+        root = psutil.Process(one_worker.pid)
+        procs = [root, *root.children(recursive=True)]
+        for p in procs:
+            p.suspend()
+        try:
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (fut.cancel(), done.set()), daemon=True)
+            t.start()
+            # Failure case: blocked for as long as the freeze (or until lost_after).
+            assert done.wait(10), "cancel() still blocked 10 s into the server's freeze"
+        finally:
+            for p in procs:
+                try:
+                    p.resume()
+                except psutil.NoSuchProcess:
+                    pass
+
+
+@pytest.mark.xfail(strict=True, reason=LANE_PATH)
+def test_a_task_sees_its_arguments_as_they_were_at_submit(one_worker: ServerProcess) -> None:
+    """Item 7: a task sent on a lane whose worker closes it before reading the task (here:
+    the only worker is busy with another client's task and is killed at its timeout) is sent
+    again through the server; it must carry the arguments as submitted, not as the caller
+    changed them after submit() returned."""
+    with rpycsvc.connect(one_worker.address, output="capture") as a, \
+            rpycsvc.connect(one_worker.address, output="capture", lanes=False) as b:
+        assert a.compute(os.getpid) != os.getpid()  # a's lane is on the only worker
+        blocker = b.options(timeout=2).submit(time.sleep, 30)  # ... which runs this
+        deadline = time.monotonic() + 30
+        while a.stats()["tasks_running"] < 1:
+            assert time.monotonic() < deadline, "the blocking task never started"
+            time.sleep(0.02)
+        buf = bytearray(b"A" * (1 << 20))  # large: sent from the caller's own memory
+        fut = a.submit(bytes, buf)
+        buf[:] = b"B" * len(buf)
+        seen = fut.result(timeout=60)
+        with pytest.raises(rpycsvc.TaskTimeoutError):
+            blocker.result(timeout=60)
+        assert seen[:4] == b"AAAA", f"submitted with b'AAAA', the task saw {seen[:4]!r}"
