@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .client import Client
+from .errors import ServerLostError
 
 #: Jobs in flight per worker of a server: enough to hide the round trip, small enough that
 #: a dead server's share is small and a slow server is not handed a long backlog.
@@ -31,7 +32,7 @@ class _Job:
     key: int = 0
     size: int = 1  # items in a map chunk
     sent: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "address: cause" per lost attempt
 
 
 class _JobQueue:
@@ -59,6 +60,13 @@ class _JobQueue:
     def heads(self) -> list[_Job]:
         return [fifo[0] for fifo in self._fifos.values() if fifo]
 
+    def take_pinned(self, keep: Callable[[str], bool]) -> list[_Job]:
+        """Remove and return the jobs pinned to a server ``keep(address)`` says no to."""
+        out: list[_Job] = []
+        for kind in [k for k in self._fifos if k[1] is not None and not keep(k[1])]:
+            out.extend(self._fifos.pop(kind))
+        return out
+
     def popleft(self, job: _Job) -> None:
         self._fifos[self._kind(job)].popleft()
 
@@ -72,13 +80,36 @@ class _JobQueue:
 
 
 class _Server:
+    """One server as the cluster sees it. ``error`` is why it is down (kept per server, so
+    :class:`AllServersFailedError` can name each one's cause); ``draining`` is set when it
+    refused a task because it is shutting down: it gets no new tasks until reconnected."""
+
     def __init__(self, address: str) -> None:
         self.address = address
         self.client: Client | None = None
         self.inflight: set[_Job] = set()
         self.threaded = 0  # of which thread-mode
         self.error: BaseException | None = None
+        self.draining: BaseException | None = None
         self.reconnecting = False
+
+    def attach(self, client: Client) -> None:
+        """Use ``client`` from now on (a first connection or a reconnection)."""
+        self.client, self.error, self.draining = client, None, None
+
+    def cause(self) -> BaseException | str:
+        """Why this server takes no tasks now, for error messages."""
+        if self.error is not None:
+            return self.error
+        lost = self.client.lost if self.client is not None else None
+        if lost is not None:  # lost, and the cluster's on_lost has not run yet
+            if isinstance(lost, ServerLostError):
+                return lost
+            return ServerLostError(f"lost the connection to {self.address} "
+                                   f"({type(lost).__name__}: {lost})", address=self.address)
+        if self.draining is not None:
+            return self.draining
+        return "closed" if self.client is not None else "down"
 
     def load(self, mode: str) -> float:
         """Fraction of this server's capacity for ``mode`` in use (1.0: full or down)."""
@@ -92,4 +123,10 @@ class _Server:
 
     @property
     def up(self) -> bool:
+        """Connected (classic access works), draining or not."""
         return self.client is not None and not self.client.closed
+
+    @property
+    def usable(self) -> bool:
+        """Connected and taking new tasks."""
+        return self.draining is None and self.up

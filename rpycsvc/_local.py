@@ -1,28 +1,67 @@
-"""``Cluster.local``'s servers: ``rpycsvc serve --port 0`` child processes on this machine."""
+"""``Cluster.local``'s servers: ``rpycsvc serve --port 0`` child processes on this machine.
+
+A server's stdout is a pipe: we need its first line (the address). After that the pipe is
+read to the end by a thread, because a server whose stdout nobody reads blocks in its next
+large ``print`` (a classic ``execute("print(...)")`` of 64 kB stalls the whole connection).
+What it prints is written to our stdout, each line prefixed with the server's address, as
+the output of a child process would appear (or dropped, for ``output="discard"``).
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from .errors import ConnectError
+
+#: Serialises forwarded lines of every local server, so lines never interleave.
+_WRITE_LOCK = threading.Lock()
 
 
 class _LocalServer:
     """An ``rpycsvc serve --port 0`` child process for :meth:`Cluster.local`."""
 
-    def __init__(self, workers: int, args: list[str]) -> None:
+    def __init__(self, workers: int, args: list[str], *, forward: bool = True) -> None:
         cmd = [sys.executable, "-m", "rpycsvc.cli", "serve", "--port", "0", "-q",
                "--workers", str(workers), *args]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      env=env)
+        self.forward = forward
+        self._pump: threading.Thread | None = None
 
     def wait_address(self, timeout: float) -> str:
-        return read_address(self.proc, timeout)
+        """The server's address; from then on its stdout is drained by a thread."""
+        address = read_address(self.proc, timeout)
+        self._pump = threading.Thread(target=self._drain, args=(f"[{address}] ",), daemon=True,
+                                      name=f"rpycsvc-local-stdout-{address}")
+        self._pump.start()
+        return address
+
+    def _drain(self, prefix: str) -> None:
+        """Read the server's stdout to its end; forward whole lines with ``prefix``."""
+        assert self.proc.stdout is not None
+        partial = b""
+        try:
+            while True:
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                if not self.forward:
+                    continue
+                *lines, partial = (partial + chunk).split(b"\n")
+                if lines:
+                    _emit(prefix, lines)
+            if partial and self.forward:
+                _emit(prefix, [partial])
+        except OSError:
+            pass
+        finally:
+            self.proc.stdout.close()  # the pipe is ours to close once drained
 
     @property
     def pid(self) -> int:
@@ -36,8 +75,20 @@ class _LocalServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self.proc.stdout is not None:
+        if self._pump is not None:  # it closes the pipe at EOF, which follows the exit
+            self._pump.join(5)
+        elif self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def _emit(prefix: str, lines: list[bytes]) -> None:
+    text = "".join(prefix + ln.decode("utf-8", "replace") + "\n" for ln in lines)
+    with _WRITE_LOCK:
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # our stdout is closed or gone: nothing sensible to do
 
 
 def read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:

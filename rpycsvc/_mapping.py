@@ -5,10 +5,15 @@ and memory stays bounded. Without an explicit ``chunksize`` the first items go o
 task; as results come back the chunk size adapts so each task carries about
 ``TARGET_CHUNK_SECONDS`` of work — big enough that per-task overhead vanishes for tiny
 functions, small enough that long tasks still spread over every worker.
+
+Two limits, never mixed up: a task option ``timeout`` (``cluster.options(timeout=S)``) is
+how long each task may run, enforced by its server; ``run_map``'s ``timeout`` is a deadline
+for the whole iteration, as ``Executor.map`` has, enforced here.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import itertools
 import queue
@@ -68,7 +73,11 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
 def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
             chunksize: int | None, timeout: float | None, progress: bool, retries: int,
             opts: dict[str, Any]) -> Iterator[Any]:
-    """Validate eagerly (like ``Executor.map``), then return the lazy result iterator."""
+    """Validate eagerly (like ``Executor.map``), then return the lazy result iterator.
+
+    ``timeout`` is the deadline for the iteration (from now); ``opts["timeout"]``, if
+    any, is each task's limit on its server (tasks then go one item per task unless
+    ``chunksize`` is given, when it limits each chunk)."""
     from ._jobs import PIPELINE, _Job
 
     if not iterables:
@@ -80,7 +89,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
         kind, spec, head = "pickled", None, (dumps_function(fn),)
     total = _length(iterables)
     threaded = opts.get("mode") == "thread"
-    if chunksize is None and opts.get("timeout"):
+    if chunksize is None and opts.get("timeout") is not None:
         chunksize = 1  # a per-task timeout must time one task, not a batch
     if chunksize is None and threaded:
         # a thread-mode chunk's items run at once on the server: split the work evenly
@@ -155,14 +164,20 @@ def _put(q: queue.SimpleQueue[_Job], job: _Job, _fut: Any) -> None:
     q.put(job)
 
 
+#: Before Python 3.11 ``Future`` waits raise this, which is not the builtin TimeoutError.
+_FUTURE_TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)
+
+
 def _wait_future(fut: Future[Any], deadline: float | None) -> None:
     left = None if deadline is None else deadline - time.monotonic()
     if left is not None and left <= 0 and not fut.done():
-        raise RpycsvcTimeoutError("map: the next result was not ready before the timeout")
+        raise RpycsvcTimeoutError("map: the next result was not ready before the map's "
+                                  "deadline (its timeout=)")
     try:
         fut.exception(timeout=left)  # waits; raises only on timeout or cancellation
-    except TimeoutError as exc:
-        raise RpycsvcTimeoutError("map: the next result was not ready before the timeout") from exc
+    except _FUTURE_TIMEOUTS as exc:
+        raise RpycsvcTimeoutError("map: the next result was not ready before the map's "
+                                  "deadline (its timeout=)") from exc
 
 
 def _next_done(done_q: queue.SimpleQueue[_Job], deadline: float | None) -> _Job:
@@ -170,7 +185,8 @@ def _next_done(done_q: queue.SimpleQueue[_Job], deadline: float | None) -> _Job:
     try:
         return done_q.get(timeout=left)
     except queue.Empty:
-        raise RpycsvcTimeoutError("map: no result arrived before the timeout") from None
+        raise RpycsvcTimeoutError("map: no result arrived before the map's deadline "
+                                  "(its timeout=)") from None
 
 
 def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], has_init: bool,
@@ -202,19 +218,25 @@ def run_map_reduce(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any]
     result: Any = {} if by_key else initializer
     first = initializer is None and not by_key
     deadline = None if timeout is None else time.monotonic() + timeout
-    for fut in futs:  # in input order: the reducer need not be commutative
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            part = fut.result(left)
-        except TimeoutError as exc:
-            for f in futs:
-                f.cancel()
-            raise RpycsvcTimeoutError("map_reduce did not finish before the timeout") from exc
-        if by_key:
-            for key, value in part.items():
-                result[key] = reducer(result[key], value) if key in result else value
-        elif first:
-            result, first = part, False
-        else:
-            result = reducer(result, part)
+    try:
+        for fut in futs:  # in input order: the reducer need not be commutative
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                part = fut.result(left)
+            except _FUTURE_TIMEOUTS as exc:
+                if fut.done():  # the chunk itself timed out on its server: its own error
+                    raise
+                raise RpycsvcTimeoutError(
+                    f"map_reduce did not finish within its timeout of {timeout:g} s") from exc
+            if by_key:
+                for key, value in part.items():
+                    result[key] = reducer(result[key], value) if key in result else value
+            elif first:
+                result, first = part, False
+            else:
+                result = reducer(result, part)
+    except BaseException:
+        for f in futs:  # one chunk failed (or we gave up): the others are of no use now
+            f.cancel()
+        raise
     return result

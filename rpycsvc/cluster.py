@@ -2,15 +2,28 @@
 
 A :class:`Cluster` keeps one :class:`~rpycsvc.client.Client` per server and a local queue
 of jobs. A job goes to the server with the most free capacity (its worker count times a
-small pipelining factor), so bigger servers get more work and a slow one gets less. When a
-connection dies, the jobs it had in flight go back to the queue (up to ``retries`` times)
-and the server is reconnected in the background; if no server is left, every waiting job
-fails at once with :class:`AllServersFailedError` naming each server and its cause.
+small pipelining factor), so bigger servers get more work and a slow one gets less.
+
+What is re-run, and what is not:
+
+- a connection dies (the server crashed, was killed, froze past ``lost_after``, or cut off
+  a running task at the end of its shutdown grace): its jobs go back to the queue up to
+  ``retries`` times (at-least-once: a frozen server's workers may still finish them; with
+  ``retries=0``, at-most-once) and the server is reconnected in the background;
+- a server shutting down refuses a task, or drops it before it started
+  (:class:`ServerDrainingError`): the task never ran, so it goes to another server
+  whatever ``retries`` says, and that server gets no new tasks until it is reconnected;
+- nothing else is re-run: a task that raised, timed out or was too large fails as it is,
+  and :meth:`Cluster.close` cancels what is in flight instead of sending it elsewhere.
+
+If no server is left, every waiting job fails at once with :class:`AllServersFailedError`
+naming each server and its own cause.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -28,21 +41,47 @@ from .client import (
     TaskFuture,
     _check_options,
     connect,
+    decode_reply,
     frames_of_call,
     settle,
-    settle_reply,
 )
 from .errors import (
     AllServersFailedError,
     ConfigError,
     ConnectError,
+    RemoteTaskError,
     RpycsvcError,
+    RpycsvcTimeoutError,
+    ServerDrainingError,
     ServerLostError,
+    TaskCancelledError,
 )
 from .executor import ClusterExecutor, _ClusterOptions
 
 log = logging.getLogger("rpycsvc.cluster")
 
+#: What a failed task's error means for the cluster (see :func:`_fate_of`).
+_DRAINING, _LOST = "draining", "lost"
+
+
+def _fate_of(exc: BaseException) -> str | None:
+    """``"draining"``: the server refused the task or dropped it unstarted because it is
+    shutting down (the task never ran); ``"lost"``: the server cut the running task off as
+    it shut down; ``None``: the task's own outcome, which is never re-run."""
+    if isinstance(exc, ServerDrainingError):
+        return _DRAINING
+    if isinstance(exc, ServerLostError):
+        return _LOST
+    if isinstance(exc, RemoteTaskError):  # a client that doesn't know the type by name
+        return {"ServerDrainingError": _DRAINING, "ServerLostError": _LOST}.get(exc.remote_type)
+    if type(exc) is TaskCancelledError:
+        # Servers that predate ServerDrainingError say so in the message only.
+        text = str(exc)
+        if text.startswith("the server is shutting down"):
+            return _DRAINING
+        if text.startswith("the server shut down before task"):
+            return _LOST
+    return None
 
 
 class BroadcastResult(dict):
@@ -75,17 +114,24 @@ class Cluster:
 
     ``servers`` is a list of ``"host[:port]"`` (or a path to a hosts file). Unreachable
     servers are reported in :attr:`unreachable` and skipped unless ``require_all``.
-    ``retries`` bounds how often a task is re-run after its server died (0 for tasks with
-    side effects). Other keywords go to :func:`rpycsvc.connect` (``authkey``, ``ssl``,
-    ``output``, ``prefix``, ``timeout``) or become default task options.
+    ``retries`` bounds how often a task is re-run after its server was lost (0 for tasks
+    with side effects: at-most-once). ``timeout`` bounds connecting (each server, and all
+    of them together within ``timeout + 5`` s); ``lost_after`` is how many seconds of
+    silence make a server count as lost (see :func:`rpycsvc.connect`). Other keywords go
+    to :func:`rpycsvc.connect` (``authkey``, ``ssl``, ``output``, ``prefix``...) or become
+    default task options (``mode``, ``output``); a per-task time limit is set with
+    :meth:`options` (``cluster.options(timeout=5)``).
     """
 
     def __init__(self, servers: Iterable[str] | str, *, require_all: bool = False,
                  retries: int = DEFAULT_RETRIES, reconnect: bool = True,
-                 timeout: float = 10.0, **options: Any) -> None:
+                 timeout: float = 10.0, lost_after: float | None = None,
+                 **options: Any) -> None:
         addresses = read_hosts_file(servers) if isinstance(servers, str) else list(servers)
         if not addresses:
             raise ConfigError("Cluster needs at least one server address")
+        if lost_after is not None:
+            options["lost_after"] = lost_after
         self._setup(retries, reconnect, timeout, options)
         self._connect_all(addresses, require_all)
 
@@ -98,8 +144,12 @@ class Cluster:
         self.timeout = timeout
         self._connect_kw = {k: options.pop(k) for k in
                             ("authkey", "ssl", "output", "prefix", "server_hostname",
-                             "forward_logging")
+                             "forward_logging", "lost_after")
                             if k in options}
+        if "lost_after" in self._connect_kw and \
+                "lost_after" not in inspect.signature(connect).parameters:
+            raise ConfigError("lost_after needs an rpycsvc whose connect() takes lost_after; "
+                              "this one does not: leave it out")
         self._defaults = _check_options(options)
         self._lock = threading.Lock()
         self._servers: dict[str, _Server] = {}
@@ -122,7 +172,7 @@ class Cluster:
         for client in clients:
             client.on_lost(self._on_lost)
             srv = _Server(client.address)
-            srv.client = client
+            srv.attach(client)
             self._servers[client.address] = srv
         self._owned = list(owned)
         self.unreachable = dict(unreachable or {})
@@ -147,11 +197,16 @@ class Cluster:
         Each gets ``workers`` processes (default: this machine's cores shared between them)
         and this process's ``sys.path`` as its ``PYTHONPATH``, so it can import what we can
         (task modules, ``--service``/``--endpoints`` modules given in ``server_args``).
+        What the server processes themselves print (classic ``execute("print(...)")``) is
+        written to our stdout, each line prefixed with ``[host:port] ``, as a child's
+        output would be; with ``output="discard"`` it is dropped. Their logs go to our
+        stderr. Other keywords (``lost_after``, ``retries``...) go to :class:`Cluster`.
         """
         if n < 1:
             raise ConfigError(f"Cluster.local needs n >= 1; got {n!r}")
         per = workers or max(1, (os.cpu_count() or 1) // n)
-        procs = [_LocalServer(per, list(server_args)) for _ in range(n)]
+        forward = kwargs.get("output", "stream") != "discard"
+        procs = [_LocalServer(per, list(server_args), forward=forward) for _ in range(n)]
         try:
             addresses = [p.wait_address(timeout) for p in procs]
             cluster = cls(addresses, require_all=True, **kwargs)
@@ -179,24 +234,44 @@ class Cluster:
         return cls(addresses, timeout=timeout, **kw)
 
     def _connect_all(self, addresses: list[str], require_all: bool) -> None:
+        """Connect to every server at once, waiting ``timeout + 5`` s in all; a connection
+        that completes after that is closed (the server was reported unreachable)."""
         results: dict[str, Client | BaseException] = {}
+        gate = threading.Lock()
+        late: list[bool] = []  # non-empty once we stopped waiting
 
         def attempt(addr: str) -> None:
+            res: Client | BaseException
             try:
-                results[addr] = self._open(addr)
+                res = self._open(addr)
             except BaseException as exc:
-                results[addr] = exc
+                res = exc
+            with gate:
+                if not late:
+                    results[addr] = res
+                    return
+            if isinstance(res, Client):
+                log.info("closing the connection to %s: it was made after the cluster "
+                         "stopped waiting for it", addr)
+                res.close()
 
-        threads = [threading.Thread(target=attempt, args=(a,), daemon=True) for a in addresses]
+        threads = [threading.Thread(target=attempt, args=(a,), daemon=True,
+                                    name=f"rpycsvc-connect-{a}") for a in addresses]
         for t in threads:
             t.start()
+        limit = self.timeout + 5
+        deadline = time.monotonic() + limit
         for t in threads:
-            t.join(self.timeout + 5)
+            t.join(max(0.0, deadline - time.monotonic()))
+        with gate:
+            late.append(True)
+            final = dict(results)
         for addr in addresses:
-            res = results.get(addr, ConnectError(f"connecting to {addr} did not finish"))
+            res = final.get(addr) or RpycsvcTimeoutError(
+                f"connecting to {addr} did not finish within {limit:g} s")
             srv = _Server(addr)
             if isinstance(res, Client):
-                srv.client = res
+                srv.attach(res)
                 self._servers[res.address] = srv
             else:
                 srv.error = res
@@ -220,7 +295,7 @@ class Cluster:
         client = self._open(address)
         with self._lock:
             srv = self._servers.get(client.address) or _Server(client.address)
-            srv.client, srv.error = client, None
+            srv.attach(client)
             self._servers[client.address] = srv
             self.unreachable.pop(address, None)
         self._dispatch()
@@ -255,8 +330,10 @@ class Cluster:
         return len(self._servers)
 
     def options(self, **opts: Any) -> _ClusterOptions:
-        """The same API with task options: ``timeout`` (s, enforced on the server),
-        ``mode`` (``"process"``/``"thread"``), ``output``, and ``retries``."""
+        """The same API (``submit``, ``map``) with task options: ``timeout`` (seconds each
+        task may run, enforced on the server: :class:`TaskTimeoutError`; in a ``map`` it
+        limits every task, not the whole map), ``mode`` (``"process"``/``"thread"``),
+        ``output``, and ``retries``."""
         retries = opts.pop("retries", None)
         return _ClusterOptions(self, {**self._defaults, **_check_options(opts)}, retries)
 
@@ -295,7 +372,7 @@ class Cluster:
         best, best_load = None, 1.0
         mode = job.opts.get("mode", "process")
         for srv in self._servers.values():
-            if not srv.up or (job.pinned and srv.address != job.pinned):
+            if not srv.usable or (job.pinned and srv.address != job.pinned):
                 continue
             load = srv.load(mode)
             if load < best_load:
@@ -308,61 +385,126 @@ class Cluster:
             with self._lock:
                 if not self._queue:
                     return
-                if not any(s.up for s in self._servers.values()):
+                if not any(s.usable for s in self._servers.values()):
                     doomed = self._queue.clear()
-                    causes = {a: (s.error or "down") for a, s in self._servers.items()}
+                    causes = {a: s.cause() for a, s in self._servers.items()}
                     break
+                # broadcast jobs for a server that went down or is draining meanwhile
+                stranded = [(j, self._pinned_cause_locked(j)) for j in self._queue.take_pinned(
+                    lambda a: a in self._servers and self._servers[a].usable)]
                 job: _Job | None = None
                 srv: _Server | None = None
-                for cand in self._queue.heads():
+                for cand in () if stranded else self._queue.heads():
                     srv = self._pick_locked(cand)
                     if srv is not None:
                         job = cand
                         break
-                if job is None or srv is None:
+                if stranded:
+                    pass  # settled below, outside the lock (callbacks may call us)
+                elif job is None or srv is None:
                     return
-                self._queue.popleft(job)
-                job.server = srv
-                job.attempts += 1
-                job.sent = time.monotonic()
-                srv.inflight.add(job)
-                srv.threaded += job.opts.get("mode") == "thread"
-                client = srv.client
-                if isinstance(job.future, TaskFuture):
-                    job.future.address = srv.address
+                else:
+                    self._queue.popleft(job)
+                    job.server = srv
+                    job.attempts += 1
+                    job.sent = time.monotonic()
+                    srv.inflight.add(job)
+                    srv.threaded += job.opts.get("mode") == "thread"
+                    client = srv.client
+                    if isinstance(job.future, TaskFuture):
+                        job.future.address = srv.address
+            if stranded:
+                for stale, cause in stranded:
+                    settle(stale.future, None, cause)
+                continue
+            assert job is not None
             try:
                 assert client is not None
                 job.key = client.start_task(job.kind, job.spec, job.opts, job.frames,
                                             functools.partial(self._on_done, job), job.future)
             except ServerLostError as exc:
                 self._on_done(job, "lost", exc)
+            except Exception as exc:  # refused before sending (e.g. too large): this task only
+                self._forget(job)
+                settle(job.future, None, exc)
         err = AllServersFailedError("every server of the cluster is down", causes)
         for job in doomed:
             settle(job.future, None, err)
 
-    def _on_done(self, job: _Job, status: str, value: Any) -> None:
+    def _pinned_cause_locked(self, job: _Job) -> BaseException:
+        srv = self._servers.get(job.pinned or "")
+        cause = srv.cause() if srv is not None else "not in this cluster"
+        if isinstance(cause, BaseException):
+            return cause
+        return ServerLostError(f"{job.pinned} is {cause}", address=job.pinned)
+
+    def _forget(self, job: _Job) -> None:
         srv = job.server
         with self._lock:
             if srv is not None and job in srv.inflight:
                 srv.inflight.discard(job)
                 srv.threaded -= job.opts.get("mode") == "thread"
+
+    def _on_done(self, job: _Job, status: str, value: Any) -> None:
+        """A job's attempt ended (in the client's reader thread): settle its future, or
+        send it elsewhere if its server was lost (per ``retries``) or is draining."""
+        srv = job.server
+        address = srv.address if srv else "?"
+        self._forget(job)
         if status == "lost":
-            job.errors.append(f"{srv.address if srv else '?'}: {value}")
-            if job.future.done():
-                pass  # cancelled, or already answered by an earlier attempt
-            elif job.attempts <= job.retries and not job.pinned:
-                log.warning("re-running a task from %s elsewhere (attempt %d of %d)",
-                            srv.address if srv else "?", job.attempts + 1, job.retries + 1)
+            err: BaseException = value
+            fate: str | None = _LOST
+        else:
+            try:
+                ok, result = decode_reply(value, address)
+            except RpycsvcError as exc:
+                ok, result = False, exc
+            fate = None if ok else _fate_of(result)
+            if fate is None:
+                settle(job.future, result if ok else None, None if ok else result)
+                self._dispatch()
+                return
+            err = result
+        if self._closed:  # closing cancels: what was in flight is not sent anywhere else
+            settle(job.future, None, TaskCancelledError(
+                f"the cluster was closed before the task finished on {address}",
+                address=address))
+            return
+        if job.future.done():  # cancelled meanwhile: nothing to re-run; its slot is free
+            self._dispatch()
+            return
+        job.errors.append(f"{address}: {err}")
+        if fate == _DRAINING and srv is not None:
+            self._drained(srv, err)
+            if job.pinned:
+                settle(job.future, None, err)
+            else:
+                job.attempts -= 1  # it never ran: a refusal costs no retry
+                log.info("%s is shutting down and did not run a task; sending it elsewhere",
+                         address)
                 with self._lock:
                     self._queue.append(job, front=True)
-            else:
-                why = "retries=0" if job.retries == 0 else f"after {job.attempts} attempts"
-                settle(job.future, None, ServerLostError(
-                    f"task lost with its server ({why}): {'; '.join(job.errors)}",
-                    address=srv.address if srv else None))
+        elif job.attempts <= job.retries and not job.pinned:
+            log.warning("re-running a task from %s elsewhere (attempt %d of %d)",
+                        address, job.attempts + 1, job.retries + 1)
+            with self._lock:
+                self._queue.append(job, front=True)
         else:
-            settle_reply(job.future, value, srv.address if srv else "?")
+            why = "retries=0" if job.retries == 0 else f"after {job.attempts} attempts"
+            settle(job.future, None, ServerLostError(
+                f"task lost with its server ({why}): {'; '.join(job.errors)}",
+                address=srv.address if srv else None))
         self._dispatch()
+
+    def _drained(self, srv: _Server, exc: BaseException) -> None:
+        """``srv`` is shutting down: no new tasks for it until it is reconnected."""
+        with self._lock:
+            first = srv.draining is None
+            if first:
+                srv.draining = ServerDrainingError(
+                    f"{srv.address} is shutting down ({exc})", address=srv.address)
+        if first:
+            log.warning("server %s is shutting down: no new tasks go there", srv.address)
 
     # -- failures --------------------------------------------------------------------------------
     def _on_lost(self, client: Client, exc: BaseException) -> None:
@@ -370,7 +512,7 @@ class Cluster:
             srv = self._servers.get(client.address)
             if srv is None or srv.client is not client:
                 return
-            srv.client, srv.error = None, exc
+            srv.client, srv.error = None, exc  # (draining stays until reconnected)
             start = self.reconnect and not self._closed and not srv.reconnecting
             srv.reconnecting = srv.reconnecting or start
         if not self._closed:
@@ -392,10 +534,12 @@ class Cluster:
                     delay = min(delay * 2, 5.0)
                     continue
                 with self._lock:
-                    if self._closed:
-                        client.close()
-                        return
-                    srv.client, srv.error = client, None
+                    closed = self._closed
+                    if not closed:
+                        srv.attach(client)
+                if closed:
+                    client.close()
+                    return
                 log.info("reconnected to %s", srv.address)
                 self._dispatch()
                 return
@@ -410,22 +554,33 @@ class Cluster:
 
         At most a few jobs per worker are in flight, so endless generators work and memory
         stays bounded. Small tasks are batched automatically unless ``chunksize`` is given.
-        ``timeout`` bounds the wait for each next result (``TimeoutError``); the first
-        task that raised re-raises its exception when its result is reached.
+        ``timeout`` is a deadline for the whole iteration, as in ``Executor.map``: a result
+        not ready ``timeout`` seconds after this call raises :class:`RpycsvcTimeoutError`
+        (also a ``TimeoutError``) and the map's remaining tasks are cancelled. To limit how
+        long each task may run, use ``cluster.options(timeout=S).map(...)``. The first task
+        that raised re-raises its exception when its result is reached. Other keywords
+        (``mode``, ``output``) are task options.
         """
+        return self._map(fn, iterables, ordered=ordered, chunksize=chunksize, timeout=timeout,
+                         progress=progress, retries=self.retries if retries is None else retries,
+                         opts={**self._defaults, **_check_options(opts)})
+
+    def _map(self, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
+             chunksize: int | None, timeout: float | None, progress: bool, retries: int,
+             opts: dict[str, Any]) -> Iterator[Any]:
         from ._mapping import run_map
 
         return run_map(self, fn, iterables, ordered=ordered, chunksize=chunksize,
-                       timeout=timeout, progress=progress,
-                       retries=self.retries if retries is None else retries,
-                       opts={**self._defaults, **_check_options(opts)})
+                       timeout=timeout, progress=progress, retries=retries, opts=opts)
 
     def map_reduce(self, fn: Any, reducer: Callable[[Any, Any], Any], iterable: Iterable[Any],
                    *, initializer: Any = None, by_key: bool = False,
                    chunksize: int | None = None, timeout: float | None = None) -> Any:
         """``reduce(reducer, map(fn, iterable))`` where each server reduces its own partial
         results and only the partials travel back. With ``by_key``, ``fn`` yields
-        ``(key, value)`` pairs and the answer is a dict reducing the values of each key."""
+        ``(key, value)`` pairs and the answer is a dict reducing the values of each key.
+        ``timeout`` is a deadline for the whole call (:class:`RpycsvcTimeoutError`). If a
+        chunk fails or the deadline passes, the other chunks are cancelled."""
         from ._mapping import run_map_reduce
 
         return run_map_reduce(self, fn, reducer, iterable, initializer=initializer,
@@ -442,23 +597,36 @@ class Cluster:
 
     def broadcast(self, fn: Any, /, *args: Any, timeout: float | None = None,
                   wait: bool = True, **kwargs: Any) -> Any:
-        """Run ``fn(*args, **kwargs)`` once on every server that is up and wait for all.
+        """Run ``fn(*args, **kwargs)`` once on every server that takes tasks, wait for all.
 
-        With ``wait=False`` return ``{address: future}`` at once (for long-running loops).
+        Returns a :class:`BroadcastResult`: address → result or exception, for every server
+        of the cluster (one that is down or shutting down gets its cause). ``timeout`` is
+        one deadline for all servers together: a server that has not answered by then gets
+        an :class:`RpycsvcTimeoutError` and its task is cancelled there. With
+        ``wait=False`` return ``{address: future}`` at once (for long-running loops).
         """
-        futs = {a: self._submit(fn, args, kwargs, self._defaults, 0, pinned=a)
-                for a, s in self._servers.items() if s.up}
+        with self._lock:
+            targets = [a for a, s in self._servers.items() if s.usable]
+        futs = {a: self._submit(fn, args, kwargs, self._defaults, 0, pinned=a) for a in targets}
         if not wait:
             return futs
+        _wait(list(futs.values()), timeout=timeout)
         out = BroadcastResult()
         for addr, f in futs.items():
+            if not f.done():
+                f.cancel()  # stops it on the server too
+                out[addr] = RpycsvcTimeoutError(
+                    f"{addr} did not answer within {timeout:g} s; the task was cancelled there")
+                continue
             try:
-                out[addr] = f.result(timeout)
+                out[addr] = f.result(0)
             except BaseException as exc:
                 out[addr] = exc
         for addr, srv in self._servers.items():
             if addr not in out:
-                out[addr] = srv.error or ServerLostError(f"{addr} is down", address=addr)
+                cause = srv.cause()
+                out[addr] = cause if isinstance(cause, BaseException) else ServerLostError(
+                    f"{addr} is {cause}", address=addr)
         return out
 
     def task(self, fn: Any = None, /, **options: Any) -> Any:
@@ -486,27 +654,38 @@ class Cluster:
 
     @property
     def total_workers(self) -> int:
-        """Process workers over every server that is up."""
-        return sum(s.client.workers for s in self._servers.values() if s.client and s.up)
+        """Process workers over every server that takes tasks."""
+        return sum(s.client.workers for s in self._servers.values() if s.client and s.usable)
 
     @property
     def total_threads(self) -> int:
-        """Thread-mode slots over every server that is up."""
-        return sum(s.client.threads for s in self._servers.values() if s.client and s.up)
+        """Thread-mode slots over every server that takes tasks."""
+        return sum(s.client.threads for s in self._servers.values() if s.client and s.usable)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Close every connection (pending tasks fail) and stop servers we started."""
+        """Cancel every task not finished yet, close every connection, stop servers we started.
+
+        Queued and running tasks fail with :class:`TaskCancelledError`; running ones are
+        stopped on their servers (a server stops the tasks of a connection that closes).
+        Nothing is sent to another server.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             queued = self._queue.clear()
+            running = [(s.address, j) for s in self._servers.values() for j in s.inflight]
+            clients = [s.client for s in self._servers.values() if s.client is not None]
         for job in queued:
-            settle(job.future, None, RpycsvcError("the cluster was closed"))
-        for srv in self._servers.values():
-            if srv.client is not None:
-                srv.client.close()
+            settle(job.future, None, TaskCancelledError(
+                "the cluster was closed before the task was sent to a server"))
+        for address, job in running:
+            settle(job.future, None, TaskCancelledError(
+                f"the cluster was closed before the task finished on {address}",
+                address=address))
+        for client in clients:
+            client.close()
         for proc in self._owned:
             proc.stop()
 

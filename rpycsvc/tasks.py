@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
 
 class RemoteTask:
-    """A function bound to a cluster, with task options (``timeout``, ``mode``, ``retries``)."""
+    """A function bound to a cluster, with task options (``timeout``, ``mode``, ``retries``).
+
+    The task option ``timeout`` is how long each run may take on its server; it is never a
+    deadline for waiting (``future.result(timeout)`` and ``map(..., timeout=T)`` are)."""
 
     def __init__(self, cluster: Cluster, fn: Callable[..., Any], **options: Any) -> None:
         self.cluster = cluster
@@ -40,7 +43,9 @@ class RemoteTask:
             self.fn, *args, **(kwargs or {}))
 
     def map(self, iterable: Any, **kw: Any) -> Any:
-        """``cluster.map`` of this task over ``iterable``."""
+        """``cluster.map`` of this task over ``iterable``: each item runs with the task's
+        options (its ``timeout`` limits each item's run); ``timeout=T`` given here is the
+        deadline for the whole iteration, as in ``Executor.map``."""
         return self.cluster.options(**self.options).map(self.fn, iterable, **kw)
 
     def __repr__(self) -> str:
