@@ -120,8 +120,6 @@ def _open_array(ref: _ArrayRef) -> Any:
     key = (ref.session, ref.digest)
     path = _array_path(ref.session, ref.digest)
     with _MAPS_LOCK:
-        for k in [k for k in _MAPS if not os.path.exists(_array_path(*k))]:
-            del _MAPS[k]
         arr = _MAPS.get(key)
         if arr is None:
             try:
@@ -133,6 +131,13 @@ def _open_array(ref: _ArrayRef) -> Any:
     return arr
 
 
+def _forget_removed_maps() -> None:
+    """Close this worker's maps of removed sessions, so their pages can be freed."""
+    with _MAPS_LOCK:
+        for k in [k for k in _MAPS if not os.path.exists(_array_path(*k))]:
+            del _MAPS[k]
+
+
 def _resolve(value: Any) -> Any:
     return _open_array(value) if isinstance(value, _ArrayRef) else value
 
@@ -140,6 +145,8 @@ def _resolve(value: Any) -> Any:
 def _run_batch(calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
                ) -> list[Any]:
     """Run one joblib batch on a worker, nested ``Parallel`` calls sequentially."""
+    if _MAPS:
+        _forget_removed_maps()
     ready = [(f, tuple(_resolve(a) for a in args), {k: _resolve(v) for k, v in kwargs.items()})
              for f, args, kwargs in calls]
     with _parallel_config(backend="sequential"):
