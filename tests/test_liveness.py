@@ -9,6 +9,7 @@ with SIGSTOP; every test sends SIGCONT (and stops the server) in ``finally``.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import psutil
 import pytest
+import rpyc
 from rpyc.core.stream import PipeStream
 
 import rpycsvc
@@ -181,6 +183,45 @@ def test_a_busy_connection_is_not_mistaken_for_a_freeze(proc_server: ServerProce
         data = os.urandom(64 << 20)
         assert c.compute(len, data) == len(data)  # a long transfer on the same connection
         assert not c.closed
+
+
+def test_a_frozen_client_does_not_delay_other_clients_heartbeats(
+        proc_server: ServerProcess) -> None:
+    """The server's heartbeat thread serves every connection: one whose client stopped
+    reading (here, frozen while the server sends it 64 MiB) must not hold it up."""
+    script = (
+        "import sys, rpycsvc\n"
+        f"c = rpycsvc.connect({proc_server.address!r}, lanes=False)\n"
+        "fut = c.submit(bytes, 64 << 20)\n"
+        "print('sent', flush=True)\n"
+        "fut.result()\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, cwd=str(REPO),
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == b"sent"
+        with frozen(other.pid), rpycsvc.connect(proc_server.address, lost_after=2) as c:
+            assert c.modules.time.sleep(5) is None
+            assert c.compute(pow, 3, 3) == 27
+    finally:
+        other.kill()
+        other.wait(10)
+
+
+def test_plain_rpyc_clients_get_no_heartbeat(proc_server: ServerProcess) -> None:
+    """Only clients that ask for it in hello get heartbeats; a plain RPyC connection stays
+    silent while idle."""
+    host, port = proc_server.address.rsplit(":", 1)
+    conn = rpyc.connect(host, int(port))
+    try:
+        assert conn.root.ping(7) == 7
+        conn.poll_all(0.5)  # replies to our own last requests (a netref's release)
+        readable, _, _ = select.select([conn.fileno()], [], [], 2.5)
+        assert readable == [], "the server sent a plain RPyC client something unasked"
+    finally:
+        conn.close()
 
 
 def test_lost_after_must_be_positive(proc_server: ServerProcess) -> None:
