@@ -262,8 +262,20 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
         if share_threshold is not None and share_threshold < 0:
             raise ConfigError(f"share_threshold must be >= 0 bytes or None; got "
                               f"{share_threshold!r}")
-        self._cluster_arg = cluster
-        self._cluster: Cluster | None = cluster if isinstance(cluster, Cluster) else None
+        self._cluster: Cluster | None = None
+        self._addresses: str | tuple[str, ...] | None = None  # to connect on first use
+        if isinstance(cluster, Cluster):
+            self._cluster = cluster
+        elif isinstance(cluster, str) or cluster is None:
+            self._addresses = cluster
+        else:
+            try:
+                self._addresses = tuple(cluster)
+            except TypeError:
+                raise ConfigError(f"cluster= takes a rpycsvc.Cluster, a list of 'host:port' "
+                                  f"addresses or a hosts file; got {cluster!r}") from None
+            if not self._addresses:
+                raise ConfigError("cluster= got an empty list of addresses")
         self.share_threshold = share_threshold
         self._lock = threading.Lock()
         self._pending: set[_BatchFuture] = set()
@@ -276,11 +288,10 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
     def cluster(self) -> Cluster:
         """The cluster this backend runs on (connected or started on first use)."""
         if self._cluster is None:
-            arg = self._cluster_arg
-            if arg is None:
+            key = self._addresses
+            if key is None:
                 self._cluster = _shared_cluster(None, Cluster.local)
-            else:  # a hosts file or addresses: a Cluster was taken as is in __init__
-                key = arg if isinstance(arg, str) else tuple(arg)  # type: ignore[arg-type]
+            else:
                 self._cluster = _shared_cluster(key, lambda: Cluster(key))
         return self._cluster
 

@@ -225,9 +225,13 @@ def test_addresses_are_connected_for_the_call(cluster: rpycsvc.Cluster) -> None:
     assert ran and ran <= workers
 
 
-def test_unknown_options_are_refused_by_name() -> None:
+def test_bad_options_are_refused_by_name() -> None:
     with pytest.raises(rpycsvc.ConfigError, match="clustr"):
         joblib.parallel_config(backend="rpycsvc", clustr=["127.0.0.1:1"])
+    with pytest.raises(rpycsvc.ConfigError, match="got 18812"):
+        joblib.parallel_config(backend="rpycsvc", cluster=18812)
+    with pytest.raises(rpycsvc.ConfigError, match="share_threshold"):
+        joblib.parallel_config(backend="rpycsvc", share_threshold=-1)
 
 
 class CountingProxy(CuttableProxy):
