@@ -92,7 +92,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--insecure", action="store_true", default=None,
                    help="allow a non-loopback bind without TLS or authkey (trusted networks only)")
     s.add_argument("--handshake-timeout", type=float, default=None,
-                   help="seconds a new connection has to complete TLS/authentication (default 5)")
+                   help="seconds a new connection has to complete TLS/authentication, and a "
+                   "plain RPyC client to send its first request (default 5)")
+    s.add_argument("--max-pending", type=int, default=None, metavar="N",
+                   help="connections that may be in their handshake at once (default 64); when "
+                   "all are taken, a newcomer displaces the oldest one that has sent nothing, "
+                   "from the host holding the most")
+    s.add_argument("--max-message-size", type=_size, default=None, metavar="SIZE",
+                   help="largest message accepted from an authenticated client and largest "
+                   "reply sent, e.g. 2G (default 2G, at most 4G minus 1 byte); a task whose "
+                   "arguments or result are bigger fails alone with MessageTooLargeError")
+    s.add_argument("--inbound-budget", type=_size, default=None, metavar="SIZE",
+                   help="bytes of incoming messages received at once over all connections "
+                   "(default 4G); beyond it the server stops reading from clients until "
+                   "room frees up, and refuses clients that haven't authenticated")
     r = p.add_argument_group("registry (discovery)")
     r.add_argument("--register", action="store_true", default=None,
                    help="announce this server to an RPyC registry")
@@ -118,7 +131,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     names = ("host", "port", "ipv6", "mode", "workers", "threads", "endpoints", "services",
              "service_scope", "memory_limit",
              "grace", "classic", "authkey", "ssl_keyfile", "ssl_certfile", "ssl_cafile",
-             "insecure", "handshake_timeout", "register", "registry_type", "registry_port",
+             "insecure", "handshake_timeout", "max_pending", "max_message_size",
+             "inbound_budget", "register", "registry_type", "registry_port",
              "registry_host", "logfile", "quiet", "verbose", "metrics_port", "lanes")
     return ServerConfig.from_env(**{n: getattr(args, n, None) for n in names})
 

@@ -12,6 +12,14 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PORT = 18812
+#: Default largest message a server accepts from an authenticated peer and sends as a reply:
+#: a 1 GiB payload plus its framing fits, and the server's peak for one such message (the
+#: frame, plus the copies RPyC's decoding makes) stays a few GiB.
+DEFAULT_MAX_MESSAGE = 2 << 30
+#: Default budget of inbound bytes being received at once: two messages of the largest size.
+DEFAULT_INBOUND_BUDGET = 4 << 30
+#: What an RPyC frame header can announce: no message limit can be above it.
+_WIRE_MAX = 0xFFFFFFFF
 MODES = ("threaded", "forking", "oneshot", "stdio")
 
 
@@ -48,6 +56,12 @@ class ServerConfig:
     keepalive: float = 0.0  # stdio mode: exit after this long without a word from the client
     metrics_port: int | None = None
     lanes: bool = True  # clients may send tasks straight to a worker (threaded mode, no TLS)
+    # Largest message (RPyC frame) accepted from an authenticated peer, and largest reply
+    # sent: a task whose arguments or result are over it fails alone (MessageTooLargeError).
+    max_message_size: int = DEFAULT_MAX_MESSAGE
+    # Bytes of inbound messages being received at once, all connections together: past it
+    # the server stops reading from authenticated peers and refuses unauthenticated ones.
+    inbound_budget: int = DEFAULT_INBOUND_BUDGET
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
@@ -101,6 +115,20 @@ class ServerConfig:
         self.registry_type = str(self.registry_type).upper()
         if self.registry_type not in ("UDP", "TCP"):
             raise ConfigError(f"--registry-type must be UDP or TCP; got {self.registry_type!r}")
+        if not 0 < self.max_message_size <= _WIRE_MAX:
+            raise ConfigError(
+                f"--max-message-size must be above 0 and at most {_WIRE_MAX} bytes (what an "
+                f"RPyC frame header can say, just under 4G); got {self.max_message_size}")
+        if self.inbound_budget < self.max_message_size:
+            raise ConfigError(
+                f"--inbound-budget ({self.inbound_budget} bytes) must be at least "
+                f"--max-message-size ({self.max_message_size} bytes), or a message of the "
+                "largest size could never be received")
+        if self.handshake_timeout <= 0:
+            raise ConfigError(f"--handshake-timeout must be > 0 seconds; got "
+                              f"{self.handshake_timeout!r}")
+        if self.max_pending < 1:
+            raise ConfigError(f"--max-pending must be >= 1; got {self.max_pending!r}")
         if self.authkey is not None and len(self.authkey) < 8:
             raise ConfigError("--authkey must be at least 8 characters long")
 
@@ -125,7 +153,8 @@ def parse_size(text: str) -> int:
 
 
 #: Fields whose environment variable is parsed like the command-line option, not by type.
-_PARSERS = {"memory_limit": parse_size}
+_PARSERS = {"memory_limit": parse_size, "max_message_size": parse_size,
+            "inbound_budget": parse_size}
 
 
 def _parse(name: str, typ: str, raw: str) -> Any:

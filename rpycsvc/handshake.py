@@ -18,7 +18,7 @@ import platform
 import socket
 import ssl
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import rpyc
 
@@ -85,23 +85,30 @@ def mismatch_message(client: dict[str, str], server: dict[str, str], address: st
 
 
 def server_handshake(
-    sock: socket.socket, *, authkey: str | None, timeout: float, server_info: dict[str, Any]
+    sock: socket.socket, *, authkey: str | None, timeout: float, server_info: dict[str, Any],
+    heard: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run the server's side on a fresh (possibly TLS) socket.
 
     Returns the credentials: ``{"client": hello or None, "prefix": bytes}``, where ``prefix``
     holds bytes already read that belong to the RPyC stream. Raises
-    ``rpyc.utils.authenticators.AuthenticationError`` to refuse.
+    ``rpyc.utils.authenticators.AuthenticationError`` to refuse. ``heard`` is called once
+    the peer has sent its first byte (it is no longer silent).
+
+    Every peer has ``timeout`` seconds to say its first byte, on servers without an authkey
+    too: a socket that never speaks would otherwise hold a thread and a descriptor for good.
+    A plain RPyC client (on a server without authkey) must send its first request within
+    that time; ``rpyc.classic.connect`` does at once, ``rpyc.connect`` at its first call.
     """
     from rpyc.utils.authenticators import AuthenticationError as RpycAuthError
 
-    # A plain RPyC client may stay silent until its first call: without an authkey it may.
-    sock.settimeout(None if not authkey else timeout)
+    sock.settimeout(timeout)
     try:
         first = sock.recv(1)
         if not first:
             raise EOFError("client closed the connection before saying anything")
-        sock.settimeout(timeout)
+        if heard is not None:
+            heard()
         if first != MAGIC[:1]:
             if authkey:
                 raise RpycAuthError("a plain RPyC client can't authenticate; use rpycsvc.connect")
@@ -133,8 +140,9 @@ def server_handshake(
             _send_json(sock, {"ok": True, "digest": _digest(authkey, client_challenge)})
         sock.settimeout(None)
         return {"client": hello, "prefix": b""}
-    except (OSError, EOFError, ValueError) as exc:
-        raise RpycAuthError(f"handshake failed: {exc}") from exc
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        # (a hello of the wrong shape, e.g. numbers where versions go, or nested too deeply)
+        raise RpycAuthError(f"handshake failed: {type(exc).__name__}: {exc}") from exc
 
 
 def client_handshake(

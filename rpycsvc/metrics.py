@@ -102,6 +102,27 @@ def render_metrics(server: Server) -> str:
              stats["connections"])
     w.family("rpycsvc_connections_total", "counter", "Client connections accepted since start.",
              stats["connections_total"])
+    counters, inbound = server.counters, server.inbound
+    w.family("rpycsvc_accept_errors_total", "counter",
+             "Times accepting a connection failed (e.g. out of file descriptors); the server "
+             "backs off and keeps accepting.", counters.accept_errors)
+    w.family("rpycsvc_handshakes_failed_total", "counter",
+             "Connections refused during their handshake (wrong key, TLS failure, silent for "
+             "--handshake-timeout, malformed hello).", counters.handshakes_failed)
+    w.family("rpycsvc_handshakes_evicted_total", "counter",
+             "Pending handshakes dropped to make room for a newcomer while all --max-pending "
+             "slots were taken.", counters.handshakes_evicted)
+    w.family("rpycsvc_inbound_bytes_reserved", "gauge",
+             "Bytes of incoming messages being received now (out of --inbound-budget).",
+             inbound.used)
+    w.family("rpycsvc_inbound_budget_bytes", "gauge", "The --inbound-budget setting.",
+             inbound.total)
+    w.family("rpycsvc_inbound_waits_total", "counter",
+             "Times reading from an authenticated client waited for the inbound budget.",
+             inbound.waits)
+    w.family("rpycsvc_inbound_refused_total", "counter",
+             "Unauthenticated connections refused because the inbound budget was in use.",
+             inbound.refused)
     w.family("rpycsvc_received_bytes_total", "counter",
              "Bytes received on RPyC connections by this process.", traffic["in"])
     w.family("rpycsvc_sent_bytes_total", "counter",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import traceback
 import weakref
 from collections import ChainMap, OrderedDict
@@ -188,9 +189,45 @@ def writable_frames(frames: Sequence[bytes | bytearray]) -> tuple[Any, ...]:
     return (frames[0], *(bytearray(f) if isinstance(f, bytes) else f for f in frames[1:]))
 
 
-def loads_plain(data: bytes | bytearray) -> Any:
-    """Unpickle plain data only (no globals): for what a restricted server reads first."""
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def check_memo(data: Any) -> None:
+    """Raise :class:`SerializationError` if the pickle ``data`` stores into its memo at an
+    index no pickler would write.
+
+    The C unpickler's memo is an array as long as the largest index stored, so a 9-byte
+    pickle ``\\x80\\x05N r<4-byte index>.`` makes it allocate 16 bytes per index: gigabytes.
+    Picklers number memo entries 0, 1, 2... as they go, so an index is at most the number
+    of opcodes before it, and the memo stays within 16 bytes per byte of pickle. (The
+    opcodes that store at a given index are ``p`` and ``r``, and ``q`` with a one-byte index;
+    a pickle with none of those bytes needs no scan. Protocol 4 and 5 picklers use
+    ``MEMOIZE``, whose index is implied, instead.)
+    """
+    raw = bytes(data)
+    if b"p" not in raw and b"r" not in raw:
+        return
     try:
+        for n, (op, arg, _pos) in enumerate(pickletools.genops(raw)):
+            if op.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg <= n):
+                raise SerializationError(
+                    f"refused a pickle that stores into its memo at index {arg} after only "
+                    f"{n} opcodes (a memory bomb, or not a pickle a pickler wrote)")
+            if op.name in _MEMO_GETS and not (isinstance(arg, int) and 0 <= arg < n):
+                raise SerializationError(f"malformed pickle: memo index {arg} read before "
+                                         "it was stored")
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise SerializationError(f"malformed pickle: {type(exc).__name__}: {exc}") from exc
+
+
+def loads_plain(data: bytes | bytearray) -> Any:
+    """Unpickle plain data only (no globals): for what a restricted server reads first.
+    Bounded: a pickle can't make it allocate more than a small multiple of its size."""
+    try:
+        check_memo(data)
         return _PlainUnpickler(io.BytesIO(data)).load()
     except SerializationError:
         raise
@@ -202,10 +239,10 @@ def check_plain(frames: Sequence[bytes | bytearray]) -> None:
     """Raise :class:`SerializationError` unless ``frames`` hold plain data only.
 
     Used by servers in service-only mode before any worker unpickles client data: a pickle
-    with no globals can't run code when loaded.
+    with no globals can't run code when loaded, and after :func:`check_memo` it can't make
+    the unpickler allocate much more than its own size either.
     """
-    import io
-
+    check_memo(frames[0])
     try:
         _PlainUnpickler(io.BytesIO(bytes(frames[0])),
                         buffers=[bytes(f) for f in frames[1:]]).load()

@@ -7,15 +7,15 @@ accepting, lets running tasks finish within a grace period and stops the workers
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -29,7 +29,7 @@ from .handshake import server_handshake, server_ssl_context
 from .hosted import load_services
 from .pool import WorkerPool
 from .service import ClassicComputeService, ComputeService, Runtime
-from .transport import FastChannel, FastSocketStream
+from .transport import PREAUTH_MAX_MESSAGE, FastChannel, FastSocketStream, InboundBudget
 
 log = logging.getLogger("rpycsvc.server")
 
@@ -37,62 +37,168 @@ log = logging.getLogger("rpycsvc.server")
 _WAKE = 0.2
 
 
+class _Counters:
+    """What the server counts for its metrics page beyond the pool's numbers."""
+
+    def __init__(self) -> None:
+        self.accept_errors = 0  # accept() failed (out of descriptors, memory...)
+        self.handshakes_evicted = 0  # displaced by a newcomer while all slots were taken
+        self.handshakes_failed = 0  # refused: wrong key, silent too long, malformed
+
+
+class _Slot:
+    """One connection in its handshake."""
+
+    __slots__ = ("evicted", "fd", "heard", "host", "started")
+
+    def __init__(self, fd: int, host: str) -> None:
+        self.fd = fd
+        self.host = host
+        self.started = time.monotonic()
+        self.heard = False  # has it sent a byte yet?
+        self.evicted = False
+
+    def mark_heard(self) -> None:
+        self.heard = True
+
+
+class _PendingSlots:
+    """At most ``size`` connections in their handshake; when all slots are taken, a newcomer
+    takes the slot of another instead of being turned away.
+
+    The one displaced is, among the connections that have sent nothing yet (or all, if
+    every one has spoken), the oldest of the host holding the most of them: a host filling
+    the slots with silent sockets displaces its own, and a client with the right key still
+    gets in. Each handshake is bounded by ``handshake_timeout`` anyway.
+    """
+
+    def __init__(self, size: int, counters: _Counters) -> None:
+        self.size = size
+        self.counters = counters
+        self._lock = threading.Lock()
+        self._slots: dict[int, _Slot] = {}  # id -> slot, oldest first
+        self._warned = 0.0
+
+    def enter(self, sock: socket.socket, host: str) -> _Slot:
+        slot = _Slot(sock.fileno(), host)
+        with self._lock:
+            if len(self._slots) >= self.size:
+                victim = self._victim()
+                del self._slots[id(victim)]
+                victim.evicted = True
+                self.counters.handshakes_evicted += 1
+                # Shut its socket while holding the lock: its owner can't have closed it
+                # yet (it leaves its slot first), so the descriptor is still its own.
+                _shutdown_fd(victim.fd)
+                self._log_eviction(victim)
+            self._slots[id(slot)] = slot
+        return slot
+
+    def leave(self, slot: _Slot) -> None:
+        with self._lock:
+            self._slots.pop(id(slot), None)
+
+    def _victim(self) -> _Slot:
+        slots = list(self._slots.values())
+        candidates = [s for s in slots if not s.heard] or slots
+        per_host: dict[str, int] = {}
+        for s in candidates:
+            per_host[s.host] = per_host.get(s.host, 0) + 1
+        worst = max(per_host, key=lambda h: per_host[h])
+        return next(s for s in candidates if s.host == worst)  # oldest first
+
+    def _log_eviction(self, victim: _Slot) -> None:
+        now = time.monotonic()
+        if now - self._warned >= 10.0:  # a flood would otherwise flood the log too
+            self._warned = now
+            log.warning("all %d handshake slots are taken: dropped a pending connection from "
+                        "%s (%s for %.1f s) to make room (%d dropped so far; see "
+                        "--max-pending)", self.size, victim.host,
+                        "connected" if victim.heard else "silent", now - victim.started,
+                        self.counters.handshakes_evicted)
+
+
+def _shutdown_fd(fd: int) -> None:
+    """Shut down the socket on ``fd`` (waking the thread blocked on it) without closing it."""
+    try:
+        borrowed = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        borrowed.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        borrowed.detach()
+
+
 class _Handshake:
     """rpyc authenticator: TLS (optional), then the rpycsvc hello and authkey challenge."""
 
-    def __init__(self, config: ServerConfig, runtime: Runtime) -> None:
+    def __init__(self, config: ServerConfig, runtime: Runtime, counters: _Counters) -> None:
         self.config = config
         self.runtime = runtime
+        self.counters = counters
         self.ssl = None
         if config.ssl_certfile and config.ssl_keyfile:
             self.ssl = server_ssl_context(config.ssl_certfile, config.ssl_keyfile,
                                           config.ssl_cafile)
-        self.pending = threading.BoundedSemaphore(max(1, config.max_pending))
+        self.pending = _PendingSlots(max(1, config.max_pending), counters)
 
     def __call__(self, sock: socket.socket) -> tuple[socket.socket, dict[str, Any]]:
-        """TLS, then the hello; connections still proving who they are hold one of
+        """TLS, then the hello: connections still proving who they are hold one of
         ``max_pending`` slots and have ``handshake_timeout`` seconds to finish."""
         peer = _peer(sock)
-        if self.ssl is not None:
-            with self._slot(peer):
-                sock.settimeout(self.config.handshake_timeout)
+        slot = self.pending.enter(sock, peer.rsplit(":", 1)[0])
+        conn = sock
+        try:
+            if self.ssl is not None:
+                conn = self._wrap(sock, slot)
                 try:
-                    sock = self.ssl.wrap_socket(sock, server_side=True)
+                    conn.do_handshake()
                 except (OSError, ValueError) as exc:
-                    log.warning("TLS handshake with %s failed: %s", peer, exc)
-                    raise RpycAuthError(str(exc)) from exc
-        try:
-            if self.config.authkey:
-                with self._slot(peer):
-                    creds = self._hello(sock)
-            else:
-                # nothing to prove: a plain RPyC client may stay silent until its first call
-                creds = self._hello(sock)
-        except RpycAuthError as exc:
-            log.warning("refused %s: %s", peer, exc)
+                    raise RpycAuthError(f"TLS handshake failed: {exc}") from exc
+            creds = server_handshake(conn, authkey=self.config.authkey,
+                                     timeout=self.config.handshake_timeout,
+                                     server_info=self._info(), heard=slot.mark_heard)
+        except BaseException as exc:
+            # Leave the slot before the socket is closed: an evicting thread shuts sockets
+            # down by descriptor number, which must still be this one's.
+            self.pending.leave(slot)
+            if conn is not sock:
+                conn.close()  # (rpyc closes only the plain socket, which TLS took over)
+            if isinstance(exc, RpycAuthError):
+                self.counters.handshakes_failed += 1
+                (log.debug if slot.evicted else log.warning)("refused %s: %s", peer, exc)
             raise
-        return sock, creds
+        self.pending.leave(slot)
+        return conn, creds
 
-    def _hello(self, sock: socket.socket) -> dict[str, Any]:
-        return server_handshake(sock, authkey=self.config.authkey,
-                                timeout=self.config.handshake_timeout,
-                                server_info=self.runtime.info())
-
-    @contextmanager
-    def _slot(self, peer: str) -> Iterator[None]:
-        if not self.pending.acquire(blocking=False):
-            log.warning("refusing %s: too many connections still in their handshake", peer)
-            raise RpycAuthError("too many pending handshakes")
+    def _wrap(self, sock: socket.socket, slot: _Slot) -> ssl.SSLSocket:
+        """The TLS socket, once the client has sent its first byte; the handshake itself
+        is left to the caller (``wrap_socket`` would close the socket when it fails)."""
+        assert self.ssl is not None
+        sock.settimeout(self.config.handshake_timeout)
         try:
-            yield
-        finally:
-            self.pending.release()
+            if not sock.recv(1, socket.MSG_PEEK):
+                raise EOFError("client closed the connection before saying anything")
+            slot.mark_heard()  # not silent any more: TLS is coming
+            return self.ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise RpycAuthError(f"TLS handshake failed: {exc}") from exc
+
+    def _info(self) -> dict[str, Any]:
+        # max_message: the client checks its arguments against it before sending them
+        return {**self.runtime.info(), "max_message": self.config.max_message_size}
 
 
 class _ServerMixin:
-    """Our connection setup for RPyC's server classes: fast stream, no compression."""
+    """Our connection setup for RPyC's server classes: fast stream, no compression, and
+    bounded frames (see :class:`~rpycsvc.transport.FastChannel`)."""
 
     runtime: Runtime
+    rpycsvc_config: ServerConfig
+    inbound: InboundBudget
 
     def _serve_client(self, sock: socket.socket, credentials: Any) -> None:
         peer = _peer(sock)
@@ -111,11 +217,17 @@ class _ServerMixin:
                       endpoints=(sock.getsockname(), sock.getpeername()),
                       logger=self.logger)  # type: ignore[attr-defined]
         stream = FastSocketStream(sock, prefix=creds.get("prefix", b""))
-        conn = self.service._connect(FastChannel(stream), config)  # type: ignore[attr-defined]
+        # An rpycsvc hello (after the authkey challenge, if any) is trusted with full-size
+        # messages; a plain RPyC peer gets them after its first well-formed request.
+        max_message = self.rpycsvc_config.max_message_size
+        channel = FastChannel(stream, limit=max_message if creds.get("client")
+                              else PREAUTH_MAX_MESSAGE,
+                              max_message=max_message, budget=self.inbound)
+        conn = self.service._connect(channel, config)  # type: ignore[attr-defined]
         try:
             self._handle_connection(conn)  # type: ignore[attr-defined]
         except (EOFError, OSError):
-            pass  # the client went away
+            pass  # the client went away, or a limit dropped it (FastChannel logs that)
         except Exception as exc:  # malformed frames, a different protocol: drop this client only
             log.warning("dropping %s after a protocol error: %s: %s (a different rpyc "
                         "version, or not an RPyC client?)", peer, type(exc).__name__, exc)
@@ -166,6 +278,10 @@ class Server:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
         self._stop = threading.Event()  # asked to stop: serve() returns, close() follows
+        #: accept errors, evicted and failed handshakes (for the metrics page)
+        self.counters = _Counters()
+        #: inbound bytes being received at once, all connections together
+        self.inbound = InboundBudget(self.config.inbound_budget)
 
     @property
     def address(self) -> str:
@@ -190,7 +306,7 @@ class Server:
             self._rpyc = server_cls(
                 classpartial(service_cls, self.runtime),
                 hostname=cfg.host, port=cfg.port, ipv6=cfg.ipv6,
-                authenticator=_Handshake(cfg, self.runtime),
+                authenticator=_Handshake(cfg, self.runtime, self.counters),
                 protocol_config=dict(PROTOCOL_CONFIG), logger=logging.getLogger("rpycsvc.rpyc"),
                 auto_register=cfg.register, registrar=_registrar(cfg),
             )
@@ -199,6 +315,8 @@ class Server:
             raise ConfigError(
                 f"can't listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
         self._rpyc.runtime = self.runtime
+        self._rpyc.rpycsvc_config = cfg
+        self._rpyc.inbound = self.inbound
         self.runtime.lanes = cfg.lanes and cfg.mode == "threaded" and not cfg.uses_ssl \
             and _can_pass_fds()
         self._rpyc._listen()  # with port 0, the real port is known from here on
@@ -211,17 +329,60 @@ class Server:
         return self
 
     def _accept_loop(self) -> None:
+        """Accept connections until closed. Unlike RPyC's ``accept()`` (which turns every
+        error into ``EOFError``, so one ``EMFILE`` ended the loop and left the server deaf),
+        a failed ``accept()`` is logged, counted, and retried after a growing pause."""
+        listener = self._rpyc.listener
+        backoff = 0.0
         try:
-            while self._rpyc.active:
-                self._rpyc.accept()
-        except EOFError:
-            pass  # listener closed
+            while self._rpyc.active and not self._closed.is_set():
+                try:
+                    sock, _addr = listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    if not self._rpyc.active or self._closed.is_set() \
+                            or exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                        return  # the listener was closed
+                    if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED):
+                        continue
+                    backoff = min(1.0, backoff * 2 or 0.05)
+                    self._accept_failed(exc, backoff)
+                    self._stop.wait(backoff)
+                    continue
+                backoff = 0.0
+                self._serve_accepted(sock)
         except Exception:
             if not self._closed.is_set():
                 log.exception("accept loop failed")
         finally:
             if self.config.mode == "oneshot":
                 self._stop.set()
+
+    def _accept_failed(self, exc: OSError, backoff: float) -> None:
+        self.counters.accept_errors += 1
+        now = time.monotonic()
+        if now - getattr(self, "_accept_warned", 0.0) >= 10.0:  # a warning per 10 s at most
+            self._accept_warned = now
+            hint = " (out of file descriptors: raise 'ulimit -n', or fewer connections)" \
+                if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
+            log.warning("accepting a connection failed: %s%s; retrying in %.2f s "
+                        "(%d accept errors so far)", exc.strerror or exc, hint, backoff,
+                        self.counters.accept_errors)
+
+    def _serve_accepted(self, sock: socket.socket) -> None:
+        """What RPyC's ``accept()`` does with a new socket: track it, serve it (a thread,
+        a child process, or here for oneshot)."""
+        rpyc_server = self._rpyc
+        sock.setblocking(True)
+        rpyc_server.clients.add(sock)
+        try:
+            rpyc_server._accept_method(sock)
+        except Exception as exc:  # e.g. no thread could be started: drop this one only
+            rpyc_server.clients.discard(sock)
+            sock.close()
+            self.counters.accept_errors += 1
+            log.warning("could not serve a new connection: %s: %s", type(exc).__name__, exc)
 
     def serve(self, timeout: float | None = None) -> bool:
         """Block until asked to stop (:meth:`close`, a signal handler from
@@ -300,7 +461,9 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
             heard[0] = time.monotonic()
             return data
 
-    conn = service._connect(FastChannel(_Stream(rfile, wfile)), dict(PROTOCOL_CONFIG))
+    # (an ssh channel: authenticated by ssh, so full-size messages from the start)
+    channel = FastChannel(_Stream(rfile, wfile), limit=cfg.max_message_size)
+    conn = service._connect(channel, dict(PROTOCOL_CONFIG))
     if cfg.keepalive > 0:
         def watchdog() -> None:
             # A dead ssh link may go unnoticed by sshd for hours: the client pings us, and

@@ -18,6 +18,8 @@ Why each exists (measured on RPyC 6.0.2, see shared/research/rpyc-facts.md):
 
 from __future__ import annotations
 
+import itertools
+import logging
 import socket
 import sys
 import threading
@@ -30,14 +32,165 @@ from rpyc.core.channel import Channel
 from rpyc.core.protocol import Connection
 from rpyc.core.stream import SocketStream
 
+from .errors import MessageTooLargeError
+
+log = logging.getLogger("rpycsvc.server")
+
 _CHUNK = 1 << 20
 
-#: Largest frame accepted from a peer; a bigger announced length closes the connection
-#: instead of allocating it (RPyC's frame header allows 4 GiB).
-MAX_FRAME = 1 << 30
+#: The most an RPyC frame header can announce (its length field has 32 bits).
+WIRE_MAX = 0xFFFFFFFF
+#: Largest message from a peer that has not yet authenticated (with an authkey) or said a
+#: valid hello (without one): a hello or a first request is a few hundred bytes.
+PREAUTH_MAX_MESSAGE = 64 << 10
+#: Headroom a sender keeps below the receiver's limit for RPyC's and brine's framing.
+MESSAGE_OVERHEAD = 64 << 10
+#: The setting that bounds messages, as the CLI and the environment spell it.
+MESSAGE_SETTING = "--max-message-size (RPYCSVC_MAX_MESSAGE_SIZE)"
 
 #: Bytes this process received and sent on rpycsvc streams (for metrics; approximate).
 TRAFFIC = {"in": 0, "out": 0}
+
+
+def format_size(n: int) -> str:
+    """``2147483648`` → ``"2 GiB"``, ``5000`` → ``"5000 bytes"`` (exact units only)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def too_large_message(what: str, size: int, limit: int) -> str:
+    """The text of a :class:`~rpycsvc.errors.MessageTooLargeError`: the size, the limit,
+    the setting, and what to do about it."""
+    return (f"the {what} of this task ({size} bytes) would be over the server's message limit "
+            f"of {format_size(limit)} ({limit} bytes, set by {MESSAGE_SETTING}; "
+            f"{format_size(MESSAGE_OVERHEAD)} of it is kept for framing). Raise the limit on "
+            "the server, or send less at once (split the data, or have the task read or write "
+            "it elsewhere)")
+
+
+def payload_size(obj: Any, depth: int = 4) -> int:
+    """Bytes of the ``bytes``/``str`` data in ``obj`` and the tuples holding it (shallow):
+    what a message carrying ``obj`` costs, less its small framing."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return memoryview(obj).nbytes
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, tuple) and depth > 0:
+        return sum(payload_size(x, depth - 1) for x in obj)
+    return 0
+
+
+def oversize(payload: Any, limit: Any, what: str = "arguments") -> str | None:
+    """The sender's check: an error text if a message carrying ``payload`` would be over
+    ``limit`` bytes (the receiver's limit, headroom for framing included); None if it fits
+    or ``limit`` is unknown. Checked before anything is sent, so only this task fails and
+    the connection stays as it was."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    size = payload_size(payload)
+    if size + MESSAGE_OVERHEAD <= limit:
+        return None
+    return too_large_message(what, size, limit)
+
+
+class _RateLimitedLog:
+    """A warning per kind of event at most every ``every`` seconds (the rest at debug
+    level): one attacker making thousands of connections should not make thousands of
+    warnings."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def log(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every) >= self.every:
+            self._last[kind] = now
+            log.warning("%s", text)
+        else:
+            log.debug("%s", text)
+
+
+_REFUSALS = _RateLimitedLog()
+
+
+class Reservation:
+    """What one message being received holds of an :class:`InboundBudget`."""
+
+    __slots__ = ("held", "ticket")
+
+    def __init__(self, ticket: int) -> None:
+        self.ticket = ticket  # messages that started earlier have smaller tickets
+        self.held = 0
+
+
+class InboundBudget:
+    """A server-wide budget of inbound bytes being received at once.
+
+    A reader takes each piece of a message from the budget before reading it (so a peer
+    that announces a large message and sends nothing holds nothing) and gives the whole
+    message back when it is complete. When the budget is spent, an authenticated peer is
+    simply not read from until room frees up (TCP backpressure: its sends block), and a
+    peer that hasn't authenticated is refused instead.
+
+    Readers waiting for room mid-message could wait for each other forever; when every
+    reader holding a part of the budget waits, the one whose message started first goes
+    on. So memory stays within ``total`` plus one message of the largest size.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self.refused = 0  # pieces refused to peers that have not authenticated
+        self.waits = 0  # times an authenticated reader had to wait for room
+        self._cond = threading.Condition()
+        self._tickets = itertools.count()
+        self._holders = 0  # messages holding a part of the budget
+        self._stuck: list[Reservation] = []  # of those, the ones waiting for more
+
+    def start(self) -> Reservation:
+        """A new message, holding nothing yet."""
+        return Reservation(next(self._tickets))
+
+    def take(self, res: Reservation, n: int, *, wait: bool) -> bool:
+        """Add ``n`` bytes to ``res``; False if they can't be had now and ``wait`` is off.
+        With ``wait``, blocks until they can (see the class docstring)."""
+        with self._cond:
+            if self.used + n > self.total:
+                if not wait:
+                    self.refused += 1
+                    return False
+                self.waits += 1
+                if res.held:
+                    self._stuck.append(res)
+                    self._cond.notify_all()  # perhaps every holder waits now
+                try:
+                    self._cond.wait_for(lambda: self.used + n <= self.total
+                                        or self._goes_first(res))
+                finally:
+                    if res.held:
+                        self._stuck.remove(res)
+            if not res.held:
+                self._holders += 1
+            res.held += n
+            self.used += n
+            return True
+
+    def _goes_first(self, res: Reservation) -> bool:
+        stuck = self._stuck
+        return bool(res.held) and len(stuck) == self._holders \
+            and res.ticket == min(r.ticket for r in stuck)
+
+    def finish(self, res: Reservation) -> None:
+        """The message is complete (or abandoned): give back all it held."""
+        if res.held:
+            with self._cond:
+                self.used -= res.held
+                self._holders -= 1
+                res.held = 0
+                self._cond.notify_all()
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -68,6 +221,20 @@ class FastSocketStream(SocketStream):
         return bool(self._prefix) or super().poll(timeout)
 
     def read(self, count: int) -> bytes:
+        """``count`` bytes. Memory is taken as the bytes arrive (a piece of at most 1 MiB
+        at a time), never for the whole announced length up front: a peer that announces
+        gigabytes and sends nothing costs one piece."""
+        if count <= _CHUNK:
+            return bytes(self._read_piece(count))
+        pieces = []
+        left = count
+        while left:
+            piece = self._read_piece(min(left, _CHUNK))
+            pieces.append(piece)
+            left -= len(piece)
+        return b"".join(pieces)  # brine slices it: it must be bytes
+
+    def _read_piece(self, count: int) -> bytearray:
         buf = bytearray(count)
         view = memoryview(buf)
         got = 0
@@ -77,7 +244,7 @@ class FastSocketStream(SocketStream):
             self._prefix = self._prefix[got:]
         while got < count:
             try:
-                n = self.sock.recv_into(view[got:], min(count - got, _CHUNK))
+                n = self.sock.recv_into(view[got:], count - got)
             except socket.timeout:
                 continue
             except OSError as exc:
@@ -89,7 +256,7 @@ class FastSocketStream(SocketStream):
             got += n
             self.last_activity = time.monotonic()
         TRAFFIC["in"] += count
-        return bytes(buf)  # brine slices it: it must be bytes
+        return buf
 
     def write(self, data: Any) -> None:
         try:
@@ -101,20 +268,102 @@ class FastSocketStream(SocketStream):
 
 
 class FastChannel(Channel):
-    """A ``Channel`` that sends uncompressed frames and reads without extra copies."""
+    """A ``Channel`` that sends uncompressed frames, reads without extra copies, and bounds
+    what a peer can make it allocate.
 
-    def __init__(self, stream: Any, compress: bool = False) -> None:
+    ``limit`` is the largest frame accepted now; ``max_message`` the largest once the peer
+    is trusted (:meth:`trust`); ``budget`` (a server's :class:`InboundBudget`) is reserved
+    for every frame while it is read. A client's channel has none of these limits beyond
+    what the frame header can say (it trusts its server with pickles anyway).
+    """
+
+    def __init__(self, stream: Any, compress: bool = False, *, limit: int = WIRE_MAX,
+                 max_message: int | None = None, budget: InboundBudget | None = None) -> None:
         super().__init__(stream, compress=False)
+        self.limit = limit
+        self.max_message = limit if max_message is None else max_message
+        self.budget = budget
+        self.trusted = limit >= self.max_message
+
+    def trust(self) -> None:
+        """The peer authenticated or proved it speaks the protocol: full-size messages."""
+        self.limit = self.max_message
+        self.trusted = True
+
+    def _refuse(self, kind: str, text: str) -> EOFError:
+        """Close the connection over a limit: log why (RPyC swallows the ``EOFError``)."""
+        try:
+            host, port = self.stream.sock.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except (OSError, AttributeError, EOFError):
+            peer = "a peer"
+        _REFUSALS.log(kind, f"dropped {peer}: {text}")
+        self.stream.close()
+        return EOFError(text)
 
     def recv(self) -> bytes:
         header = self.stream.read(self.FRAME_HEADER.size)
         length, compressed = self.FRAME_HEADER.unpack(header)
-        if length > MAX_FRAME:
-            self.stream.close()
-            raise EOFError(f"peer announced a {length}-byte frame (limit {MAX_FRAME}); closing")
-        data = self.stream.read(length)
-        self.stream.read(len(self.FLUSHER))
-        return zlib.decompress(data) if compressed else data
+        if length > self.limit:
+            if self.trusted:
+                raise self._refuse("size", f"peer announced a {length}-byte frame, over the "
+                                   f"limit of {self.limit} bytes ({MESSAGE_SETTING}); closing")
+            raise self._refuse("preauth", f"peer announced a {length}-byte frame before "
+                               f"authenticating (limit {self.limit} bytes until it has); "
+                               "closing")
+        budget = self.budget
+        if budget is None:
+            data = self.stream.read(length)
+            self.stream.read(len(self.FLUSHER))
+            return self._decompress(data, None) if compressed else data
+        res = budget.start()
+        try:
+            pieces = []
+            left = length
+            while left:  # each piece is taken from the budget before it is read
+                n = min(left, _CHUNK)
+                self._take(res, n)
+                pieces.append(self.stream.read(n))
+                left -= n
+            self.stream.read(len(self.FLUSHER))
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            del pieces
+            return self._decompress(data, res) if compressed else data
+        finally:
+            budget.finish(res)
+
+    def _take(self, res: Reservation, n: int) -> None:
+        assert self.budget is not None
+        if not self.budget.take(res, n, wait=self.trusted):
+            raise self._refuse("budget", "refused a frame from a peer that has not "
+                               "authenticated: the server's inbound budget (--inbound-budget) "
+                               "is in use")
+
+    def _decompress(self, data: bytes, res: Reservation | None) -> bytes:
+        """Inflate a frame from a plain RPyC peer (which compresses frames over 3 KB) a
+        piece at a time, never past ``limit``, each piece taken from the budget."""
+        inflater = zlib.decompressobj()
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            want = min(_CHUNK, self.limit - size + 1)  # one byte past the limit is enough
+            if res is not None:
+                self._take(res, want)
+            try:
+                piece = inflater.decompress(data, want)
+                data = inflater.unconsumed_tail
+                tail = b"" if data else inflater.flush()
+            except zlib.error as exc:
+                raise self._refuse("corrupt", f"corrupt compressed frame: {exc}") from None
+            size += len(piece) + len(tail)
+            if size > self.limit:
+                setting = MESSAGE_SETTING if self.trusted else "before authenticating"
+                raise self._refuse("inflate", f"a compressed frame inflates past {self.limit} "
+                                   f"bytes ({setting}); closing")
+            pieces.append(piece)
+            if not data:
+                pieces.append(tail)
+                return b"".join(pieces)
 
     def send(self, data: bytes) -> None:
         header = self.FRAME_HEADER.pack(len(data), 0)
@@ -166,7 +415,7 @@ class Deferred:
         assert conn is not None
         if conn.closed:
             return
-        ok, value = outcome
+        ok, value = _fit(outcome, getattr(conn._channel, "max_message", None))
         try:
             if ok:
                 conn._send(consts.MSG_REPLY, self._seq, conn._box(value))
@@ -180,6 +429,27 @@ class Deferred:
             pass
 
 
+#: Replies of the rpycsvc client's ``run`` protocol (see ``ComputeService.exposed_run``):
+#: an oversize one becomes ``("error", "MessageTooLargeError", text)`` like any failure.
+_RUN_REPLIES = ("ok", "raised")
+
+
+def _fit(outcome: tuple[bool, Any], limit: Any) -> tuple[bool, Any]:
+    """``outcome``, or in its place a :class:`MessageTooLargeError` if the reply would be
+    over the message limit: the sender checks, so only this task fails, and the peer never
+    sees a frame it would have to drop the connection for."""
+    ok, value = outcome
+    run_reply = ok and type(value) is tuple and len(value) > 1 \
+        and type(value[0]) is str and value[0] in _RUN_REPLIES
+    what = ("result" if value[0] == "ok" else "exception") if run_reply else "reply"
+    text = oversize(value, limit, what)
+    if text is None:
+        return outcome
+    if run_reply:
+        return True, ("error", "MessageTooLargeError", text)
+    return False, MessageTooLargeError(text)
+
+
 #: The connection whose request this thread is serving (for per-connection stdout).
 CURRENT = threading.local()
 
@@ -188,6 +458,11 @@ class ServerConnection(Connection):
     """An RPyC connection whose exposed methods may answer later via :class:`Deferred`."""
 
     def _dispatch_request(self, seq: int, raw_args: Any) -> None:
+        # A well-formed request: a plain RPyC peer on a server without authkey has now said
+        # its hello, so its messages may be full-size from here on.
+        channel = self._channel
+        if not getattr(channel, "trusted", True):
+            channel.trust()
         outer = getattr(CURRENT, "conn", None)
         CURRENT.conn = self
         try:
