@@ -28,6 +28,7 @@ from .config import check_timeout
 from .errors import (
     ConfigError,
     ConnectError,
+    MessageTooLargeError,
     RemoteTaskError,
     RpycsvcError,
     RpycsvcTimeoutError,
@@ -51,7 +52,7 @@ from .liveness import (
 )
 from .output import OutputRouter
 from .serialization import dumps, dumps_function, load_exception, loads, writable_frames
-from .transport import FastSocketStream
+from .transport import FastSocketStream, oversize
 
 log = logging.getLogger("rpycsvc.client")
 
@@ -62,6 +63,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "TaskCancelledError": TaskCancelledError,
     "ConfigError": ConfigError,
     "SerializationError": SerializationError,
+    "MessageTooLargeError": MessageTooLargeError,
 }
 #: Options a task may carry (see :meth:`Client.options`).
 TASK_OPTIONS = ("timeout", "mode", "output")
@@ -301,6 +303,13 @@ class Client(LaneUser):
 
     def _send_rpyc(self, key: int, kind: str, spec: Any, wire: dict[str, Any],
                    frames: tuple[Any, ...]) -> None:
+        too_large = oversize((spec, frames), self.server_info.get("max_message"))
+        if too_large is not None:  # fails alone, like a refusal from the server
+            with self._lock:
+                entry = self._pending.pop(key, None)
+            if entry is not None:
+                entry[0]("reply", ("error", "MessageTooLargeError", too_large))
+            return
         frames = tuple(f if type(f) is bytes else bytes(f) for f in frames)  # brine: bytes only
         try:
             res = self._run(kind, spec, tuple(wire.items()), frames)
