@@ -148,27 +148,28 @@ def local2() -> Iterator[Cluster]:
 
 
 def test_options_timeout_limits_each_task_of_a_map_not_the_whole_map(local2: Cluster) -> None:
-    # eight 0.4 s tasks on two workers take >= 1.6 s: more than the 1 s per-task limit
-    assert list(local2.options(timeout=1).map(_slept, [0.4] * 8)) == [0.4] * 8
-    task = local2.task(timeout=1)(_slept)
-    assert list(task.map([0.4] * 8)) == [0.4] * 8
+    # sixteen 0.5 s tasks on two workers take >= 4 s: more than the 3 s per-task limit
+    # (a generous limit for a 0.5 s task on a loaded machine)
+    assert list(local2.options(timeout=3).map(_slept, [0.5] * 16)) == [0.5] * 16
+    task = local2.task(timeout=3)(_slept)
+    assert list(task.map([0.5] * 16)) == [0.5] * 16
 
 
 def test_a_task_over_its_limit_fails_alone_in_a_map(local2: Cluster) -> None:
-    it = local2.options(timeout=1).map(_slept, [0.0, 5.0, 0.0])
+    it = local2.options(timeout=3).map(_slept, [0.0, 20.0, 0.0])
     assert next(it) == 0.0
     with pytest.raises(rpycsvc.TaskTimeoutError):
         next(it)
 
 
 def test_map_timeout_is_the_deadline_of_the_iteration(local2: Cluster) -> None:
-    it = local2.options(timeout=30).map(_slept, [0.0, 20.0], timeout=1)
-    assert next(it) == 0.0
+    import concurrent.futures
+
+    # each task may run 30 s; the iteration may take 2 s: the deadline comes first
+    it = local2.options(timeout=30).map(_slept, [20.0], timeout=2)
     with pytest.raises(rpycsvc.RpycsvcTimeoutError) as info:
         next(it)
     assert not isinstance(info.value, rpycsvc.TaskTimeoutError)
-    import concurrent.futures
-
     assert isinstance(info.value, concurrent.futures.TimeoutError)
     it.close()  # type: ignore[attr-defined]
 
