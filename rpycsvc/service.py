@@ -423,8 +423,8 @@ def _fetch_bytearray(obj: Any) -> bytearray:
     byte), and from 3.12 on it calls the proxy's PEP 688 ``__buffer__``, which returns a
     netref instead of a memoryview (``TypeError``). ``repr`` is a request every RPyC
     client answers, whatever attributes it allows, and gives ``bytearray(b'...')``: a
-    literal, parsed here without evaluating code. The type in a netref is what the client says it is, so anything but
-    that exact form is refused.
+    literal, parsed here without evaluating code. The type in a netref is what the client
+    says it is, so anything but that exact form is refused.
     """
     import ast
 
