@@ -1,9 +1,11 @@
 """Zero-install remote start over ssh, execnet/mitogen style: nothing is copied to disk.
 
-``start_remote`` runs ``ssh HOST exec python3 -c '<one line>'``; that line checks the Python
-version and runs ``LOADER``, which reads a zip of our pure-Python packages from stdin, imports
-it from memory (a ``memfd`` served to zipimport, else a meta-path importer), answers one
-``RPYCSVC-READY`` line and hands the ssh pipes to an entry point ``"module:function"``.
+``start_remote`` runs ``ssh HOST exec python3 -c '<one line>'`` (with ``python=None``, the
+host's ``python3.X`` of the client's version if it has one, else its ``python3``: see
+:func:`host_pythons`); that line checks the Python version and runs ``LOADER``, which reads
+a zip of our pure-Python packages from stdin, imports it from memory (a ``memfd`` served to
+zipimport, else a meta-path importer), answers one ``RPYCSVC-READY`` line and hands the ssh
+pipes to an entry point ``"module:function"``.
 
 Wire format on stdin: ``>Q`` length + bundle zip, ``>Q`` length + entry name (UTF-8), then
 whatever the entry speaks. The loader writes exactly one line before the entry runs::
