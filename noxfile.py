@@ -11,19 +11,18 @@ be found is an error, so a run can't pass by skipping it; on a machine that lack
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import nox
 
 #: Every CPython rpycsvc supports (pyproject.toml: requires-python and the classifiers).
 SUPPORTED = ("3.9", "3.10", "3.11", "3.12", "3.13")
-ROOT = Path(__file__).resolve().parent
-#: Links named python3.X to the interpreters found, put first on PATH for nox to find.
-LINKS = ROOT / ".nox" / "_pythons"
 
 
 def _runs_as(exe: str, version: str) -> bool:
@@ -57,16 +56,16 @@ def find_python(version: str) -> str | None:
 
 
 def _expose(found: dict[str, str]) -> None:
-    """Make nox find each interpreter by its version: links first on this process's PATH."""
-    LINKS.mkdir(parents=True, exist_ok=True)
-    for stale in LINKS.iterdir():  # a version found by an earlier run may be gone since
-        stale.unlink()
+    """Make nox find each interpreter by its version: links named ``python3.X``, in a
+    directory of this run's own (parallel runs can't disturb it), first on our PATH."""
+    links = Path(tempfile.mkdtemp(prefix="rpycsvc-nox-pythons-"))
+    atexit.register(shutil.rmtree, links, ignore_errors=True)
     for version, exe in found.items():
-        (LINKS / f"python{version}").symlink_to(exe)
-    os.environ["PATH"] = f"{LINKS}{os.pathsep}{os.environ.get('PATH', '')}"
+        (links / f"python{version}").symlink_to(exe)
+    os.environ["PATH"] = f"{links}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-FOUND = {v: exe for v in SUPPORTED if (exe := find_python(v))}
+FOUND = {v: os.path.realpath(exe) for v in SUPPORTED if (exe := find_python(v))}
 _expose(FOUND)
 
 nox.options.error_on_missing_interpreters = os.environ.get("RPYCSVC_ALLOW_MISSING_PYTHONS") != "1"
