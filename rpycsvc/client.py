@@ -607,7 +607,7 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
                                                   "allow_public_attrs": True})
     conn.request_timeout = hello_timeout  # the liveness check starts after hello
     try:
-        if lost_after is not None:
+        if lost_after is not None and not getattr(conn, "_bind_threads", False):
             reply = conn.root.hello(sink, heartbeat_interval(lost_after))
         else:
             reply = conn.root.hello(sink)

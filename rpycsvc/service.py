@@ -222,7 +222,8 @@ class ComputeService(Service):
         """
         self._sink = rpyc.async_(sink) if sink is not None else None
         info = self._runtime.info()
-        if heartbeat is not None:
+        # (not with RPyC's experimental bind_threads: its frames carry thread ids)
+        if heartbeat is not None and not getattr(self._conn_ref, "_bind_threads", False):
             info["heartbeat"] = self._runtime.heartbeat.add(self._conn_ref, float(heartbeat))
         info["endpoints"] = tuple(self._runtime.pool.endpoint_names)
         if self._runtime.lanes:
