@@ -29,7 +29,8 @@ class _Job:
     pinned: str | None = None  # broadcast: this server only
     attempts: int = 0
     server: _Server | None = None
-    key: int = 0
+    client: Client | None = None  # the connection of the current attempt (keys are per client)
+    key: int = 0  # the task's key on that client; 0 until sent
     size: int = 1  # items in a map chunk
     sent: float = 0.0
     errors: list[str] = field(default_factory=list)  # "address: cause" per lost attempt

@@ -361,12 +361,14 @@ class Cluster:
         self._dispatch()
 
     def _cancel(self, job: _Job) -> None:
+        """The job's future was cancelled: drop it from the queue, or stop it on its server
+        (if it is being sent right now, :meth:`_dispatch` stops it once it has its key)."""
         with self._lock:
             if self._queue.remove(job):
                 return
-            srv, key = job.server, job.key
-        if srv is not None and srv.client is not None:
-            srv.client.cancel_task(key)
+            client, key = job.client, job.key
+        if client is not None and key:
+            client.cancel_task(key)
 
     def _pick_locked(self, job: _Job) -> _Server | None:
         best, best_load = None, 1.0
@@ -405,7 +407,7 @@ class Cluster:
                     return
                 else:
                     self._queue.popleft(job)
-                    job.server = srv
+                    job.server, job.client, job.key = srv, srv.client, 0
                     job.attempts += 1
                     job.sent = time.monotonic()
                     srv.inflight.add(job)
@@ -420,8 +422,12 @@ class Cluster:
             assert job is not None
             try:
                 assert client is not None
-                job.key = client.start_task(job.kind, job.spec, job.opts, job.frames,
-                                            functools.partial(self._on_done, job), job.future)
+                key = client.start_task(job.kind, job.spec, job.opts, job.frames,
+                                        functools.partial(self._on_done, job), job.future)
+                with self._lock:
+                    job.key = key
+                if job.future.cancelled():  # cancelled while we sent it: _cancel had no key
+                    client.cancel_task(key)
             except ServerLostError as exc:
                 self._on_done(job, "lost", exc)
             except Exception as exc:  # refused before sending (e.g. too large): this task only
@@ -465,36 +471,45 @@ class Cluster:
                 self._dispatch()
                 return
             err = result
+        if fate == _DRAINING and srv is not None:
+            self._drained(srv, err)
         if self._closed:  # closing cancels: what was in flight is not sent anywhere else
-            settle(job.future, None, TaskCancelledError(
-                f"the cluster was closed before the task finished on {address}",
-                address=address))
+            self._cancel_closed(job, address)
             return
         if job.future.done():  # cancelled meanwhile: nothing to re-run; its slot is free
             self._dispatch()
             return
         job.errors.append(f"{address}: {err}")
-        if fate == _DRAINING and srv is not None:
-            self._drained(srv, err)
-            if job.pinned:
-                settle(job.future, None, err)
-            else:
-                job.attempts -= 1  # it never ran: a refusal costs no retry
-                log.info("%s is shutting down and did not run a task; sending it elsewhere",
-                         address)
-                with self._lock:
-                    self._queue.append(job, front=True)
+        if fate == _DRAINING and job.pinned:
+            settle(job.future, None, err)  # broadcast: meant for that server only
+        elif fate == _DRAINING:
+            job.attempts -= 1  # it never ran: a refusal costs no retry
+            log.info("%s is shutting down and did not run a task; sending it elsewhere", address)
+            self._requeue(job, address)
         elif job.attempts <= job.retries and not job.pinned:
             log.warning("re-running a task from %s elsewhere (attempt %d of %d)",
                         address, job.attempts + 1, job.retries + 1)
-            with self._lock:
-                self._queue.append(job, front=True)
+            self._requeue(job, address)
         else:
             why = "retries=0" if job.retries == 0 else f"after {job.attempts} attempts"
             settle(job.future, None, ServerLostError(
                 f"task lost with its server ({why}): {'; '.join(job.errors)}",
                 address=srv.address if srv else None))
         self._dispatch()
+
+    def _requeue(self, job: _Job, address: str) -> None:
+        """Put ``job`` back at the head of the queue, unless the cluster closed meanwhile."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._queue.append(job, front=True)
+        if closed:
+            self._cancel_closed(job, address)
+
+    @staticmethod
+    def _cancel_closed(job: _Job, address: str) -> None:
+        settle(job.future, None, TaskCancelledError(
+            f"the cluster was closed before the task finished on {address}", address=address))
 
     def _drained(self, srv: _Server, exc: BaseException) -> None:
         """``srv`` is shutting down: no new tasks for it until it is reconnected."""
@@ -681,9 +696,7 @@ class Cluster:
             settle(job.future, None, TaskCancelledError(
                 "the cluster was closed before the task was sent to a server"))
         for address, job in running:
-            settle(job.future, None, TaskCancelledError(
-                f"the cluster was closed before the task finished on {address}",
-                address=address))
+            self._cancel_closed(job, address)
         for client in clients:
             client.close()
         for proc in self._owned:
