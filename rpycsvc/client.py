@@ -604,7 +604,9 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     # The server may call back public methods of objects we hand it explicitly (an
     # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
     conn = service._connect(LiveChannel(stream), {"allow_pickle": False,
-                                                  "allow_public_attrs": True})
+                                                  "allow_public_attrs": True,
+                                                  # bounded by liveness instead
+                                                  "sync_request_timeout": None})
     conn.request_timeout = hello_timeout  # the liveness check starts after hello
     try:
         if lost_after is not None and not getattr(conn, "_bind_threads", False):

@@ -207,6 +207,8 @@ class ClientConnection(Connection):
     :class:`ServerLostError` once the connection is declared lost.
 
     ``request_timeout`` (None: none) bounds them anyway; ``connect`` uses it for ``hello``.
+    Without it, the ``sync_request_timeout`` of the connection's config does (``connect``
+    sets None; a caller that wants its calls bounded, like ``rpycsvc status``, sets it).
     """
 
     lost_error: ServerLostError | None = None
@@ -220,6 +222,8 @@ class ClientConnection(Connection):
             raise lost
         # Closing says goodbye to a peer that may not answer: a few seconds are enough.
         limit = CLOSE_WAIT if handler == consts.HANDLE_CLOSE else self.request_timeout
+        if limit is None:
+            limit = self._config.get("sync_request_timeout")
         deadline = None if limit is None else time.monotonic() + limit
         box = _Reply()
         try:
