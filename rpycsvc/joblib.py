@@ -18,10 +18,14 @@ joblib aborts the call and every task still queued or running on the servers is 
 Large NumPy arguments (``share_threshold`` bytes and more, 1 MiB by default, as loky's
 ``max_nbytes``) that joblib repeats in every task — ``X`` and ``y`` in a grid search — travel
 once per server: the first time one is seen it is stored on every server (a ``.npy`` file in
-the server's temporary directory, named by a hash of its content), and tasks carry a small
-reference that the worker opens as a read-only memory map, as loky does on one machine. A
-server that lacks the file (it restarted, or joined later) gets that batch with the data
-inline instead. The files are removed when the ``Parallel`` call's backend is terminated.
+the server's temporary directory, named by a hash of its content, written by a thread-mode
+task so that it never waits behind busy process workers), and tasks carry a small reference
+that the worker opens as a read-only memory map, as loky does on one machine. A server that
+lacks the file (it restarted, joined later, or could not write it) gets that batch with the
+data inline instead. The files are removed when the ``Parallel`` call ends (joblib terminates
+its backend); a client that dies leaves them in the servers' temporary directories.
+Only arrays passed directly as arguments are shared, not arrays inside lists, dicts or
+objects.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any, Callable
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
+from .client import Client
 from .cluster import Cluster
 from .errors import ConfigError, ConnectError
 
@@ -341,10 +346,11 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
         self._digests.clear()
         self.reset_batch_stats()
         if stored and self._cluster is not None:
-            try:
-                self._cluster.broadcast(_drop_session, session, wait=False)
-            except Exception:
-                pass  # the cluster is closed or every server is down: nothing to clean
+            for client in self._cluster.clients:
+                try:
+                    client.options(mode="thread").submit(_drop_session, session)
+                except Exception:
+                    pass  # closed or lost: its files go with its temporary directory
 
     def submit(self, func: Any, callback: Callable[[Any], Any] | None = None) -> _BatchFuture:
         """Run one joblib batch on the cluster; ``callback(future)`` runs when it is done."""
@@ -406,7 +412,7 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
                     or value.nbytes < threshold or value.dtype.hasobject:
                 return value
             digest = self._digests.get(value)
-            waits[digest] = self._store(digest, value)
+            waits[digest] = self._store(digest, value, session)
             return _ArrayRef(session, digest)
 
         with self._lock:
@@ -417,20 +423,19 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
             return calls, []
         return out, [w for w in waits.values() if not w.done()]
 
-    def _store(self, digest: str, array: Any) -> Future:
-        """A future done when every server that is up has tried to store ``array``."""
+    def _store(self, digest: str, array: Any, session: str) -> Future:
+        """A future done when every server that is up has tried to store ``array``.
+
+        The store runs as a thread-mode task: it writes a file, and must not wait behind
+        the process workers' tasks (ours or other clients') before any batch can start.
+        """
         with self._lock:
             done = self._stored.get(digest)
             if done is not None:
                 return done
             done = self._stored[digest] = Future()
-            session = self._session
-        try:
-            tries = self.cluster.broadcast(_store_array, session, digest, array, wait=False)
-        except BaseException:
-            done.set_result(None)  # tasks find no file and come back for the data inline
-            raise
-        _when_all(list(tries.values()), lambda: done.set_result(None))
+        tries = [_store_on(client, session, digest, array) for client in self.cluster.clients]
+        _when_all(tries, lambda: done.set_result(None))
         return done
 
     def _launch(self, fut: _BatchFuture, fn: Any, payload: Any,
@@ -460,6 +465,30 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
             _settle(fut, None if exc else task.result(), exc)
 
         task.add_done_callback(relay)
+
+
+def _store_on(client: Client, session: str, digest: str, array: Any) -> Future:
+    """Store ``array`` on one server: in a thread-mode task, or in a process worker where
+    thread mode is off (``--threads 0``). Done either way, failed or not: a server without
+    the file gets its batches with the data inline."""
+    done: Future = Future()
+
+    def submit(mode: str) -> Future:
+        try:
+            return client.options(mode=mode).submit(_store_array, session, digest, array)
+        except Exception as exc:
+            failed: Future = Future()
+            failed.set_exception(exc)
+            return failed
+
+    def after_thread(fut: Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            submit("process").add_done_callback(lambda _: _settle(done, None, None))
+        else:
+            _settle(done, None, None)
+
+    submit("thread").add_done_callback(after_thread)
+    return done
 
 
 def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:

@@ -6,6 +6,7 @@ repeated in every task crosses the network once per server."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -127,35 +128,65 @@ def test_nested_parallel_runs_sequentially_in_the_worker(cluster: rpycsvc.Cluste
 
 
 def test_large_array_crosses_once_per_server(cluster: rpycsvc.Cluster) -> None:
-    size = 4 << 20
-    a = np.random.default_rng(0).random(size // 8)
-    tasks = 16
-    expected = [float(a.sum()) + i for i in range(tasks)]
-
-    def traffic(**backend_kw: Any) -> tuple[int, list[tuple[float, bool]]]:
-        proxies = [CountingProxy(*addr.rsplit(":", 1)) for addr in cluster.addresses]
-        try:
-            with rpycsvc.Cluster([p.address for p in proxies], timeout=30) as via, \
-                    joblib.parallel_config(backend="rpycsvc", cluster=via, **backend_kw):
-                out = joblib.Parallel(n_jobs=-1, batch_size=1)(
-                    joblib.delayed(checksum)(a, i) for i in range(tasks))
-            return sum(p.bytes for p in proxies), out
-        finally:
-            for p in proxies:
-                p.close()
-
-    shared_bytes, shared = traffic()
-    inline_bytes, inline = traffic(share_threshold=None)
-    assert [s for s, _ in shared] == [s for s, _ in inline] == expected
-    assert inline_bytes > (tasks - 1) * size  # the proxy sees what travels
-    assert shared_bytes < (SERVERS + 2) * size, (
-        f"{shared_bytes} bytes for {tasks} tasks of a {size}-byte array on {SERVERS} servers")
+    shared_bytes, shared = run_via_proxies(cluster.addresses, ARRAY)
+    inline_bytes, inline = run_via_proxies(cluster.addresses, ARRAY, share_threshold=None)
+    assert [s for s, _ in shared] == [s for s, _ in inline] == EXPECTED
+    assert inline_bytes > (TASKS - 1) * ARRAY.nbytes  # the proxy sees what travels
+    assert shared_bytes < (SERVERS + 2) * ARRAY.nbytes, (
+        f"{shared_bytes} bytes for {TASKS} tasks of a {ARRAY.nbytes}-byte array on "
+        f"{SERVERS} servers")
     assert not any(w for _, w in shared)  # opened read-only, as loky's memory maps are
     # the servers (on this machine) removed the stored copies when the call ended
     deadline = time.monotonic() + 30
     while stored_copies() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert stored_copies() == []
+
+
+def test_large_array_is_shared_where_thread_mode_is_off(server_process: Any) -> None:
+    srv = server_process("--workers", "1", "--threads", "0")
+    shared_bytes, shared = run_via_proxies([srv.address], ARRAY)
+    assert [s for s, _ in shared] == EXPECTED
+    assert shared_bytes < 3 * ARRAY.nbytes
+
+
+def test_a_server_without_the_stored_array_gets_it_inline(cluster: rpycsvc.Cluster) -> None:
+    failed = sum(counters(cluster, "tasks_failed").values())
+    with joblib.parallel_config(backend="rpycsvc", cluster=cluster):
+        out = joblib.Parallel(n_jobs=-1, batch_size=1)(
+            joblib.delayed(checksum_after_dropping)(ARRAY, i) for i in range(TASKS))
+    assert [s for s, _ in out] == EXPECTED
+    # the batches that found no file failed there and were sent again with the array
+    assert sum(counters(cluster, "tasks_failed").values()) > failed
+
+
+ARRAY = np.random.default_rng(0).random((4 << 20) // 8)
+TASKS = 16
+EXPECTED = [float(ARRAY.sum()) + i for i in range(TASKS)]
+
+
+def checksum_after_dropping(a: Any, i: int) -> tuple[float, bool]:
+    """Task 0 removes every stored copy on this machine, as a restarted server lost them."""
+    if i == 0:
+        for name in stored_copies():
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
+    return checksum(a, i)
+
+
+def run_via_proxies(addresses: list[str], a: Any, **backend_kw: Any
+                    ) -> tuple[int, list[tuple[float, bool]]]:
+    """``checksum(a, i)`` for TASKS tasks through byte-counting proxies to ``addresses``:
+    the bytes that crossed and the results."""
+    proxies = [CountingProxy(*addr.rsplit(":", 1)) for addr in addresses]
+    try:
+        with rpycsvc.Cluster([p.address for p in proxies], timeout=30) as via, \
+                joblib.parallel_config(backend="rpycsvc", cluster=via, **backend_kw):
+            out = joblib.Parallel(n_jobs=-1, batch_size=1)(
+                joblib.delayed(checksum)(a, i) for i in range(TASKS))
+        return sum(p.bytes for p in proxies), out
+    finally:
+        for p in proxies:
+            p.close()
 
 
 def stored_copies() -> list[str]:
