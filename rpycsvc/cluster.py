@@ -267,7 +267,7 @@ class Cluster:
             late.append(True)
             final = dict(results)
         for addr in addresses:
-            res = final.get(addr) or RpycsvcTimeoutError(
+            res = final[addr] if addr in final else RpycsvcTimeoutError(
                 f"connecting to {addr} did not finish within {limit:g} s")
             srv = _Server(addr)
             if isinstance(res, Client):
