@@ -140,6 +140,27 @@ def test_draining_server_refusals_are_resent_even_with_retries_zero(server_proce
         assert {c.submit(os.getppid).result(timeout=30) for _ in range(4)} == {other.pid}
 
 
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_task_cut_off_at_the_end_of_the_grace_counts_as_lost(server_process, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               retries: int) -> None:
+    a = server_process("--workers", "1", "--grace", "1")
+    b = server_process("--workers", "1", "--grace", "1")
+    runs = tmp_path / "runs"
+    with Cluster([a.address, b.address], output="discard", retries=retries) as c:
+        fut = c.submit(_note_and_sleep, str(runs), 8)
+        _wait_for("the task started", lambda: runs.exists() and runs.read_text().count("\n") == 1)
+        victim = a if fut.address == a.address else b
+        victim.proc.send_signal(signal.SIGTERM)  # grace 1 s: the 8 s task is cut off
+        if retries == 0:  # at-most-once: it may have had effects, so it is not run again
+            with pytest.raises(rpycsvc.ServerLostError):
+                fut.result(timeout=60)
+            assert runs.read_text().count("\n") == 1
+        else:  # lost like a crashed server's task: run again elsewhere
+            assert fut.result(timeout=60) is None
+            assert runs.read_text().count("\n") == 2
+        assert victim.proc.wait(timeout=30) == 0
+
+
 # -- item 8: options(timeout=S) is per task, map(timeout=T) is the iteration's deadline ----------
 @pytest.fixture(scope="module")
 def local2() -> Iterator[Cluster]:
