@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._shared import DURATION_BUCKETS, FINISHED, RUNNING
-from .errors import ConfigError, TaskCancelledError, TaskError
+from .errors import ConfigError, ServerDrainingError, TaskError
 
 if TYPE_CHECKING:
     from .pool import Task, _WorkerHandle
@@ -146,7 +146,8 @@ class LaneBook:
         while True:  # bounded: a replacement worker may still be starting
             with self._lock:
                 if self._closing:
-                    raise TaskCancelledError("the server is shutting down")
+                    raise ServerDrainingError("the server is shutting down: it takes no new "
+                                              "lanes (tasks can be sent to another server)")
                 if lane_id in self._lanes:
                     raise ConfigError(f"lane {lane_id} is already attached")
                 ready = [w for w in self._workers

@@ -4,6 +4,10 @@
 the task that made it (by thread); a process worker's file descriptors 1 and 2 are pipes
 read by :class:`_FdPump` objects (output of C code and child processes); logging records go
 through :class:`_LogForwarder`. The :class:`~rpycsvc.worker.Worker` buffers and sends it.
+
+A task may close or replace descriptors 0-2; :func:`restore_std_fds` puts them back after
+each task. Otherwise the next descriptor the worker receives (a client's lane socket) would
+take the lowest free number, 1, and low-level output would be written into that socket.
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ class _FdPump:
         self.lock = threading.Lock()
         r, w = os.pipe()
         os.dup2(w, fd)
-        os.close(w)
+        # Keep the write end (not inheritable): to put ``fd`` back if a task closes it, and so
+        # the pipe never reads as ended (that would end our reader thread for good).
+        self.w = w
         # non-blocking: drain() may empty the pipe between our select() and our read()
         os.set_blocking(r, False)
         self.r = r
@@ -120,6 +126,34 @@ class _FdPump:
             for _ in range(64):  # bounded: at most 4 MiB per task end
                 if self._pending() <= 0 or not self._read_once():
                     return
+
+    def restore(self) -> None:
+        """Point ``fd`` at our pipe again if a task closed or replaced it."""
+        if not _same_file(self.fd, self.w):
+            os.dup2(self.w, self.fd)
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:  # (closed)
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def restore_std_fds(pumps: list[_FdPump]) -> None:
+    """After a task: descriptors 0-2 are occupied again (0 by /dev/null if it was closed,
+    1 and 2 by their pumps' pipes), so nothing the worker opens or receives later lands
+    there (see the module docstring)."""
+    try:
+        os.fstat(0)
+    except OSError:
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+            os.close(null)
+    for pump in pumps:
+        pump.restore()
 
 
 class _LogForwarder(logging.Handler):

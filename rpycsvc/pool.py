@@ -3,9 +3,24 @@
 Tasks are queued per client connection and taken round-robin, so one client with a long
 queue can't starve another. A process worker runs one task at a time; a task past its
 timeout, or cancelled while running, is stopped by killing its worker, which is then
-replaced. A worker that dies by itself (``os._exit``, a signal, the kernel's OOM killer)
-fails only the task it was running. Thread-mode tasks share one worker process with many
-threads; they are stopped by an exception raised in their thread.
+replaced. Each worker leads its own process group, so the kill takes every process the task
+started with it (one that made itself a new session escapes). A worker that dies by itself
+(``os._exit``, a signal, the kernel's OOM killer) fails only the task it was running; its
+death is seen by a thread waiting for the process, not by the end of its channel (a child
+the task forked may hold that open). Thread-mode tasks share one worker process with many
+threads; they are stopped by an exception raised in their thread, which takes effect only
+when the thread next runs Python code.
+
+Deadlines are kept in a heap, pruned of finished tasks in bulk. The thread that enforces
+them wakes at least every ``_TICK`` seconds while any is pending; if it finds much more time
+has passed than it slept (the server was stopped with SIGSTOP, or its VM paused), it moves
+every pending deadline on by the gap: time the server was frozen is not a task's running time.
+
+On :meth:`WorkerPool.close` (a graceful shutdown), queued tasks and tasks submitted
+meanwhile fail with :class:`~rpycsvc.errors.ServerDrainingError` (they never ran: a cluster
+sends them elsewhere); running tasks have ``grace`` seconds to finish, and those cut off fail
+with :class:`~rpycsvc.errors.ServerLostError` (they may have had effects: re-run only per
+the client's ``retries``).
 
 A process worker may also serve *lanes* (client sockets handed to it with
 :meth:`WorkerPool.attach_lane`). The worker reports each lane task's start and end, and the
@@ -36,6 +51,8 @@ from ._lanebook import _LANE_CLOSED, _WAIT_POLL, LaneBook, _empty_counts, _reply
 from ._shared import DURATION_BUCKETS, RUNNING, WorkerState
 from .errors import (
     ConfigError,
+    ServerDrainingError,
+    ServerLostError,
     TaskCancelledError,
     TaskError,
     TaskTimeoutError,
@@ -43,6 +60,16 @@ from .errors import (
 )
 
 log = logging.getLogger("rpycsvc.pool")
+
+#: While deadlines are pending, the deadline thread wakes at least this often (seconds)...
+_TICK = 0.25
+#: ...and a wake-up later than planned by more than this (seconds) means the server was
+#: frozen (SIGSTOP, a paused VM) for that long: pending deadlines move on by as much. A
+#: thread merely starved of CPU for that long makes timeouts as much more lenient.
+_FROZEN_AFTER = 1.0
+#: The deadline heap is rebuilt without finished tasks' entries once it holds more than this
+#: many and more than twice as many as there are live tasks (so the cost is amortised).
+_PRUNE_AT = 64
 
 
 #: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
@@ -79,6 +106,7 @@ class _WorkerHandle:
         self.role = role
         self.proc = proc
         self.sock = sock
+        self.reader: threading.Thread | None = None
         self.send_lock = threading.Lock()
         self.tasks: dict[int, Task] = {}
         self.ready = threading.Event()
@@ -173,7 +201,11 @@ class WorkerPool(LaneBook):
     _start_failure = ""
 
     def close(self, grace: float = 10.0) -> None:
-        """Stop taking tasks, let running ones finish for ``grace`` seconds, then stop workers."""
+        """Stop taking tasks, let running ones finish for ``grace`` seconds, then stop workers.
+
+        Queued tasks fail with :class:`ServerDrainingError` now (they never started); those
+        still running when ``grace`` is over are killed, with their process trees, and fail
+        with :class:`ServerLostError`."""
         with self._lock:
             self._closing = True
             queued = [t for q in self._queues.values() for t in q] + list(self._thread_queue)
@@ -182,7 +214,9 @@ class WorkerPool(LaneBook):
             self._thread_queue.clear()
             self._deadline_cv.notify_all()
         for t in queued:
-            self._finish(t, False, None, TaskCancelledError("the server is shutting down"))
+            self._finish(t, False, None, ServerDrainingError(
+                f"the server is shutting down: task {t.label or t.task_id} was queued and "
+                "never started (it can be sent to another server)"))
         with self._lock:
             busy = list(self._workers)
         for w in busy:  # idle lanes close now: their clients' next tasks are refused
@@ -205,12 +239,17 @@ class WorkerPool(LaneBook):
                 w.send(("exit",))
             except OSError:
                 pass
+        deadline = time.monotonic() + 1.0  # idle workers exit at once; busy ones are killed
         for w in workers:
             try:
-                w.proc.wait(timeout=1.0)
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                w.proc.kill()
+                _kill_tree(w.proc)
                 w.proc.wait(timeout=5.0)
+        for w in workers:  # each fails what it ran (bounded: a stuck callback can't hang us)
+            if w.reader is not None and w.reader is not threading.current_thread():
+                w.reader.join(timeout=max(1.0, deadline + 5.0 - time.monotonic()))
+            _kill_tree(w.proc)  # whatever its tasks left running
             w.sock.close()
 
     # -- submitting --------------------------------------------------------------------------
@@ -222,7 +261,9 @@ class WorkerPool(LaneBook):
             raise ConfigError("this server runs no thread-mode tasks (started with --threads 0)")
         with self._lock:
             if self._closing:
-                raise TaskCancelledError("the server is shutting down")
+                raise ServerDrainingError(
+                    f"the server is shutting down: task {task.label or 'task'} was refused "
+                    "(it can be sent to another server)")
             task.task_id = next(self._ids)
             task.state = "queued"
             self._tasks[task.task_id] = task
@@ -270,7 +311,7 @@ class WorkerPool(LaneBook):
             self._finish(task, False, None, err)
         elif worker.role == "process":
             worker.stopping = reason
-            self._kill(worker)  # the reader thread sees it die and fails the task
+            self._kill(worker)  # with its process group; its death fails the task
         else:
             try:
                 worker.send(("cancel", task_id, reason))
@@ -341,6 +382,16 @@ class WorkerPool(LaneBook):
             heapq.heappush(self._deadlines, (first, task.task_id))
             self._deadline_cv.notify()
 
+    def _prune_deadlines_locked(self) -> None:
+        """Drop finished tasks' deadline entries, in bulk once they outnumber the live
+        tasks (an entry is otherwise kept until its time comes: a day's timeout on a busy
+        server would be a day's worth of finished tasks)."""
+        heap = self._deadlines
+        if len(heap) > _PRUNE_AT and len(heap) > 2 * len(self._tasks):
+            tasks = self._tasks
+            heap[:] = [e for e in heap if e[1] in tasks and tasks[e[1]].state == "running"]
+            heapq.heapify(heap)
+
     def _thread_worker_locked(self) -> _WorkerHandle:
         if self._thread_worker is None or not self._thread_worker.alive:
             self._thread_worker = self._spawn("thread")
@@ -371,6 +422,7 @@ class WorkerPool(LaneBook):
             bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
             if bundle_fd and bundle_fd.isdigit():
                 fds.append(int(bundle_fd))
+            # (The worker makes itself a process group leader: see _kill_tree.)
             proc = subprocess.Popen(
                 cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
                 stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
@@ -385,9 +437,29 @@ class WorkerPool(LaneBook):
         if role == "process":  # never called with the lock held for this role
             with self._lock:
                 self._workers.append(handle)
-        threading.Thread(target=self._reader, args=(handle,), name=f"rpycsvc-w{proc.pid}",
+        handle.reader = threading.Thread(target=self._reader, args=(handle,),
+                                         name=f"rpycsvc-w{proc.pid}", daemon=True)
+        handle.reader.start()
+        threading.Thread(target=self._watch, args=(handle,), name=f"rpycsvc-wait{proc.pid}",
                          daemon=True).start()
         return handle
+
+    @staticmethod
+    def _watch(w: _WorkerHandle) -> None:
+        """Wait for the worker process to end, then end its channel on our side, so that
+        its reader sees the death now: a child the task forked holds the worker's end of the
+        channel open, and without this the death showed only when that child exited.
+        (Messages the worker sent before it died are still read: shutting down our side for
+        reading does not drop what is queued.)"""
+        try:
+            w.proc.wait()
+        except Exception:  # (never expected; the reader still sees the channel's end)
+            log.exception("waiting for worker %s failed", w.proc.pid)
+            return
+        try:
+            w.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _reader(self, w: _WorkerHandle) -> None:
         try:
@@ -477,6 +549,17 @@ class WorkerPool(LaneBook):
         with self._lock:
             was_alive, w.alive = w.alive, False
             lost = self._lost_with_worker_locked(w, running)
+            # A worker's main thread does one thing at a time, and runs a task it reads
+            # from us at once: if it died busy with a lane task, the tasks we sent it
+            # were still unread in its channel. They never started: they go back to the
+            # front of their queues (a timeout that killed the lane task must not take
+            # them with it).
+            unstarted = [t for t in lost if running[0] and w.role == "process"
+                         and t.kind != "lane" and not t.ending]
+            lost = [t for t in lost if t not in unstarted]
+            if not self._closing:
+                for t in reversed(unstarted):
+                    self._requeue_locked(t)
             w.tasks.clear()
             if w in self._idle:
                 self._idle.remove(w)
@@ -494,16 +577,26 @@ class WorkerPool(LaneBook):
                 if idle is not None and idle.task is None:  # idle: nothing of it was lost
                     self._drop_lane_locked(lane_id, (
                         "LaneClosed", f"the worker process serving this lane exited ({how0})"))
+        _kill_tree(w.proc)  # whatever the worker's tasks left behind dies with it
         w.sock.close()
         w.ready.set()
         how = _describe_exit(code)
+        if self._closing:
+            for task in unstarted:
+                self._finish(task, False, None, ServerDrainingError(
+                    f"the server is shutting down: task {task.label or task.task_id} was "
+                    "queued and never started (it can be sent to another server)"))
+        elif unstarted:
+            self._dispatch_queued()
         for task in lost:
-            err: TaskError
+            err: TaskError | ServerLostError
             if task.ending:
                 err = self._ending_error(task)
             elif self._closing:
-                err = TaskCancelledError(f"the server shut down before task "
-                                         f"{task.label or task.task_id} finished")
+                err = ServerLostError(
+                    f"the server shut down while the task ran: task {task.label or task.task_id}"
+                    " did not finish within the shutdown's grace period and was stopped (it "
+                    "may have had effects; it is re-run elsewhere only as retries allow)")
             else:
                 err = WorkerCrashedError(
                     f"the worker process running task {task.label or task.task_id} died "
@@ -526,22 +619,52 @@ class WorkerPool(LaneBook):
                     if self._thread_queue:
                         self._thread_worker_locked()  # it takes the queue when ready
 
+    def _requeue_locked(self, task: Task) -> None:
+        """Put ``task``, which never started on the worker it was sent to, back at the
+        front of its owner's queue."""
+        task.state, task.worker, task.started, task.waiting = "queued", None, 0.0, False
+        if task.timeout is not None:  # its old deadline must not stop its next run
+            self._deadlines[:] = [e for e in self._deadlines if e[1] != task.task_id]
+            heapq.heapify(self._deadlines)
+        if task.mode == "thread":
+            self._thread_queue.appendleft(task)
+            return
+        q = self._queues.get(task.owner)
+        if q is None:
+            q = self._queues[task.owner] = deque()
+            self._turns.append(task.owner)
+        q.appendleft(task)
+
+    def _dispatch_queued(self) -> None:
+        """Give queued process tasks to idle workers (after tasks were put back)."""
+        todo = []
+        with self._lock:
+            while self._turns:
+                worker = self._idle_worker_locked(None)
+                task = self._next_process_task_locked(worker)
+                if worker is None or task is None:
+                    break
+                todo.append((worker, task))
+        for worker, task in todo:
+            self._send_task(worker, task)
+
     @staticmethod
     def _kill(w: _WorkerHandle) -> None:
-        try:
-            w.proc.send_signal(signal.SIGKILL)
-        except (ProcessLookupError, OSError):
-            pass
+        """Kill the worker and every process its tasks started (its process group)."""
+        _kill_tree(w.proc)
 
     # -- completion and deadlines ------------------------------------------------------------
     def _finish(self, task: Task, ok: bool, frames: list[Any] | None,
-                err: TaskError | None, counted: bool = False) -> None:
+                err: TaskError | ServerLostError | None, counted: bool = False) -> None:
         """Book ``task`` as finished (``counted``: its counts are in a worker's shared state
-        already) and hand its result to ``on_done``."""
+        already) and hand its result to ``on_done``. (``err`` is a ServerLostError only for
+        a task cut off by shutdown; callbacks use just its type's name and its text.)"""
         with self._lock:
             if self._tasks.pop(task.task_id, None) is None:
                 return  # already finished (e.g. a thread task that timed out, then returned)
             task.state = "done"
+            if task.timeout is not None:
+                self._prune_deadlines_locked()
             if not counted:
                 self.counters["done" if ok else "failed"] += 1
             if task.started and not counted:
@@ -564,7 +687,7 @@ class WorkerPool(LaneBook):
                          time.monotonic() - task.started if task.started else 0.0, why[:200])
             self._finishing += 1
         try:
-            task.on_done(task, ok, frames, err)
+            task.on_done(task, ok, frames, err)  # type: ignore[arg-type]  # (see above)
         except Exception:
             log.exception("task completion callback failed")
         finally:
@@ -573,18 +696,30 @@ class WorkerPool(LaneBook):
                 self._settled_cv.notify_all()
 
     def _ending_error(self, task: Task) -> TaskError:
+        name = task.label or task.task_id
+        if task.mode == "process":
+            how = ("its worker process and every process it started were killed; the worker "
+                   "was replaced")
+        else:
+            how = ("a thread-mode task is stopped by an exception raised in its thread, which "
+                   "takes effect only when the thread runs Python code again: one blocked in C "
+                   "code or a system call may go on running, and processes it started are "
+                   "not killed; use mode='process' for tasks that must be stoppable")
         if task.ending == "timeout":
             return TaskTimeoutError(
-                f"task {task.label or task.task_id} ran longer than its timeout of "
-                f"{task.timeout:g} s and was stopped"
-                + (" (its worker process was killed and replaced)"
-                   if task.mode == "process" else "")
-            )
-        return TaskCancelledError(f"task {task.label or task.task_id} was cancelled")
+                f"task {name} ran longer than its timeout of {task.timeout:g} s and was "
+                f"stopped ({how})")
+        return TaskCancelledError(f"task {name} was cancelled ({how})")
 
     def _deadline_loop(self) -> None:
+        planned: float | None = None  # when the last wait was to end (None: no bound)
         with self._lock:
             while not self._closing:
+                if planned is not None:
+                    late = time.monotonic() - planned
+                    if late > _FROZEN_AFTER:
+                        self._shift_deadlines_locked(late)
+                    planned = None
                 if self._lane_poll:
                     todo = self._poll_lane_busy_locked()
                     if todo:
@@ -607,10 +742,21 @@ class WorkerPool(LaneBook):
                         finally:
                             self._lock.acquire()
                     continue
-                wait = self._deadlines[0][0] - now if self._deadlines else None
+                wait = min(self._deadlines[0][0] - now, _TICK) if self._deadlines else None
                 if self._lane_poll:
                     wait = _WAIT_POLL if wait is None else min(wait, _WAIT_POLL)
+                if wait is not None:
+                    planned = now + wait
                 self._deadline_cv.wait(wait)
+
+    def _shift_deadlines_locked(self, gap: float) -> None:
+        """The server was frozen for about ``gap`` seconds: its tasks did not run meanwhile
+        (a stop of the whole process tree, a paused VM), so none of it counts against
+        their timeouts."""
+        log.warning("the server was frozen (stopped or paused) for %.1f s; the running tasks' "
+                    "timeouts are extended by as much", gap)
+        self._deadlines[:] = [(when + gap, task_id) for when, task_id in self._deadlines]
+        heapq.heapify(self._deadlines)
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -631,6 +777,9 @@ class WorkerPool(LaneBook):
                 "tasks_done": self.counters["done"] + lanes["done"],
                 "tasks_failed": self.counters["failed"] + lanes["failed"],
                 "worker_restarts": self.counters["restarts"],
+                # timeouts being watched: running tasks' (and finished ones' not yet pruned;
+                # bounded by max(64, twice the live tasks))
+                "timeouts_pending": len(self._deadlines),
             }
 
     def running_tasks(self) -> list[dict[str, Any]]:
@@ -647,6 +796,22 @@ class WorkerPool(LaneBook):
                 for lane, label, started in self._unannounced_locked()
             ]
 
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a worker's process group: the worker and whatever its tasks started (the
+    worker makes itself the leader of a group of its own as it starts, before it runs any
+    task). The group outlives the worker while a member lives, so this also reaches what a
+    dead worker left behind. (A new group, not a new session: with scheduler autogroups, a
+    session of its own changed how workers were scheduled against the server.)"""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        try:  # (no such group: the worker alone, if it is not reaped yet)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _has_fileno(stream: Any) -> bool:

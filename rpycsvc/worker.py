@@ -36,7 +36,14 @@ from typing import Any, Callable
 
 from . import _wire
 from ._shared import WorkerState
-from ._workerio import FLUSH_BYTES, FLUSH_INTERVAL, _FdPump, _LogForwarder, _Router
+from ._workerio import (
+    FLUSH_BYTES,
+    FLUSH_INTERVAL,
+    _FdPump,
+    _LogForwarder,
+    _Router,
+    restore_std_fds,
+)
 from ._workerlanes import LaneServer, _Lane, _LaneTask
 from .endpoints import load_endpoints, resolve_path
 from .serialization import (
@@ -105,6 +112,27 @@ class Worker(LaneServer):
     def drain_fds(self) -> None:
         for pump in self.fd_pumps:
             pump.drain()
+
+    def after_fork_in_child(self) -> None:
+        """In a child a task forked (``os.fork``, multiprocessing's fork start method): let go
+        of the worker's channel and its clients' lanes. Descriptors are not closed on a fork
+        as they are on exec, and a child holding them kept the channel open after the worker
+        died (its death went unnoticed) and could write into a client's connection. Each is
+        pointed at /dev/null, not closed: the numbers stay taken, so the socket objects the
+        child inherited never close or use a descriptor it opens later."""
+        fds = [self.sock.fileno()]
+        if self.sel is not None:
+            fds += [key.fd for key in list(self.sel.get_map().values()) if key.data is not None]
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:
+            return
+        for fd in fds:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass
+        os.close(null)
 
     # -- channel ---------------------------------------------------------------------------
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
@@ -251,6 +279,7 @@ class Worker(LaneServer):
                 pass
             if self.pool is None:
                 self.drain_fds()  # what child processes wrote is this task's too
+                restore_std_fds(self.fd_pumps)  # in case the task closed some of them
             self.flush(ctx, whole_lines=False)
             if before_reply is not None:
                 before_reply(ok, out)
@@ -390,6 +419,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-fd", type=int, default=-1,
                         help="memory shared with the server (rpycsvc._shared)")
     args = parser.parse_args(argv)
+    try:  # our own process group: the server kills it whole, with what tasks started
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     if args.memory_limit:
@@ -400,12 +433,14 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=args.fd)
     endpoints = [m for m in args.endpoints.split(",") if m]
     worker = Worker(sock, args.role, args.threads, endpoints)
+    os.register_at_fork(after_in_child=worker.after_fork_in_child)
     if args.state_fd >= 0:
         worker.state = WorkerState.attach(args.state_fd)
         os.close(args.state_fd)
     log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
     if args.role == "process":
         worker.fd_pumps = [_FdPump(worker, fd, log) for fd in (1, 2)]
+        restore_std_fds(worker.fd_pumps)  # (fd 0 too: /dev/null if we were started without)
     logging.getLogger().addHandler(_LogForwarder(worker))
     logging.getLogger().setLevel(logging.WARNING)
     sys.stdout = _Router(worker, 1, log)
