@@ -149,7 +149,9 @@ class Lane:
     def _broken(self, exc: BaseException, key: int) -> LaneBroken:
         """Ask the server why the lane closed (it knows: timeout, cancel, a crash)."""
         if self.client.closed:
-            return LaneBroken(f"connection to {self.client.address} was closed", fate=None)
+            lost = self.client.lost  # e.g. declared lost by the liveness check: say why
+            return LaneBroken(str(lost) if isinstance(lost, ServerLostError) else
+                              f"connection to {self.client.address} was closed", fate=None)
         try:
             fate = self.client.conn.root.lane_fate(self.id)
             if fate and len(fate) > 2 and fate[2] is not None and fate[2] != key:

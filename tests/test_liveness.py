@@ -73,6 +73,7 @@ def assert_lost(result: tuple[str, Any]) -> None:
     assert status != "hung", f"still blocked {HANG_BOUND:g} s after the freeze"
     assert status == "raised", f"expected ServerLostError, got the result {value!r}"
     assert isinstance(value, rpycsvc.ServerLostError), repr(value)
+    assert "lost_after=2" in str(value), value  # lost by the liveness check, not otherwise
 
 
 @pytest.fixture
