@@ -292,7 +292,8 @@ def test_sigstop_does_not_count_against_task_timeouts(server_process: type[Serve
     stopped: list[psutil.Process] = []
     go = tmp_path / "go"
     try:
-        with rpycsvc.connect(srv.address, output="discard") as c:
+        # (lost_after: the client's own liveness check must not give up on the frozen server)
+        with rpycsvc.connect(srv.address, output="discard", lost_after=60) as c:
             futs = [c.options(timeout=5).submit(wait_for_file, str(tmp_path / f"s{i}"),
                                                 str(go), i) for i in range(2)]
             for i in range(2):
@@ -301,7 +302,7 @@ def test_sigstop_does_not_count_against_task_timeouts(server_process: type[Serve
                 for proc in tree_of(srv.pid):  # the server and its workers, frozen together
                     proc.suspend()
                     stopped.append(proc)
-                time.sleep(7)  # longer than the tasks' timeout, shorter than client liveness
+                time.sleep(7)  # longer than the tasks' timeout
             finally:
                 for proc in stopped:
                     proc.resume()
