@@ -23,7 +23,6 @@ naming each server and its own cause.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 import threading
@@ -117,7 +116,7 @@ class Cluster:
     ``retries`` bounds how often a task is re-run after its server was lost (0 for tasks
     with side effects: at-most-once). ``timeout`` bounds connecting (each server, and all
     of them together within ``timeout + 5`` s); ``lost_after`` is how many seconds of
-    silence make a server count as lost (see :func:`rpycsvc.connect`). Other keywords go
+    silence make a server count as lost (default: :func:`rpycsvc.connect`'s). Other keywords go
     to :func:`rpycsvc.connect` (``authkey``, ``ssl``, ``output``, ``prefix``...) or become
     default task options (``mode``, ``output``); a per-task time limit is set with
     :meth:`options` (``cluster.options(timeout=5)``).
@@ -146,10 +145,6 @@ class Cluster:
                             ("authkey", "ssl", "output", "prefix", "server_hostname",
                              "forward_logging", "lost_after")
                             if k in options}
-        if "lost_after" in self._connect_kw and \
-                "lost_after" not in inspect.signature(connect).parameters:
-            raise ConfigError("lost_after needs an rpycsvc whose connect() takes lost_after; "
-                              "this one does not: leave it out")
         self._defaults = _check_options(options)
         self._lock = threading.Lock()
         self._servers: dict[str, _Server] = {}

@@ -8,7 +8,6 @@ The frozen server is resumed only after the map returns, or by a watchdog after
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import threading
@@ -17,16 +16,11 @@ import time
 import psutil
 import pytest
 
-import rpycsvc
 from rpycsvc import Cluster
 
 #: The failure case: if the map has not returned this long after the freeze, resume the
 #: frozen server (so nothing hangs for ever) and fail.
 FREEZE_BOUND = 120.0
-
-pytestmark = pytest.mark.skipif(
-    "lost_after" not in inspect.signature(rpycsvc.connect).parameters,
-    reason="needs client liveness (rpycsvc.connect(lost_after=...)) to notice a frozen server")
 
 
 def _task(x: int) -> int:
