@@ -204,6 +204,14 @@ def test_cancel_kills_the_tasks_children(one_worker: rpycsvc.Server, tmp_path: P
         kill_if_alive(child)
 
 
+def test_thread_mode_timeout_says_what_it_can_not_stop(one_worker: rpycsvc.Server) -> None:
+    with rpycsvc.connect(one_worker.address, output="discard") as c:
+        with pytest.raises(TaskTimeoutError) as info:
+            c.options(timeout=0.3, mode="thread").compute(sleep_for, 3)
+        text = str(info.value)
+        assert "thread-mode" in text and "blocked in C" in text and "mode='process'" in text
+
+
 # -- item 14: a task that forks doesn't delay crash detection; no channel in its children ----
 
 
@@ -331,6 +339,8 @@ def test_sigterm_refuses_queued_tasks_and_lets_running_ones_finish(
         srv.proc.send_signal(signal.SIGTERM)
         with pytest.raises(ServerDrainingError):
             queued.result(timeout=30)
+        with pytest.raises(ServerDrainingError):  # (the lane is busy: through the server)
+            c.submit(noop, 2).result(timeout=30)
         go.write_text("go")
         assert running.result(timeout=30) == 42
     assert srv.proc.wait(timeout=30) == 0
