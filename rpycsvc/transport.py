@@ -234,6 +234,10 @@ class FastSocketStream(SocketStream):
             left -= len(piece)
         return b"".join(pieces)  # brine slices it: it must be bytes
 
+    def read_buffer(self, count: int) -> bytearray:
+        """``count`` bytes (at most 1 MiB, read at once) in a new bytearray."""
+        return self._read_piece(count)
+
     def _read_piece(self, count: int) -> bytearray:
         buf = bytearray(count)
         view = memoryview(buf)
@@ -317,16 +321,17 @@ class FastChannel(Channel):
             self.stream.read(len(self.FLUSHER))
             return self._decompress(data, None) if compressed else data
         res = budget.start()
+        read = getattr(self.stream, "read_buffer", self.stream.read)
         try:
             pieces = []
             left = length
             while left:  # each piece is taken from the budget before it is read
                 n = min(left, _CHUNK)
                 self._take(res, n)
-                pieces.append(self.stream.read(n))
+                pieces.append(read(n))
                 left -= n
             self.stream.read(len(self.FLUSHER))
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            data = b"".join(pieces)  # (brine slices it: it must be bytes)
             del pieces
             return self._decompress(data, res) if compressed else data
         finally:

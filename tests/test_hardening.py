@@ -248,6 +248,33 @@ def test_inbound_budget_refuses_strangers_and_holds_back_clients() -> None:
         assert box.get("result") == 9, box
 
 
+def test_inbound_budget_readers_waiting_for_each_other_go_on() -> None:
+    """Two messages each hold half the budget and each need more: neither could finish if
+    both waited for room. The one that started first goes on; when it is done, the other."""
+    from rpycsvc.transport import InboundBudget, Reservation
+
+    budget = InboundBudget(4)
+    first, second = budget.start(), budget.start()
+    for res in (first, second, first, second):  # the budget is spent, both are mid-message
+        assert budget.take(res, 1, wait=True)
+    assert not budget.take(budget.start(), 1, wait=False)  # a stranger is refused
+    order: list[str] = []
+
+    def finish(name: str, res: Reservation) -> None:
+        assert budget.take(res, 1, wait=True)
+        order.append(name)
+        budget.finish(res)
+
+    threads = [threading.Thread(target=finish, args=("second", second), daemon=True),
+               threading.Thread(target=finish, args=("first", first), daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert order == ["first", "second"]
+    assert budget.used == 0
+
+
 # -- item 10: oversize results and arguments --------------------------------------------------
 
 
