@@ -374,15 +374,19 @@ def test_accept_survives_running_out_of_descriptors(tmp_path: Path) -> None:
 # -- item 12: pending-handshake slots ----------------------------------------------------------
 
 
-def test_silent_sockets_do_not_lock_out_a_client_with_the_key() -> None:
+@pytest.mark.parametrize("says", [b"", b"RPYC"], ids=["silent", "stalled-mid-hello"])
+def test_idle_handshakes_do_not_lock_out_a_client_with_the_key(says: bytes) -> None:
     """64 silent sockets held every handshake slot for --handshake-timeout and the client
-    with the right key was refused. Now a newcomer displaces the oldest silent one."""
+    with the right key was refused. Now a newcomer displaces the oldest silent one (or,
+    when every one has said something and stalled, the oldest of the busiest host)."""
     silent = 80
     with running_server(workers=1, authkey=KEY, handshake_timeout=60.0) as srv:
         idle: list[socket.socket] = []
         try:
             for _ in range(silent):
                 idle.append(_dial(srv.port))
+                if says:
+                    idle[-1].sendall(says)
             # the server makes room for each one past 64 (old: refuses it): wait for that
             deadline = time.monotonic() + 60
             closed: set[int] = set()
