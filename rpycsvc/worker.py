@@ -133,6 +133,16 @@ class Worker(LaneServer):
             except OSError:
                 pass
         os.close(null)
+        # What the child prints goes to descriptors 1 and 2, like a program's output: in a
+        # process worker, those pipes are read by the parent, which gives it to the task.
+        # (Through our routers it would be kept in the child's memory, or sent to the
+        # channel it no longer has.)
+        self.local.ctx = None
+        try:
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (for good)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        except OSError:
+            pass
 
     # -- channel ---------------------------------------------------------------------------
     def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),

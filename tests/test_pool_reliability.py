@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,6 +80,18 @@ def fork_then_crash(pidfile: str) -> None:
         os._exit(0)
     write_atomically(pidfile, str(pid))
     os._exit(3)
+
+
+def fork_and_print() -> int:
+    """Fork a child that prints (through ``print``), wait for it, return its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            print("hello from the forked child")
+            sys.stdout.flush()
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def c_fork_then_crash(pidfile: str) -> None:
@@ -247,6 +260,16 @@ def test_crash_is_seen_while_a_c_forked_child_holds_the_channel(one_worker: rpyc
             assert c.compute(noop, 8) == 8
     finally:
         kill_if_alive(child)
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
+def test_forked_childs_prints_are_the_tasks_output(one_worker: rpycsvc.Server,
+                                                   lanes: bool) -> None:
+    with rpycsvc.connect(one_worker.address, output="capture", lanes=lanes) as c:
+        fut = c.submit(fork_and_print)
+        assert fut.result(timeout=60) == 0
+        wait_until("the child's print", lambda: "hello from the forked child" in fut.stdout,
+                   10)
 
 
 def test_task_children_hold_no_worker_sockets(one_worker: rpycsvc.Server) -> None:
