@@ -33,6 +33,7 @@ from .errors import (
     RpycsvcError,
     RpycsvcTimeoutError,
     SerializationError,
+    ServerDrainingError,
     ServerLostError,
     TaskCancelledError,
     TaskTimeoutError,
@@ -64,6 +65,8 @@ _ERRORS: dict[str, type[Exception]] = {
     "ConfigError": ConfigError,
     "SerializationError": SerializationError,
     "MessageTooLargeError": MessageTooLargeError,
+    "ServerDrainingError": ServerDrainingError,
+    "ServerLostError": ServerLostError,
 }
 #: Options a task may carry (see :meth:`Client.options`).
 TASK_OPTIONS = ("timeout", "mode", "output")
