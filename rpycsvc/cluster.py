@@ -71,16 +71,17 @@ def _fate_of(exc: BaseException) -> str | None:
         return _DRAINING
     if isinstance(exc, ServerLostError):
         return _LOST
-    if isinstance(exc, RemoteTaskError):  # a client that doesn't know the type by name
+    if isinstance(exc, RemoteTaskError):  # a reply whose error type the client can't rebuild
         return {"ServerDrainingError": _DRAINING, "ServerLostError": _LOST}.get(exc.remote_type)
-    if type(exc) is TaskCancelledError:
-        # Servers that predate ServerDrainingError say so in the message only.
-        text = str(exc)
-        if text.startswith("the server is shutting down"):
-            return _DRAINING
-        if text.startswith("the server shut down before task"):
-            return _LOST
     return None
+
+
+def _draining_error(exc: BaseException, address: str) -> ServerDrainingError:
+    """``exc`` (a draining refusal) as a :class:`ServerDrainingError`."""
+    if isinstance(exc, ServerDrainingError):
+        return exc
+    text = str(exc.args[0]) if exc.args else str(exc)  # (a RemoteTaskError's own text)
+    return ServerDrainingError(f"{text} (on {address})", address=address)
 
 
 class BroadcastResult(dict):
@@ -466,7 +467,9 @@ class Cluster:
                 self._dispatch()
                 return
             err = result
-        if fate == _DRAINING and srv is not None:
+        if status != "lost" and srv is not None:
+            # The server itself refused the task or cut it off, as it shuts down: it is
+            # draining (its connection is still up), so nothing more goes there.
             self._drained(srv, err)
         if self._closed:  # closing cancels: what was in flight is not sent anywhere else
             self._cancel_closed(job, address)
@@ -475,8 +478,8 @@ class Cluster:
             self._dispatch()
             return
         job.errors.append(f"{address}: {err}")
-        if fate == _DRAINING and job.pinned:
-            settle(job.future, None, err)  # broadcast: meant for that server only
+        if fate == _DRAINING and job.pinned:  # broadcast: meant for that server only
+            settle(job.future, None, _draining_error(err, address))
         elif fate == _DRAINING:
             job.attempts -= 1  # it never ran: a refusal costs no retry
             log.info("%s is shutting down and did not run a task; sending it elsewhere", address)
