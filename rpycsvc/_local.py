@@ -3,8 +3,10 @@
 A server's stdout is a pipe: we need its first line (the address). After that the pipe is
 read to the end by a thread, because a server whose stdout nobody reads blocks in its next
 large ``print`` (a classic ``execute("print(...)")`` of 64 kB stalls the whole connection).
-What it prints is written to our stdout, each line prefixed with the server's address, as
-the output of a child process would appear (or dropped, for ``output="discard"``).
+What it prints goes to our *stderr*, each line prefixed with the server's address: next to
+its log lines (its stderr is ours), and not mixed into our stdout, which belongs to our
+program (and its tasks' output, streamed there on purpose). It is dropped for
+``output="discard"``. A remote server's prints stay on that server, as in RPyC.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class _LocalServer:
         return address
 
     def _drain(self, prefix: str) -> None:
-        """Read the server's stdout to its end; forward whole lines with ``prefix``."""
+        """Read the server's stdout to its end; forward whole lines to our stderr."""
         assert self.proc.stdout is not None
         partial = b""
         try:
@@ -85,10 +87,10 @@ def _emit(prefix: str, lines: list[bytes]) -> None:
     text = "".join(prefix + ln.decode("utf-8", "replace") + "\n" for ln in lines)
     with _WRITE_LOCK:
         try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            sys.stderr.write(text)
+            sys.stderr.flush()
         except (OSError, ValueError, AttributeError):
-            pass  # our stdout is closed or gone: nothing sensible to do
+            pass  # our stderr is closed or gone: nothing sensible to do
 
 
 def read_address(proc: subprocess.Popen[bytes], timeout: float) -> str:

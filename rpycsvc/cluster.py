@@ -193,10 +193,10 @@ class Cluster:
         Each gets ``workers`` processes (default: this machine's cores shared between them)
         and this process's ``sys.path`` as its ``PYTHONPATH``, so it can import what we can
         (task modules, ``--service``/``--endpoints`` modules given in ``server_args``).
-        What the server processes themselves print (classic ``execute("print(...)")``) is
-        written to our stdout, each line prefixed with ``[host:port] ``, as a child's
-        output would be; with ``output="discard"`` it is dropped. Their logs go to our
-        stderr. Other keywords (``lost_after``, ``retries``...) go to :class:`Cluster`.
+        What the server processes themselves print (classic ``execute("print(...)")``)
+        goes to our stderr, each line prefixed with ``[host:port] ``, next to their logs
+        (our stdout stays our program's and its tasks'); with ``output="discard"`` it is
+        dropped. Other keywords (``lost_after``, ``retries``...) go to :class:`Cluster`.
         """
         if n < 1:
             raise ConfigError(f"Cluster.local needs n >= 1; got {n!r}")

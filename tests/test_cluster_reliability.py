@@ -219,10 +219,12 @@ def test_local_server_printing_220_kb_does_not_block(capfd: pytest.CaptureFixtur
 
         def forwarded() -> bool:
             nonlocal seen
-            seen += capfd.readouterr().out
+            captured = capfd.readouterr()
+            assert "x" * 1000 not in captured.out  # our stdout is our program's
+            seen += captured.err
             return f"[{address}] " + "x" * 220000 in seen
 
-        _wait_for("the server's print reached our stdout, prefixed", forwarded)
+        _wait_for("the server's print reached our stderr, prefixed", forwarded)
 
 
 # -- item 18: late connections, broadcast, map_reduce, per-server causes --------------------------
