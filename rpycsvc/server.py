@@ -218,11 +218,15 @@ class _ServerMixin:
                       logger=self.logger)  # type: ignore[attr-defined]
         stream = FastSocketStream(sock, prefix=creds.get("prefix", b""))
         # An rpycsvc hello (after the authkey challenge, if any) is trusted with full-size
-        # messages; a plain RPyC peer gets them after its first well-formed request.
+        # messages; a plain RPyC peer gets them after its first well-formed request, which
+        # it must finish within the handshake timeout.
         max_message = self.rpycsvc_config.max_message_size
-        channel = FastChannel(stream, limit=max_message if creds.get("client")
-                              else PREAUTH_MAX_MESSAGE,
-                              max_message=max_message, budget=self.inbound)
+        trusted = bool(creds.get("client"))
+        channel = FastChannel(
+            stream, limit=max_message if trusted else PREAUTH_MAX_MESSAGE,
+            max_message=max_message, budget=self.inbound,
+            deadline=None if trusted else
+            time.monotonic() + self.rpycsvc_config.handshake_timeout)
         conn = self.service._connect(channel, config)  # type: ignore[attr-defined]
         try:
             self._handle_connection(conn)  # type: ignore[attr-defined]

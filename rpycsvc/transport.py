@@ -31,6 +31,7 @@ from rpyc.core import consts
 from rpyc.core.channel import Channel
 from rpyc.core.protocol import Connection
 from rpyc.core.stream import SocketStream
+from rpyc.lib import Timeout
 
 from .errors import MessageTooLargeError
 
@@ -204,10 +205,22 @@ def tune_socket(sock: socket.socket) -> None:
             pass
 
 
+class DeadlineExceeded(EOFError):
+    """A stream's deadline passed while it waited for bytes (see ``set_deadline``)."""
+
+
+#: How often a read with a deadline wakes up to look at the clock (seconds).
+_DEADLINE_TICK = 0.25
+
+
 class FastSocketStream(SocketStream):
     """A ``SocketStream`` with linear-time writes, one-copy reads and ``TCP_NODELAY``."""
 
     MAX_IO_CHUNK = _CHUNK
+    #: While set (a ``time.monotonic()`` time), a read blocked past it fails with
+    #: :class:`DeadlineExceeded`: how long a peer that hasn't authenticated gets to finish
+    #: its first request (see :meth:`set_deadline`).
+    deadline: float | None = None
 
     def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         super().__init__(sock)
@@ -219,6 +232,12 @@ class FastSocketStream(SocketStream):
 
     def poll(self, timeout: Any) -> bool:
         return bool(self._prefix) or super().poll(timeout)
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Reads give up at ``deadline`` (None: never). A short timeout on the socket wakes a
+        blocked read now and then to look at the clock."""
+        self.deadline = deadline
+        self.sock.settimeout(None if deadline is None else _DEADLINE_TICK)
 
     def read(self, count: int) -> bytes:
         """``count`` bytes. Memory is taken as the bytes arrive (a piece of at most 1 MiB
@@ -250,6 +269,9 @@ class FastSocketStream(SocketStream):
             try:
                 n = self.sock.recv_into(view[got:], count - got)
             except socket.timeout:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise DeadlineExceeded("the peer did not finish its first request "
+                                           "in time") from None
                 continue
             except OSError as exc:
                 self.close()
@@ -282,17 +304,36 @@ class FastChannel(Channel):
     """
 
     def __init__(self, stream: Any, compress: bool = False, *, limit: int = WIRE_MAX,
-                 max_message: int | None = None, budget: InboundBudget | None = None) -> None:
+                 max_message: int | None = None, budget: InboundBudget | None = None,
+                 deadline: float | None = None) -> None:
         super().__init__(stream, compress=False)
         self.limit = limit
         self.max_message = limit if max_message is None else max_message
         self.budget = budget
         self.trusted = limit >= self.max_message
+        # Until trusted, a peer has until ``deadline`` to finish its first request: one
+        # that says a byte and stalls would otherwise hold a thread and a descriptor.
+        if deadline is not None and not self.trusted:
+            stream.set_deadline(deadline)
 
     def trust(self) -> None:
-        """The peer authenticated or proved it speaks the protocol: full-size messages."""
+        """The peer authenticated or proved it speaks the protocol: full-size messages,
+        and no deadline."""
         self.limit = self.max_message
         self.trusted = True
+        if getattr(self.stream, "deadline", None) is not None:
+            self.stream.set_deadline(None)
+
+    def poll(self, timeout: Any) -> bool:
+        deadline = getattr(self.stream, "deadline", None)
+        if deadline is None:
+            return bool(self.stream.poll(timeout))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._refuse("slow", "no complete first request within the handshake "
+                               "timeout (--handshake-timeout)")
+        wait = Timeout(timeout).timeleft()
+        return bool(self.stream.poll(left if wait is None else min(wait, left)))
 
     def _refuse(self, kind: str, text: str) -> EOFError:
         """Close the connection over a limit: log why (RPyC swallows the ``EOFError``)."""
@@ -306,6 +347,13 @@ class FastChannel(Channel):
         return EOFError(text)
 
     def recv(self) -> bytes:
+        try:
+            return self._recv()
+        except DeadlineExceeded:
+            raise self._refuse("slow", "no complete first request within the handshake "
+                               "timeout (--handshake-timeout)") from None
+
+    def _recv(self) -> bytes:
         header = self.stream.read(self.FRAME_HEADER.size)
         length, compressed = self.FRAME_HEADER.unpack(header)
         if length > self.limit:

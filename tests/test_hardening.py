@@ -200,11 +200,15 @@ def test_plain_pickle_checks_are_bounded(tmp_path: Path) -> None:
     assert out.stdout.strip() == "refused", out.stderr[-3000:]
 
 
-def test_silent_socket_gets_the_handshake_timeout_without_authkey() -> None:
-    """A socket that never says a word held a thread and a descriptor forever on a server
-    without authkey; now it has --handshake-timeout seconds, as with an authkey."""
+@pytest.mark.parametrize("says", [b"", b"\x00", _frame(b"")],
+                         ids=["silent", "one-byte", "empty-frame"])
+def test_idle_socket_gets_the_handshake_timeout_without_authkey(says: bytes) -> None:
+    """A socket that never says a word (or a byte, or an empty frame) held a thread and a
+    descriptor forever on a server without authkey; now a peer has --handshake-timeout
+    seconds to finish its first request, as it has to authenticate with an authkey."""
     with running_server(workers=1, handshake_timeout=1.0) as srv, \
             socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(says)
         assert closed_by_peer(s, 20)
         with rpycsvc.connect(srv.address, output="discard") as c:
             assert c.compute(abs, -3) == 3
