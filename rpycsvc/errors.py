@@ -17,8 +17,7 @@ into these types in one place each, with ``raise ... from exc``, so callers can 
     │   ├── WorkerCrashedError      (the task killed its worker process: os._exit, segfault, OOM)
     │   ├── TaskCancelledError      (cancelled on request)
     │   │   └── ServerDrainingError (refused or never started: the server is shutting down)
-    │   └── MessageTooLargeError    (an argument or result is over a size limit; also a
-    │                                SerializationError)
+    │   └── MessageTooLargeError    (an argument or result over a size limit; a SerializationError)
     ├── AllServersFailedError       (no server is left to run a task; names every server)
     ├── DeployError                 (pushing or starting a server over SSH failed)
     └── RpycsvcTimeoutError         (a blocking call ran out of time; also a TimeoutError)
