@@ -112,8 +112,9 @@ class RemoteRepl:
         except SessionError as exc:
             self._show(2, f"\n{exc}\n")
             return "lost"
-        except EOFError as exc:  # RPyC: connection closed
-            self._show(2, f"\nconnection to {self.client.address} lost ({exc})\n")
+        except (EOFError, OSError) as exc:  # RPyC: connection closed, or no reply in time
+            self._show(2, f"\nconnection to {self.client.address} lost "
+                          f"({type(exc).__name__}: {exc})\n")
             return "lost"
         finally:
             if old is not None:

@@ -101,10 +101,13 @@ def test_statements_run_on_the_server(repl: pexpect.spawn, server_proc: ServerPr
     assert "hello 42" in run_line(repl, "print('hello', 6 * 7)")
     assert "ZeroDivisionError" in run_line(repl, "1 / 0")
     assert run_line(repl, "_answer = 40 + 2; _answer").splitlines()[-1].strip() == "42"
+    pid = session_pid(repl)
+    assert pid != server_proc.pid
     repl.sendeof()
     repl.expect(pexpect.EOF)
     repl.close()
     assert repl.exitstatus == 0
+    wait_gone(pid)  # leaving stops the session process
     history = (tmp_path / ".rpycsvc_history").read_text().splitlines()
     assert "print('hello', 6 * 7)" in history
 
@@ -156,6 +159,16 @@ def test_statement_ignoring_ctrl_c_can_be_abandoned(repl: pexpect.spawn) -> None
     repl.close()
     assert repl.exitstatus == 1
     wait_gone(pid)
+
+
+def test_a_session_process_that_dies_is_reported(repl: pexpect.spawn,
+                                                  server_proc: ServerProcess) -> None:
+    repl.sendline("import os; os._exit(3)")
+    repl.expect_exact("the session process ended (exit status 3)")
+    repl.expect(pexpect.EOF)
+    repl.close()
+    assert repl.exitstatus == 1
+    assert alive(server_proc.pid)  # the server itself goes on
 
 
 def test_tab_completes_remote_names(repl: pexpect.spawn) -> None:
