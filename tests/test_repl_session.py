@@ -1,0 +1,129 @@
+"""``rpycsvc.remote_session``, the engine under ``rpycsvc repl`` (and the notebook magic to
+come), through its own small interface against a real server: a session is a process of its
+own; output streams; an interrupt stops a blocked call; close and a dropped connection stop
+its process tree."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import rpycsvc
+from rpycsvc.remote_session import RemoteSession, SessionError
+from tests.support.servers import running_server
+
+BOUND = 15.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[rpycsvc.Server]:
+    with running_server(workers=1) as srv:
+        yield srv
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + BOUND
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def until_output(session: RemoteSession, marker: str) -> str:
+    """Events until ``marker`` was printed (bounded); returns the output so far."""
+    text = ""
+    deadline = time.monotonic() + BOUND
+    while marker not in text:
+        assert time.monotonic() < deadline, f"no {marker!r} in {text!r}"
+        for ev in session.events():
+            assert ev[0] == "out", ev
+            text += ev[2]
+    return text
+
+
+def until_done(session: RemoteSession) -> tuple[str, str]:
+    """Events until the statement ends (bounded): its outcome and its output."""
+    text = ""
+    deadline = time.monotonic() + BOUND
+    while True:
+        assert time.monotonic() < deadline, f"still running; output {text!r}"
+        for ev in session.events():
+            if ev[0] == "done":
+                return ev[1], text
+            assert ev[0] == "out", ev
+            text += ev[2]
+
+
+def test_run_streams_output_in_a_process_of_its_own(server: rpycsvc.Server) -> None:
+    with rpycsvc.connect(server.address) as client, RemoteSession(client.conn) as s:
+        assert s.pid is not None and s.pid != os.getpid() and alive(s.pid)
+        writes: list[tuple[int, str]] = []
+        out = s.run("import os, sys\nprint('pid', os.getpid())\nprint('oops', file=sys.stderr)"
+                    "\nx = 6 * 7\nx", lambda fd, text: writes.append((fd, text)))
+        assert out == "ok"
+        stdout = "".join(t for fd, t in writes if fd == 1)
+        assert f"pid {s.pid}\n" in stdout and "42\n" in stdout
+        assert "oops" in "".join(t for fd, t in writes if fd == 2)
+        # names persist between runs, and complete
+        assert "x" in s.complete("x") and "os.getpid" in s.complete("os.getp")
+        assert s.run("1 / 0", lambda fd, t: writes.append((fd, t))) == "error"
+        assert "ZeroDivisionError" in writes[-1][1]
+        # the server process's namespace is another one
+        assert client.eval("'x' in dir()") is False
+        pid = s.pid
+    wait_gone(pid)
+
+
+def test_interrupt_stops_a_blocked_call(server: rpycsvc.Server) -> None:
+    with rpycsvc.connect(server.address) as client, RemoteSession(client.conn) as s:
+        assert s.interrupt() is False  # nothing runs
+        s.start("import time\nprint('nap' + 'ping', flush=True)\ntime.sleep(30)")
+        until_output(s, "napping")
+        assert s.interrupt() is True
+        outcome, text = until_done(s)
+        assert outcome == "interrupted" and "KeyboardInterrupt" in text
+
+
+def test_close_stops_the_process_tree_even_mid_statement(server: rpycsvc.Server) -> None:
+    with rpycsvc.connect(server.address) as client:
+        s = RemoteSession(client.conn)
+        s.start("import subprocess, time\np = subprocess.Popen(['sleep', '32.618'])\n"
+                "print('child', p.pid, flush=True)\ntime.sleep(30)")
+        grandchild = int(until_output(s, "\n").split()[1])
+        assert alive(grandchild)
+        session_pid = s.pid
+        assert session_pid is not None
+        s.close()
+        wait_gone(session_pid)
+        wait_gone(grandchild)
+        assert client.eval("1 + 1") == 2  # the connection goes on
+
+
+def test_session_stops_when_its_connection_closes(server: rpycsvc.Server) -> None:
+    client = rpycsvc.connect(server.address)
+    try:
+        s = RemoteSession(client.conn)
+        s.start("import time\nprint('wait' + 'ing', flush=True)\ntime.sleep(30)")
+        until_output(s, "waiting")
+        pid = s.pid
+        assert pid is not None
+    finally:
+        client.close()  # no close() of the session: the server stops it with the connection
+    wait_gone(pid)
+
+
+def test_session_that_exits_is_reported(server: rpycsvc.Server) -> None:
+    with rpycsvc.connect(server.address) as client, RemoteSession(client.conn) as s, \
+            pytest.raises(SessionError, match="exit status 5"):
+        s.run("import os; os._exit(5)", lambda fd, t: None)
