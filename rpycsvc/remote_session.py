@@ -419,13 +419,41 @@ class _Child:
         self.cmd, self.evt = cmd, evt
         self.namespace: dict[str, Any] = __main__.__dict__  # pickle finds REPL functions
         self.count = 0
-        self.armed = False  # SIGINT raises KeyboardInterrupt only while a statement runs
+        self._armed = False
         self.deferred = False  # a SIGINT that came while we were in our own I/O
         self.send_lock = threading.Lock()
 
-    def on_sigint(self, signum: int, frame: Any) -> None:
-        if self.armed:
-            raise KeyboardInterrupt
+    @property
+    def armed(self) -> bool:
+        """Whether SIGINT raises KeyboardInterrupt now (while a statement runs).
+
+        Armed, the handler is Python's own C one, so a traceback ends at the user's line
+        (as locally), not in a handler of ours. Disarmed, a SIGINT is only noted. Main
+        thread only (signal handlers are set there).
+        """
+        return self._armed
+
+    @armed.setter
+    def armed(self, on: bool) -> None:
+        # the flag says "armed" for as long as a SIGINT may raise: set before arming,
+        # cleared after disarming (a SIGINT in between then raises from here)
+        if on:
+            self._armed = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        else:
+            signal.signal(signal.SIGINT, self._defer)
+            self._armed = False
+
+    def _disarm(self) -> None:
+        """Disarm, whatever SIGINTs land meanwhile: after this nothing raises."""
+        while True:
+            try:
+                self.armed = False
+                return
+            except KeyboardInterrupt:
+                continue
+
+    def _defer(self, signum: int, frame: Any) -> None:
         self.deferred = True
 
     def send(self, msg: Any) -> None:
@@ -433,20 +461,24 @@ class _Child:
         would break the channel)."""
         main = threading.current_thread() is threading.main_thread()
         was = self.armed
-        if main:
+        if main and was:
             self.armed = False
         try:
             with self.send_lock:
                 self.evt.send(msg)
         finally:
-            if main:
-                self.armed = was
-                if was and self.deferred:
+            if main and was:
+                self.armed = True
+                if self.deferred:
                     self.deferred = False
                     raise KeyboardInterrupt
 
     def read_line(self, prompt: str) -> str:
         """``input()``: ask the client for a line of its terminal."""
+        if threading.current_thread() is not threading.main_thread():
+            # the answer comes on the command pipe, which the main thread reads when idle
+            raise EOFError("input() in a remote session reads the terminal only in the "
+                           "session's main thread (the one running your statements)")
         for f in (sys.stdout, sys.stderr):
             try:
                 f.flush()
@@ -478,7 +510,7 @@ class _Child:
                 self.armed = True
                 outcome = self._run(source)
             finally:
-                self.armed = False
+                self._disarm()
         except KeyboardInterrupt:  # landed between the statement's end and disarming
             self._show_exc(KeyboardInterrupt, KeyboardInterrupt(), None)
         for f in (sys.stdout, sys.stderr):
@@ -633,7 +665,7 @@ def child_main() -> None:
     ppid = os.getppid()
     cmd, evt = Connection(cmd_fd, writable=False), Connection(evt_fd, readable=False)
     child = _Child(cmd, evt)
-    signal.signal(signal.SIGINT, child.on_sigint)
+    child.armed = False  # installs the handler that only notes a SIGINT
     threading.Thread(target=_watch, args=(cmd_fd, ppid), daemon=True,
                      name="rpycsvc-session-watch").start()
     builtins.input = lambda prompt="": child.read_line(str(prompt))

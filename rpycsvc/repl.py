@@ -297,7 +297,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--authkey", default=None,
                    help="the server's shared secret (prefer RPYCSVC_AUTHKEY)")
     p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to connect, and for completion and control calls (default 10)")
+                   help="seconds to connect, and for each call to the server (default 10; the "
+                        "session process gets at least 30 to start)")
     p.add_argument("--history", default=DEFAULT_HISTORY,
                    help=f"history file (default {DEFAULT_HISTORY})")
     p.add_argument("--no-history", dest="history", action="store_const", const=None,
