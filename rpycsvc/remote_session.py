@@ -186,6 +186,10 @@ class _HostState:
         self.events: list[Any] = []
         self.buffered = 0
         self.running = False
+        #: the session armed its SIGINT handler for the running statement; before that an
+        #: interrupt waits (a SIGINT then would be taken for a late one and dropped)
+        self.started = False
+        self.pending_interrupt = False
         self.completions: tuple[str, ...] | None = None
         self.stopped = False
 
@@ -216,6 +220,14 @@ class _HostState:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _sigint(s: _HostState) -> bool:
+    try:
+        os.killpg(s.proc.pid, signal.SIGINT)  # the group, as a terminal's Ctrl-C does
+    except OSError:
+        return False
+    return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -272,7 +284,7 @@ class SessionHost:
                 raise SessionError("the session is closed")
             if s.running:
                 raise SessionError("a statement is still running in this session")
-            s.running = True
+            s.running, s.started, s.pending_interrupt = True, False, False
         s.cmd.send(("run", str(source)))
 
     def events(self, timeout: float) -> tuple[Any, ...]:
@@ -289,11 +301,10 @@ class SessionHost:
         with s.cond:
             if not s.running or s.stopped:
                 return False
-        try:
-            os.killpg(s.proc.pid, signal.SIGINT)
-        except OSError:
-            return False
-        return True
+            if not s.started:
+                s.pending_interrupt = True  # sent when the session says it started
+                return True
+        return _sigint(s)
 
     def answer_input(self, kind: str, text: str = "") -> None:
         if kind not in INPUT_KINDS:
@@ -387,6 +398,13 @@ def _relay(s: _HostState) -> None:
                     with s.cond:
                         s.completions = tuple(msg[1])
                         s.cond.notify_all()
+                    continue
+                if msg[0] == "started":
+                    with s.cond:
+                        s.started, pending = True, s.pending_interrupt
+                        s.pending_interrupt = False
+                    if pending:
+                        _sigint(s)
                     continue
                 if msg[0] == "done":
                     with s.cond:
@@ -508,6 +526,9 @@ class _Child:
         try:
             try:
                 self.armed = True
+                # after arming: the host holds back interrupts until it reads this, so
+                # any SIGINT from now on is for this statement (a deferred one raises)
+                self.send(("started",))
                 outcome = self._run(source)
             finally:
                 self._disarm()

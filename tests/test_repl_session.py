@@ -95,6 +95,17 @@ def test_interrupt_stops_a_blocked_call(server: rpycsvc.Server) -> None:
         assert outcome == "interrupted" and "KeyboardInterrupt" in text
 
 
+def test_interrupt_right_after_start_is_not_lost(server: rpycsvc.Server) -> None:
+    # a SIGINT that reaches the session before it armed its handler for the statement
+    # must not be taken for a late one of the statement before
+    with rpycsvc.connect(server.address) as client, RemoteSession(client.conn) as s:
+        for _ in range(5):
+            s.start("import time; time.sleep(30)")
+            assert s.interrupt() is True
+            outcome, text = until_done(s)
+            assert outcome == "interrupted" and "KeyboardInterrupt" in text
+
+
 def test_close_stops_the_process_tree_even_mid_statement(server: rpycsvc.Server) -> None:
     with rpycsvc.connect(server.address) as client:
         s = RemoteSession(client.conn)
