@@ -206,15 +206,41 @@ def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], h
 
 def run_map_reduce(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any],
                    iterable: Iterable[Any], *, initializer: Any, by_key: bool,
-                   chunksize: int | None, timeout: float | None) -> Any:
+                   chunksize: int | None, timeout: float | None, progress: bool = False) -> Any:
     items = list(iterable)
     if not items and not by_key and initializer is None:
         raise ConfigError("map_reduce of an empty iterable needs an initializer")
     workers = max(1, cluster.total_workers)
     size = chunksize or max(1, -(-len(items) // (4 * workers)))
+    bar = None
+    if progress:
+        from .progress import Progress
+
+        bar = Progress(len(items))
+    try:
+        return _reduce_chunks(cluster, fn, reducer, items, size, initializer=initializer,
+                              by_key=by_key, timeout=timeout, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _count_chunk(bar: Any, n: int, fut: TaskFuture) -> None:
+    # a done-callback: the bar counts a chunk's items as soon as it arrives, in any order
+    if not fut.cancelled() and fut.exception() is None:
+        bar.update(n, fut.address or "?")
+
+
+def _reduce_chunks(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any],
+                   items: list[Any], size: int, *, initializer: Any, by_key: bool,
+                   timeout: float | None, bar: Any) -> Any:
     # Chunks are never empty, so they reduce without the initializer; it is applied once here.
     futs = [cluster.submit(reduce_chunk, fn, reducer, False, None, by_key, items[i:i + size])
             for i in range(0, len(items), size)]
+    if bar is not None:
+        for i, fut in enumerate(futs):
+            fut.add_done_callback(functools.partial(
+                _count_chunk, bar, len(items[i * size:(i + 1) * size])))
     result: Any = {} if by_key else initializer
     first = initializer is None and not by_key
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -588,16 +588,19 @@ class Cluster:
 
     def map_reduce(self, fn: Any, reducer: Callable[[Any, Any], Any], iterable: Iterable[Any],
                    *, initializer: Any = None, by_key: bool = False,
-                   chunksize: int | None = None, timeout: float | None = None) -> Any:
+                   chunksize: int | None = None, timeout: float | None = None,
+                   progress: bool = False) -> Any:
         """``reduce(reducer, map(fn, iterable))`` where each server reduces its own partial
         results and only the partials travel back. With ``by_key``, ``fn`` yields
         ``(key, value)`` pairs and the answer is a dict reducing the values of each key.
         ``timeout`` is a deadline for the whole call (:class:`RpycsvcTimeoutError`). If a
-        chunk fails or the deadline passes, the other chunks are cancelled."""
+        chunk fails or the deadline passes, the other chunks are cancelled. ``progress``
+        shows a bar on stderr as ``map``'s does (items done, per server)."""
         from ._mapping import run_map_reduce
 
         return run_map_reduce(self, fn, reducer, iterable, initializer=initializer,
-                              by_key=by_key, chunksize=chunksize, timeout=timeout)
+                              by_key=by_key, chunksize=chunksize, timeout=timeout,
+                              progress=progress)
 
     def as_completed(self, futures: Iterable[Future], timeout: float | None = None
                      ) -> Iterator[Future]:

@@ -12,12 +12,25 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-DESCRIPTION = __doc__
+from .output import write_stdout
+
+# --help shows this as it is written: plain text, not the reST of the docstring above
+DESCRIPTION = """\
+Start local rpycsvc servers on 127.0.0.1, fan work out over them and print what happened:
+the server's compute endpoint (conn.root.compute), a load-balanced map of CPU-bound
+tasks, futures, and remote output. The servers stop when the demo ends."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--servers", type=int, default=2, help="local servers to start (default 2)")
-    p.add_argument("--tasks", type=int, default=16, help="CPU-bound tasks to fan out")
+    p.add_argument("--servers", type=int, default=2, metavar="N",
+                   help="local servers to start (default: %(default)s)")
+    p.add_argument("--tasks", type=int, default=16, metavar="N",
+                   help="CPU-bound tasks to fan out (default: %(default)s)")
+
+
+def say(*parts: object) -> None:
+    """``print`` for the demo's own lines; ``rpycsvc demo | head`` then ends quietly."""
+    write_stdout(" ".join(str(p) for p in parts) + "\n")
 
 
 def collatz_steps(limit: int) -> tuple[int, int]:
@@ -45,28 +58,28 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with Cluster.local(args.servers) as cluster:
-        print(f"started {len(cluster)} local servers in {time.perf_counter() - t0:.2f} s: "
+        say(f"started {len(cluster)} local servers in {time.perf_counter() - t0:.2f} s: "
               f"{', '.join(cluster.addresses)}")
         # 1. conn.root.compute on each server, in parallel threads (one connection each)
         with ThreadPoolExecutor(len(cluster)) as pool:
             futs = [pool.submit(c.root.compute, whoami, f"hello-{i}")
                     for i, c in enumerate(cluster.clients)]
             for f in futs:
-                print("conn.root.compute ->", f.result(timeout=60))
+                say("conn.root.compute ->", f.result(timeout=60))
         # 2. a load-balanced fan-out of CPU-bound tasks
         limits = [30_000 + 2_000 * i for i in range(args.tasks)]
         t1 = time.perf_counter()
         results = list(cluster.map(collatz_steps, limits, timeout=300))
         took = time.perf_counter() - t1
         for limit, (n, steps) in zip(limits, results):
-            print(f"  below {limit}: {n} takes {steps} steps")
-        print(f"{args.tasks} tasks on {cluster.total_workers} workers in {took:.2f} s")
+            say(f"  below {limit}: {n} takes {steps} steps")
+        say(f"{args.tasks} tasks on {cluster.total_workers} workers in {took:.2f} s")
         # 3. futures, as_completed and a word count with map_reduce
         futs = [cluster.submit(pow, 3, k) for k in range(5)]
-        print("3**k:", [f.result(timeout=60) for f in futs])
+        say("3**k:", [f.result(timeout=60) for f in futs])
         import operator
 
         words = "the quick brown fox jumps over the lazy dog the end".split()
         counts = cluster.map_reduce(lambda w: [(w, 1)], operator.add, words, by_key=True)
-        print("word counts:", dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
+        say("word counts:", dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
     return 0

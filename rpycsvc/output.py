@@ -2,17 +2,73 @@
 
 The worker sends whole lines only, and each batch is written here with one ``write`` under
 a lock, so lines of concurrent tasks never interleave inside a line.
+
+Live lines (a progress bar being redrawn on the terminal) register here. Streamed output is
+then written *above* them, as ``tqdm.write`` does: each live line is cleared, the output is
+written on lines of its own, and the live lines are drawn again below it. Everything that
+writes to the terminal does so under :data:`terminal_lock`, so a bar's redraw never lands in
+the middle of a remote line.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn, Protocol, TextIO
 
 from .errors import ConfigError
 
 MODES = ("stream", "capture", "discard")
+
+#: Held by whoever writes to the terminal: routers, live lines. Reentrant, so a live line's
+#: ``clear``/``redraw`` may take it again.
+terminal_lock = threading.RLock()
+
+
+class LiveLine(Protocol):
+    """A line redrawn in place (a progress bar). Both methods run with the lock held."""
+
+    def clear(self) -> None:
+        """Erase the line from the terminal and leave the cursor at its start."""
+
+    def redraw(self) -> None:
+        """Draw the line again where the cursor is."""
+
+
+_live_lines: list[LiveLine] = []
+
+
+def show_live_line(line: LiveLine) -> None:
+    """``line`` is on the terminal now: output written through :func:`write_above` goes
+    above it until :func:`hide_live_line`."""
+    with terminal_lock:
+        _live_lines.append(line)
+
+
+def hide_live_line(line: LiveLine) -> None:
+    with terminal_lock:
+        if line in _live_lines:
+            _live_lines.remove(line)
+
+
+def write_above(stream: TextIO, text: str) -> None:
+    """Write ``text`` (whole lines) to ``stream`` above any live line, then redraw those.
+
+    For local code that prints while a ``map(progress=True)`` bar is shown, like
+    ``tqdm.write``. Errors writing (a closed stdout) are ignored: output is best effort.
+    """
+    with terminal_lock:
+        lines = list(_live_lines)
+        for line in lines:
+            line.clear()
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # our own stdout is closed; nothing sensible to do
+        for line in lines:
+            line.redraw()
 
 
 class OutputRouter:
@@ -55,10 +111,38 @@ class OutputRouter:
         head = self.prefix.format(address=address, task=key)
         lines = text.splitlines(keepends=True)
         block = "".join(head + (ln if ln.endswith("\n") else ln + "\n") for ln in lines)
-        stream = sys.stdout if fd == 1 else sys.stderr
-        with self._lock:
-            try:
-                stream.write(block)
-                stream.flush()
-            except (OSError, ValueError):
-                pass  # our own stdout is closed; nothing sensible to do
+        write_above(sys.stdout if fd == 1 else sys.stderr, block)
+
+
+# -- a command's own stdout, read by a pipe that may close early -------------------------------
+#: Exit status of a command whose stdout reader went away (``rpycsvc status | head``):
+#: 128 + SIGPIPE, what the shell shows for a program that SIGPIPE ended, so ``set -o
+#: pipefail`` scripts see it as they would for ``cat`` or ``yes``.
+EXIT_STDOUT_CLOSED = 141
+
+
+def write_stdout(text: str) -> None:
+    """Write and flush a command's own output. If the reader went away (``| head`` has
+    read enough), end the command quietly with :data:`EXIT_STDOUT_CLOSED` instead of a
+    ``BrokenPipeError`` traceback. Raises ``SystemExit``, so ``finally`` blocks and
+    context managers (local servers, connections) still clean up."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed()
+
+
+def stdout_closed() -> NoReturn:
+    """Stop writing to a stdout nobody reads: point its descriptor at ``/dev/null`` (so the
+    interpreter's last flush at exit can't complain either, as the ``signal`` module's
+    docs advise) and exit with :data:`EXIT_STDOUT_CLOSED`."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass  # no real descriptor (a test's StringIO): nothing would flush to a pipe
+    raise SystemExit(EXIT_STDOUT_CLOSED)

@@ -1,36 +1,80 @@
-"""A small progress bar for ``Cluster.map(..., progress=True)``: done/total, rate, ETA,
-and how many results each server delivered. Drawn on stderr at most ten times a second."""
+"""The progress bar of ``Cluster.map(..., progress=True)`` and ``map_reduce(..., progress=True)``:
+done/total, rate, ETA, and how many results each server delivered.
+
+On a terminal the bar is one line on stderr, redrawn in place at most ten times a second
+and kept below remote output (see :mod:`rpycsvc.output`). Anywhere else — a pipe, a file,
+a CI log — it writes no carriage returns and no escape codes: nothing while the work runs,
+then one plain summary line when it ends, so a log still says what happened.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-import threading
 import time
 from collections import Counter
 from typing import TextIO
 
+from . import output
+
+#: Seconds between redraws of a live bar.
+REDRAW_EVERY = 0.1
+#: Erase from the cursor to the end of the line (ANSI "EL"); only ever sent to a terminal.
+ERASE_LINE = "\x1b[K"
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """True if ``stream`` is a terminal (False for pipes, files, closed or odd streams)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _columns(stream: TextIO) -> int:
+    """The terminal's width, so a long bar is cut instead of wrapping (``\\r`` only goes
+    back to the start of the last physical line, so a wrapped bar would smear)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
+
 
 class Progress:
-    def __init__(self, total: int | None, stream: TextIO | None = None, width: int = 24) -> None:
+    """One bar. ``update`` counts finished items; ``close`` ends the bar.
+
+    ``live`` chooses between the redrawn bar and the single final line; the default
+    (None) asks ``stream.isatty()``, as tqdm does with ``disable=None``.
+    """
+
+    def __init__(self, total: int | None, stream: TextIO | None = None, width: int = 24,
+                 label: str = "", live: bool | None = None) -> None:
         self.total = total
         self.stream = stream or sys.stderr
         self.width = width
+        self.label = label
+        self.live = is_terminal(self.stream) if live is None else live
         self.done = 0
         self.per_server: Counter[str] = Counter()
         self.started = time.monotonic()
         self._last = 0.0
-        self._lock = threading.Lock()
+        self._shown = False  # a live bar is on the screen now
+        self._closed = False
+        if self.live:
+            output.show_live_line(self)
 
     def update(self, n: int, server: str) -> None:
-        with self._lock:
+        """``n`` more items finished, delivered by ``server``."""
+        with output.terminal_lock:
             self.done += n
             self.per_server[server] += n
             now = time.monotonic()
-            if now - self._last >= 0.1:
+            if self.live and not self._closed and now - self._last >= REDRAW_EVERY:
                 self._last = now
                 self._draw(now)
 
     def render(self, now: float | None = None) -> str:
+        """The bar's text (no control characters)."""
         now = time.monotonic() if now is None else now
         elapsed = max(now - self.started, 1e-9)
         rate = self.done / elapsed
@@ -44,20 +88,54 @@ class Progress:
         else:
             head, eta_s = f"{self.done}/?", "  ?  "
         servers = " ".join(f"{addr}:{n}" for addr, n in sorted(self.per_server.items()))
-        return f"{head} {rate:,.0f}/s ETA {eta_s} | {servers}"
+        label = f"{self.label}: " if self.label else ""
+        return f"{label}{head} {rate:,.0f}/s ETA {eta_s} | {servers}"
+
+    def summary(self, now: float | None = None) -> str:
+        """The one line a non-terminal gets at the end: counts, time, rate, servers."""
+        now = time.monotonic() if now is None else now
+        elapsed = max(now - self.started, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        servers = " ".join(f"{addr}:{n}" for addr, n in sorted(self.per_server.items()))
+        label = f"{self.label}: " if self.label else ""
+        return (f"{label}{self.done}{of} done in {elapsed:.1f}s "
+                f"({self.done / elapsed:,.0f}/s) | {servers}").rstrip(" |")
+
+    # -- the output.LiveLine interface (called with output.terminal_lock held) -----------------
+    def clear(self) -> None:
+        """Take the bar off the screen so a line of other output can take its place."""
+        if self._shown:
+            self._write("\r" + ERASE_LINE)
+            self._shown = False
+
+    def redraw(self) -> None:
+        """Draw the bar again (below what was just printed)."""
+        if not self._closed:
+            self._draw(time.monotonic())
 
     def _draw(self, now: float) -> None:
+        text = self.render(now)[: max(1, _columns(self.stream) - 1)]
+        self._write("\r" + text + ERASE_LINE)
+        self._shown = True
+
+    def _write(self, text: str) -> None:
         try:
-            self.stream.write("\r" + self.render(now) + "\x1b[K")
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
-            pass
+            pass  # stderr went away; the map itself must not fail over its bar
 
     def close(self) -> None:
-        with self._lock:
-            self._draw(time.monotonic())
-        try:
-            self.stream.write("\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass
+        """Final state: a live bar is drawn once more and left on its own line; otherwise the
+        summary line is written. Idempotent."""
+        with output.terminal_lock:
+            if self._closed:
+                return
+            if self.live:
+                self._draw(time.monotonic())
+                self._closed = True
+                self._write("\n")
+                output.hide_live_line(self)
+            else:
+                self._closed = True
+                self._write(self.summary() + "\n")

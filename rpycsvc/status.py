@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from .output import write_stdout
 
 DESCRIPTION = """\
 Show the state of rpycsvc servers: address, versions (rpycsvc/rpyc/python), cores,
@@ -24,7 +25,8 @@ its workers), uptime and round-trip time.
 Servers are probed in parallel; a server that can't be reached within --timeout is shown
 as DOWN with the reason, and the exit status is then 1 (0 when every server answered).
 HOST may be host, host:port (default port 18812) or @FILE, a hosts file with one address
-per line. --discover adds the servers an RPyC registry knows (see `rpycsvc registry`).
+per line; a server named more than once is probed once and shown on one row. --discover
+adds the servers an RPyC registry knows (see "rpycsvc registry").
 The authkey comes from --authkey or, better, RPYCSVC_AUTHKEY."""
 
 
@@ -155,21 +157,42 @@ def versions_of(stats: dict[str, Any]) -> str:
 def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
     """Align columns; ``right`` holds the indexes of right-aligned (numeric) columns.
 
-    A row shorter than the headers has its last cell run on, unaligned (for DOWN rows).
+    A row shorter than the headers (a DOWN row: address, state, reason) has its leading
+    cells aligned with the others and its last cell run on, unaligned, to the end.
     """
     right = right or set()
     widths = [len(h) for h in headers]
     for row in rows:
-        if len(row) == len(headers):
-            widths = [max(w, len(c)) for w, c in zip(widths, row)]
+        aligned = row if len(row) == len(headers) else row[:-1]
+        for i, cell in enumerate(aligned):
+            widths[i] = max(widths[i], len(cell))
     out = []
     for row in [headers, *rows]:
         cells = [c.rjust(w) if i in right else c.ljust(w)
                  for i, (c, w) in enumerate(zip(row, widths))]
         if len(row) < len(headers):
-            cells[-1] = row[len(row) - 1]
+            cells[-1] = row[-1]
         out.append("  ".join(cells).rstrip())
     return out
+
+
+def unique_addresses(addresses: list[str]) -> list[str]:
+    """Each server once, in first-seen order, spelled as connections spell it
+    (``host:port``, ``[v6]:port``): ``h``, ``h:18812`` and a repeated ``@hostsfile``
+    entry are one server, probed once and shown on one row. An address that doesn't
+    parse is kept as written, so its row says what is wrong with it."""
+    from .client import parse_address
+    from .errors import ConfigError
+
+    seen: dict[str, None] = {}
+    for addr in addresses:
+        try:
+            host, port = parse_address(addr)
+            key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        except ConfigError:
+            key = addr
+        seen.setdefault(key, None)
+    return list(seen)
 
 
 STATUS_HEADERS = ["ADDRESS", "STATE", "RPYCSVC/RPYC/PY", "CORES", "WORKERS", "RUN", "QUEUED",
@@ -204,14 +227,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .registry import add_discover_arguments
 
     p.add_argument("hosts", nargs="*", metavar="HOST[:PORT]",
-                   help="servers to ask (host, host:port or @hostsfile)")
+                   help="servers to ask (host, host:port or @hostsfile); a server named twice "
+                   "is shown once")
     p.add_argument("--json", action="store_true",
-                   help="print a JSON list (address, ok, error, rtt_ms, stats) instead")
-    p.add_argument("--timeout", type=float, default=5.0,
-                   help="seconds to wait for each server (default 5); probes run in parallel")
+                   help="print a JSON list (address, ok, error, rtt_ms, stats) instead of the "
+                   "table (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds to wait for each server; probes run in parallel "
+                   "(default: %(default)s)")
     p.add_argument("--authkey", default=None,
-                   help="the servers' shared secret (prefer RPYCSVC_AUTHKEY: command lines "
-                   "are visible to other users)")
+                   help="the servers' shared secret (default: RPYCSVC_AUTHKEY, or none; prefer "
+                   "the variable: command lines are visible to other users)")
     add_discover_arguments(p)
 
 
@@ -222,11 +248,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be a positive number of seconds; got {args.timeout!r}")
-    statuses = probe_all(addresses_from_args(args, args.timeout), args.timeout, args.authkey)
+    addresses = unique_addresses(addresses_from_args(args, args.timeout))
+    statuses = probe_all(addresses, args.timeout, args.authkey)
     if args.json:
-        json.dump([st.as_json() for st in statuses], sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        text = json.dumps([st.as_json() for st in statuses], indent=2, default=str) + "\n"
     else:
-        sys.stdout.write(format_table(statuses))
-    sys.stdout.flush()
+        text = format_table(statuses)
+    write_stdout(text)  # one write; a reader that stops early (| head) ends us quietly
     return 0 if all(st.ok for st in statuses) else 1

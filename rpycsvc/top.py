@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .output import write_stdout
 from .status import human_bytes, human_duration, table
 
 DESCRIPTION = """\
@@ -31,7 +32,7 @@ A live view of rpycsvc servers, refreshed every --interval seconds (Ctrl-C quits
 Servers that stop answering are shown DOWN and reconnected on later refreshes.
 --once prints a single frame (after one interval, so throughput is real) and exits,
 for scripts and logs. HOST is host, host:port or @hostsfile; --discover asks an RPyC
-registry (see `rpycsvc registry`)."""
+registry (see "rpycsvc registry")."""
 
 #: Rows shown at most in each of the running and failures sections.
 MAX_ROWS = 15
@@ -206,17 +207,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .registry import add_discover_arguments
 
     p.add_argument("hosts", nargs="*", metavar="HOST[:PORT]",
-                   help="servers to watch (host, host:port or @hostsfile)")
-    p.add_argument("-n", "--interval", type=float, default=1.0,
-                   help="seconds between refreshes (default 1)")
+                   help="servers to watch (host, host:port or @hostsfile); a server named "
+                   "twice is shown once")
+    p.add_argument("-n", "--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between refreshes (default: %(default)s)")
     p.add_argument("--once", action="store_true",
-                   help="print one frame (after one interval) and exit")
-    p.add_argument("--count", type=int, default=0,
-                   help="stop after this many frames (default 0: until Ctrl-C)")
-    p.add_argument("--timeout", type=float, default=5.0,
-                   help="seconds to wait for a server each refresh (default 5)")
+                   help="print one frame (after one interval) and exit (default: %(default)s)")
+    p.add_argument("--count", type=int, default=0, metavar="N",
+                   help="stop after N frames; 0 runs until Ctrl-C (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds to wait for a server each refresh (default: %(default)s)")
     p.add_argument("--authkey", default=None,
-                   help="the servers' shared secret (prefer RPYCSVC_AUTHKEY)")
+                   help="the servers' shared secret (default: RPYCSVC_AUTHKEY, or none; prefer "
+                   "the variable: command lines are visible to other users)")
     add_discover_arguments(p)
 
 
@@ -228,7 +231,10 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.timeout <= 0:
         raise ConfigError("--interval and --timeout must be positive numbers of seconds; got "
                           f"{args.interval!r} and {args.timeout!r}")
-    monitor = Monitor(addresses_from_args(args, args.timeout), args.timeout, args.authkey)
+    from .status import unique_addresses
+
+    addresses = unique_addresses(addresses_from_args(args, args.timeout))
+    monitor = Monitor(addresses, args.timeout, args.authkey)
     tty = sys.stdout.isatty()
     frames = 1 if args.once else args.count
     previous: dict[str, Snapshot] = {}
@@ -240,9 +246,8 @@ def run(args: argparse.Namespace) -> int:
             started = time.monotonic()
             snapshots = monitor.poll()
             width = shutil.get_terminal_size().columns if tty else None
-            sys.stdout.write((CLEAR if tty and not args.once else "")
-                             + render(snapshots, previous, time.time(), width))
-            sys.stdout.flush()
+            write_stdout((CLEAR if tty and not args.once else "")
+                         + render(snapshots, previous, time.time(), width))
             previous = snapshots
             if frames and i >= frames:
                 break
