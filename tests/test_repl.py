@@ -316,6 +316,18 @@ def test_input_reads_the_terminal(repl: pexpect.spawn) -> None:
     assert re.search(r"^3\s*$", run_line(repl, "1 + 2"), re.M)
 
 
+def test_pdb_post_mortem_in_the_session(repl: pexpect.spawn) -> None:
+    run_line(repl, "def g(n):\n    secret = n * 3\n    return 1 // (n - n)\n")
+    assert "ZeroDivisionError" in run_line(repl, "g(5)")
+    repl.sendline("import pdb; pdb.pm()")
+    repl.expect_exact("(Pdb) ")
+    repl.sendline("p secret")
+    repl.expect(r"\r\n15\r\n")
+    repl.expect_exact("(Pdb) ")
+    repl.sendline("q")
+    repl.expect_exact(PROMPT)
+
+
 def test_program_output_shows_in_the_session(repl: pexpect.spawn) -> None:
     # what a program the session starts prints reaches us too (descriptor 1 of the session)
     assert "from a child 7" in run_line(
