@@ -8,14 +8,24 @@ three containers deep) are wrapped first to travel out of band as well. Function
 go through cloudpickle, so lambdas, closures and functions defined in ``__main__`` work. A
 packed value is a tuple of ``bytes`` frames: RPyC's brine sends such a tuple by value,
 never as a netref.
+
+A task's exception comes back with a traceback that reads like a local one: the worker's
+own frames are cut from its top, code sent by value keeps its file name, and the client
+fills in the source lines of that code from its own files (see :func:`dump_exception`).
 """
 
 from __future__ import annotations
 
+import builtins
 import io
+import linecache
+import os
 import pickle
 import pickletools
+import re
+import sys
 import traceback
+import types
 import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Sequence
@@ -50,9 +60,26 @@ def _rebuild_memoryview(data: Any, fmt: str, shape: tuple[int, ...]) -> memoryvi
         return view
 
 
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+#: Where ``co_filename`` sits in the arguments of ``types.CodeType`` (Python 3.8 to 3.13).
+_CO_FILENAME = 10
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    # cloudpickle (3.x) replaces every code object's file name with "<dynamic-code>" so that
+    # its pickles don't depend on where a function was defined (IPython cells get a new file
+    # name each run). That costs the remote traceback its file name, and with it any way to
+    # show the source line; rpycsvc keeps the real name (still deterministic per function).
+    rebuild, args = _cloudpickle_code_reduce(code)
+    if len(args) > _CO_FILENAME and args[_CO_FILENAME] == "<dynamic-code>":
+        args = (*args[:_CO_FILENAME], code.co_filename, *args[_CO_FILENAME + 1:])
+    return rebuild, args
+
+
 class _Pickler(cloudpickle.Pickler):
     dispatch_table = ChainMap(
-        {memoryview: _reduce_memoryview}, cloudpickle.Pickler.dispatch_table
+        {memoryview: _reduce_memoryview, types.CodeType: _reduce_code},
+        cloudpickle.Pickler.dispatch_table,
     )
 
 
@@ -252,26 +279,32 @@ def check_plain(frames: Sequence[bytes | bytearray]) -> None:
         raise SerializationError(f"malformed arguments: {type(exc).__name__}: {exc}") from exc
 
 
-_BY_REFERENCE: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+#: fn -> (cloudpickle's by-value registry when ``fn`` was pickled, the by-reference pickle)
+_BY_REFERENCE: weakref.WeakKeyDictionary[Any, tuple[frozenset[str], bytes]] = (
+    weakref.WeakKeyDictionary())
 
 
 def dumps_function(fn: Any) -> bytes:
     """Pickle a task function by value (lambdas and closures included).
 
     Functions of importable modules pickle to just their module and name; those few bytes
-    can't go stale, so they are cached (saves ~30 µs a call). Anything pickled by value is
-    pickled anew each time: its globals or closure may have changed since.
+    can't go stale, so they are cached (saves ~30 µs a call) — for as long as cloudpickle's
+    by-value registry stays as it was: after ``cloudpickle.register_pickle_by_value(module)``
+    (what the "can't unpickle" error suggests) the module's functions travel by value from
+    the next call on. Anything pickled by value is pickled anew each time: its globals or
+    closure may have changed since.
     """
+    registry = cloudpickle.list_registry_pickle_by_value()
     try:
         cached = _BY_REFERENCE.get(fn)
     except TypeError:  # unhashable callables
         cached = None
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == registry:
+        return cached[1]
     blob = _dumps_function(fn)
     if len(blob) < 256 and b"cloudpickle" not in blob:
         try:
-            _BY_REFERENCE[fn] = blob
+            _BY_REFERENCE[fn] = (frozenset(registry), blob)
         except TypeError:
             pass  # not weak-referenceable (e.g. builtins): fine, just not cached
     return blob
@@ -284,7 +317,9 @@ def _dumps_function(fn: Any) -> bytes:
             f"got {_short_repr(fn)}"
         )
     try:
-        return cloudpickle.dumps(fn, protocol=5)
+        with io.BytesIO() as out:
+            _Pickler(out, protocol=5).dump(fn)  # keeps code file names (see _reduce_code)
+            return out.getvalue()
     except Exception as exc:
         raise SerializationError(
             f"can't send task function {_short_repr(fn)} by value: {type(exc).__name__}: {exc}"
@@ -320,9 +355,15 @@ class FunctionCache:
 def dump_exception(exc: BaseException) -> Frames:
     """Pack an exception raised by a task: the object itself if it pickles, plus its text.
 
-    The frames are ``(type qualname, message, traceback text, pickled exception or b"")``.
+    The frames are ``(type qualname, message, traceback text, pickled exception or b"",
+    files of code sent by value)``. The traceback text reads as a local one would: the
+    worker's own frames (``rpycsvc/worker.py`` and friends) are cut from the top, and frames
+    of code the client sent by value carry no source line, because the server's file of
+    that name, if it has one, need not be the one the code came from; :func:`load_exception`
+    fills those lines in from the client's files (the last frame names them, ``\\0``-separated).
     """
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    shipped = _shipped_files(exc)
+    tb_text = _format_task_traceback(exc, shipped)
     typ = type(exc)
     qualname = f"{typ.__module__}.{typ.__qualname__}"
     try:
@@ -330,7 +371,111 @@ def dump_exception(exc: BaseException) -> Frames:
         pickle.loads(blob)  # only ship what rebuilds; some exceptions pickle but won't load
     except Exception:
         blob = b""
-    return (qualname.encode(), _safe_str(exc).encode(), tb_text.encode(), blob)
+    return (qualname.encode(), _safe_str(exc).encode(), tb_text.encode(), blob,
+            "\0".join(sorted(shipped)).encode(errors="surrogateescape"))
+
+
+#: rpycsvc's own source files start with this: their frames on top of a task's traceback
+#: are the worker's, not the user's.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_ExceptionGroup: Any = getattr(builtins, "BaseExceptionGroup", None)  # Python 3.11+
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception chained to it (causes, contexts, members of groups)."""
+    found: list[BaseException] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        found.append(e)
+        todo += [e.__cause__, e.__context__]
+        if _ExceptionGroup is not None and isinstance(e, _ExceptionGroup):
+            todo += list(e.exceptions)
+    return found
+
+
+def _is_shipped(frame: types.FrameType) -> bool:
+    """Whether ``frame`` runs code that was unpickled by value (sent by the client).
+
+    Such code runs with globals of its own, rebuilt by cloudpickle, where code of a module
+    imported here runs in that module's namespace.
+    """
+    g = frame.f_globals
+    name = g.get("__name__")
+    module = sys.modules.get(name) if isinstance(name, str) else None
+    return getattr(module, "__dict__", None) is not g
+
+
+def _shipped_files(exc: BaseException) -> set[str]:
+    """The file names of the frames, in ``exc``'s tracebacks, of code sent by value."""
+    return {frame.f_code.co_filename
+            for e in _chain(exc)
+            for frame, _ in traceback.walk_tb(e.__traceback__)
+            if _is_shipped(frame)}
+
+
+def _format_task_traceback(exc: BaseException, shipped: set[str]) -> str:
+    """``exc`` formatted as :func:`traceback.format_exception` does, less the worker's frames
+    on top of each traceback and the (server-side) source lines of ``shipped`` files."""
+    try:
+        top = traceback.TracebackException(type(exc), exc, exc.__traceback__,
+                                           lookup_lines=False)
+        todo: list[Any] = [top]
+        seen: set[int] = set()
+        while todo:
+            te = todo.pop()
+            if te is None or id(te) in seen:
+                continue
+            seen.add(id(te))
+            te.stack = traceback.StackSummary.from_list(_task_frames(te.stack, shipped))
+            todo += [te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())]
+        return "".join(top.format())
+    except Exception:  # formatting must not lose the task's error: the plain text, then
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _task_frames(stack: list[traceback.FrameSummary],
+                 shipped: set[str]) -> list[traceback.FrameSummary]:
+    frames = list(stack)
+    start = 0
+    while start < len(frames) and frames[start].filename.startswith(_PACKAGE_DIR):
+        start += 1
+    if start == len(frames):  # rpycsvc's own error (bad arguments, no such endpoint): keep all
+        start = 0
+    return [traceback.FrameSummary(f.filename, f.lineno, f.name, lookup_line=False, line="")
+            if f.filename in shipped else f
+            for f in frames[start:]]
+
+
+#: A frame's line in a formatted traceback: ``<indent>File "name", line N, in function``.
+_FRAME_LINE = re.compile(r'(?P<indent>[ |]*)File "(?P<file>.+)", line (?P<line>\d+), in ')
+
+
+def _with_client_source(text: str, shipped: set[str]) -> str:
+    """``text`` with the source line of each frame of a ``shipped`` file that has none,
+    from the client's own copy of the file (as a local traceback shows it: its content now,
+    should it have been edited since the task was sent)."""
+    if not shipped:
+        return text
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME_LINE.match(line)
+        if m is None or m["file"] not in shipped:
+            continue
+        source_indent = m["indent"] + "  "
+        if i + 1 < len(lines) and lines[i + 1].startswith(source_indent):
+            continue  # it has its source line already
+        linecache.checkcache(m["file"])
+        source = linecache.getline(m["file"], int(m["line"])).strip()
+        if source:
+            out.append(f"{source_indent}{source}\n")
+    return "".join(out)
 
 
 def load_exception(frames: Frames | list[bytes], address: str | None) -> BaseException:
@@ -338,10 +483,13 @@ def load_exception(frames: Frames | list[bytes], address: str | None) -> BaseExc
     (always for ``BaseException``\ s that aren't ``Exception``\ s, such as ``SystemExit``).
 
     The remote traceback is attached as ``__cause__`` (a :class:`RemoteTraceback`) and as
-    ``remote_traceback``; ``address`` names the server in both cases.
+    ``remote_traceback``; ``address`` names the server in both cases. Frames of code this
+    side sent by value get their source lines from this side's files.
     """
     qualname, message, tb_text, blob = (bytes(f) for f in frames[:4])
-    text = tb_text.decode(errors="replace")
+    shipped = (set(bytes(frames[4]).decode(errors="surrogateescape").split("\0"))
+               if len(frames) > 4 and frames[4] else set())
+    text = _with_client_source(tb_text.decode(errors="replace"), shipped)
     exc: BaseException | None = None
     if blob:
         try:
