@@ -111,6 +111,22 @@ def test_function_sent_by_value_shows_file_line_and_source(
     assert_points_at_user_code(info.value, want)
 
 
+def test_the_same_through_the_server_and_in_a_batched_map(
+        server: rpycsvc.Server, helpers_by_value: None) -> None:
+    """Tasks sent through the server process (no lane) and items of a batched map fail
+    the same way: the worker's own frames (``run``, ``_run_batch``) are cut as well."""
+    want = [helper_frame("entry"), helper_frame("middle"), helper_frame("innermost")]
+    with rpycsvc.connect(server.address, lanes=False) as c:
+        with pytest.raises(ValueError, match="innermost failed on 6") as info:
+            c.compute(tb_helpers.entry, 3)
+        assert_points_at_user_code(info.value, want)
+    with rpycsvc.Cluster([server.address]) as cluster:
+        results = cluster.map(tb_helpers.entry, [3, 3, 3, 3], chunksize=2)
+        with pytest.raises(ValueError, match="innermost failed on 6") as info:
+            next(iter(results))
+        assert_points_at_user_code(info.value, want)
+
+
 def test_chained_exceptions_sent_by_value_show_their_source_too(
         client: rpycsvc.Client, helpers_by_value: None) -> None:
     with pytest.raises(RuntimeError, match=r"entry\(2\) failed") as info:
