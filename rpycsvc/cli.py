@@ -48,17 +48,20 @@ RPYCSVC_AUTHKEY, RPYCSVC_WORKERS; the command line wins."""
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``rpycsvc serve`` (rpyc_classic's options mean the same here)."""
     g = p.add_argument_group("listening")
-    g.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    g.add_argument("--host", default=None,
+                   help="address to bind (default 127.0.0.1, or ::1 with --ipv6)")
     g.add_argument("-p", "--port", type=int, default=None,
                    help=f"port to bind; 0 picks a free one (default {DEFAULT_PORT})")
-    g.add_argument("--ipv6", action="store_true", default=None, help="bind an IPv6 address")
+    g.add_argument("--ipv6", action="store_true", default=None,
+                   help="listen on IPv6 (::1 unless --host names another IPv6 address)")
     g.add_argument("-m", "--mode", choices=MODES, default=None,
                    help="threaded (default): a thread per connection; forking: a process per "
                    "connection; oneshot: serve one connection, then exit; stdio: speak over "
-                   "stdin/stdout (for ssh)")
+                   "stdin/stdout (for ssh). rpycsvc_classic -m oneshot prints 'rpyc-oneshot' "
+                   "then HOST<tab>PORT, as rpyc_classic does")
     w = p.add_argument_group("execution")
-    w.add_argument("--workers", type=int, default=None,
-                   help="worker processes for tasks (default: one per core)")
+    w.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes for tasks; 0 means one per core (the default)")
     w.add_argument("--threads", type=int, default=None,
                    help="thread-mode tasks that may run at once (default 256; 0 disables)")
     w.add_argument("--endpoints", action="append", default=None, metavar="MODULE",
@@ -80,8 +83,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running tasks may finish after SIGTERM (default 10)")
     s = p.add_argument_group("security")
     s.add_argument("--no-classic", dest="classic", action="store_false", default=None,
-                   help="service-only mode: registered endpoints only, no module access, no "
-                   "code or pickles from clients")
+                   help="service-only mode: registered endpoints (--endpoints) and hosted "
+                   "objects (--service) only, no module access, no code or pickles from "
+                   "clients; one of those two is then required")
     s.add_argument("--authkey", default=None,
                    help="shared secret clients must prove they know (HMAC challenge; the key is "
                    "never sent). Prefer RPYCSVC_AUTHKEY: command lines are visible to others")
@@ -116,7 +120,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve Prometheus metrics on http://127.0.0.1:P/metrics")
     o.add_argument("--logfile", default=None, help="log here instead of stderr")
-    o.add_argument("-q", "--quiet", action="store_true", default=None, help="warnings only")
+    o.add_argument("-q", "--quiet", action="store_true", default=None,
+                   help="log errors only (as rpyc_classic -q)")
     o.add_argument("-v", "--verbose", action="store_true", default=None, help="debug logging")
 
 
@@ -138,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def setup_logging(cfg: Any) -> None:
-    level = logging.DEBUG if cfg.verbose else logging.WARNING if cfg.quiet else logging.INFO
+    level = logging.DEBUG if cfg.verbose else logging.ERROR if cfg.quiet else logging.INFO
     handler: logging.Handler = (logging.FileHandler(cfg.logfile) if cfg.logfile
                                 else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -152,11 +157,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_serve_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    """``rpycsvc serve``: start, print the address, serve until SIGTERM/SIGINT."""
+def run(args: argparse.Namespace, *, classic_banner: bool = False) -> int:
+    """``rpycsvc serve``: start, print the address, serve until SIGTERM/SIGINT.
+
+    With ``classic_banner`` (``rpycsvc_classic``), oneshot mode prints what
+    ``rpyc_classic`` prints there, ``rpyc-oneshot`` then ``HOST<tab>PORT``, which RPyC's
+    own tests and scripts parse."""
     from .server import Server, serve_stdio
 
     cfg = config_from_args(args)
+    cfg.check_serves_something()
     setup_logging(cfg)
     if cfg.insecure and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("rpycsvc.server").warning(
@@ -175,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
             raise
     # Handlers first: a script may signal us as soon as it has read the address.
     server.install_signal_handlers()
-    print(server.address, flush=True)
+    if classic_banner and cfg.mode == "oneshot":
+        print(f"rpyc-oneshot\n{server.host}\t{server.port}", flush=True)
+    else:
+        print(server.address, flush=True)
     server.serve()
     server.close()
     return 0
@@ -222,7 +235,7 @@ def classic_main(argv: list[str] | None = None) -> int:
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run(args, classic_banner=True)
     except RpycsvcError as exc:
         print(f"rpycsvc_classic: error: {exc}", file=sys.stderr)
         return 2

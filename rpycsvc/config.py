@@ -27,7 +27,7 @@ MODES = ("threaded", "forking", "oneshot", "stdio")
 class ServerConfig:
     """Everything ``rpycsvc serve`` can be told. Field names match the long CLI options."""
 
-    host: str = "127.0.0.1"
+    host: str = ""  # "": loopback, 127.0.0.1 (::1 with ipv6), as rpyc_classic does
     port: int = DEFAULT_PORT
     mode: str = "threaded"
     ipv6: bool = False
@@ -77,6 +77,10 @@ class ServerConfig:
         cfg.validate()
         return cfg
 
+    def __post_init__(self) -> None:
+        if not self.host:
+            self.host = "::1" if self.ipv6 else "127.0.0.1"
+
     @property
     def effective_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
@@ -92,13 +96,18 @@ class ServerConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535 (0 picks a free port); got {self.port!r}")
         if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 1 (or 0 for one per core); got {self.workers}")
+            raise ConfigError(f"--workers must be >= 1 (or 0 for one per core), and so must "
+                              f"RPYCSVC_WORKERS; got {self.workers}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0; got {self.threads}")
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
             raise ConfigError("--ssl-keyfile and --ssl-certfile must be given together")
         if self.ssl_cafile and not self.uses_ssl:
             raise ConfigError("--ssl-cafile needs --ssl-keyfile and --ssl-certfile too")
+        if self.ipv6 and _is_ipv4(self.host):
+            raise ConfigError(
+                f"--ipv6 binds an IPv6 address, but --host {self.host!r} is IPv4: leave --host "
+                "out to bind ::1, or give an IPv6 address (e.g. ::1, or :: for every interface)")
         for name in ("ssl_keyfile", "ssl_certfile", "ssl_cafile"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
@@ -131,6 +140,26 @@ class ServerConfig:
             raise ConfigError(f"--max-pending must be >= 1; got {self.max_pending!r}")
         if self.authkey is not None and len(self.authkey) < 8:
             raise ConfigError("--authkey must be at least 8 characters long")
+
+    def check_serves_something(self) -> None:
+        """Refuse a service-only server that offers nothing (``rpycsvc serve`` calls this).
+
+        With ``--no-classic`` a server runs no code from clients: without endpoints or
+        hosted objects, every task would be refused. (The Python API allows such a server:
+        its refusals are what tests of service-only mode look at.)"""
+        if not self.classic and not self.endpoints and not self.services:
+            raise ConfigError(
+                "service-only mode (--no-classic, RPYCSVC_CLASSIC=false) with nothing to "
+                "serve: it runs no code from clients, so it needs endpoints or hosted "
+                "objects. Add --endpoints MODULE (RPYCSVC_ENDPOINTS) and/or --service "
+                "MODULE:CLASS (RPYCSVC_SERVICES), or drop --no-classic for classic access.")
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
 
 
 def is_loopback(host: str) -> bool:

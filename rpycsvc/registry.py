@@ -32,8 +32,12 @@ from .errors import ConfigError
 log = logging.getLogger("rpycsvc.registry")
 
 #: What rpycsvc servers register as: RPyC derives a service's name from its class name
-#: (``ClassicComputeService`` → ``CLASSICCOMPUTE``; ``--no-classic`` → ``COMPUTE``).
-SERVICE_NAMES = ("CLASSICCOMPUTE", "COMPUTE")
+#: (``ClassicComputeService`` → ``CLASSICCOMPUTE``; ``--no-classic`` → ``COMPUTE``); a
+#: classic server also registers as ``SLAVE``, RPyC's classic name, for ``rpyc.discover``.
+SERVICE_NAMES = ("CLASSICCOMPUTE", "COMPUTE", "SLAVE")
+#: What :func:`discover` looks up: ``SLAVE`` alone would also find ``rpyc_classic`` servers,
+#: which an rpycsvc client can't use, and every rpycsvc classic server is ``CLASSICCOMPUTE`` too.
+RPYCSVC_NAMES = ("CLASSICCOMPUTE", "COMPUTE")
 
 DESCRIPTION = """\
 Run an RPyC registry so servers started with `rpycsvc serve --register` can be found by
@@ -138,7 +142,7 @@ def discover(registry_host: str = "127.0.0.1", registry_port: int = REGISTRY_POR
     else:
         raise ConfigError(f"registry mode must be TCP or UDP; got {mode!r}")
     found: set[tuple[str, int]] = set()
-    for name in SERVICE_NAMES:
+    for name in RPYCSVC_NAMES:
         try:
             found.update((str(h), int(p)) for h, p in client.discover(name))
         except OSError as exc:
@@ -191,12 +195,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "LAN broadcasts; rpyc_registry's default, needs --host 0.0.0.0 to hear them)")
     p.add_argument("-t", "--timeout", type=float, default=240.0,
                    help="seconds an entry lives without being refreshed (default 240)")
-    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="log errors only (as rpyc_registry -q)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``rpycsvc registry``: bind, print the address, serve until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if args.timeout <= 0:

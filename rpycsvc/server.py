@@ -13,11 +13,13 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
+import zlib
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from rpyc.utils.authenticators import AuthenticationError as RpycAuthError
 from rpyc.utils.helpers import classpartial
@@ -25,7 +27,7 @@ from rpyc.utils.server import ForkingServer, OneShotServer, ThreadedServer
 
 from .config import ServerConfig
 from .errors import ConfigError
-from .handshake import server_handshake, server_ssl_context
+from .handshake import MAGIC, server_handshake, server_ssl_context
 from .hosted import load_services
 from .pool import WorkerPool
 from .service import ClassicComputeService, ComputeService, Runtime
@@ -118,6 +120,104 @@ class _PendingSlots:
                         self.counters.handshakes_evicted)
 
 
+class _Replay:
+    """A socket with bytes already read put back in front: after peeking at a peer's first
+    byte (which TLS sockets can't do with ``MSG_PEEK``), :func:`server_handshake` reads the
+    whole hello as sent. Everything else goes to the socket itself."""
+
+    def __init__(self, sock: socket.socket, data: bytes) -> None:
+        self._sock = sock
+        self._data = data
+
+    def recv(self, n: int) -> bytes:
+        if self._data:
+            out, self._data = self._data[:n], self._data[n:]
+            return out
+        return self._sock.recv(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def plain_client_refusal(address: str) -> str:
+    """What a plain RPyC client is told when it connects to a server that needs an authkey."""
+    return (f"the rpycsvc server at {address} requires an authkey, which a plain RPyC client "
+            "can't present (it is proven by a challenge before RPyC starts): connect with "
+            f"rpycsvc.connect({address!r}, authkey=...) or set RPYCSVC_AUTHKEY; that "
+            "connection offers the same classic access (conn.modules, conn.execute, conn.eval)")
+
+
+#: RPyC's frame header (``rpyc.core.channel.Channel``): body length, compressed flag.
+_FRAME = struct.Struct("!LB")
+#: Largest first request of a plain client we read to answer it (a real one is tiny).
+_FIRST_REQUEST_MAX = 64 * 1024
+
+
+def _refuse_plain_rpyc(conn: socket.socket, first: bytes, timeout: float, address: str) -> bool:
+    """Answer a plain RPyC client's first request with a ``PermissionError`` reply that
+    says why and what to do; True if it was answered.
+
+    An RPyC client starts with a frame (length, compressed flag, body, ``\\n``) whose body
+    is ``MSG_REQUEST`` and a brine-encoded ``(seq, request)``; ``rpyc.classic.connect``
+    sends one at once (it asks for the root), ``rpyc.connect`` at its first call. The
+    reply is what any RPyC server sends when a request raises, so the client raises it
+    from that call, text included, instead of a bare ``EOFError``. Brine decodes plain
+    values only (no code, no pickles), and the size read is bounded. Anything else gets
+    no answer.
+    """
+    from rpyc.core import brine, consts
+
+    def recv_exact(n: int) -> bytes:
+        chunks: list[bytes] = []
+        while n:
+            chunk = conn.recv(min(n, 65536))
+            if not chunk:
+                raise EOFError("closed")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    conn.settimeout(timeout)
+    try:
+        length, compressed = _FRAME.unpack(first + recv_exact(_FRAME.size - len(first)))
+        if length > _FIRST_REQUEST_MAX:
+            return False
+        body = recv_exact(length + 1)[:-1]  # (the frame ends with a newline)
+        if compressed:
+            inflater = zlib.decompressobj()
+            body = inflater.decompress(body, _FIRST_REQUEST_MAX)
+        if not body or body[0] != consts.MSG_REQUEST:
+            return False
+        seq = brine.load(body[1:])[0]
+        if not isinstance(seq, int):
+            return False
+    except Exception:  # (brine raises several kinds on bytes that aren't RPyC)
+        return False
+    # What rpyc.core.vinegar.dump makes of an exception: (module, class), args, attributes,
+    # and the text the client shows as the remote traceback. No errno/strerror attributes:
+    # set to None, they'd turn the message into "[Errno None] None: None -> None".
+    boxed = (("builtins", "PermissionError"), (plain_client_refusal(address),),
+             (("_remote_version", "<version denied>"),),
+             "(refused by the rpycsvc server before RPyC started: it requires an authkey)\n")
+    reply = bytes([consts.MSG_EXCEPTION]) + brine.dump((seq, boxed))
+    try:
+        conn.sendall(_FRAME.pack(len(reply), 0) + reply + b"\n")
+    except OSError:
+        return False
+    # Half-close, then read what is left, so that closing doesn't reset the connection
+    # (a reset can discard the reply before the client has read it).
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + min(timeout, 2.0)
+        while time.monotonic() < deadline:
+            conn.settimeout(max(0.01, deadline - time.monotonic()))
+            if not conn.recv(65536):
+                break
+    except OSError:
+        pass
+    return True
+
+
 def _shutdown_fd(fd: int) -> None:
     """Shut down the socket on ``fd`` (waking the thread blocked on it) without closing it."""
     try:
@@ -158,7 +258,10 @@ class _Handshake:
                     conn.do_handshake()
                 except (OSError, ValueError) as exc:
                     raise RpycAuthError(f"TLS handshake failed: {exc}") from exc
-            creds = server_handshake(conn, authkey=self.config.authkey,
+            peer_sock = conn
+            if self.config.authkey:
+                peer_sock = self._rpycsvc_client_or_refuse(conn, slot)
+            creds = server_handshake(peer_sock, authkey=self.config.authkey,
                                      timeout=self.config.handshake_timeout,
                                      server_info=self._info(), heard=slot.mark_heard)
         except BaseException as exc:
@@ -173,6 +276,27 @@ class _Handshake:
             raise
         self.pending.leave(slot)
         return conn, creds
+
+    def _rpycsvc_client_or_refuse(self, conn: socket.socket, slot: _Slot) -> socket.socket:
+        """On a server with an authkey: the connection, for :func:`server_handshake`, if the
+        peer opens with our hello; a plain RPyC client instead gets a refusal it can read
+        (see :func:`_refuse_plain_rpyc`) and ``AuthenticationError`` is raised."""
+        conn.settimeout(self.config.handshake_timeout)
+        try:
+            first = conn.recv(1)
+        except OSError as exc:
+            raise RpycAuthError(f"handshake failed: {type(exc).__name__}: {exc}") from exc
+        if not first:
+            raise RpycAuthError("handshake failed: the client closed the connection before "
+                                "saying anything")
+        slot.mark_heard()
+        if first == MAGIC[:1]:
+            return cast(socket.socket, _Replay(conn, first))
+        told = _refuse_plain_rpyc(conn, first, self.config.handshake_timeout,
+                                  self.runtime.address)
+        raise RpycAuthError("a plain RPyC client can't authenticate"
+                            + ("; told it to use rpycsvc.connect(..., authkey=...)" if told
+                               else " (and it sent no request to answer)"))
 
     def _wrap(self, sock: socket.socket, slot: _Slot) -> ssl.SSLSocket:
         """The TLS socket, once the client has sent its first byte; the handshake itself
@@ -292,6 +416,11 @@ class Server:
         """``host:port`` as clients should dial it (``[v6]:port`` for IPv6)."""
         host = self.config.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def host(self) -> str:
+        """The address bound, as the system reports it (``localhost`` → ``127.0.0.1``)."""
+        return str(self._rpyc.host) if self._rpyc is not None else self.config.host
 
     @property
     def port(self) -> int:

@@ -6,6 +6,13 @@ have many tasks in flight. ``exposed_compute`` serves plain RPyC clients: import
 endpoint names, with arguments fetched by value. With ``classic`` on, the same connection
 also offers RPyC's classic ``modules``/``execute``/``eval`` — remote code execution by
 design, for trusted clients only.
+
+Classic access follows RPyC's classic rules (``SlaveService``): every attribute, and no
+``exposed_`` lookup, so ``obj.foo`` never turns into ``obj.exposed_foo`` behind the user's
+back. The compute methods have plain names for that (``conn.root.compute``); only the
+objects this server hosts for clients (queues, ``--service`` objects) keep RPyC's
+``exposed_`` convention. The classic service also answers to RPyC's name ``SLAVE``, so
+registry lookups made for ``rpyc_classic`` find it.
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ class Runtime:
         self.lane_tokens: dict[str, tuple[int, str]] = {}
         #: beats on the connections of clients that asked for it in hello (liveness)
         self.heartbeat = Heartbeat()
+        #: classes of the objects hosted for clients (queues, ``--service`` objects): their
+        #: ``exposed_<name>`` methods answer to ``<name>`` on classic connections too
+        self.service_types: set[type] = {HostedQueue}
 
     def attach_lane(self, sock: socket.socket, lane_id: str) -> None:
         """Hand a client's lane socket (after its handshake) to a worker process.
@@ -168,7 +178,9 @@ class ComputeService(Service):
         hosted = self.__dict__.get("_runtime")
         key = name[8:] if name.startswith("exposed_") else name
         if hosted is not None and key in hosted.hosted:
-            return hosted.hosted[key].get(self._per_connection)
+            obj = hosted.hosted[key].get(self._per_connection)
+            hosted.service_types.add(type(obj))  # (set.add: atomic, no lock needed)
+            return obj
         raise AttributeError(name)
 
     def exposed_redirect_output(self, fd: int, stream: Any) -> None:
@@ -376,17 +388,55 @@ class ComputeService(Service):
         return reply
 
 
+class ClassicConnection(ServerConnection):
+    """A classic-mode connection: RPyC's classic attribute rules for every object (what
+    ``SlaveService`` sets: ``allow_all_attrs``, no ``exposed_`` lookup), except on the
+    objects this server hosts for clients, whose classes use RPyC's service convention.
+
+    Turning ``allow_exposed_attrs`` back on for the whole connection (RPyC's answer in
+    #454) would make every attribute read try ``exposed_<name>`` first: a missing
+    ``obj.foo`` silently returned ``obj.exposed_foo``, and a ``MagicMock`` grew an
+    ``exposed_foo`` child on each read.
+    """
+
+    def _check_attr(self, obj: Any, name: str, perm: str) -> str:
+        runtime = getattr(self._local_root, "_runtime", None)
+        # type(), not isinstance(): a netref or a proxy must not be asked anything
+        if runtime is not None and type(obj) in runtime.service_types \
+                and self._config[perm] and not name.startswith("_"):
+            exposed = "exposed_" + name
+            if hasattr(type(obj), exposed) and not hasattr(type(obj), name):
+                return exposed
+        checked: str = super()._check_attr(obj, name, perm)
+        return checked
+
+
 class ClassicComputeService(ComputeService, SlaveService):
-    """Compute endpoints plus RPyC classic access (``modules``, ``execute``, ``eval``)."""
+    """Compute endpoints plus RPyC classic access (``modules``, ``execute``, ``eval``).
+
+    Registered as ``CLASSICCOMPUTE`` (its name, ``conn.root.get_service_name()``) and as
+    ``SLAVE``, the name ``rpyc_classic`` servers register under, so
+    ``rpyc.discover("SLAVE")`` finds it. The compute methods also have plain names
+    (``compute``, ``stats``...; added below): classic access looks attributes up as is.
+    """
+
+    ALIASES = ("CLASSICCOMPUTE", "SLAVE")
+    _protocol = ClassicConnection
 
     def __init__(self, runtime: Runtime) -> None:
         SlaveService.__init__(self)
         ComputeService.__init__(self, runtime)
 
-    def on_connect(self, conn: Any) -> None:
-        super().on_connect(conn)  # ComputeService, then SlaveService through the MRO
-        # SlaveService turns exposed_ lookups off (rpyc #454); compute needs them.
-        conn._config["allow_exposed_attrs"] = True
+
+def _plain_aliases(cls: type, base: type) -> None:
+    """Give ``cls`` a plain name for each ``exposed_<name>`` method of ``base`` that has
+    none yet (``get_service_name`` and the like already have theirs)."""
+    for attr, value in vars(base).items():
+        if attr.startswith("exposed_") and not hasattr(cls, attr[len("exposed_"):]):
+            setattr(cls, attr[len("exposed_"):], value)
+
+
+_plain_aliases(ClassicComputeService, ComputeService)
 
 
 def _by_value(obj: Any, depth: int = 0) -> Any:
