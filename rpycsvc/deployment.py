@@ -320,8 +320,8 @@ def run(args: argparse.Namespace) -> int:
         stop = threading.Event()
         # before saying so: a SIGTERM right after "serving" must tear down, not kill us
         signal.signal(signal.SIGTERM, lambda *a: stop.set())
-        print("serving; Ctrl-C to stop and tear down", file=sys.stderr)
-        try:
+        try:  # a Ctrl-C right after the line (even inside print) must tear down too
+            print("serving; Ctrl-C to stop and tear down", file=sys.stderr)
             while not stop.is_set() and cluster.clients:
                 stop.wait(0.5)
         except KeyboardInterrupt:
