@@ -68,6 +68,7 @@ class RemoteSession:
         self._complete, self._close = host.complete, host.close
         self.pid: int | None = None
         self.closed = False
+        self._backlog: list[Event] = []  # events that came after a statement's "done"
         early: list[Event] = []
         deadline = time.monotonic() + timeout
         while self.pid is None:
@@ -92,6 +93,9 @@ class RemoteSession:
 
     def events(self, timeout: float = POLL) -> tuple[Event, ...]:
         """What happened since the last call, waiting up to ``timeout`` s for something."""
+        if self._backlog:
+            backlog, self._backlog = self._backlog, []
+            return tuple(backlog)
         return tuple(tuple(e) for e in self._events(timeout))
 
     def interrupt(self) -> bool:
@@ -122,11 +126,14 @@ class RemoteSession:
         while True:
             if should_interrupt is not None and should_interrupt():
                 self.interrupt()
-            for ev in self.events(POLL):
+            batch = self.events(POLL)
+            for i, ev in enumerate(batch):
                 kind = ev[0]
                 if kind == "out":
                     write(int(ev[1]), str(ev[2]))
                 elif kind == "done":
+                    # e.g. what a thread printed meanwhile: shown with the next statement
+                    self._backlog = list(batch[i + 1:])
                     return str(ev[1])
                 elif kind == "exit":
                     self.closed = True

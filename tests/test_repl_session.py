@@ -85,6 +85,25 @@ def test_run_streams_output_in_a_process_of_its_own(server: rpycsvc.Server) -> N
     wait_gone(pid)
 
 
+def test_what_a_thread_prints_is_never_lost(server: rpycsvc.Server) -> None:
+    # a thread prints while statements begin and end: every line shows, in order, with
+    # the statement during or after which it came
+    with rpycsvc.connect(server.address) as client, RemoteSession(client.conn) as s:
+        writes: list[str] = []
+        s.run("import threading, time\n"
+              "def ticks():\n"
+              "    for i in range(300):\n"
+              "        print('tick', i, flush=True); time.sleep(0.002)\n"
+              "    print('ticks ' + 'done', flush=True)\n"
+              "threading.Thread(target=ticks).start()", lambda fd, t: writes.append(t))
+        deadline = time.monotonic() + BOUND * 2
+        while "ticks done" not in "".join(writes):
+            assert time.monotonic() < deadline, "the thread never finished"
+            s.run("pass", lambda fd, t: writes.append(t))
+        lines = "".join(writes).splitlines()
+        assert lines == [f"tick {i}" for i in range(300)] + ["ticks done"]
+
+
 def test_interrupt_stops_a_blocked_call(server: rpycsvc.Server) -> None:
     with rpycsvc.connect(server.address) as client, RemoteSession(client.conn) as s:
         assert s.interrupt() is False  # nothing runs
