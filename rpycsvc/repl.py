@@ -295,14 +295,15 @@ def post_mortem(exc: BaseException, conn: Any = None, *, interactive: bool = Fal
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("address", metavar="HOST[:PORT]", help="the server (default port 18812)")
     p.add_argument("--authkey", default=None,
-                   help="the server's shared secret (prefer RPYCSVC_AUTHKEY)")
+                   help="the server's shared secret (default: $RPYCSVC_AUTHKEY, else none; "
+                        "prefer the variable: arguments show in ps)")
     p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to connect, and for each call to the server (default 10; the "
-                        "session process gets at least 30 to start)")
+                   help="seconds to connect, and for each call to the server (default 10; "
+                        "the session process gets at least 30 to start)")
     p.add_argument("--history", default=DEFAULT_HISTORY,
                    help=f"history file (default {DEFAULT_HISTORY})")
     p.add_argument("--no-history", dest="history", action="store_const", const=None,
-                   help="keep no history")
+                   help="keep no history (default: keep it in --history)")
 
 
 def run(args: argparse.Namespace) -> int:
