@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, Protocol, TextIO
 
 from .errors import ConfigError
@@ -52,23 +54,33 @@ def hide_live_line(line: LiveLine) -> None:
             _live_lines.remove(line)
 
 
+@contextmanager
+def above_live_lines() -> Iterator[None]:
+    """Whatever is written to the terminal inside this block lands above the live lines:
+    they are cleared on entry and drawn again on exit, all under :data:`terminal_lock`."""
+    with terminal_lock:
+        lines = list(_live_lines)
+        for line in lines:
+            line.clear()
+        try:
+            yield
+        finally:
+            for line in lines:
+                line.redraw()
+
+
 def write_above(stream: TextIO, text: str) -> None:
     """Write ``text`` (whole lines) to ``stream`` above any live line, then redraw those.
 
     For local code that prints while a ``map(progress=True)`` bar is shown, like
     ``tqdm.write``. Errors writing (a closed stdout) are ignored: output is best effort.
     """
-    with terminal_lock:
-        lines = list(_live_lines)
-        for line in lines:
-            line.clear()
+    with above_live_lines():
         try:
             stream.write(text)
             stream.flush()
         except (OSError, ValueError):
             pass  # our own stdout is closed; nothing sensible to do
-        for line in lines:
-            line.redraw()
 
 
 class OutputRouter:
@@ -96,7 +108,8 @@ class OutputRouter:
         data.update(server=address, task=key)
         logger = logging.getLogger(data.get("name") or "root")
         if logger.isEnabledFor(int(data.get("levelno") or 0)):
-            logger.handle(logging.makeLogRecord(data))
+            with above_live_lines():  # a handler writing to the terminal keeps the bar below
+                logger.handle(logging.makeLogRecord(data))
 
     def emit(self, address: str, key: int, fd: int, text: str, mode: str, sink: Any) -> None:
         """Deliver ``text`` (whole lines, except at a task's end) from task ``key``."""

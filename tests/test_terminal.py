@@ -34,7 +34,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 #: A client program: a map with a bar, where item 1 waits for a gate file and then prints
 #: on the server, then a map_reduce with a bar.
 CHILD = r'''
-import sys, time
+import logging, sys, time
 from pathlib import Path
 import rpycsvc
 
@@ -44,10 +44,12 @@ def work(i, gate):
         while not Path(gate).exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         print("REMOTE LINE", flush=True)
+        logging.getLogger("job").warning("REMOTE LOG")
     return i * 2
 
+logging.basicConfig(stream=sys.stderr, format="%(server)s %(message)s")
 address, gate = sys.argv[1], sys.argv[2]
-with rpycsvc.Cluster([address]) as cluster:
+with rpycsvc.Cluster([address], forward_logging=True) as cluster:
     out = list(cluster.map(work, range(3), [gate] * 3, chunksize=1, progress=True))
     print("RESULT", out, flush=True)
     total = cluster.map_reduce(abs, lambda a, b: a + b, range(-6, 6), chunksize=3,
@@ -100,6 +102,7 @@ def test_progress_to_a_pipe_has_no_control_codes(server: rpycsvc.Server,
     assert out.returncode == 0, out.stderr
     assert "RESULT [0, 2, 4]" in out.stdout and "REDUCED 36" in out.stdout
     assert f"[{server.address}] REMOTE LINE\n" in out.stdout
+    assert f"{server.address} REMOTE LOG\n" in out.stderr
     # one plain line per bar, at its end, so a log still says what happened
     summaries = [ln for ln in out.stderr.splitlines() if " done in " in ln]
     assert len(summaries) == 2, out.stderr
@@ -153,10 +156,12 @@ def test_progress_on_a_terminal_keeps_remote_lines_above_the_bar(server: rpycsvc
     assert "\r" in raw and "\x1b[K" in raw  # a live bar, redrawn in place
     lines = screen(raw)
     remote = f"[{server.address}] REMOTE LINE"
-    assert remote in lines, lines  # a line of its own, not glued to the bar
-    below = lines[lines.index(remote) + 1]
-    assert below.startswith("[") and "3/3" in below, lines  # the bar, redrawn below it
-    assert lines[lines.index(remote) + 2] == "RESULT [0, 2, 4]", lines
+    log = f"{server.address} REMOTE LOG"  # a forwarded logging record, through its handler
+    assert remote in lines and log in lines, lines  # lines of their own, not glued to the bar
+    last = max(lines.index(remote), lines.index(log))
+    below = lines[last + 1]
+    assert below.startswith("[") and "3/3" in below, lines  # the bar, redrawn below them
+    assert lines[last + 2] == "RESULT [0, 2, 4]", lines
     assert returncode == 0, raw
     assert any("12/12" in ln for ln in lines) and "REDUCED 36" in lines, lines  # map_reduce
 
