@@ -10,6 +10,7 @@ Network rule: connections run only on 127.0.0.0/8 or between namespaces made her
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -412,10 +413,22 @@ def test_ctrl_c_during_deploy_leaves_nothing_running(sshd: SshServer, tmp_path: 
         with pytest.raises(KeyboardInterrupt):
             deploy(sshd, python=python, timeout=25)
         assert waiting.is_set()
-        # Let the remote start go on, as a slow host would after the user pressed Ctrl-C.
-        fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, b"go\n")
-        os.close(fd)
+        # Let the remote start go on, as a slow host would after the user pressed Ctrl-C. The
+        # shell may not have opened the fifo yet (ENXIO until it does), or may be gone already.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                if not any(f"read _ < {gate}" in _cmdline(p) for p in sessions(sshd)):
+                    break  # nobody is left at the gate
+                time.sleep(0.02)
+                continue
+            os.write(fd, b"go\n")
+            os.close(fd)
+            break
         assert wait_no_sessions(sshd, timeout=5) == [], "a server outlived the Ctrl-C"
     finally:
         finished.set()
