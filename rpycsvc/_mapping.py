@@ -83,6 +83,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
     if not iterables:
         raise ConfigError("map needs at least one iterable")
     head: tuple[bytes, ...] = ()
+    spec: str | None
     if isinstance(fn, str):
         kind, spec = ("path" if ":" in fn else "endpoint"), fn
     else:

@@ -146,6 +146,33 @@ def write_stdout(text: str) -> None:
         stdout_closed()
 
 
+@contextmanager
+def ending_quietly_if_stdout_closes() -> Iterator[None]:
+    """Run a command's body; if it fails with ``BrokenPipeError`` *because stdout's reader
+    went away*, end quietly as :func:`write_stdout` does. A broken pipe of anything else
+    (a socket to a server) propagates as it is. Flushes stdout on the way out, so the
+    interpreter's own last flush has nothing left to fail on."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if _stdout_reader_gone():
+            stdout_closed()
+        raise
+
+
+def _stdout_reader_gone() -> bool:
+    # The write end of a pipe (or a socket) whose reader closed polls as POLLERR/POLLHUP.
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def stdout_closed() -> NoReturn:
     """Stop writing to a stdout nobody reads: point its descriptor at ``/dev/null`` (so the
     interpreter's last flush at exit can't complain either, as the ``signal`` module's

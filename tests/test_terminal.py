@@ -254,3 +254,42 @@ def test_help_shows_every_default_and_no_rest_markup(command: str) -> None:
         if entry.startswith("-h, --help"):
             continue
         assert "default" in " ".join(entry.split()), entry
+
+
+#: A command body for ``ending_quietly_if_stdout_closes``: prints a lot, or hits a broken
+#: pipe that is not stdout's (a socket whose peer closed).
+BODY = r'''
+import socket, sys
+from rpycsvc.output import ending_quietly_if_stdout_closes
+
+with ending_quietly_if_stdout_closes():
+    if sys.argv[1] == "print":
+        for i in range(100000):
+            print("line", i)
+    else:
+        a, b = socket.socketpair()
+        b.close()
+        print("first", flush=True)
+        for _ in range(100):
+            a.sendall(b"x" * 4096)
+'''
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_a_command_body_ends_quietly_when_stdout_closes(unbuffered: bool) -> None:
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    cmd = f"set -o pipefail; {shlex.quote(sys.executable)} -c {shlex.quote(BODY)} print | head -1"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=WAIT,
+                         cwd=str(REPO), stdin=subprocess.DEVNULL, env=env)
+    assert (out.stdout, out.stderr) == ("line 0\n", "")
+    assert out.returncode == EXIT_STDOUT_CLOSED
+
+
+def test_a_broken_pipe_that_is_not_stdouts_still_raises() -> None:
+    out = subprocess.run([sys.executable, "-c", BODY, "socket"], capture_output=True,
+                         text=True, timeout=WAIT, cwd=str(REPO), stdin=subprocess.DEVNULL,
+                         env=ENV)
+    assert out.stdout == "first\n"
+    assert out.returncode == 1 and "BrokenPipeError" in out.stderr, out.stderr
