@@ -19,7 +19,6 @@ from __future__ import annotations
 import builtins
 import io
 import linecache
-import os
 import pickle
 import pickletools
 import re
@@ -153,7 +152,7 @@ def dumps(obj: Any, what: str = "value", copy: bool = True) -> Frames:
     if not buffers:
         return (head,)
     if not copy:
-        return (head, *(b.raw() for b in buffers))  # type: ignore[arg-type]
+        return (head, *(b.raw() for b in buffers))  # type: ignore[arg-type, unused-ignore]
     return (head, *(bytes(b.raw()) for b in buffers))
 
 
@@ -362,8 +361,8 @@ def dump_exception(exc: BaseException) -> Frames:
     that name, if it has one, need not be the one the code came from; :func:`load_exception`
     fills those lines in from the client's files (the last frame names them, ``\\0``-separated).
     """
-    shipped = _shipped_files(exc)
-    tb_text = _format_task_traceback(exc, shipped)
+    shipped, internal = _classify_files(exc)
+    tb_text = _format_task_traceback(exc, shipped, internal)
     typ = type(exc)
     qualname = f"{typ.__module__}.{typ.__qualname__}"
     try:
@@ -375,9 +374,6 @@ def dump_exception(exc: BaseException) -> Frames:
             "\0".join(sorted(shipped)).encode(errors="surrogateescape"))
 
 
-#: rpycsvc's own source files start with this: their frames on top of a task's traceback
-#: are the worker's, not the user's.
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _ExceptionGroup: Any = getattr(builtins, "BaseExceptionGroup", None)  # Python 3.11+
 
 
@@ -410,15 +406,32 @@ def _is_shipped(frame: types.FrameType) -> bool:
     return getattr(module, "__dict__", None) is not g
 
 
-def _shipped_files(exc: BaseException) -> set[str]:
-    """The file names of the frames, in ``exc``'s tracebacks, of code sent by value."""
-    return {frame.f_code.co_filename
-            for e in _chain(exc)
-            for frame, _ in traceback.walk_tb(e.__traceback__)
-            if _is_shipped(frame)}
+def _is_rpycsvc(frame: types.FrameType) -> bool:
+    """Whether ``frame`` runs rpycsvc's own code (the worker's, say), told by its module's
+    name, not its file name: a deployed server runs rpycsvc from an in-memory bundle whose
+    file names are relative, and the worker module runs as ``__main__``."""
+    g = frame.f_globals
+    spec = g.get("__spec__")
+    name = getattr(spec, "name", None) or g.get("__name__")
+    return isinstance(name, str) and (name == "rpycsvc" or name.startswith("rpycsvc."))
 
 
-def _format_task_traceback(exc: BaseException, shipped: set[str]) -> str:
+def _classify_files(exc: BaseException) -> tuple[set[str], set[str]]:
+    """The file names of the frames, in ``exc``'s tracebacks, of code sent by value, and
+    those of rpycsvc's own code."""
+    shipped: set[str] = set()
+    internal: set[str] = set()
+    for e in _chain(exc):
+        for frame, _ in traceback.walk_tb(e.__traceback__):
+            if _is_shipped(frame):
+                shipped.add(frame.f_code.co_filename)
+            elif _is_rpycsvc(frame):
+                internal.add(frame.f_code.co_filename)
+    return shipped, internal
+
+
+def _format_task_traceback(exc: BaseException, shipped: set[str],
+                           internal: set[str]) -> str:
     """``exc`` formatted as :func:`traceback.format_exception` does, less the worker's frames
     on top of each traceback and the (server-side) source lines of ``shipped`` files."""
     try:
@@ -431,18 +444,19 @@ def _format_task_traceback(exc: BaseException, shipped: set[str]) -> str:
             if te is None or id(te) in seen:
                 continue
             seen.add(id(te))
-            te.stack = traceback.StackSummary.from_list(_task_frames(te.stack, shipped))
+            te.stack = traceback.StackSummary.from_list(
+                _task_frames(te.stack, shipped, internal))
             todo += [te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())]
         return "".join(top.format())
     except Exception:  # formatting must not lose the task's error: the plain text, then
         return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-def _task_frames(stack: list[traceback.FrameSummary],
-                 shipped: set[str]) -> list[traceback.FrameSummary]:
+def _task_frames(stack: list[traceback.FrameSummary], shipped: set[str],
+                 internal: set[str]) -> list[traceback.FrameSummary]:
     frames = list(stack)
     start = 0
-    while start < len(frames) and frames[start].filename.startswith(_PACKAGE_DIR):
+    while start < len(frames) and frames[start].filename in internal:
         start += 1
     if start == len(frames):  # rpycsvc's own error (bad arguments, no such endpoint): keep all
         start = 0

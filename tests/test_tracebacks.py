@@ -25,6 +25,7 @@ import pytest
 import rpycsvc
 from tests.support import tb_helpers
 from tests.support.servers import ServerProcess
+from tests.support.sshd import SshServer
 
 WAIT = 60.0
 HELPERS = tb_helpers.entry.__code__.co_filename  # what a local traceback names the file
@@ -125,6 +126,20 @@ def test_the_same_through_the_server_and_in_a_batched_map(
         with pytest.raises(ValueError, match="innermost failed on 6") as info:
             next(iter(results))
         assert_points_at_user_code(info.value, want)
+
+
+@pytest.mark.ssh
+def test_a_deployed_server_cuts_its_worker_frames_too(sshd: SshServer,
+                                                     helpers_by_value: None) -> None:
+    """``rpycsvc.deploy`` runs rpycsvc from an in-memory bundle, whose file names are
+    relative ("rpycsvc/worker.py"): the worker's frames are cut all the same."""
+    options = ["-F", str(sshd.config_path)]
+    with rpycsvc.deploy([sshd.alias], ssh_options=options, timeout=30) as cluster, \
+            pytest.raises(ValueError, match="innermost failed on 6") as info:
+        cluster.submit(tb_helpers.entry, 3).result(timeout=WAIT)
+    assert_points_at_user_code(
+        info.value, [helper_frame("entry"), helper_frame("middle"), helper_frame("innermost")])
+    assert "rpycsvc/worker.py" not in info.value.remote_traceback  # type: ignore[attr-defined]
 
 
 def test_chained_exceptions_sent_by_value_show_their_source_too(
