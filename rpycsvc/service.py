@@ -179,7 +179,8 @@ class ComputeService(Service):
         key = name[8:] if name.startswith("exposed_") else name
         if hosted is not None and key in hosted.hosted:
             obj = hosted.hosted[key].get(self._per_connection)
-            hosted.service_types.add(type(obj))  # (set.add: atomic, no lock needed)
+            if type(obj).__module__ != "builtins":  # (a dict must not change every dict)
+                hosted.service_types.add(type(obj))  # (set.add: atomic, no lock needed)
             return obj
         raise AttributeError(name)
 
