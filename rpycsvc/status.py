@@ -231,7 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "is shown once")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list (address, ok, error, rtt_ms, stats) instead of the "
-                   "table (default: %(default)s)")
+                   "table (default: off)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="seconds to wait for each server; probes run in parallel "
                    "(default: %(default)s)")

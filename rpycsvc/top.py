@@ -212,7 +212,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--interval", type=float, default=1.0, metavar="SECONDS",
                    help="seconds between refreshes (default: %(default)s)")
     p.add_argument("--once", action="store_true",
-                   help="print one frame (after one interval) and exit (default: %(default)s)")
+                   help="print one frame (after one interval) and exit (default: off)")
     p.add_argument("--count", type=int, default=0, metavar="N",
                    help="stop after N frames; 0 runs until Ctrl-C (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
