@@ -33,13 +33,16 @@ Run an rpycsvc server: compute endpoints (conn.root.compute) on a pool of worker
 processes, plus RPyC classic access (conn.modules, conn.execute, conn.eval).
 
 The first line printed on stdout is the address it listens on (host:port), so scripts
-can start it with --port 0 and read the port. SIGTERM or Ctrl-C stops accepting, lets
-running tasks finish within --grace seconds, and exits 0.
+can start it with --port 0 and read the port (rpycsvc_classic -m oneshot prints what
+rpyc_classic prints instead: "rpyc-oneshot", then HOST<tab>PORT). SIGTERM or Ctrl-C stops
+accepting, lets running tasks finish within --grace seconds, and exits 0.
 
 SECURITY: classic mode is remote code execution by design: anyone who can connect can
 run any code as this user. It binds 127.0.0.1 by default; binding another address needs
 TLS (--ssl-*), an --authkey, or an explicit --insecure. --no-classic offers only the
-endpoints registered with --endpoints and accepts no code from clients.
+endpoints registered with --endpoints and the objects hosted with --service (it needs
+one of them) and accepts no code from clients. A plain RPyC client can't present an
+authkey: on a server with one, it gets a PermissionError saying to use rpycsvc.connect.
 
 Every option can also be set through an environment variable RPYCSVC_<OPTION>, e.g.
 RPYCSVC_AUTHKEY, RPYCSVC_WORKERS; the command line wins."""
