@@ -20,6 +20,7 @@ import sys
 import termios
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -111,9 +112,10 @@ def test_progress_to_a_pipe_has_no_control_codes(server: rpycsvc.Server,
     assert f"{server.address}:12" in summaries[1]
 
 
-def _read_until(fd: int, buf: bytearray, done: object, deadline: float) -> bool:
+def _read_until(fd: int, buf: bytearray, done: Callable[[bytearray], bool],
+                deadline: float) -> bool:
     """Read the pty into ``buf`` until ``done(buf)`` or EOF; False if the deadline passed."""
-    while not done(buf):  # type: ignore[operator]
+    while not done(buf):
         left = deadline - time.monotonic()
         if left <= 0:
             return False
