@@ -18,6 +18,7 @@ import threading
 import time
 
 from .errors import ConnectError
+from .output import write_above
 
 #: Serialises forwarded lines of every local server, so lines never interleave.
 _WRITE_LOCK = threading.Lock()
@@ -87,8 +88,7 @@ def _emit(prefix: str, lines: list[bytes]) -> None:
     text = "".join(prefix + ln.decode("utf-8", "replace") + "\n" for ln in lines)
     with _WRITE_LOCK:
         try:
-            sys.stderr.write(text)
-            sys.stderr.flush()
+            write_above(sys.stderr, text)  # above a live progress bar, if one is shown
         except (OSError, ValueError, AttributeError):
             pass  # our stderr is closed or gone: nothing sensible to do
 
