@@ -49,6 +49,10 @@ The first line on stdout is the address it listens on (host:port); SIGTERM or Ct
 stops it (exit 0). Servers re-register every 60 s; entries not refreshed within
 --timeout seconds are dropped.
 
+Classic servers also register as SLAVE, the name rpyc_classic servers use, so
+rpyc.discover("SLAVE") and rpyc.classic-era tools find them; --discover looks up only
+rpycsvc's own names (CLASSICCOMPUTE, COMPUTE), so it never lists an rpyc_classic server.
+
 TCP (the default here) is the simplest: start servers with --register --registry-type TCP
 --registry-host HOST --registry-port PORT. UDP answers broadcasts on a LAN, which only
 reach a registry bound to 0.0.0.0 (or the broadcast interface), never one on 127.0.0.1."""
