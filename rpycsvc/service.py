@@ -405,8 +405,8 @@ class ClassicConnection(ServerConnection):
         # type(), not isinstance(): a netref or a proxy must not be asked anything
         if runtime is not None and type(obj) in runtime.service_types \
                 and self._config[perm] and not name.startswith("_"):
-            exposed = "exposed_" + name
-            if hasattr(type(obj), exposed) and not hasattr(type(obj), name):
+            exposed = "exposed_" + name  # RPyC's rule: the plain name wins if both exist
+            if hasattr(type(obj), exposed) and not hasattr(obj, name):
                 return exposed
         checked: str = super()._check_attr(obj, name, perm)
         return checked
