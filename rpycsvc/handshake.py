@@ -79,8 +79,11 @@ def mismatch_message(client: dict[str, str], server: dict[str, str], address: st
     return (
         f"version mismatch with {address}: this client runs rpycsvc {client.get('rpycsvc')} "
         f"with rpyc {client.get('rpyc')}, the server runs rpycsvc {server.get('rpycsvc')} with "
-        f"rpyc {server.get('rpyc')}. Install the same versions on both sides "
-        f"(pip install rpycsvc=={server.get('rpycsvc')} rpyc=={server.get('rpyc')})."
+        f"rpyc {server.get('rpyc')}. Install the same versions on both sides: rpycsvc "
+        f"{server.get('rpycsvc')} from a clone of its repository at that version "
+        f"(pip install -e CLONE) or a wheel built from one (pip install rpycsvc-*.whl), and "
+        f"pip install rpyc=={server.get('rpyc')}; or deploy the server with rpycsvc.deploy, "
+        f"which runs this client's own versions on the host."
     )
 
 
