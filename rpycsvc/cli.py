@@ -222,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from .output import ending_quietly_if_stdout_closes
+
     try:
-        return int(args._run(args) or 0)
+        # A reader that stops early (`rpycsvc bench | head`) ends the command quietly.
+        with ending_quietly_if_stdout_closes():
+            return int(args._run(args) or 0)
     except RpycsvcError as exc:
         print(f"rpycsvc {args.command}: error: {exc}", file=sys.stderr)
         return 2
