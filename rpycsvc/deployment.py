@@ -152,6 +152,10 @@ def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | No
     forward_logging = cluster_options.pop("forward_logging", False)
     retries = cluster_options.pop("retries", DEFAULT_RETRIES)
     # Refuse bad options before anything starts on a host.
+    from .config import ServerConfig
+
+    ServerConfig(endpoints=list(endpoints), services=list(services),
+                 classic=classic).check_serves_something()
     OutputRouter(output, prefix, forward_logging)
     _check_options(cluster_options)
     if not isinstance(retries, int) or retries < 0:

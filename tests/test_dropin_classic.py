@@ -293,3 +293,9 @@ def test_service_only_with_nothing_to_serve_is_refused(
     proc = server_process("--workers", "1", *args, "--endpoints", ENDPOINTS, env=env)
     with rpycsvc.connect(proc.address) as c:
         assert c.compute("add", 1, 2) == 3
+
+
+def test_deploy_refuses_service_only_with_nothing_to_serve() -> None:
+    # Refused before anything starts on a host: the host name is never looked up.
+    with pytest.raises(rpycsvc.ConfigError, match="nothing to serve"):
+        rpycsvc.deploy(["host.invalid"], classic=False)
