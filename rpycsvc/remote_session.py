@@ -352,6 +352,8 @@ def _relay(s: _HostState) -> None:
     sel.register(s.evt.fileno(), selectors.EVENT_READ)
 
     def read_pipe(fd: int) -> bool:
+        if fd not in sel.get_map():  # at its end already (one select can report it twice)
+            return False
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
@@ -363,6 +365,25 @@ def _relay(s: _HostState) -> None:
             return False
         s.push(("out", pipes[fd], decoders[fd].decode(data)), len(data))
         return True
+
+    def drain() -> None:
+        # What is in the pipes was written before the message that came (a writer blocks
+        # on a full pipe, so that is at most a pipe's capacity): a few reads move it.
+        for pfd in list(pipes):
+            for _ in range(64):
+                if not read_pipe(pfd):
+                    break
+
+    def ended() -> None:
+        """The session process is gone: its last words, then its exit status."""
+        drain()
+        try:
+            code: Any = s.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        with s.cond:
+            s.running = False
+        s.push(("exit", code))
 
     try:
         while True:
@@ -377,29 +398,22 @@ def _relay(s: _HostState) -> None:
                 ready = sel.select(0.5)
             except (OSError, ValueError):  # our ends were closed: stopped
                 return
+            if not ready and s.proc.poll() is not None:
+                ended()  # (a process it forked holds the message pipe open)
+                return
             for key, _ in ready:
                 fd = key.fd
                 if fd in pipes:
                     read_pipe(fd)
                     continue
                 # a message: first move what the session printed before sending it
-                for pfd in list(pipes):
-                    while pfd in sel.get_map() and read_pipe(pfd):
-                        pass
+                if fd not in sel.get_map():
+                    continue
+                drain()
                 try:
                     msg = s.evt.recv()
                 except (EOFError, OSError):
-                    sel.unregister(fd)
-                    for pfd in list(pipes):  # its last words, then its exit status
-                        while pfd in sel.get_map() and read_pipe(pfd):
-                            pass
-                    try:
-                        code: Any = s.proc.wait(5)
-                    except subprocess.TimeoutExpired:
-                        code = None
-                    with s.cond:
-                        s.running = False
-                    s.push(("exit", code))
+                    ended()
                     return
                 if msg[0] == "completions":
                     with s.cond:
@@ -417,6 +431,9 @@ def _relay(s: _HostState) -> None:
                     with s.cond:
                         s.running = False
                 s.push(tuple(msg))
+    except Exception as exc:  # a bug of ours: say so rather than leave the client waiting
+        s.push(("exit", f"unknown (the server's relay of the session failed: {exc!r})"))
+        s.stop()
     finally:
         sel.close()
         if _conn_closed(s) or s.stopped:
