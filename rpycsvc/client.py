@@ -606,10 +606,19 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     service = LiveClassicClient if classic else LiveVoidService
     # The server may call back public methods of objects we hand it explicitly (an
     # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
-    conn = service._connect(LiveChannel(stream), {"allow_pickle": False,
-                                                  "allow_public_attrs": True,
-                                                  # bounded by liveness instead
-                                                  "sync_request_timeout": None})
+    try:
+        # RPyC's on_connect asks the server for its root at once: bounded by hello_timeout
+        # like hello itself (a server that froze right after accepting must not hang us).
+        conn = service._connect(LiveChannel(stream), {"allow_pickle": False,
+                                                      "allow_public_attrs": True,
+                                                      "sync_request_timeout": hello_timeout})
+    except BaseException as exc:
+        stream.close()
+        if isinstance(exc, TimeoutError):
+            raise RpycsvcTimeoutError(f"{address} did not answer within {hello_timeout:g} s "
+                                      "of connecting") from exc
+        raise
+    conn._config["sync_request_timeout"] = None  # from now on bounded by liveness instead
     conn.request_timeout = hello_timeout  # the liveness check starts after hello
     try:
         if lost_after is not None and not getattr(conn, "_bind_threads", False):

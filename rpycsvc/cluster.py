@@ -461,7 +461,11 @@ class Cluster:
                 ok, result = decode_reply(value, address)
             except RpycsvcError as exc:
                 ok, result = False, exc
-            fate = None if ok else _fate_of(result)
+            # Only the server's own refusals ("error" replies) say something about the
+            # server; an exception the task raised ("raised"), even a ServerLostError of
+            # another connection it used, is the task's outcome and is never re-run.
+            server_said = not ok and isinstance(value, tuple) and value[:1] == ("error",)
+            fate = _fate_of(result) if server_said else None
             if fate is None:
                 settle(job.future, result if ok else None, None if ok else result)
                 self._dispatch()
