@@ -1026,14 +1026,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("hosts", nargs="*", metavar="HOST",
                    help="servers to measure (host[:port]); default: --local 2")
     p.add_argument("--local", type=int, default=None, metavar="N",
-                   help="start N servers on 127.0.0.1, measure them, stop them")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+                   help="start N servers on 127.0.0.1, measure them, stop them (default: 2 "
+                   "when no HOST is given)")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON instead of the table (default: off)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes (2,000 tasks, 4 MiB...): same code paths, for tests")
+                   help="small sizes (2,000 tasks, 4 MiB...): same code paths, for tests "
+                   "(default: off, full sizes)")
     p.add_argument("--fail-on-miss", action="store_true",
-                   help="exit 3 when a target is missed (default: only MISS in the table)")
+                   help="exit 3 when a target is missed (default: off, a miss only shows "
+                   "MISS in the table)")
     p.add_argument("--authkey", default=None,
-                   help="for HOSTs that need one (prefer RPYCSVC_AUTHKEY)")
+                   help="the servers' shared secret, for HOSTs that need one (default: "
+                   "RPYCSVC_AUTHKEY, or none; prefer the variable: command lines are "
+                   "visible to other users)")
 
 
 WORKLOADS = ("memory_idle", "latency", "map_and_memory", "sleeps", "cpu", "stdout", "transfers")

@@ -49,83 +49,106 @@ RPYCSVC_AUTHKEY, RPYCSVC_WORKERS; the command line wins."""
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``rpycsvc serve`` (rpyc_classic's options mean the same here)."""
+    """The options of ``rpycsvc serve`` (rpyc_classic's options mean the same here).
+
+    Every default is None so that ``RPYCSVC_*`` variables can fill what the command line
+    leaves out (:meth:`ServerConfig.from_env`); the help therefore states each built-in
+    default (the :class:`ServerConfig` field's) in words, and tests/test_help.py checks that
+    it says the same as the dataclass."""
     g = p.add_argument_group("listening")
     g.add_argument("--host", default=None,
-                   help="address to bind (default 127.0.0.1, or ::1 with --ipv6)")
+                   help="address to bind (default: 127.0.0.1, or ::1 with --ipv6)")
     g.add_argument("-p", "--port", type=int, default=None,
-                   help=f"port to bind; 0 picks a free one (default {DEFAULT_PORT})")
+                   help=f"port to bind; 0 picks a free one (default: {DEFAULT_PORT})")
     g.add_argument("--ipv6", action="store_true", default=None,
-                   help="listen on IPv6 (::1 unless --host names another IPv6 address)")
+                   help="listen on IPv6 (::1 unless --host names another IPv6 address) "
+                   "(default: off)")
     g.add_argument("-m", "--mode", choices=MODES, default=None,
-                   help="threaded (default): a thread per connection; forking: a process per "
+                   help="threaded: a thread per connection; forking: a process per "
                    "connection; oneshot: serve one connection, then exit; stdio: speak over "
                    "stdin/stdout (for ssh). rpycsvc_classic -m oneshot prints 'rpyc-oneshot' "
-                   "then HOST<tab>PORT, as rpyc_classic does")
+                   "then HOST<tab>PORT, as rpyc_classic does (default: threaded)")
     w = p.add_argument_group("execution")
     w.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes for tasks; 0 means one per core (the default)")
-    w.add_argument("--threads", type=int, default=None,
-                   help="thread-mode tasks that may run at once (default 256; 0 disables)")
+                   help="worker processes for tasks; 0 means one per core (default: 0)")
+    w.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="thread-mode tasks that may run at once; 0 disables thread mode "
+                   "(default: 256)")
     w.add_argument("--endpoints", action="append", default=None, metavar="MODULE",
                    help="import MODULE in every worker and offer its @rpycsvc.endpoint "
-                   "functions by name (repeatable)")
+                   "functions by name; repeatable (default: none)")
     w.add_argument("--service", dest="services", action="append", default=None,
                    metavar="MODULE:CLASS[=NAME]",
-                   help="host an instance of CLASS, reachable as conn.root.NAME (default: the "
-                   "class name in lower case); repeatable")
+                   help="host an instance of CLASS, reachable as conn.root.NAME (NAME "
+                   "defaults to the class name in lower case); repeatable (default: none)")
     w.add_argument("--service-scope", choices=("server", "connection"), default=None,
-                   help="one hosted instance per server (default) or per connection")
+                   help="one hosted instance per server or one per connection "
+                   "(default: server)")
     w.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
-                   help="address-space limit per worker process, e.g. 2G (a task exceeding it "
-                   "gets MemoryError)")
+                   help="address-space limit per worker process, e.g. 2G; a task exceeding "
+                   "it gets MemoryError (default: 0, no limit)")
     w.add_argument("--no-lanes", dest="lanes", action="store_false", default=None,
                    help="don't let clients open direct lanes to worker processes (every task "
-                   "then goes through the server process; slower, see README 'Performance')")
-    w.add_argument("--grace", type=float, default=None,
-                   help="seconds running tasks may finish after SIGTERM (default 10)")
+                   "then goes through the server process; slower, see README 'Performance') "
+                   "(default: lanes on)")
+    w.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                   help="seconds running tasks may finish after SIGTERM (default: 10)")
     s = p.add_argument_group("security")
     s.add_argument("--no-classic", dest="classic", action="store_false", default=None,
                    help="service-only mode: registered endpoints (--endpoints) and hosted "
                    "objects (--service) only, no module access, no code or pickles from "
-                   "clients; one of those two is then required")
+                   "clients; one of those two is then required (default: classic access on)")
     s.add_argument("--authkey", default=None,
                    help="shared secret clients must prove they know (HMAC challenge; the key is "
-                   "never sent). Prefer RPYCSVC_AUTHKEY: command lines are visible to others")
-    s.add_argument("--ssl-keyfile", default=None, help="TLS private key")
-    s.add_argument("--ssl-certfile", default=None, help="TLS certificate")
-    s.add_argument("--ssl-cafile", default=None,
-                   help="CA bundle: clients must present a certificate it signed (mutual TLS)")
+                   "never sent). Prefer RPYCSVC_AUTHKEY: command lines are visible to others "
+                   "(default: none)")
+    s.add_argument("--ssl-keyfile", default=None, metavar="FILE",
+                   help="TLS private key (PEM); needs --ssl-certfile (default: none, no TLS)")
+    s.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                   help="TLS certificate (PEM); needs --ssl-keyfile (default: none, no TLS)")
+    s.add_argument("--ssl-cafile", default=None, metavar="FILE",
+                   help="CA bundle: clients must present a certificate it signed (mutual "
+                   "TLS) (default: none, no client certificate asked for)")
     s.add_argument("--insecure", action="store_true", default=None,
-                   help="allow a non-loopback bind without TLS or authkey (trusted networks only)")
-    s.add_argument("--handshake-timeout", type=float, default=None,
+                   help="allow a non-loopback bind without TLS or authkey (trusted networks "
+                   "only) (default: off)")
+    s.add_argument("--handshake-timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds a new connection has to complete TLS/authentication, and a "
-                   "plain RPyC client to send its first request (default 5)")
+                   "plain RPyC client to send its first request (default: 5)")
     s.add_argument("--max-pending", type=int, default=None, metavar="N",
-                   help="connections that may be in their handshake at once (default 64); when "
-                   "all are taken, a newcomer displaces the oldest one that has sent nothing, "
-                   "from the host holding the most")
+                   help="connections that may be in their handshake at once; when all are "
+                   "taken, a newcomer displaces the oldest one that has sent nothing, from "
+                   "the host holding the most (default: 64)")
     s.add_argument("--max-message-size", type=_size, default=None, metavar="SIZE",
                    help="largest message accepted from an authenticated client and largest "
-                   "reply sent, e.g. 2G (default 2G, at most 4G minus 1 byte); a task whose "
-                   "arguments or result are bigger fails alone with MessageTooLargeError")
+                   "reply sent, e.g. 512M, at most 4G minus 1 byte; a task whose arguments "
+                   "or result are bigger fails alone with MessageTooLargeError (default: 2G)")
     s.add_argument("--inbound-budget", type=_size, default=None, metavar="SIZE",
-                   help="bytes of incoming messages received at once over all connections "
-                   "(default 4G); beyond it the server stops reading from clients until "
-                   "room frees up, and refuses clients that haven't authenticated")
+                   help="bytes of incoming messages received at once over all connections; "
+                   "beyond it the server stops reading from clients until room frees up, and "
+                   "refuses clients that haven't authenticated (default: 4G)")
     r = p.add_argument_group("registry (discovery)")
     r.add_argument("--register", action="store_true", default=None,
-                   help="announce this server to an RPyC registry")
-    r.add_argument("--registry-type", choices=("UDP", "TCP"), default=None)
-    r.add_argument("--registry-port", type=int, default=None)
-    r.add_argument("--registry-host", default=None)
+                   help="announce this server to an RPyC registry, as CLASSICCOMPUTE and "
+                   "SLAVE (COMPUTE with --no-classic) (default: off)")
+    r.add_argument("--registry-type", choices=("UDP", "TCP"), default=None,
+                   help="how to reach the registry: TCP to one address, or UDP (broadcast "
+                   "on the LAN unless --registry-host is given) (default: TCP)")
+    r.add_argument("--registry-port", type=int, default=None, metavar="PORT",
+                   help="the registry's port (default: 18811)")
+    r.add_argument("--registry-host", default=None, metavar="HOST",
+                   help="the registry's address (default: none: 127.0.0.1 with TCP, the "
+                   "broadcast address 255.255.255.255 with UDP)")
     o = p.add_argument_group("monitoring and logging")
     o.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                   help="serve Prometheus metrics on http://127.0.0.1:P/metrics")
-    o.add_argument("--logfile", default=None, help="log here instead of stderr")
+                   help="serve Prometheus metrics on http://127.0.0.1:P/metrics "
+                   "(default: none, no metrics)")
+    o.add_argument("--logfile", default=None, metavar="FILE",
+                   help="log to FILE instead of stderr (default: none, stderr)")
     o.add_argument("-q", "--quiet", action="store_true", default=None,
-                   help="log errors only (as rpyc_classic -q)")
-    o.add_argument("-v", "--verbose", action="store_true", default=None, help="debug logging")
+                   help="log errors only, as rpyc_classic -q (default: off)")
+    o.add_argument("-v", "--verbose", action="store_true", default=None,
+                   help="debug logging (default: off)")
 
 
 def _size(text: str) -> int:

@@ -282,18 +282,32 @@ def _read_exact(fd: int, n: int) -> bytes:
 # -- the command line ------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("hosts", nargs="+", metavar="HOST", help="[user@]host[:port] or ssh alias")
-    p.add_argument("--run", metavar="SCRIPT", help="run this Python script against the "
-                   "deployed cluster (it gets it from rpycsvc.Cluster.deployed()), then tear down")
-    p.add_argument("--python", default=None, help="python on the hosts (default: python3.X "
-                   "of this Python's version if the host has it, else python3)")
-    p.add_argument("--workers", type=int, default=None, help="workers per host (default: cores)")
-    p.add_argument("--endpoints", action="append", default=[], metavar="MODULE")
-    p.add_argument("--no-classic", dest="classic", action="store_false", default=True)
+    p.add_argument("--run", metavar="SCRIPT",
+                   help="run this Python script against the deployed cluster (it gets it "
+                   "from rpycsvc.Cluster.deployed()), then tear down (default: none, serve "
+                   "until Ctrl-C)")
+    p.add_argument("--python", default=None,
+                   help="python on the hosts (default: python3.X of this Python's version "
+                   "if the host has it, else python3)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes per host; 0 means one per core (default: 0)")
+    p.add_argument("--endpoints", action="append", default=[], metavar="MODULE",
+                   help="import MODULE on every host and offer its @rpycsvc.endpoint "
+                   "functions by name; it must be importable there; repeatable "
+                   "(default: none)")
+    p.add_argument("--no-classic", dest="classic", action="store_false", default=True,
+                   help="service-only servers: only the --endpoints functions, no code from "
+                   "clients; --endpoints is then required (default: classic access on)")
     p.add_argument("-o", "--ssh-option", dest="ssh_options", action="append", default=[],
-                   metavar="OPT", help="extra ssh option, e.g. -o Port=2222 (repeatable)")
-    p.add_argument("-F", "--ssh-config", default=None, help="ssh config file")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per host to start")
-    p.add_argument("--require-all", action="store_true", help="fail unless every host works")
+                   metavar="OPT",
+                   help="extra ssh option, e.g. -o Port=2222; repeatable (default: none)")
+    p.add_argument("-F", "--ssh-config", default=None, metavar="FILE",
+                   help="ssh config file (default: ssh's own, ~/.ssh/config)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds each host has to start its server (default: %(default)s)")
+    p.add_argument("--require-all", action="store_true",
+                   help="fail unless every host works (default: off: hosts that fail are "
+                   "reported and the others used)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,9 +39,10 @@ SERVICE_NAMES = ("CLASSICCOMPUTE", "COMPUTE", "SLAVE")
 #: which an rpycsvc client can't use, and every rpycsvc classic server is ``CLASSICCOMPUTE`` too.
 RPYCSVC_NAMES = ("CLASSICCOMPUTE", "COMPUTE")
 
+# --help shows this as written: plain text, no reST or Markdown backticks
 DESCRIPTION = """\
-Run an RPyC registry so servers started with `rpycsvc serve --register` can be found by
-`rpycsvc status --discover`, `rpycsvc top --discover` and `rpycsvc.Cluster.discover()`.
+Run an RPyC registry so servers started with "rpycsvc serve --register" can be found by
+"rpycsvc status --discover", "rpycsvc top --discover" and rpycsvc.Cluster.discover().
 
 It speaks RPyC's registry protocol (rpyc.utils.registry). It binds 127.0.0.1 by default:
 the registry has no authentication, so anyone who can reach it can announce a server.
@@ -161,13 +162,14 @@ def add_discover_arguments(p: argparse.ArgumentParser) -> None:
     """``--discover`` and the registry's address, shared by ``status`` and ``top``."""
     g = p.add_argument_group("discovery")
     g.add_argument("--discover", action="store_true",
-                   help="also ask an RPyC registry for servers (see `rpycsvc registry`)")
-    g.add_argument("--registry-host", default="127.0.0.1",
-                   help="the registry's address (default 127.0.0.1)")
-    g.add_argument("--registry-port", type=int, default=REGISTRY_PORT,
-                   help=f"the registry's port (default {REGISTRY_PORT})")
+                   help="also ask an RPyC registry for servers, see \"rpycsvc registry\" "
+                   "(default: off)")
+    g.add_argument("--registry-host", default="127.0.0.1", metavar="HOST",
+                   help="the registry's address (default: %(default)s)")
+    g.add_argument("--registry-port", type=int, default=REGISTRY_PORT, metavar="PORT",
+                   help="the registry's port (default: %(default)s)")
     g.add_argument("--registry-type", choices=("TCP", "UDP"), default="TCP", type=str.upper,
-                   help="registry protocol (default TCP)")
+                   help="registry protocol (default: %(default)s)")
 
 
 def addresses_from_args(args: argparse.Namespace, timeout: float) -> list[str]:
@@ -191,16 +193,17 @@ def addresses_from_args(args: argparse.Namespace, timeout: float) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+                   help="address to bind; 0.0.0.0 for every interface (default: %(default)s)")
     p.add_argument("-p", "--port", type=int, default=REGISTRY_PORT,
-                   help=f"port to bind (default {REGISTRY_PORT}; 0 picks a free one)")
+                   help="port to bind; 0 picks a free one (default: %(default)s)")
     p.add_argument("-m", "--mode", choices=("UDP", "TCP"), default="TCP", type=str.upper,
-                   help="TCP (default: works on one host and across routers) or UDP (answers "
-                   "LAN broadcasts; rpyc_registry's default, needs --host 0.0.0.0 to hear them)")
-    p.add_argument("-t", "--timeout", type=float, default=240.0,
-                   help="seconds an entry lives without being refreshed (default 240)")
+                   help="TCP works on one host and across routers; UDP answers LAN broadcasts "
+                   "(rpyc_registry's default; needs --host 0.0.0.0 to hear them) "
+                   "(default: %(default)s)")
+    p.add_argument("-t", "--timeout", type=float, default=240.0, metavar="SECONDS",
+                   help="seconds an entry lives without being refreshed (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="log errors only (as rpyc_registry -q)")
+                   help="log errors only, as rpyc_registry -q (default: off)")
 
 
 def run(args: argparse.Namespace) -> int:
