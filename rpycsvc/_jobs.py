@@ -4,11 +4,10 @@ a slot, and one server's state (its connection, what it has in flight, its capac
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .client import Client
+from .client import Client, TaskFuture
 from .errors import ServerLostError
 
 #: Jobs in flight per worker of a server: enough to hide the round trip, small enough that
@@ -24,7 +23,7 @@ class _Job:
     spec: Any
     frames: tuple[bytes, ...]
     opts: dict[str, Any]
-    future: Future
+    future: TaskFuture
     retries: int
     pinned: str | None = None  # broadcast: this server only
     attempts: int = 0
@@ -33,6 +32,10 @@ class _Job:
     key: int = 0  # the task's key on that client; 0 until sent
     size: int = 1  # items in a map chunk
     sent: float = 0.0
+    #: its future left PENDING (set_running_or_notify_cancel called); under the cluster lock
+    started: bool = False
+    #: stop() was asked while it was being sent (no key yet): stopped once it has one
+    stop_asked: bool = False
     errors: list[str] = field(default_factory=list)  # "address: cause" per lost attempt
 
 

@@ -114,7 +114,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
                    {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
         job.size = len(items)
         # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
-        fut._canceller = functools.partial(cluster._cancel, job)
+        fut._stopper = functools.partial(cluster._stop_job, job)
         return job
 
     def results() -> Iterator[Any]:
@@ -132,7 +132,9 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
                         break
                     taken += len(items)
                     job = make_job(items)
-                    job.future.add_done_callback(functools.partial(_put, done_q, job))
+                    if not ordered:  # (in order, nothing reads the queue: it would keep
+                        # every result of the map alive)
+                        job.future.add_done_callback(functools.partial(_put, done_q, job))
                     inflight.append(job)
                     cluster._enqueue([job])
                 if not inflight:
@@ -148,13 +150,16 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
                 if bar is not None:
                     bar.update(job.size, job.server.address if job.server else "?")
                 address = job.server.address if job.server else None
-                for ok, value in job.future.result():
-                    if not ok:
-                        raise load_exception(value, address)
-                    yield value
+                pairs = list(job.future.result())
+                del job  # (its future holds the chunk's results)
+                pairs.reverse()
+                while pairs:  # keep no reference to a result once it is yielded
+                    if not pairs[-1][0]:
+                        raise load_exception(pairs[-1][1], address)
+                    yield pairs.pop()[1]
         finally:
             for job in inflight:
-                job.future.cancel()
+                job.future.stop()
             if bar is not None:
                 bar.close()
 
@@ -264,6 +269,6 @@ def _reduce_chunks(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any]
                 result = reducer(result, part)
     except BaseException:
         for f in futs:  # one chunk failed (or we gave up): the others are of no use now
-            f.cancel()
+            f.stop()
         raise
     return result

@@ -19,7 +19,7 @@ import socket
 import ssl as _ssl
 import threading
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable
 
 import rpyc
@@ -91,7 +91,16 @@ def parse_address(address: str, port: int | None = None) -> tuple[str, int]:
 class TaskFuture(Future):
     """A ``concurrent.futures.Future`` for one remote task, plus where it ran and its output.
 
-    ``cancel()`` also stops the task on the server when it is already running there.
+    Its states are the stdlib's. It is *pending* while it waits in a cluster's queue on this
+    machine, and *running* from the moment it is sent to a server (``running()`` is True):
+    the task protocol has no "started" message, so a task sent may still wait in the
+    server's own queue. ``client.submit`` sends at once, so its futures start running.
+
+    - ``cancel()`` is the stdlib's: True only for a pending task, which then never reaches a
+      server; False once it is running or done (the task goes on).
+    - :meth:`stop` stops the task wherever it is: a pending one is cancelled, a running one
+      is stopped on its server (its worker process is killed and replaced) and this future
+      fails at once with :class:`~rpycsvc.TaskCancelledError`.
     """
 
     def __init__(self) -> None:
@@ -100,16 +109,42 @@ class TaskFuture(Future):
         self.address: str | None = None
         self.stdout = ""
         self.stderr = ""
-        self._canceller: Callable[[], None] | None = None
+        #: drops the task wherever it is: from a cluster's queue, or from its server
+        self._stopper: Callable[[], None] | None = None
 
     def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled and self._canceller is not None:
+        """Cancel the task if it is still pending (not sent to a server): the stdlib's
+        contract. False for a running task: use :meth:`stop` to stop that one."""
+        if not super().cancel():
+            return False
+        self._stop_remote()
+        return True
+
+    def stop(self) -> bool:
+        """Stop the task wherever it is; False if it had finished already.
+
+        Pending: as ``cancel()`` (``cancelled()`` is then True). Running: the server is asked
+        to stop it (a process-mode task's worker is killed with its child processes and
+        replaced; a thread-mode task gets an exception the next time its thread runs Python
+        code) and this future fails at once with :class:`~rpycsvc.TaskCancelledError`
+        without waiting for the server; a result that still arrives is dropped."""
+        if self.cancel():
+            return True
+        where = f" on {self.address}" if self.address else ""
+        try:
+            self.set_exception(TaskCancelledError(
+                f"the task was stopped (future.stop()){where}", address=self.address))
+        except InvalidStateError:  # it finished meanwhile
+            return False
+        self._stop_remote()
+        return True
+
+    def _stop_remote(self) -> None:
+        if self._stopper is not None:
             try:
-                self._canceller()
-            except Exception:
-                pass
-        return cancelled
+                self._stopper()
+            except Exception:  # the connection is gone: nothing runs there any more
+                log.debug("stopping task %s failed", self.id, exc_info=True)
 
 
 def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -267,8 +302,10 @@ class Client(LaneUser):
             else:
                 settle_reply(fut, value, self.address)
 
+        # Sent at once: running from the start (set before a reply can settle it).
+        fut.set_running_or_notify_cancel()
         key = self.start_task(kind, spec, {**opts, "label": label}, frames, done, fut)
-        fut._canceller = lambda: self.cancel_task(key)
+        fut._stopper = lambda: self.cancel_task(key)
         return fut
 
     def start_task(self, kind: str, spec: Any, opts: dict[str, Any], frames: tuple[bytes, ...],
@@ -325,6 +362,8 @@ class Client(LaneUser):
         res.add_callback(lambda r, key=key: self._on_reply(key, r))
 
     def cancel_task(self, key: int) -> None:
+        """Ask the server to stop this connection's task ``key`` wherever it is (dequeued,
+        or its worker killed); never waits for an answer."""
         if self.lost is None and not self._closed:
             lane = self._lane
             try:

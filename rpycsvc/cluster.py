@@ -344,7 +344,7 @@ class Cluster:
         label = spec if spec else getattr(fn, "__qualname__", "task")
         fut = TaskFuture()
         job = _Job(kind, spec, frames, {**opts, "label": label}, fut, retries, pinned)
-        fut._canceller = lambda: self._cancel(job)
+        fut._stopper = functools.partial(self._stop_job, job)
         self._enqueue([job])
         return fut
 
@@ -356,15 +356,39 @@ class Cluster:
                 self._queue.append(job)
         self._dispatch()
 
-    def _cancel(self, job: _Job) -> None:
-        """The job's future was cancelled: drop it from the queue, or stop it on its server
-        (if it is being sent right now, :meth:`_dispatch` stops it once it has its key)."""
+    def _stop_job(self, job: _Job) -> None:
+        """The job's future was cancelled or stopped: drop it from the queue, or stop it on
+        its server (if it is being sent right now, :meth:`_dispatch` stops it once it has
+        its key). Whoever takes a job out of the queue tells the future's waiters
+        (``wait``, ``as_completed``) that a cancelled one is done."""
         with self._lock:
             if self._queue.remove(job):
+                self._start_locked(job)
                 return
             client, key = job.client, job.key
+            if not key:
+                job.stop_asked = True
         if client is not None and key:
             client.cancel_task(key)
+
+    @staticmethod
+    def _start_locked(job: _Job) -> bool:
+        """The job leaves the queue: its future leaves PENDING (once). False if it was
+        cancelled: it must not be sent (its waiters are told it is done)."""
+        if job.started:
+            return not job.future.done()
+        job.started = True
+        try:
+            return job.future.set_running_or_notify_cancel()
+        except RuntimeError:  # settled already (it can't be: to be safe, don't send it)
+            return False
+
+    def _fail_unsent(self, job: _Job, exc: BaseException) -> None:
+        """Fail a job taken out of the queue without sending it (closed, no server)."""
+        with self._lock:
+            send = self._start_locked(job)
+        if send:
+            settle(job.future, None, exc)
 
     def _pick_locked(self, job: _Job) -> _Server | None:
         best, best_load = None, 1.0
@@ -401,6 +425,9 @@ class Cluster:
                     pass  # settled below, outside the lock (callbacks may call us)
                 elif job is None or srv is None:
                     return
+                elif not self._start_locked(job):  # cancelled while queued: drop it
+                    self._queue.popleft(job)
+                    continue
                 else:
                     self._queue.popleft(job)
                     job.server, job.client, job.key = srv, srv.client, 0
@@ -413,7 +440,7 @@ class Cluster:
                         job.future.address = srv.address
             if stranded:
                 for stale, cause in stranded:
-                    settle(stale.future, None, cause)
+                    self._fail_unsent(stale, cause)
                 continue
             assert job is not None
             try:
@@ -422,7 +449,8 @@ class Cluster:
                                         functools.partial(self._on_done, job), job.future)
                 with self._lock:
                     job.key = key
-                if job.future.cancelled():  # cancelled while we sent it: _cancel had no key
+                    stop = job.stop_asked
+                if stop:  # stopped while we sent it: _stop_job had no key
                     client.cancel_task(key)
             except ServerLostError as exc:
                 self._on_done(job, "lost", exc)
@@ -431,7 +459,7 @@ class Cluster:
                 settle(job.future, None, exc)
         err = AllServersFailedError("every server of the cluster is down", causes)
         for job in doomed:
-            settle(job.future, None, err)
+            self._fail_unsent(job, err)
 
     def _pinned_cause_locked(self, job: _Job) -> BaseException:
         srv = self._servers.get(job.pinned or "")
@@ -634,7 +662,7 @@ class Cluster:
         out = BroadcastResult()
         for addr, f in futs.items():
             if not f.done():
-                f.cancel()  # stops it on the server too
+                f.stop()  # on the server too
                 out[addr] = RpycsvcTimeoutError(
                     f"{addr} did not answer within {timeout:g} s; the task was cancelled there")
                 continue
@@ -698,7 +726,7 @@ class Cluster:
             running = [(s.address, j) for s in self._servers.values() for j in s.inflight]
             clients = [s.client for s in self._servers.values() if s.client is not None]
         for job in queued:
-            settle(job.future, None, TaskCancelledError(
+            self._fail_unsent(job, TaskCancelledError(
                 "the cluster was closed before the task was sent to a server"))
         for address, job in running:
             self._cancel_closed(job, address)

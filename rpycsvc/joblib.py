@@ -12,8 +12,8 @@ Each batch joblib dispatches becomes one task on the cluster (least busy server 
 elsewhere if its server dies); joblib's auto-batching sizes the batches. On the servers the
 batch runs with joblib's default backend set to ``"sequential"``, so a nested ``Parallel``
 inside a task stays in its worker instead of forking more processes. When one task raises,
-joblib aborts the call and every task still queued or running on the servers is cancelled
-(running ones are stopped, as ``Future.cancel()`` does).
+joblib aborts the call and every task still queued or running on the servers is stopped
+(queued ones never start, running ones are stopped there: ``TaskFuture.stop()``).
 
 Large NumPy arguments (``share_threshold`` bytes and more, 1 MiB by default, as loky's
 ``max_nbytes``) that joblib repeats in every task — ``X`` and ``y`` in a grid search — travel
@@ -45,7 +45,7 @@ from typing import Any, Callable
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
-from .client import Client
+from .client import Client, TaskFuture
 from .cluster import Cluster
 from .errors import ConfigError, ConnectError
 
@@ -171,7 +171,7 @@ class _BatchFuture(Future):
 
     def __init__(self) -> None:
         super().__init__()
-        self.task: Future | None = None
+        self.task: TaskFuture | None = None
 
     def get(self, timeout: float | None = None) -> Any:
         return self.result(timeout)
@@ -389,7 +389,7 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
             task = fut.task
             fut.cancel()
             if task is not None:
-                task.cancel()
+                task.stop()
 
     # -- internals -----------------------------------------------------------------------------
     def _forget(self, fut: Future) -> None:
@@ -451,7 +451,7 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
             return
         fut.task = task
         if fut.cancelled():  # aborted while we were submitting: abort_everything missed it
-            task.cancel()
+            task.stop()
             return
 
         def relay(task: Future) -> None:

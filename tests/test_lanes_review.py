@@ -480,8 +480,9 @@ def test_s12_lane_task_cancelled_before_it_starts_never_runs(one_worker: rpycsvc
         _, conn = gate.arrival()  # the worker is busy
         fut = c.submit(mark, str(path))  # waits, unread, in the lane
         assert lane is not None and lane.key is not None, "the task did not take the lane"
-        assert fut.cancel()
-        assert fut.cancelled()
+        assert fut.stop()  # (sent: running, so stop(), not the stdlib's cancel())
+        with pytest.raises(rpycsvc.TaskCancelledError):
+            fut.result(timeout=0)
         # The cancel goes to the server asynchronously, like on the RPyC path; requests on
         # one connection are handled in order, so once this round trip is back, the server
         # has told the worker (before the worker is free to read the lane).

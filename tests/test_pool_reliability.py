@@ -209,7 +209,7 @@ def test_cancel_kills_the_tasks_children(one_worker: rpycsvc.Server, tmp_path: P
         with rpycsvc.connect(one_worker.address, output="discard") as c:
             fut = c.submit(spawn_sleep_and_block, str(pidfile))
             child = read_pid(pidfile)
-            assert fut.cancel()
+            assert fut.stop()
             wait_until(f"the cancelled task's child {child} to be killed",
                        lambda: gone(child), timeout=10)
             assert c.compute(noop, 5) == 5  # the worker was replaced and serves

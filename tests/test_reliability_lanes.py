@@ -32,8 +32,9 @@ def one_worker() -> Iterator[ServerProcess]:
 
 @pytest.mark.xfail(strict=True, reason=LANE_PATH)
 def test_cancel_returns_at_once_while_the_server_is_frozen(one_worker: ServerProcess) -> None:
-    """Item 2: cancel() must never block, even when the server doesn't answer (it looked
-    up ``cancel_lane`` with a synchronous round trip first). ``lost_after`` is long here, so
+    """Item 2: stopping a running task (``stop()``; ``cancel()`` before issue 17) must never
+    block, even when the server doesn't answer (it looked up ``cancel_lane`` with a
+    synchronous round trip first). ``lost_after`` is long here, so
     that the liveness check does not end the wait instead."""
     with rpycsvc.connect(one_worker.address, lost_after=60, output="capture") as c:
         assert c.compute(os.getpid) != os.getpid()  # opens the lane
@@ -44,7 +45,7 @@ def test_cancel_returns_at_once_while_the_server_is_frozen(one_worker: ServerPro
             p.suspend()
         try:
             done = threading.Event()
-            t = threading.Thread(target=lambda: (fut.cancel(), done.set()), daemon=True)
+            t = threading.Thread(target=lambda: (fut.stop(), done.set()), daemon=True)
             t.start()
             # Failure case: blocked for as long as the freeze (or until lost_after).
             assert done.wait(10), "cancel() still blocked 10 s into the server's freeze"
