@@ -601,7 +601,7 @@ class Cluster:
         stays bounded. Small tasks are batched automatically unless ``chunksize`` is given.
         ``timeout`` is a deadline for the whole iteration, as in ``Executor.map``: a result
         not ready ``timeout`` seconds after this call raises :class:`RpycsvcTimeoutError`
-        (also a ``TimeoutError``) and the map's remaining tasks are cancelled. To limit how
+        (also a ``TimeoutError``) and the map's remaining tasks are stopped. To limit how
         long each task may run, use ``cluster.options(timeout=S).map(...)``. The first task
         that raised re-raises its exception when its result is reached. Other keywords
         (``mode``, ``output``) are task options.
@@ -626,7 +626,7 @@ class Cluster:
         results and only the partials travel back. With ``by_key``, ``fn`` yields
         ``(key, value)`` pairs and the answer is a dict reducing the values of each key.
         ``timeout`` is a deadline for the whole call (:class:`RpycsvcTimeoutError`). If a
-        chunk fails or the deadline passes, the other chunks are cancelled. ``progress``
+        chunk fails or the deadline passes, the other chunks are stopped. ``progress``
         shows a bar on stderr as ``map``'s does (items done, per server)."""
         from ._mapping import run_map_reduce
 
@@ -650,7 +650,7 @@ class Cluster:
         Returns a :class:`BroadcastResult`: address → result or exception, for every server
         of the cluster (one that is down or shutting down gets its cause). ``timeout`` is
         one deadline for all servers together: a server that has not answered by then gets
-        an :class:`RpycsvcTimeoutError` and its task is cancelled there. With
+        an :class:`RpycsvcTimeoutError` and its task is stopped there. With
         ``wait=False`` return ``{address: future}`` at once (for long-running loops).
         """
         with self._lock:
@@ -664,7 +664,7 @@ class Cluster:
             if not f.done():
                 f.stop()  # on the server too
                 out[addr] = RpycsvcTimeoutError(
-                    f"{addr} did not answer within {timeout:g} s; the task was cancelled there")
+                    f"{addr} did not answer within {timeout:g} s; the task was stopped there")
                 continue
             try:
                 out[addr] = f.result(0)
