@@ -70,8 +70,9 @@ class ClusterExecutor(Executor):
         return fut
 
     def _forget(self, fut: Future) -> None:
-        with self._lock:
-            self._futures.discard(fut)
+        # Without the lock (set.discard is atomic): this runs in the connections' reader
+        # threads, which must never wait for a submit() that is sending a task.
+        self._futures.discard(fut)
 
     def map(self, fn: Any, *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
