@@ -62,6 +62,9 @@ class ServerConfig:
     # Bytes of inbound messages being received at once, all connections together: past it
     # the server stops reading from authenticated peers and refuses unauthenticated ones.
     inbound_budget: int = DEFAULT_INBOUND_BUDGET
+    # Seconds a peer may send nothing in the middle of a message that holds a part of the
+    # inbound budget before it is dropped (its part freed); see transport.SMALL_MESSAGE.
+    stall_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
@@ -136,6 +139,9 @@ class ServerConfig:
         if self.handshake_timeout <= 0:
             raise ConfigError(f"--handshake-timeout must be > 0 seconds; got "
                               f"{self.handshake_timeout!r}")
+        if not self.stall_timeout > 0:
+            raise ConfigError(f"--stall-timeout must be > 0 seconds; got "
+                              f"{self.stall_timeout!r}")
         if self.max_pending < 1:
             raise ConfigError(f"--max-pending must be >= 1; got {self.max_pending!r}")
         if self.authkey is not None and len(self.authkey) < 8:

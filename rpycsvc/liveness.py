@@ -26,7 +26,7 @@ import time
 import weakref
 from typing import Any, Callable
 
-from rpyc.core import consts
+from rpyc.core import consts, vinegar
 from rpyc.core.protocol import Connection
 from rpyc.core.service import ClassicClient, VoidService
 
@@ -227,7 +227,15 @@ class ClientConnection(Connection):
         deadline = None if limit is None else time.monotonic() + limit
         box = _Reply()
         try:
-            self._async_request(handler, args, box)
+            try:
+                self._async_request(handler, args, box)
+            except RuntimeError as exc:
+                # RPyC's cleanup of a connection that died under this send released the
+                # send lock ("release unlocked lock"): report the loss, not RPyC's lock
+                if not (self.closed or self.lost_error is not None):
+                    raise
+                raise (self.lost_error or EOFError("the connection to the server was "
+                                                   "lost while sending")) from exc
             while not box.done:
                 lost = self.lost_error
                 if lost is not None:
@@ -247,6 +255,20 @@ class ClientConnection(Connection):
         if box.is_exc:
             raise box.obj
         return box.obj
+
+    def _unbox_exc(self, raw: Any) -> Any:
+        """The server's exception; :class:`~rpycsvc.errors.MessageTooLargeError` (a request
+        over the server's message limit) as itself, so callers can catch it, rather than
+        as RPyC's generic stand-in for a class it may not instantiate."""
+        try:
+            (modname, clsname), *_ = raw
+        except (TypeError, ValueError):
+            return super()._unbox_exc(raw)
+        if (modname, clsname) == ("rpycsvc.errors", "MessageTooLargeError"):
+            return vinegar.load(raw, import_custom_exceptions=False,
+                                instantiate_custom_exceptions=True,
+                                instantiate_oldstyle_exceptions=False)
+        return super()._unbox_exc(raw)
 
     def mark_lost(self, error: ServerLostError) -> None:
         """Declare the connection lost and wake every thread waiting on it.

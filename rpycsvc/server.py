@@ -349,6 +349,7 @@ class _ServerMixin:
         channel = FastChannel(
             stream, limit=max_message if trusted else PREAUTH_MAX_MESSAGE,
             max_message=max_message, budget=self.inbound,
+            stall_timeout=self.rpycsvc_config.stall_timeout,
             deadline=None if trusted else
             time.monotonic() + self.rpycsvc_config.handshake_timeout)
         conn = self.service._connect(channel, config)  # type: ignore[attr-defined]

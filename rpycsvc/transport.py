@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import socket
 import sys
 import threading
@@ -27,7 +28,7 @@ import time
 import zlib
 from typing import Any
 
-from rpyc.core import consts
+from rpyc.core import brine, consts
 from rpyc.core.channel import Channel
 from rpyc.core.protocol import Connection
 from rpyc.core.stream import SocketStream
@@ -48,6 +49,16 @@ PREAUTH_MAX_MESSAGE = 64 << 10
 MESSAGE_OVERHEAD = 64 << 10
 #: The setting that bounds messages, as the CLI and the environment spell it.
 MESSAGE_SETTING = "--max-message-size (RPYCSVC_MAX_MESSAGE_SIZE)"
+#: Messages up to this size are read without waiting for the inbound budget: they cost at
+#: most this much per connection (one message is read at a time per connection), and they
+#: keep flowing (calls, replies, hellos, a plain client's first request) while large
+#: messages wait for room, e.g. behind a peer that stalled in the middle of a large one.
+SMALL_MESSAGE = PREAUTH_MAX_MESSAGE
+#: Default seconds a peer may send nothing in the middle of a message that holds a part of
+#: the inbound budget before it is dropped and its part freed (``--stall-timeout``).
+DEFAULT_STALL_TIMEOUT = 30.0
+#: The setting that bounds such a stall, as the CLI and the environment spell it.
+STALL_SETTING = "--stall-timeout (RPYCSVC_STALL_TIMEOUT)"
 
 #: Bytes this process received and sent on rpycsvc streams (for metrics; approximate).
 TRAFFIC = {"in": 0, "out": 0}
@@ -209,6 +220,10 @@ class DeadlineExceeded(EOFError):
     """A stream's deadline passed while it waited for bytes (see ``set_deadline``)."""
 
 
+class PeerStalled(EOFError):
+    """No byte arrived for ``idle_limit`` seconds in the middle of a message."""
+
+
 #: How often a read with a deadline wakes up to look at the clock (seconds).
 _DEADLINE_TICK = 0.25
 
@@ -221,6 +236,9 @@ class FastSocketStream(SocketStream):
     #: :class:`DeadlineExceeded`: how long a peer that hasn't authenticated gets to finish
     #: its first request (see :meth:`set_deadline`).
     deadline: float | None = None
+    #: While set (seconds), a read that gets no byte for that long fails with
+    #: :class:`PeerStalled` (a peer stalled mid-message while holding inbound budget).
+    idle_limit: float | None = None
 
     def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         super().__init__(sock)
@@ -266,6 +284,8 @@ class FastSocketStream(SocketStream):
             view[:got] = self._prefix[:got]
             self._prefix = self._prefix[got:]
         while got < count:
+            if self.idle_limit is not None and self.deadline is None:
+                self._wait_readable(self.idle_limit)
             try:
                 n = self.sock.recv_into(view[got:], count - got)
             except socket.timeout:
@@ -283,6 +303,21 @@ class FastSocketStream(SocketStream):
             self.last_activity = time.monotonic()
         TRAFFIC["in"] += count
         return buf
+
+    def _wait_readable(self, limit: float) -> None:
+        """Return once a byte can be read; :class:`PeerStalled` if none comes in ``limit``
+        seconds. (Polled rather than a socket timeout, which would bound the concurrent
+        ``sendall`` of a reply on the same socket as well.)"""
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return  # decrypted TLS bytes already buffered
+        try:
+            ready = super().poll(limit)
+        except Exception as exc:  # closed under us
+            self.close()
+            raise EOFError(exc) from exc
+        if not ready:
+            raise PeerStalled(f"sent nothing for {limit:g} s in the middle of a message")
 
     def write(self, data: Any) -> None:
         try:
@@ -305,11 +340,14 @@ class FastChannel(Channel):
 
     def __init__(self, stream: Any, compress: bool = False, *, limit: int = WIRE_MAX,
                  max_message: int | None = None, budget: InboundBudget | None = None,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None,
+                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT) -> None:
         super().__init__(stream, compress=False)
         self.limit = limit
         self.max_message = limit if max_message is None else max_message
         self.budget = budget
+        # A peer that holds budget mid-message and sends nothing for this long is dropped.
+        self.stall_timeout = stall_timeout
         self.trusted = limit >= self.max_message
         # Until trusted, a peer has until ``deadline`` to finish its first request: one
         # that says a byte and stalls would otherwise hold a thread and a descriptor.
@@ -352,22 +390,39 @@ class FastChannel(Channel):
         except DeadlineExceeded:
             raise self._refuse("slow", "no complete first request within the handshake "
                                "timeout (--handshake-timeout)") from None
+        except PeerStalled as exc:
+            held = exc.args[1] if len(exc.args) > 1 else "some"
+            raise self._refuse("stalled", f"{exc.args[0]} while holding {held} bytes "
+                               "of the inbound budget (--inbound-budget); closing, which "
+                               f"frees them for the others (bound: {STALL_SETTING})") from None
 
     def _recv(self) -> bytes:
         header = self.stream.read(self.FRAME_HEADER.size)
         length, compressed = self.FRAME_HEADER.unpack(header)
         if length > self.limit:
             if self.trusted:
+                answer = self._skip_request(length, compressed)
+                if answer is not None:
+                    return answer
                 raise self._refuse("size", f"peer announced a {length}-byte frame, over the "
                                    f"limit of {self.limit} bytes ({MESSAGE_SETTING}); closing")
             raise self._refuse("preauth", f"peer announced a {length}-byte frame before "
                                f"authenticating (limit {self.limit} bytes until it has); "
                                "closing")
         budget = self.budget
-        if budget is None:
+        if budget is None or length <= SMALL_MESSAGE:
+            # small messages never wait for the budget (see SMALL_MESSAGE)
             data = self.stream.read(length)
             self.stream.read(len(self.FLUSHER))
-            return self._decompress(data, None) if compressed else data
+            if not compressed:
+                return data
+            if budget is None:
+                return self._decompress(data, None)
+            res = budget.start()
+            try:  # what it inflates to past SMALL_MESSAGE is taken from the budget
+                return self._decompress(data, res, free=SMALL_MESSAGE)
+            finally:
+                budget.finish(res)
         res = budget.start()
         read = getattr(self.stream, "read_buffer", self.stream.read)
         try:
@@ -376,14 +431,67 @@ class FastChannel(Channel):
             while left:  # each piece is taken from the budget before it is read
                 n = min(left, _CHUNK)
                 self._take(res, n)
-                pieces.append(read(n))
+                pieces.append(self._read_holding(read, n, res))
                 left -= n
-            self.stream.read(len(self.FLUSHER))
+            self._read_holding(self.stream.read, len(self.FLUSHER), res)
             data = b"".join(pieces)  # (brine slices it: it must be bytes)
             del pieces
             return self._decompress(data, res) if compressed else data
         finally:
             budget.finish(res)
+
+    def _read_holding(self, read: Any, n: int, res: Reservation) -> Any:
+        """``read(n)`` while ``res`` holds budget: a peer that sends nothing for
+        ``stall_timeout`` seconds meanwhile is dropped (:class:`PeerStalled`). Not while
+        this reader waits for budget: that is not the peer's fault."""
+        stream = self.stream
+        if self.stall_timeout is None or not hasattr(stream, "idle_limit"):
+            return read(n)
+        stream.idle_limit = self.stall_timeout
+        try:
+            return read(n)
+        except PeerStalled as exc:
+            raise PeerStalled(str(exc), res.held) from None
+        finally:
+            stream.idle_limit = None
+
+    def _skip_request(self, length: int, compressed: int) -> bytes | None:
+        """A request over the limit from a trusted peer: read its first bytes for its
+        sequence number, discard the rest a piece at a time (nothing is kept, nothing is
+        taken from the budget), and return in its place a request that the
+        :class:`ServerConnection` answers with :class:`MessageTooLargeError`: the caller
+        gets an error naming the limit, and the connection stays up. None if it isn't a
+        request (a reply can't be refused that way: the connection is dropped)."""
+        head = bytes(self.stream.read(min(length, 4096)))
+        seq = _request_seq(head, bool(compressed))
+        if seq is None:
+            return None
+        left = length - len(head)
+        while left:
+            n = min(left, _CHUNK)
+            self._read_idle_bounded(getattr(self.stream, "read_buffer", self.stream.read), n)
+            left -= n
+        self._read_idle_bounded(self.stream.read, len(self.FLUSHER))
+        text = (f"this request ({length} bytes{', compressed' if compressed else ''}) is "
+                f"over the server's message limit of {format_size(self.limit)} "
+                f"({self.limit} bytes, set by {MESSAGE_SETTING}); it was not run and the "
+                "connection is unharmed. Raise the limit on the server, or send less at "
+                "once (split the data, or have the server read it from elsewhere)")
+        _REFUSALS.log("size", f"refused a {length}-byte request over the limit of "
+                      f"{self.limit} bytes ({MESSAGE_SETTING}); answered with "
+                      "MessageTooLargeError")
+        return brine.I1.pack(consts.MSG_REQUEST) + brine.dump((seq, (HANDLE_TOO_LARGE, text)))
+
+    def _read_idle_bounded(self, read: Any, n: int) -> Any:
+        """``read(n)``, dropping a peer that sends nothing for ``stall_timeout``."""
+        stream = self.stream
+        if self.stall_timeout is None or not hasattr(stream, "idle_limit"):
+            return read(n)
+        stream.idle_limit = self.stall_timeout
+        try:
+            return read(n)
+        finally:
+            stream.idle_limit = None
 
     def _take(self, res: Reservation, n: int) -> None:
         assert self.budget is not None
@@ -392,15 +500,16 @@ class FastChannel(Channel):
                                "authenticated: the server's inbound budget (--inbound-budget) "
                                "is in use")
 
-    def _decompress(self, data: bytes, res: Reservation | None) -> bytes:
+    def _decompress(self, data: bytes, res: Reservation | None, free: int = 0) -> bytes:
         """Inflate a frame from a plain RPyC peer (which compresses frames over 3 KB) a
-        piece at a time, never past ``limit``, each piece taken from the budget."""
+        piece at a time, never past ``limit``, each piece past the first ``free`` bytes
+        taken from the budget."""
         inflater = zlib.decompressobj()
         pieces: list[bytes] = []
         size = 0
         while True:
             want = min(_CHUNK, self.limit - size + 1)  # one byte past the limit is enough
-            if res is not None:
+            if res is not None and size + want > free:
                 self._take(res, want)
             try:
                 piece = inflater.decompress(data, want)
@@ -428,6 +537,36 @@ class FastChannel(Channel):
             self.stream.write(self.FLUSHER)
 
 
+#: A request handler number RPyC doesn't use: the :class:`FastChannel` puts it in place of
+#: a request over the message limit (its argument is the error text), and the
+#: :class:`ServerConnection` answers it with :class:`MessageTooLargeError`.
+HANDLE_TOO_LARGE = 250
+
+
+def _request_seq(head: bytes, compressed: bool) -> int | None:
+    """The sequence number of an RPyC request from the first bytes of its frame (a
+    message type byte, then brine's ``(seq, args)``), or None if it isn't a request."""
+    if compressed:
+        try:
+            head = zlib.decompressobj().decompress(head, 64)
+        except zlib.error:
+            return None
+    if len(head) < 3 or head[0] != consts.MSG_REQUEST or head[1:2] != brine.TAG_TUP2:
+        return None
+    end = 3
+    if head[2:3] == brine.TAG_INT_L1:
+        if len(head) < 4:
+            return None
+        end = 4 + head[3]
+    if len(head) < end:
+        return None
+    try:
+        seq = brine.load(head[2:end])
+    except Exception:
+        return None
+    return seq if type(seq) is int else None
+
+
 class Deferred:
     """A reply to be sent later. Return one from an exposed method of the rpycsvc service."""
 
@@ -444,7 +583,7 @@ class Deferred:
             self._conn, self._seq = conn, seq
             outcome = self._outcome
         if outcome is not None:
-            self._send(outcome)
+            conn._queue_reply(self, outcome)
 
     def resolve(self, value: Any) -> None:
         """Reply with ``value`` (boxed like any RPyC return value)."""
@@ -461,9 +600,12 @@ class Deferred:
             self._outcome = outcome
             bound = self._conn is not None
         if bound:
-            self._send(outcome)
+            conn = self._conn
+            assert conn is not None
+            conn._queue_reply(self, outcome)
 
     def _send(self, outcome: tuple[bool, Any]) -> None:
+        """Box and send the reply (in the connection's reply sender thread)."""
         conn = self._conn
         assert conn is not None
         if conn.closed:
@@ -508,7 +650,48 @@ CURRENT = threading.local()
 
 
 class ServerConnection(Connection):
-    """An RPyC connection whose exposed methods may answer later via :class:`Deferred`."""
+    """An RPyC connection whose exposed methods may answer later via :class:`Deferred`.
+
+    Deferred replies are sent by a thread of this connection's own (started with the
+    first one), never by the thread that resolves them: that is often a thread shared by
+    all clients (the worker pool's reader), and a client that doesn't read (frozen, or on
+    a dead link) would block it in ``sendall`` and stop every other client's results.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._replies: queue.SimpleQueue[tuple[Deferred, tuple[bool, Any]] | None] = \
+            queue.SimpleQueue()
+        self._reply_lock = threading.Lock()
+        self._reply_thread: threading.Thread | None = None
+        super().__init__(*args, **kwargs)
+
+    def _queue_reply(self, deferred: Deferred, outcome: tuple[bool, Any]) -> None:
+        """Have the reply sender send ``deferred``'s reply; returns at once."""
+        with self._reply_lock:
+            if self._reply_thread is None:
+                if self.closed:
+                    return  # nobody is waiting for it
+                self._reply_thread = threading.Thread(
+                    target=self._send_replies, name="rpycsvc-replies", daemon=True)
+                self._reply_thread.start()
+        self._replies.put((deferred, outcome))
+
+    def _send_replies(self) -> None:
+        replies = self._replies
+        while True:
+            item = replies.get()
+            if item is None or self.closed:
+                return
+            deferred, outcome = item
+            del item
+            deferred._send(outcome)
+            del deferred, outcome  # a large result is freed as soon as it is sent
+
+    def _cleanup(self, _anyway: bool = True) -> None:
+        try:
+            super()._cleanup(_anyway)
+        finally:
+            self._replies.put(None)  # ends the reply sender (closing woke a blocked send)
 
     def _dispatch_request(self, seq: int, raw_args: Any) -> None:
         # A well-formed request: a plain RPyC peer on a server without authkey has now said
@@ -526,6 +709,8 @@ class ServerConnection(Connection):
     def _dispatch_request_here(self, seq: int, raw_args: Any) -> None:
         try:
             handler, args = raw_args
+            if handler == HANDLE_TOO_LARGE:  # put in place of a request over the limit
+                raise MessageTooLargeError(str(args))
             args = self._unbox(args)
             res = self._HANDLERS[handler](self, *args)
         except BaseException:

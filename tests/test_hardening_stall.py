@@ -1,0 +1,229 @@
+"""One stalled or frozen peer must not stop the server for the others, and a request over
+the message limit fails alone (review of issue 13's hardening: findings 2, 5 and 7).
+
+* A peer that stalls in the middle of a message while holding the inbound budget is dropped
+  after ``stall_timeout`` seconds of silence, and small messages of everyone else never wait
+  for the budget meanwhile; a slow upload that keeps moving is not dropped.
+* A client that doesn't read its (large) result doesn't block other clients' results.
+* A classic call whose arguments are over ``--max-message-size`` raises
+  ``MessageTooLargeError`` naming the limit and its setting; the connection stays up.
+
+Bounds below are failure-case bounds (how long before we call it hung), not speed asserts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+import rpyc
+from rpyc.core import brine, consts
+
+import rpycsvc
+from rpycsvc.errors import MessageTooLargeError
+from rpycsvc.handshake import client_handshake
+from tests.support.limited import closed_by_peer
+from tests.support.servers import REPO, running_server
+
+MiB = 1 << 20
+#: How long a call may take before the test calls it hung (machine under load included).
+HUNG = 60.0
+
+
+def _within(fn: Callable[[], Any], bound: float = HUNG) -> Any:
+    """``fn()`` run in a thread: its result, or a test failure if it is still blocked after
+    ``bound`` seconds (the thread is left behind as a daemon)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(bound)
+    if worker.is_alive():
+        pytest.fail(f"still blocked after {bound:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _trusted_socket(srv: rpycsvc.Server) -> socket.socket:
+    """A raw connection that said a valid rpycsvc hello: trusted with full-size messages."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    client_handshake(sock, address=srv.address, authkey=None, timeout=10)
+    return sock
+
+
+def _ping_frame(data: bytes, seq: int = 1) -> bytes:
+    """An RPyC frame with a well-formed HANDLE_PING request echoing ``data``."""
+    payload = brine.I1.pack(consts.MSG_REQUEST) + brine.dump(
+        (seq, (consts.HANDLE_PING, (consts.LABEL_TUPLE, ((consts.LABEL_VALUE, data),)))))
+    return struct.pack("!LB", len(payload), 0) + payload + b"\n"
+
+
+def _read_frame(sock: socket.socket, timeout: float) -> bytes:
+    """The payload of the next frame from ``sock``."""
+    sock.settimeout(timeout)
+
+    def exactly(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            piece = sock.recv(n - len(buf))
+            if not piece:
+                raise EOFError("the server closed the connection")
+            buf += piece
+        return bytes(buf)
+
+    length, _ = struct.unpack("!LB", exactly(5))
+    payload = exactly(length)
+    exactly(1)  # the frame's trailing newline
+    return payload
+
+
+def test_peer_stalled_mid_message_holding_the_budget_is_dropped_and_others_go_on() -> None:
+    """A peer sends all but one byte of a message that takes the whole inbound budget, then
+    stalls. Before: every other client's call through the server and every new connection
+    blocked forever. Now small messages don't wait for the budget, and the stalled peer is
+    dropped after --stall-timeout, which gives its budget back for large messages."""
+    with running_server(workers=1, max_message_size=4 * MiB, inbound_budget=4 * MiB,
+                        stall_timeout=2.0) as srv:
+        good = rpycsvc.connect(srv.address, output="discard", lanes=False)
+        stalled = _trusted_socket(srv)
+        try:
+            assert _within(lambda: good.compute(abs, -3)) == 3
+            n = 4 * MiB - 64
+            stalled.sendall(struct.pack("!LB", n, 0) + bytes(n - 1))  # all but one byte
+            # another client's compute and classic call, and new connections, still work
+            assert _within(lambda: good.compute(abs, -5)) == 5
+            assert _within(lambda: good.eval("1 + 1")) == 2
+
+            def fresh_client() -> int:
+                with rpycsvc.connect(srv.address, output="discard", timeout=30) as c:
+                    return int(c.compute(abs, -7))
+
+            assert _within(fresh_client) == 7
+
+            def fresh_plain_client() -> int:
+                conn = rpyc.classic.connect("127.0.0.1", srv.port)
+                try:
+                    return int(conn.modules.os.getpid())
+                finally:
+                    conn.close()
+
+            assert _within(fresh_plain_client) == os.getpid()
+            # the stalled peer is dropped (after the 2 s bound) ...
+            assert closed_by_peer(stalled, HUNG), "the stalled peer was never dropped"
+            # ... and its part of the budget is back: a large message gets through
+            assert _within(lambda: good.compute(len, bytes(3 * MiB))) == 3 * MiB
+        finally:
+            stalled.close()
+            good.close()
+
+
+def test_slow_upload_that_keeps_moving_is_not_dropped() -> None:
+    """A large message sent in pieces, with pauses shorter than --stall-timeout that add up
+    to more than it, is received and answered: only silence counts, not slowness."""
+    with running_server(workers=1, max_message_size=4 * MiB, inbound_budget=4 * MiB,
+                        stall_timeout=3.0) as srv:
+        sock = _trusted_socket(srv)
+        try:
+            data = os.urandom(2 * MiB)
+            frame = _ping_frame(data)
+            pieces = 10
+            step = len(frame) // pieces + 1
+            for i in range(pieces):  # ~5 s in all, never silent for more than ~0.5 s
+                sock.sendall(frame[i * step:(i + 1) * step])
+                time.sleep(0.5)
+            reply = _read_frame(sock, HUNG)
+            assert reply[0] == consts.MSG_REPLY, reply[:40]
+            assert data in reply
+        finally:
+            sock.close()
+
+
+_FROZEN_CLIENT = textwrap.dedent("""
+    import sys
+    import rpycsvc
+    c = rpycsvc.connect(sys.argv[1], lanes=sys.argv[2] == "lanes", output="discard")
+    f = c.submit("os:urandom", 64 << 20)
+    print("sent", flush=True)
+    f.result()
+""")
+
+
+def _frozen_client_blocks_nobody(lanes: bool) -> None:
+    with running_server(workers=1, lanes=lanes) as srv:
+        victim = subprocess.Popen(
+            [sys.executable, "-c", _FROZEN_CLIENT, srv.address, "lanes" if lanes else "no"],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=str(REPO),
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            assert victim.stdout is not None
+            assert _within(victim.stdout.readline) == b"sent\n"
+            os.kill(victim.pid, signal.SIGSTOP)  # frozen: it never reads its 64 MiB result
+            with rpycsvc.connect(srv.address, output="discard", lanes=lanes) as other:
+                # queued behind the victim's task on the one worker: its result is
+                # delivered after the victim's, which used to block delivery for everyone
+                assert _within(lambda: other.compute(abs, -11)) == 11
+                assert _within(lambda: other.compute(abs, -12)) == 12
+        finally:
+            victim.kill()  # (SIGKILL ends a stopped process too)
+            victim.wait(30)
+
+
+def test_frozen_client_with_a_large_result_does_not_block_other_clients() -> None:
+    """Client A (a subprocess, stopped with SIGSTOP) asks for a 64 MiB result; client B's
+    computes on the same one-worker server return. Before, the pool's reader thread sent
+    A's result itself and blocked in ``sendall`` to the frozen client."""
+    _frozen_client_blocks_nobody(lanes=False)
+
+
+@pytest.mark.xfail(strict=True, reason="lane path; fixed by the one-path redesign (issue 15)")
+@pytest.mark.timeout(150)
+def test_frozen_lane_client_with_a_large_result_does_not_block_other_clients() -> None:
+    """The same with lanes: the worker blocks writing to the frozen client's lane."""
+    _frozen_client_blocks_nobody(lanes=True)
+
+
+def test_classic_call_over_the_message_limit_fails_alone() -> None:
+    """A classic call whose arguments are over --max-message-size raises
+    MessageTooLargeError naming the limit and its setting; the connection stays up. Before,
+    the server dropped the connection (EOFError, or RPyC's "release unlocked lock")."""
+    with running_server(workers=1, max_message_size=1 * MiB, inbound_budget=4 * MiB) as srv, \
+            rpycsvc.connect(srv.address, output="discard") as c:
+        for _ in range(3):
+            with pytest.raises(MessageTooLargeError) as caught:
+                _within(lambda: c.modules.builtins.len(b"x" * (2 * MiB)))
+            assert "1 MiB" in str(caught.value)
+            assert "--max-message-size" in str(caught.value)
+            assert _within(lambda: c.modules.builtins.len(b"x" * 1000)) == 1000
+        assert _within(lambda: c.compute(abs, -4)) == 4
+        assert c.lost is None
+
+
+def test_plain_rpyc_call_over_the_message_limit_fails_alone() -> None:
+    """The same for a plain RPyC client (which compresses its frames): it gets an error
+    naming the limit (as RPyC's stand-in for an exception class it won't instantiate), and
+    its connection stays up."""
+    with running_server(workers=1, max_message_size=1 * MiB, inbound_budget=4 * MiB) as srv:
+        conn = rpyc.classic.connect("127.0.0.1", srv.port)
+        try:
+            with pytest.raises(Exception, match="MessageTooLargeError") as caught:
+                _within(lambda: conn.modules.builtins.len(os.urandom(2 * MiB)))
+            assert "--max-message-size" in str(caught.value)
+            assert _within(lambda: conn.modules.builtins.len(b"y" * 1000)) == 1000
+        finally:
+            conn.close()
