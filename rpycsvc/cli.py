@@ -127,6 +127,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes of incoming messages received at once over all connections; "
                    "beyond it the server stops reading from clients until room frees up, and "
                    "refuses clients that haven't authenticated (default: 4G)")
+    s.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds a client may send nothing in the middle of a large message "
+                   "(one holding part of --inbound-budget) before it is dropped and its part "
+                   "freed; a slow upload that keeps moving is never dropped (default: 30)")
     r = p.add_argument_group("registry (discovery)")
     r.add_argument("--register", action="store_true", default=None,
                    help="announce this server to an RPyC registry, as CLASSICCOMPUTE and "
@@ -163,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
              "service_scope", "memory_limit",
              "grace", "classic", "authkey", "ssl_keyfile", "ssl_certfile", "ssl_cafile",
              "insecure", "handshake_timeout", "max_pending", "max_message_size",
-             "inbound_budget", "register", "registry_type", "registry_port",
+             "inbound_budget", "stall_timeout", "register", "registry_type", "registry_port",
              "registry_host", "logfile", "quiet", "verbose", "metrics_port", "lanes")
     return ServerConfig.from_env(**{n: getattr(args, n, None) for n in names})
 
