@@ -302,7 +302,10 @@ def test_a_connection_made_after_the_cluster_gave_up_is_closed(server_process) -
         with Cluster([a.address, proxy.address], timeout=1, output="discard") as c:
             assert list(c.unreachable) == [proxy.address]
             assert isinstance(c.unreachable[proxy.address], TimeoutError)
-            assert "did not finish" in str(c.unreachable[proxy.address])
+            # connect() gives up after its own timeout ("did not answer within"), or the
+            # cluster's join deadline ("did not finish within") catches it: either way the
+            # connection is not left open once the server answers
+            assert "did not" in str(c.unreachable[proxy.address])
             proxy.release()
             assert proxy.client_closed.wait(30), "the late connection was left open"
             assert c.submit(abs, -1).result(timeout=30) == 1
