@@ -123,7 +123,10 @@ class Heartbeat:
                     entry[1] = now + entry[0]
                 nxt = min((at for _, at in self._conns.values()), default=now + 1.0)
             if due:
-                self._beat(due)
+                try:
+                    self._beat(due)
+                except Exception:  # one connection's trouble must not end everyone's beat
+                    log.exception("heartbeat round failed; going on")
             self._wake.wait(max(0.0, min(1.0, nxt - time.monotonic())))
             self._wake.clear()
 
@@ -160,7 +163,7 @@ class Heartbeat:
         except Exception:  # closed under us: its connection thread sees that too
             pass
         finally:
-            lock.release()
+            _release(lock)
         if conn._send_queue:
             # RPyC's _send() queues a message when the lock is held and leaves it to the
             # holder — us — to send. Sending it may take long: not in this thread.
@@ -181,7 +184,16 @@ def _flush_queue(conn: Connection) -> None:
         except Exception:
             return
         finally:
-            conn._sendlock.release()
+            _release(conn._sendlock)
+
+
+def _release(lock: Any) -> None:
+    """Release RPyC's send lock, which its cleanup of a connection closing meanwhile may
+    have released already (``RuntimeError: release unlocked lock``)."""
+    try:
+        lock.release()
+    except RuntimeError:
+        pass
 
 
 # -- the client's side ------------------------------------------------------------------------

@@ -684,7 +684,10 @@ class ServerConnection(Connection):
                 return
             deferred, outcome = item
             del item
-            deferred._send(outcome)
+            try:
+                deferred._send(outcome)
+            except Exception:  # one reply that can't be boxed must not stop the others
+                log.exception("could not send a reply")
             del deferred, outcome  # a large result is freed as soon as it is sent
 
     def _cleanup(self, _anyway: bool = True) -> None:
