@@ -227,3 +227,19 @@ def test_plain_rpyc_call_over_the_message_limit_fails_alone() -> None:
             assert _within(lambda: conn.modules.builtins.len(b"y" * 1000)) == 1000
         finally:
             conn.close()
+
+
+def test_heartbeats_survive_connections_closing_under_them() -> None:
+    """The server's heartbeat thread ended with "release unlocked lock" when a connection
+    closed while it held RPyC's send lock; every client of the server then heard nothing
+    and declared it lost. After many clients come and go, one that stays is still alive."""
+    with running_server(workers=1) as srv, \
+            rpycsvc.connect(srv.address, output="discard", lost_after=3.0) as keeper:
+        for _ in range(40):  # (the race is hit in some runs, not all)
+            clients = [rpycsvc.connect(srv.address, output="discard", lost_after=0.4,
+                                       lanes=False) for _ in range(10)]
+            for c in clients:
+                c.close()
+        time.sleep(8.0)  # idle for over 2 x lost_after: only heartbeats keep `keeper` alive
+        assert keeper.lost is None, keeper.lost
+        assert _within(lambda: keeper.compute(abs, -2)) == 2
