@@ -149,7 +149,11 @@ class InboundBudget:
 
     Readers waiting for room mid-message could wait for each other forever; when every
     reader holding a part of the budget waits, the one whose message started first goes
-    on. So memory stays within ``total`` plus one message of the largest size.
+    on. So memory stays within ``total`` plus one message of the largest size (plus up to
+    :data:`SMALL_MESSAGE` per connection: small messages don't use the budget, so they
+    keep flowing while large ones wait). A reader whose peer sends nothing for the
+    channel's ``stall_timeout`` while holding a part is dropped, which gives it back: a
+    stalled peer holds the budget for a bounded time, not forever.
     """
 
     def __init__(self, total: int) -> None:
