@@ -124,9 +124,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "reply sent, e.g. 512M, at most 4G minus 1 byte; a task whose arguments "
                    "or result are bigger fails alone with MessageTooLargeError (default: 2G)")
     s.add_argument("--inbound-budget", type=_size, default=None, metavar="SIZE",
-                   help="bytes of incoming messages received at once over all connections; "
-                   "beyond it the server stops reading from clients until room frees up, and "
-                   "refuses clients that haven't authenticated (default: 4G)")
+                   help="bytes of incoming messages over 64 KiB received at once over all "
+                   "connections; beyond it such messages from authenticated clients wait until "
+                   "room frees up, and from others are refused; smaller messages never wait "
+                   "(default: 4G)")
     s.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                    help="seconds a client may send nothing in the middle of a large message "
                    "(one holding part of --inbound-budget) before it is dropped and its part "
