@@ -46,6 +46,7 @@ import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
 from .client import Client, TaskFuture
+from .client import settle as _settle
 from .cluster import Cluster
 from .errors import ConfigError, ConnectError
 
@@ -491,16 +492,6 @@ def _store_on(client: Client, session: str, digest: str, array: Any) -> Future:
     return done
 
 
-def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except Exception:
-        pass  # cancelled in between
 
 
 def _when_all(futures: list[Future], then: Callable[[], None]) -> None:

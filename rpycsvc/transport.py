@@ -448,16 +448,10 @@ class FastChannel(Channel):
         """``read(n)`` while ``res`` holds budget: a peer that sends nothing for
         ``stall_timeout`` seconds meanwhile is dropped (:class:`PeerStalled`). Not while
         this reader waits for budget: that is not the peer's fault."""
-        stream = self.stream
-        if self.stall_timeout is None or not hasattr(stream, "idle_limit"):
-            return read(n)
-        stream.idle_limit = self.stall_timeout
         try:
-            return read(n)
+            return self._read_idle_bounded(read, n)
         except PeerStalled as exc:
             raise PeerStalled(str(exc), res.held) from None
-        finally:
-            stream.idle_limit = None
 
     def _skip_request(self, length: int, compressed: int) -> bytes | None:
         """A request over the limit from a trusted peer: read its first bytes for its
