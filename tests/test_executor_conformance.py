@@ -124,7 +124,9 @@ def fill(k: Kind, tmp: Path) -> tuple[list[cf.Future], Path]:
     release = tmp / "release"
     futs = [k.ex.submit(hold, str(tmp / f"started{i}"), str(release), i)
             for i in range(k.slots)]
-    eventually("the first task to start", (tmp / "started0").exists)
+    # Any of them: which one a server starts first is its business (with one worker, a task
+    # sent on the client's lane may wait behind one sent through the server).
+    eventually("a task to start", lambda: any(tmp.glob("started*")))
     return futs, release
 
 
@@ -171,7 +173,7 @@ def test_a_cluster_tells_waiters_of_a_cancel_at_once(cluster: Cluster, tmp_path:
     held = [ex.submit(hold, str(tmp_path / f"started{i}"), str(release), i)
             for i in range(cluster.total_workers * 2)]
     try:
-        eventually("the first task to start", (tmp_path / "started0").exists)
+        eventually("a task to start", lambda: any(tmp_path.glob("started*")))
         pending = [ex.submit(touch, str(tmp_path / "never")) for _ in range(2)]
         assert all(f.cancel() for f in pending)
         # (the failure case: not done until the bound; the slots are still held here)
