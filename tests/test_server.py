@@ -70,8 +70,11 @@ def test_barrier_fails_when_tasks_cannot_run_at_once() -> None:
 def test_fair_share_between_clients(server: rpycsvc.Server) -> None:
     """Client A queues 20 tasks first; client B's single task is served among the first few,
     not after A's 20."""
-    with rpycsvc.connect(server.address, output="discard") as a, \
-            rpycsvc.connect(server.address, output="discard") as b, Gate() as gate:
+    # Through the server process only: this is the pool's order, and a lane task starts
+    # whenever its lane's worker gets to it (under load, after tasks queued later).
+    with rpycsvc.connect(server.address, output="discard", lanes=False) as a, \
+            rpycsvc.connect(server.address, output="discard", lanes=False) as b, \
+            Gate() as gate:
         fa = [a.submit(pass_gate, gate.port, f"A{i}") for i in range(20)]
         a.ping()  # requests on one connection are handled in order: all 20 are queued now
         fb = b.submit(pass_gate, gate.port, "B")
