@@ -156,6 +156,7 @@ class _Child:
             return "interrupted"
         except BaseException as exc:  # SystemExit too: leaving is the client's Ctrl-D
             sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
+            sys.last_exc = exc  # type: ignore[attr-defined]  # (3.12+: what pdb.pm() reads)
             self._show_exc(type(exc), exc, exc.__traceback__)
             return "error"
         return "ok"
