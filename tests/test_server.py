@@ -193,8 +193,11 @@ def test_task_killing_its_worker(crash_server: rpycsvc.Server, how: str, expect:
             os._exit(3)
         ctypes.string_at(0)  # reads address 0: SIGSEGV
 
-    with rpycsvc.connect(crash_server.address) as victim, \
-            rpycsvc.connect(crash_server.address) as bystander, Gate() as gate:
+    # Through the server process (lanes=False): with a lane, the two tasks that must meet
+    # below can land on one worker (the lane task waiting behind the pool's), which hung
+    # the barrier under load; that lane race goes with the lanes in the one-path redesign.
+    with rpycsvc.connect(crash_server.address, lanes=False) as victim, \
+            rpycsvc.connect(crash_server.address, lanes=False) as bystander, Gate() as gate:
         before = set(victim.stats()["worker_pids"])
         # The bystander's task occupies the other worker across the crash.
         other = bystander.submit(pass_gate, gate.port, "bystander")
