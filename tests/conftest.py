@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,18 @@ import pytest
 import rpycsvc
 from tests.support.servers import ServerProcess, running_server
 from tests.support.sshd import SshServer, sshd_available
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C must work in the suite however it was started.
+
+    A non-interactive shell starts background jobs (``cmd &``, as CI runs the Python matrix)
+    with SIGINT ignored, and every process started from them inherits that: the tests that
+    press Ctrl-C (the REPL, ``rpycsvc deploy``) would see nothing happen. Python's own
+    handler here gives the children the default disposition again (handlers reset on exec).
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
