@@ -1,171 +1,211 @@
 """Prometheus metrics for one server: ``rpycsvc serve --metrics-port P``.
 
-A small HTTP server on 127.0.0.1 (never another address: the page tells who runs what)
-answers ``GET /metrics`` in Prometheus text format 0.0.4, built from the pool's counters
-and the transport's byte counts at scrape time. No client library is needed for so few
-series, and a scrape never blocks the server's RPyC connections.
+The page is made by ``prometheus_client``, the library the Prometheus ecosystem uses: a
+:class:`ServerCollector` reads the server's counters when a scrape asks (nothing is
+counted per task for it), registered in a private ``CollectorRegistry`` per server (two
+servers in one process never clash), and served by ``prometheus_client``'s WSGI app on
+``http://127.0.0.1:P/metrics`` — never another address: the page tells who runs what.
+It answers the text format 0.0.4, or OpenMetrics to a scraper that asks for it.
+
+``prometheus_client`` is imported only when metrics are asked for (a server without
+``--metrics-port``, and every deployed server, runs without it).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from . import transport
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
+
     from .server import Server
 
 log = logging.getLogger("rpycsvc.metrics")
 
+#: What ``/metrics`` answers a scraper that asks for no particular format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+#: The oldest prometheus_client this module works with (as in pyproject.toml).
+REQUIREMENT = "prometheus_client>=0.17"
 
-def _fmt(value: float) -> str:
-    if value == math.inf:
-        return "+Inf"
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+#: Every family on the page: (name, type, help). Counters are named with their ``_total``.
+FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("rpycsvc_info", "gauge", "Versions this server runs (always 1)."),
+    ("rpycsvc_tasks_active", "gauge", "Tasks running or waiting on this server."),
+    ("rpycsvc_tasks_finished_total", "counter",
+     "Tasks finished since start: done (returned) or failed (raised, timed out, "
+     "cancelled, or lost with their worker)."),
+    ("rpycsvc_task_duration_seconds", "histogram",
+     "Seconds from a task's start on a worker to its end."),
+    ("rpycsvc_workers", "gauge", "Process workers this server runs tasks on."),
+    ("rpycsvc_worker_restarts_total", "counter",
+     "Worker processes replaced after dying or being stopped to end a task."),
+    ("rpycsvc_connections_open", "gauge", "Client connections open now."),
+    ("rpycsvc_connections_total", "counter", "Client connections accepted since start."),
+    ("rpycsvc_accept_errors_total", "counter",
+     "Times accepting a connection failed (e.g. out of file descriptors); the server "
+     "backs off and keeps accepting."),
+    ("rpycsvc_handshakes_failed_total", "counter",
+     "Connections refused during their handshake (wrong key, TLS failure, silent for "
+     "--handshake-timeout, malformed hello)."),
+    ("rpycsvc_handshakes_evicted_total", "counter",
+     "Pending handshakes dropped to make room for a newcomer while all --max-pending "
+     "slots were taken."),
+    ("rpycsvc_inbound_bytes_reserved", "gauge",
+     "Bytes of incoming messages being received now (out of --inbound-budget)."),
+    ("rpycsvc_inbound_budget_bytes", "gauge", "The --inbound-budget setting."),
+    ("rpycsvc_inbound_waits_total", "counter",
+     "Times reading from an authenticated client waited for the inbound budget."),
+    ("rpycsvc_inbound_refused_total", "counter",
+     "Unauthenticated connections refused because the inbound budget was in use."),
+    ("rpycsvc_received_bytes_total", "counter",
+     "Bytes received on RPyC connections by this process."),
+    ("rpycsvc_sent_bytes_total", "counter", "Bytes sent on RPyC connections by this process."),
+    ("rpycsvc_memory_rss_bytes", "gauge",
+     "Resident memory of the server and its worker processes."),
+    ("rpycsvc_start_time_seconds", "gauge", "When the server started (Unix time)."),
+    ("rpycsvc_uptime_seconds", "gauge", "Seconds since the server started."),
+)
+
+#: One family's samples: (labels, value) pairs.
+_Samples = list[tuple[dict[str, str], float]]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def require_prometheus_client() -> None:
+    """Import ``prometheus_client`` or raise :class:`ConfigError` saying how to install it."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        import sys
+
+        raise ConfigError(
+            f"metrics (--metrics-port) are served by the prometheus_client package, which "
+            f"this Python ({sys.executable}) can't import ({exc}); install it there: "
+            f"pip install '{REQUIREMENT}' (it comes with rpycsvc, so reinstalling rpycsvc "
+            f"with pip brings it too)") from exc
 
 
-class _Writer:
-    """Accumulates metric families: one ``# HELP``/``# TYPE`` header, then samples."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str,
-               samples: list[tuple[dict[str, str], float]] | float) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        if not isinstance(samples, list):
-            samples = [({}, samples)]
-        for labels, value in samples:
-            self.sample(name, labels, value)
-
-    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        lab = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-        self.lines.append(f"{name}{{{lab}}} {_fmt(value)}" if lab else f"{name} {_fmt(value)}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-def render_metrics(server: Server) -> str:
-    """The whole ``/metrics`` page for ``server`` as it is now."""
+def _read(server: Server) -> tuple[dict[str, _Samples], list[tuple[str, float]], float]:
+    """The server's numbers now: ({family: samples}, cumulative (le, count) buckets, sum)."""
     runtime, pool = server.runtime, server.pool
     stats = runtime.stats()
-    # copies first: the pool updates these under its own lock while we format
+    # copies first: the pool updates these under its own lock while we read
     hist, duration_sum = pool.durations()
-    buckets = sorted(hist.items())
     lanes = pool.lane_counts()  # lane traffic goes to the workers, not through this process
-    traffic = {"in": transport.TRAFFIC["in"] + lanes["bytes_in"],
-               "out": transport.TRAFFIC["out"] + lanes["bytes_out"]}
-    w = _Writer()
-    w.family("rpycsvc_info", "gauge", "Versions this server runs (always 1).",
-             [({k[:-8]: str(v) for k, v in stats.items() if k.endswith("_version")}, 1)])
-    w.family("rpycsvc_tasks_active", "gauge", "Tasks running or waiting on this server.",
-             [({"state": "running"}, stats["tasks_running"]),
-              ({"state": "queued"}, stats["tasks_queued"])])
-    w.family("rpycsvc_tasks_finished_total", "counter",
-             "Tasks finished since start: done (returned) or failed (raised, timed out, "
-             "cancelled, or lost with their worker).",
-             [({"state": "done"}, stats["tasks_done"]),
-              ({"state": "failed"}, stats["tasks_failed"])])
-    name = "rpycsvc_task_duration_seconds"
-    w.family(name, "histogram", "Seconds from a task's start on a worker to its end.", [])
+    from prometheus_client.utils import floatToGoString
+
+    buckets: list[tuple[str, float]] = []
     count = 0
-    for bound, n in buckets:
+    for bound, n in sorted(hist.items()):
         count += n
-        le = "+Inf" if bound == math.inf else repr(float(bound))
-        w.sample(f"{name}_bucket", {"le": le}, count)
-    if not buckets or buckets[-1][0] != math.inf:
-        w.sample(f"{name}_bucket", {"le": "+Inf"}, count)
-    w.sample(f"{name}_sum", {}, round(duration_sum, 6))
-    w.sample(f"{name}_count", {}, count)
-    w.family("rpycsvc_workers", "gauge", "Process workers this server runs tasks on.",
-             stats["workers"])
-    w.family("rpycsvc_worker_restarts_total", "counter",
-             "Worker processes replaced after dying or being stopped to end a task.",
-             stats["worker_restarts"])
-    w.family("rpycsvc_connections_open", "gauge", "Client connections open now.",
-             stats["connections"])
-    w.family("rpycsvc_connections_total", "counter", "Client connections accepted since start.",
-             stats["connections_total"])
+        buckets.append((floatToGoString(bound), count))
+    if not buckets or buckets[-1][0] != "+Inf":
+        buckets.append(("+Inf", count))
     counters, inbound = server.counters, server.inbound
-    w.family("rpycsvc_accept_errors_total", "counter",
-             "Times accepting a connection failed (e.g. out of file descriptors); the server "
-             "backs off and keeps accepting.", counters.accept_errors)
-    w.family("rpycsvc_handshakes_failed_total", "counter",
-             "Connections refused during their handshake (wrong key, TLS failure, silent for "
-             "--handshake-timeout, malformed hello).", counters.handshakes_failed)
-    w.family("rpycsvc_handshakes_evicted_total", "counter",
-             "Pending handshakes dropped to make room for a newcomer while all --max-pending "
-             "slots were taken.", counters.handshakes_evicted)
-    w.family("rpycsvc_inbound_bytes_reserved", "gauge",
-             "Bytes of incoming messages being received now (out of --inbound-budget).",
-             inbound.used)
-    w.family("rpycsvc_inbound_budget_bytes", "gauge", "The --inbound-budget setting.",
-             inbound.total)
-    w.family("rpycsvc_inbound_waits_total", "counter",
-             "Times reading from an authenticated client waited for the inbound budget.",
-             inbound.waits)
-    w.family("rpycsvc_inbound_refused_total", "counter",
-             "Unauthenticated connections refused because the inbound budget was in use.",
-             inbound.refused)
-    w.family("rpycsvc_received_bytes_total", "counter",
-             "Bytes received on RPyC connections by this process.", traffic["in"])
-    w.family("rpycsvc_sent_bytes_total", "counter",
-             "Bytes sent on RPyC connections by this process.", traffic["out"])
-    w.family("rpycsvc_memory_rss_bytes", "gauge",
-             "Resident memory of the server and its worker processes.", stats["rss_total_bytes"])
-    w.family("rpycsvc_start_time_seconds", "gauge", "When the server started (Unix time).",
-             round(runtime.started, 3))
-    w.family("rpycsvc_uptime_seconds", "gauge", "Seconds since the server started.",
-             round(time.time() - runtime.started, 3))
-    return w.text()
+    started = runtime.started
+
+    def one(value: float) -> _Samples:
+        return [({}, value)]
+
+    samples: dict[str, _Samples] = {
+        "rpycsvc_info": [({k[:-8]: str(v) for k, v in stats.items()
+                           if k.endswith("_version")}, 1)],
+        "rpycsvc_tasks_active": [({"state": "running"}, stats["tasks_running"]),
+                                 ({"state": "queued"}, stats["tasks_queued"])],
+        "rpycsvc_tasks_finished_total": [({"state": "done"}, stats["tasks_done"]),
+                                         ({"state": "failed"}, stats["tasks_failed"])],
+        "rpycsvc_workers": one(stats["workers"]),
+        "rpycsvc_worker_restarts_total": one(stats["worker_restarts"]),
+        "rpycsvc_connections_open": one(stats["connections"]),
+        "rpycsvc_connections_total": one(stats["connections_total"]),
+        "rpycsvc_accept_errors_total": one(counters.accept_errors),
+        "rpycsvc_handshakes_failed_total": one(counters.handshakes_failed),
+        "rpycsvc_handshakes_evicted_total": one(counters.handshakes_evicted),
+        "rpycsvc_inbound_bytes_reserved": one(inbound.used),
+        "rpycsvc_inbound_budget_bytes": one(inbound.total),
+        "rpycsvc_inbound_waits_total": one(inbound.waits),
+        "rpycsvc_inbound_refused_total": one(inbound.refused),
+        "rpycsvc_received_bytes_total": one(transport.TRAFFIC["in"] + lanes["bytes_in"]),
+        "rpycsvc_sent_bytes_total": one(transport.TRAFFIC["out"] + lanes["bytes_out"]),
+        "rpycsvc_memory_rss_bytes": one(stats["rss_total_bytes"]),
+        "rpycsvc_start_time_seconds": one(round(started, 3)),
+        "rpycsvc_uptime_seconds": one(round(time.time() - started, 3)),
+    }
+    return samples, buckets, round(duration_sum, 6)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _MetricsHTTPServer
+class ServerCollector:
+    """A ``prometheus_client`` collector of one rpycsvc :class:`Server`'s metrics.
+
+    It reads the server's counters at scrape time, so it costs nothing between scrapes.
+    :func:`serve_metrics` registers one in a registry of its own; to put a server's
+    metrics on a page you already serve, register one in your registry instead::
+
+        registry.register(ServerCollector(server))
+    """
+
+    def __init__(self, server: Server) -> None:
+        require_prometheus_client()
+        self.server = server
+
+    def describe(self) -> list[Metric]:
+        """The families without samples (lets a registry check names without a scrape)."""
+        return [self._family(name, kind, help_text, []) for name, kind, help_text in FAMILIES]
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family with the server's numbers as they are now."""
+        from prometheus_client.core import HistogramMetricFamily
+
+        samples, buckets, duration_sum = _read(self.server)
+        for name, kind, help_text in FAMILIES:
+            if kind == "histogram":
+                yield HistogramMetricFamily(name, help_text, buckets=buckets,
+                                            sum_value=duration_sum)
+            else:
+                yield self._family(name, kind, help_text, samples[name])
+
+    @staticmethod
+    def _family(name: str, kind: str, help_text: str, samples: _Samples) -> Metric:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        if kind == "histogram":
+            return HistogramMetricFamily(name, help_text)
+        labels = list(samples[0][0]) if samples else []
+        family: CounterMetricFamily | GaugeMetricFamily = (
+            CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, help_text, labels=labels)
+        for sample_labels, value in samples:
+            family.add_metric([sample_labels[k] for k in labels], value)
+        return family
+
+
+class _Handler(WSGIRequestHandler):
     server_version = "rpycsvc-metrics"
-
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._reply(404, "text/plain; charset=utf-8", b"not found: try /metrics\n")
-            return
-        try:
-            body = render_metrics(self.server.rpycsvc_server).encode()
-        except Exception:
-            log.exception("rendering metrics failed")
-            self._reply(500, "text/plain; charset=utf-8", b"metrics failed; see the server log\n")
-            return
-        self._reply(200, CONTENT_TYPE, body)
-
-    def _reply(self, code: int, ctype: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
-class _MetricsHTTPServer(ThreadingHTTPServer):
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """The HTTP server of :func:`serve_metrics`; ``close()`` stops it."""
+
     daemon_threads = True
-    rpycsvc_server: Server
+    #: the private registry the page is made from (holds one :class:`ServerCollector`)
+    registry: CollectorRegistry
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving and release the port (bounded by ``timeout`` seconds)."""
@@ -175,21 +215,52 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def serve_metrics(server: Server, port: int) -> ThreadingHTTPServer:
+def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    """``prometheus_client``'s WSGI app on ``/metrics`` only; other paths answer 404."""
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: try /metrics\n"]
+        try:
+            return metrics_app(environ, start_response)
+        except Exception:
+            log.exception("collecting metrics failed")
+            start_response("500 Internal Server Error",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"metrics failed; see the server log\n"]
+
+    return app
+
+
+def serve_metrics(server: Server, port: int) -> MetricsServer:
     """Serve ``server``'s metrics on ``http://127.0.0.1:port/metrics`` from a daemon thread.
 
     ``port`` 0 picks a free one (read ``httpd.server_address[1]``). Returns the HTTP server;
-    ``httpd.close()`` (or ``shutdown()`` then ``server_close()``) stops it.
+    ``httpd.close()`` stops it. Raises :class:`ConfigError` for a bad or busy port, or when
+    ``prometheus_client`` is not installed.
     """
-    if not 0 <= port <= 65535:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"--metrics-port must be 0..65535; got {port!r}")
+    require_prometheus_client()
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(server))
     try:
-        httpd = _MetricsHTTPServer(("127.0.0.1", port), _Handler)
+        httpd = MetricsServer(("127.0.0.1", port), _Handler)
     except OSError as exc:
         raise ConfigError(
             f"can't serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
-    httpd.rpycsvc_server = server
+    httpd.registry = registry
+    httpd.set_app(_app(registry))
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.5},
                      name="rpycsvc-metrics", daemon=True).start()
     log.info("metrics on http://127.0.0.1:%d/metrics", httpd.server_address[1])
     return httpd
+
+
+__all__ = ["CONTENT_TYPE", "FAMILIES", "MetricsServer", "ServerCollector", "serve_metrics"]

@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import platform
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import pytest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 import rpycsvc
 from rpycsvc import cli
-from rpycsvc.metrics import CONTENT_TYPE, serve_metrics
+from rpycsvc.metrics import CONTENT_TYPE, FAMILIES, MetricsServer, serve_metrics
 from rpycsvc.pool import DURATION_BUCKETS
 from rpycsvc.registry import free_port
-from tests.support.servers import ServerProcess
+from tests.support.servers import REPO, ServerProcess, running_server
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -54,21 +62,23 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def metrics(server: rpycsvc.Server) -> Iterator[ThreadingHTTPServer]:
+def metrics(server: rpycsvc.Server) -> Iterator[MetricsServer]:
     httpd = serve_metrics(server, 0)
     try:
         yield httpd
     finally:
-        httpd.close()  # type: ignore[attr-defined]
+        httpd.close()
 
 
-def scrape(httpd: ThreadingHTTPServer, path: str = "/metrics") -> tuple[str, str]:
+def scrape(httpd: MetricsServer, path: str = "/metrics",
+           headers: dict[str, str] | None = None) -> tuple[str, str]:
     url = f"http://127.0.0.1:{httpd.server_address[1]}{path}"
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.read().decode(), resp.headers["Content-Type"]
 
 
-def test_scrape_parses_and_a_task_moves_the_counters(metrics: ThreadingHTTPServer,
+def test_scrape_parses_and_a_task_moves_the_counters(metrics: MetricsServer,
                                                      client: rpycsvc.Client) -> None:
     assert metrics.server_address[0] == "127.0.0.1"
     text, ctype = scrape(metrics)
@@ -99,7 +109,7 @@ def test_scrape_parses_and_a_task_moves_the_counters(metrics: ThreadingHTTPServe
     assert value(after, "rpycsvc_workers") == 2
 
 
-def test_histogram_is_cumulative(metrics: ThreadingHTTPServer, client: rpycsvc.Client) -> None:
+def test_histogram_is_cumulative(metrics: MetricsServer, client: rpycsvc.Client) -> None:
     client.compute(abs, -1)
     samples, _ = parse(scrape(metrics)[0])
     buckets = sorted((float(dict(lab)["le"]) if dict(lab)["le"] != "+Inf" else math.inf, v)
@@ -111,7 +121,7 @@ def test_histogram_is_cumulative(metrics: ThreadingHTTPServer, client: rpycsvc.C
     assert counts[-1] == value(samples, "rpycsvc_task_duration_seconds_count") >= 1
 
 
-def test_versions_and_other_paths(metrics: ThreadingHTTPServer) -> None:
+def test_versions_and_other_paths(metrics: MetricsServer) -> None:
     samples, _ = parse(scrape(metrics)[0])
     info = next(dict(lab) for (name, lab) in samples if name == "rpycsvc_info")
     assert info["rpycsvc"] == rpycsvc.__version__ and info["rpyc"].startswith("6.")
@@ -121,7 +131,7 @@ def test_versions_and_other_paths(metrics: ThreadingHTTPServer) -> None:
 
 
 def test_port_in_use_is_a_config_error(server: rpycsvc.Server,
-                                       metrics: ThreadingHTTPServer) -> None:
+                                       metrics: MetricsServer) -> None:
     with pytest.raises(rpycsvc.ConfigError, match="can't serve metrics on 127"):
         serve_metrics(server, metrics.server_address[1])
 
@@ -145,3 +155,116 @@ def test_serve_metrics_port_option(server_process: type[ServerProcess]) -> None:
     samples, _ = parse(text)
     assert value(samples, "rpycsvc_workers") == 1
     assert proc.stop() == 0
+
+
+# -- served by prometheus_client (issue 18) --------------------------------------------------
+
+
+def families(text: str) -> dict[str, Metric]:
+    """The page parsed by prometheus_client's own parser: {family name: family}."""
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(fams: dict[str, Metric], family: str, name: str, **labels: str) -> float:
+    found = [s.value for s in fams[family].samples if s.name == name and s.labels == labels]
+    assert len(found) == 1, f"{name}{labels}: {found} in {fams[family].samples}"
+    return float(found[0])
+
+
+def test_prometheus_client_parses_the_page_after_real_tasks(metrics: MetricsServer,
+                                                            client: rpycsvc.Client) -> None:
+    before = families(scrape(metrics)[0])
+    assert client.compute(sum, range(10)) == 45
+    with pytest.raises(ZeroDivisionError):
+        client.compute(divmod, 1, 0)
+    assert client.compute(pow, 2, 10) == 1024
+    after = families(scrape(metrics)[0])
+
+    # every family of the README table, with its type (counters lose "_total" in the parser)
+    expected = {(n[:-6] if k == "counter" else n): k for n, k, _ in FAMILIES}
+    assert {name: f.type for name, f in after.items()} == expected
+    assert all(f.documentation for f in after.values())
+
+    def delta(family: str, name: str, **labels: str) -> float:
+        return sample(after, family, name, **labels) - sample(before, family, name, **labels)
+
+    finished = "rpycsvc_tasks_finished"
+    assert delta(finished, f"{finished}_total", state="done") == 2
+    assert delta(finished, f"{finished}_total", state="failed") == 1
+    hist = "rpycsvc_task_duration_seconds"
+    assert delta(hist, f"{hist}_count") == 3
+    assert delta(hist, f"{hist}_bucket", le="+Inf") == 3
+    assert delta(hist, f"{hist}_sum") > 0
+    assert [s.labels["le"] for s in after[hist].samples if s.name == f"{hist}_bucket"] == \
+        ["+Inf" if b == math.inf else str(float(b)) for b in sorted(DURATION_BUCKETS)]
+    assert delta("rpycsvc_received_bytes", "rpycsvc_received_bytes_total") > 0
+    assert delta("rpycsvc_sent_bytes", "rpycsvc_sent_bytes_total") > 0
+    assert sample(after, "rpycsvc_workers", "rpycsvc_workers") == 2
+    assert sample(after, "rpycsvc_tasks_active", "rpycsvc_tasks_active", state="running") == 0
+    assert sample(after, "rpycsvc_connections_open", "rpycsvc_connections_open") >= 1
+    assert sample(after, "rpycsvc_memory_rss_bytes", "rpycsvc_memory_rss_bytes") > 0
+    info = after["rpycsvc_info"].samples[0]
+    assert info.value == 1 and info.labels["rpycsvc"] == rpycsvc.__version__
+    assert info.labels["python"] == platform.python_version()
+
+
+def test_openmetrics_for_a_scraper_that_asks(metrics: MetricsServer,
+                                             client: rpycsvc.Client) -> None:
+    """Content negotiation comes with prometheus_client: Prometheus asks for OpenMetrics."""
+    client.compute(abs, -3)
+    text, ctype = scrape(metrics, headers={"Accept": "application/openmetrics-text"})
+    assert ctype.startswith("application/openmetrics-text")
+    assert text.endswith("# EOF\n")
+    fams = {f.name: f for f in openmetrics_families(text)}
+    done = fams["rpycsvc_tasks_finished"]
+    assert done.type == "counter"
+    assert any(s.name == "rpycsvc_tasks_finished_total" and s.labels == {"state": "done"}
+               and s.value >= 1 for s in done.samples)
+    assert fams["rpycsvc_task_duration_seconds"].type == "histogram"
+
+
+def test_two_servers_in_one_process_have_their_own_pages() -> None:
+    """Each page is made from its own registry: no clash, no numbers of the other server."""
+    with running_server(workers=1) as one, running_server(workers=2) as two:
+        pages = [serve_metrics(one, 0), serve_metrics(two, 0)]
+        try:
+            with rpycsvc.connect(one.address, output="discard") as c:
+                for i in range(3):
+                    assert c.compute(abs, -i) == i
+            first, second = (families(scrape(p)[0]) for p in pages)
+        finally:
+            for p in pages:
+                p.close()
+    name = "rpycsvc_tasks_finished_total"
+    assert sample(first, "rpycsvc_workers", "rpycsvc_workers") == 1
+    assert sample(second, "rpycsvc_workers", "rpycsvc_workers") == 2
+    assert sample(first, "rpycsvc_tasks_finished", name, state="done") == 3
+    assert sample(second, "rpycsvc_tasks_finished", name, state="done") == 0
+
+
+#: Runs in a child whose Python can't import prometheus_client (as if it were not installed).
+WITHOUT_PROMETHEUS = """
+import sys
+sys.modules["prometheus_client"] = None  # "import prometheus_client" now raises ImportError
+import rpycsvc
+from rpycsvc import cli
+
+# a server without --metrics-port does not need it
+with rpycsvc.Server(rpycsvc.ServerConfig(port=0, workers=1)) as srv:
+    with rpycsvc.connect(srv.address, output="discard") as c:
+        print("task:", c.compute(sum, [1, 2, 3]), flush=True)
+# --metrics-port refuses to start, saying what to install
+sys.exit(cli.main(["serve", "--port", "0", "--workers", "1", "--metrics-port", "0"]))
+"""
+
+
+def test_without_prometheus_client_metrics_name_the_fix() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_PROMETHEUS], capture_output=True,
+                          text=True, timeout=90, env=env, cwd=str(REPO),
+                          stdin=subprocess.DEVNULL)
+    assert "task: 6" in proc.stdout, proc.stderr
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "rpycsvc serve: error: " in proc.stderr
+    assert "prometheus_client" in proc.stderr and "pip install" in proc.stderr
+    assert "Traceback" not in proc.stderr
