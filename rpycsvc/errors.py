@@ -7,6 +7,7 @@ into these types in one place each, with ``raise ... from exc``, so callers can 
     RpycsvcError
     ├── ConfigError                 (an invalid option or argument; also a ValueError)
     ├── SerializationError          (a task, argument or result can't travel by value)
+    │   └── EnvironmentMismatchError (code sent by value, server of another Python/cloudpickle)
     ├── ConnectError                (no connection could be made, or it was lost)
     │   ├── AuthenticationError     (credentials missing or wrong)
     │   ├── VersionMismatchError    (client and server run different rpyc/rpycsvc)
@@ -50,6 +51,25 @@ class ConfigError(RpycsvcError, ValueError):
 
 class SerializationError(RpycsvcError):
     """A task function, an argument or a result could not be sent by value."""
+
+
+class EnvironmentMismatchError(SerializationError):
+    """A task holds code pickled by value (a function or class from ``__main__``, a lambda)
+    and its server runs another Python minor version or cloudpickle major version, which
+    can't rebuild it. Raised on the client before the task is sent; nothing ran.
+
+    The task itself is the problem there, not the server's health, so a ``Cluster`` fails
+    it and does not re-run it elsewhere. ``client`` and ``server`` hold both sides'
+    ``python`` and ``cloudpickle`` versions; ``address`` names the server.
+    """
+
+    def __init__(self, message: str, *, address: str | None = None,
+                 client: dict[str, str] | None = None,
+                 server: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+        self.client = dict(client or {})
+        self.server = dict(server or {})
 
 
 class ConnectError(RpycsvcError, ConnectionError):

@@ -1,11 +1,12 @@
 """The few bytes before RPyC starts: TLS, versions and the shared-secret challenge.
 
-An rpycsvc client opens with ``RPYCSVC1`` and a JSON hello carrying its versions; the
-server answers with its own, so a version mismatch is reported by name instead of as
-RPyC's ``invalid message type: 18``. With an authkey, each side then proves it knows the
-key by answering the other's random challenge with an HMAC (the key never travels), as
-``multiprocessing.connection`` does. A plain RPyC client sends an RPyC frame instead,
-whose first byte can't be ``R``; it is served as is when the server needs no authkey.
+An rpycsvc client opens with ``RPYCSVC1`` and a JSON hello carrying its versions (rpycsvc,
+rpyc, Python, cloudpickle); the server answers with its own, so a version mismatch is
+reported by name instead of as RPyC's ``invalid message type: 18``. With an authkey, each
+side then proves it knows the key by answering the other's random challenge with an HMAC
+(the key never travels), as ``multiprocessing.connection`` does. A plain RPyC client
+sends an RPyC frame instead, whose first byte can't be ``R``; it is served as is when the
+server needs no authkey.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ssl
 import struct
 from typing import Any, Callable
 
+import cloudpickle
 import rpyc
 
 from ._version import __version__
@@ -31,10 +33,17 @@ _MAX_HELLO = 64 * 1024
 
 
 def versions() -> dict[str, str]:
+    """What each side says about itself in its hello (and ``stats()`` as ``*_version``).
+
+    rpycsvc and rpyc must match for the two sides to talk at all (:func:`compatible`);
+    Python and cloudpickle may differ, except for tasks holding code sent by value (see
+    :mod:`rpycsvc.environment`, which checks them before such a task is sent).
+    """
     return {
         "rpycsvc": __version__,
         "rpyc": str(rpyc.__version__),
         "python": platform.python_version(),
+        "cloudpickle": str(cloudpickle.__version__),
     }
 
 

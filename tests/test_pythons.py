@@ -27,6 +27,7 @@ import rpyc
 
 import rpycsvc
 from rpycsvc.bootstrap import build_bundle, host_pythons, remote_command
+from rpycsvc.errors import EnvironmentMismatchError
 from rpycsvc.handshake import client_ssl_context
 from tests.support.certs import Certs, make_certs, make_weak_chain
 from tests.support.servers import running_server
@@ -303,15 +304,27 @@ def test_deploy_with_another_minor_version(sshd: SshServer,
 
 
 @pytest.mark.ssh
-@pytest.mark.xfail(strict=True, reason="the Shipping issue's environment check "
-                   "(EnvironmentMismatchError before a by-value task runs) is not done yet")
 def test_by_value_task_on_another_minor_version_fails_clearly(sshd: SshServer,
                                                               by_value: None) -> None:
-    _version, exe = another_python()
+    """A function sent by value to a server of another Python minor version fails on the
+    client, before anything runs, naming both versions and both fixes; the same server
+    still runs tasks named by import path, and the cluster stays usable."""
+    version, exe = another_python()
+    there, here = "{}.{}".format(*version), "{}.{}".format(*HERE)
     cluster = deploy(sshd, python=exe)
     try:
-        mismatch = rpycsvc.EnvironmentMismatchError  # type: ignore[attr-defined]
-        with pytest.raises(mismatch, match="Python"):
+        with pytest.raises(EnvironmentMismatchError) as info:
             cluster.submit(pid_and_double, 1).result(timeout=WAIT)
+        message = str(info.value)
+        assert f"Python {there}" in message and f"this client runs {here}" in message
+        assert "python=" in message and '"module:function"' in message
+        assert isinstance(info.value, rpycsvc.SerializationError)
+        assert info.value.server["python"].startswith(there + ".")
+        assert info.value.client["python"].startswith(here + ".")
+        # a lambda in the arguments is code sent by value too
+        with pytest.raises(EnvironmentMismatchError, match="arguments holding"):
+            cluster.submit("builtins:map", lambda x: x, [1]).result(timeout=WAIT)
+        # the server is fine: import-path tasks still run there
+        assert cluster.submit("math:factorial", 5).result(timeout=WAIT) == 120
     finally:
         cluster.close()
