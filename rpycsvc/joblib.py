@@ -31,13 +31,7 @@ objects.
 from __future__ import annotations
 
 import atexit
-import hashlib
-import os
-import shutil
-import tempfile
 import threading
-import uuid
-import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -45,7 +39,8 @@ from typing import Any, Callable
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
-from .client import Client, TaskFuture
+from ._joblib_arrays import ArrayMissing, ArraySharing, resolve
+from .client import TaskFuture
 from .client import settle as _settle
 from .cluster import Cluster
 from .errors import ConfigError, ConnectError
@@ -61,100 +56,11 @@ _parallel_config: Callable[..., Any] = getattr(joblib, "parallel_config", None) 
 
 
 # -- on the servers --------------------------------------------------------------------------
-class _ArrayMissing(Exception):
-    """A task's shared array is not on its server (restarted, joined late, store failed);
-    the client sends that batch again with the array inline."""
-
-
-class _ArrayRef:
-    """What travels in place of a shared array: which file on the server holds it."""
-
-    __slots__ = ("digest", "session")
-
-    def __init__(self, session: str, digest: str) -> None:
-        self.session, self.digest = session, digest
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_ArrayRef, (self.session, self.digest))
-
-
-def _session_dir(session: str) -> str:
-    return os.path.join(tempfile.gettempdir(), f"rpycsvc-joblib-{session}")
-
-
-def _array_path(session: str, digest: str) -> str:
-    return os.path.join(_session_dir(session), f"{digest}.npy")
-
-
-def _store_array(session: str, digest: str, array: Any) -> int:
-    """Write ``array`` where this server's workers will find it (runs on the server).
-
-    Written to a temporary name and renamed, so a worker never maps half a file; servers
-    sharing a host and a session write the same bytes to the same name, which is harmless.
-    """
-    import numpy as np
-
-    path = _array_path(session, digest)
-    if os.path.exists(path):
-        return os.getpid()
-    os.makedirs(_session_dir(session), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return os.getpid()
-
-
-def _drop_session(session: str) -> None:
-    """Remove a finished session's files (runs on the server). Maps already open stay valid."""
-    shutil.rmtree(_session_dir(session), ignore_errors=True)
-
-
-# A worker's open maps, by (session, digest); entries whose file is gone are dropped so a
-# removed session's pages are released.
-_MAPS: dict[tuple[str, str], Any] = {}
-_MAPS_LOCK = threading.Lock()
-
-
-def _open_array(ref: _ArrayRef) -> Any:
-    import numpy as np
-
-    key = (ref.session, ref.digest)
-    path = _array_path(ref.session, ref.digest)
-    with _MAPS_LOCK:
-        arr = _MAPS.get(key)
-        if arr is None:
-            try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except FileNotFoundError:
-                raise _ArrayMissing(f"shared array {ref.digest} is not on this server") \
-                    from None
-            _MAPS[key] = arr
-    return arr
-
-
-def _forget_removed_maps() -> None:
-    """Close this worker's maps of removed sessions, so their pages can be freed."""
-    with _MAPS_LOCK:
-        for k in [k for k in _MAPS if not os.path.exists(_array_path(*k))]:
-            del _MAPS[k]
-
-
-def _resolve(value: Any) -> Any:
-    return _open_array(value) if isinstance(value, _ArrayRef) else value
-
-
 def _run_batch(calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
                ) -> list[Any]:
-    """Run one joblib batch on a worker, nested ``Parallel`` calls sequentially."""
-    if _MAPS:
-        _forget_removed_maps()
-    ready = [(f, tuple(_resolve(a) for a in args), {k: _resolve(v) for k, v in kwargs.items()})
-             for f, args, kwargs in calls]
+    """Run one joblib batch on a worker, nested ``Parallel`` calls sequentially (shared
+    arrays opened as read-only memory maps first)."""
+    ready = resolve(calls)
     with _parallel_config(backend="sequential"):
         return [f(*args, **kwargs) for f, args, kwargs in ready]
 
@@ -176,43 +82,6 @@ class _BatchFuture(Future):
 
     def get(self, timeout: float | None = None) -> Any:
         return self.result(timeout)
-
-
-class _Digests:
-    """id(array) → content hash for arrays seen in this ``Parallel`` call, so an ``X`` that
-    joblib passes to every task is hashed once. A weakref guards against id reuse."""
-
-    def __init__(self) -> None:
-        self._data: dict[int, tuple[weakref.ref[Any], str]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, array: Any) -> str:
-        with self._lock:
-            entry = self._data.get(id(array))
-            if entry is not None and entry[0]() is array:
-                return entry[1]
-        digest = _digest(array)
-        key = id(array)
-
-        def forget(_: Any, key: int = key) -> None:
-            self._data.pop(key, None)
-
-        with self._lock:
-            self._data[key] = (weakref.ref(array, forget), digest)
-        return digest
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
-def _digest(array: Any) -> str:
-    import numpy as np
-
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"{array.dtype.str}|{array.shape}|{array.flags.f_contiguous}|".encode())
-    h.update(np.ascontiguousarray(array).data.cast("B"))
-    return h.hexdigest()
 
 
 _OWNED: dict[Any, Cluster] = {}
@@ -285,9 +154,7 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
         self.share_threshold = share_threshold
         self._lock = threading.Lock()
         self._pending: set[_BatchFuture] = set()
-        self._digests = _Digests()
-        self._session = uuid.uuid4().hex
-        self._stored: dict[str, Future] = {}  # digest → done when every server has it
+        self._arrays = ArraySharing()
 
     # -- the cluster ---------------------------------------------------------------------------
     @property
@@ -334,24 +201,16 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
 
     # -- a Parallel call -----------------------------------------------------------------------
     def start_call(self) -> None:
-        self._digests.clear()  # ids may be reused, arrays mutated between calls
+        self._arrays.forget_digests()  # ids may be reused, arrays mutated between calls
 
     def stop_call(self) -> None:
-        self._digests.clear()
+        self._arrays.forget_digests()
 
     def terminate(self) -> None:
         """End of the ``Parallel`` call (or its ``with`` block): remove its stored arrays."""
-        with self._lock:
-            stored, self._stored = self._stored, {}
-            session, self._session = self._session, uuid.uuid4().hex
-        self._digests.clear()
+        cluster = self._cluster  # not started just to clean up
+        self._arrays.end_session(lambda: cluster.clients if cluster is not None else [])
         self.reset_batch_stats()
-        if stored and self._cluster is not None:
-            for client in self._cluster.clients:
-                try:
-                    client.options(mode="thread").submit(_drop_session, session)
-                except Exception:
-                    pass  # closed or lost: its files go with its temporary directory
 
     def submit(self, func: Any, callback: Callable[[Any], Any] | None = None) -> _BatchFuture:
         """Run one joblib batch on the cluster; ``callback(future)`` runs when it is done."""
@@ -367,11 +226,13 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
                 self._launch(fut, _run_callable, func)
                 return fut
             calls = list(calls)
-            shared, waits = self._share(calls)
-            if not waits:
+            shared, stored = self._arrays.share(calls, self.share_threshold,
+                                                lambda: self.cluster.clients)
+            if stored is None:
                 self._launch(fut, _run_batch, shared, inline=calls)
             else:
-                _when_all(waits, lambda: self._launch(fut, _run_batch, shared, inline=calls))
+                stored.add_done_callback(
+                    lambda _: self._launch(fut, _run_batch, shared, inline=calls))
         except BaseException as exc:
             _settle(fut, None, exc)
         return fut
@@ -397,48 +258,6 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
         with self._lock:
             self._pending.discard(fut)
 
-    def _share(self, calls: list[Any]) -> tuple[list[Any], list[Future]]:
-        """The calls with large arrays replaced by references, and the stores to wait for."""
-        threshold = self.share_threshold
-        if threshold is None:
-            return calls, []
-        try:
-            import numpy as np
-        except ImportError:
-            return calls, []
-        waits: dict[str, Future] = {}
-
-        def swap(value: Any) -> Any:
-            if (type(value) is not np.ndarray and not isinstance(value, np.memmap)) \
-                    or value.nbytes < threshold or value.dtype.hasobject:
-                return value
-            digest = self._digests.get(value)
-            waits[digest] = self._store(digest, value, session)
-            return _ArrayRef(session, digest)
-
-        with self._lock:
-            session = self._session
-        out = [(f, tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()})
-               for f, args, kwargs in calls]
-        if not waits:
-            return calls, []
-        return out, [w for w in waits.values() if not w.done()]
-
-    def _store(self, digest: str, array: Any, session: str) -> Future:
-        """A future done when every server that is up has tried to store ``array``.
-
-        The store runs as a thread-mode task: it writes a file, and must not wait behind
-        the process workers' tasks (ours or other clients') before any batch can start.
-        """
-        with self._lock:
-            done = self._stored.get(digest)
-            if done is not None:
-                return done
-            done = self._stored[digest] = Future()
-        tries = [_store_on(client, session, digest, array) for client in self.cluster.clients]
-        _when_all(tries, lambda: done.set_result(None))
-        return done
-
     def _launch(self, fut: _BatchFuture, fn: Any, payload: Any,
                 inline: list[Any] | None = None) -> None:
         """Submit ``fn(payload)`` for ``fut``; a batch whose server lacks a shared array is
@@ -460,57 +279,12 @@ class RpycsvcBackend(AutoBatchingMixin, ParallelBackendBase):
                 fut.cancel()
                 return
             exc = task.exception()
-            if isinstance(exc, _ArrayMissing) and inline is not None:
+            if isinstance(exc, ArrayMissing) and inline is not None:
                 self._launch(fut, fn, inline)
                 return
             _settle(fut, None if exc else task.result(), exc)
 
         task.add_done_callback(relay)
-
-
-def _store_on(client: Client, session: str, digest: str, array: Any) -> Future:
-    """Store ``array`` on one server: in a thread-mode task, or in a process worker where
-    thread mode is off (``--threads 0``). Done either way, failed or not: a server without
-    the file gets its batches with the data inline."""
-    done: Future = Future()
-
-    def submit(mode: str) -> Future:
-        try:
-            return client.options(mode=mode).submit(_store_array, session, digest, array)
-        except Exception as exc:
-            failed: Future = Future()
-            failed.set_exception(exc)
-            return failed
-
-    def after_thread(fut: Future) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            submit("process").add_done_callback(lambda _: _settle(done, None, None))
-        else:
-            _settle(done, None, None)
-
-    submit("thread").add_done_callback(after_thread)
-    return done
-
-
-
-
-def _when_all(futures: list[Future], then: Callable[[], None]) -> None:
-    """Call ``then()`` once every future is done (at once if none is left)."""
-    left = [len(futures)]
-    lock = threading.Lock()
-    if not futures:
-        then()
-        return
-
-    def one_done(_: Future) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            then()
-
-    for f in futures:
-        f.add_done_callback(one_done)
 
 
 def register() -> None:
