@@ -2,36 +2,88 @@
 
 Start servers with ``rpycsvc serve``; connect with :func:`connect` (one server) or
 :class:`Cluster` (many); see the README for the whole API.
+
+Every public name is loaded on first use (PEP 562): ``import rpycsvc`` loads nothing but
+this file, ``rpycsvc.connect`` loads the client side only, and the server (``rpycsvc.Server``)
+or SSH deployment (``rpycsvc.deploy``) is imported only by a program that touches it.
+:data:`_LAZY` says which module defines each name.
 """
 
-from ._version import __version__
-from .classic import redirected_stderr, redirected_stdout
-from .client import Client, TaskFuture, connect
-from .cluster import BroadcastResult, Cluster, ClusterExecutor
-from .config import ServerConfig
-from .deployment import deploy
-from .endpoints import endpoint
-from .errors import (
-    AllServersFailedError,
-    AuthenticationError,
-    ConfigError,
-    ConnectError,
-    DeployError,
-    MessageTooLargeError,
-    RemoteTaskError,
-    RpycsvcError,
-    RpycsvcTimeoutError,
-    SerializationError,
-    ServerDrainingError,
-    ServerLostError,
-    TaskCancelledError,
-    TaskError,
-    TaskTimeoutError,
-    VersionMismatchError,
-    WorkerCrashedError,
-)
-from .hosted import Queue
-from .server import Server
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getattr__ loads these
+    from ._version import __version__
+    from .classic import redirected_stderr, redirected_stdout
+    from .client import Client, TaskFuture, connect
+    from .cluster import BroadcastResult, Cluster
+    from .config import ServerConfig
+    from .deployment import deploy
+    from .endpoints import endpoint
+    from .errors import (
+        AllServersFailedError,
+        AuthenticationError,
+        ConfigError,
+        ConnectError,
+        DeployError,
+        MessageTooLargeError,
+        RemoteTaskError,
+        RpycsvcError,
+        RpycsvcTimeoutError,
+        SerializationError,
+        ServerDrainingError,
+        ServerLostError,
+        TaskCancelledError,
+        TaskError,
+        TaskTimeoutError,
+        VersionMismatchError,
+        WorkerCrashedError,
+    )
+    from .executor import ClusterExecutor
+    from .hosted import Queue
+    from .server import Server
+
+#: public name -> the submodule (of this package) that defines it
+_LAZY: dict[str, str] = {
+    "__version__": "_version",
+    # the client side
+    "BroadcastResult": "cluster",
+    "Client": "client",
+    "Cluster": "cluster",
+    "ClusterExecutor": "executor",
+    "TaskFuture": "client",
+    "connect": "client",
+    "redirected_stderr": "classic",
+    "redirected_stdout": "classic",
+    # the server side
+    "Queue": "hosted",
+    "Server": "server",
+    "ServerConfig": "config",
+    "endpoint": "endpoints",
+    # SSH deployment
+    "deploy": "deployment",
+    # errors, under RpycsvcError
+    "AllServersFailedError": "errors",
+    "AuthenticationError": "errors",
+    "ConfigError": "errors",
+    "ConnectError": "errors",
+    "DeployError": "errors",
+    "MessageTooLargeError": "errors",
+    "RemoteTaskError": "errors",
+    "RpycsvcError": "errors",
+    "RpycsvcTimeoutError": "errors",
+    "SerializationError": "errors",
+    "ServerDrainingError": "errors",
+    "ServerLostError": "errors",
+    "TaskCancelledError": "errors",
+    "TaskError": "errors",
+    "TaskTimeoutError": "errors",
+    "VersionMismatchError": "errors",
+    "WorkerCrashedError": "errors",
+}
 
 __all__ = [
     "AllServersFailedError",
@@ -66,3 +118,31 @@ __all__ = [
     "redirected_stderr",
     "redirected_stdout",
 ]
+
+
+if not TYPE_CHECKING:  # hidden from type checkers, so a misspelt rpycsvc.name stays an error
+
+    def __getattr__(name: str) -> Any:
+        """Load a public name from the module :data:`_LAZY` names for it, once (PEP 562)."""
+        modname = _LAZY.get(name)
+        if modname is None:
+            raise AttributeError(f"module 'rpycsvc' has no attribute {name!r}")
+        # The import statement's own path (not importlib.import_module), so that
+        # ``python -X importtime`` lists the module it loads.
+        __import__(f"{__name__}.{modname}")
+        value = getattr(sys.modules[f"{__name__}.{modname}"], name)
+        globals()[name] = value  # later lookups find it without calling this function
+        return value
+
+
+def __dir__() -> list[str]:
+    """The module's own names plus every public name, loaded or not."""
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext rpycsvc``: register the notebook magics (see :mod:`rpycsvc.ipython`).
+
+    IPython looks this hook up on the package itself; it imports the extension module
+    (and IPython's parts it needs) only when the extension is loaded."""
+    importlib.import_module(f"{__name__}.ipython").load_ipython_extension(ipython)

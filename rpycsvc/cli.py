@@ -1,16 +1,17 @@
 """The ``rpycsvc`` command: ``serve`` and the other subcommands.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args)``;
-:data:`COMMANDS` maps names to modules, imported only when used, so ``rpycsvc serve``
-starts fast.
+:data:`COMMANDS` maps names to modules and one-line helps. :func:`main` imports only the
+module of the subcommand it runs (``rpycsvc --help`` imports none), so every command starts
+without loading the others (``bench``, ``deploy``'s SSH bootstrap, the REPL...).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from .config import DEFAULT_PORT, MODES, ServerConfig, parse_size
@@ -225,7 +226,13 @@ def run(args: argparse.Namespace, *, classic_banner: bool = False) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """``rpycsvc``'s parser, with the full parser of each subcommand named in ``load``.
+
+    ``load=None`` (the default) builds every subcommand's parser, importing every
+    subcommand module: what the help tests walk. :func:`main` passes the one command on its
+    command line, so the others are only listed (name and one-line help, all that
+    ``rpycsvc --help`` shows) and their modules are not imported."""
     from ._version import __version__
 
     parser = argparse.ArgumentParser(
@@ -235,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rpycsvc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (modname, help_text) in COMMANDS.items():
-        mod = sys.modules[__name__] if modname == __name__ else importlib.import_module(modname)
+        if load is not None and name not in load:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
+        if modname != __name__:
+            __import__(modname)  # (the import statement's path: -X importtime lists it)
+        mod = sys.modules[__name__ if modname == __name__ else modname]
         desc = getattr(mod, "DESCRIPTION", None) if name != "serve" else SERVE_DESCRIPTION
         p = sub.add_parser(name, help=help_text, description=desc or help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,8 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_named(argv: Sequence[str]) -> set[str]:
+    """The subcommand ``argv`` runs: its first word that is not an option (``rpycsvc`` itself
+    has only ``--help`` and ``--version``, which take no value), if it names one."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return {first} if first in COMMANDS else set()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(load=_command_named(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

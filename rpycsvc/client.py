@@ -39,6 +39,7 @@ from .errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from .environment import for_client, versions_of
 from .handshake import client_handshake
 from .lane import Lane, LaneUser
 from .liveness import (
@@ -224,6 +225,8 @@ class Client(LaneUser):
         self.address = address
         self.server_info = hello
         self.output = output
+        #: the server's Python/cloudpickle versions and the checks they call for (per task)
+        self.environment = for_client(self)
         self._defaults = dict(options or {})
         self._keys = itertools.count(1)
         self._pending: dict[int, tuple[Callable[[str, Any], None], Any]] = {}
@@ -289,6 +292,15 @@ class Client(LaneUser):
         """
         return self._compute(task, args, kwargs, self._defaults)
 
+    def _compute(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 opts: dict[str, Any]) -> Any:
+        # The lane path (LaneUser._compute) sends without start_task: a server that can't
+        # rebuild code sent by value gets its tasks through start_task, which checks them.
+        if self.environment.conflict is not None:
+            return self._submit(task, args, kwargs, opts).result()
+        self.environment.note_task(task)
+        return super()._compute(task, args, kwargs, opts)
+
     def _submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 opts: dict[str, Any]) -> TaskFuture:
         fut = TaskFuture()
@@ -312,6 +324,7 @@ class Client(LaneUser):
                    done: Callable[[str, Any], None], sink: Any = None) -> int:
         """Low level: send one task; ``done(status, reply)`` runs once in the reader thread
         (status ``"reply"`` with the raw reply, or ``"lost"`` with the exception)."""
+        self.environment.check_task(kind, spec, frames)  # may refuse: EnvironmentMismatchError
         key = next(self._keys)
         wire, mode = self._wire_options(key, opts)
         with self._lock:
@@ -665,6 +678,8 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
         else:
             reply = conn.root.hello(sink)
         hello.update(dict(reply))
+        if not hello.get("cloudpickle"):  # a deployed server's hello: its stats say them
+            hello.update(versions_of(conn))
     except RpycsvcTimeoutError as exc:
         conn.close()
         raise RpycsvcTimeoutError(f"{address} did not answer hello within "

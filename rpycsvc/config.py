@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# check_timeout and is_loopback live in the neutral _checks (the client needs them without
+# the server's settings); they stay importable from here for the server side.
+from ._checks import check_timeout, is_loopback
 from .errors import ConfigError
+
+__all__ = ["DEFAULT_INBOUND_BUDGET", "DEFAULT_MAX_MESSAGE", "DEFAULT_PORT", "MODES",
+           "ServerConfig", "check_timeout", "is_loopback", "parse_size"]
 
 DEFAULT_PORT = 18812
 #: Default largest message a server accepts from an authenticated peer and sends as a reply:
@@ -168,16 +173,6 @@ def _is_ipv4(host: str) -> bool:
         return False
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost'."""
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_size(text: str) -> int:
     """``"512M"``, ``"2G"``, ``"1.5k"`` or plain bytes → bytes; ``ValueError`` if not a size."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -211,16 +206,3 @@ def _parse(name: str, typ: str, raw: str) -> Any:
     except ValueError:
         raise ConfigError(f"environment variable {var}={raw!r} is not a valid {typ}") from None
     return raw
-
-
-def check_timeout(value: Any) -> float | None:
-    """A task's ``timeout``: None, or a finite number of seconds above 0 (else ConfigError).
-
-    Checked by the client, and again by the server on both paths (RPyC and lanes): a
-    ``nan`` deadline would sort before every other and silence all timeouts."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"timeout must be a positive number of seconds; got {value!r}")
-    return float(value)

@@ -1,0 +1,140 @@
+"""The lazy top level: ``import rpycsvc`` costs what a client needs (issue 16).
+
+Every public name stays importable from ``rpycsvc`` but is loaded on first use (PEP 562), and
+the dependency direction holds: a client script, even one that connects and runs tasks,
+imports no server-side module and no SSH-deployment module; ``rpycsvc --help`` imports no
+subcommand module. What a fresh interpreter has imported is the public fact checked: each
+check runs in its own ``python`` process (this test process has imported everything already).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+import rpycsvc
+from tests.support.servers import REPO, ServerProcess
+
+WAIT = 120.0
+#: modules that run in the server (or only configure it): a client never needs them
+SERVER_SIDE = {"rpycsvc.server", "rpycsvc.service", "rpycsvc.pool", "rpycsvc.worker",
+               "rpycsvc._workerlanes", "rpycsvc._workerio", "rpycsvc._lanebook",
+               "rpycsvc.hosted", "rpycsvc.endpoints", "rpycsvc.metrics", "rpycsvc.registry",
+               "rpycsvc.config"}
+#: pushing servers to other hosts over SSH
+DEPLOYMENT = {"rpycsvc.deployment", "rpycsvc.bootstrap"}
+#: the modules of the ``rpycsvc`` subcommands other than serve (which lives in rpycsvc.cli)
+SUBCOMMAND_MODULES = {"rpycsvc.demo", "rpycsvc.bench", "rpycsvc.status", "rpycsvc.top",
+                      "rpycsvc.repl", "rpycsvc.registry", "rpycsvc.deployment"}
+#: what the subcommands need that a plain ``rpycsvc --help`` must not load either
+HEAVY = {"rpycsvc.server", "rpycsvc.bootstrap", "rpycsvc.remote_session"}
+
+#: prints, as its last line, the rpycsvc modules the interpreter has imported so far
+REPORT = ("import json as _json, sys as _sys\n"
+          "print(_json.dumps(sorted(m for m in _sys.modules if m.split('.')[0] == 'rpycsvc')))\n")
+
+
+def fresh_python(code: str, *args: str) -> Any:
+    """Run ``code`` in a new interpreter (``args`` as ``sys.argv[1:]``); return the JSON value
+    its last line of output holds."""
+    res = subprocess.run([sys.executable, "-c", code, *args],
+                         capture_output=True, text=True, timeout=WAIT, cwd=str(REPO),
+                         stdin=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def loaded_after(code: str, *args: str) -> set[str]:
+    """The rpycsvc modules a new interpreter has imported once it has run ``code``."""
+    return set(fresh_python(textwrap.dedent(code) + REPORT, *args))
+
+
+def imported_by_cli(*argv: str) -> set[str]:
+    """The rpycsvc modules ``python -m rpycsvc.cli ARGV...`` (which ``rpycsvc`` runs) has
+    imported when it exits: the command runs in a new interpreter, then the list is printed."""
+    return loaded_after("""
+        import runpy, sys
+        sys.argv = ["rpycsvc", *sys.argv[1:]]
+        try:
+            runpy.run_module("rpycsvc.cli", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            assert exc.code in (0, None), exc.code
+        print()  # the list goes on a line of its own after the help
+    """, *argv)
+
+
+def test_every_public_name_is_lazy_listed_by_dir_and_resolves() -> None:
+    """``__all__`` is exactly the names loaded on demand: none is in the module right after
+    ``import rpycsvc``, ``dir()`` lists each, and each then resolves and stays."""
+    facts = fresh_python(textwrap.dedent("""
+        import json
+        import rpycsvc
+        loaded = set(vars(rpycsvc))
+        listed = dir(rpycsvc)
+        resolved = {n: getattr(rpycsvc, n) is not None and n in vars(rpycsvc)
+                    for n in rpycsvc.__all__}
+        print(json.dumps({"all": rpycsvc.__all__, "dir": listed,
+                          "lazy": sorted(set(listed) - loaded), "resolved": resolved}))
+    """))
+    assert facts["lazy"] == sorted(facts["all"]), "__all__ and the names loaded lazily differ"
+    assert set(facts["all"]) <= set(facts["dir"])
+    assert facts["dir"] == sorted(facts["dir"])
+    unresolved = [n for n, ok in facts["resolved"].items() if not ok]
+    assert not unresolved, unresolved
+
+
+def test_import_rpycsvc_loads_no_server_deployment_or_cli_module() -> None:
+    loaded = loaded_after("import rpycsvc\n")
+    assert "rpycsvc" in loaded
+    assert not loaded & (SERVER_SIDE | DEPLOYMENT | {"rpycsvc.cli"}), sorted(loaded)
+
+
+def test_a_client_script_loads_no_server_or_deployment_module(
+        server_process: type[ServerProcess]) -> None:
+    """Touching ``connect`` and ``Cluster``, connecting, and running tasks (with a timeout,
+    checked by the client) through both imports only the client side."""
+    srv = server_process("--workers", "1")
+    loaded = loaded_after("""
+        import sys
+        import rpycsvc
+        rpycsvc.connect, rpycsvc.Cluster, rpycsvc.ClusterExecutor, rpycsvc.TaskFuture
+        rpycsvc.RpycsvcError, rpycsvc.TaskTimeoutError, rpycsvc.__version__
+        address = sys.argv[1]
+        with rpycsvc.connect(address) as client:
+            assert client.options(timeout=60).compute(pow, 2, 10) == 1024
+        with rpycsvc.Cluster([address]) as cluster:
+            assert cluster.options(timeout=60).submit(abs, -3).result(timeout=60) == 3
+    """, srv.address)
+    assert {"rpycsvc.client", "rpycsvc.cluster"} <= loaded  # it did load the client side
+    assert not loaded & (SERVER_SIDE | DEPLOYMENT | {"rpycsvc.cli"}), sorted(loaded)
+
+
+def test_top_level_help_imports_no_subcommand_module() -> None:
+    loaded = imported_by_cli("--help")
+    assert not loaded & (SUBCOMMAND_MODULES | HEAVY), sorted(loaded)
+
+
+def test_a_subcommand_imports_its_module_only() -> None:
+    """``rpycsvc status --help`` loads status (it builds status's parser), not the modules of
+    the commands it does not run; ``serve --help`` loads no server."""
+    loaded = imported_by_cli("status", "--help")
+    assert "rpycsvc.status" in loaded
+    others = SUBCOMMAND_MODULES - {"rpycsvc.status", "rpycsvc.registry"}  # status finds servers
+    assert not loaded & (others | HEAVY), sorted(loaded)        # through the registry
+    loaded = imported_by_cli("serve", "--help")
+    assert not loaded & (SUBCOMMAND_MODULES | HEAVY), sorted(loaded)
+
+
+def test_unknown_attribute_raises_attribute_error_naming_it() -> None:
+    with pytest.raises(AttributeError, match="'no_such_name'"):
+        rpycsvc.no_such_name  # type: ignore[attr-defined]  # noqa: B018
+    assert not hasattr(rpycsvc, "Sever")
+    with pytest.raises(ImportError, match="no_such_name"):
+        from rpycsvc import no_such_name  # type: ignore[attr-defined]  # noqa: F401
