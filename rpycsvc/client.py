@@ -52,7 +52,7 @@ from .liveness import (
     check_lost_after,
     heartbeat_interval,
 )
-from .output import OutputRouter
+from .output import OutputRouter, current_cell
 from .serialization import dumps, dumps_function, load_exception, loads, writable_frames
 from .transport import FastSocketStream, oversize
 
@@ -112,6 +112,8 @@ class TaskFuture(Future):
         self.stderr = ""
         #: drops the task wherever it is: from a cluster's queue, or from its server
         self._stopper: Callable[[], None] | None = None
+        #: the Jupyter cell that submitted the task: its prints go there (rpycsvc.output)
+        self._cell = current_cell()
 
     def cancel(self) -> bool:
         """Cancel the task if it is still pending (not sent to a server): the stdlib's
@@ -139,6 +141,12 @@ class TaskFuture(Future):
             return False
         self._stop_remote()
         return True
+
+    def _repr_html_(self) -> str:
+        """The future as Jupyter shows it: state, where it runs, result or error."""
+        from ._html import future_html
+
+        return future_html(self)
 
     def _stop_remote(self) -> None:
         if self._stopper is not None:
@@ -520,6 +528,12 @@ class Client(LaneUser):
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<rpycsvc.Client {self.address} {state}>"
+
+    def _repr_html_(self) -> str:
+        """The connection as Jupyter shows it: the server, its workers, tasks running/done."""
+        from ._html import client_html
+
+        return client_html(self)
 
 
 class _Options:

@@ -745,5 +745,11 @@ class Cluster:
         up = sum(1 for s in self._servers.values() if s.up)
         return f"<rpycsvc.Cluster {up}/{len(self._servers)} servers up>"
 
+    def _repr_html_(self) -> str:
+        """The cluster as Jupyter shows it: each server, its workers, tasks running/done."""
+        from ._html import cluster_html
+
+        return cluster_html(self)
+
 
 

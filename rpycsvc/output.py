@@ -8,10 +8,15 @@ then written *above* them, as ``tqdm.write`` does: each live line is cleared, th
 written on lines of its own, and the live lines are drawn again below it. Everything that
 writes to the terminal does so under :data:`terminal_lock`, so a bar's redraw never lands in
 the middle of a remote line.
+
+In a Jupyter kernel, output is sent to the cell that submitted the task (see
+:func:`current_cell`): the client's reader thread would otherwise write it into whichever
+cell ipykernel thinks of as current (the one running now, or the one that connected).
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import threading
@@ -69,18 +74,65 @@ def above_live_lines() -> Iterator[None]:
                 line.redraw()
 
 
-def write_above(stream: TextIO, text: str) -> None:
+def write_above(stream: TextIO, text: str, cell: Any = None) -> None:
     """Write ``text`` (whole lines) to ``stream`` above any live line, then redraw those.
 
     For local code that prints while a ``map(progress=True)`` bar is shown, like
-    ``tqdm.write``. Errors writing (a closed stdout) are ignored: output is best effort.
+    ``tqdm.write``. ``cell`` (from :func:`current_cell`) is the notebook cell the text
+    belongs to. Errors writing (a closed stdout) are ignored: output is best effort.
     """
-    with above_live_lines():
+    with above_live_lines(), in_cell(stream, cell):
         try:
             stream.write(text)
             stream.flush()
         except (OSError, ValueError):
             pass  # our own stdout is closed; nothing sensible to do
+
+
+# -- Jupyter: which cell a task's output belongs to ---------------------------------------------
+def current_cell() -> dict[str, Any] | None:
+    """The notebook cell running in this thread now, or None outside a Jupyter kernel.
+
+    It is ipykernel's *parent header* of ``sys.stdout`` (the header of the cell's
+    ``execute_request``), which decides the cell a ``stream`` message lands in. A task's
+    future takes it when the task is submitted, so the task's prints go to the cell that
+    ran it even when they come later, while another cell runs.
+    """
+    header = getattr(sys.stdout, "parent_header", None)
+    return header if isinstance(header, dict) and header.get("msg_id") else None
+
+
+@contextmanager
+def in_cell(stream: Any, cell: dict[str, Any] | None) -> Iterator[None]:
+    """What this thread writes to ``stream`` (an ipykernel ``OutStream``) inside the block
+    goes to ``cell``'s output. Nothing changes for other streams, other threads, or
+    ``cell=None``.
+
+    ipykernel keeps the parent header per thread in a ``ContextVar`` that takes priority
+    over its global (current cell) and per-thread (the cell that started a thread) ones;
+    7.x sets it with ``set_thread_parent``, 6.x has the variable only. ``write`` files the
+    text under the header it reads then, so setting it around the write is enough.
+    """
+    if cell is None:
+        yield
+        return
+    setter = getattr(stream, "set_thread_parent", None)
+    if callable(setter):
+        token = setter(cell)
+        try:
+            yield
+        finally:
+            stream.reset_thread_parent(token)
+        return
+    var = getattr(stream, "_parent_header", None)
+    if not isinstance(var, contextvars.ContextVar):
+        yield
+        return
+    token = var.set(cell)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 class OutputRouter:
@@ -124,7 +176,9 @@ class OutputRouter:
         head = self.prefix.format(address=address, task=key)
         lines = text.splitlines(keepends=True)
         block = "".join(head + (ln if ln.endswith("\n") else ln + "\n") for ln in lines)
-        write_above(sys.stdout if fd == 1 else sys.stderr, block)
+        # (the future of the task is the sink; it knows the notebook cell that submitted it)
+        write_above(sys.stdout if fd == 1 else sys.stderr, block,
+                    getattr(sink, "_cell", None))
 
 
 # -- a command's own stdout, read by a pipe that may close early -------------------------------

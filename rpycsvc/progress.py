@@ -5,6 +5,10 @@ On a terminal the bar is one line on stderr, redrawn in place at most ten times 
 and kept below remote output (see :mod:`rpycsvc.output`). Anywhere else — a pipe, a file,
 a CI log — it writes no carriage returns and no escape codes: nothing while the work runs,
 then one plain summary line when it ends, so a log still says what happened.
+
+In a Jupyter kernel the bar is a notebook widget drawn by ``tqdm.auto`` (install
+``rpycsvc[notebook]``: tqdm and ipywidgets), with the per-server counts as its postfix;
+without them the kernel gets the summary line, as a log does.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import output
 
@@ -31,6 +35,38 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
+def in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel (ipykernel's shell), where a widget can show a bar."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:  # (never imported: not in IPython, and we don't import it)
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def notebook_bar(total: int | None, label: str = "") -> Any:
+    """A ``tqdm.auto`` bar (a widget in a notebook), or None without tqdm and ipywidgets
+    (tqdm alone would fall back to text on stderr, which a cell can't redraw in place)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tqdm") is None or importlib.util.find_spec(
+            "ipywidgets") is None:
+        return None
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tqdm's "IProgress not found" if widgets broke
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=label or None, unit="it", leave=True)
+    except Exception:  # a broken widget stack must not fail the map: the plain bar then
+        return None
+
+
 def _columns(stream: TextIO) -> int:
     """The terminal's width, so a long bar is cut instead of wrapping (``\\r`` only goes
     back to the start of the last physical line, so a wrapped bar would smear)."""
@@ -44,7 +80,9 @@ class Progress:
     """One bar. ``update`` counts finished items; ``close`` ends the bar.
 
     ``live`` chooses between the redrawn bar and the single final line; the default
-    (None) asks ``stream.isatty()``, as tqdm does with ``disable=None``.
+    (None) asks ``stream.isatty()``, as tqdm does with ``disable=None``. With neither
+    ``stream`` nor ``live`` given, in a Jupyter kernel the bar is a notebook widget
+    (:func:`notebook_bar`) when tqdm and ipywidgets are installed.
     """
 
     def __init__(self, total: int | None, stream: TextIO | None = None, width: int = 24,
@@ -60,6 +98,12 @@ class Progress:
         self._last = 0.0
         self._shown = False  # a live bar is on the screen now
         self._closed = False
+        #: the notebook widget bar, when there is one (then nothing is written to stream)
+        self.widget: Any = None
+        if stream is None and live is None and in_jupyter_kernel():
+            self.widget = notebook_bar(total, label)
+            if self.widget is not None:
+                self.live = False
         if self.live:
             output.show_live_line(self)
 
@@ -68,6 +112,9 @@ class Progress:
         with output.terminal_lock:
             self.done += n
             self.per_server[server] += n
+            if self.widget is not None:
+                self._update_widget(n)
+                return
             now = time.monotonic()
             if self.live and not self._closed and now - self._last >= REDRAW_EVERY:
                 self._last = now
@@ -101,6 +148,16 @@ class Progress:
         return (f"{label}{self.done}{of} done in {elapsed:.1f}s "
                 f"({self.done / elapsed:,.0f}/s) | {servers}").rstrip(" |")
 
+    def _update_widget(self, n: int) -> None:
+        try:  # (tqdm redraws at most every 0.1 s itself)
+            self.widget.set_postfix_str(self._servers_text(), refresh=False)
+            self.widget.update(n)
+        except Exception:  # the map must not fail over its bar
+            pass
+
+    def _servers_text(self) -> str:
+        return " ".join(f"{addr}:{n}" for addr, n in sorted(self.per_server.items()))
+
     # -- the output.LiveLine interface (called with output.terminal_lock held) -----------------
     def clear(self) -> None:
         """Take the bar off the screen so a line of other output can take its place."""
@@ -130,6 +187,14 @@ class Progress:
         summary line is written. Idempotent."""
         with output.terminal_lock:
             if self._closed:
+                return
+            if self.widget is not None:
+                self._closed = True
+                try:
+                    self.widget.set_postfix_str(self._servers_text(), refresh=False)
+                    self.widget.close()  # (a notebook bar stays, green or red, in its cell)
+                except Exception:
+                    pass
                 return
             if self.live:
                 self._draw(time.monotonic())
