@@ -169,7 +169,19 @@ def check_joblib_sklearn(out: str) -> None:
     assert "same answer: True\n" in out
 
 
+def check_notebook_magics(out: str) -> None:
+    pid = re.search(r"^session pid (\d+) on ", out, re.M)
+    assert pid, out
+    assert "still there: remote cells keep state\n4\n" in out  # the session kept `words`
+    hello = re.findall(r"^\[(127\.0\.0\.1:\d+)\] hello from pid (\d+)$", out, re.M)
+    assert len({a for a, _ in hello}) == 2, out  # every server, each line named
+    assert pid.group(1) in {p for _, p in hello}  # %%broadcast used the same sessions
+    assert "squares: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]\n" in out
+    assert "HTML card names every server: True\n" in out
+
+
 CHECKS: dict[str, Callable[[str], None]] = {
+    "notebook_magics": check_notebook_magics,
     "joblib_sklearn": check_joblib_sklearn,
     "task_queue_map": check_task_queue_map,
     "task_queue_shared": check_task_queue_shared,
