@@ -1,0 +1,612 @@
+"""Every example in README.md runs as written, and prints what the README says it prints.
+
+How the README's code blocks are treated
+----------------------------------------
+Every fenced ```` ```python ```` block is run, each group of blocks in a subprocess of its own,
+unless HTML comments (invisible on GitHub) right above its fence say otherwise:
+
+- ``<!-- readme-test: skip (REASON) -->``: not run; the reason is required (e.g. the block
+  is another tool's code, shown for comparison).
+- ``<!-- readme-test: continues -->``: a fragment that goes on from the python block before
+  it: run after it, in the same process and namespace.
+- ``<!-- readme-test: file NAME.py -->``: a module the README tells you to write: saved as
+  NAME.py in a directory on the ``PYTHONPATH`` of the servers and of the blocks (the
+  servers load ``mymod.py`` with ``--endpoints mymod``, as the README says).
+- ``<!-- readme-test: given NAME, NAME -->``: the block uses names its surrounding text
+  defines ("in the snippets, ``cluster`` is ``rpycsvc.Cluster([...])``"): they are defined
+  first, as :data:`GIVEN` says, and the connections among them are closed afterwards.
+
+The servers: the addresses in the README are replaced (:func:`substitutions`) by those of
+real servers this module starts, once, on 127.0.0.1 port 0: ``A`` and ``B`` (2 workers each,
+``--endpoints mymod --service shop:Shop``, registered with a registry this module starts,
+as the README's registry and Pyro examples start theirs), and ``C`` (1 worker, not
+registered). ``127.0.0.1:18812``, ``localhost:18812``, ``host:18812`` and ``host1:18812``
+become A, ``host2:18812`` B, ``host3:18812`` C; the README's sample addresses
+``127.0.0.1:40517`` and ``127.0.0.1:40991`` become A and B (A has the lower port, so the
+sorted list ``discover`` returns is in the README's order); ``rpyc.classic.connect("host")``
+connects to A; the registry port ``18811`` becomes this module's registry's port.
+``Cluster.local(2)`` starts its own servers as written.
+
+What is checked: each group runs to the end without an exception, and
+
+- a ``print(...)`` statement with a comment prints exactly the comment's text (up to an
+  em dash: ``print(x)  # {} — or ...`` must print ``{}``);
+- an expression statement whose comment (up to an em dash or ``;``) is a Python literal
+  evaluates to that literal (``fut.result(timeout=10)  # 6``); comments that aren't
+  literals (``# {word: count}``, ``# an import path``) are prose and not checked.
+
+Tracebacks from a failing block name README.md and its line there.
+
+Shell blocks (``sh``, ``console``) are not run: every ``rpycsvc ...`` and
+``bin/rpycsvc_classic ...`` command line in them, and every ```rpycsvc SUBCOMMAND ...``` code
+span in the text, must parse with the real parsers (``cli.build_parser()``, and
+``cli.add_serve_arguments`` for ``rpycsvc_classic``). ``rpycsvc top`` and ``rpycsvc status``
+are run against the servers, and the README's samples of them must show the same lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import rpycsvc
+from rpycsvc import cli
+from rpycsvc.registry import discover
+from tests.support.rendezvous import Gate, pass_gate
+from tests.support.servers import REPO, ServerProcess
+from tests.support.sshd import SshServer
+
+README = REPO / "README.md"
+WAIT = 30.0
+#: a group of blocks may start servers (Cluster.local) and run a grid search: generous
+RUN_TIMEOUT = 240.0
+
+FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
+MARK = re.compile(r"^\s*<!--\s*readme-test:\s*(?P<body>.*?)\s*-->\s*$")
+
+#: names a ``given`` mark may ask for, in the order they are defined; ``{A}`` etc. are filled
+#: in. Each says what the README's text around such a block says the name is.
+GIVEN: dict[str, str] = {
+    "rpycsvc": "import rpycsvc",
+    "rpyc": "import rpyc",
+    "operator": "import operator",
+    "hypot": "from math import hypot",
+    "random": "from random import random",
+    "cluster": "import rpycsvc\ncluster = rpycsvc.Cluster([{A!r}, {B!r}], timeout=10)",
+    "client": "import rpycsvc\nclient = rpycsvc.connect({A!r}, timeout=10)",
+    "f": "def f(x):\n    return x * x",
+    "x": "x = 3",
+    "xs": "xs = list(range(20))",
+    "futs": "futs = [cluster.submit(f, x) for x in xs]",
+    "numbers": "numbers = list(range(10))",
+    "lines": "lines = ['the quick brown fox', 'jumps over the lazy dog', 'the end']",
+    "data": "data = list(range(100))",
+    "simulateWorkload": "def simulateWorkload(x):\n    return x * x",
+    "step": "def step(n):\n    raise ValueError(f'step {{n}} failed')",
+}
+#: run after a group, whatever happened: what ``GIVEN`` opened is closed
+TEARDOWN = """
+for _name in ("client", "cluster"):
+    if _name in globals():
+        globals()[_name].close()
+"""
+
+
+# -- reading the README ----------------------------------------------------------------------
+@dataclass
+class Block:
+    line: int  # README line of the code's first line
+    lang: str
+    code: str
+    marks: list[str] = field(default_factory=list)
+
+    def mark(self, kind: str) -> str | None:
+        """The text after ``kind`` of this block's ``kind`` mark, or None without one."""
+        for m in self.marks:
+            if m == kind or m.startswith(kind + " "):
+                return m[len(kind):].strip()
+        return None
+
+
+def readme_blocks(text: str | None = None) -> list[Block]:
+    """The fenced blocks of the README (indented ones in lists too), with their marks."""
+    lines = (README.read_text() if text is None else text).splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        marks: list[str] = []
+        j = i - 1
+        while j >= 0 and (not lines[j].strip() or MARK.match(lines[j])):
+            mm = MARK.match(lines[j])
+            if mm:
+                marks.insert(0, mm.group("body"))
+            j -= 1
+        end = i + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        code = textwrap.dedent("\n".join(lines[i + 1:end])) + "\n"
+        blocks.append(Block(i + 2, m.group("lang"), code, marks))
+        i = end + 1
+    return blocks
+
+
+@dataclass
+class Group:
+    """Python blocks run together: one, and the blocks marked ``continues`` after it."""
+
+    blocks: list[Block]
+    given: list[str]
+
+    @property
+    def id(self) -> str:
+        return f"README.md:{self.blocks[0].line}"
+
+
+def python_groups(blocks: list[Block]) -> tuple[list[Group], dict[str, Block], list[Block]]:
+    """(groups to run, files by name, skipped blocks); raises on a mark it doesn't know."""
+    groups: list[Group] = []
+    files: dict[str, Block] = {}
+    skipped: list[Block] = []
+    last: Block | None = None
+    for b in blocks:
+        for m in b.marks:
+            if not re.match(r"(skip \(.+\)|continues|file \w+\.py|given \w+(, \w+)*)$", m):
+                raise AssertionError(f"README.md:{b.line}: unknown readme-test mark {m!r}")
+        if b.lang != "python":
+            if b.marks:
+                raise AssertionError(f"README.md:{b.line}: readme-test marks on a {b.lang!r} block")
+            continue
+        given = [n.strip() for n in (b.mark("given") or "").split(",") if n.strip()]
+        unknown = sorted(set(given) - set(GIVEN))
+        assert not unknown, f"README.md:{b.line}: given names the test can't define: {unknown}"
+        if b.mark("skip") is not None:
+            skipped.append(b)
+        elif b.mark("file") is not None:
+            files[str(b.mark("file"))] = b
+        elif b.mark("continues") is not None:
+            assert last is not None and groups and groups[-1].blocks[-1] is last, (
+                f"README.md:{b.line}: marked 'continues' but the python block before it is "
+                "not run")
+            groups[-1].blocks.append(b)
+            groups[-1].given += [n for n in given if n not in groups[-1].given]
+        else:
+            groups.append(Group([b], given))
+        last = b
+    return groups, files, skipped
+
+
+BLOCKS = readme_blocks()
+GROUPS, FILES, SKIPPED = python_groups(BLOCKS)
+
+
+# -- the servers -------------------------------------------------------------------------------
+@dataclass
+class Servers:
+    a: str
+    b: str
+    c: str
+    registry_port: int
+    workdir: Path
+    env: dict[str, str]
+
+
+def substitutions(s: Servers, sshd: SshServer | None = None) -> list[tuple[str, str]]:
+    """README text -> what the test runs instead, in this order (see the module docstring)."""
+    port_a = s.a.rsplit(":", 1)[1]
+    ssh = [] if sshd is None else [
+        ('["alice@node1", "node2:2222", "gpu-box"], workers=8',
+         f'[{sshd.alias!r}], workers=2, ssh_options=["-F", {str(sshd.config_path)!r}]')]
+    return [
+        *ssh,
+        ("127.0.0.1:40517", s.a), ("127.0.0.1:40991", s.b),
+        ("host1:18812", s.a), ("host2:18812", s.b), ("host3:18812", s.c),
+        ("127.0.0.1:18812", s.a), ("localhost:18812", s.a), ("host:18812", s.a),
+        ('rpyc.classic.connect("host")', f'rpyc.classic.connect("127.0.0.1", {port_a})'),
+        ("18811", str(s.registry_port)),
+    ]
+
+
+def substitute(code: str, s: Servers, sshd: SshServer | None = None) -> str:
+    for old, new in substitutions(s, sshd):
+        code = code.replace(old, new)
+    return code
+
+
+def _start_registry(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rpycsvc.cli", "registry", "--port", "0", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
+        cwd=str(REPO))
+    from rpycsvc._local import read_address  # the same first-line protocol as serve
+
+    try:
+        return proc, int(read_address(proc, WAIT).rsplit(":", 1)[1])
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    """A registry and servers A, B (registered) and C; the README's files in a directory on
+    everyone's PYTHONPATH."""
+    with tempfile.TemporaryDirectory(prefix="rpycsvc-readme-") as tmp:
+        workdir = Path(tmp)
+        for name, block in FILES.items():
+            (workdir / name).write_text(block.code)
+        path = os.pathsep.join([str(workdir), str(REPO / "examples"), str(REPO)])
+        env = dict(os.environ, PYTHONPATH=path)
+        registry, reg_port = _start_registry(env)
+        started: list[ServerProcess] = []
+        try:
+            for _ in range(2):
+                started.append(ServerProcess(
+                    "--workers", "2", "--endpoints", "mymod", "--service", "shop:Shop",
+                    "--register", "--registry-type", "TCP", "--registry-host", "127.0.0.1",
+                    "--registry-port", str(reg_port), env={"PYTHONPATH": path}))
+            started.append(ServerProcess("--workers", "1", env={"PYTHONPATH": path}))
+            a, b = sorted((p.address for p in started[:2]), key=lambda ad: int(ad.rsplit(":")[1]))
+            deadline = time.monotonic() + WAIT
+            while discover("127.0.0.1", reg_port, timeout=5) != [a, b]:
+                assert time.monotonic() < deadline, "the servers did not show in the registry"
+                time.sleep(0.1)
+            yield Servers(a, b, started[2].address, reg_port, workdir, env)
+        finally:
+            for p in started:
+                p.stop()
+            registry.terminate()
+            try:
+                registry.wait(10)
+            except subprocess.TimeoutExpired:
+                registry.kill()
+                registry.wait(10)
+            if registry.stdout is not None:
+                registry.stdout.close()
+
+
+# -- running python blocks -----------------------------------------------------------------------
+#: the subprocess: transforms each block (output checks), runs it in a fresh ``__main__``
+RUNNER = r'''
+import ast, contextlib, io, json, sys, tokenize, types
+
+spec = json.loads(open(sys.argv[1]).read())
+main = types.ModuleType("__main__")
+main.__dict__["__builtins__"] = __builtins__
+sys.modules["__main__"] = main
+ns = main.__dict__
+
+
+def head(comment):
+    """A comment's claim: its text up to an em dash or a semicolon."""
+    return comment.lstrip("#").split(" \u2014 ")[0].split("; ")[0].strip()
+
+
+@contextlib.contextmanager
+def _readme_capture(line, expected):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    sys.stdout.write(buf.getvalue())
+    got = buf.getvalue().rstrip("\n")
+    if got != expected:
+        raise AssertionError(f"README.md:{line} prints {got!r}; the README says {expected!r}")
+
+
+def _readme_value(line, expected, value):
+    want = ast.literal_eval(expected)
+    if value != want:
+        raise AssertionError(f"README.md:{line} gives {value!r}; the README says {expected}")
+
+
+ns["_readme_capture"], ns["_readme_value"] = _readme_capture, _readme_value
+
+
+def is_literal(text):
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
+    return "..." not in text
+
+
+class Checks(ast.NodeTransformer):
+    def __init__(self, comments, offset):
+        self.comments, self.offset = comments, offset
+
+    def visit_Expr(self, node):
+        comment = self.comments.get(node.end_lineno)
+        if not comment:
+            return node
+        claim, line = head(comment), node.lineno + self.offset
+        call = node.value
+        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+                and call.func.id == "print"):
+            ctx = ast.Call(ast.Name("_readme_capture", ast.Load()),
+                           [ast.Constant(line), ast.Constant(claim)], [])
+            new = ast.With([ast.withitem(ctx, None)], [node])
+        elif is_literal(claim):
+            new = ast.Expr(ast.Call(ast.Name("_readme_value", ast.Load()),
+                                    [ast.Constant(line), ast.Constant(claim), node.value], []))
+        else:
+            return node
+        return ast.fix_missing_locations(ast.copy_location(new, node))
+
+
+def compiled(code, first_line):
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string
+    tree = ast.parse(code, "README.md")
+    tree = Checks(comments, first_line - 1).visit(tree)
+    ast.increment_lineno(tree, first_line - 1)
+    return compile(ast.fix_missing_locations(tree), "README.md", "exec")
+
+
+try:
+    exec(spec["prelude"], ns)
+    for first_line, code in spec["blocks"]:
+        exec(compiled(code, first_line), ns)
+finally:
+    exec(spec["teardown"], ns)
+print("README-BLOCKS-OK", flush=True)
+'''
+
+
+def prelude(given: list[str], s: Servers) -> str:
+    names = {"A": s.a, "B": s.b, "C": s.c}
+    return "\n".join(GIVEN[n].format(**names) for n in GIVEN if n in given) + "\n"
+
+
+def _group_params() -> list[object]:
+    """A group that starts servers of its own (``Cluster.local``, ``deploy``) is slow."""
+    return [pytest.param(g, id=g.id, marks=[pytest.mark.slow, pytest.mark.timeout(300)])
+            if any(s in b.code for b in g.blocks for s in ("Cluster.local(", "deploy("))
+            else pytest.param(g, id=g.id) for g in GROUPS]
+
+
+@pytest.mark.parametrize("group", _group_params())
+def test_python_block_runs_as_written(group: Group, servers: Servers, tmp_path: Path,
+                                      request: pytest.FixtureRequest) -> None:
+    deploys = any("rpycsvc.deploy(" in b.code for b in group.blocks)
+    sshd = request.getfixturevalue("sshd") if deploys else None  # skipped without sshd
+    proc = run_blocks(prelude(group.given, servers),
+                      [(b.line, substitute(b.code, servers, sshd)) for b in group.blocks],
+                      tmp_path, servers.workdir, servers.env)
+    assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, (
+        f"{group.id} failed (exit {proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n"
+        f"{proc.stderr}")
+
+
+def run_blocks(prelude_code: str, blocks: list[tuple[int, str]], tmp: Path, cwd: Path,
+               env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``blocks`` ((README line, code), ...) after ``prelude_code`` in one subprocess."""
+    spec = {"prelude": prelude_code, "teardown": TEARDOWN, "blocks": blocks}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    (tmp / "runner.py").write_text(RUNNER)
+    return subprocess.run([sys.executable, str(tmp / "runner.py"), str(tmp / "spec.json")],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=str(cwd),
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(("code", "error"), [
+    ("print(1 + 1)  # 2 — prose after the dash\n1 + 1  # 2; prose after the semicolon\n"
+     "1 + 1  # a comment that is not a literal\nx = 5  # an assignment: not checked\n", None),
+    ("print(1 + 1)  # 3\n", "README.md:7 prints '2'; the README says '3'"),
+    ("import os\nif True:\n    len('ab')  # 3 — nested statements are checked too\n",
+     "README.md:9 gives 2; the README says 3"),
+])
+def test_claims_in_comments_are_checked(code: str, error: str | None, tmp_path: Path) -> None:
+    """The runner itself: a wrong claim in a comment fails, at its README line."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = run_blocks("", [(7, code)], tmp_path, tmp_path, env)
+    if error is None:
+        assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, proc.stderr
+    else:
+        assert proc.returncode != 0 and error in proc.stderr, proc.stderr
+
+
+def test_marks_are_few_and_say_why() -> None:
+    """Every python block is run, a module, or skipped with a reason; skips stay few."""
+    runs = sum(len(g.blocks) for g in GROUPS)
+    assert runs + len(FILES) + len(SKIPPED) == sum(b.lang == "python" for b in BLOCKS)
+    for b in SKIPPED:
+        assert len(b.mark("skip") or "") > 10, f"README.md:{b.line}: say why it isn't run"
+    assert runs > len(SKIPPED), "most examples must run"
+    assert "mymod.py" in FILES, "the servers load the README's mymod.py"
+
+
+# -- command lines -------------------------------------------------------------------------------
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    for action in cli.build_parser()._actions:
+        if isinstance(action.choices, dict):  # the subparsers action: name -> parser
+            return dict(action.choices)
+    raise AssertionError("rpycsvc's parser has no subcommands")
+
+
+def _classic_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rpycsvc_classic")
+    cli.add_serve_arguments(parser)
+    return parser
+
+
+def command_lines() -> list[tuple[int, list[str]]]:
+    """(README line, argv) of every rpycsvc command in shell blocks and in code spans."""
+    found: list[tuple[int, list[str]]] = []
+    for b in BLOCKS:
+        if b.lang not in ("sh", "console", "bash"):
+            continue
+        joined = b.code.replace("\\\n", " ")
+        for k, raw in enumerate(joined.splitlines()):
+            if b.lang == "console" and not raw.startswith("$ "):
+                continue  # what the command printed
+            text = raw[2:] if raw.startswith("$ ") else raw
+            try:
+                argv = shlex.split(text, comments=True)
+            except ValueError:
+                continue
+            while argv and re.match(r"^[A-Z_]+=", argv[0]):  # VAR=value before the command
+                argv.pop(0)
+            if argv and argv[-1] == "&":
+                argv.pop()
+            if argv and argv[0] in ("rpycsvc", "bin/rpycsvc_classic"):
+                found.append((b.line + k, argv))
+    in_fences = False
+    for n, line in enumerate(README.read_text().splitlines(), 1):
+        if FENCE.match(line):
+            in_fences = not in_fences
+        if not in_fences:
+            for span in re.findall(r"`(rpycsvc [a-z][^`]*)`", line):
+                found.append((-n, shlex.split(span.split("|")[0])))
+    return found
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {opt for action in parser._actions for opt in action.option_strings}
+
+
+def test_command_lines_parse() -> None:
+    """Each ``rpycsvc ...`` line shown uses real subcommands and options: a command line in
+    a shell block parses as a whole; a code span in the text (``rpycsvc serve --metrics-port
+    P``, with placeholders) names a real subcommand and only its options."""
+    found = command_lines()
+    assert len(found) > 20
+    subcommands = _subcommands()
+    bad = []
+    for line, argv in found:
+        if line < 0:  # a code span
+            sub = subcommands.get(argv[1])
+            unknown = [a.split("=")[0] for a in argv[2:]
+                       if a.startswith("-") and sub is not None
+                       and a.split("=")[0] not in _options(sub)]
+            if sub is None or unknown:
+                bad.append(f"README.md:{-line}: {shlex.join(argv)}: not a subcommand or "
+                           f"unknown options {unknown}")
+            continue
+        parser = _classic_parser() if argv[0].endswith("rpycsvc_classic") else cli.build_parser()
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parser.parse_args(argv[1:])
+        except SystemExit:
+            bad.append(f"README.md:{line}: {shlex.join(argv)}: {err.getvalue().strip()}")
+    assert not bad, "\n".join(bad)
+
+
+# -- rpycsvc top and rpycsvc status -----------------------------------------------------------
+def console_sample(command: str) -> list[str]:
+    """The lines of the README's console sample of ``$ rpycsvc COMMAND ...``."""
+    for b in BLOCKS:
+        if b.lang == "console" and b.code.startswith(f"$ rpycsvc {command} "):
+            return b.code.splitlines()[1:]
+    raise AssertionError(f"README has no console sample of rpycsvc {command}")
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rpycsvc.cli", *args], capture_output=True,
+                          text=True, timeout=WAIT * 2, cwd=str(REPO), env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def _shape(line: str) -> list[str]:
+    """A line's words with numbers, times, addresses and the rest of a row generalised."""
+    out = []
+    for w in line.split():
+        if re.fullmatch(r"\d+(\.\d+)?([a-z]+\d*[a-z]*|/s|%|M)?|\d+:\d+:\d+|\d+/\d+|-", w):
+            out.append("N")
+        elif re.fullmatch(r"[\d.]+/[\d.]+/[\d.]+", w):  # rpycsvc/rpyc/python versions
+            out.append("VERSIONS")
+        elif re.fullmatch(r"127\.0\.0\.1:\d+", w):
+            out.append("ADDR")
+        else:
+            out.append(w)
+    return out
+
+
+def test_top_shows_what_the_readme_shows(servers: Servers) -> None:
+    """``rpycsvc top --once`` on a server with a running task and a failure has the
+    README sample's title, sections and column headings, and rows of the same shape."""
+    sample = console_sample("top")
+    with rpycsvc.connect(servers.c, timeout=10) as c:
+        with pytest.raises(ValueError):
+            c.compute(int, "x;;")
+        with Gate() as gate:
+            held = c.submit(pass_gate, gate.port, "held")
+            _, conn = gate.arrival()
+            try:
+                out = _cli("top", "--once", "--interval", "0.2", servers.c, env=servers.env)
+            finally:
+                gate.release(conn)
+            assert held.result(timeout=WAIT) == "held"
+    assert out.returncode == 0, out.stderr
+    shown = out.stdout.splitlines()
+    assert _shape(shown[0])[:2] + _shape(shown[0])[3:] == (
+        _shape(sample[0])[:2] + _shape(sample[0])[3:]), (shown[0], sample[0])
+    headings = [ln for ln in sample if ln[:1].isupper()]
+    for heading in headings:
+        if heading.startswith("RUNNING NOW"):
+            assert "RUNNING NOW (1)" in shown
+        else:
+            assert any(ln.split() == heading.split() for ln in shown), (heading, out.stdout)
+    server_row = next(ln for ln in shown if ln.startswith(servers.c))
+    assert _shape(server_row) == _shape(next(ln for ln in sample if ln.startswith("127.")))
+    task_row = next(ln for ln in shown if "pass_gate" in ln)
+    assert _shape(task_row)[1:] == ["pass_gate", "ADDR", "process", "N"], task_row
+    failure = next(ln for ln in shown if ln.rstrip().endswith("invalid literal for int() with "
+                                                                "base 10: 'x;;'"))
+    assert failure.split()[1:5] == ["ago", servers.c, "int", failure.split()[4]]
+    assert "builtins.ValueError:" in failure.split()  # as the README's failure row shows
+
+
+def test_status_shows_what_the_readme_shows(servers: Servers) -> None:
+    """``rpycsvc status`` has the README sample's columns, DOWN row and summary line."""
+    sample = console_sample("status")
+    out = _cli("status", servers.a, servers.b, "127.0.0.1:1", env=servers.env)
+    assert out.returncode == 1, out.stderr  # one server DOWN
+    shown = out.stdout.splitlines()
+    assert shown[0].split() == sample[0].split()
+    assert _shape(shown[1])[:3] == _shape(sample[1])[:3]
+    assert len(shown[1].split()) == len(sample[1].split())
+    assert shown[3].split()[:3] == sample[3].split()[:3]  # 127.0.0.1:1 DOWN ConnectError:
+    assert shown[-1] == sample[-1]
+
+
+# -- rpycsvc deploy --------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deploy_runs_job_py(servers: Servers, sshd: SshServer) -> None:
+    """The README's ``rpycsvc deploy node1 node2 --run job.py``, on the suite's private sshd
+    (its alias and ssh config instead of node1 and node2): the README's job.py prints 25,
+    and the "deployed to" line reads as the README's sample."""
+    assert "job.py" in FILES
+    sample = next(ln for ln in console_sample("deploy") if ln.startswith("deployed to "))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpycsvc.cli", "deploy", sshd.alias, "-F", str(sshd.config_path),
+         "--run", "job.py"], capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        cwd=str(servers.workdir), env=servers.env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == "25\n", proc.stdout + proc.stderr
+    deployed = next(ln for ln in proc.stderr.splitlines() if ln.startswith("deployed to "))
+    assert re.sub(r"\d+(\.\d+)?", "N", deployed).split(":")[0] == (
+        re.sub(r"\d+(\.\d+)?", "N", sample).split(":")[0]), (deployed, sample)
+    assert deployed.endswith(f": {sshd.alias}")
