@@ -40,9 +40,9 @@ import time
 import zipfile
 import zlib
 from binascii import b2a_base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 EXIT_TOO_OLD = 90
 EXIT_IMPORT = 91
@@ -53,7 +53,8 @@ MIN_VERSION = (3, 9)
 _MAX_PREAMBLE = 64 * 1024  # junk a login script may print before our ready line
 _STDERR_KEEP = 64 * 1024
 
-# Runs remotely, after the version check, with globals ``M`` (1: try memfd_create). Its
+# Runs remotely, after the version check, with globals ``M`` (1: try memfd_create) and ``D``
+# (1: die with the parent process: see _main; 0 for a local child of a short-lived thread). Its
 # stdin/stdout are the ssh channel, so it reads with os.read (no read-ahead buffer may swallow
 # the entry's bytes) and moves the channel off fds 0/1: a stray print or a child process can
 # then never write into, or read from, the protocol stream.
@@ -110,12 +111,15 @@ class _MemoryImporter(object):
 def _main():
     # sshd sends no SIGHUP to a command without a pty; when the connection dies the sshd
     # session process (our parent, thanks to exec) exits, and the kernel then TERMs us.
+    # (Not for a local child: the "parent" of PR_SET_PDEATHSIG is the thread that started
+    # us, and deploy starts servers from threads that end right after.)
     ppid = os.getppid()
     try:
         import ctypes, signal
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != ppid:
-            _fail(92, "the ssh session ended during start-up")
+        if D:
+            ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != ppid:
+                _fail(92, "the ssh session ended during start-up")
     except Exception:
         pass
     in_fd, out_fd = os.dup(0), os.dup(1)  # dup() makes them non-inheritable
@@ -208,6 +212,8 @@ def remote_command(
     *,
     min_version: tuple[int, int] = MIN_VERSION,
     memfd: bool = True,
+    exec_: bool = True,
+    deathsig: bool = True,
 ) -> str:
     """The command string ssh hands to the remote login shell.
 
@@ -215,6 +221,9 @@ def remote_command(
     here. The Python line is kept on one line without ``'``/``!`` so it survives sh, bash,
     zsh and csh; its version check parses (and fails clearly) even under Python 2. With
     ``python=None``, ``sh`` runs the first of :func:`host_pythons` found on the remote PATH.
+    ``exec_=False`` leaves out the leading ``exec``, for a caller that puts words of its own
+    before the command (plumbum's ``env K=V ...``: ``env`` can't run the ``exec`` builtin).
+    ``deathsig=False`` keeps the loader from dying with its parent (see ``LOADER``).
     """
     words = [] if python is None else [python] if isinstance(python, str) else list(python)
     if python is not None and (not words or not all(words)):
@@ -222,16 +231,18 @@ def remote_command(
     payload = b2a_base64(zlib.compress(LOADER.encode("utf-8"), 9), newline=False).decode()
     line = (
         "import sys;sys.path[:]=[p for p in sys.path if p];"
-        f"M={int(memfd)};V=({min_version[0]},{min_version[1]});sys.version_info[:2]>=V or ("
+        f"M={int(memfd)};D={int(deathsig)};V=({min_version[0]},{min_version[1]});"
+        "sys.version_info[:2]>=V or ("
         'sys.stderr.write("rpycsvc-loader: Python %s at %s is too old, need >= %d.%d\\n"'
         f"%(sys.version.split()[0],sys.executable,V[0],V[1])),sys.exit({EXIT_TOO_OLD}));"
         f'import zlib,binascii;exec(zlib.decompress(binascii.a2b_base64("{payload}")))'
     )
     assert not set(line) & set("'!\n"), "the loader line must stay shell-neutral"
+    prefix = ["exec"] if exec_ else []
     if python is None:
-        return " ".join(["exec", "sh", "-c", shlex.quote(_PICK), shlex.quote(line),
+        return " ".join([*prefix, "sh", "-c", shlex.quote(_PICK), shlex.quote(line),
                          *host_pythons()])
-    return " ".join(["exec", *map(shlex.quote, words), "-c", shlex.quote(line)])
+    return " ".join([*prefix, *map(shlex.quote, words), "-c", shlex.quote(line)])
 
 
 def build_bundle(packages: Sequence[str]) -> bytes:
@@ -314,28 +325,64 @@ def _package_files(name: str) -> dict[str, Path]:
     return files
 
 
-class RemoteProcess:
-    """A started remote entry point; ``stdin``/``stdout`` are the binary (buffered) channel.
+class RemoteEntry:
+    """A started remote entry point, over whatever carries its bytes (see the subclasses).
 
-    ``remote_pid``, ``python_version`` and ``python_executable`` come from the ready line,
-    ``pid`` is the local ssh process. ``close()`` (or leaving ``with``) ends the remote side
-    by EOF and reaps ssh.
+    ``remote_pid``, ``python_version`` and ``python_executable`` come from the ready line.
+    ``close()`` (or leaving ``with``) ends the remote side by EOF, then ends the carrier.
+    Subclasses provide the byte primitives: ``fileno``/``recv`` (the entry's output; the fd
+    is readable when bytes or EOF wait), ``sendall``, ``_recv_stderr``, ``_close_input``,
+    ``_wait``, ``kill``, ``exit_status``, ``_release`` and ``stream`` (an RPyC stream).
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], host: str) -> None:
-        assert proc.stdin and proc.stdout and proc.stderr
-        self.proc, self.host, self.pid = proc, host, proc.pid
-        self.stdin: IO[bytes] = proc.stdin
-        self.stdout: IO[bytes] = proc.stdout
+    def __init__(self, host: str) -> None:
+        self.host = host
         self.remote_pid, self.python_version, self.python_executable = 0, "", ""
         self._stderr = bytearray()
         self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._collect, args=(proc.stderr,), daemon=True)
-        self._reader.start()
+        self._closed = False
+        self._reader = threading.Thread(target=self._collect, daemon=True)
 
-    def _collect(self, pipe: IO[bytes]) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := os.read(pipe.fileno(), 65536):
+    # -- primitives ---------------------------------------------------------------------------
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    def recv(self, n: int) -> bytes:
+        """Up to ``n`` bytes the entry wrote (b"" at EOF); blocks until some arrive."""
+        raise NotImplementedError
+
+    def sendall(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _recv_stderr(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _close_input(self) -> None:
+        raise NotImplementedError
+
+    def _wait(self, timeout: float) -> bool:
+        """True once the carrier ended within ``timeout`` seconds."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """End the carrier now (the remote side then reads EOF)."""
+        raise NotImplementedError
+
+    def exit_status(self) -> int | None:
+        """The remote command's exit status once known (255: ssh failed), else None."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def stream(self) -> Any:
+        """An RPyC stream over the channel, for after the ready line."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    def _collect(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            while chunk := self._recv_stderr(65536):
                 with self._lock:
                     self._stderr += chunk
                     del self._stderr[:-_STDERR_KEEP]
@@ -346,37 +393,152 @@ class RemoteProcess:
             return self._stderr.decode("utf-8", "replace")
 
     def close(self, timeout: float = 5.0) -> int | None:
-        """Send EOF, let the remote entry exit (bounded), then kill ssh. Returns its status."""
-        if self.stdout.closed:
-            return self.proc.poll()
+        """Send EOF, let the remote entry exit (bounded), then end the carrier. Returns the
+        exit status."""
+        if self._closed:
+            return self.exit_status()
         deadline = time.monotonic() + timeout
-        with contextlib.suppress(OSError):
-            self.stdin.close()
-        # Keep reading stdout meanwhile: an ssh blocked on a full pipe would never exit.
-        with selectors.DefaultSelector() as sel, contextlib.suppress(OSError):
-            sel.register(self.stdout, selectors.EVENT_READ)
+        with contextlib.suppress(OSError, EOFError):
+            self._close_input()
+        # Keep reading meanwhile: a carrier blocked on a full pipe or window would never end.
+        with selectors.DefaultSelector() as sel, contextlib.suppress(OSError, ValueError):
+            sel.register(self.fileno(), selectors.EVENT_READ)
             while (left := deadline - time.monotonic()) > 0 and sel.select(left):
-                if not os.read(self.stdout.fileno(), 65536):
+                if not self.recv(65536):
                     break
         self._reap(max(0.0, deadline - time.monotonic()))
-        return self.proc.returncode
+        return self.exit_status()
 
     def _reap(self, timeout: float) -> None:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5.0)
-        self._reader.join(2.0)
-        for pipe in (self.stdin, self.stdout):
+        if not self._wait(timeout):
             with contextlib.suppress(OSError):
-                pipe.close()
+                self.kill()
+            self._wait(5.0)
+        self._reader.join(2.0)
+        self._closed = True
+        self._release()
 
-    def __enter__(self) -> RemoteProcess:
+    def __enter__(self) -> RemoteEntry:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RemoteProcess(RemoteEntry):
+    """An entry point run by a local process whose pipes carry it: ``ssh`` (a host string or
+    plumbum's ``SshMachine``) or the server itself (``plumbum.local``). ``stdin``/``stdout``
+    are the binary (buffered) channel; ``pid`` is the local process.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], host: str) -> None:
+        super().__init__(host)
+        assert proc.stdin and proc.stdout and proc.stderr
+        self.proc, self.pid = proc, proc.pid
+        self.stdin: IO[bytes] = proc.stdin
+        self.stdout: IO[bytes] = proc.stdout
+        self._stderr_pipe: IO[bytes] = proc.stderr
+        self._reader.start()
+
+    def fileno(self) -> int:
+        return self.stdout.fileno()
+
+    def recv(self, n: int) -> bytes:
+        return os.read(self.stdout.fileno(), n)
+
+    def sendall(self, data: bytes) -> None:
+        self.stdin.write(data)
+        self.stdin.flush()
+
+    def _recv_stderr(self, n: int) -> bytes:
+        return os.read(self._stderr_pipe.fileno(), n)
+
+    def _close_input(self) -> None:
+        self.stdin.close()
+
+    def _wait(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def exit_status(self) -> int | None:
+        return self.proc.poll()
+
+    def _release(self) -> None:
+        for pipe in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def stream(self) -> Any:
+        from rpyc.core.stream import PipeStream
+
+        return PipeStream(self.stdout, self.stdin)
+
+
+class RemoteChannel(RemoteEntry):
+    """An entry point over one SSH channel of a connection we don't own (paramiko's
+    ``Channel``, from plumbum's ``ParamikoMachine``). The channel is socket-like: its
+    ``fileno()`` is readable when data or EOF wait, and RPyC's own ``SocketStream`` runs over
+    it (as RPyC's zero-deploy does). ``owner`` is kept alive with it: plumbum's popen object,
+    whose file objects would shut the channel's input when collected. Ending the channel
+    (``kill``) never closes the connection: that belongs to the machine.
+    """
+
+    pid = None
+
+    def __init__(self, channel: Any, host: str, owner: object = None) -> None:
+        super().__init__(host)
+        self.channel, self._owner = channel, owner
+        self._reader.start()
+
+    def fileno(self) -> int:
+        return int(self.channel.fileno())
+
+    def recv(self, n: int) -> bytes:
+        return bytes(self.channel.recv(n))
+
+    def sendall(self, data: bytes) -> None:
+        if self.channel.closed:
+            raise OSError("the ssh channel is closed")
+        self.channel.sendall(data)
+
+    def _recv_stderr(self, n: int) -> bytes:
+        return bytes(self.channel.recv_stderr(n))
+
+    def _close_input(self) -> None:
+        self.channel.shutdown_write()
+
+    def _wait(self, timeout: float) -> bool:
+        # the exit status arrives before the channel closes; a closed channel sends none
+        deadline = time.monotonic() + timeout
+        while not self.channel.exit_status_ready() and not self.channel.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.channel.status_event.wait(min(left, 0.1))
+        return True
+
+    def kill(self) -> None:
+        self.channel.close()
+
+    def exit_status(self) -> int | None:
+        if self.channel.exit_status_ready():
+            return int(self.channel.recv_exit_status())
+        return 255 if self.channel.closed else None
+
+    def _release(self) -> None:
+        with contextlib.suppress(Exception):
+            self.channel.close()
+
+    def stream(self) -> Any:
+        from rpyc.core.stream import SocketStream
+
+        return SocketStream(self.channel)
 
 
 def start_remote(
@@ -402,27 +564,55 @@ def start_remote(
 
     if not ssh_argv or ":" not in entry:
         raise ValueError(f"need an ssh argv and a 'module:function' entry, got {entry!r}")
-    host = host or ssh_argv[-1]
-    frames = _frame(build_bundle(packages)) + _frame(entry.encode("utf-8"))
+    where = host or ssh_argv[-1]
     command = remote_command(python, min_version=min_version, memfd=memfd)
+
+    def spawn() -> RemoteProcess:
+        pipe = subprocess.PIPE
+        try:
+            proc = subprocess.Popen([*ssh_argv, command], stdin=pipe, stdout=pipe, stderr=pipe)
+        except OSError as exc:
+            raise DeployError(f"cannot run {ssh_argv[0]!r} to reach {where}: {exc}",
+                              host=where) from exc
+        return RemoteProcess(proc, where)
+
+    remote = launch(spawn, entry, packages, python=python, timeout=timeout, host=where)
+    assert isinstance(remote, RemoteProcess)
+    return remote
+
+
+def launch(
+    spawn: Callable[[], RemoteEntry],
+    entry: str,
+    packages: Sequence[str],
+    *,
+    python: str | Sequence[str] | None,
+    timeout: float,
+    host: str,
+) -> RemoteEntry:
+    """Start ``entry`` over what ``spawn()`` opens, already running a :func:`remote_command`
+    (built with the same ``python``, which the error messages name): send the bundle and the
+    entry name, wait for the ready line. Returns within ``timeout`` seconds, or raises
+    ``DeployError`` naming ``host``; on any failure (Ctrl-C too) the carrier is ended."""
+    from .errors import DeployError
+
+    if ":" not in entry:
+        raise ValueError(f"need a 'module:function' entry, got {entry!r}")
+    frames = _frame(build_bundle(packages)) + _frame(entry.encode("utf-8"))
     deadline = time.monotonic() + timeout
-    pipe = subprocess.PIPE
-    try:
-        proc = subprocess.Popen([*ssh_argv, command], stdin=pipe, stdout=pipe, stderr=pipe)
-    except OSError as exc:
-        raise DeployError(f"cannot run {ssh_argv[0]!r} to reach {host}: {exc}", host=host) from exc
-    remote = RemoteProcess(proc, host)
+    remote = spawn()
     # Sent by a thread: a remote that never reads must not block us past the deadline.
-    writer = threading.Thread(target=_send, args=(remote.stdin, frames), daemon=True)
+    writer = threading.Thread(target=_send, args=(remote, frames), daemon=True)
     writer.start()
     line, timed_out = None, True
     try:
-        line, timed_out = _read_ready(remote.stdout, deadline)
+        line, timed_out = _read_ready(remote, deadline)
     finally:
         if line is None:
             if timed_out:
-                proc.kill()
-            remote._reap(5.0)  # after EOF on its stdout, ssh is on its way out anyway
+                with contextlib.suppress(OSError):
+                    remote.kill()
+            remote._reap(5.0)  # after EOF on its output, the carrier is on its way out anyway
             writer.join(5.0)
     if line is None:
         raise DeployError(_diagnose(remote, python, timeout, timed_out), host=host)
@@ -436,23 +626,25 @@ def _frame(data: bytes) -> bytes:
     return struct.pack(">Q", len(data)) + data
 
 
-def _send(pipe: IO[bytes], data: bytes) -> None:
-    with contextlib.suppress(OSError, ValueError):  # the remote died: _diagnose says why
-        pipe.write(data)
-        pipe.flush()
+def _send(remote: RemoteEntry, data: bytes) -> None:
+    with contextlib.suppress(OSError, ValueError, EOFError):  # remote died: _diagnose says why
+        remote.sendall(data)
 
 
-def _read_ready(stdout: IO[bytes], deadline: float) -> tuple[str | None, bool]:
+def _read_ready(remote: RemoteEntry, deadline: float) -> tuple[str | None, bool]:
     """(ready line, False), or (None, timed out?) on EOF/deadline. Byte by byte: no read-ahead
     may swallow the entry's first bytes."""
-    fd, buf = stdout.fileno(), bytearray()
+    buf = bytearray()
     with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
+        sel.register(remote.fileno(), selectors.EVENT_READ)
         while len(buf) < _MAX_PREAMBLE:
             left = deadline - time.monotonic()
             if left <= 0 or not sel.select(left):
                 return None, True
-            byte = os.read(fd, 1)
+            try:
+                byte = remote.recv(1)
+            except (OSError, EOFError):
+                byte = b""
             if not byte:
                 return None, False
             buf += byte
@@ -478,10 +670,10 @@ _SSH_ERRORS = {  # what ssh prints -> what it means
 
 
 def _diagnose(
-    remote: RemoteProcess, python: str | Sequence[str] | None, timeout: float, timed_out: bool
+    remote: RemoteEntry, python: str | Sequence[str] | None, timeout: float, timed_out: bool
 ) -> str:
     """One clear message naming the host, from ssh's exit status and stderr."""
-    code, err, host = remote.proc.returncode, remote.stderr_text().strip(), remote.host
+    code, err, host = remote.exit_status(), remote.stderr_text().strip(), remote.host
     tail = "\n".join([ln for ln in err.splitlines() if ln.strip()][-6:]) or "(no message)"
     shown = (" or ".join(host_pythons()) if python is None
              else python if isinstance(python, str) else " ".join(python))

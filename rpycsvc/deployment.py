@@ -8,7 +8,9 @@ who deployed can reach the server. When the connection ends — ``close()``, Ctr
 client crashing, or the link dying — the server sees EOF and stops with its workers.
 
 The system ``ssh`` client does the connecting (as plumbum's ``SshMachine`` does), so
-``~/.ssh/config`` applies: keys, ports, users, jump hosts, ControlMaster.
+``~/.ssh/config`` applies: keys, ports, users, jump hosts, ControlMaster. plumbum machines
+(``SshMachine``, ``ParamikoMachine``, ``plumbum.local``) are taken too, and used through
+their own connection: see :mod:`rpycsvc.machines`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._jobs import DEFAULT_RETRIES
-from .bootstrap import RemoteProcess, host_pythons, start_remote
+from .bootstrap import RemoteEntry, host_pythons, start_remote
 from .errors import AllServersFailedError, ConfigError, DeployError
+from .machines import check_target, machine_kind, machine_name, start_on_machine
 
 log = logging.getLogger("rpycsvc.deploy")
 
@@ -64,9 +67,9 @@ def ssh_argv(host: str, ssh_command: Sequence[str] = ("ssh",),
 
 
 class RemoteServer:
-    """One deployed server: the ssh session running it and the server's settings."""
+    """One deployed server: the ssh session (or channel, or local process) running it."""
 
-    def __init__(self, host: str, remote: RemoteProcess) -> None:
+    def __init__(self, host: str, remote: RemoteEntry) -> None:
         self.host = host
         self.remote = remote
 
@@ -80,29 +83,38 @@ class RemoteServer:
         self.remote.close(timeout)
 
 
-def _start_one(host: str, argv: list[str], python: str | None, settings: dict[str, Any],
-               timeout: float) -> RemoteServer:
-    remote = start_remote(argv, "rpycsvc.deployment:remote_main", PACKAGES, python=python,
-                          timeout=timeout, host=host)
-    _say_which_python(host, python, remote)
+def _start_one(host: str, target: Any, python: str | None, settings: dict[str, Any],
+               timeout: float, ssh_command: Sequence[str],
+               ssh_options: Sequence[str]) -> RemoteServer:
+    """Start one server on ``target`` (a host string or a plumbum machine) named ``host``."""
+    entry = "rpycsvc.deployment:remote_main"
+    remote: RemoteEntry
+    if isinstance(target, str):
+        remote = start_remote(ssh_argv(target, ssh_command, ssh_options), entry, PACKAGES,
+                              python=python, timeout=timeout, host=host)
+    else:
+        remote = start_on_machine(target, entry, PACKAGES, python=python, timeout=timeout,
+                                  name=host)
+    _say_which_python(host, python, remote, local=machine_kind(target) == "local")
     try:
         data = json.dumps(settings).encode()
-        remote.stdin.write(_LEN.pack(len(data)) + data)
-        remote.stdin.flush()
-    except OSError as exc:
+        remote.sendall(_LEN.pack(len(data)) + data)
+    except (OSError, EOFError) as exc:
         remote.close(2.0)
         raise DeployError(f"{host}: the ssh channel closed while starting the server: "
                           f"{remote.stderr_text()[-500:] or exc}", host=host) from exc
     return RemoteServer(host, remote)
 
 
-def _say_which_python(host: str, python: str | None, remote: RemoteProcess) -> None:
+def _say_which_python(host: str, python: str | None, remote: RemoteEntry,
+                      local: bool = False) -> None:
     """Log which interpreter the host's server runs, and warn when its minor version is not
     this client's: tasks pickled by value (functions, lambdas) then can't run there."""
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     there = ".".join(remote.python_version.split(".")[:2])
     wanted = host_pythons()[0]
     how = (f"python={python!r}" if python is not None else
+           "this client's own interpreter" if local else
            f"the host's {wanted}" if os.path.basename(remote.python_executable) == wanted else
            f"the host's python3: no {wanted} on its PATH")
     if there == here:
@@ -117,7 +129,8 @@ def _say_which_python(host: str, python: str | None, remote: RemoteProcess) -> N
             remote.python_executable, how, here, here, here)
 
 
-def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | None = None,
+def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
+           workers: int | None = None,
            threads: int | None = None, endpoints: Sequence[str] = (),
            services: Sequence[str] = (), classic: bool = True,
            ssh_command: Sequence[str] = ("ssh",), ssh_options: Sequence[str] = (),
@@ -126,7 +139,14 @@ def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | No
 
     Use it as ``with rpycsvc.deploy(["user@host1", "host2:2222"]) as cluster: ...``:
     leaving the block (or ``cluster.close()``) stops every remote server and leaves nothing
-    behind. Hosts that fail are reported in ``cluster.unreachable`` with their cause
+    behind. A host is a string (``[user@]host[:port]`` or an ssh alias, reached with
+    ``ssh_command`` and ``ssh_options``) or a plumbum machine: ``SshMachine``,
+    ``ParamikoMachine`` or ``plumbum.local`` (used through its own connection and options,
+    and never closed by rpycsvc; ``plumbum.local`` runs the server as a local process, with
+    this client's interpreter unless ``python`` is given); one host or machine alone is a
+    list of one. A machine is named ``user@host`` as given to it (``local`` for
+    ``plumbum.local``) in ``cluster.addresses``, output prefixes and errors.
+    Hosts that fail are reported in ``cluster.unreachable`` with their cause
     (authentication, unknown host, no python3, python too old), unless ``require_all``.
     ``python`` is the interpreter on the hosts (a name or path); by default the host's
     ``python3.X`` of this client's minor version, else its ``python3`` (a log line of
@@ -136,14 +156,18 @@ def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | No
     bundle: add them to ``rpycsvc.deployment.PACKAGES``). Other keywords go to the Cluster
     (``retries``, ``output``, task options).
     """
-    from rpyc.core.stream import PipeStream
-
     from .client import OutputRouter, _check_options, connect_stream
     from .cluster import Cluster
 
-    hosts = list(hosts)
-    if not hosts:
+    if isinstance(hosts, str) or _is_machine(hosts) or not hasattr(hosts, "__iter__"):
+        targets = [hosts]  # one host alone (anything else is refused just below)
+    else:
+        targets = list(hosts)
+    if not targets:
         raise ConfigError("deploy needs at least one host")
+    for target in targets:
+        check_target(target)
+    hosts = _unique_names([t if isinstance(t, str) else machine_name(t) for t in targets])
     settings = {"workers": workers or 0, "threads": 256 if threads is None else threads,
                 "endpoints": list(endpoints), "services": list(services), "classic": classic,
                 "keepalive": KEEPALIVE_TIMEOUT}
@@ -164,10 +188,10 @@ def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | No
     cancelled = threading.Event()
     lock = threading.Lock()
 
-    def start(host: str) -> None:
+    def start(host: str, target: Any) -> None:
         try:
             res: RemoteServer | BaseException = _start_one(
-                host, ssh_argv(host, ssh_command, ssh_options), python, settings, timeout)
+                host, target, python, settings, timeout, ssh_command, ssh_options)
         except BaseException as exc:
             res = exc
         with lock:
@@ -177,7 +201,8 @@ def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | No
         if late and isinstance(res, RemoteServer):
             res.stop(2.0)  # deploy was abandoned (Ctrl-C, deadline) while we started
 
-    threads_ = [threading.Thread(target=start, args=(h,), daemon=True) for h in hosts]
+    threads_ = [threading.Thread(target=start, args=(h, t), daemon=True)
+                for h, t in zip(hosts, targets)]
     clients: list[Any] = []
     owned: list[RemoteServer] = []
     try:
@@ -200,7 +225,7 @@ def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | No
                 owned.append(res)
         for res in list(owned):
             try:
-                stream = PipeStream(res.remote.stdout, res.remote.stdin)
+                stream = res.remote.stream()
                 clients.append(connect_stream(
                     stream, address=res.host,
                     router=OutputRouter(output, prefix, forward_logging), **cluster_options))
@@ -229,6 +254,21 @@ def deploy(hosts: Iterable[str], *, python: str | None = None, workers: int | No
     for c in clients:
         _start_keepalive(c)
     return cluster
+
+
+def _is_machine(obj: object) -> bool:
+    return machine_kind(obj) is not None
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """The names as given, a repeated one numbered (``host#2``): each server gets its own
+    address (two machines may reach the same host, e.g. as different users)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
 
 
 #: A deployed server stops when it hears nothing from its client for this long (seconds):
