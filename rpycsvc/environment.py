@@ -155,7 +155,7 @@ def candidate_modules(data: bytes | bytearray | memoryview) -> set[str]:
     at all (no ``STACK_GLOBAL`` byte, ``\\x93``) are not scanned.
     """
     raw = data if isinstance(data, bytes) else bytes(data)
-    if b"\x93" not in raw:
+    if 0x93 not in raw:
         return set()
     return {m.group(2).decode() for m in _NAME.finditer(raw)
             if m.group(1)[0] == len(m.group(2)) + len(m.group(3))}
@@ -249,6 +249,8 @@ class ServerEnvironment:
         self._ask = ask_version
         #: top-level names seen in tasks' pickles (checked, or not worth checking)
         self._seen: set[str] = set(_EXEMPT)
+        #: the last task function's pickle and the names in it (one tuple: thread-safe)
+        self._last: tuple[Any, set[str]] = (None, set())
         if self.conflict:
             log.warning("%s runs Python %s with cloudpickle %s, this client Python %s with "
                         "cloudpickle %s: classic access, import-path tasks and endpoints work, "
@@ -270,15 +272,26 @@ class ServerEnvironment:
             self._refuse_code_by_value(fn_blob, head)
         if self._ask is None:
             return
-        names = _function_modules(fn_blob) if fn_blob is not None else set()
-        if kind == "path" and isinstance(spec, str):
-            names = names | {spec.split(":", 1)[0].split(".", 1)[0]}
-        if head and b"\x93" in head:
-            names = names | candidate_modules(head)
-        new = names - self._seen
-        if new:
-            self._seen |= new
-            _CHECKER.put(self, new)
+        # (the common case, a function sent before and nothing new: no allocation, no lock)
+        seen = self._seen
+        if fn_blob is not None:
+            last = self._last
+            if last[0] is not fn_blob:
+                last = self._last = (fn_blob, _function_modules(fn_blob))
+            if not last[1] <= seen:
+                self._note(last[1] - seen)
+        elif kind == "path" and isinstance(spec, str):
+            top = spec.partition(":")[0].partition(".")[0]
+            if top not in seen:
+                self._note({top})
+        if head and 0x93 in head:  # STACK_GLOBAL's byte (an int: bytes' fast memchr)
+            names = candidate_modules(head)
+            if not names <= seen:
+                self._note(names - seen)
+
+    def _note(self, new: set[str]) -> None:
+        self._seen |= new
+        _CHECKER.put(self, new)
 
     def note_task(self, task: Any) -> None:
         """The lane path's share of :meth:`check_task` (that path sends without frames
@@ -290,8 +303,7 @@ class ServerEnvironment:
         if isinstance(module, str):
             top = module.split(".", 1)[0]
             if top not in self._seen:
-                self._seen.add(top)
-                _CHECKER.put(self, {top})
+                self._note({top})
 
     def _refuse_code_by_value(self, fn_blob: Any, head: Any) -> None:
         what = None
@@ -428,7 +440,13 @@ def versions_of(conn: Any) -> dict[str, Any]:
     hello that lacks them (a deployed server's comes through RPyC, not the handshake)."""
     from .serialization import loads
 
-    stats = loads(conn.root.stats_frames(), "stats")
+    try:
+        stats = loads(conn.root.stats_frames(), "stats")
+    except (EOFError, OSError, TimeoutError):
+        raise  # the connection itself failed: connecting fails
+    except Exception as exc:  # no such call, or stats it can't send: the checks stay off
+        log.debug("can't read the server's versions from its stats: %s", exc)
+        return {}
     return {k: stats[f"{k}_version"] for k in ("python", "cloudpickle")
             if stats.get(f"{k}_version")}
 
