@@ -98,7 +98,12 @@ def current_cell() -> dict[str, Any] | None:
     future takes it when the task is submitted, so the task's prints go to the cell that
     ran it even when they come later, while another cell runs.
     """
-    header = getattr(sys.stdout, "parent_header", None)
+    if "ipykernel" not in sys.modules:  # (every task asks: nothing to look at outside)
+        return None
+    try:
+        header = getattr(sys.stdout, "parent_header", None)
+    except Exception:  # an odd stdout (a netref of a closed connection): no cell then
+        return None
     return header if isinstance(header, dict) and header.get("msg_id") else None
 
 
