@@ -25,7 +25,10 @@ become A, ``host2:18812`` B, ``host3:18812`` C; the README's sample addresses
 ``127.0.0.1:40517`` and ``127.0.0.1:40991`` become A and B (A has the lower port, so the
 sorted list ``discover`` returns is in the README's order); ``rpyc.classic.connect("host")``
 connects to A; the registry port ``18811`` becomes this module's registry's port.
-``Cluster.local(2)`` starts its own servers as written.
+``Cluster.local(2)`` starts its own servers as written. ``rpycsvc.deploy``'s three hosts
+become the suite's private sshd (the ``sshd`` fixture: its alias, with its ssh config in
+``ssh_options``, and 2 workers instead of 8); ``rpycsvc deploy ... --run job.py`` runs the
+README's job.py there.
 
 What is checked: each group runs to the end without an exception, and
 
@@ -37,16 +40,20 @@ What is checked: each group runs to the end without an exception, and
 
 Tracebacks from a failing block name README.md and its line there.
 
+The samples of what rpycsvc prints are compared with what it prints: ``rpycsvc top``,
+``rpycsvc status``, the "deployed to" line of ``rpycsvc deploy``, a task's output line, and
+the tree of exception classes under "Errors".
+
 Shell blocks (``sh``, ``console``) are not run: every ``rpycsvc ...`` and
 ``bin/rpycsvc_classic ...`` command line in them, and every ```rpycsvc SUBCOMMAND ...``` code
 span in the text, must parse with the real parsers (``cli.build_parser()``, and
-``cli.add_serve_arguments`` for ``rpycsvc_classic``). ``rpycsvc top`` and ``rpycsvc status``
-are run against the servers, and the README's samples of them must show the same lines.
+``cli.add_serve_arguments`` for ``rpycsvc_classic``).
 """
 
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import io
 import json
@@ -610,3 +617,47 @@ def test_deploy_runs_job_py(servers: Servers, sshd: SshServer) -> None:
     assert re.sub(r"\d+(\.\d+)?", "N", deployed).split(":")[0] == (
         re.sub(r"\d+(\.\d+)?", "N", sample).split(":")[0]), (deployed, sample)
     assert deployed.endswith(f": {sshd.alias}")
+
+
+# -- other samples of what rpycsvc prints -------------------------------------------------------
+def _block_after(heading: str) -> Block:
+    """The first fenced block after the README line ``heading``."""
+    text = README.read_text().splitlines()
+    start = text.index(heading) + 1
+    return next(b for b in BLOCKS if b.line > start)
+
+
+def test_task_output_line_is_as_shown(servers: Servers) -> None:
+    """The sample line under "Remote output": a task's print, prefixed with its server."""
+    sample = substitute(_block_after("## Remote output").code, servers).strip()
+    message = sample.split("] ", 1)[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import rpycsvc, sys\n"
+         "with rpycsvc.connect(sys.argv[1], timeout=10) as c:\n"
+         "    c.compute(print, sys.argv[2])\n", servers.a, message],
+        capture_output=True, text=True, timeout=WAIT * 2, env=servers.env,
+        stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [sample], proc.stdout
+
+
+def test_error_tree_is_the_class_tree() -> None:
+    """Under "Errors": each class exists in rpycsvc, derives from the one above it, and is
+    also what "(also a X)" says."""
+    tree = _block_after("## Errors").code.splitlines()
+    assert tree[0] == "RpycsvcError"
+    parents: list[type] = [rpycsvc.RpycsvcError]
+    seen = 1
+    for line in tree[1:]:
+        m = re.match(r"^((?:[│ ]   )*)[├└]── (\w+)(.*)$", line)
+        assert m, f"not a tree line: {line!r}"
+        depth = len(m.group(1)) // 4 + 1
+        cls = getattr(rpycsvc, m.group(2))
+        del parents[depth:]
+        assert issubclass(cls, parents[-1]), f"{cls.__name__} is not a {parents[-1].__name__}"
+        for also in re.findall(r"also an? (\w+)", m.group(3)):
+            base = getattr(rpycsvc, also, None) or getattr(builtins, also)
+            assert issubclass(cls, base), f"{cls.__name__} is not a {also}"
+        parents.append(cls)
+        seen += 1
+    assert seen >= 15
