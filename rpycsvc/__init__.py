@@ -11,7 +11,6 @@ or SSH deployment (``rpycsvc.deploy``) is imported only by a program that touche
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -148,4 +147,6 @@ def load_ipython_extension(ipython: Any) -> None:
 
     IPython looks this hook up on the package itself; it imports the extension module
     (and IPython's parts it needs) only when the extension is loaded."""
-    importlib.import_module(f"{__name__}.ipython").load_ipython_extension(ipython)
+    from .ipython import load_ipython_extension as load
+
+    load(ipython)

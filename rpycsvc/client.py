@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import rpyc
 
-from .config import check_timeout
+from ._checks import check_timeout
 from .errors import (
     ConfigError,
     ConnectError,

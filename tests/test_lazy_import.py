@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,13 +41,13 @@ REPORT = ("import json as _json, sys as _sys\n"
           "print(_json.dumps(sorted(m for m in _sys.modules if m.split('.')[0] == 'rpycsvc')))\n")
 
 
-def fresh_python(code: str, *args: str) -> Any:
-    """Run ``code`` in a new interpreter (``args`` as ``sys.argv[1:]``); return the JSON value
-    its last line of output holds."""
-    res = subprocess.run([sys.executable, "-c", code, *args],
+def fresh_python(code: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    """Run ``code`` (dedented) in a new interpreter, ``args`` as ``sys.argv[1:]`` and ``env``
+    added to the environment; return the JSON value its last line of output holds."""
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
                          capture_output=True, text=True, timeout=WAIT, cwd=str(REPO),
                          stdin=subprocess.DEVNULL,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.splitlines()[-1])
 
@@ -73,7 +74,7 @@ def imported_by_cli(*argv: str) -> set[str]:
 def test_every_public_name_is_lazy_listed_by_dir_and_resolves() -> None:
     """``__all__`` is exactly the names loaded on demand: none is in the module right after
     ``import rpycsvc``, ``dir()`` lists each, and each then resolves and stays."""
-    facts = fresh_python(textwrap.dedent("""
+    facts = fresh_python("""
         import json
         import rpycsvc
         loaded = set(vars(rpycsvc))
@@ -82,7 +83,7 @@ def test_every_public_name_is_lazy_listed_by_dir_and_resolves() -> None:
                     for n in rpycsvc.__all__}
         print(json.dumps({"all": rpycsvc.__all__, "dir": listed,
                           "lazy": sorted(set(listed) - loaded), "resolved": resolved}))
-    """))
+    """)
     assert facts["lazy"] == sorted(facts["all"]), "__all__ and the names loaded lazily differ"
     assert set(facts["all"]) <= set(facts["dir"])
     assert facts["dir"] == sorted(facts["dir"])
@@ -138,3 +139,19 @@ def test_unknown_attribute_raises_attribute_error_naming_it() -> None:
     assert not hasattr(rpycsvc, "Sever")
     with pytest.raises(ImportError, match="no_such_name"):
         from rpycsvc import no_such_name  # type: ignore[attr-defined]  # noqa: F401
+
+
+def test_load_ext_rpycsvc_registers_the_notebook_magics(tmp_path: Path) -> None:
+    """``%load_ext rpycsvc`` (the package, not only ``rpycsvc.ipython``) works: the top level's
+    hook loads the extension, whose magics IPython then knows."""
+    pytest.importorskip("IPython")
+    magics = fresh_python("""
+        import json
+        from IPython.core.interactiveshell import InteractiveShell
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "rpycsvc")
+        known = shell.magics_manager.magics
+        print(json.dumps({kind: sorted(known[kind]) for kind in ("line", "cell")}))
+    """, env={"IPYTHONDIR": str(tmp_path)})
+    assert "rpycsvc" in magics["line"]
+    assert {"remote", "broadcast"} <= set(magics["cell"])
