@@ -50,20 +50,17 @@ def in_jupyter_kernel() -> bool:
 def notebook_bar(total: int | None, label: str = "") -> Any:
     """A ``tqdm.auto`` bar (a widget in a notebook), or None without tqdm and ipywidgets
     (tqdm alone would fall back to text on stderr, which a cell can't redraw in place)."""
-    import importlib.util
+    import importlib
+    import warnings
 
-    if importlib.util.find_spec("tqdm") is None or importlib.util.find_spec(
-            "ipywidgets") is None:
-        return None
     try:
-        import warnings
-
+        importlib.import_module("ipywidgets")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tqdm's "IProgress not found" if widgets broke
             from tqdm.auto import tqdm
 
             return tqdm(total=total, desc=label or None, unit="it", leave=True)
-    except Exception:  # a broken widget stack must not fail the map: the plain bar then
+    except Exception:  # missing, or a broken widget stack: the map must not fail over it
         return None
 
 

@@ -183,6 +183,18 @@ def test_a_map_in_a_cell_prints_there_and_draws_a_progress_widget(kernel: Kernel
     assert "done in" not in kernel.text(cell, "stderr")  # the widget, not the log line
 
 
+def test_without_widgets_a_map_reports_one_summary_line(kernel: Kernel,
+                                                      servers: list[str]) -> None:
+    kernel.run("import sys\nsys.modules['ipywidgets'] = None  # as if not installed\n"
+               f"import rpycsvc\ncluster = rpycsvc.Cluster({servers!r})")
+    cell = kernel.run("total = sum(cluster.map(abs, range(-10, 0), progress=True))\n"
+                      "print('total', total)")
+    assert "total 55" in kernel.text(cell)
+    assert not any(WIDGET in d for d in kernel.data(cell))
+    assert re.search(r"^10/10 done in [\d.]+s", kernel.text(cell, "stderr"), re.M), \
+        kernel.text(cell, "stderr")
+
+
 def test_html_cards_of_cluster_client_and_future(kernel: Kernel, servers: list[str]) -> None:
     kernel.run(f"import rpycsvc\ncluster = rpycsvc.Cluster({servers!r})\n"
                "fut = cluster.submit(pow, 2, 10)\nfut.result(60)")
