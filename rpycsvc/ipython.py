@@ -20,10 +20,12 @@ the server process's own namespace (``client.execute``) and from tasks' workers.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import shlex
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -76,7 +78,9 @@ class RpycsvcMagics(Magics):
         super().__init__(shell)
         self.cluster: Cluster | None = None
         self.name = "cluster"
-        self.sessions: dict[str, RemoteSession] = {}
+        #: address -> (the connection it runs on, the session): a reconnected server gets
+        #: a new session (the old one died with its connection)
+        self.sessions: dict[str, tuple[Any, RemoteSession]] = {}
 
     # -- %rpycsvc ----------------------------------------------------------------------------
     @line_magic
@@ -123,7 +127,8 @@ class RpycsvcMagics(Magics):
     def remote(self, line: str, cell: str) -> None:
         """Run the cell on one server (default the first): ``%%remote [INDEX|HOST:PORT]``."""
         address = self._pick(line.strip())
-        session = self._session(address)
+        with _interrupt_refused():
+            session = self._session(address)
         outcomes = self._run({address: session}, cell, prefix=False)
         self._raise_for(outcomes)
 
@@ -134,7 +139,8 @@ class RpycsvcMagics(Magics):
         if line.strip():
             raise UsageError("%%broadcast takes no arguments (it runs on every server)")
         cluster = self._cluster()
-        sessions = {c.address: self._session(c.address) for c in cluster.clients}
+        with _interrupt_refused():
+            sessions = {c.address: self._session(c.address) for c in cluster.clients}
         if not sessions:
             raise UsageError("no server of the cluster is up")
         self._raise_for(self._run(sessions, cell, prefix=True))
@@ -165,15 +171,17 @@ class RpycsvcMagics(Magics):
 
     def _session(self, address: str) -> RemoteSession:
         """The server's session, started on first use (or again after it ended)."""
-        session = self.sessions.get(address)
-        if session is not None and not session.closed:
-            return session
         client = self._cluster()[address]
+        conn, session = self.sessions.get(address, (None, None))
+        if session is not None and not session.closed and conn is client.conn:
+            return session
+        if session is not None:
+            session.close()
         if not client.server_info.get("classic", True):
             raise UsageError(f"{address} runs in service-only mode (--no-classic): it runs no "
                              "code from clients, so no %%remote there")
         session = RemoteSession(client.conn)
-        self.sessions[address] = session
+        self.sessions[address] = (client.conn, session)
         return session
 
     def _run(self, sessions: dict[str, RemoteSession], source: str,
@@ -247,8 +255,9 @@ class RpycsvcMagics(Magics):
             if old is not None:
                 signal.signal(signal.SIGINT, old)
         for address, session in sessions.items():
-            if session.closed:
-                self.sessions.pop(address, None)
+            if session.closed or outcomes.get(address) in ("lost", "stopped"):
+                session.close()
+                self.sessions.pop(address, None)  # the next cell starts a new one
         return outcomes
 
     @staticmethod
@@ -265,7 +274,7 @@ class RpycsvcMagics(Magics):
 
     def close(self) -> None:
         """Stop the sessions and close the cluster (servers we started stop too)."""
-        for session in self.sessions.values():
+        for _, session in self.sessions.values():
             session.close()
         self.sessions.clear()
         if self.cluster is not None:
@@ -293,6 +302,24 @@ def _parse(args: list[str], options: tuple[str, ...]) -> tuple[list[str], dict[s
         else:
             words.append(arg)
     return words, opts
+
+
+@contextlib.contextmanager
+def _interrupt_refused() -> Iterator[None]:
+    """While a session starts (RPyC calls on the cluster's connection), an interrupt only
+    sets a flag: a KeyboardInterrupt inside RPyC could leave the connection half-read.
+    The cell is then interrupted once the calls are done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: asked.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if asked:
+        raise _CellInterrupted("the cell was interrupted while its session started")
 
 
 def _read_line(prompt: str) -> str | None:

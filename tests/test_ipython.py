@@ -208,3 +208,17 @@ def test_close_stops_the_sessions_and_forgets_the_cluster(servers: list[str]) ->
     while alive(int(pid.group(1))):
         assert time.monotonic() < deadline, f"session process {pid.group(1)} still runs"
         time.sleep(0.05)
+
+
+def test_a_session_that_ended_is_started_again_for_the_next_cell(servers: list[str]) -> None:
+    out = run_cells([
+        "%load_ext rpycsvc",
+        f"%rpycsvc connect {servers[0]}",
+        "%%remote\nimport os\nkept = 1\nprint('old pid', os.getpid())\nos._exit(3)",
+        "%%remote\nimport os\nprint('new pid', os.getpid())\nprint('kept' in dir())",
+    ])
+    assert status(out, 2) == "error RemoteCellError", out
+    assert "the session process ended (exit status 3); its variables are gone" in out
+    old, new = re.search(r"^old pid (\d+)$", out, re.M), re.search(r"^new pid (\d+)$", out, re.M)
+    assert old and new and old.group(1) != new.group(1), out
+    assert status(out, 3) == "ok" and "False\n" in out
