@@ -37,6 +37,7 @@ ACCEPTED = (
 
 #: ssh options added for a ``SshMachine``'s server channel (the machine's own come first and
 #: win): notice a dead link. No BatchMode: a machine made with ``password=`` needs its prompt.
+#: Not for ``PuttyMachine``: plink has no ``-o``.
 SSH_MACHINE_OPTS = ("-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3")
 
 _CLASSES = {  # kind -> (module, class): subclasses count (PuttyMachine is a SshMachine)
@@ -116,7 +117,9 @@ def start_on_machine(
     def spawn() -> RemoteEntry:
         try:
             if kind == "ssh":
-                proc = machine.popen([command], ssh_opts=list(SSH_MACHINE_OPTS))
+                putty = type(machine).__name__ == "PuttyMachine"
+                opts = [] if putty else list(SSH_MACHINE_OPTS)
+                proc = machine.popen([command], ssh_opts=opts)
                 return RemoteProcess(proc, name)
             popen = machine.popen(_Words(command))
             return RemoteChannel(popen.channel, name, owner=popen)
