@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -282,3 +283,46 @@ def test_a_wrong_host_type_names_what_deploy_accepts() -> None:
             rpycsvc.deploy(bad, timeout=5)
     with pytest.raises(ConfigError, match="at least one host"):
         rpycsvc.deploy([], timeout=5)
+
+
+CRASHING_LOCAL_CLIENT = """\
+import rpycsvc
+from plumbum import local
+cluster = rpycsvc.deploy([local], timeout=30)
+stats = cluster[0].stats()
+print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
+input()  # until killed
+"""
+
+
+def test_a_crashed_client_leaves_no_local_server() -> None:
+    # The local server is not tied to its parent by a signal (see rpycsvc.machines): it must
+    # stop on EOF from the dead client's pipe, workers included.
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_LOCAL_CLIENT],
+        cwd=repo,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    found: list[str] = []
+    try:
+        assert proc.stdout is not None
+        reader = threading.Thread(target=lambda: found.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert found and found[0].startswith("PIDS "), found
+        procs = [int(p) for p in found[0].split()[1:]]
+        assert len(procs) >= 2 and all(pid_alive(p) for p in procs)
+        proc.kill()  # SIGKILL: no close(), no atexit, no finally
+        proc.wait(10)
+        assert wait_gone(procs) == [], "the local server or a worker outlived its client"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
