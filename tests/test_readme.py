@@ -12,6 +12,8 @@ unless HTML comments (invisible on GitHub) right above its fence say otherwise:
 - ``<!-- readme-test: file NAME.py -->``: a module the README tells you to write: saved as
   NAME.py in a directory on the ``PYTHONPATH`` of the servers and of the blocks (the
   servers load ``mymod.py`` with ``--endpoints mymod``, as the README says).
+- ``<!-- readme-test: tls -->``: the TLS client: run by :func:`test_tls_certificates_work`
+  against a server with the certificates the README's openssl commands make (run too).
 - ``<!-- readme-test: given NAME, NAME -->``: the block uses names its surrounding text
   defines ("in the snippets, ``cluster`` is ``rpycsvc.Cluster([...])``"): they are defined
   first, as :data:`GIVEN` says, and the connections among them are closed afterwards.
@@ -176,7 +178,7 @@ def python_groups(blocks: list[Block]) -> tuple[list[Group], dict[str, Block], l
     last: Block | None = None
     for b in blocks:
         for m in b.marks:
-            if not re.match(r"(skip \(.+\)|continues|file \w+\.py|given \w+(, \w+)*)$", m):
+            if not re.match(r"(skip \(.+\)|continues|tls|file \w+\.py|given \w+(, \w+)*)$", m):
                 raise AssertionError(f"README.md:{b.line}: unknown readme-test mark {m!r}")
         if b.lang != "python":
             if b.marks:
@@ -187,6 +189,8 @@ def python_groups(blocks: list[Block]) -> tuple[list[Group], dict[str, Block], l
         assert not unknown, f"README.md:{b.line}: given names the test can't define: {unknown}"
         if b.mark("skip") is not None:
             skipped.append(b)
+        elif b.mark("tls") is not None:
+            files["<tls client>"] = b
         elif b.mark("file") is not None:
             files[str(b.mark("file"))] = b
         elif b.mark("continues") is not None:
@@ -260,7 +264,8 @@ def servers() -> Iterator[Servers]:
     with tempfile.TemporaryDirectory(prefix="rpycsvc-readme-") as tmp:
         workdir = Path(tmp)
         for name, block in FILES.items():
-            (workdir / name).write_text(block.code)
+            if name.endswith(".py"):  # not the "<tls client>" block
+                (workdir / name).write_text(block.code)
         path = os.pathsep.join([str(workdir), str(REPO / "examples"), str(REPO)])
         env = dict(os.environ, PYTHONPATH=path)
         registry, reg_port = _start_registry(env)
@@ -441,6 +446,7 @@ def test_marks_are_few_and_say_why() -> None:
         assert len(b.mark("skip") or "") > 10, f"README.md:{b.line}: say why it isn't run"
     assert runs > len(SKIPPED), "most examples must run"
     assert "mymod.py" in FILES, "the servers load the README's mymod.py"
+    assert "<tls client>" in FILES
 
 
 # -- command lines -------------------------------------------------------------------------------
@@ -661,3 +667,28 @@ def test_error_tree_is_the_class_tree() -> None:
         parents.append(cls)
         seen += 1
     assert seen >= 15
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+def test_tls_certificates_work(tmp_path: Path) -> None:
+    """The README's openssl commands make certificates that pass ``openssl verify
+    -x509_strict`` and this Python's TLS, and its TLS client block connects with them (mutual
+    TLS) to ``rpycsvc serve --ssl-certfile ... --ssl-cafile ca.pem``. Only the names change:
+    the server certificate also names IP:127.0.0.1, the client connects to 127.0.0.1."""
+    commands = next(b for b in BLOCKS if b.lang == "sh" and b.code.startswith("# 1. A CA."))
+    script = commands.code.replace("IP:192.0.2.10", "IP:192.0.2.10, IP:127.0.0.1")
+    made = subprocess.run(["bash", "-e", "-c", script], cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=WAIT * 2, stdin=subprocess.DEVNULL)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert "server.pem: OK" in made.stdout and "client.pem: OK" in made.stdout, made.stdout
+    with ServerProcess("--workers", "1", "--ssl-certfile", str(tmp_path / "server.pem"),
+                       "--ssl-keyfile", str(tmp_path / "server.key"),
+                       "--ssl-cafile", str(tmp_path / "ca.pem")) as srv:
+        block = FILES["<tls client>"]
+        code = block.code.replace('"compute1.example.com", 18812', f'"127.0.0.1", {srv.port}')
+        assert code != block.code
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        proc = run_blocks("", [(block.line, code)], run_dir, tmp_path,
+                          dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, proc.stderr
