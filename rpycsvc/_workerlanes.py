@@ -24,6 +24,7 @@ from . import _wire
 from ._shared import WorkerState
 from ._workerio import FLUSH_INTERVAL
 from .config import check_timeout
+from .forwarding import FETCH_TIMEOUT, Reply, timed_out
 from .serialization import check_plain, loads_plain
 
 
@@ -76,6 +77,8 @@ class _Lane:
         self.sock = sock
         self.restricted = restricted
         self.lock = threading.Lock()
+        self.fetch_lock = threading.Lock()  # one module request at a time (see fetch)
+        self.fetch_ids = 0
         self.bytes_in = self.bytes_out = 0  # of the task in hand (see WorkerState.count)
         # Blocking, with kernel timeouts rather than Python's (which make the socket
         # non-blocking, and then MSG_WAITALL reads give up early).
@@ -97,6 +100,30 @@ class _Lane:
                 self.broken = True
                 raise
             self.bytes_out += sum(memoryview(f).nbytes for f in frames)
+
+    def fetch(self, name: str) -> Reply:
+        """Ask the lane's client for module ``name`` (rpycsvc.forwarding), waiting at most
+        FETCH_TIMEOUT seconds. Called while one of its tasks runs: the client sends nothing
+        else on the lane then, so the answer is the next message."""
+        with self.fetch_lock:
+            self.fetch_ids += 1
+            req = self.fetch_ids
+            deadline = time.monotonic() + FETCH_TIMEOUT
+            try:
+                self.send(("need-module", req, name))
+                while True:
+                    poller = select.poll()
+                    poller.register(self.sock, select.POLLIN)
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not poller.poll(max(0, int(left * 1000))):
+                        return timed_out(name, FETCH_TIMEOUT)
+                    control, _ = _wire.recv_msg(self.sock, max_bytes=LANE_MAX_MESSAGE)
+                    if type(control) is tuple and len(control) == 3 \
+                            and control[0] == "module" and control[1] == req:
+                        return control[2]  # type: ignore[no-any-return, unused-ignore]
+            except Exception as exc:  # (EOF, a broken lane, a malformed message)
+                return ("error", name, f"the client's lane failed while sending module "
+                        f"{name!r}: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         try:
@@ -125,6 +152,7 @@ class LaneServer:
         def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any],
                 frames: list[bytearray], send: Callable[..., None] | None = None,
                 before_reply: Callable[[bool, tuple[Any, ...]], None] | None = None,
+                fetch: Callable[[str], Reply] | None = None,
                 ) -> tuple[bool, tuple[Any, ...] | None]: ...
 
     # -- what the main loop calls ---------------------------------------------------------
@@ -220,6 +248,8 @@ class LaneServer:
             return False
         except Exception as exc:  # malformed or too large: say why, then hang up
             return self._refuse(lane, exc, None)
+        if type(control) is tuple and control and control[0] == "module":
+            return True  # a module sent after its request timed out: nothing to do
         key = control[1] if type(control) is tuple and len(control) > 1 \
             and type(control[1]) is int else None  # to name the task we refuse, if any
         try:
@@ -257,7 +287,9 @@ class LaneServer:
                                  lane.bytes_out + sum(memoryview(f).nbytes for f in out))
 
         try:
-            outcome[:] = self.run(key, kind, spec, opts, frames, lane.send, count)
+            # (a restricted lane forwards no modules: its tasks call endpoints only)
+            outcome[:] = self.run(key, kind, spec, opts, frames, lane.send, count,
+                                  None if lane.restricted else lane.fetch)
         except OSError:  # the task ran, but its client does not take the reply
             lane.ran = key
             return False

@@ -19,12 +19,15 @@ import socket
 import ssl as _ssl
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable
 
 import rpyc
 
+from . import forwarding
 from ._checks import check_timeout
+from .environment import for_client, versions_of
 from .errors import (
     ConfigError,
     ConnectError,
@@ -39,7 +42,7 @@ from .errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from .environment import for_client, versions_of
+from .forwarding import ModuleProvider
 from .handshake import client_handshake
 from .lane import Lane, LaneUser
 from .liveness import (
@@ -228,8 +231,11 @@ class Client(LaneUser):
     """A connection to one rpycsvc server. Create with :func:`connect`; close when done."""
 
     def __init__(self, conn: Any, hello: dict[str, Any], address: str, output: OutputRouter,
-                 options: dict[str, Any] | None = None, lost_after: float | None = None) -> None:
+                 options: dict[str, Any] | None = None, lost_after: float | None = None,
+                 modules: ModuleProvider | None = None) -> None:
         self.conn = conn
+        #: answers the server's requests for our modules (rpycsvc.forwarding); None: off
+        self._forwarding = modules
         self.address = address
         self.server_info = hello
         self.output = output
@@ -360,6 +366,8 @@ class Client(LaneUser):
         wire["output"] = mode != "discard"
         wire["logging"] = self.output.forward_logging
         wire["key"] = key
+        if self._forwarding is not None:  # our token and the digests of modules forwarded
+            wire["fwd"] = self._forwarding.option()
         return wire, mode
 
     def _send_rpyc(self, key: int, kind: str, spec: Any, wire: dict[str, Any],
@@ -584,6 +592,8 @@ def connect(
     forward_logging: bool = False,
     lanes: bool = True,
     lost_after: float | None = DEFAULT_LOST_AFTER,
+    forward_modules: bool = True,
+    forward_packages: Sequence[str] = (),
     **task_options: Any,
 ) -> Client:
     """Connect to an rpycsvc server and check versions (and credentials).
@@ -605,6 +615,11 @@ def connect(
     cut off without a reset. Every task in flight and every waiting classic call then fails
     with ``ServerLostError``. ``None`` turns the check off. Classic calls have no time
     limit of their own (RPyC's 30 s ``sync_request_timeout`` does not apply).
+
+    With ``forward_modules`` (the default), a task that needs a module of this program's
+    own project which the server lacks gets it from here during its import (see
+    :mod:`rpycsvc.forwarding`); ``forward_packages`` names installed pure-Python
+    distributions (or their top-level modules) that may be sent the same way.
     """
     from .handshake import client_ssl_context
 
@@ -641,7 +656,8 @@ def connect(
         hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
         client = connect_stream(FastSocketStream(sock), address=address, hello=hello,
                                 router=router, lost_after=lost_after, hello_timeout=timeout,
-                                **task_options)
+                                forward_modules=forward_modules,
+                                forward_packages=forward_packages, **task_options)
         if lanes and not ssl and client.server_info.get("lane"):
             client._authkey = authkey
             client._dial = lambda: socket.create_connection((h, p), timeout=timeout)
@@ -654,11 +670,13 @@ def connect(
 def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = None,
                    router: OutputRouter | None = None,
                    lost_after: float | None = DEFAULT_LOST_AFTER,
-                   hello_timeout: float | None = 30.0, **task_options: Any) -> Client:
+                   hello_timeout: float | None = 30.0, forward_modules: bool = True,
+                   forward_packages: Sequence[str] = (), **task_options: Any) -> Client:
     """A :class:`Client` over an already open RPyC stream (a socket after the handshake,
     or the pipes of an ssh session for deployed servers).
 
-    ``lost_after`` as for :func:`connect`; ``hello_timeout`` bounds the first exchange."""
+    ``lost_after``, ``forward_modules`` and ``forward_packages`` as for :func:`connect`;
+    ``hello_timeout`` bounds the first exchange."""
     lost_after = check_lost_after(lost_after)
     hello = dict(hello or {})
     router = router or OutputRouter()
@@ -669,6 +687,8 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
             client_box[0]._on_output(key, fd, text)
 
     classic = hello.get("classic", True)
+    # (a service-only server runs no code of ours: nothing to forward)
+    modules = forwarding.provider(forward_packages) if forward_modules and classic else None
     service = LiveClassicClient if classic else LiveVoidService
     # The server may call back public methods of objects we hand it explicitly (an
     # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
@@ -687,10 +707,11 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     conn._config["sync_request_timeout"] = None  # from now on bounded by liveness instead
     conn.request_timeout = hello_timeout  # the liveness check starts after hello
     try:
+        extra = {"modules": modules.answer} if modules is not None else {}
         if lost_after is not None and not getattr(conn, "_bind_threads", False):
-            reply = conn.root.hello(sink, heartbeat_interval(lost_after))
+            reply = conn.root.hello(sink, heartbeat_interval(lost_after), **extra)
         else:
-            reply = conn.root.hello(sink)
+            reply = conn.root.hello(sink, **extra)
         hello.update(dict(reply))
         if not hello.get("cloudpickle"):  # a deployed server's hello: its stats say them
             hello.update(versions_of(conn))
@@ -702,7 +723,10 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
         conn.close()
         raise
     conn.request_timeout = None
-    client = Client(conn, hello, address, router, task_options, lost_after=lost_after)
+    if not hello.get("classic", True):
+        modules = None
+    client = Client(conn, hello, address, router, task_options, lost_after=lost_after,
+                    modules=modules)
     client_box.append(client)
     return client
 

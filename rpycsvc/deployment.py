@@ -153,8 +153,10 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     ``rpycsvc.deploy`` says which, and warns when the versions differ: tasks sent by value
     need the same minor version).
     ``endpoints``/``services`` modules must be importable on the host (or be shipped in the
-    bundle: add them to ``rpycsvc.deployment.PACKAGES``). Other keywords go to the Cluster
-    (``retries``, ``output``, task options).
+    bundle: add them to ``rpycsvc.deployment.PACKAGES``). Modules of this program's own
+    project need neither: a host gets them when a task imports them (``forward_modules``,
+    ``forward_packages`` as for :func:`rpycsvc.connect`; see :mod:`rpycsvc.forwarding`).
+    Other keywords go to the Cluster (``retries``, ``output``, task options).
     """
     from .client import OutputRouter, _check_options, connect_stream
     from .cluster import Cluster
@@ -175,6 +177,9 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     prefix = cluster_options.pop("prefix", "[{address}] ")
     forward_logging = cluster_options.pop("forward_logging", False)
     retries = cluster_options.pop("retries", DEFAULT_RETRIES)
+    # module forwarding (rpycsvc.forwarding): the hosts get our project's modules on demand
+    forwarding = {k: cluster_options.pop(k) for k in ("forward_modules", "forward_packages")
+                  if k in cluster_options}
     # Refuse bad options before anything starts on a host.
     from .config import ServerConfig
 
@@ -228,7 +233,8 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
                 stream = res.remote.stream()
                 clients.append(connect_stream(
                     stream, address=res.host,
-                    router=OutputRouter(output, prefix, forward_logging), **cluster_options))
+                    router=OutputRouter(output, prefix, forward_logging), **forwarding,
+                    **cluster_options))
             except BaseException as exc:
                 owned.remove(res)
                 res.stop(2.0)

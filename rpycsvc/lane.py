@@ -133,6 +133,8 @@ class Lane:
                     client._on_output(key, 0, control[2])
                 elif op == "cancelled" and control[1] == key:  # before it started
                     return ("error", "TaskCancelledError", "the task was cancelled")
+                elif op == "need-module":  # the task imports a module of ours (forwarding)
+                    self._send_module(control)
                 elif op == "lane-ready":  # moved to another worker (its first worker was busy)
                     self.worker_pid = int(control[1])
                 elif op == "fail":  # the worker refused a message and hung up
@@ -145,6 +147,14 @@ class Lane:
         except (EOFError, OSError) as exc:
             self.broken = True
             raise self._broken(exc, key) from exc
+
+    def _send_module(self, control: tuple[Any, ...]) -> None:
+        """Answer a worker's request for one of our modules (see rpycsvc.forwarding); the
+        task waits for it, so it goes at once, from the thread reading the task's reply."""
+        modules = self.client._forwarding
+        name = control[2] if len(control) > 2 else None
+        reply = modules.answer(name) if modules is not None else ("none", str(name))
+        _wire.send_msg(self.sock, ("module", control[1], reply))
 
     def _broken(self, exc: BaseException, key: int) -> LaneBroken:
         """Ask the server why the lane closed (it knows: timeout, cancel, a crash)."""

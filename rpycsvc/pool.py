@@ -98,6 +98,9 @@ class Task:
     ending: str = ""
     worker: _WorkerHandle | None = None
     waiting: bool = False  # sent to a worker busy with a lane task: its time has not started
+    #: on_module(name, answer): ask the task's client for module ``name`` and call
+    #: ``answer(reply)`` once it comes (see rpycsvc.forwarding); None: nobody to ask
+    on_module: Callable[[str, Callable[[Any], None]], None] | None = None
 
 
 
@@ -478,6 +481,8 @@ class WorkerPool(LaneBook):
                         task = w.tasks.get(control[1])
                         if task is not None and task.on_output is not None:
                             task.on_output(0, control[2])
+                    elif op == "need-module":
+                        self._on_need_module(w, *control[1:])
                     elif op == "ready":
                         self._on_ready(w, control)
                     elif op == "lane-start":
@@ -499,6 +504,27 @@ class WorkerPool(LaneBook):
         except (EOFError, OSError):
             pass
         self._on_exit(w)
+
+    @staticmethod
+    def _on_need_module(w: _WorkerHandle, task_id: int, req: int, name: str) -> None:
+        """A task of ``w`` imports a module the worker lacks: ask the task's client
+        (rpycsvc.forwarding). Never waits here: the answer goes to the worker when it comes
+        (the worker bounds the wait)."""
+        def answer(reply: Any) -> None:
+            try:
+                w.send(("module", req, reply))
+            except OSError:
+                pass  # the worker is gone
+
+        task = w.tasks.get(task_id)
+        if task is None or task.on_module is None:
+            answer(("none", name))
+            return
+        try:
+            task.on_module(name, answer)
+        except Exception as exc:  # e.g. the client's connection closed
+            answer(("error", name, f"could not ask the client for module {name!r}: "
+                    f"{type(exc).__name__}: {exc}"))
 
     def _on_ready(self, w: _WorkerHandle, control: tuple[Any, ...]) -> None:
         _, _pid, names, error = control

@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import rpyc
 from rpyc.core import netref
@@ -172,6 +172,7 @@ class ComputeService(Service):
         self._lock = threading.Lock()
         self._per_connection: dict[str, Any] = {}  # hosted objects with connection scope
         self._lane_token = ""
+        self._modules: Any = None  # the client's module provider (rpycsvc.forwarding)
 
     def __getattr__(self, name: str) -> Any:
         # conn.root.<name> for objects hosted with --service (exposed_<name> in service-only mode)
@@ -225,15 +226,21 @@ class ComputeService(Service):
             self._runtime.pool.cancel(task_id, "cancel")
 
     # -- the rpycsvc client's by-value path ---------------------------------------------------
-    def exposed_hello(self, sink: Any = None,
-                      heartbeat: float | None = None) -> tuple[tuple[str, Any], ...]:
+    def exposed_hello(self, sink: Any = None, heartbeat: float | None = None,
+                      modules: Any = None) -> tuple[tuple[str, Any], ...]:
         """Register the client's output sink; returns server info as (key, value) pairs.
+
+        ``modules`` is the client's module provider (its ``answer``, see
+        :mod:`rpycsvc.forwarding`): asked for a module a task's import can't find here.
+        A service-only server keeps none (it forwards nothing).
 
         With ``heartbeat`` (seconds), the server sends an empty frame on this connection
         that often, from a thread of its own, so the client can tell a frozen server from a
         busy one (see :mod:`rpycsvc.liveness`); ``info["heartbeat"]`` is the interval granted.
         """
         self._sink = rpyc.async_(sink) if sink is not None else None
+        self._modules = rpyc.async_(modules) if modules is not None \
+            and self._runtime.classic else None
         info = self._runtime.info()
         # (not with RPyC's experimental bind_threads: its frames carry thread ids)
         if heartbeat is not None and not getattr(self._conn_ref, "_bind_threads", False):
@@ -287,6 +294,7 @@ class ComputeService(Service):
                     f"name (it has: {', '.join(self._runtime.pool.endpoint_names) or 'none'})"
                 )
             check_plain(frames)  # before any worker unpickles what the client sent
+            opts.pop("fwd", None)  # service-only: no module forwarding
         key = opts.pop("key", None)
         reply = Deferred()
         sink = self._sink if opts.get("output", True) else None
@@ -312,12 +320,31 @@ class ComputeService(Service):
                     owner=self._conn_id, mode=opts.get("mode", "process"),
                     timeout=opts.get("timeout"), options=opts, on_output=on_output,
                     label=str(opts.get("label", spec if kind != "pickled" else "task")),
-                    client=self._client)
+                    client=self._client,
+                    on_module=self._ask_module if self._modules is not None else None)
         task_id = self._runtime.pool.submit(task)
         if key is not None and task.state != "done":
             with self._lock:
                 self._running[key] = task_id
         return reply
+
+    def _ask_module(self, name: str, answer: Callable[[Any], None]) -> None:
+        """Ask the client for module ``name`` (rpycsvc.forwarding) without waiting: its
+        reply goes to ``answer`` (the worker bounds how long it waits for it)."""
+        from .forwarding import FETCH_TIMEOUT
+
+        res = self._modules(name)
+        res.set_expiry(FETCH_TIMEOUT)
+
+        def done(r: Any) -> None:
+            try:
+                reply = r.value
+            except Exception as exc:
+                reply = ("error", name, f"the client failed to send module {name!r}: "
+                         f"{type(exc).__name__}: {str(exc)[:300]}")
+            answer(reply if isinstance(reply, tuple) else ("none", name))
+
+        res.add_callback(done)
 
     def exposed_cancel(self, key: Any) -> bool:
         """Cancel this connection's task ``key``: dequeue it, or stop it if running."""

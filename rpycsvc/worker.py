@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import io
+import itertools
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -46,6 +48,7 @@ from ._workerio import (
 )
 from ._workerlanes import LaneServer, _Lane, _LaneTask
 from .endpoints import load_endpoints, resolve_path
+from .forwarding import FETCH_TIMEOUT, Fetch, ForwardedModules, Reply, timed_out
 from .serialization import (
     FunctionCache,
     dump_exception,
@@ -57,11 +60,13 @@ from .serialization import (
 class _TaskContext:
     """What a running task's output is attributed to, and its pending output."""
 
-    __slots__ = ("chunks", "forward", "lock", "logging", "send", "sizes", "task_id")
+    __slots__ = ("chunks", "fetch", "forward", "lock", "logging", "send", "sizes", "task_id")
 
     def __init__(self, task_id: int, forward: bool, logging: bool = False,
                  send: Callable[..., None] | None = None) -> None:
         self.task_id = task_id
+        #: asks the task's client for a module (see rpycsvc.forwarding); None: nobody to ask
+        self.fetch: Fetch | None = None
         self.send = send  # where output and the result go: the server, or a client's lane
         self.forward = forward
         self.logging = logging
@@ -108,6 +113,58 @@ class Worker(LaneServer):
         #: lane id -> key of a task its client cancelled before we read it
         self.lane_cancels: dict[str, int] = {}
         self.state: WorkerState | None = None  # shared with the server (see rpycsvc._shared)
+        # Module forwarding (see rpycsvc.forwarding): requests to the server, and what a
+        # process worker read from its channel while it waited for an answer there.
+        self.module_ids = itertools.count(1)
+        self.module_waits: dict[int, list[Any]] = {}  # (thread role) request -> [event, reply]
+        self.fetch_lock = threading.Lock()
+        self.backlog: deque[tuple[Any, list[Any], list[int]]] = deque()
+        self.forwarded = ForwardedModules(self.current_fetch, self.forget_functions).install()
+
+    # -- module forwarding -------------------------------------------------------------------
+    def current_fetch(self) -> Fetch | None:
+        """How the running task on this thread (or, in a process worker, the task running
+        now, for threads it started) asks its client for a module."""
+        ctx = self.current() or self.inline
+        return ctx.fetch if ctx is not None else None
+
+    def forget_functions(self) -> None:
+        """Forwarded modules were dropped: functions unpickled by reference to them go too
+        (their pickles, just a name, are unchanged)."""
+        self.functions = FunctionCache()
+
+    def fetch_from_server(self, task_id: int, name: str) -> Reply:
+        """Ask the server (which asks the task's client) for module ``name``; at most
+        FETCH_TIMEOUT seconds. A process worker's main thread runs the task, so nobody else
+        reads the channel meanwhile: this reads it, keeping what else comes for the main
+        loop. A thread worker's main loop reads it and hands the answer over."""
+        req = next(self.module_ids)
+        deadline = time.monotonic() + FETCH_TIMEOUT
+        try:
+            if self.pool is None:
+                with self.fetch_lock:
+                    self.send(("need-module", task_id, req, name))
+                    while True:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not _readable(self.sock, left):
+                            return timed_out(name, FETCH_TIMEOUT)
+                        fds: list[int] = []
+                        control, frames = _wire.recv_msg(self.sock, fds=fds)
+                        if control[0] == "module" and control[1] == req:
+                            return control[2]  # type: ignore[no-any-return, unused-ignore]
+                        self.backlog.append((control, frames, fds))
+            slot: list[Any] = [threading.Event(), None]
+            self.module_waits[req] = slot
+            try:
+                self.send(("need-module", task_id, req, name))
+                if not slot[0].wait(max(0.0, deadline - time.monotonic())):
+                    return timed_out(name, FETCH_TIMEOUT)
+                return slot[1]  # type: ignore[no-any-return, unused-ignore]
+            finally:
+                self.module_waits.pop(req, None)
+        except (EOFError, OSError) as exc:
+            return ("error", name, f"lost the channel to the server while fetching module "
+                    f"{name!r}: {exc}")
 
     def drain_fds(self) -> None:
         for pump in self.fd_pumps:
@@ -256,12 +313,19 @@ class Worker(LaneServer):
     def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any],
             frames: list[bytearray], send: Callable[..., None] | None = None,
             before_reply: Callable[[bool, tuple[Any, ...]], None] | None = None,
+            fetch: Fetch | None = None,
             ) -> tuple[bool, tuple[Any, ...] | None]:
         """Run one task; output and the ``done`` message go to ``send`` (default: the
-        server), ``before_reply(ok, frames)`` is called just before the latter. Returns
-        whether it succeeded and, if it raised, the exception's name and message (the
-        first frames of :func:`dump_exception`)."""
+        server), ``before_reply(ok, frames)`` is called just before the latter; ``fetch``
+        asks the client for a module (default: through the server, if the task's client
+        forwards modules: its options carry ``fwd``). Returns whether it succeeded and, if
+        it raised, the exception's name and message (the first frames of
+        :func:`dump_exception`)."""
         ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False), send)
+        forwarding = opts.get("fwd")
+        if fetch is None and forwarding is not None and send is None:
+            fetch = lambda name: self.fetch_from_server(task_id, name)  # noqa: E731
+        ctx.fetch = fetch if forwarding is not None else None
         if ctx.logging:
             self.logging_tasks += 1
             logging.getLogger().setLevel(logging.DEBUG)  # the client's loggers decide
@@ -273,6 +337,7 @@ class Worker(LaneServer):
             self.thread_ids[task_id] = threading.get_ident()
         try:
             try:
+                self.forwarded.begin(forwarding)
                 fn, data = self.resolve(kind, spec, frames)
                 if opts.get("batch"):
                     out = self._run_batch(fn, data)
@@ -359,6 +424,9 @@ class Worker(LaneServer):
         sel.register(self.sock, selectors.EVENT_READ, None)
         try:
             while True:
+                while self.backlog:  # what a task's module fetch read meanwhile
+                    if not self.handle_server(sel, *self.backlog.popleft()):
+                        return
                 with self.sel_lock:
                     self.busy_since = 0.0
                     events = sel.select()
@@ -380,6 +448,11 @@ class Worker(LaneServer):
             control, frames = _wire.recv_msg(self.sock, fds=fds)
         except (EOFError, OSError):
             return False
+        return self.handle_server(sel, control, frames, fds)
+
+    def handle_server(self, sel: selectors.BaseSelector, control: Any, frames: list[Any],
+                      fds: list[int]) -> bool:
+        """Handle a message from the server; False when it is time to exit."""
         op = control[0]
         if op == "run":
             _, task_id, kind, spec, opts = control
@@ -397,6 +470,11 @@ class Worker(LaneServer):
             self.drop_lanes(sel, control[1])
         elif op == "lanes-close":  # the server is shutting down: no new lane tasks
             self.drop_lanes(sel)
+        elif op == "module":  # an answer to fetch_from_server (thread role)
+            slot = self.module_waits.get(control[1])
+            if slot is not None:
+                slot[1] = control[2]
+                slot[0].set()
         elif op == "exit":
             return False
         for fd in fds:  # descriptors we did not ask for
@@ -406,6 +484,14 @@ class Worker(LaneServer):
 
 class _Cancelled(Exception):
     """Raised inside a thread-mode task that its client cancelled."""
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read within ``timeout`` seconds (poll, not
+    select: descriptors may be over 1023)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def _die_with_parent() -> None:

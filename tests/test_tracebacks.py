@@ -196,7 +196,8 @@ def test_register_pickle_by_value_takes_effect_in_the_same_process(
     srv = server_process("--workers", "1")
     module = importlib.import_module("client_only_tb17")
     try:
-        with rpycsvc.connect(srv.address) as c:
+        # (forwarding off: with it, the server would get the module from us on import)
+        with rpycsvc.connect(srv.address, forward_modules=False) as c:
             with pytest.raises(rpycsvc.SerializationError, match="can't unpickle"):
                 c.compute(module.triple, 5)
             cloudpickle.register_pickle_by_value(module)

@@ -1,0 +1,408 @@
+"""Module forwarding: a worker imports the client's own modules it lacks, from the client.
+
+A task's function, arguments and results refer to functions and classes of modules *by
+name* (pickle's rule; cloudpickle sends only ``__main__`` and lambdas by value). When such a
+module is part of the user's project and not installed on the server, unpickling the task
+used to fail with ``ModuleNotFoundError``. As in Mitogen, the worker now asks the client for
+it, during the import, and imports the answer in memory.
+
+Client side, :class:`ModuleProvider` answers one question, "the module called ``name``,
+please", and never anything else: the server can't name a file, only a module, which the
+client looks up with the import system's own path finder (nothing is imported on the client)
+in the client's *project* directories only — its ``sys.path`` entries outside the standard
+library and site-packages/dist-packages. Installed third-party packages are not sent unless
+the user lists them (``forward_packages=["attrs"]``): a server missing one gets an error
+naming the distribution and the client's version, since a package is better installed than
+shipped file by file (it may carry data, entry points, C extensions). C extensions are never
+sent (built for one platform and Python): the error names the module.
+
+Worker side, :class:`ForwardedModules` is a meta-path finder placed *last* on
+``sys.meta_path``, so whatever the server can import itself wins; it asks only while a task
+runs, and only through the task's own client (see ``fetch`` in :mod:`rpycsvc.worker`): the
+server never asks outside an import. Requests go by one function per path — over the
+worker's channel to the server, which asks the client over RPyC (:mod:`rpycsvc.pool`,
+:mod:`rpycsvc.service`), or straight over the client's lane — and each waits at most
+:data:`FETCH_TIMEOUT` seconds: a client that does not answer makes the import fail with
+an ``ImportError`` that says so.
+
+Forwarded modules are keyed by content. Every task carries its client's token and the
+digest of each module that client has forwarded so far (re-read when its file changed).
+Before the task runs, a worker that holds forwarded modules of another client, or a version
+that differs from the client's current one, drops every forwarded module (and its cache of
+unpickled functions): the task's imports then fetch the current versions. So an edited
+module is used from the next task on, and a worker never runs one client's task with
+another client's code. Dropping modules rather than restarting the worker keeps the first
+task cheap; what cannot be undone that way (a forwarded module that registered itself with
+an installed library, say) is the reason ``mode="process"`` is the isolating mode.
+
+Thread-mode tasks share one process and so one ``sys.modules``: tasks of one client share
+its forwarded modules as process tasks do; when a task of another client (or after an edit)
+starts, the forwarded modules are dropped while other thread tasks may still run: those
+keep the module objects they already hold, but an import they make afterwards gets the
+version of whoever imported it first. Use process mode when clients with different versions
+of a module share a server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import marshal
+import os
+import re
+import site
+import sys
+import sysconfig
+import threading
+import types
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
+
+#: Seconds a worker waits for the client to send a module before the import fails.
+FETCH_TIMEOUT = float(os.environ.get("RPYCSVC_FORWARD_TIMEOUT", "30"))
+#: Largest module file a client sends.
+MAX_MODULE_BYTES = 32 << 20
+
+#: What a module request is answered with (plain tuples: RPyC's brine and pickle carry them):
+#: ``("module", name, is_package, filename, "source"|"pyc"|"namespace", data, digest)``,
+#: ``("none", name)`` (not the client's to give: the import goes on as if not found) or
+#: ``("error", name, message)`` (the import fails with that message).
+Reply = tuple[Any, ...]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+# -- client side -----------------------------------------------------------------------------
+def _stdlib_dirs() -> list[str]:
+    """The standard library's directories."""
+    paths = sysconfig.get_paths()
+    return [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if k in paths]
+
+
+def _excluded_dirs() -> list[str]:
+    """Directories whose modules are not the user's project: the standard library and the
+    installation's site-packages (any ``site-packages``/``dist-packages`` is excluded too)."""
+    dirs: set[str] = set(_stdlib_dirs())
+    for key in ("purelib", "platlib"):
+        try:
+            dirs.add(sysconfig.get_paths()[key])
+        except KeyError:
+            pass
+    try:
+        dirs.update(site.getsitepackages())
+    except AttributeError:  # (virtualenv's old site.py)
+        pass
+    user = getattr(site, "getusersitepackages", lambda: "")()
+    if user:
+        dirs.add(user)
+    return [os.path.realpath(d) for d in dirs if d]
+
+
+def _under(path: str, dirs: Iterable[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip(os.sep) + os.sep) for d in dirs)
+
+
+def _is_installed_dir(path: str) -> bool:
+    parts = path.split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts
+
+
+def project_paths() -> list[str]:
+    """The client's ``sys.path`` entries that hold its own project: existing directories
+    outside the standard library and site-packages (``""`` is the working directory)."""
+    excluded = _excluded_dirs()
+    out: list[str] = []
+    for entry in sys.path:
+        if not isinstance(entry, str):
+            continue
+        path = os.path.realpath(entry or os.getcwd())
+        if not os.path.isdir(path) or _is_installed_dir(path) or _under(path, excluded):
+            continue
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def _locate(name: str, paths: list[str]) -> importlib.machinery.ModuleSpec | None:
+    """Find module ``name`` under ``paths`` as the import system would, without importing
+    anything (a package's submodules are looked up in its directories)."""
+    parts = name.split(".")
+    search = paths
+    spec = None
+    for i in range(len(parts)):
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), search)
+        if spec is None:
+            return None
+        if i < len(parts) - 1:
+            search = list(spec.submodule_search_locations or [])
+            if not search:
+                return None
+    return spec
+
+
+def _distribution(top: str) -> tuple[str, str] | None:
+    """``(distribution name, version)`` of the installed distribution providing the
+    top-level module ``top``, if any."""
+    from importlib import metadata
+
+    try:
+        names = metadata.packages_distributions().get(top)  # type: ignore[attr-defined]
+        if names:
+            return names[0], metadata.version(names[0])
+    except AttributeError:  # Python 3.9: no packages_distributions()
+        for dist in metadata.distributions():
+            tops = (dist.read_text("top_level.txt") or "").split()
+            if not tops:
+                tops = [f.parts[0].split(".")[0] for f in (dist.files or ()) if f.parts]
+            if top in tops:
+                return dist.metadata["Name"], dist.version
+    except Exception:
+        pass
+    return None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class ModuleProvider:
+    """The client's side: answers a server's request for one module (see the module
+    docstring for what is offered). One per set of ``forward_packages`` per process
+    (:func:`provider`): its ``token`` names this client to workers, and it remembers what
+    it sent, so each task can tell workers the current digest of every module forwarded."""
+
+    def __init__(self, packages: Sequence[str] = ()) -> None:
+        self.token = uuid.uuid4().hex
+        self.packages = frozenset(_norm(p) for p in packages)
+        self._lock = threading.Lock()
+        #: name -> (file, (mtime_ns, size), digest) of what was sent
+        self._sent: dict[str, tuple[str, tuple[int, int], str]] = {}
+
+    def answer(self, name: Any) -> Reply:
+        """The reply to a request for module ``name``; never raises."""
+        if not isinstance(name, str) or not _NAME.match(name) or len(name) > 500:
+            return ("error", str(name)[:100], "not a module name")
+        try:
+            return self._answer(name)
+        except Exception as exc:  # a reply, not a dead connection
+            return ("error", name, f"the client could not read module {name!r}: "
+                    f"{type(exc).__name__}: {exc}")
+
+    def _answer(self, name: str) -> Reply:
+        spec = _locate(name, project_paths())
+        if spec is not None:
+            return self._send(name, spec)
+        spec = _locate(name, [p for p in sys.path if isinstance(p, str) and p]) \
+            if not name.startswith("rpycsvc") else None
+        if spec is None:
+            return ("none", name)
+        origin = os.path.realpath(spec.origin) if spec.origin and \
+            spec.has_location else ""
+        here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        if origin and _under(origin, _stdlib_dirs()) and not _is_installed_dir(origin):
+            return ("error", name, f"{name!r} is in the client's standard library (Python "
+                    f"{here}) but the server can't import it: the server runs another Python "
+                    "version; deploy with python=... of the client's version")
+        top = name.split(".")[0]
+        dist = _distribution(top)
+        if top in self.packages or (dist is not None and _norm(dist[0]) in self.packages):
+            return self._send(name, spec)
+        if dist is None:
+            where = f" ({origin})" if origin else ""
+            return ("error", name, f"module {name!r} is installed on the client{where} but "
+                    f"the server can't import it: install it on the server, or pass "
+                    f"forward_packages=[{top!r}] to send it (pure-Python code only)")
+        pkg, version = dist
+        return ("error", name, f"module {name!r} comes from {pkg} {version}, installed on "
+                f"the client but not on the server: run `pip install {pkg}=={version}` "
+                f"there, or pass forward_packages=[{pkg!r}] to connect()/Cluster to send it "
+                "(pure-Python distributions only)")
+
+    def _send(self, name: str, spec: importlib.machinery.ModuleSpec) -> Reply:
+        loader = spec.loader
+        is_pkg = spec.submodule_search_locations is not None
+        if loader is None or spec.origin in (None, "namespace"):  # a namespace package
+            return ("module", name, True, "", "namespace", b"", "namespace")
+        path = str(spec.origin)
+        if isinstance(loader, importlib.machinery.ExtensionFileLoader):
+            return ("error", name, f"module {name!r} is a C extension ({path}): compiled "
+                    "code is not forwarded (it is built for one platform and Python); "
+                    "install its package on the server")
+        if isinstance(loader, importlib.machinery.SourceFileLoader):
+            kind = "source"
+        elif isinstance(loader, importlib.machinery.SourcelessFileLoader):
+            kind = "pyc"
+        else:
+            return ("error", name, f"module {name!r} is loaded by {type(loader).__name__} "
+                    f"({path}), which can't be forwarded; install it on the server")
+        st = os.stat(path)
+        if st.st_size > MAX_MODULE_BYTES:
+            return ("error", name, f"module {name!r} ({path}) is {st.st_size} bytes: over "
+                    f"the {MAX_MODULE_BYTES} bytes a module may have to be forwarded")
+        with open(path, "rb") as f:
+            data = f.read()
+        digest = _digest(data)
+        with self._lock:
+            self._sent[name] = (path, (st.st_mtime_ns, st.st_size), digest)
+        return ("module", name, is_pkg, path, kind, data, digest)
+
+    def option(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """What each task carries: ``(token, ((name, digest), ...))`` for every module
+        sent so far, re-read where its file changed since."""
+        with self._lock:
+            sent = list(self._sent.items())
+        if not sent:
+            return (self.token, ())
+        out = []
+        for name, (path, sig, digest) in sent:
+            try:
+                st = os.stat(path)
+                now = (st.st_mtime_ns, st.st_size)
+                if now != sig:
+                    with open(path, "rb") as f:
+                        digest = _digest(f.read())
+                    with self._lock:
+                        self._sent[name] = (path, now, digest)
+            except OSError:
+                digest = "gone"
+            out.append((name, digest))
+        return (self.token, tuple(out))
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+_PROVIDERS: dict[frozenset[str], ModuleProvider] = {}
+_PROVIDERS_LOCK = threading.Lock()
+
+
+def provider(packages: Sequence[str] = ()) -> ModuleProvider:
+    """This process's provider for ``packages`` (one token per process and package list,
+    so every connection of one program counts as one client to a worker)."""
+    if isinstance(packages, str):
+        packages = [packages]
+    key = frozenset(_norm(p) for p in packages)
+    with _PROVIDERS_LOCK:
+        found = _PROVIDERS.get(key)
+        if found is None:
+            found = _PROVIDERS[key] = ModuleProvider(list(packages))
+        return found
+
+
+# -- worker side ---------------------------------------------------------------------------------
+Fetch = Callable[[str], Reply]
+
+
+class _ForwardedLoader(importlib.abc.Loader):
+    """Executes a module the client sent; serves its source to ``linecache`` so tracebacks
+    through forwarded code show their lines."""
+
+    def __init__(self, name: str, filename: str, kind: str, data: bytes) -> None:
+        self.name = name
+        self.filename = filename
+        self.kind = kind
+        self.data = data
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        if self.kind == "namespace":
+            return
+        if self.kind == "pyc":
+            if self.data[:4] != importlib.util.MAGIC_NUMBER:
+                raise ImportError(
+                    f"module {self.name!r} was forwarded as bytecode of another Python "
+                    f"version than the server's ({sys.version.split()[0]}); send its source",
+                    name=self.name)
+            code = marshal.loads(self.data[16:])
+        else:
+            code = compile(self.data, self.filename, "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+
+    def get_source(self, fullname: str) -> str | None:
+        if self.kind != "source":
+            return None
+        return importlib.util.decode_source(self.data)
+
+    def is_package(self, fullname: str) -> bool:
+        return self.filename.endswith("__init__.py")
+
+
+class ForwardedModules(importlib.abc.MetaPathFinder):
+    """The worker's side: a meta-path finder (last on ``sys.meta_path``) that asks the
+    running task's client for a module nothing else found, and the books of what was
+    forwarded (see the module docstring). ``current`` gives the running task's fetch
+    function, or None outside a task (or for a client that forwards nothing)."""
+
+    def __init__(self, current: Callable[[], Fetch | None],
+                 on_drop: Callable[[], None] = lambda: None) -> None:
+        self.current = current
+        self.on_drop = on_drop
+        self.owner = ""  # token of the client whose modules are loaded
+        self.loaded: dict[str, str] = {}  # name -> digest
+        self._lock = threading.Lock()
+        self._busy = threading.local()
+
+    def install(self) -> ForwardedModules:
+        sys.meta_path.append(self)
+        return self
+
+    def begin(self, option: Any) -> None:
+        """A task starts with ``option`` (its client's token and digests, or None): drop
+        every forwarded module unless all are that client's current versions."""
+        with self._lock:
+            if not self.loaded:
+                self.owner = option[0] if option else ""
+                return
+            current = dict(option[1]) if option else {}
+            if option and option[0] == self.owner and all(
+                    current.get(n) == d for n, d in self.loaded.items()):
+                return
+            for name in self.loaded:
+                sys.modules.pop(name, None)
+            self.loaded.clear()
+            self.owner = option[0] if option else ""
+        importlib.invalidate_caches()
+        self.on_drop()
+
+    def find_spec(self, fullname: str, path: Any = None,
+                  target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if getattr(self._busy, "on", False):
+            return None  # an import made while fetching (by the worker's own code)
+        fetch = self.current()
+        if fetch is None:
+            return None
+        self._busy.on = True
+        try:
+            reply = fetch(fullname)
+        finally:
+            self._busy.on = False
+        status = reply[0] if isinstance(reply, tuple) and reply else "error"
+        if status == "none":
+            return None
+        if status != "module" or len(reply) != 7:
+            message = str(reply[2]) if status == "error" and len(reply) > 2 else \
+                f"unexpected reply {str(reply)[:80]}"
+            raise ModuleNotFoundError(f"{message} (module forwarding)", name=fullname)
+        _, _name, is_pkg, filename, kind, data, digest = reply
+        loader = _ForwardedLoader(fullname, str(filename) or f"<forwarded {fullname}>",
+                                  str(kind), bytes(data))
+        spec = importlib.util.spec_from_loader(fullname, loader, origin=loader.filename,
+                                               is_package=bool(is_pkg))
+        if spec is None:
+            return None
+        spec.has_location = kind != "namespace"
+        with self._lock:
+            self.loaded[fullname] = str(digest)
+        return spec
+
+
+def timed_out(name: str, timeout: float) -> Reply:
+    """The reply standing in for one that did not come in time."""
+    return ("error", name, f"the client did not send module {name!r} within {timeout:g} s "
+            "(it is busy, frozen or gone)")

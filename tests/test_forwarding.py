@@ -1,0 +1,275 @@
+"""Module forwarding: a package that exists only on the client runs on servers that lack it.
+
+Each test writes a three-module package into ``tmp_path`` (relative imports, a submodule the
+task imports lazily, a dataclass result) and runs a client *in a subprocess* that puts it on
+its own ``sys.path`` only after its servers started, so no server can import it (each test
+checks that, with forwarding off). The servers are real: ``Cluster.local``, ``rpycsvc serve``
+processes, and a host deployed over the suite's private sshd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.servers import ServerProcess
+from tests.support.sshd import SshServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: The client script's prologue: argv[1] is the project directory, argv[2] the package
+#: name; ``report(**kw)`` prints one JSON line the test reads.
+PROLOGUE = """
+import importlib, json, os, sys, time
+import rpycsvc
+PROJECT, PKG = sys.argv[1], sys.argv[2]
+EXTRA = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+def report(**kw):
+    print("REPORT " + json.dumps(kw), flush=True)
+def use_project():
+    sys.path.insert(0, PROJECT)
+    return importlib.import_module(PKG)
+def outcome(call, *args, **kw):
+    try:
+        return ["ok", repr(call(*args, **kw))]
+    except Exception as exc:
+        return ["error", type(exc).__name__, str(exc)]
+def set_rate(rate, note):
+    with open(os.path.join(PROJECT, PKG, "tax.py"), "w") as f:
+        f.write(f"RATE = {rate!r}\\nNOTE = {note!r}\\n")
+"""
+
+
+def write_package(root: Path, name: str, rate: float = 0.5, note: str = "v1") -> Path:
+    """The three-module package ``name`` under ``root``."""
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .pricing import Receipt, total\n")
+    (pkg / "pricing.py").write_text(textwrap.dedent("""
+        from dataclasses import dataclass
+
+
+        @dataclass
+        class Receipt:
+            amount: float
+            note: str
+
+
+        def total(items):
+            from . import tax  # lazily, inside the task
+
+            return Receipt(sum(items) * (1 + tax.RATE), tax.NOTE)
+        """))
+    (pkg / "tax.py").write_text(f"RATE = {rate!r}\nNOTE = {note!r}\n")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, str]:
+    name = f"fwdshop_{uuid.uuid4().hex[:8]}"
+    return write_package(tmp_path / "proj", name), name
+
+
+def run_client(body: str, project: tuple[Path, str], extra: Any = None,
+               timeout: float = 90.0) -> list[dict[str, Any]]:
+    """Run ``PROLOGUE + body`` as a client process; its REPORT lines, parsed."""
+    root, name = project
+    argv = [sys.executable, "-c", PROLOGUE + textwrap.dedent(body), str(root), name,
+            json.dumps(extra or {})]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(REPO))
+    reports = [json.loads(line[7:]) for line in proc.stdout.splitlines()
+               if line.startswith("REPORT ")]
+    assert proc.returncode == 0, f"client failed:\n{proc.stdout}\n{proc.stderr}"
+    return reports
+
+
+def merged(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in reports:
+        out.update(r)
+    return out
+
+
+def receipt(amount: float, note: str) -> list[str]:
+    return ["ok", f"Receipt(amount={amount!r}, note={note!r})"]
+
+
+def test_cluster_local_runs_a_package_only_the_client_has(project: tuple[Path, str]) -> None:
+    got = merged(run_client("""
+        with rpycsvc.Cluster.local(1, workers=1, output="discard") as cluster:
+            pkg = use_project()  # after the servers started: they don't have it
+            address = cluster.addresses[0]
+            with rpycsvc.connect(address, forward_modules=False) as plain:
+                report(without=outcome(plain.compute, "importlib:import_module", PKG))
+            report(submit=outcome(lambda: cluster.submit(pkg.total, [1, 2]).result(60)))
+            client = cluster.clients[0]
+            report(lane=outcome(client.compute, pkg.total, [2, 2]),
+                   path=outcome(client.compute, PKG + ".pricing:total", [4]),
+                   thread=outcome(client.options(mode="thread").compute, pkg.total, [2]),
+                   mapped=outcome(lambda: list(cluster.map(pkg.total, [[1], [2], [3]]))))
+            with rpycsvc.connect(address, lanes=False) as rpc:
+                report(rpyc=outcome(rpc.compute, pkg.total, [6]))
+    """, project))
+    assert got["without"][:2] == ["error", "ModuleNotFoundError"], got["without"]
+    assert project[1] in got["without"][2]
+    assert got["submit"] == receipt(4.5, "v1")
+    assert got["lane"] == receipt(6.0, "v1")
+    assert got["path"] == receipt(6.0, "v1")
+    assert got["thread"] == receipt(3.0, "v1")
+    assert got["rpyc"] == receipt(9.0, "v1")
+    assert got["mapped"][0] == "ok" and got["mapped"][1].count("Receipt(") == 3
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
+def test_an_edited_module_is_forwarded_again(
+    project: tuple[Path, str], server_process: type[ServerProcess], lanes: bool
+) -> None:
+    srv = server_process("--workers", "1")
+    reports = run_client("""
+        pkg = use_project()
+        with rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"]) as c:
+            with rpycsvc.connect(EXTRA["address"], forward_modules=False) as plain:
+                report(without=outcome(plain.compute, pkg.total, [1]))
+            report(first=outcome(c.compute, pkg.total, [2]), pid1=c.compute(os.getpid))
+            set_rate(1.0, "v2")
+            report(edited=outcome(c.compute, pkg.total, [2]), pid2=c.compute(os.getpid))
+            set_rate(2.0, "v3")
+            report(thread=outcome(c.options(mode="thread").compute, pkg.total, [2]))
+            set_rate(3.0, "v4")
+            report(thread_edited=outcome(c.options(mode="thread").compute, pkg.total, [2]))
+    """, project, {"address": srv.address, "lanes": lanes})
+    got = merged(reports)
+    assert got["without"][:2] == ["error", "SerializationError"], got["without"]
+    assert "No module named" in got["without"][2]
+    assert got["first"] == receipt(3.0, "v1")
+    assert got["edited"] == receipt(4.0, "v2")
+    assert got["pid1"] == got["pid2"]  # the same worker, its modules re-fetched
+    assert got["thread"] == receipt(6.0, "v3")
+    assert got["thread_edited"] == receipt(8.0, "v4")
+
+
+def test_clients_with_different_versions_never_share_a_worker_s_modules(
+    tmp_path: Path, server_process: type[ServerProcess]
+) -> None:
+    name = f"fwdshop_{uuid.uuid4().hex[:8]}"
+    one = (write_package(tmp_path / "one", name, 0.5, "one"), name)
+    two = (write_package(tmp_path / "two", name, 1.0, "two"), name)
+    srv = server_process("--workers", "1")
+    body = """
+        pkg = use_project()
+        with rpycsvc.connect(EXTRA["address"]) as c:
+            report(got=outcome(c.compute, pkg.total, [2]), pid=c.compute(os.getpid))
+    """
+    runs = [merged(run_client(body, p, {"address": srv.address})) for p in (one, two, one)]
+    assert [r["got"] for r in runs] == [receipt(3.0, "one"), receipt(4.0, "two"),
+                                        receipt(3.0, "one")]
+    assert len({r["pid"] for r in runs}) == 1  # one worker served all three
+
+
+def test_installed_packages_and_c_extensions_are_not_forwarded(
+    project: tuple[Path, str], server_process: type[ServerProcess]
+) -> None:
+    root, _ = project
+    # An installed pure-Python distribution the server lacks: a site-packages of our own.
+    site = root.parent / "site-packages"
+    dist = f"fwddist_{uuid.uuid4().hex[:6]}"
+    (site / dist).mkdir(parents=True)
+    (site / dist / "__init__.py").write_text("def answer():\n    return 42\n")
+    info = site / f"{dist}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "top_level.txt").write_text(f"{dist}\n")
+    (info / "RECORD").write_text(f"{dist}/__init__.py,,\n")
+    # A C extension of the project (never loaded on the client: the name is enough).
+    ext = f"fwdext_{uuid.uuid4().hex[:6]}"
+    (root / f"{ext}{__import__('importlib.machinery').machinery.EXTENSION_SUFFIXES[0]}") \
+        .write_bytes(b"\x7fELF not really")
+    srv = server_process("--workers", "1")
+    got = merged(run_client("""
+        use_project()
+        sys.path.append(EXTRA["site"])
+        with rpycsvc.connect(EXTRA["address"]) as c:
+            report(dist=outcome(c.compute, "importlib:import_module", EXTRA["dist"]),
+                   ext=outcome(c.compute, "importlib:import_module", EXTRA["ext"]))
+        with rpycsvc.connect(EXTRA["address"], forward_packages=[EXTRA["dist"]]) as c:
+            report(opted=outcome(c.compute, EXTRA["dist"] + ":answer"))
+    """, project, {"address": srv.address, "site": str(site), "dist": dist, "ext": ext}))
+    assert got["dist"][:2] == ["error", "ModuleNotFoundError"], got["dist"]
+    assert f"pip install {dist}==1.2.3" in got["dist"][2]
+    assert "forward_packages" in got["dist"][2]
+    assert got["ext"][:2] == ["error", "ModuleNotFoundError"], got["ext"]
+    assert ext in got["ext"][2] and "C extension" in got["ext"][2]
+    assert got["opted"] == ["ok", "42"]
+
+
+@pytest.mark.ssh
+def test_a_deployed_host_runs_a_package_only_the_client_has(
+    project: tuple[Path, str], sshd: SshServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    got = merged(run_client("""
+        opts = ["-F", EXTRA["config"]]
+        with rpycsvc.deploy([EXTRA["alias"]], ssh_options=opts, timeout=60, workers=1,
+                            output="discard") as cluster:
+            pkg = use_project()
+            client = cluster.clients[0]
+            report(server_lacks=client.eval(
+                f"__import__('importlib.util').util.find_spec({PKG!r}) is None"))
+            t0 = time.perf_counter()
+            first = outcome(client.compute, pkg.total, [2])
+            t1 = time.perf_counter()
+            later = []
+            for _ in range(5):
+                t = time.perf_counter()
+                client.compute(pkg.total, [2])
+                later.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            client.compute(sum, [1, 2])
+            plain = time.perf_counter() - t
+            set_rate(1.0, "v2")
+            report(first=first, first_s=t1 - t0, later_s=sorted(later)[len(later) // 2],
+                   plain_s=plain, edited=outcome(client.compute, pkg.total, [2]),
+                   mapped=outcome(lambda: list(cluster.map(pkg.total, [[1], [2]]))))
+    """, project, {"config": str(sshd.config_path), "alias": sshd.alias}, timeout=110))
+    assert got["server_lacks"] is True
+    assert got["first"] == receipt(3.0, "v1")
+    assert got["edited"] == receipt(4.0, "v2")
+    assert got["mapped"] == ["ok", "[Receipt(amount=2.0, note='v2'), "
+                             "Receipt(amount=4.0, note='v2')]"]
+    with capsys.disabled():
+        print(f"\n[forwarding on a deployed host] first task {got['first_s'] * 1000:.1f} ms, "
+              f"later tasks {got['later_s'] * 1000:.1f} ms (median of 5), a task using no "
+              f"project module {got['plain_s'] * 1000:.1f} ms")
+
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
+def test_a_client_that_does_not_answer_fails_the_import_in_time(
+    project: tuple[Path, str], server_process: type[ServerProcess], lanes: bool
+) -> None:
+    # The server's workers wait 2 s for a module; this client takes 6 s to answer.
+    srv = server_process("--workers", "1", env={"RPYCSVC_FORWARD_TIMEOUT": "2"})
+    got = merged(run_client("""
+        from rpycsvc import forwarding
+        slow = forwarding.provider()
+        answer = slow.answer
+        slow.answer = lambda name: (time.sleep(6), answer(name))[1]  # a client stuck
+        pkg = use_project()
+        with rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"]) as c:
+            t = time.monotonic()
+            report(stuck=outcome(c.compute, pkg.total, [2]), took=time.monotonic() - t)
+            report(after=outcome(c.compute, sum, [1, 2]))  # the connection still works
+    """, project, {"address": srv.address, "lanes": lanes}))
+    assert got["stuck"][:2] == ["error", "SerializationError"], got["stuck"]
+    assert "did not send module" in got["stuck"][2] and project[1] in got["stuck"][2]
+    assert got["took"] < 60  # bounded by the 2 s wait (plus the 6 s the client is stuck)
+    assert got["after"] == ["ok", "3"]
