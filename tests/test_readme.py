@@ -43,8 +43,9 @@ What is checked: each group runs to the end without an exception, and
 Tracebacks from a failing block name README.md and its line there.
 
 The samples of what rpycsvc prints are compared with what it prints: ``rpycsvc top``,
-``rpycsvc status``, the "deployed to" line of ``rpycsvc deploy``, a task's output line, and
-the tree of exception classes under "Errors".
+``rpycsvc status``, the "deployed to" line of ``rpycsvc deploy``, a task's output line,
+the tree of exception classes under "Errors", and the ``rpycsvc repl`` transcript (replayed
+through a pty, but for its Ctrl-C statement, which ``tests/test_repl.py`` covers).
 
 Shell blocks (``sh``, ``console``) are not run: every ``rpycsvc ...`` and
 ``bin/rpycsvc_classic ...`` command line in them, and every ```rpycsvc SUBCOMMAND ...``` code
@@ -218,6 +219,7 @@ class Servers:
     registry_port: int
     workdir: Path
     env: dict[str, str]
+    pid_a: int  # of A's server process
 
 
 def substitutions(s: Servers, sshd: SshServer | None = None) -> list[tuple[str, str]]:
@@ -277,12 +279,13 @@ def servers() -> Iterator[Servers]:
                     "--register", "--registry-type", "TCP", "--registry-host", "127.0.0.1",
                     "--registry-port", str(reg_port), env={"PYTHONPATH": path}))
             started.append(ServerProcess("--workers", "1", env={"PYTHONPATH": path}))
-            a, b = sorted((p.address for p in started[:2]), key=lambda ad: int(ad.rsplit(":")[1]))
+            first, second = sorted(started[:2], key=lambda p: p.port)
+            a, b = first.address, second.address
             deadline = time.monotonic() + WAIT
             while discover("127.0.0.1", reg_port, timeout=5) != [a, b]:
                 assert time.monotonic() < deadline, "the servers did not show in the registry"
                 time.sleep(0.1)
-            yield Servers(a, b, started[2].address, reg_port, workdir, env)
+            yield Servers(a, b, started[2].address, reg_port, workdir, env, first.pid)
         finally:
             for p in started:
                 p.stop()
@@ -692,3 +695,57 @@ def test_tls_certificates_work(tmp_path: Path) -> None:
         proc = run_blocks("", [(block.line, code)], run_dir, tmp_path,
                           dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, proc.stderr
+
+
+# -- the REPL transcript ------------------------------------------------------------------------
+def test_repl_transcript_is_what_the_repl_shows(servers: Servers, tmp_path: Path) -> None:
+    """The README's ``rpycsvc repl`` transcript, typed into ``rpycsvc repl`` on a pty: the
+    banner, each statement's output (the session's parent is the server; the hostname,
+    pids and address are this machine's), the ``...`` continuation, ``input()``. The
+    Ctrl-C statement is left out (``tests/test_repl.py`` presses Ctrl-C at a known moment)."""
+    pexpect = pytest.importorskip("pexpect")
+    sample = console_sample("repl")
+    node = os.uname().nodename
+    inputrc = tmp_path / "inputrc"
+    inputrc.write_text("set enable-bracketed-paste off\n")
+    env = dict(servers.env, HOME=str(tmp_path), TERM="dumb", INPUTRC=str(inputrc))
+    child = pexpect.spawn(sys.executable, ["-m", "rpycsvc.cli", "repl", "--no-history",
+                                           servers.a], env=env, cwd=str(REPO),
+                          encoding="utf-8", timeout=WAIT, dimensions=(24, 250))
+    try:
+        child.expect_exact(">>> ")
+        banner = str(child.before).strip().splitlines()[-1]
+        want = re.escape(sample[0].replace("127.0.0.1:40517", servers.a)
+                         .replace("(host vm,", f"(host {node},"))
+        assert re.fullmatch(want.replace("11502", r"\d+"), banner), (banner, sample[0])
+        steps: list[tuple[list[str], list[str]]] = []  # (lines typed, lines shown)
+        for line in sample[1:]:
+            if line.startswith(">>> "):
+                steps.append(([line[4:]], []))
+            elif line.startswith("..."):
+                steps[-1][0].append(line[4:])
+            else:
+                steps[-1][1].append(line.replace("11476", str(servers.pid_a))
+                                    .replace("hello from vm", f"hello from {node}"))
+        replayed = 0
+        for typed, shown in steps:
+            if "sleep" in typed[0]:
+                continue  # the Ctrl-C statement
+            asked = [ln for ln in shown if ln.startswith("your name? ")]
+            for ln in typed:
+                child.sendline(ln)
+            if asked:  # input(): its prompt on a line of its own, then what we type
+                child.expect_exact("\r\nyour name? ")
+                child.sendline(asked[0][len("your name? "):])
+                shown = [ln for ln in shown if ln not in asked]
+            child.expect_exact(">>> ")
+            got = [ln.rstrip() for ln in str(child.before).replace("\r", "").splitlines()]
+            assert got[len(got) - len(shown):] == shown, (typed, got, shown)
+            replayed += 1
+        assert replayed == 4
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        child.close()
