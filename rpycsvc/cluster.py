@@ -44,6 +44,7 @@ from .client import (
     frames_of_call,
     settle,
 )
+from .environment import misfits
 from .errors import (
     AllServersFailedError,
     ConfigError,
@@ -144,8 +145,7 @@ class Cluster:
         self.timeout = timeout
         self._connect_kw = {k: options.pop(k) for k in
                             ("authkey", "ssl", "output", "prefix", "server_hostname",
-                             "forward_logging", "lost_after", "forward_modules",
-                             "forward_packages")
+                             "forward_logging", "lost_after")
                             if k in options}
         self._defaults = _check_options(options)
         self._lock = threading.Lock()
@@ -394,8 +394,12 @@ class Cluster:
     def _pick_locked(self, job: _Job) -> _Server | None:
         best, best_load = None, 1.0
         mode = job.opts.get("mode", "process")
+        # Code sent by value goes only to servers that can rebuild it, when some can
+        # (mixed Python versions; rpycsvc.environment). Elsewhere it fails before it is
+        # sent, with EnvironmentMismatchError, and is not re-run.
+        skip = () if job.pinned else misfits(job.kind, job.frames, self._servers.values())
         for srv in self._servers.values():
-            if not srv.usable or (job.pinned and srv.address != job.pinned):
+            if not srv.usable or (job.pinned and srv.address != job.pinned) or srv in skip:
                 continue
             load = srv.load(mode)
             if load < best_load:

@@ -9,7 +9,8 @@ each Python minor version, through private helpers of its own that change betwee
 versions. A lambda pickled on 3.11 does not load on 3.9. So a task holding such code, sent to
 a server of another Python minor or cloudpickle major version, fails here with
 :class:`~rpycsvc.errors.EnvironmentMismatchError` before it is sent, instead of failing (or
-worse, misbehaving) there.
+worse, misbehaving) there. A ``Cluster`` whose servers differ gives such a task only to
+servers that can rebuild it (:func:`misfits`); it fails only when none can.
 
 Installed packages a task's pickle refers to by reference (``numpy`` for an array, ``mylib``
 for ``mylib.f``) must exist on the server; when their versions differ, the pickle usually
@@ -33,6 +34,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any, Callable
 
 from .errors import EnvironmentMismatchError
@@ -255,7 +257,8 @@ class ServerEnvironment:
             log.warning("%s runs Python %s with cloudpickle %s, this client Python %s with "
                         "cloudpickle %s: classic access, import-path tasks and endpoints work, "
                         "tasks holding code sent by value (lambdas, functions and classes of "
-                        "__main__) fail with EnvironmentMismatchError", address,
+                        "__main__) can't run there (a Cluster gives them to its servers that "
+                        "can; else they fail with EnvironmentMismatchError)", address,
                         self.server["python"], self.server["cloudpickle"],
                         self.client["python"], self.client["cloudpickle"])
 
@@ -388,6 +391,44 @@ def _function_by_value(raw: bytes) -> bool:
             if raw in _FUNCTIONS:
                 _FUNCTIONS[raw] = (by_value, names)
     return by_value
+
+
+def task_holds_code_by_value(kind: str, frames: tuple[Any, ...]) -> bool:
+    """Whether a task (as :func:`rpycsvc.client.frames_of_call` packs it) holds code pickled
+    by value, in its function or its arguments. Cached per function; an arguments' pickle
+    is walked only if it names cloudpickle."""
+    if kind == "pickled":
+        if _function_by_value(bytes(frames[0])):
+            return True
+        head = frames[1] if len(frames) > 1 else b""
+    else:
+        head = frames[0] if frames else b""
+    return bool(head) and holds_code_by_value(bytes(head))
+
+
+def misfits(kind: str, frames: tuple[Any, ...], servers: Iterable[Any]) -> AbstractSet[Any]:
+    """The servers of a cluster that a task must not be given to: those that can't rebuild
+    its code sent by value, when the cluster has others that can. (When none can, the
+    task goes wherever and fails there with :class:`EnvironmentMismatchError`, which names
+    the fix; when all can, nothing is excluded.) ``servers`` have ``usable`` and
+    ``client``. Costs an attribute check per server unless the cluster is mixed."""
+    bad: set[Any] | None = None
+    fits = False
+    for srv in servers:
+        client = srv.client
+        if client is None or not srv.usable:
+            continue
+        if client.environment.conflict is None:
+            fits = True
+        else:
+            bad = bad or set()
+            bad.add(srv)
+    if not bad or not fits or not task_holds_code_by_value(kind, frames):
+        return _NOBODY
+    return bad
+
+
+_NOBODY: frozenset[Any] = frozenset()
 
 
 class _Checker:

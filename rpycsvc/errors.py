@@ -58,9 +58,11 @@ class EnvironmentMismatchError(SerializationError):
     and its server runs another Python minor version or cloudpickle major version, which
     can't rebuild it. Raised on the client before the task is sent; nothing ran.
 
-    The task itself is the problem there, not the server's health, so a ``Cluster`` fails
-    it and does not re-run it elsewhere. ``client`` and ``server`` hold both sides'
-    ``python`` and ``cloudpickle`` versions; ``address`` names the server.
+    The task's code, not the server's health, is the problem, so a ``Cluster`` never re-runs
+    it elsewhere; a ``Cluster`` with servers of both kinds gives such tasks only to servers
+    that can rebuild them, so it raises this only when none can (or for ``broadcast``).
+    ``client`` and ``server`` hold both sides' ``python`` and ``cloudpickle`` versions;
+    ``address`` names the server.
     """
 
     def __init__(self, message: str, *, address: str | None = None,

@@ -202,22 +202,37 @@ def test_another_minor_version_refuses_code_sent_by_value(
         c.close()
 
 
-def test_a_cluster_does_not_rerun_it_elsewhere(
+def test_a_mixed_cluster_sends_code_by_value_where_it_runs(
         other: tuple[tuple[int, int], OtherPythonServer], server: rpycsvc.Server) -> None:
-    """Mixed servers: the task fails on the server it was given to (never re-run, whatever
-    ``retries`` says), and that server stays in the cluster for everything else."""
+    """Servers of this Python and of another: tasks holding code sent by value all go to
+    the former (none fails), import-path tasks anywhere; a broadcast, meant for every
+    server, fails on the other one with EnvironmentMismatchError."""
     _version, srv = other
-    with rpycsvc.Cluster([server.address, srv.address], output="discard", retries=3) as cluster:
+    # (the other server first: it is the one an idle cluster picks when loads are equal)
+    with rpycsvc.Cluster([srv.address, server.address], output="discard", retries=3) as cluster:
+        futs = [cluster.submit(lambda i: (tuple(sys.version_info[:2]), i), i) for i in range(24)]
+        assert [f.result(timeout=WAIT) for f in futs] == [(HERE, i) for i in range(24)]
+        assert {f.address for f in futs} == {server.address}
+        assert sorted(cluster.map(lambda x: x * x, range(10), chunksize=1,
+                                  timeout=WAIT)) == [x * x for x in range(10)]
+        assert cluster.submit("math:factorial", 4).result(timeout=WAIT) == 24
         results = cluster.broadcast(lambda: 7, timeout=WAIT)
         assert results.succeeded == {server.address: 7}
         assert isinstance(results.failed[srv.address], EnvironmentMismatchError)
-        results = cluster.broadcast("math:factorial", 4, timeout=WAIT)
-        assert results.succeeded == {server.address: 24, srv.address: 24}
+
+
+def test_a_cluster_of_other_versions_fails_it_once(
+        other: tuple[tuple[int, int], OtherPythonServer]) -> None:
+    """No server can rebuild it: the task fails (never re-run, whatever ``retries`` says),
+    and the server stays in the cluster for everything else."""
+    version, srv = other
     with rpycsvc.Cluster([srv.address], output="discard", retries=3) as cluster:
         fut = cluster.submit(lambda: 7)
         with pytest.raises(EnvironmentMismatchError):
             fut.result(timeout=WAIT)
         assert cluster.submit("math:factorial", 3).result(timeout=WAIT) == 6
+        there = cluster.submit("platform:python_version").result(timeout=WAIT)
+        assert there.startswith("{}.{}.".format(*version))
 
 
 # -- versions of installed packages -----------------------------------------------------------
