@@ -61,9 +61,9 @@ class Kernel:
             assert left > 0, f"no {what} within {bound:g} s; outputs: {dict(self.by_cell)}"
             self._read(min(left, 1.0))
 
-    def start(self, code: str) -> str:
+    def start(self, code: str, allow_stdin: bool = False) -> str:
         """Send a cell; its msg_id (the cell's id in every output that belongs to it)."""
-        msg_id: str = self.kc.execute(code, allow_stdin=False)
+        msg_id: str = self.kc.execute(code, allow_stdin=allow_stdin)
         return msg_id
 
     def finish(self, msg_id: str, bound: float = BOUND) -> dict[str, Any]:
@@ -247,3 +247,25 @@ def test_broadcast_magic_runs_on_every_server_and_names_them(kernel: Kernel,
     shown = kernel.data(kernel.run("%rpycsvc"))
     assert "2 of 2 servers up" in shown[-1]["text/html"]
     assert "Cluster" in kernel.text(kernel.run("print(type(pool).__name__)"))
+
+
+def test_input_in_a_remote_cell_asks_the_notebook(kernel: Kernel, servers: list[str]) -> None:
+    import queue
+
+    kernel.run("%load_ext rpycsvc")
+    kernel.run(f"%rpycsvc connect {servers[0]}")
+    cell = kernel.start("%%remote\nname = input('your name? ')\nprint('hello', name)",
+                        allow_stdin=True)
+    deadline = time.monotonic() + BOUND
+    while True:  # the notebook's input box: an input_request on the stdin channel
+        assert time.monotonic() < deadline, "no input_request"
+        try:
+            msg = kernel.kc.get_stdin_msg(timeout=1.0)
+        except queue.Empty:
+            continue
+        if msg["msg_type"] == "input_request":
+            break
+    assert msg["content"]["prompt"] == "your name? "
+    kernel.kc.input("Ada")
+    assert kernel.finish(cell)["status"] == "ok"
+    assert "hello Ada" in kernel.text(cell)
