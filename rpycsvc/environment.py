@@ -128,15 +128,24 @@ def pickle_globals(data: bytes) -> list[tuple[str, str]]:
     return found
 
 
-def holds_code_by_value(data: bytes) -> bool:
+#: cloudpickle's reconstructors of code (functions, classes, code objects), past and present
+_CODE_BUILDERS = frozenset({"_make_function", "_make_skel_func", "_fill_function",
+                            "_make_skeleton_class", "_make_skeleton_enum",
+                            "_rehydrate_skeleton_class", "_builtin_type"})
+
+
+def holds_code_by_value(data: bytes, any_helper: bool = False) -> bool:
     """Whether the pickle ``data`` rebuilds a function or class by value: it loads one of
-    cloudpickle's private reconstructors (``_make_function``, ``_make_skeleton_class``,
-    ``_builtin_type``...). By-reference pickles never name cloudpickle, so the opcode walk
-    runs only for pickles that contain the word."""
+    cloudpickle's private reconstructors of code (``_make_function``,
+    ``_make_skeleton_class``, ``_builtin_type``...); with ``any_helper``, any private
+    helper of cloudpickle (``_make_dict_keys`` too), none of which another major version
+    of cloudpickle need have. By-reference pickles never name cloudpickle, so the opcode
+    walk runs only for pickles that contain the word."""
     if _CLOUDPICKLE not in data:
         return False
     try:
-        return any(module.split(".")[0] == "cloudpickle" and attr.startswith("_")
+        return any(module.split(".")[0] == "cloudpickle" and attr.startswith("_") and
+                   (any_helper or attr in _CODE_BUILDERS)
                    for module, attr in pickle_globals(data))
     except Exception:  # not a pickle we can walk: the server will say what is wrong with it
         return False
@@ -248,6 +257,9 @@ class ServerEnvironment:
         known = all(server.get(k) for k in ("python", "cloudpickle"))
         #: why code sent by value can't run there (None: it can)
         self.conflict = by_value_conflict(client, server) if known else None
+        #: another cloudpickle major: none of its private helpers may be relied on
+        self._other_cloudpickle = known and \
+            major(client.get("cloudpickle")) != major(server.get("cloudpickle"))
         self._ask = ask_version
         #: top-level names seen in tasks' pickles (checked, or not worth checking)
         self._seen: set[str] = set(_EXEMPT)
@@ -314,6 +326,8 @@ class ServerEnvironment:
             what = "a task function"
         elif head and holds_code_by_value(bytes(head)):
             what = "arguments holding a function or class"
+        elif head and self._other_cloudpickle and holds_code_by_value(bytes(head), True):
+            what = "arguments pickled with cloudpickle's own helpers"
         if what is not None:
             raise EnvironmentMismatchError(
                 mismatch_message(self.address, self.client, self.server, what),
