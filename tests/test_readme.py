@@ -548,7 +548,7 @@ def _shape(line: str) -> list[str]:
     """A line's words with numbers, times, addresses and the rest of a row generalised."""
     out = []
     for w in line.split():
-        if re.fullmatch(r"\d+(\.\d+)?([a-z]+\d*[a-z]*|/s|%|M)?|\d+:\d+:\d+|\d+/\d+|-", w):
+        if re.fullmatch(r"\d+(\.\d+)?([A-Za-z]+\d*[a-z]*|/s|%)?|\d+:\d+:\d+|\d+/\d+|-", w):
             out.append("N")
         elif re.fullmatch(r"[\d.]+/[\d.]+/[\d.]+", w):  # rpycsvc/rpyc/python versions
             out.append("VERSIONS")
