@@ -140,7 +140,7 @@ class RpycsvcMagics(Magics):
             raise UsageError("%%broadcast takes no arguments (it runs on every server)")
         cluster = self._cluster()
         with _interrupt_refused():
-            sessions = {c.address: self._session(c.address) for c in cluster.clients}
+            sessions = self._sessions([c.address for c in cluster.clients])
         if not sessions:
             raise UsageError("no server of the cluster is up")
         self._raise_for(self._run(sessions, cell, prefix=True))
@@ -183,6 +183,32 @@ class RpycsvcMagics(Magics):
         session = RemoteSession(client.conn)
         self.sessions[address] = (client.conn, session)
         return session
+
+    def _sessions(self, addresses: list[str]) -> dict[str, RemoteSession]:
+        """Each server's session; new ones start at once (each waits for its process)."""
+        found: dict[str, RemoteSession | BaseException] = {}
+
+        def start(address: str) -> None:
+            try:
+                found[address] = self._session(address)
+            except BaseException as exc:  # raised below, in the cell's thread
+                found[address] = exc
+
+        threads = [threading.Thread(target=start, args=(a,), daemon=True,
+                                    name=f"rpycsvc-session-{a}") for a in addresses]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # (a bounded join: signal handlers run in between)
+                t.join(0.1)
+        out: dict[str, RemoteSession] = {}
+        for address in addresses:
+            got = found.get(address)
+            if isinstance(got, BaseException):
+                raise got
+            assert got is not None
+            out[address] = got
+        return out
 
     def _run(self, sessions: dict[str, RemoteSession], source: str,
              prefix: bool) -> dict[str, str]:
