@@ -23,7 +23,6 @@ regular-expression scan of the arguments' pickle when it refers to any global at
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import pickletools
 import queue
@@ -35,9 +34,12 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import EnvironmentMismatchError
+
+if TYPE_CHECKING:  # importlib.metadata costs ~100 ms to import: only off the connect path
+    import importlib.metadata
 
 log = logging.getLogger("rpycsvc.environment")
 
@@ -203,6 +205,8 @@ def installed_distributions() -> dict[str, tuple[str, str]]:
     path = tuple(sys.path)
     with _distributions_lock:
         if _distributions is None or _distributions[0] != path:
+            import importlib.metadata
+
             found: dict[str, tuple[str, str]] = {}
             for dist in importlib.metadata.distributions():
                 try:
@@ -522,8 +526,7 @@ def for_client(client: Any) -> ServerEnvironment:
             try:
                 return str(metadata.version(dist))
             except Exception as exc:  # RPyC rebuilds the server's exception here
-                if isinstance(exc, importlib.metadata.PackageNotFoundError) or \
-                        "PackageNotFoundError" in type(exc).__name__:
+                if "PackageNotFoundError" in type(exc).__name__:
                     return None  # not installed there: the task's import will say so
                 raise
 
