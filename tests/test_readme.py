@@ -38,7 +38,9 @@ What is checked: each group runs to the end without an exception, and
   em dash: ``print(x)  # {} — or ...`` must print ``{}``);
 - an expression statement whose comment (up to an em dash or ``;``) is a Python literal
   evaluates to that literal (``fut.result(timeout=10)  # 6``); comments that aren't
-  literals (``# {word: count}``, ``# an import path``) are prose and not checked.
+  literals (``# {word: count}``, ``# an import path``) are prose and not checked;
+- a statement commented ``# prints here as "TEXT"`` (a task's output streamed back) prints
+  the line TEXT, at most 30 s after it returns.
 
 Tracebacks from a failing block name README.md and its line there.
 
@@ -302,7 +304,7 @@ def servers() -> Iterator[Servers]:
 # -- running python blocks -----------------------------------------------------------------------
 #: the subprocess: transforms each block (output checks), runs it in a fresh ``__main__``
 RUNNER = r'''
-import ast, contextlib, io, json, sys, tokenize, types
+import ast, contextlib, io, json, re, sys, tokenize, types
 
 spec = json.loads(open(sys.argv[1]).read())
 main = types.ModuleType("__main__")
@@ -327,6 +329,25 @@ def _readme_capture(line, expected):
         raise AssertionError(f"README.md:{line} prints {got!r}; the README says {expected!r}")
 
 
+@contextlib.contextmanager
+def _readme_shows(line, expected):
+    """The statement's (task's) output must include the line ``expected``; a task's output
+    may trail its result, so wait for it a while."""
+    import time
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+            deadline = time.monotonic() + 30
+            while expected not in buf.getvalue().splitlines() and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        sys.stdout.write(buf.getvalue())
+    if expected not in buf.getvalue().splitlines():
+        raise AssertionError(f"README.md:{line} printed {buf.getvalue()!r}; the README says "
+                             f"it prints {expected!r}")
+
+
 def _readme_value(line, expected, value):
     want = ast.literal_eval(expected)
     if value != want:
@@ -334,6 +355,7 @@ def _readme_value(line, expected, value):
 
 
 ns["_readme_capture"], ns["_readme_value"] = _readme_capture, _readme_value
+ns["_readme_shows"] = _readme_shows
 
 
 def is_literal(text):
@@ -354,7 +376,12 @@ class Checks(ast.NodeTransformer):
             return node
         claim, line = head(comment), node.lineno + self.offset
         call = node.value
-        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+        shows = re.match(r'prints here as "(.*)"$', claim)
+        if shows:
+            ctx = ast.Call(ast.Name("_readme_shows", ast.Load()),
+                           [ast.Constant(line), ast.Constant(shows.group(1))], [])
+            new = ast.With([ast.withitem(ctx, None)], [node])
+        elif (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
                 and call.func.id == "print"):
             ctx = ast.Call(ast.Name("_readme_capture", ast.Load()),
                            [ast.Constant(line), ast.Constant(claim)], [])
@@ -428,6 +455,9 @@ def run_blocks(prelude_code: str, blocks: list[tuple[int, str]], tmp: Path, cwd:
     ("print(1 + 1)  # 2 — prose after the dash\n1 + 1  # 2; prose after the semicolon\n"
      "1 + 1  # a comment that is not a literal\nx = 5  # an assignment: not checked\n", None),
     ("print(1 + 1)  # 3\n", "README.md:7 prints '2'; the README says '3'"),
+    ("print('a')  # x\n", "README.md:7 prints 'a'; the README says 'x'"),
+    ("print('b')  # prints here as \"a\"\n", "README.md:7 printed 'b\\n'; the README says it "
+     "prints 'a'"),
     ("import os\nif True:\n    len('ab')  # 3 — nested statements are checked too\n",
      "README.md:9 gives 2; the README says 3"),
 ])
