@@ -49,6 +49,7 @@ import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import io
 import marshal
 import os
 import re
@@ -58,19 +59,32 @@ import sysconfig
 import threading
 import types
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any, Callable
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any, Callable
+
+
+def _fetch_timeout() -> float:
+    try:
+        value = float(os.environ.get("RPYCSVC_FORWARD_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
 
 #: Seconds a worker waits for the client to send a module before the import fails.
-FETCH_TIMEOUT = float(os.environ.get("RPYCSVC_FORWARD_TIMEOUT", "30"))
+FETCH_TIMEOUT = _fetch_timeout()
 #: Largest module file a client sends.
 MAX_MODULE_BYTES = 32 << 20
 
 #: What a module request is answered with (plain tuples: RPyC's brine and pickle carry them):
 #: ``("module", name, is_package, filename, "source"|"pyc"|"namespace", data, digest)``,
 #: ``("none", name)`` (not the client's to give: the import goes on as if not found) or
-#: ``("error", name, message)`` (the import fails with that message).
+#: ``("error", name, message)`` (the import fails with that message). A request for a data
+#: file of a forwarded package (``importlib.resources``) is named ``resource:PKG:PATH`` and
+#: answered ``("data", request, bytes)``, ``("dir", request, ((entry, is_dir), ...))``,
+#: ``("none", request)`` or ``("error", request, message)``.
 Reply = tuple[Any, ...]
+RESOURCE = "resource:"
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -183,6 +197,12 @@ class ModuleProvider:
 
     def answer(self, name: Any) -> Reply:
         """The reply to a request for module ``name``; never raises."""
+        if isinstance(name, str) and name.startswith(RESOURCE) and len(name) < 4096:
+            try:
+                return self._resource(name)
+            except Exception as exc:
+                return ("error", name, f"the client could not read {name!r}: "
+                        f"{type(exc).__name__}: {exc}")
         if not isinstance(name, str) or not _NAME.match(name) or len(name) > 500:
             return ("error", str(name)[:100], "not a module name")
         try:
@@ -249,6 +269,33 @@ class ModuleProvider:
             self._sent[name] = (path, (st.st_mtime_ns, st.st_size), digest)
         return ("module", name, is_pkg, path, kind, data, digest)
 
+    def _resource(self, request: str) -> Reply:
+        """A data file (or directory listing) inside a package this client forwarded:
+        nothing outside that package's directory, symlinks included."""
+        _, pkg, rel = request.split(":", 2)
+        with self._lock:
+            sent = self._sent.get(pkg)
+        if sent is None or os.path.basename(sent[0]) != "__init__.py":
+            return ("error", request, f"{pkg!r} is not a package this client forwarded")
+        base = os.path.realpath(os.path.dirname(sent[0]))
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        if any(p == ".." or "\0" in p or os.sep in p for p in parts):
+            return ("error", request, f"bad resource path {rel!r}")
+        path = os.path.realpath(os.path.join(base, *parts))
+        if not _under(path, [base]):
+            return ("error", request, f"resource {rel!r} is outside package {pkg!r}")
+        if os.path.isdir(path):
+            with os.scandir(path) as entries:
+                return ("dir", request, tuple(sorted(
+                    (e.name, e.is_dir()) for e in entries if e.name != "__pycache__")))
+        if not os.path.isfile(path):
+            return ("none", request)
+        if os.path.getsize(path) > MAX_MODULE_BYTES:
+            return ("error", request, f"resource {rel!r} of {pkg!r} is over the "
+                    f"{MAX_MODULE_BYTES} bytes a forwarded file may have")
+        with open(path, "rb") as f:
+            return ("data", request, f.read())
+
     def option(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         """What each task carries: ``(token, ((name, digest), ...))`` for every module
         sent so far, re-read where its file changed since."""
@@ -301,11 +348,13 @@ class _ForwardedLoader(importlib.abc.Loader):
     """Executes a module the client sent; serves its source to ``linecache`` so tracebacks
     through forwarded code show their lines."""
 
-    def __init__(self, name: str, filename: str, kind: str, data: bytes) -> None:
+    def __init__(self, name: str, filename: str, kind: str, data: bytes,
+                 finder: ForwardedModules) -> None:
         self.name = name
         self.filename = filename
         self.kind = kind
         self.data = data
+        self.finder = finder
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return None
@@ -331,6 +380,110 @@ class _ForwardedLoader(importlib.abc.Loader):
 
     def is_package(self, fullname: str) -> bool:
         return self.filename.endswith("__init__.py")
+
+    def get_resource_reader(self, fullname: str) -> _Resources | None:
+        """``importlib.resources`` for a forwarded package: its data files, read from the
+        client when a task reads them (always the file's content now; nothing cached)."""
+        return _Resources(self.finder, fullname) if self.is_package(fullname) else None
+
+
+class _Resources:
+    """A forwarded package's data files (``importlib.resources``): a ResourceReader for
+    Python 3.9's API, with ``files()`` for the newer one. Each read asks the running
+    task's client; outside a task there is nobody to ask (FileNotFoundError)."""
+
+    def __init__(self, finder: ForwardedModules, package: str) -> None:
+        self.finder = finder
+        self.package = package
+
+    def ask(self, rel: str) -> Reply:
+        fetch = self.finder.current()
+        request = f"{RESOURCE}{self.package}:{rel}"
+        if fetch is None:
+            raise FileNotFoundError(f"{rel!r} of forwarded package {self.package!r}: its "
+                                    "files are read from the client only while its task runs")
+        reply = fetch(request)
+        status = reply[0] if isinstance(reply, tuple) and reply else "error"
+        if status == "none":
+            raise FileNotFoundError(f"no resource {rel!r} in package {self.package!r} on "
+                                    "the client")
+        if status not in ("data", "dir") or len(reply) != 3:
+            raise OSError(f"{reply[2] if status == 'error' and len(reply) > 2 else reply!r}"
+                          " (module forwarding)")
+        return reply
+
+    # -- importlib.abc.ResourceReader (Python 3.9's importlib.resources functions)
+    def open_resource(self, resource: str) -> io.BytesIO:
+        reply = self.ask(resource)
+        if reply[0] != "data":
+            raise IsADirectoryError(f"{resource!r} of {self.package!r} is a directory")
+        return io.BytesIO(reply[2])
+
+    def resource_path(self, resource: str) -> str:
+        raise FileNotFoundError(f"{resource!r} of forwarded package {self.package!r} is not "
+                                "a file on this server (read it, or use as_file())")
+
+    def is_resource(self, name: str) -> bool:
+        try:
+            return self.ask(name)[0] == "data"
+        except FileNotFoundError:
+            return False
+
+    def contents(self) -> list[str]:
+        return [entry for entry, _ in self.ask("")[2]]
+
+    def files(self) -> _Traversable:
+        return _Traversable(self, "")
+
+
+class _Traversable:
+    """A path in a forwarded package (``importlib.resources.files(pkg) / "data.txt"``)."""
+
+    def __init__(self, resources: _Resources, rel: str) -> None:
+        self._resources = resources
+        self._rel = rel
+
+    @property
+    def name(self) -> str:
+        return self._rel.rsplit("/", 1)[-1] if self._rel else self._resources.package
+
+    def joinpath(self, *parts: str) -> _Traversable:
+        rel = "/".join(p for p in (self._rel, *(str(x).strip("/") for x in parts)) if p)
+        return _Traversable(self._resources, rel)
+
+    def __truediv__(self, child: str) -> _Traversable:
+        return self.joinpath(child)
+
+    def iterdir(self) -> Iterator[_Traversable]:
+        for entry, _ in self._resources.ask(self._rel)[2]:
+            yield self.joinpath(entry)
+
+    def _kind(self) -> str:
+        try:
+            return str(self._resources.ask(self._rel)[0])
+        except FileNotFoundError:
+            return "none"
+
+    def is_dir(self) -> bool:
+        return self._kind() == "dir"
+
+    def is_file(self) -> bool:
+        return self._kind() == "data"
+
+    def read_bytes(self) -> bytes:
+        return self._resources.open_resource(self._rel).getvalue()
+
+    def read_text(self, encoding: str | None = None, errors: str | None = None) -> str:
+        return self.read_bytes().decode(encoding or "utf-8", errors or "strict")
+
+    def open(self, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
+        if mode not in ("r", "rb"):
+            raise ValueError(f"forwarded package files are read-only; got mode {mode!r}")
+        data = io.BytesIO(self.read_bytes())
+        return data if mode == "rb" else io.TextIOWrapper(data, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<forwarded {self._resources.package}:{self._rel or '.'}>"
 
 
 class ForwardedModules(importlib.abc.MetaPathFinder):
@@ -391,7 +544,7 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"{message} (module forwarding)", name=fullname)
         _, _name, is_pkg, filename, kind, data, digest = reply
         loader = _ForwardedLoader(fullname, str(filename) or f"<forwarded {fullname}>",
-                                  str(kind), bytes(data))
+                                  str(kind), bytes(data), self)
         spec = importlib.util.spec_from_loader(fullname, loader, origin=loader.filename,
                                                is_package=bool(is_pkg))
         if spec is None:

@@ -191,9 +191,10 @@ def loads(frames: Sequence[bytes | bytearray], what: str = "value",
     except Exception as exc:
         raise SerializationError(
             f"can't unpickle {what}: {type(exc).__name__}: {exc}. Is the module that defines "
-            "it installed on this side too? Functions and classes from your own modules are "
-            "sent by reference; call cloudpickle.register_pickle_by_value(module) to send "
-            "them by value."
+            "it installed on this side too? Functions and classes from modules are sent by "
+            "reference: a server gets your project's modules from the client on demand "
+            "(module forwarding); for others, install them there, or call "
+            "cloudpickle.register_pickle_by_value(module) to send them by value."
         ) from exc
 
 
@@ -341,8 +342,10 @@ class FunctionCache:
             fn = pickle.loads(blob)
         except Exception as exc:
             raise SerializationError(
-                f"can't unpickle the task function: {type(exc).__name__}: {exc}. If it lives "
-                "in a module of yours that the server can't import, call "
+                f"can't unpickle the task function: {type(exc).__name__}: {exc}. Modules of "
+                "the client's project (on its sys.path outside site-packages) are sent on "
+                "demand unless it connected with forward_modules=False; for a module the "
+                "client can't offer, install it on the server or call "
                 "cloudpickle.register_pickle_by_value(module) on the client."
             ) from exc
         self._items[blob] = fn

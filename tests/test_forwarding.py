@@ -67,8 +67,29 @@ def write_package(root: Path, name: str, rate: float = 0.5, note: str = "v1") ->
             from . import tax  # lazily, inside the task
 
             return Receipt(sum(items) * (1 + tax.RATE), tax.NOTE)
+
+
+        def rates():  # data files of the package, through importlib.resources
+            import sys
+            from importlib import resources
+
+            legacy = resources.read_text(__package__, "rates.txt")
+            if sys.version_info < (3, 10):  # 3.9's files() asks no loader, only the disk
+                return legacy, ["rates.txt"]
+            here = resources.files(__package__) / "data"
+            return legacy, [p.name for p in here.iterdir()] + [(here / "more.txt").read_text()]
+
+
+        def peek(path):
+            from importlib.resources import files
+
+            return (files(__package__) / path).read_text()
         """))
     (pkg / "tax.py").write_text(f"RATE = {rate!r}\nNOTE = {note!r}\n")
+    (pkg / "data").mkdir()
+    (pkg / "rates.txt").write_text("standard 0.2\n")
+    (pkg / "data" / "more.txt").write_text("reduced 0.1\n")
+    (root / "secret.txt").write_text("not in the package\n")
     return root
 
 
@@ -140,7 +161,9 @@ def test_an_edited_module_is_forwarded_again(
         with rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"]) as c:
             with rpycsvc.connect(EXTRA["address"], forward_modules=False) as plain:
                 report(without=outcome(plain.compute, pkg.total, [1]))
-            report(first=outcome(c.compute, pkg.total, [2]), pid1=c.compute(os.getpid))
+            report(first=outcome(c.compute, pkg.total, [2]), pid1=c.compute(os.getpid),
+                   resources=outcome(c.compute, pkg.pricing.rates),
+                   outside=outcome(c.compute, pkg.pricing.peek, "../secret.txt"))
             set_rate(1.0, "v2")
             report(edited=outcome(c.compute, pkg.total, [2]), pid2=c.compute(os.getpid))
             set_rate(2.0, "v3")
@@ -152,6 +175,12 @@ def test_an_edited_module_is_forwarded_again(
     assert got["without"][:2] == ["error", "SerializationError"], got["without"]
     assert "No module named" in got["without"][2]
     assert got["first"] == receipt(3.0, "v1")
+    if sys.version_info >= (3, 10):
+        assert got["resources"] == ["ok", repr(("standard 0.2\n",
+                                                ["more.txt", "reduced 0.1\n"]))]
+        assert got["outside"][0] == "error" and "bad resource path" in got["outside"][2]
+    else:
+        assert got["resources"] == ["ok", repr(("standard 0.2\n", ["rates.txt"]))]
     assert got["edited"] == receipt(4.0, "v2")
     assert got["pid1"] == got["pid2"]  # the same worker, its modules re-fetched
     assert got["thread"] == receipt(6.0, "v3")
@@ -224,6 +253,7 @@ def test_a_deployed_host_runs_a_package_only_the_client_has(
             client = cluster.clients[0]
             report(server_lacks=client.eval(
                 f"__import__('importlib.util').util.find_spec({PKG!r}) is None"))
+            client.compute(sum, [1, 2])  # the worker's own first task: not ours to count
             t0 = time.perf_counter()
             first = outcome(client.compute, pkg.total, [2])
             t1 = time.perf_counter()
