@@ -15,7 +15,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from .config import DEFAULT_PORT, MODES, ServerConfig, parse_size
-from .errors import RpycsvcError
+from .errors import ConfigError, RpycsvcError
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -204,6 +204,9 @@ def run(args: argparse.Namespace, *, classic_banner: bool = False) -> int:
         logging.getLogger("rpycsvc.server").warning(
             "--insecure: anyone who can reach %s:%s can run code as this user", cfg.host, cfg.port)
     if cfg.mode == "stdio":
+        if cfg.metrics_port is not None:  # nothing would serve it: refuse, don't ignore
+            raise ConfigError("--metrics-port needs a listening server; --mode stdio (a "
+                              "deployed server) serves no metrics page: drop --metrics-port")
         serve_stdio(cfg)
         return 0
     server = Server(cfg).start()

@@ -226,6 +226,14 @@ def test_bad_endpoints_module_is_refused() -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_metrics_port_with_stdio_mode_is_refused_not_ignored() -> None:
+    # A stdio server (what deploy runs) has no listener for a metrics page.
+    res = run_cli(*SERVE, "--mode", "stdio", "--metrics-port", "0")
+    assert res.returncode == 2
+    assert "--metrics-port" in res.stderr and "stdio" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_bad_option_value_in_a_subprocess() -> None:
     res = run_cli(*SERVE, "--port", "70000")
     assert res.returncode == 2
