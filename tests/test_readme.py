@@ -39,6 +39,8 @@ What is checked: each group runs to the end without an exception, and
 - an expression statement whose comment (up to an em dash or ``;``) is a Python literal
   evaluates to that literal (``fut.result(timeout=10)  # 6``); comments that aren't
   literals (``# {word: count}``, ``# an import path``) are prose and not checked;
+- ``progress=True`` writes one summary line to stderr (not a terminal here) shaped as the
+  README's sample (``1000/1000 done in 3.2s (312/s) | ADDRESS:COUNT ...``);
 - a statement commented ``# prints here as "TEXT"`` (a task's output streamed back) prints
   the line TEXT, at most 30 s after it returns.
 
@@ -438,6 +440,20 @@ def test_python_block_runs_as_written(group: Group, servers: Servers, tmp_path: 
     assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, (
         f"{group.id} failed (exit {proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n"
         f"{proc.stderr}")
+    # progress=True off a terminal: one summary line each, as the README's sample reads
+    summaries = [ln for ln in proc.stderr.splitlines() if " done in " in ln]
+    assert len(summaries) == sum(b.code.count("progress=True") for b in group.blocks), (
+        proc.stderr)
+    sample = re.search(r"`(\d+/\d+ done in [^`]+)`", README.read_text())
+    assert sample is not None
+    for line in summaries:
+        assert _progress_shape(line) == _progress_shape(sample.group(1)), (line, sample)
+
+
+def _progress_shape(line: str) -> str:
+    """A progress summary line with its numbers and addresses generalised."""
+    line = re.sub(r"127\.0\.0\.1:\d+:\d+( 127\.0\.0\.1:\d+:\d+)*", "ADDR:N ...", line)
+    return re.sub(r"\d[\d,]*(\.\d+)?", "N", line)
 
 
 def run_blocks(prelude_code: str, blocks: list[tuple[int, str]], tmp: Path, cwd: Path,
