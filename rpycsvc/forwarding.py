@@ -25,11 +25,13 @@ worker's channel to the server, which asks the client over RPyC (:mod:`rpycsvc.p
 :data:`FETCH_TIMEOUT` seconds: a client that does not answer makes the import fail with
 an ``ImportError`` that says so.
 
-Forwarded modules are keyed by content. Every task carries its client's token and the
-digest of each module that client has forwarded so far (re-read when its file changed).
-Before the task runs, a worker that holds forwarded modules of another client, or a version
-that differs from the client's current one, drops every forwarded module (and its cache of
-unpickled functions): the task's imports then fetch the current versions. So an edited
+Forwarded modules are keyed by content. The client keeps the digest (a hash of the bytes)
+of every module it has sent, and a *version* number that goes up whenever one of those
+changes on disk (looked for before each task: a ``stat`` per module, and a hash when the
+file's time or size moved); every task carries the client's token and that version: a few
+bytes, however large the project. Before the task runs, a worker that holds forwarded
+modules of another client, or of an older version, drops every forwarded module (and its
+cache of unpickled functions): the task's imports then fetch the current files. So an edited
 module is used from the next task on, and a worker never runs one client's task with
 another client's code. Dropping modules rather than restarting the worker keeps the first
 task cheap; what cannot be undone that way (a forwarded module that registered itself with
@@ -57,6 +59,7 @@ import site
 import sys
 import sysconfig
 import threading
+import time
 import types
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -178,6 +181,12 @@ def _distribution(top: str) -> tuple[str, str] | None:
     return None
 
 
+#: A file modified less than this many seconds ago is hashed again even if its time and
+#: size look unchanged: file times tick coarsely (milliseconds), so an edit of the same
+#: size right after the last one can keep both (git's "racy" entries).
+_RACY = 2.0
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -186,7 +195,7 @@ class ModuleProvider:
     """The client's side: answers a server's request for one module (see the module
     docstring for what is offered). One per set of ``forward_packages`` per process
     (:func:`provider`): its ``token`` names this client to workers, and it remembers what
-    it sent, so each task can tell workers the current digest of every module forwarded."""
+    it sent, so each task can tell workers whether any of it changed since."""
 
     def __init__(self, packages: Sequence[str] = ()) -> None:
         self.token = uuid.uuid4().hex
@@ -194,6 +203,7 @@ class ModuleProvider:
         self._lock = threading.Lock()
         #: name -> (file, (mtime_ns, size), digest) of what was sent
         self._sent: dict[str, tuple[str, tuple[int, int], str]] = {}
+        self._version = 0  # see option()
 
     def answer(self, name: Any) -> Reply:
         """The reply to a request for module ``name``; never raises."""
@@ -296,27 +306,34 @@ class ModuleProvider:
         with open(path, "rb") as f:
             return ("data", request, f.read())
 
-    def option(self) -> tuple[str, tuple[tuple[str, str], ...]]:
-        """What each task carries: ``(token, ((name, digest), ...))`` for every module
-        sent so far, re-read where its file changed since."""
+    def option(self) -> tuple[str, int]:
+        """What each task carries: ``(token, version)``; the version goes up when a module
+        sent before has other content now (a file merely touched does not count)."""
         with self._lock:
             sent = list(self._sent.items())
-        if not sent:
-            return (self.token, ())
-        out = []
+        changed = False
+        wall = time.time()
         for name, (path, sig, digest) in sent:
             try:
                 st = os.stat(path)
                 now = (st.st_mtime_ns, st.st_size)
-                if now != sig:
-                    with open(path, "rb") as f:
-                        digest = _digest(f.read())
-                    with self._lock:
-                        self._sent[name] = (path, now, digest)
+                recent = wall - st.st_mtime < _RACY
             except OSError:
-                digest = "gone"
-            out.append((name, digest))
-        return (self.token, tuple(out))
+                now, recent = (-1, -1), False  # gone: counts as changed once
+            if now == sig and not recent:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    fresh = _digest(f.read())
+            except OSError:
+                fresh = "gone"
+            with self._lock:
+                self._sent[name] = (path, now, fresh)
+            changed = changed or fresh != digest
+        with self._lock:
+            if changed:
+                self._version += 1
+            return (self.token, self._version)
 
 
 def _norm(name: str) -> str:
@@ -497,6 +514,7 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
         self.current = current
         self.on_drop = on_drop
         self.owner = ""  # token of the client whose modules are loaded
+        self.version = -1  # ...and that client's version of them (see ModuleProvider.option)
         self.loaded: dict[str, str] = {}  # name -> digest
         self._lock = threading.Lock()
         self._busy = threading.local()
@@ -506,20 +524,20 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
         return self
 
     def begin(self, option: Any) -> None:
-        """A task starts with ``option`` (its client's token and digests, or None): drop
-        every forwarded module unless all are that client's current versions."""
+        """A task starts with ``option`` (its client's token and version, or None: a
+        client that forwards nothing): drop every forwarded module unless they are that
+        client's, of that version."""
+        ok = isinstance(option, tuple) and len(option) == 2 and isinstance(option[1], int)
+        token, version = (str(option[0]), option[1]) if ok else ("", -1)
         with self._lock:
-            if not self.loaded:
-                self.owner = option[0] if option else ""
+            if self.loaded and (token, version) == (self.owner, self.version):
                 return
-            current = dict(option[1]) if option else {}
-            if option and option[0] == self.owner and all(
-                    current.get(n) == d for n, d in self.loaded.items()):
+            self.owner, self.version = token, version
+            if not self.loaded:
                 return
             for name in self.loaded:
                 sys.modules.pop(name, None)
             self.loaded.clear()
-            self.owner = option[0] if option else ""
         importlib.invalidate_caches()
         self.on_drop()
 
