@@ -340,7 +340,7 @@ def _readme_shows(line, expected):
     try:
         with contextlib.redirect_stdout(buf):
             yield
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + spec.get("shows_wait", 30.0)
             while expected not in buf.getvalue().splitlines() and time.monotonic() < deadline:
                 time.sleep(0.05)
     finally:
@@ -457,9 +457,12 @@ def _progress_shape(line: str) -> str:
 
 
 def run_blocks(prelude_code: str, blocks: list[tuple[int, str]], tmp: Path, cwd: Path,
-               env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run ``blocks`` ((README line, code), ...) after ``prelude_code`` in one subprocess."""
-    spec = {"prelude": prelude_code, "teardown": TEARDOWN, "blocks": blocks}
+               env: dict[str, str], shows_wait: float = 30.0,
+               ) -> subprocess.CompletedProcess[str]:
+    """Run ``blocks`` ((README line, code), ...) after ``prelude_code`` in one subprocess;
+    a task's output that "prints here as" claims may trail it by ``shows_wait`` seconds."""
+    spec = {"prelude": prelude_code, "teardown": TEARDOWN, "blocks": blocks,
+            "shows_wait": shows_wait}
     (tmp / "spec.json").write_text(json.dumps(spec))
     (tmp / "runner.py").write_text(RUNNER)
     return subprocess.run([sys.executable, str(tmp / "runner.py"), str(tmp / "spec.json")],
@@ -480,7 +483,7 @@ def run_blocks(prelude_code: str, blocks: list[tuple[int, str]], tmp: Path, cwd:
 def test_claims_in_comments_are_checked(code: str, error: str | None, tmp_path: Path) -> None:
     """The runner itself: a wrong claim in a comment fails, at its README line."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = run_blocks("", [(7, code)], tmp_path, tmp_path, env)
+    proc = run_blocks("", [(7, code)], tmp_path, tmp_path, env, shows_wait=0.5)
     if error is None:
         assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, proc.stderr
     else:
