@@ -641,6 +641,10 @@ def test_top_shows_what_the_readme_shows(servers: Servers) -> None:
                                                                 "base 10: 'x;;'"))
     assert failure.split()[1:5] == ["ago", servers.c, "int", failure.split()[4]]
     assert "builtins.ValueError:" in failure.split()  # as the README's failure row shows
+    # "--once ... exits (1 if a server is DOWN)"; "A server that stops answering is shown DOWN"
+    down = _cli("top", "--once", "--interval", "0.2", "127.0.0.1:1", env=servers.env)
+    assert down.returncode == 1, down.stdout + down.stderr
+    assert any(ln.split()[:2] == ["127.0.0.1:1", "DOWN"] for ln in down.stdout.splitlines())
 
 
 def test_status_shows_what_the_readme_shows(servers: Servers) -> None:
