@@ -51,10 +51,11 @@ The samples of what rpycsvc prints are compared with what it prints: ``rpycsvc t
 the tree of exception classes under "Errors", and the ``rpycsvc repl`` transcript (replayed
 through a pty, but for its Ctrl-C statement, which ``tests/test_repl.py`` covers).
 
-Shell blocks (``sh``, ``console``) are not run: every ``rpycsvc ...`` and
-``bin/rpycsvc_classic ...`` command line in them, and every ```rpycsvc SUBCOMMAND ...``` code
-span in the text, must parse with the real parsers (``cli.build_parser()``, and
-``cli.add_serve_arguments`` for ``rpycsvc_classic``).
+Shell blocks (``sh``, ``console``) are not run (but for the openssl commands, which
+:func:`test_tls_certificates_work` runs): every ``rpycsvc ...`` and ``bin/rpycsvc_classic ...``
+command line in them must parse with the real parsers (``cli.build_parser()``, and
+``cli.add_serve_arguments`` for ``rpycsvc_classic``), and every ```rpycsvc SUBCOMMAND ...```
+code span in the text must name a real subcommand and only options it has.
 """
 
 from __future__ import annotations
