@@ -29,11 +29,15 @@ class _LocalServer:
 
     def __init__(self, workers: int, args: list[str], *, forward: bool = True) -> None:
         cmd = [sys.executable, "-m", "rpycsvc.cli", "serve", "--port", "0", "-q",
-               "--workers", str(workers), *args]
+               "--workers", str(workers), "--exit-on-stdin-eof", *args]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     env=env)
+        # A session of its own: a Ctrl-C in the terminal or a Jupyter kernel interrupt (SIGINT
+        # to our whole process group) interrupts our code, not the servers, which we stop in
+        # close(). Our end of the stdin pipe is held until then: when this process ends,
+        # however (even SIGKILL), the pipe closes and the server stops (--exit-on-stdin-eof).
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                                     env=env, start_new_session=True)
         self.forward = forward
         self._pump: threading.Thread | None = None
 
@@ -71,6 +75,11 @@ class _LocalServer:
         return self.proc.pid
 
     def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

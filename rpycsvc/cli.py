@@ -155,6 +155,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="log errors only, as rpyc_classic -q (default: off)")
     o.add_argument("-v", "--verbose", action="store_true", default=None,
                    help="debug logging (default: off)")
+    o.add_argument("--exit-on-stdin-eof", action="store_true", default=False,
+                   help="stop (as on SIGTERM) when standard input reaches its end: started "
+                   "with a pipe as stdin, the server ends when the process that started it "
+                   "does, however it died (Cluster.local uses this) (default: off)")
 
 
 def _size(text: str) -> int:
@@ -172,6 +176,25 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
              "inbound_budget", "stall_timeout", "register", "registry_type", "registry_port",
              "registry_host", "logfile", "quiet", "verbose", "metrics_port", "lanes")
     return ServerConfig.from_env(**{n: getattr(args, n, None) for n in names})
+
+
+def _stop_at_stdin_eof(server: Any) -> None:
+    """Stop ``server`` when our stdin ends: the end of a pipe whose writer was the parent
+    (``Cluster.local``'s client), closed by the kernel when that process dies, even by
+    SIGKILL, which no signal handler would see."""
+    import os
+    import threading
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass  # nothing is sent on it; anything read is ignored
+        except OSError:
+            pass
+        logging.getLogger("rpycsvc.server").info("stdin closed: shutting down")
+        server.request_stop()
+
+    threading.Thread(target=watch, daemon=True, name="rpycsvc-stdin-watch").start()
 
 
 def setup_logging(cfg: Any) -> None:
@@ -220,6 +243,8 @@ def run(args: argparse.Namespace, *, classic_banner: bool = False) -> int:
             raise
     # Handlers first: a script may signal us as soon as it has read the address.
     server.install_signal_handlers()
+    if getattr(args, "exit_on_stdin_eof", False):
+        _stop_at_stdin_eof(server)
     if classic_banner and cfg.mode == "oneshot":
         print(f"rpyc-oneshot\n{server.host}\t{server.port}", flush=True)
     else:

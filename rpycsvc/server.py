@@ -532,6 +532,11 @@ class Server:
                 return False
         return True
 
+    def request_stop(self) -> None:
+        """Make :meth:`serve` return (as SIGTERM does), from any thread; the caller of
+        :meth:`serve` then runs :meth:`close`."""
+        self._stop.set()
+
     def close(self, grace: float | None = None) -> None:
         """Stop accepting, let running tasks finish within ``grace`` seconds, stop workers."""
         self._stop.set()
