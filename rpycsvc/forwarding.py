@@ -33,9 +33,10 @@ bytes, however large the project. Before the task runs, a worker that holds forw
 modules of another client, or of an older version, drops every forwarded module (and its
 cache of unpickled functions): the task's imports then fetch the current files. So an edited
 module is used from the next task on, and a worker never runs one client's task with
-another client's code. Dropping modules rather than restarting the worker keeps the first
-task cheap; what cannot be undone that way (a forwarded module that registered itself with
-an installed library, say) is the reason ``mode="process"`` is the isolating mode.
+another client's code. Modules are dropped rather than the worker restarted, so that two
+clients taking turns on a server don't pay a worker start (a few hundred ms) per turn; what
+a dropped module did to the rest of the process (registered itself with an installed
+library, say) stays until the worker is replaced.
 
 Thread-mode tasks share one process and so one ``sys.modules``: tasks of one client share
 its forwarded modules as process tasks do; when a task of another client (or after an edit)
