@@ -27,10 +27,18 @@ become A, ``host2:18812`` B, ``host3:18812`` C; the README's sample addresses
 ``127.0.0.1:40517`` and ``127.0.0.1:40991`` become A and B (A has the lower port, so the
 sorted list ``discover`` returns is in the README's order); ``rpyc.classic.connect("host")``
 connects to A; the registry port ``18811`` becomes this module's registry's port.
-``Cluster.local(2)`` starts its own servers as written. ``rpycsvc.deploy``'s three hosts
-become the suite's private sshd (the ``sshd`` fixture: its alias, with its ssh config in
-``ssh_options``, and 2 workers instead of 8); ``rpycsvc deploy ... --run job.py`` runs the
-README's job.py there.
+``Cluster.local(2)`` (and ``%rpycsvc local 2``) starts its own servers as written.
+
+The hosts of the deploy examples become the suite's private sshd (the ``sshd`` fixture, ALIAS
+its alias and CFG its client ssh config): ``rpycsvc.deploy``'s three hosts become ALIAS, with
+``ssh_options=["-F", CFG]`` and 2 workers instead of 8; plumbum's ``SshMachine("node1",
+user="alice")``, ``SshMachine("node1")`` and ``SshMachine("node2")`` become
+``SshMachine(ALIAS, ssh_opts=["-F", CFG])``, and the host string ``"node3:2222"`` beside them
+ALIAS (with ``ssh_options=["-F", CFG]`` and 2 workers instead of 4);
+``ParamikoMachine("node2", user="alice")`` connects to the sshd's address and port as this
+user with the sshd's client key (``AutoAddPolicy`` for its host key, which no known_hosts
+file holds); ``rpycsvc deploy ... --run job.py`` runs the README's job.py there. The
+metrics example's port 9464 becomes 0 (a free one).
 
 What is checked: each group runs to the end without an exception, and
 
@@ -48,8 +56,9 @@ Tracebacks from a failing block name README.md and its line there.
 
 The samples of what rpycsvc prints are compared with what it prints: ``rpycsvc top``,
 ``rpycsvc status``, the "deployed to" line of ``rpycsvc deploy``, a task's output line,
-the tree of exception classes under "Errors", and the ``rpycsvc repl`` transcript (replayed
-through a pty, but for its Ctrl-C statement, which ``tests/test_repl.py`` covers).
+the tree of exception classes under "Errors", the ``EnvironmentMismatchError`` message, and
+the ``rpycsvc repl`` transcript (replayed through a pty, but for its Ctrl-C statement, which
+``tests/test_repl.py`` covers).
 
 Shell blocks (``sh``, ``console``) are not run (but for the openssl commands, which
 :func:`test_tls_certificates_work` runs): every ``rpycsvc ...`` and ``bin/rpycsvc_classic ...``
@@ -113,10 +122,12 @@ GIVEN: dict[str, str] = {
     "data": "data = list(range(100))",
     "simulateWorkload": "def simulateWorkload(x):\n    return x * x",
     "step": "def step(n):\n    raise ValueError(f'step {{n}} failed')",
+    "server": "import rpycsvc\n"
+              "server = rpycsvc.Server(rpycsvc.ServerConfig(port=0, workers=1)).start()",
 }
 #: run after a group, whatever happened: what ``GIVEN`` opened is closed
 TEARDOWN = """
-for _name in ("client", "cluster"):
+for _name in ("client", "cluster", "server"):
     if _name in globals():
         globals()[_name].close()
 """
@@ -230,11 +241,27 @@ class Servers:
 def substitutions(s: Servers, sshd: SshServer | None = None) -> list[tuple[str, str]]:
     """README text -> what the test runs instead, in this order (see the module docstring)."""
     port_a = s.a.rsplit(":", 1)[1]
-    ssh = [] if sshd is None else [
-        ('["alice@node1", "node2:2222", "gpu-box"], workers=8',
-         f'[{sshd.alias!r}], workers=2, ssh_options=["-F", {str(sshd.config_path)!r}]')]
+    ssh: list[tuple[str, str]] = []
+    if sshd is not None:
+        alias, opts = repr(sshd.alias), f'["-F", {str(sshd.config_path)!r}]'
+        machine = f"SshMachine({alias}, ssh_opts={opts})"
+        ssh = [
+            ('["alice@node1", "node2:2222", "gpu-box"], workers=8',
+             f"[{alias}], workers=2, ssh_options={opts}"),
+            ('SshMachine("node1", user="alice")', machine),
+            ('SshMachine("node1")', machine), ('SshMachine("node2")', machine),
+            ('"node3:2222", local], workers=4', f"{alias}, local], workers=2, ssh_options={opts}"),
+            ("from plumbum.machines.paramiko_machine import ParamikoMachine",
+             "from plumbum.machines.paramiko_machine import ParamikoMachine\nimport paramiko"),
+            ('ParamikoMachine("node2", user="alice")',
+             f"ParamikoMachine({sshd.address!r}, user={sshd.user!r}, port={sshd.port}, "
+             f"keyfile={str(sshd.key_path)!r}, load_system_host_keys=False, "
+             "look_for_keys=False, missing_host_policy=paramiko.AutoAddPolicy(), "
+             "connect_timeout=10)"),
+        ]
     return [
         *ssh,
+        ("start_http_server(9464,", "start_http_server(0,"),
         ("127.0.0.1:40517", s.a), ("127.0.0.1:40991", s.b),
         ("host1:18812", s.a), ("host2:18812", s.b), ("host3:18812", s.c),
         ("127.0.0.1:18812", s.a), ("localhost:18812", s.a), ("host:18812", s.a),
@@ -424,9 +451,11 @@ def prelude(given: list[str], s: Servers) -> str:
 
 
 def _group_params() -> list[object]:
-    """A group that starts servers of its own (``Cluster.local``, ``deploy``) is slow."""
+    """A group that starts servers of its own (``Cluster.local``, ``%rpycsvc local``,
+    ``deploy``) is slow."""
     return [pytest.param(g, id=g.id, marks=[pytest.mark.slow, pytest.mark.timeout(300)])
-            if any(s in b.code for b in g.blocks for s in ("Cluster.local(", "deploy("))
+            if any(s in b.code for b in g.blocks
+                   for s in ("Cluster.local(", "%rpycsvc local", "deploy("))
             else pytest.param(g, id=g.id) for g in GROUPS]
 
 
@@ -724,6 +753,21 @@ def test_error_tree_is_the_class_tree() -> None:
         parents.append(cls)
         seen += 1
     assert seen >= 15
+
+
+def test_environment_mismatch_sample_is_the_message() -> None:
+    """The sample under "Environment checks", unwrapped, is the message
+    ``EnvironmentMismatchError`` has for its versions (a task function from a 3.11.7 client to
+    a 3.9.18 server; ``tests/test_environment.py`` raises it from a server of another CPython)."""
+    from rpycsvc.environment import mismatch_message
+
+    text = README.read_text().splitlines()
+    start = text.index("### Environment checks")
+    sample = next(b for b in BLOCKS if b.line > start and b.lang == "text")
+    shown = " ".join(sample.code.split("\n")).strip()
+    assert shown == mismatch_message(
+        "127.0.0.1:18812", {"python": "3.11.7", "cloudpickle": "3.1.3"},
+        {"python": "3.9.18", "cloudpickle": "3.1.3"}, "a task function")
 
 
 # -- TLS -----------------------------------------------------------------------------------------
