@@ -145,7 +145,8 @@ class Cluster:
         self.timeout = timeout
         self._connect_kw = {k: options.pop(k) for k in
                             ("authkey", "ssl", "output", "prefix", "server_hostname",
-                             "forward_logging", "lost_after")
+                             "forward_logging", "lost_after", "forward_modules",
+                             "forward_packages")
                             if k in options}
         self._defaults = _check_options(options)
         self._lock = threading.Lock()

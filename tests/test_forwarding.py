@@ -232,6 +232,8 @@ def test_installed_packages_and_c_extensions_are_not_forwarded(
                    ext=outcome(c.compute, "importlib:import_module", EXTRA["ext"]))
         with rpycsvc.connect(EXTRA["address"], forward_packages=[EXTRA["dist"]]) as c:
             report(opted=outcome(c.compute, EXTRA["dist"] + ":answer"))
+        with rpycsvc.Cluster([EXTRA["address"]], forward_packages=[EXTRA["dist"]]) as cluster:
+            report(cluster=outcome(lambda: cluster.submit(EXTRA["dist"] + ":answer").result(60)))
     """, project, {"address": srv.address, "site": str(site), "dist": dist, "ext": ext}))
     assert got["dist"][:2] == ["error", "ModuleNotFoundError"], got["dist"]
     assert f"pip install {dist}==1.2.3" in got["dist"][2]
@@ -239,6 +241,7 @@ def test_installed_packages_and_c_extensions_are_not_forwarded(
     assert got["ext"][:2] == ["error", "ModuleNotFoundError"], got["ext"]
     assert ext in got["ext"][2] and "C extension" in got["ext"][2]
     assert got["opted"] == ["ok", "42"]
+    assert got["cluster"] == ["ok", "42"]  # (Cluster passes forward_packages on)
 
 
 @pytest.mark.ssh
