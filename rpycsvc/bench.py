@@ -42,6 +42,9 @@ to a reference measured in the same run, their ratio, the target and PASS/MISS:
   transfers           64 MiB numpy array and bytes, up and down, vs a raw TCP socket
   stdout              100,000 printed lines streamed vs discarded
   server memory       idle RSS; RSS after 100,000 and 200,000 map tasks
+  transports          only with --transports (servers of its own; ~2 min): compute p50,
+                      futures/s, 64 MiB up/down over plain TCP, authkey, TLS, SSH deployment
+                      vs raw RPyC, raw TCP and ssl sockets and `ssh HOST cat`
 
 Every workload verifies its results; a wrong result exits 1. Targets missed only show
 MISS (add --fail-on-miss to exit 3 then). Numbers on a busy machine are noisy: compare
@@ -1036,6 +1039,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-miss", action="store_true",
                    help="exit 3 when a target is missed (default: off, a miss only shows "
                    "MISS in the table)")
+    p.add_argument("--transports", action="store_true",
+                   help="only the transports section, on servers it starts itself (plain TCP, "
+                   "authkey, TLS, SSH deployment to a private sshd); HOSTs and --local are "
+                   "not used (default: off)")
     p.add_argument("--authkey", default=None,
                    help="the servers' shared secret, for HOSTs that need one (default: "
                    "RPYCSVC_AUTHKEY, or none; prefer the variable: command lines are "
@@ -1055,6 +1062,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.hosts and args.local:
         raise ConfigError("give HOSTs or --local N, not both")
+    if getattr(args, "transports", False):
+        from .bench_transports import run_transports
+
+        return run_transports(args)
     local = not args.hosts
     n_local = 2 if args.local is None else args.local
     if local and n_local < 1:
@@ -1095,6 +1106,11 @@ def run(args: argparse.Namespace) -> int:
         cluster.close()
     report.setup["load_end"] = _load()
     report.setup["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    return finish(report, args)
+
+
+def finish(report: Report, args: argparse.Namespace) -> int:
+    """Print the table (or JSON) and return the exit status."""
     ok = all(report.checks.values())
     if args.json:
         doc = {"ok": ok, "setup": report.setup,

@@ -165,3 +165,130 @@ def test_raw_reference_falls_back_to_a_local_subprocess() -> None:
     assert peer.upload(data, zlib.crc32(data)) > 0
     assert peer.download(50_000, 3) > 0
     assert peer.close() == {"pings": 1, "bytes_in": 100_000, "bytes_out": 50_000}
+
+
+# -- the transports section -----------------------------------------------------------------------
+
+#: Rows of the transports section, by transport (TLS and SSH only where openssl / sshd exist).
+TRANSPORT_ROWS = {
+    "plain": {"transports_plain_p50", "transports_plain_futures", "transports_plain_up",
+              "transports_plain_down"},
+    "authkey": {"transports_authkey_p50", "transports_authkey_futures", "transports_authkey_up",
+                "transports_authkey_down"},
+    "tls": {"transports_tls_p50", "transports_tls_futures", "transports_tls_up",
+            "transports_tls_down"},
+    "ssh": {"transports_ssh_p50", "transports_ssh_futures", "transports_ssh_up",
+            "transports_ssh_down"},
+}
+
+
+def _expected_transports() -> tuple[set[str], set[str]]:
+    """(transports this machine can run, their expected row keys)."""
+    import shutil
+
+    from rpycsvc.bench_sshd import unavailable
+
+    kinds = {"plain", "authkey"}
+    if shutil.which("openssl"):
+        kinds.add("tls")
+    if unavailable() is None:
+        kinds.add("ssh")
+    return kinds, set().union(*(TRANSPORT_ROWS[k] for k in kinds))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_transports_section_alone_prints_every_row() -> None:
+    """``bench --transports --quick``: only the transports rows, each with its reference,
+    ratio and PASS/MISS where it has a target; every result right; skips said in notes."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpycsvc.cli", "bench", "--transports", "--quick", "--json"],
+        capture_output=True, text=True, timeout=280, cwd=str(REPO), env=env,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    doc = json.loads(proc.stdout)
+    kinds, rows = _expected_transports()
+    assert set(doc["figures"]) == rows
+    assert set(doc["setup"]["transports"]) == kinds
+    for key, fig in doc["figures"].items():
+        assert "FAILED" not in fig["label"], (key, fig)
+        assert math.isfinite(fig["value"]) and fig["value"] > 0, (key, fig)
+        assert (fig["passed"] is None) == (not fig["target"]), (key, fig)
+        if key != "transports_plain_futures":  # the one row without a reference
+            assert fig["ref_value"] > 0 and fig["ratio"] > 0, (key, fig)
+    for key in ("transports_plain_p50", "transports_plain_up", "transports_plain_down",
+                *(f"transports_{k}_{x}" for k in kinds - {"plain", "authkey"}
+                  for x in ("p50", "up", "down"))):
+        assert doc["figures"][key]["passed"] in (True, False), key
+    assert doc["ok"] is True and doc["errors"] == [], doc["errors"]
+    assert doc["checks"] == {"transports.latency_results": True,
+                             "transports.futures_results": True}
+    for kind, name in (("tls", "TLS"), ("ssh", "SSH deployment")):
+        if kind not in kinds:
+            assert any(n.startswith(f"transports: {name} skipped") for n in doc["notes"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_transports_without_openssl_or_ssh_are_skipped_with_a_note(monkeypatch) -> None:
+    """With neither ``openssl`` nor ``ssh`` on PATH, TLS and SSH are skipped and say why in
+    the table; plain TCP and authkey are still measured."""
+    from rpycsvc.bench import Report, render
+    from rpycsvc.bench_transports import TransportSizes, run_section
+
+    monkeypatch.setenv("PATH", str(REPO / "no-such-bin-dir"))
+    report = Report(setup={"servers": "transports", "workers": 4, "threads": 512, "python": "3",
+                           "rpyc": "6", "cores": 2, "quick": True, "load_start": "?"})
+    sizes = TransportSizes(latency_samples=20, latency_runs=1, futures=20, futures_runs=1,
+                           transfer_bytes=1 << 16, transfer_runs=1, step_timeout=60)
+    run_section(report, sizes)
+    assert {f.key for f in report.figures} == TRANSPORT_ROWS["plain"] | TRANSPORT_ROWS["authkey"]
+    assert all(report.checks.values()), report.errors
+    text = render(report)
+    assert "note: transports: TLS skipped: the openssl command is not on PATH" in text
+    assert "note: transports: SSH deployment skipped: ssh is not on PATH" in text
+    assert "plain TCP: 64 KiB bytes sent" in text and "authkey: 64 KiB bytes received" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_step_past_its_deadline_is_a_failed_row_not_a_crash() -> None:
+    """With a 20 ms deadline per step, at least every 64 MiB transfer misses it (and a
+    transport whose step failed is dropped from the rest of the run). Each missing figure
+    becomes a MISS row whose label says FAILED and why, the failures are reported as failed
+    checks, nothing is raised, and every server the section started is stopped afterwards."""
+    import socket
+    import time
+
+    from rpycsvc.bench import Report, render
+    from rpycsvc.bench_transports import TransportSizes, run_section
+
+    report = Report(setup={"servers": "transports", "workers": 8, "threads": 1024,
+                           "python": "3", "rpyc": "6", "cores": 2, "quick": True,
+                           "load_start": "?"})
+    sizes = TransportSizes(latency_samples=20, latency_runs=1, futures=20, futures_runs=1,
+                           transfer_bytes=64 << 20, transfer_runs=1, step_timeout=0.02)
+    run_section(report, sizes)  # returns: nothing raised
+    kinds, _ = _expected_transports()
+    rows = {f.key: f for f in report.figures}
+    for kind in kinds:
+        for way in ("up", "down"):
+            fig = rows[f"transports_{kind}_{way}"]
+            assert "FAILED (" in fig.label and fig.passed is False, fig
+    assert not all(report.checks.values())
+    assert any("did not finish within 0.02 s" in e for e in report.errors), report.errors
+    assert "FAILED" in render(report) and "MISS" in render(report)
+    # every TCP server the section started is gone (bounded wait: they stop on stdin EOF)
+    addresses = [a for k, a in report.setup["transports"].items() if k != "ssh"]
+    assert addresses
+    deadline = time.monotonic() + 30
+    for address in addresses:
+        host, port = address.rsplit(":", 1)
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except OSError:
+                break
+            assert time.monotonic() < deadline, f"{address} still accepts connections"
+            time.sleep(0.05)
