@@ -154,7 +154,7 @@ def test_deploy_compute_map_and_classic(
     try:
         assert len(cluster) == 1 and cluster.unreachable == {}
         assert cluster.addresses == [sshd.alias]
-        server_pid = cluster._owned[0].pid
+        server_pid = cluster[0].stats()["pid"]
         assert server_pid not in (0, os.getpid())
 
         worker, parent = cluster.submit(pids).result(timeout=30)
@@ -218,7 +218,7 @@ def test_close_leaves_no_process_and_no_file(
     cluster = deploy(sshd)
     try:
         procs = remote_pids(cluster)
-        assert procs[0] == cluster._owned[0].pid
+        assert procs[0] == cluster[0].stats()["pid"]
         assert len(procs) >= 3, procs  # the server, its process workers, the thread worker
         assert cluster.submit(pids).result(timeout=30)[1] == procs[0]
         # Nothing on disk while it runs either: the only "file" is the memfd bundle.
@@ -311,7 +311,7 @@ def test_bad_hosts_are_reported_beside_a_good_one(sshd: SshServer, tmp_path: Pat
         assert "connection refused" in str(refused) and closed in str(refused)
         assert isinstance(denied, DeployError) and denied.host == "wrong-key"
         assert "authentication failed" in str(denied) and "Permission denied" in str(denied)
-        assert cluster.submit(pids).result(timeout=30)[1] == cluster._owned[0].pid
+        assert cluster.submit(pids).result(timeout=30)[1] == cluster[0].stats()["pid"]
     assert wait_no_sessions(sshd) == []
 
 
@@ -569,7 +569,7 @@ def test_three_hosts_map_survives_a_cut_link(
         took = time.monotonic() - began
         report(capsys, f"deploy to 3 hosts (network namespaces, in parallel): {took:.2f} s")
         assert cluster.addresses == aliases and cluster.unreachable == {}
-        server_of = {r.host: r.pid for r in cluster._owned}
+        server_of = {alias: cluster[alias].stats()["pid"] for alias in aliases}
         procs = {alias: remote_pids(cluster, alias) for alias in aliases}
         victim = aliases[1]
         victim_ns = net.hosts[1]

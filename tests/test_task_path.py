@@ -1056,6 +1056,8 @@ def test_descriptors_above_1023(lanes: bool) -> None:
             assert socket_inodes(os.getpid(), 1024), "no socket above 1023"
             assert c.compute(hold_many_fds, 1100) >= 1024
             with rpycsvc.connect(srv.address, output="capture", lanes=lanes) as d:
+                # d's first task: its connection is open (and idle) while c's task runs
+                assert d.compute(abs, -1) == 1
                 for client in (c, d):
                     fut = client.submit(print_gate_print_gate, gate.port)
                     _, conn = gate.arrival()
