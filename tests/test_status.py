@@ -63,7 +63,7 @@ def test_all_up_exits_zero_and_json_has_stats(server: rpycsvc.Server) -> None:
     assert row["ok"] and row["error"] is None
     assert row["address"] == server.address
     assert row["stats"]["pid"] == os.getpid()  # the in-process server
-    assert row["stats"]["workers"] == server.pool.size
+    assert row["stats"]["workers"] == server.config.effective_workers
     assert row["rtt_ms"] > 0
 
 
