@@ -475,9 +475,10 @@ class RemoteProcess(RemoteEntry):
                 pipe.close()
 
     def stream(self) -> Any:
-        from rpyc.core.stream import PipeStream
+        # linear-time writes, and `last_activity` for the client's liveness check
+        from .pipes import FastPipeStream
 
-        return PipeStream(self.stdout, self.stdin)
+        return FastPipeStream(self.stdout, self.stdin)
 
 
 class RemoteChannel(RemoteEntry):
@@ -536,9 +537,10 @@ class RemoteChannel(RemoteEntry):
             self.channel.close()
 
     def stream(self) -> Any:
-        from rpyc.core.stream import SocketStream
+        # linear-time writes, and `last_activity` for the client's liveness check
+        from .pipes import ChannelStream
 
-        return SocketStream(self.channel)
+        return ChannelStream(self.channel)
 
 
 def start_remote(

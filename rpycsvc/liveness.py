@@ -31,7 +31,7 @@ from rpyc.core.protocol import Connection
 from rpyc.core.service import ClassicClient, VoidService
 
 from .errors import RpycsvcTimeoutError, ServerLostError
-from .transport import FastChannel
+from .transport import FastChannel, SendRaceSafe
 
 log = logging.getLogger("rpycsvc.liveness")
 
@@ -213,7 +213,7 @@ class LiveChannel(FastChannel):
         return data
 
 
-class ClientConnection(Connection):
+class ClientConnection(SendRaceSafe):
     """A client's RPyC connection: synchronous requests (classic calls, ``conn.root.x``)
     wait as long as the server takes, bounded by liveness instead of a timer, and fail with
     :class:`ServerLostError` once the connection is declared lost.
@@ -225,6 +225,9 @@ class ClientConnection(Connection):
 
     lost_error: ServerLostError | None = None
     request_timeout: float | None = None
+
+    def _lost_while_sending(self) -> BaseException:
+        return self.lost_error or super()._lost_while_sending()
 
     def sync_request(self, handler: int, *args: Any) -> Any:
         lost = self.lost_error

@@ -581,7 +581,7 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
 
     Used for SSH deployment: the protocol runs over the ssh channel, no port is opened.
     """
-    from rpyc.core.stream import PipeStream
+    from .pipes import FastPipeStream
 
     cfg = config or ServerConfig(mode="stdio")
     pool = WorkerPool(cfg.effective_workers, threads=cfg.threads, endpoints=cfg.endpoints,
@@ -592,22 +592,17 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
     rfile = rfile or os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
     wfile = wfile or os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     service = (ClassicComputeService if cfg.classic else ComputeService)(runtime)
-    heard = [time.monotonic()]
-
-    class _Stream(PipeStream):
-        def read(self, count: int) -> bytes:
-            data: bytes = super().read(count)
-            heard[0] = time.monotonic()
-            return data
-
+    # Linear-time writes, and `last_activity` set whenever bytes arrive: a large message in
+    # progress is the client speaking, not silence (the watchdog below counts bytes).
+    stream = FastPipeStream(rfile, wfile)
     # (an ssh channel: authenticated by ssh, so full-size messages from the start)
-    channel = FastChannel(_Stream(rfile, wfile), limit=cfg.max_message_size)
+    channel = FastChannel(stream, limit=cfg.max_message_size)
     conn = service._connect(channel, dict(PROTOCOL_CONFIG))
     if cfg.keepalive > 0:
         def watchdog() -> None:
             # A dead ssh link may go unnoticed by sshd for hours: the client pings us, and
             # silence for this long means it is gone. Stop, workers included.
-            while time.monotonic() - heard[0] < cfg.keepalive:
+            while time.monotonic() - stream.last_activity < cfg.keepalive:
                 time.sleep(min(1.0, cfg.keepalive / 4))
             log.warning("no word from the client for %.0f s: stopping", cfg.keepalive)
             pool.close(grace=0)

@@ -228,6 +228,10 @@ class PeerStalled(EOFError):
     """No byte arrived for ``idle_limit`` seconds in the middle of a message."""
 
 
+#: The most bytes given to one ``sendall``: Python 3.9's ``SSLSocket`` refuses a write over
+#: 2 GiB - 1 (``OverflowError``), and messages may be up to 4 GiB - 1.
+_SEND_MAX = 1 << 30
+
 #: How often a read with a deadline wakes up to look at the clock (seconds).
 _DEADLINE_TICK = 0.25
 
@@ -325,7 +329,12 @@ class FastSocketStream(SocketStream):
 
     def write(self, data: Any) -> None:
         try:
-            self.sock.sendall(data)
+            if len(data) <= _SEND_MAX:
+                self.sock.sendall(data)
+            else:  # in pieces of a view: one SSL write takes at most 2 GiB - 1 on 3.9
+                view = memoryview(data).cast("B")
+                for start in range(0, len(view), _SEND_MAX):
+                    self.sock.sendall(view[start:start + _SEND_MAX])
             TRAFFIC["out"] += len(data)
         except OSError as exc:
             self.close()
@@ -647,7 +656,29 @@ def _fit(outcome: tuple[bool, Any], limit: Any) -> tuple[bool, Any]:
 CURRENT = threading.local()
 
 
-class ServerConnection(Connection):
+class SendRaceSafe(Connection):
+    """RPyC's ``_send`` without its race with ``_cleanup``.
+
+    When a connection dies while one thread is sending a large message, the thread that
+    reads the connection sees EOF first and runs RPyC's ``_cleanup``, which *releases the
+    send lock the sender still holds*; the sender's own release then raises ``RuntimeError:
+    release unlocked lock``, which hides the real cause (the peer is gone) from the caller.
+    Here that error, on a connection that has closed, is reported as the ``EOFError`` it
+    stands for (callers already turn ``EOFError`` into ``ServerLostError``)."""
+
+    def _send(self, msg: int, seq: int, args: Any) -> None:
+        try:
+            super()._send(msg, seq, args)
+        except RuntimeError as exc:
+            if not self.closed:
+                raise
+            raise self._lost_while_sending() from exc
+
+    def _lost_while_sending(self) -> BaseException:
+        return EOFError("the connection closed while a message was being sent")
+
+
+class ServerConnection(SendRaceSafe):
     """An RPyC connection whose exposed methods may answer later via :class:`Deferred`.
 
     Deferred replies are sent by a thread of this connection's own (started with the
