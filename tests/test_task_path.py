@@ -830,25 +830,38 @@ def test_many_concurrent_futures(server: rpycsvc.Server, lanes: bool) -> None:
 
 @BOTH
 def test_fair_share_between_two_clients(server: rpycsvc.Server, lanes: bool) -> None:
-    """Client A queues 20 tasks first; client B's one task runs long before A's last:
-    releasing tasks as they arrive, B's comes among the first few."""
+    """Client A queues 20 tasks first; client B's one task is served long before A's last
+    ones, not after all 20.
+
+    Tasks are released one at a time, and only while both workers' tasks wait at the gate,
+    so the release order is the order in which tasks were given to workers. The bound is
+    loose (B among the first 11) because with lanes B's task starts whenever its lane's
+    worker turns to it (seen: 4th to 8th); the pool's exact round-robin order (B 4th) is
+    pinned by tests/test_server.py::test_fair_share_between_clients, through the server
+    process, and the one path must keep that too.
+    """
     with rpycsvc.connect(server.address, output="discard", lanes=lanes) as a, \
             rpycsvc.connect(server.address, output="discard", lanes=lanes) as b, \
             Gate() as gate:
         a.compute(int)
         b.compute(int)
         fa = [a.submit(pass_gate, gate.port, f"A{i}") for i in range(20)]
-        a.ping()
+        a.ping()  # requests on one connection are handled in order: all 20 are sent
         fb = b.submit(pass_gate, gate.port, "B")
         b.ping()
         order: list[str] = []
+        waiting: list[tuple[str, socket.socket]] = []
         while "B" not in order:
-            label, conn = gate.arrival()
+            while len(waiting) < 2:
+                waiting.append(gate.arrival())
+            label, conn = waiting.pop(0)
             gate.release(conn)
             order.append(label)
         assert fb.result(timeout=WAIT) == "B"
-        assert len(order) <= 6, f"B ran only after {len(order) - 1} of A's tasks: {order}"
-        for _ in range(21 - len(order)):
+        assert len(order) <= 11, f"B ran only after {len(order) - 1} of A's tasks: {order}"
+        for _, conn in waiting:
+            gate.release(conn)
+        for _ in range(21 - len(order) - len(waiting)):
             gate.release(gate.arrival()[1])
         assert sorted(f.result(timeout=WAIT) for f in fa) == sorted(f"A{i}" for i in range(20))
 
