@@ -464,6 +464,40 @@ def test_buffers_round_trip(server: rpycsvc.Server, lanes: bool) -> None:
             assert f_received == want and describe(f_back) == want, name
 
 
+def flags(v: Any) -> Any:
+    """The flags of every buffer in ``v`` (writeable, contiguity; a memoryview's
+    readonly), which pickling may change (a[::2] arrives contiguous)."""
+    if isinstance(v, np.ndarray):
+        return (v.flags.writeable, v.flags.c_contiguous, v.flags.f_contiguous)
+    if isinstance(v, memoryview):
+        return (v.readonly, v.contiguous)
+    if isinstance(v, (tuple, list)):
+        return [flags(x) for x in v]
+    if isinstance(v, dict):
+        return [(k, flags(x)) for k, x in v.items()]
+    return None
+
+
+def echo_flags(v: Any) -> tuple[Any, Any]:
+    """The flags of what the task received, and the value back."""
+    return flags(v), v
+
+
+def test_buffer_flags_are_the_same_on_both_paths(server: rpycsvc.Server) -> None:
+    """What a task receives and what comes back has the same flags (writeable, read-only,
+    contiguous) whichever way the task travelled: a path must not make buffers read-only
+    where the other does not."""
+    seen = []
+    for lanes in (True, False):
+        with rpycsvc.connect(server.address, lanes=lanes) as c:
+            got = {}
+            for name, value in BUFFERS.items():
+                received, back = c.compute(echo_flags, value)
+                got[name] = (received, flags(back))
+            seen.append(got)
+    assert seen[0] == seen[1]
+
+
 @BOTH
 def test_arguments_are_sent_before_submit_returns(server: rpycsvc.Server,
                                                   lanes: bool) -> None:
