@@ -348,6 +348,7 @@ class Transports:
         self.workers = workers
         self.clients: dict[str, Any] = {}
         self.failed: dict[str, str] = {}  # kind -> first error, for kinds dropped mid-run
+        self.short: dict[str, str] = {}  # the same, shorter, for the row's label
         self._closers: list[Callable[[], None]] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="rpycsvc-bench-transports-"))
         self.tls_files: tuple[Path, Path, Path] | None = None
@@ -431,6 +432,7 @@ class Transports:
     def _fail(self, kind: str, why: str) -> None:
         if kind not in self.failed:
             self.failed[kind] = why
+            self.short[kind] = why.split(": ", 1)[-1]  # the error, without the step's name
             self.r.check(f"transports.{kind}.ran", False, why)  # says it on stderr too
 
     def _step(self, kind: str, what: str, fn: Callable[[], Any],
@@ -548,8 +550,10 @@ class Transports:
 
     def _missing(self, key: str, label: str, unit: str, *kinds: str) -> None:
         """A row for a figure whose step failed: value 0, MISS, the error in the label."""
-        why = next((self.failed[k] for k in kinds if k in self.failed), "not measured")
-        self.r.add(Figure(key, f"{label}: FAILED ({why[:160]})", 0.0, unit, target="measured",
+        why = next((self.short[k] for k in kinds if k in self.short), "not measured")
+        if len(why) > 90:
+            why = why[:87] + "..."
+        self.r.add(Figure(key, f"{label}: FAILED ({why})", 0.0, unit, target="measured",
                           passed=False))
 
     # -- futures -------------------------------------------------------------------------------
@@ -645,15 +649,20 @@ class Transports:
             plan["sshcat_down"] = lambda i: ssh_cat_down(argv, size, timeout)
         secs: dict[str, list[float]] = {k: [] for k in plan}
         try:
-            for name, fn in plan.items():  # warm-up, full size
-                self._step(name, f"{name.replace('_', ' ')} {_size(size)} (warm-up)",
-                           partial(fn, 0), closers.get(name))
-            for i in range(self.s.transfer_runs):
-                for name, fn in plan.items():  # interleaved with the references
-                    dt = self._step(name, f"{name.replace('_', ' ')} {_size(size)}",
-                                    partial(fn, i + 1), closers.get(name))
-                    if dt:
-                        secs[name].append(dt)
+            # Downloads first, then uploads, each phase with its references: a transfer that
+            # breaks its connection (a large argument over SSH, today) then costs only the
+            # rows after it, not the other direction's.
+            for way in ("_down", "_up"):
+                phase = {k: fn for k, fn in plan.items() if k.endswith(way)}
+                for name, fn in phase.items():  # warm-up, full size
+                    self._step(name, f"{name.replace('_', ' ')} {_size(size)} (warm-up)",
+                               partial(fn, 0), closers.get(name))
+                for i in range(self.s.transfer_runs):
+                    for name, fn in phase.items():  # interleaved with the references
+                        dt = self._step(name, f"{name.replace('_', ' ')} {_size(size)}",
+                                        partial(fn, i + 1), closers.get(name))
+                        if dt:
+                            secs[name].append(dt)
         finally:
             for peer in peers:
                 try:
