@@ -44,7 +44,7 @@ to a reference measured in the same run, their ratio, the target and PASS/MISS:
   server memory       idle RSS; RSS after 100,000 and 200,000 map tasks
   transports          only with --transports (servers of its own; ~2 min): compute p50,
                       futures/s, 64 MiB up/down over plain TCP, authkey, TLS, SSH deployment
-                      vs raw RPyC, raw TCP and ssl sockets and `ssh HOST cat`
+                      vs raw RPyC, raw TCP and ssl sockets and "ssh HOST cat"
 
 Every workload verifies its results; a wrong result exits 1. Targets missed only show
 MISS (add --fail-on-miss to exit 3 then). Numbers on a busy machine are noisy: compare
@@ -1064,6 +1064,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give HOSTs or --local N, not both")
     if getattr(args, "transports", False):
         from .bench_transports import run_transports
+
+        if args.hosts or args.local:
+            raise ConfigError("--transports starts servers of its own: leave out HOSTs and --local")
 
         return run_transports(args)
     local = not args.hosts

@@ -1,9 +1,9 @@
 """``rpycsvc bench --transports``: the same task path measured over every transport.
 
-The section starts its own servers on 127.0.0.1, whatever HOSTs or ``--local`` say (TLS and
-SSH need a setup of their own): a plain TCP server, one with an authkey, one with TLS
-(throwaway certificates made with the ``openssl`` CLI, as in the README's TLS section), and a
-server deployed with ``rpycsvc.deploy`` over SSH to a private sshd it starts (when
+The section starts its own servers on 127.0.0.1 (TLS and SSH need a setup of their own, so
+``--transports`` takes no HOSTs or ``--local``): a plain TCP server, one with an authkey, one
+with TLS (throwaway certificates made with the ``openssl`` CLI, as in the README's TLS
+section), and a server deployed with ``rpycsvc.deploy`` over SSH to a private sshd it starts (when
 ``/usr/sbin/sshd`` is installed). Each gets 2 workers. Over each it measures sync
 ``compute(noop)`` p50, unbatched ``submit`` futures per second and 64 MiB of bytes up and
 down, next to references measured in the same run, interleaved run by run:
@@ -17,7 +17,8 @@ down, next to references measured in the same run, interleaved run by run:
 
 A missing ``openssl`` or ``sshd`` skips that transport with a note. A step that fails (a
 transfer that breaks the connection, a call that hangs past its deadline) becomes a MISS row
-whose label carries the error, plus an error line, and the rest of the section goes on.
+whose label carries the error, plus a failed check (exit status 1), and the rest of the
+section goes on; a transport whose step failed is left out of the steps after it.
 """
 
 from __future__ import annotations
@@ -55,12 +56,6 @@ from .bench import (
     make_blob,
     noop,
 )
-
-DESCRIPTION = """\
-  transports          (--transports) compute p50, 2,000 unbatched futures and 64 MiB up/down
-                      over plain TCP, authkey, TLS and SSH deployment, on servers the bench
-                      starts: vs a cached raw RPyC call, a raw TCP and a raw ssl socket, and
-                      ssh HOST cat (1-byte echo; 64 MiB in one open session)"""
 
 #: Transports in table order, with how they are named in labels.
 NAMES = {"plain": "plain TCP", "authkey": "authkey", "tls": "TLS", "ssh": "SSH deploy"}

@@ -292,3 +292,15 @@ def test_a_step_past_its_deadline_is_a_failed_row_not_a_crash() -> None:
                 break
             assert time.monotonic() < deadline, f"{address} still accepts connections"
             time.sleep(0.05)
+
+
+def test_transports_refuses_hosts_and_local() -> None:
+    """The section starts servers of its own; HOSTs or --local with it are an error, not
+    silently ignored."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpycsvc.cli", "bench", "--transports", "--local", "2"],
+        capture_output=True, text=True, timeout=60, cwd=str(REPO), env=env,
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "--transports starts servers of its own" in proc.stderr
