@@ -201,7 +201,9 @@ def _release(lock: Any) -> None:
 
 class LiveChannel(FastChannel):
     """A client's channel that notes when each frame arrived (heartbeats included): the
-    liveness check's clock for streams that don't record ``last_activity`` (pipes)."""
+    liveness check's clock for streams that don't record ``last_activity``. rpycsvc's own
+    streams (sockets, ssh pipes, ssh channels) do, as each piece of a message arrives, so a
+    large message in progress is never silence; RPyC's own streams only note whole frames."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)

@@ -225,7 +225,7 @@ def test_server_lost_mid_argument_fails_the_call_with_server_lost(
 
         def send() -> None:
             try:
-                outcome.append(c.submit(digest, b"\0" * (512 * MiB)).result(timeout=120))
+                outcome.append(c.submit(digest, b"\0" * (64 * MiB)).result(timeout=120))
             except BaseException as exc:  # what the caller sees is what is checked
                 outcome.append(exc)
 
