@@ -118,9 +118,13 @@ class Cluster:
     ``retries`` bounds how often a task is re-run after its server was lost (0 for tasks
     with side effects: at-most-once). ``timeout`` bounds connecting (each server, and all
     of them together within ``timeout + 5`` s); ``lost_after`` is how many seconds of
-    silence make a server count as lost (default: :func:`rpycsvc.connect`'s). Other keywords go
-    to :func:`rpycsvc.connect` (``authkey``, ``ssl``, ``output``, ``prefix``...) or become
-    default task options (``mode``, ``output``); a per-task time limit is set with
+    silence make a server count as lost (default: :func:`rpycsvc.connect`'s).
+    ``forward_modules`` (default True) lets the servers get this program's own modules they
+    lack from us while a task imports them, and ``forward_packages`` names installed
+    pure-Python distributions that may be sent the same way (see :mod:`rpycsvc.forwarding`;
+    passed on to :func:`rpycsvc.connect`, as by ``Cluster.local`` and ``deploy``). Other
+    keywords go to :func:`rpycsvc.connect` (``authkey``, ``ssl``, ``output``, ``prefix``...) or
+    become default task options (``mode``, ``output``); a per-task time limit is set with
     :meth:`options` (``cluster.options(timeout=5)``).
     """
 

@@ -12,6 +12,10 @@ unless HTML comments (invisible on GitHub) right above its fence say otherwise:
 - ``<!-- readme-test: file NAME.py -->``: a module the README tells you to write: saved as
   NAME.py in a directory on the ``PYTHONPATH`` of the servers and of the blocks (the
   servers load ``mymod.py`` with ``--endpoints mymod``, as the README says).
+- ``<!-- readme-test: project NAME -->``: the block's client has the package NAME of
+  :data:`PROJECTS` (the files the README's comments describe) in a directory only on its
+  own ``PYTHONPATH``: the servers, deployed ones included, can't import it (checked after
+  the block ran), so the block shows module forwarding.
 - ``<!-- readme-test: tls -->``: the TLS client: run by :func:`test_tls_certificates_work`
   against a server with the certificates the README's openssl commands make (run too).
 - ``<!-- readme-test: given NAME, NAME -->``: the block uses names its surrounding text
@@ -31,7 +35,8 @@ connects to A; the registry port ``18811`` becomes this module's registry's port
 
 The hosts of the deploy examples become the suite's private sshd (the ``sshd`` fixture, ALIAS
 its alias and CFG its client ssh config): ``rpycsvc.deploy``'s three hosts become ALIAS, with
-``ssh_options=["-F", CFG]`` and 2 workers instead of 8; plumbum's ``SshMachine("node1",
+``ssh_options=["-F", CFG]`` and 2 workers instead of 8; ``deploy(["build@gpu1"])`` becomes
+``deploy([ALIAS], workers=1, ssh_options=["-F", CFG])``; plumbum's ``SshMachine("node1",
 user="alice")``, ``SshMachine("node1")`` and ``SshMachine("node2")`` become
 ``SshMachine(ALIAS, ssh_opts=["-F", CFG])``, and the host string ``"node3:2222"`` beside them
 ALIAS (with ``ssh_options=["-F", CFG]`` and 2 workers instead of 4);
@@ -125,6 +130,45 @@ GIVEN: dict[str, str] = {
     "server": "import rpycsvc\n"
               "server = rpycsvc.Server(rpycsvc.ServerConfig(port=0, workers=1)).start()",
 }
+#: the packages ``project NAME`` marks give a block's client: file name -> text, as the
+#: README's comments describe them
+PROJECTS: dict[str, dict[str, str]] = {
+    "myshop": {
+        "__init__.py": "from .pricing import Receipt, total\n",
+        "pricing.py": textwrap.dedent("""\
+            from dataclasses import dataclass
+
+
+            @dataclass
+            class Receipt:
+                amount: float
+                rate: float
+
+
+            def total(items):
+                from . import tax
+
+                return Receipt(sum(items) * (1 + tax.RATE), tax.RATE)
+            """),
+        "tax.py": "RATE = 0.2\n",
+    },
+}
+#: run after a ``project`` block, by a client like the block's (the package on its path) but
+#: with forwarding off: the servers the block could have used can't import the package
+SERVERS_LACK = """
+import rpycsvc
+
+def lacks(name):
+    return __import__("importlib.util").util.find_spec(name) is None
+
+for address in {addresses!r}:
+    with rpycsvc.connect(address, forward_modules=False) as c:
+        assert c.compute(lacks, {name!r}), f"{{address}} can import {name}"
+if {deploy!r}:
+    with rpycsvc.deploy({deploy!r}, workers=1, ssh_options={ssh_options!r},
+                        forward_modules=False, output="discard") as cluster:
+        assert cluster.submit(lacks, {name!r}).result(60), "the deployed host can import {name}"
+"""
 #: run after a group, whatever happened: what ``GIVEN`` opened is closed
 TEARDOWN = """
 for _name in ("client", "cluster", "server"):
@@ -195,7 +239,8 @@ def python_groups(blocks: list[Block]) -> tuple[list[Group], dict[str, Block], l
     last: Block | None = None
     for b in blocks:
         for m in b.marks:
-            if not re.match(r"(skip \(.+\)|continues|tls|file \w+\.py|given \w+(, \w+)*)$", m):
+            if not re.match(r"(skip \(.+\)|continues|tls|file \w+\.py|project \w+"
+                            r"|given \w+(, \w+)*)$", m):
                 raise AssertionError(f"README.md:{b.line}: unknown readme-test mark {m!r}")
         if b.lang != "python":
             if b.marks:
@@ -248,6 +293,8 @@ def substitutions(s: Servers, sshd: SshServer | None = None) -> list[tuple[str, 
         ssh = [
             ('["alice@node1", "node2:2222", "gpu-box"], workers=8',
              f"[{alias}], workers=2, ssh_options={opts}"),
+            ('rpycsvc.deploy(["build@gpu1"])',
+             f"rpycsvc.deploy([{alias}], workers=1, ssh_options={opts})"),
             ('SshMachine("node1", user="alice")', machine),
             ('SshMachine("node1")', machine), ('SshMachine("node2")', machine),
             ('"node3:2222", local], workers=4', f"{alias}, local], workers=2, ssh_options={opts}"),
@@ -464,12 +511,34 @@ def test_python_block_runs_as_written(group: Group, servers: Servers, tmp_path: 
                                       request: pytest.FixtureRequest) -> None:
     deploys = any("rpycsvc.deploy(" in b.code for b in group.blocks)
     sshd = request.getfixturevalue("sshd") if deploys else None  # skipped without sshd
+    env = servers.env
+    projects = [(b, str(b.mark("project"))) for b in group.blocks if b.mark("project")]
+    if projects:  # packages only this client has (see PROJECTS)
+        root = tmp_path / "project"
+        for block, name in projects:
+            assert name in PROJECTS, f"README.md:{block.line}: no PROJECTS[{name!r}]"
+            for fname, text in PROJECTS[name].items():
+                assert f"{name}/{fname}" in block.code, (
+                    f"README.md:{block.line}: the comments don't describe {name}/{fname}")
+                (root / name).mkdir(parents=True, exist_ok=True)
+                (root / name / fname).write_text(text)
+        env = dict(env, PYTHONPATH=os.pathsep.join([str(root), env["PYTHONPATH"]]))
     proc = run_blocks(prelude(group.given, servers),
                       [(b.line, substitute(b.code, servers, sshd)) for b in group.blocks],
-                      tmp_path, servers.workdir, servers.env)
+                      tmp_path, servers.workdir, env)
     assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, (
         f"{group.id} failed (exit {proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n"
         f"{proc.stderr}")
+    for block, name in projects:  # ...and no server could have imported it by itself
+        check = SERVERS_LACK.format(
+            addresses=[servers.a, servers.b, servers.c], name=name,
+            deploy=[sshd.alias] if sshd is not None else [],
+            ssh_options=["-F", str(sshd.config_path)] if sshd is not None else [])
+        (tmp_path / "lack").mkdir(exist_ok=True)
+        lack = run_blocks("", [(block.line, check)], tmp_path / "lack", servers.workdir, env)
+        assert lack.returncode == 0 and "README-BLOCKS-OK" in lack.stdout, (
+            f"README.md:{block.line}: a server can import {name} without forwarding\n"
+            f"{lack.stdout}\n{lack.stderr}")
     # progress=True off a terminal: one summary line each, as the README's sample reads
     summaries = [ln for ln in proc.stderr.splitlines() if " done in " in ln]
     assert len(summaries) == sum(b.code.count("progress=True") for b in group.blocks), (
