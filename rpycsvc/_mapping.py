@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .client import TaskFuture
 from .errors import ConfigError, RpycsvcTimeoutError
-from .serialization import dumps, dumps_function, load_exception
+from .serialization import dumps, dumps_function
+from .tracebacks import load_exception
 
 if TYPE_CHECKING:
     from ._jobs import _Job

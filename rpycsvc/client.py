@@ -56,7 +56,8 @@ from .liveness import (
     heartbeat_interval,
 )
 from .output import OutputRouter, current_cell
-from .serialization import dumps, dumps_function, load_exception, loads, writable_frames
+from .serialization import dumps, dumps_function, loads, writable_frames
+from .tracebacks import load_exception
 from .transport import FastSocketStream, oversize
 
 log = logging.getLogger("rpycsvc.client")

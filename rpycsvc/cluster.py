@@ -44,6 +44,7 @@ from .client import (
     frames_of_call,
     settle,
 )
+from .discovery import read_hosts_file
 from .environment import misfits
 from .errors import (
     AllServersFailedError,
@@ -97,17 +98,10 @@ class BroadcastResult(dict):
         return {a: r for a, r in self.items() if isinstance(r, BaseException)}
 
 
-def read_hosts_file(path: str) -> list[str]:
-    """``host[:port]`` per line; ``#`` starts a comment; blank lines are skipped."""
-    try:
-        with open(path) as f:
-            lines = [ln.split("#", 1)[0].strip() for ln in f]
-    except OSError as exc:
-        raise ConfigError(f"can't read hosts file {path!r}: {exc.strerror or exc}") from exc
-    hosts = [ln for ln in lines if ln]
-    if not hosts:
-        raise ConfigError(f"hosts file {path!r} names no servers")
-    return hosts
+#: The clusters ``rpycsvc deploy HOST... --run SCRIPT`` made for SCRIPT, newest last: what
+#: :meth:`Cluster.deployed` returns. Client state, so it lives here; the deploy command
+#: appends to it (and this module never imports the deployment code).
+_DEPLOYED: list[Cluster] = []
 
 
 class Cluster:
@@ -183,8 +177,6 @@ class Cluster:
     @classmethod
     def deployed(cls) -> Cluster:
         """The cluster ``rpycsvc deploy HOST... --run SCRIPT`` deployed for SCRIPT."""
-        from .deployment import _DEPLOYED
-
         if not _DEPLOYED:
             raise ConfigError("no deployed cluster: run this script with "
                               "'rpycsvc deploy HOST... --run SCRIPT'")
@@ -225,7 +217,7 @@ class Cluster:
         """Connect to every rpycsvc server an RPyC registry knows (``rpycsvc registry``;
         servers started with ``rpycsvc serve --register``). ``timeout`` bounds the query
         and each connection; other keywords go to :class:`Cluster`."""
-        from .registry import discover
+        from .discovery import discover
 
         addresses = discover(registry_host, registry_port, mode, timeout)
         if not addresses:

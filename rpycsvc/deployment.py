@@ -361,6 +361,8 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import sys
 
+    from .cluster import _DEPLOYED  # Cluster.deployed() returns what --run SCRIPT gets
+
     ssh_options = [x for o in args.ssh_options for x in ("-o", o)]
     if args.ssh_config:
         ssh_options = ["-F", args.ssh_config, *ssh_options]
@@ -393,7 +395,3 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.close()
-
-
-#: The cluster ``rpycsvc deploy --run SCRIPT`` made, for ``Cluster.deployed()``.
-_DEPLOYED: list[Any] = []

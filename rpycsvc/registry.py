@@ -1,10 +1,11 @@
-"""Discovery through RPyC's own registry: ``rpycsvc registry`` and :func:`discover`.
+"""RPyC's registry, served by rpycsvc: ``rpycsvc registry``.
 
 The registry is ``rpyc.utils.registry`` unchanged on the wire, so plain RPyC tools
 (``rpyc.discover``, ``rpyc_registry``) interoperate. What we add: a bind address that
 defaults to 127.0.0.1 (``rpyc_registry`` always binds every interface), a per-request
-timeout so one silent client can't stall the registry, and a lookup of the names rpycsvc
-servers register under.
+timeout so one silent client can't stall the registry. Asking a registry for the rpycsvc
+servers it knows is client-side and lives in :mod:`rpycsvc.discovery`, which a client loads
+without this module (its names stay importable from here: ``rpycsvc.registry.discover``).
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ import threading
 from types import FrameType
 from typing import Any
 
-from rpyc.utils.registry import (
-    REGISTRY_PORT,
-    TCPRegistryClient,
-    TCPRegistryServer,
-    UDPRegistryClient,
-    UDPRegistryServer,
-)
+from rpyc.utils.registry import REGISTRY_PORT, TCPRegistryServer, UDPRegistryServer
 
 from .config import is_loopback
+from .discovery import (  # re-exported: the client side of discovery, moved there
+    RPYCSVC_NAMES,
+    add_discover_arguments,
+    addresses_from_args,
+    discover,
+)
 from .errors import ConfigError
+
+__all__ = ["RPYCSVC_NAMES", "SERVICE_NAMES", "add_arguments", "add_discover_arguments",
+           "addresses_from_args", "discover", "free_port", "run", "start_registry",
+           "stop_registry"]
 
 log = logging.getLogger("rpycsvc.registry")
 
@@ -35,9 +40,6 @@ log = logging.getLogger("rpycsvc.registry")
 #: (``ClassicComputeService`` → ``CLASSICCOMPUTE``; ``--no-classic`` → ``COMPUTE``); a
 #: classic server also registers as ``SLAVE``, RPyC's classic name, for ``rpyc.discover``.
 SERVICE_NAMES = ("CLASSICCOMPUTE", "COMPUTE", "SLAVE")
-#: What :func:`discover` looks up: ``SLAVE`` alone would also find ``rpyc_classic`` servers,
-#: which an rpycsvc client can't use, and every rpycsvc classic server is ``CLASSICCOMPUTE`` too.
-RPYCSVC_NAMES = ("CLASSICCOMPUTE", "COMPUTE")
 
 # --help shows this as written: plain text, no reST or Markdown backticks
 DESCRIPTION = """\
@@ -126,69 +128,6 @@ def stop_registry(server: Any, thread: threading.Thread, timeout: float = 5.0) -
     """Ask the registry loop to stop and wait (bounded) until it has closed its socket."""
     server.active = False
     thread.join(timeout)
-
-
-def discover(registry_host: str = "127.0.0.1", registry_port: int = REGISTRY_PORT,
-             mode: str = "TCP", timeout: float = 5.0) -> list[str]:
-    """Ask a registry for rpycsvc servers; returns their ``"host:port"``, sorted, no repeats.
-
-    The host is the address the server registered from, which RPyC binds to the server's
-    own listening address, so it is the address to dial. An empty list means the registry
-    answered but knows no server. A TCP registry that can't be reached raises
-    :class:`~rpycsvc.errors.ConnectError`; UDP has no way to tell "nobody answered" from
-    "nobody registered" and returns an empty list.
-    """
-    from .errors import ConnectError
-
-    if mode.upper() == "TCP":
-        client: Any = TCPRegistryClient(registry_host, port=registry_port, timeout=timeout)
-    elif mode.upper() == "UDP":
-        client = UDPRegistryClient(ip=registry_host, port=registry_port, timeout=timeout)
-    else:
-        raise ConfigError(f"registry mode must be TCP or UDP; got {mode!r}")
-    found: set[tuple[str, int]] = set()
-    for name in RPYCSVC_NAMES:
-        try:
-            found.update((str(h), int(p)) for h, p in client.discover(name))
-        except OSError as exc:
-            raise ConnectError(
-                f"can't query the registry at {registry_host}:{registry_port} ({mode}): "
-                f"{exc.strerror or exc}. Is `rpycsvc registry` running there?",
-                address=f"{registry_host}:{registry_port}") from exc
-    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in sorted(found)]
-
-
-def add_discover_arguments(p: argparse.ArgumentParser) -> None:
-    """``--discover`` and the registry's address, shared by ``status`` and ``top``."""
-    g = p.add_argument_group("discovery")
-    g.add_argument("--discover", action="store_true",
-                   help="also ask an RPyC registry for servers, see \"rpycsvc registry\" "
-                   "(default: off)")
-    g.add_argument("--registry-host", default="127.0.0.1", metavar="HOST",
-                   help="the registry's address (default: %(default)s)")
-    g.add_argument("--registry-port", type=int, default=REGISTRY_PORT, metavar="PORT",
-                   help="the registry's port (default: %(default)s)")
-    g.add_argument("--registry-type", choices=("TCP", "UDP"), default="TCP", type=str.upper,
-                   help="registry protocol (default: %(default)s)")
-
-
-def addresses_from_args(args: argparse.Namespace, timeout: float) -> list[str]:
-    """The servers named on the command line plus, with ``--discover``, the registry's."""
-    from .cluster import read_hosts_file
-
-    hosts: list[str] = []
-    for h in args.hosts:
-        hosts.extend(read_hosts_file(h[1:]) if h.startswith("@") else [h])
-    if args.discover:
-        for addr in discover(args.registry_host, args.registry_port, args.registry_type,
-                             timeout):
-            if addr not in hosts:
-                hosts.append(addr)
-    if not hosts:
-        raise ConfigError("no servers: name some (HOST[:PORT] or @hostsfile)"
-                          + (", or register them with the registry" if args.discover
-                             else ", or use --discover"))
-    return hosts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -36,7 +36,8 @@ from .errors import SerializationError, TaskError
 from .hosted import HostedQueue, HostedSpec, QueueRegistry
 from .liveness import Heartbeat
 from .pool import Task, WorkerPool
-from .serialization import check_plain, dumps, load_exception, loads
+from .serialization import check_plain, dumps, loads
+from .tracebacks import load_exception
 from .transport import Deferred, ServerConnection
 
 log = logging.getLogger("rpycsvc.server")

@@ -224,7 +224,7 @@ def format_table(statuses: list[ServerStatus]) -> str:
 
 # -- command -------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .registry import add_discover_arguments
+    from .discovery import add_discover_arguments
 
     p.add_argument("hosts", nargs="*", metavar="HOST[:PORT]",
                    help="servers to ask (host, host:port or @hostsfile); a server named twice "
@@ -243,8 +243,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``rpycsvc status``: 0 if every server answered, 1 if any is DOWN."""
+    from .discovery import addresses_from_args
     from .errors import ConfigError
-    from .registry import addresses_from_args
 
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be a positive number of seconds; got {args.timeout!r}")

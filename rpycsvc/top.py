@@ -204,7 +204,7 @@ class Monitor:
 
 # -- command -------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .registry import add_discover_arguments
+    from .discovery import add_discover_arguments
 
     p.add_argument("hosts", nargs="*", metavar="HOST[:PORT]",
                    help="servers to watch (host, host:port or @hostsfile); a server named "
@@ -225,8 +225,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``rpycsvc top``: redraw until Ctrl-C (exit 0), or one frame with ``--once``."""
+    from .discovery import addresses_from_args
     from .errors import ConfigError
-    from .registry import addresses_from_args
 
     if args.interval <= 0 or args.timeout <= 0:
         raise ConfigError("--interval and --timeout must be positive numbers of seconds; got "

@@ -51,10 +51,10 @@ from .endpoints import load_endpoints, resolve_path
 from .forwarding import FETCH_TIMEOUT, Fetch, ForwardedModules, Reply, timed_out
 from .serialization import (
     FunctionCache,
-    dump_exception,
     dumps,
     loads,
 )
+from .tracebacks import dump_exception
 
 
 class _TaskContext:

@@ -21,6 +21,7 @@ import pytest
 
 import rpycsvc
 from tests.support.servers import REPO, ServerProcess
+from tests.test_registry import RegistryProcess, register_args, wait_for
 
 WAIT = 120.0
 #: modules that run in the server (or only configure it): a client never needs them
@@ -117,6 +118,44 @@ def test_a_client_script_loads_no_server_or_deployment_module(
     assert not loaded & (SERVER_SIDE | DEPLOYMENT | {"rpycsvc.cli"}), sorted(loaded)
 
 
+def test_cluster_discover_loads_no_server_module(server_process: type[ServerProcess]) -> None:
+    """Finding servers through a registry is client-side: ``Cluster.discover`` (and the
+    cluster it returns, running a task) loads the discovery code, not the registry server's
+    module or the server's configuration."""
+    registry = RegistryProcess("--mode", "TCP")
+    try:
+        srv = server_process(*register_args(registry))
+        wait_for(registry.port, {srv.address})
+        loaded = loaded_after("""
+            import sys
+            import rpycsvc
+            with rpycsvc.Cluster.discover(registry_port=int(sys.argv[1]), timeout=30) as c:
+                assert c.addresses == [sys.argv[2]], c.addresses
+                assert c.options(timeout=60).submit(abs, -3).result(timeout=60) == 3
+        """, str(registry.port), srv.address)
+    finally:
+        registry.stop()
+    assert "rpycsvc.discovery" in loaded
+    assert not loaded & (SERVER_SIDE | DEPLOYMENT | {"rpycsvc.cli"}), sorted(loaded)
+
+
+def test_cluster_deployed_loads_no_deployment_module() -> None:
+    """``Cluster.deployed()`` outside ``rpycsvc deploy --run`` says how to get one, without
+    loading the SSH deployment code (the list of deployed clusters is client state)."""
+    facts = fresh_python("""
+        import json, sys
+        import rpycsvc
+        try:
+            rpycsvc.Cluster.deployed()
+        except rpycsvc.ConfigError as exc:
+            error = str(exc)
+        print(json.dumps({"error": error, "loaded": sorted(
+            m for m in sys.modules if m.split(".")[0] == "rpycsvc")}))
+    """)
+    assert "rpycsvc deploy HOST... --run SCRIPT" in facts["error"]
+    assert not set(facts["loaded"]) & (SERVER_SIDE | DEPLOYMENT), facts["loaded"]
+
+
 def test_top_level_help_imports_no_subcommand_module() -> None:
     loaded = imported_by_cli("--help")
     assert not loaded & (SUBCOMMAND_MODULES | HEAVY), sorted(loaded)
@@ -127,8 +166,8 @@ def test_a_subcommand_imports_its_module_only() -> None:
     the commands it does not run; ``serve --help`` loads no server."""
     loaded = imported_by_cli("status", "--help")
     assert "rpycsvc.status" in loaded
-    others = SUBCOMMAND_MODULES - {"rpycsvc.status", "rpycsvc.registry"}  # status finds servers
-    assert not loaded & (others | HEAVY), sorted(loaded)        # through the registry
+    others = SUBCOMMAND_MODULES - {"rpycsvc.status"}  # --discover is rpycsvc.discovery's
+    assert not loaded & (others | HEAVY), sorted(loaded)
     loaded = imported_by_cli("serve", "--help")
     assert not loaded & (SUBCOMMAND_MODULES | HEAVY), sorted(loaded)
 
