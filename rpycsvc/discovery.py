@@ -9,12 +9,14 @@ client that discovers servers imports nothing of the server side.
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rpyc.utils.registry import REGISTRY_PORT, TCPRegistryClient, UDPRegistryClient
 
 from .errors import ConfigError, ConnectError
+
+if TYPE_CHECKING:  # a client that only discovers needs no argparse
+    import argparse
 
 #: What :func:`discover` looks up: the names rpycsvc servers register under (RPyC derives
 #: a service's name from its class name: ``ClassicComputeService`` → ``CLASSICCOMPUTE``;
