@@ -163,10 +163,14 @@ def test_top_level_help_imports_no_subcommand_module() -> None:
 
 def test_a_subcommand_imports_its_module_only() -> None:
     """``rpycsvc status --help`` loads status (it builds status's parser), not the modules of
-    the commands it does not run; ``serve --help`` loads no server."""
+    the commands it does not run (nor the registry server: ``--discover`` is client-side);
+    likewise ``top --help``; ``serve --help`` loads no server."""
     loaded = imported_by_cli("status", "--help")
     assert "rpycsvc.status" in loaded
     others = SUBCOMMAND_MODULES - {"rpycsvc.status"}  # --discover is rpycsvc.discovery's
+    assert not loaded & (others | HEAVY), sorted(loaded)
+    loaded = imported_by_cli("top", "--help")
+    others = SUBCOMMAND_MODULES - {"rpycsvc.top", "rpycsvc.status"}  # top probes as status does
     assert not loaded & (others | HEAVY), sorted(loaded)
     loaded = imported_by_cli("serve", "--help")
     assert not loaded & (SUBCOMMAND_MODULES | HEAVY), sorted(loaded)
