@@ -16,12 +16,50 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 from .errors import ConnectError
 from .output import write_above
 
 #: Serialises forwarded lines of every local server, so lines never interleave.
 _WRITE_LOCK = threading.Lock()
+
+#: Every running local server of this process, for :func:`_release_in_fork_child`.
+_LIVE: weakref.WeakSet[_LocalServer] = weakref.WeakSet()
+
+
+def _release_in_fork_child() -> None:
+    """In a child forked from us (``os.fork``, multiprocessing's ``fork`` start method), let
+    go of every local server's stdin write end.
+
+    A server stops at EOF on its stdin (``--exit-on-stdin-eof``), i.e. once every holder of
+    the write end is gone. A forked child inherits our copy: without this, a client killed
+    by SIGKILL would leave its servers running for as long as any child it forked lives.
+    The descriptor is pointed at ``/dev/null`` (``dup2``) rather than closed, so the child's
+    copy of the file object, which still names that number, can never close or write a
+    descriptor the child reuses for something else; and no lock is taken (the parent's
+    threads are gone in the child and may have held one).
+    """
+    for server in list(_LIVE):
+        stdin = server.proc.stdin
+        if stdin is None:
+            continue
+        try:
+            fd = stdin.fileno()
+        except (OSError, ValueError):
+            continue  # already closed by stop()
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, fd, inheritable=False)
+            finally:
+                os.close(null)
+        except OSError:
+            pass
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_release_in_fork_child)
 
 
 class _LocalServer:
@@ -40,6 +78,7 @@ class _LocalServer:
                                      env=env, start_new_session=True)
         self.forward = forward
         self._pump: threading.Thread | None = None
+        _LIVE.add(self)
 
     def wait_address(self, timeout: float) -> str:
         """The server's address; from then on its stdout is drained by a thread."""
@@ -75,6 +114,7 @@ class _LocalServer:
         return self.proc.pid
 
     def stop(self, timeout: float = 15.0) -> None:
+        _LIVE.discard(self)
         if self.proc.stdin is not None:
             try:
                 self.proc.stdin.close()

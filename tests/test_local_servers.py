@@ -115,3 +115,49 @@ def test_exit_on_stdin_eof_is_in_serve_help() -> None:
     res = subprocess.run([sys.executable, "-m", "rpycsvc.cli", "serve", "--help"],
                          capture_output=True, text=True, timeout=WAIT, cwd=str(REPO))
     assert "--exit-on-stdin-eof" in res.stdout
+
+
+FORKING_CLIENT = textwrap.dedent("""
+    import json, os, sys, time
+    import rpycsvc
+
+    cluster = rpycsvc.Cluster.local(1, workers=1)
+    stats = cluster.clients[0].stats()
+    pids = [stats["pid"], *stats["worker_pids"]]
+    child = os.fork()  # as multiprocessing's "fork" start method does
+    if child == 0:
+        time.sleep(600)  # outlives the client; the test kills it by pid
+        os._exit(0)
+    print(json.dumps({"servers": pids, "child": child}), flush=True)
+    time.sleep(120)  # the test kills us here
+""")
+
+
+@pytest.mark.timeout(180)
+def test_a_forked_child_does_not_keep_a_sigkilled_clients_local_servers_alive(
+        tmp_path: Path) -> None:
+    script = tmp_path / "forking_client.py"
+    script.write_text(FORKING_CLIENT)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", str(script)],
+                            stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    pids: list[int] = []
+    child = 0
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, "the client printed no pids"
+        info = json.loads(line)
+        pids, child = info["servers"], info["child"]
+        assert all(_alive(p) for p in pids) and _alive(child)
+        proc.kill()  # the forked child still holds whatever it inherited
+        proc.wait(10)
+        assert _wait_gone(pids) == [], "a forked child kept the dead client's servers running"
+        assert _alive(child), "the forked child should still be running"
+    finally:
+        if child:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap(proc, pids)
