@@ -155,7 +155,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="log errors only, as rpyc_classic -q (default: off)")
     o.add_argument("-v", "--verbose", action="store_true", default=None,
                    help="debug logging (default: off)")
-    o.add_argument("--exit-on-stdin-eof", action="store_true", default=False,
+    o.add_argument("--exit-on-stdin-eof", action="store_true", default=None,
                    help="stop (as on SIGTERM) when standard input reaches its end: started "
                    "with a pipe as stdin, the server ends when the process that started it "
                    "does, however it died (Cluster.local uses this) (default: off)")
@@ -174,7 +174,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
              "grace", "classic", "authkey", "ssl_keyfile", "ssl_certfile", "ssl_cafile",
              "insecure", "handshake_timeout", "max_pending", "max_message_size",
              "inbound_budget", "stall_timeout", "register", "registry_type", "registry_port",
-             "registry_host", "logfile", "quiet", "verbose", "metrics_port", "lanes")
+             "registry_host", "logfile", "quiet", "verbose", "metrics_port", "lanes",
+             "exit_on_stdin_eof")
     return ServerConfig.from_env(**{n: getattr(args, n, None) for n in names})
 
 
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace, *, classic_banner: bool = False) -> int:
             raise
     # Handlers first: a script may signal us as soon as it has read the address.
     server.install_signal_handlers()
-    if getattr(args, "exit_on_stdin_eof", False):
+    if cfg.exit_on_stdin_eof:
         _stop_at_stdin_eof(server)
     if classic_banner and cfg.mode == "oneshot":
         print(f"rpyc-oneshot\n{server.host}\t{server.port}", flush=True)

@@ -59,6 +59,9 @@ class ServerConfig:
     max_pending: int = 64  # connections still in their handshake
     memory_limit: int = 0  # bytes per worker process; 0: no limit
     keepalive: float = 0.0  # stdio mode: exit after this long without a word from the client
+    # Stop (as on SIGTERM) when stdin reaches its end: a server started with a pipe as stdin
+    # ends with the process holding the pipe's other end (Cluster.local's client).
+    exit_on_stdin_eof: bool = False
     metrics_port: int | None = None
     lanes: bool = True  # clients may send tasks straight to a worker (threaded mode, no TLS)
     # Largest message (RPyC frame) accepted from an authenticated peer, and largest reply
