@@ -277,7 +277,12 @@ class ModuleProvider:
             data = f.read()
         digest = _digest(data)
         with self._lock:
+            before = self._sent.get(name)
             self._sent[name] = (path, (st.st_mtime_ns, st.st_size), digest)
+            if before is not None and before[2] != digest:
+                # A worker may hold the old content under the current version: a new
+                # version makes it drop that before our next task.
+                self._version += 1
         return ("module", name, is_pkg, path, kind, data, digest)
 
     def _resource(self, request: str) -> Reply:
@@ -519,6 +524,8 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
         self.loaded: dict[str, str] = {}  # name -> digest
         self._lock = threading.Lock()
         self._busy = threading.local()
+        #: module name -> why the client could not send it (see find_spec and explain)
+        self.hints: dict[str, str] = {}
 
     def install(self) -> ForwardedModules:
         sys.meta_path.append(self)
@@ -534,6 +541,7 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
             if self.loaded and (token, version) == (self.owner, self.version):
                 return
             self.owner, self.version = token, version
+            self.hints.clear()
             if not self.loaded:
                 return
             for name in self.loaded:
@@ -560,7 +568,15 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
         if status != "module" or len(reply) != 7:
             message = str(reply[2]) if status == "error" and len(reply) > 2 else \
                 f"unexpected reply {str(reply)[:80]}"
-            raise ModuleNotFoundError(f"{message} (module forwarding)", name=fullname)
+            # Not found, as for any finder (importlib.util.find_spec returns None, a
+            # try/except ImportError fallback works); the reason is added to the
+            # ModuleNotFoundError a task fails with (see explain).
+            with self._lock:
+                self.hints.pop(fullname, None)
+                self.hints[fullname] = f"{message} (module forwarding)"
+                while len(self.hints) > 256:
+                    self.hints.pop(next(iter(self.hints)))
+            return None
         _, _name, is_pkg, filename, kind, data, digest = reply
         loader = _ForwardedLoader(fullname, str(filename) or f"<forwarded {fullname}>",
                                   str(kind), bytes(data), self)
@@ -574,7 +590,31 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
         return spec
 
 
+    def explain(self, exc: BaseException) -> BaseException:
+        """``exc`` (a task's exception), with the client's reason added to the message of
+        the ModuleNotFoundError in it (itself, or what it was raised from) for a module the
+        client could not send."""
+        seen = 0
+        cur: BaseException | None = exc
+        while cur is not None and seen < 5:
+            if isinstance(cur, ModuleNotFoundError) and cur.name:
+                with self._lock:
+                    hint = self.hints.get(cur.name)
+                if hint and cur.args and isinstance(cur.args[0], str) \
+                        and hint not in cur.args[0]:
+                    cur.msg = f"{cur.args[0]}: {hint}"
+                    cur.args = (cur.msg, *cur.args[1:])
+                    if cur is not exc and exc.args and isinstance(exc.args[0], str):
+                        exc.args = (f"{exc.args[0]} ({hint})", *exc.args[1:])
+                break
+            cur = cur.__cause__ or cur.__context__
+            seen += 1
+        return exc
+
+
 def timed_out(name: str, timeout: float) -> Reply:
     """The reply standing in for one that did not come in time."""
     return ("error", name, f"the client did not send module {name!r} within {timeout:g} s "
-            "(it is busy, frozen or gone)")
+            "(it is busy, frozen or gone): set RPYCSVC_FORWARD_TIMEOUT (seconds) higher in "
+            "the server's environment, install the module on the server, or connect with "
+            "forward_modules=False")

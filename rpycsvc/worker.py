@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -60,13 +61,19 @@ from .tracebacks import dump_exception
 class _TaskContext:
     """What a running task's output is attributed to, and its pending output."""
 
-    __slots__ = ("chunks", "fetch", "forward", "lock", "logging", "send", "sizes", "task_id")
+    __slots__ = ("chunks", "fetch", "fetch_lock", "fetching", "forward", "lock", "logging",
+                 "send", "sizes", "task_id")
 
     def __init__(self, task_id: int, forward: bool, logging: bool = False,
                  send: Callable[..., None] | None = None) -> None:
         self.task_id = task_id
         #: asks the task's client for a module (see rpycsvc.forwarding); None: nobody to ask
         self.fetch: Fetch | None = None
+        #: held while one of the task's imports asks its client; ``fetching`` goes False
+        #: when the task returns (see Worker.end_fetching): a thread the task started
+        #: gets nothing from the client after that
+        self.fetch_lock = threading.Lock()
+        self.fetching = True
         self.send = send  # where output and the result go: the server, or a client's lane
         self.forward = forward
         self.logging = logging
@@ -119,14 +126,44 @@ class Worker(LaneServer):
         self.module_waits: dict[int, list[Any]] = {}  # (thread role) request -> [event, reply]
         self.fetch_lock = threading.Lock()
         self.backlog: deque[tuple[Any, list[Any], list[int]]] = deque()
+        #: threads that were alive when a process-role task returned: none of them belongs
+        #: to a later task, so none may ask a later task's client for a module
+        self.past_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self.forwarded = ForwardedModules(self.current_fetch, self.forget_functions).install()
 
     # -- module forwarding -------------------------------------------------------------------
     def current_fetch(self) -> Fetch | None:
         """How the running task on this thread (or, in a process worker, the task running
         now, for threads it started) asks its client for a module."""
-        ctx = self.current() or self.inline
-        return ctx.fetch if ctx is not None else None
+        ctx = self.current()
+        if ctx is None and self.inline is not None \
+                and threading.current_thread() not in self.past_threads:
+            ctx = self.inline
+        if ctx is None or ctx.fetch is None:
+            return None
+        inner = ctx.fetch
+
+        def fetch(name: str) -> Reply:
+            # Only while the task runs: afterwards the main loop reads the channel (and the
+            # lane) again, and a reader here would take its messages.
+            with ctx.fetch_lock:
+                if not ctx.fetching:
+                    return ("none", name)
+                return inner(name)
+
+        return fetch
+
+    def end_fetching(self, ctx: _TaskContext) -> None:
+        """Task ``ctx`` returned: wait (at most FETCH_TIMEOUT) for an import in flight of a
+        thread it started, then close its fetch; in a process worker, every thread alive
+        now is one no later task started."""
+        got = ctx.fetch_lock.acquire(timeout=FETCH_TIMEOUT + 5)
+        ctx.fetching = False
+        if got:
+            ctx.fetch_lock.release()
+        if self.pool is None:
+            main = threading.main_thread()
+            self.past_threads.update(t for t in threading.enumerate() if t is not main)
 
     def forget_functions(self) -> None:
         """Forwarded modules were dropped: functions unpickled by reference to them go too
@@ -346,7 +383,8 @@ class Worker(LaneServer):
                     out = dumps(fn(*args, **kwargs), "result", copy=False)
                 ok = True
             except BaseException as exc:  # a task's SystemExit must not end the worker
-                ok, out = False, dump_exception(exc)
+                ok, out = False, dump_exception(self.forwarded.explain(exc))
+            self.end_fetching(ctx)
             try:
                 sys.stdout.flush()
                 sys.stderr.flush()

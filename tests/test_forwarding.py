@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,162 @@ def test_a_client_that_does_not_answer_fails_the_import_in_time(
     assert "did not send module" in got["stuck"][2] and project[1] in got["stuck"][2]
     assert got["took"] < 60  # bounded by the 2 s wait (plus the 6 s the client is stuck)
     assert got["after"] == ["ok", "3"]
+
+
+#: Helpers a client writes into its project: a task that starts a thread which imports a
+#: module later (after the task returned), and a task that waits for a flag file first.
+LATE_IMPORTS = '''
+import os, threading, time
+
+
+def wait_for(path, limit=60.0):
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def start(name, out, flag=None):
+    def body():
+        if flag:
+            wait_for(flag)
+        try:
+            result = "ok " + str(__import__(name).VALUE)
+        except BaseException as exc:
+            result = type(exc).__name__ + ": " + str(exc)
+        with open(out + ".tmp", "w") as f:
+            f.write(result)
+        os.replace(out + ".tmp", out)
+    threading.Thread(target=body).start()
+    return "started"
+
+
+def after(flag, name):
+    wait_for(flag)
+    return os.getpid(), __import__(name).VALUE
+
+
+def hold(seconds, flag=None):
+    if flag:  # (says that this task runs now)
+        open(flag, "w").close()
+    time.sleep(seconds)
+    return "held"
+'''
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
+def test_a_thread_importing_after_its_task_returned_never_takes_the_next_task(
+    project: tuple[Path, str], server_process: type[ServerProcess], lanes: bool
+) -> None:
+    # A task's thread imports a forwarded module just as the task returns. It used to read
+    # the worker's channel (or the lane) alongside the worker's main loop: the next task's
+    # message went to the thread and that task never ran.
+    srv = server_process("--workers", "1", env={"RPYCSVC_FORWARD_TIMEOUT": "5"})
+    got = merged(run_client("""
+        import threading
+        use_project()
+        for i in range(8):
+            with open(os.path.join(PROJECT, f"late_{PKG}_{i}.py"), "w") as f:
+                f.write(f"VALUE = {i}\\n")
+        with open(os.path.join(PROJECT, f"late_{PKG}.py"), "w") as f:
+            f.write(EXTRA["helpers"])
+        out = os.path.join(PROJECT, "out")
+        os.mkdir(out)
+
+        def bounded(fn, *args):
+            box = []
+            t = threading.Thread(target=lambda: box.append(outcome(fn, *args)), daemon=True)
+            t.start()
+            t.join(40)
+            return box[0] if box else "HANG"
+
+        c = rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"])
+        trials = []
+        for i in range(8):
+            a = bounded(c.compute, f"late_{PKG}:start", f"late_{PKG}_{i}", f"{out}/{i}")
+            b = bounded(c.compute, sum, [i, 1]) if a != "HANG" else "HANG"
+            trials.append([a, b])
+            if "HANG" in (a, b):
+                break
+        deadline = time.monotonic() + 30
+        while len(os.listdir(out)) < len(trials) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        threads = sorted(open(os.path.join(out, n)).read() for n in os.listdir(out))
+        report(trials=trials, threads=threads)
+        os._exit(0)  # (a hung call's thread would keep us alive)
+    """, project, {"address": srv.address, "lanes": lanes, "helpers": LATE_IMPORTS},
+        timeout=400))
+    for i, (a, b) in enumerate(got["trials"]):
+        assert a == ["ok", "'started'"] and b == ["ok", str(i + 1)], got["trials"]
+    assert len(got["trials"]) == 8
+    # Each thread's import either got the module (the task was still running) or failed
+    # at once as for any missing module; none waited for a reply that went elsewhere.
+    assert len(got["threads"]) == 8, got["threads"]
+    for line in got["threads"]:
+        assert line.startswith(("ok ", "ModuleNotFoundError: No module named")), line
+
+
+def test_a_module_edited_while_another_worker_imports_it_is_never_stale(
+    project: tuple[Path, str], server_process: type[ServerProcess]
+) -> None:
+    # Worker 1 imports v1; the file is edited; worker 2 then imports it (v2): the client
+    # must tell worker 1 to drop its v1 before the next task runs there.
+    srv = server_process("--workers", "2")
+    got = merged(run_client("""
+        use_project()
+        mod = f"ver_{PKG}"
+        with open(os.path.join(PROJECT, mod + ".py"), "w") as f:
+            f.write("VALUE = 1\\n")
+        with open(os.path.join(PROJECT, f"late_{PKG}.py"), "w") as f:
+            f.write(EXTRA["helpers"])
+        flag = os.path.join(PROJECT, "edited")
+        with rpycsvc.connect(EXTRA["address"], lanes=False) as c:
+            first = c.submit(f"late_{PKG}:after", PROJECT, mod)  # (the flag: the dir)
+            second = c.submit(f"late_{PKG}:after", flag, mod)  # waits for the edit
+            one = first.result(60)
+            time.sleep(2.5)  # (past the client's window for same-size edits)
+            with open(os.path.join(PROJECT, mod + ".py"), "w") as f:
+                f.write("VALUE = 2  # edited\\n")
+            open(flag, "w").close()
+            two = second.result(60)
+            time.sleep(2.5)
+            later = [f.result(60) for f in
+                     [c.submit(f"late_{PKG}:after", flag, mod) for _ in range(8)]]
+            report(one=one, two=two, later=later)
+    """, project, {"address": srv.address, "helpers": LATE_IMPORTS}))
+    assert got["one"][1] == 1 and got["two"][1] == 2
+    assert got["one"][0] != got["two"][0]  # two workers: one holds v1, the other v2
+    assert [v for _, v in got["later"]] == [2] * 8, got["later"]
+
+
+def test_a_thread_of_one_client_s_task_never_gets_another_client_s_module(
+    tmp_path: Path, server_process: type[ServerProcess]
+) -> None:
+    # Client A's task starts a thread and returns; the thread imports `who` while client
+    # B's task runs on the same worker. It must not get B's `who`.
+    name = f"fwdshop_{uuid.uuid4().hex[:8]}"
+    projects = {}
+    for who in "AB":
+        root = write_package(tmp_path / who, name)
+        (root / f"who_{name}.py").write_text(f"VALUE = {who!r}\n")
+        (root / f"late_{name}.py").write_text(LATE_IMPORTS)
+        projects[who] = (root, name)
+    srv = server_process("--workers", "1")
+    out, flag = tmp_path / "out", tmp_path / "b-runs"
+    body = """
+        use_project()
+        with rpycsvc.connect(EXTRA["address"], lanes=False) as c:
+            report(got=outcome(lambda: c.submit(*EXTRA["call"]).result(60)),
+                   pid=c.compute(os.getpid))
+    """
+    a = merged(run_client(body, projects["A"], {"address": srv.address, "call": [
+        f"late_{name}:start", f"who_{name}", str(out), str(flag)]}))
+    assert a["got"] == ["ok", "'started'"]
+    b = merged(run_client(body, projects["B"], {"address": srv.address, "call": [
+        f"late_{name}:hold", 4, str(flag)]}))
+    assert b["got"] == ["ok", "'held'"] and b["pid"] == a["pid"]
+    deadline = time.monotonic() + 30
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    result = out.read_text()
+    assert "B" not in result
+    assert result.startswith("ModuleNotFoundError: No module named"), result
