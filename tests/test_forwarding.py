@@ -228,9 +228,15 @@ def test_installed_packages_and_c_extensions_are_not_forwarded(
     got = merged(run_client("""
         use_project()
         sys.path.append(EXTRA["site"])
+        with open(os.path.join(PROJECT, f"probe_{PKG}.py"), "w") as f:
+            f.write("import importlib.util\\n"
+                    "def probe(name):\\n"
+                    "    return importlib.util.find_spec(name) is None\\n")
         with rpycsvc.connect(EXTRA["address"]) as c:
             report(dist=outcome(c.compute, "importlib:import_module", EXTRA["dist"]),
-                   ext=outcome(c.compute, "importlib:import_module", EXTRA["ext"]))
+                   ext=outcome(c.compute, "importlib:import_module", EXTRA["ext"]),
+                   probe=outcome(c.compute, f"probe_{PKG}:probe", EXTRA["dist"]),
+                   probe_ext=outcome(c.compute, f"probe_{PKG}:probe", EXTRA["ext"]))
         with rpycsvc.connect(EXTRA["address"], forward_packages=[EXTRA["dist"]]) as c:
             report(opted=outcome(c.compute, EXTRA["dist"] + ":answer"))
         with rpycsvc.Cluster([EXTRA["address"]], forward_packages=[EXTRA["dist"]]) as cluster:
@@ -241,6 +247,8 @@ def test_installed_packages_and_c_extensions_are_not_forwarded(
     assert "forward_packages" in got["dist"][2]
     assert got["ext"][:2] == ["error", "ModuleNotFoundError"], got["ext"]
     assert ext in got["ext"][2] and "C extension" in got["ext"][2]
+    # An optional-dependency probe on the server says "absent", as without forwarding.
+    assert got["probe"] == ["ok", "True"] and got["probe_ext"] == ["ok", "True"], got
     assert got["opted"] == ["ok", "42"]
     assert got["cluster"] == ["ok", "42"]  # (Cluster passes forward_packages on)
 
