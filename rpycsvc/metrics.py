@@ -195,17 +195,63 @@ class ServerCollector:
 
 class _Handler(WSGIRequestHandler):
     server_version = "rpycsvc-metrics"
+    server: MetricsServer
+
+    def setup(self) -> None:
+        super().setup()
+        # a connection that sends or takes nothing for this long is dropped (handle() gets
+        # a timeout error) and its thread ends
+        self.connection.settimeout(self.server.idle_timeout)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError as exc:  # timed out, or the peer went away: nothing to answer
+            log.debug("%s dropped: %s", self.client_address[0], exc)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
 class MetricsServer(ThreadingMixIn, WSGIServer):
-    """The HTTP server of :func:`serve_metrics`; ``close()`` stops it."""
+    """The HTTP server of :func:`serve_metrics`; ``close()`` stops it.
+
+    Anyone on the host can connect (the page has no key), and each connection gets a
+    thread of the rpycsvc server's process: a connection idle for ``idle_timeout`` seconds
+    is dropped, and beyond ``max_connections`` at once a new one is closed unanswered, so
+    idle connections can't pile up threads (a scraper makes one short request at a time).
+    """
 
     daemon_threads = True
+    #: seconds a connection may send or take nothing before it is dropped
+    idle_timeout: float = 10.0
+    #: connections served at once; more are closed as soon as they are accepted
+    max_connections: int = 16
     #: the private registry the page is made from (holds one :class:`ServerCollector`)
     registry: CollectorRegistry
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection if a slot is free; else close it at once."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("%s refused: %d metrics connections open already",
+                      client_address[0], self.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: it won't give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving and release the port (bounded by ``timeout`` seconds)."""

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -268,3 +269,54 @@ def test_without_prometheus_client_metrics_name_the_fix() -> None:
     assert "rpycsvc serve: error: " in proc.stderr
     assert "prometheus_client" in proc.stderr and "pip install" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _wait_page(port: int, timeout: float = 30.0) -> str:
+    """The metrics page, polled until it answers (bounded)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return str(resp.read().decode())
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+@pytest.mark.timeout(180)
+def test_idle_metrics_connections_do_not_pin_server_threads(
+        server_process: type[ServerProcess]) -> None:
+    """Anyone on the host can open connections to the page: idle ones are dropped after
+    MetricsServer.idle_timeout, and beyond max_connections at once closed unanswered, so
+    the server's thread count returns to what it was and the page still answers."""
+    port = free_port()
+    proc = server_process("--workers", "1", "--metrics-port", str(port))
+    task_dir = f"/proc/{proc.pid}/task"
+
+    def threads() -> int:
+        return len(os.listdir(task_dir))
+
+    _wait_page(port)
+    before = threads()
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(3 * MetricsServer.max_connections):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        most = threads()
+        deadline = time.monotonic() + 6 * MetricsServer.idle_timeout
+        while threads() > before and time.monotonic() < deadline:
+            most = max(most, threads())
+            time.sleep(0.1)
+        assert threads() <= before, "idle metrics connections still hold server threads"
+        # a thread per connection up to the cap, never one per connection (small slack for
+        # the server's own short-lived threads)
+        assert most <= before + MetricsServer.max_connections + 4, most
+    finally:
+        for c in conns:
+            c.close()
+    samples, _ = parse(_wait_page(port))
+    assert value(samples, "rpycsvc_workers") == 1
+    assert proc.stop() == 0
