@@ -11,9 +11,9 @@ connection and is then reached over the same channel, exactly as for a host stri
 - ``ParamikoMachine``: ``machine.popen(...)`` opens a session channel on the machine's
   paramiko transport; the channel carries the bundle and then RPyC (``SocketStream`` over
   the channel, as RPyC does).
-- ``plumbum.local``: the server runs as a local process under ``local.env``/``local.cwd``;
-  with ``python=None`` it is this client's own interpreter (same version, so every task
-  works).
+- ``plumbum.local``: the server runs as a local process under ``local.env``/``local.cwd``,
+  in a session of its own (a Ctrl-C meant for the client doesn't reach it); with
+  ``python=None`` it is this client's own interpreter (same version, so every task works).
 
 The machine stays the caller's: deploy opens one channel or process per server and ends
 only that, never the machine's connection (RPyC 6.0.2's ``DeployedServer.close()`` closes
@@ -151,7 +151,11 @@ def _start_local(
 
     def spawn() -> RemoteEntry:
         try:
-            proc = machine["sh"]["-c", command].popen()
+            # A session of its own (as Cluster.local's servers): a Ctrl-C in the terminal or a
+            # Jupyter kernel interrupt (SIGINT to our process group) interrupts our code, not
+            # the server. It still ends with us: at EOF on its stdin, whose write end only we
+            # hold, when we close it or when this process dies (even by SIGKILL).
+            proc = machine["sh"]["-c", command].popen(start_new_session=True)
         except Exception as exc:
             raise DeployError(
                 f"cannot start a local server: {type(exc).__name__}: {exc}", host=name

@@ -326,3 +326,53 @@ def test_a_crashed_client_leaves_no_local_server() -> None:
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+INTERRUPTED_LOCAL_CLIENT = """\
+import time
+import rpycsvc
+from plumbum import local
+cluster = rpycsvc.deploy([local], timeout=30)
+stats = cluster[0].stats()
+print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
+try:
+    time.sleep(120)  # the test interrupts us here
+except KeyboardInterrupt:
+    print("RESULT", cluster.submit(abs, -4).result(30), flush=True)  # the server still serves
+cluster.close()
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_serving() -> None:
+    # SIGINT to the client's whole process group, as a terminal's Ctrl-C or a Jupyter kernel
+    # interrupt sends it: the client catches KeyboardInterrupt, and its server must not die.
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_LOCAL_CLIENT],
+        cwd=repo,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal would give it
+    )
+    procs: list[int] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("PIDS "), line
+        procs = [int(p) for p in line.split()[1:]]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+        assert out.split() == ["RESULT", "4", "closed"], out
+        assert proc.returncode == 0
+        assert wait_gone(procs, 30) == [], "close() left the local server or a worker running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in wait_gone(procs, 10):  # last resort: ours, by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
