@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rpyc
@@ -198,49 +199,66 @@ def _square(x: int) -> int:
     return x * x
 
 
+def _five_hundred_clients(srv: Any) -> dict[str, Any]:
+    """500 clients connected at once (50 threads opening 10 each), one task each, all
+    closed; returns the server's stats once only our probe's connection is left."""
+    clients: list[rpycsvc.Client] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def open_some(n: int) -> None:
+        for _ in range(n):
+            try:
+                c = rpycsvc.connect(srv.address, timeout=60, output="discard")
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            with lock:
+                clients.append(c)
+
+    openers = [threading.Thread(target=open_some, args=(10,)) for _ in range(50)]
+    try:
+        for t in openers:
+            t.start()
+        for t in openers:
+            t.join(240)
+        assert not errors, errors[:3]
+        assert len(clients) == 500
+        with rpycsvc.connect(srv.address) as probe:
+            assert probe.stats()["connections"] == 501  # all 500 open at once, plus us
+        futs = [(i, c.submit(_square, i)) for i, c in enumerate(clients)]
+        assert [f.result(timeout=240) for _, f in futs] == [i * i for i, _ in futs]
+    finally:
+        for c in clients:
+            c.close()
+    with rpycsvc.connect(srv.address) as probe:
+        deadline = time.monotonic() + 30
+        while probe.stats()["connections"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats: dict[str, Any] = probe.stats()
+    assert stats["connections"] == 1
+    return stats
+
+
+@pytest.mark.timeout(480)
 def test_500_concurrent_clients_memory_back_near_baseline() -> None:
+    """No memory kept per client: 500 clients come and go twice; the second time, the
+    server's RSS ends where the first left it.
+
+    The baseline is the RSS after a first round, not before any client: 500 connections
+    at once (1000 threads in this process, server and clients) leave the C allocator's
+    free memory and its cache of thread stacks at their working size, which the process
+    keeps but reuses (about 40 MB above the idle RSS here, in proportion to the peak, so
+    it moves whenever a connection carries a little more state, e.g. the client's module
+    provider). A leak of 20 KB per client adds 10 MB a round."""
     with running_server(workers=2) as srv:
         with rpycsvc.connect(srv.address) as probe:
             probe.compute(_square, 1)
-            base = probe.stats()["rss_bytes"]
-        clients: list[rpycsvc.Client] = []
-        errors: list[BaseException] = []
-        lock = threading.Lock()
-
-        def open_some(n: int) -> None:
-            for _ in range(n):
-                try:
-                    c = rpycsvc.connect(srv.address, timeout=60, output="discard")
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-                with lock:
-                    clients.append(c)
-
-        openers = [threading.Thread(target=open_some, args=(10,)) for _ in range(50)]
-        try:
-            for t in openers:
-                t.start()
-            for t in openers:
-                t.join(240)
-            assert not errors, errors[:3]
-            assert len(clients) == 500
-            with rpycsvc.connect(srv.address) as probe:
-                assert probe.stats()["connections"] == 501  # all 500 open at once, plus us
-            futs = [(i, c.submit(_square, i)) for i, c in enumerate(clients)]
-            assert [f.result(timeout=240) for _, f in futs] == [i * i for i, _ in futs]
-        finally:
-            for c in clients:
-                c.close()
-        with rpycsvc.connect(srv.address) as probe:
-            deadline = time.monotonic() + 30
-            while probe.stats()["connections"] > 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            stats = probe.stats()
-        assert stats["connections"] == 1
-        assert stats["tasks_done"] >= 501
-        # memory back near its baseline (allocator slack allowed, no growth per client)
-        assert stats["rss_bytes"] < base + 40 * 2**20, (base, stats["rss_bytes"])
+        base = _five_hundred_clients(srv)["rss_bytes"]
+        stats = _five_hundred_clients(srv)
+        assert stats["tasks_done"] >= 1001
+        # memory back near the first round's (allocator slack allowed, no growth per client)
+        assert stats["rss_bytes"] < base + 10 * 2**20, (base, stats["rss_bytes"])
 
 
 def _hog(mb: int) -> int:
