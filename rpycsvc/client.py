@@ -19,6 +19,7 @@ import socket
 import ssl as _ssl
 import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable
@@ -708,7 +709,9 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     conn._config["sync_request_timeout"] = None  # from now on bounded by liveness instead
     conn.request_timeout = hello_timeout  # the liveness check starts after hello
     try:
-        extra = {"modules": modules.answer} if modules is not None else {}
+        # (answers only while a task of ours runs on this connection: see below)
+        gate = forwarding.ConnectionModules(modules, address) if modules is not None else None
+        extra = {"modules": gate.answer} if gate is not None else {}
         if lost_after is not None and not getattr(conn, "_bind_threads", False):
             reply = conn.root.hello(sink, heartbeat_interval(lost_after), **extra)
         else:
@@ -728,6 +731,14 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
         modules = None
     client = Client(conn, hello, address, router, task_options, lost_after=lost_after,
                     modules=modules)
+    if gate is not None:
+        ref = weakref.ref(client)
+
+        def busy() -> bool:
+            live = ref()
+            return live is not None and bool(live._pending)
+
+        gate.busy = busy
     client_box.append(client)
     return client
 

@@ -53,6 +53,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import io
+import logging
 import marshal
 import os
 import re
@@ -89,6 +90,8 @@ MAX_MODULE_BYTES = 32 << 20
 #: ``("none", request)`` or ``("error", request, message)``.
 Reply = tuple[Any, ...]
 RESOURCE = "resource:"
+
+_log = logging.getLogger("rpycsvc.forwarding")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -297,13 +300,17 @@ class ModuleProvider:
         parts = [p for p in rel.split("/") if p not in ("", ".")]
         if any(p == ".." or "\0" in p or os.sep in p for p in parts):
             return ("error", request, f"bad resource path {rel!r}")
+        if any(p.startswith(".") for p in parts):  # .env, .git/...: never a package's data
+            return ("error", request, f"resource {rel!r} of {pkg!r} is a hidden file "
+                    "(names starting with '.' are not sent)")
         path = os.path.realpath(os.path.join(base, *parts))
         if not _under(path, [base]):
             return ("error", request, f"resource {rel!r} is outside package {pkg!r}")
         if os.path.isdir(path):
             with os.scandir(path) as entries:
                 return ("dir", request, tuple(sorted(
-                    (e.name, e.is_dir()) for e in entries if e.name != "__pycache__")))
+                    (e.name, e.is_dir()) for e in entries
+                    if e.name != "__pycache__" and not e.name.startswith("."))))
         if not os.path.isfile(path):
             return ("none", request)
         if os.path.getsize(path) > MAX_MODULE_BYTES:
@@ -340,6 +347,30 @@ class ModuleProvider:
             if changed:
                 self._version += 1
             return (self.token, self._version)
+
+
+class ConnectionModules:
+    """What a client hands one server connection (its ``answer`` goes in ``hello``): the
+    process's :class:`ModuleProvider`, answering only while ``busy()`` says a task of ours
+    runs on that connection. A server holds the reference for as long as the connection
+    lasts and may call it whenever it likes; outside our tasks' imports it gets a refusal
+    (and we log it). ``busy`` is set once the connection's Client exists."""
+
+    def __init__(self, provider: ModuleProvider, address: str) -> None:
+        self.provider = provider
+        self.address = address
+        self.busy: Callable[[], bool] = lambda: False
+
+    def answer(self, name: Any) -> Reply:
+        """The provider's reply to ``name`` while a task of ours runs, else a refusal."""
+        if not self.busy():
+            shown = str(name)[:200]
+            _log.warning("refused %s's request for %r: no task of this client is running "
+                         "on that connection (module forwarding answers only its tasks' "
+                         "imports)", self.address, shown)
+            return ("error", shown, "refused: no task of this client is running on this "
+                    "connection")
+        return self.provider.answer(name)
 
 
 def _norm(name: str) -> str:

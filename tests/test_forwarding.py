@@ -91,6 +91,7 @@ def write_package(root: Path, name: str, rate: float = 0.5, note: str = "v1") ->
     (pkg / "rates.txt").write_text("standard 0.2\n")
     (pkg / "data" / "more.txt").write_text("reduced 0.1\n")
     (root / "secret.txt").write_text("not in the package\n")
+    (pkg / ".env").write_text("TOKEN=not-for-servers\n")
     return root
 
 
@@ -164,7 +165,8 @@ def test_an_edited_module_is_forwarded_again(
                 report(without=outcome(plain.compute, pkg.total, [1]))
             report(first=outcome(c.compute, pkg.total, [2]), pid1=c.compute(os.getpid),
                    resources=outcome(c.compute, pkg.pricing.rates),
-                   outside=outcome(c.compute, pkg.pricing.peek, "../secret.txt"))
+                   outside=outcome(c.compute, pkg.pricing.peek, "../secret.txt"),
+                   dotfile=outcome(c.compute, pkg.pricing.peek, ".env"))
             set_rate(1.0, "v2")
             report(edited=outcome(c.compute, pkg.total, [2]), pid2=c.compute(os.getpid))
             set_rate(2.0, "v3")
@@ -180,6 +182,7 @@ def test_an_edited_module_is_forwarded_again(
         assert got["resources"] == ["ok", repr(("standard 0.2\n",
                                                 ["more.txt", "reduced 0.1\n"]))]
         assert got["outside"][0] == "error" and "bad resource path" in got["outside"][2]
+        assert got["dotfile"][0] == "error" and "hidden file" in got["dotfile"][2], got
     else:
         assert got["resources"] == ["ok", repr(("standard 0.2\n", ["rates.txt"]))]
     assert got["edited"] == receipt(4.0, "v2")
@@ -474,3 +477,58 @@ def test_a_thread_of_one_client_s_task_never_gets_another_client_s_module(
     result = out.read_text()
     assert "B" not in result
     assert result.startswith("ModuleNotFoundError: No module named"), result
+
+
+def test_a_server_gets_nothing_from_the_client_outside_its_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server holds the client's module provider for as long as the connection lasts. A
+    # hostile one (plain RPyC here, speaking rpycsvc's hello) calls it with no task of ours
+    # running: for a module no task imported, and for a dotfile of a package.
+    import platform
+    import threading
+
+    import rpyc
+    from rpyc.utils.server import ThreadedServer
+
+    from rpycsvc.client import connect_stream
+
+    name = f"fwdhostile_{uuid.uuid4().hex[:8]}"
+    root = write_package(tmp_path / "proj", name)
+    (root / f"{name}_settings.py").write_text("PASSWORD = 'hunter2'\n")
+    monkeypatch.syspath_prepend(str(root))
+    held: list[Any] = []
+
+    class Hostile(rpyc.SlaveService):  # type: ignore[misc]
+        def exposed_hello(self, sink: Any = None, heartbeat: Any = None,
+                          modules: Any = None) -> tuple[tuple[str, Any], ...]:
+            held.append(modules)
+            return (("classic", True), ("python", platform.python_version()))
+
+        def exposed_run(self, *args: Any) -> None:
+            return None
+
+        exposed_cancel = exposed_run
+        hello, run, cancel = exposed_hello, exposed_run, exposed_run  # (classic: raw names)
+
+    server = ThreadedServer(Hostile, hostname="127.0.0.1", port=0)
+    threading.Thread(target=server.start, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stream = rpyc.SocketStream.connect("127.0.0.1", server.port)
+        client = connect_stream(stream, address=f"127.0.0.1:{server.port}", lost_after=None)
+        try:
+            with caplog.at_level("WARNING", logger="rpycsvc.forwarding"):
+                settings = held[0](f"{name}_settings")
+                package = held[0](name)
+                dotfile = held[0](f"resource:{name}:.env")
+        finally:
+            client.close()
+    finally:
+        server.close()
+    for reply in (settings, package, dotfile):
+        assert reply[0] == "error" and "no task of this client is running" in reply[2], reply
+    assert "hunter2" not in repr(settings) and "not-for-servers" not in repr(dotfile)
+    assert caplog.text.count("refused") == 3, caplog.text
