@@ -569,10 +569,18 @@ def start_remote(
     where = host or ssh_argv[-1]
     command = remote_command(python, min_version=min_version, memfd=memfd)
 
+    # A session of its own when ssh can't prompt (BatchMode=yes, as deploy always gives):
+    # then a Ctrl-C or Jupyter interrupt (SIGINT to our process group) interrupts our code,
+    # not ssh, which would end the server. An ssh that may prompt for a password or
+    # passphrase needs our terminal (/dev/tty), so it stays in our session. Either way it
+    # ends with us: at EOF on its stdin, whose write end only we hold.
+    new_session = batch_mode(ssh_argv)
+
     def spawn() -> RemoteProcess:
         pipe = subprocess.PIPE
         try:
-            proc = subprocess.Popen([*ssh_argv, command], stdin=pipe, stdout=pipe, stderr=pipe)
+            proc = subprocess.Popen([*ssh_argv, command], stdin=pipe, stdout=pipe, stderr=pipe,
+                                    start_new_session=new_session)
         except OSError as exc:
             raise DeployError(f"cannot run {ssh_argv[0]!r} to reach {where}: {exc}",
                               host=where) from exc
@@ -581,6 +589,26 @@ def start_remote(
     remote = launch(spawn, entry, packages, python=python, timeout=timeout, host=where)
     assert isinstance(remote, RemoteProcess)
     return remote
+
+
+def batch_mode(ssh_argv: Sequence[str]) -> bool:
+    """Whether this ssh command line runs with ``BatchMode=yes`` (it never prompts).
+
+    ssh keeps the first value given for an option, and the command line beats its config
+    files, so the first ``-o BatchMode=...`` (or ``-oBatchMode ...``) decides; none: False.
+    """
+    args = list(ssh_argv[1:])
+    for i, arg in enumerate(args):
+        if arg == "-o" and i + 1 < len(args):
+            option = args[i + 1]
+        elif arg.startswith("-o") and len(arg) > 2:
+            option = arg[2:]
+        else:
+            continue
+        key, _, value = option.replace("=", " ", 1).strip().partition(" ")
+        if key.lower() == "batchmode":
+            return value.strip().lower() == "yes"
+    return False
 
 
 def launch(

@@ -376,3 +376,56 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_ser
         for pid in wait_gone(procs, 10):  # last resort: ours, by pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+INTERRUPTED_HOST_CLIENT = """\
+import sys, time
+import rpycsvc
+cluster = rpycsvc.deploy([sys.argv[1]], ssh_options=["-F", sys.argv[2]], timeout=30)
+stats = cluster[0].stats()
+print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
+try:
+    time.sleep(120)  # the test interrupts us here
+except KeyboardInterrupt:
+    print("RESULT", cluster.submit(abs, -4).result(30), flush=True)  # the server still serves
+cluster.close()
+print("closed", flush=True)
+"""
+
+
+@ssh
+@pytest.mark.timeout(180)
+def test_ctrl_c_to_the_clients_process_group_leaves_its_host_string_server_serving(
+        sshd: SshServer) -> None:
+    # deploy's ssh runs with BatchMode=yes (it never prompts), so it gets a session of its
+    # own: SIGINT to the client's process group (Ctrl-C) must not end it and its server.
+    repo = Path(__file__).resolve().parent.parent
+    own = sessions(sshd)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_HOST_CLIENT, sshd.alias, str(sshd.config_path)],
+        cwd=repo,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal would give it
+    )
+    procs: list[int] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("PIDS "), line
+        procs = [int(p) for p in line.split()[1:]]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+        assert out.split() == ["RESULT", "4", "closed"], out
+        assert proc.returncode == 0
+        assert wait_gone(procs, 30) == [], "close() left the server or a worker running"
+        assert wait_sessions_within(sshd, own, 30) == set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in wait_gone(procs, 10):  # last resort: ours, by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
