@@ -66,17 +66,20 @@ def check_lost_after(value: Any) -> float | None:
 
 
 def _out_fd(stream: Any) -> int | None:
-    """The file descriptor the stream writes to (a socket's, or a pipe's outgoing end)."""
+    """The file descriptor the stream writes to (a socket's, or a pipe's outgoing end);
+    None when there is none, or it was closed (a closed socket's ``fileno()`` is -1)."""
+    fd = -1
     try:
         sock = getattr(stream, "sock", None)
         if sock is not None:
-            return int(sock.fileno())
-        outgoing = getattr(stream, "outgoing", None)
-        if outgoing is not None:
-            return int(outgoing.fileno())
+            fd = int(sock.fileno())
+        else:
+            outgoing = getattr(stream, "outgoing", None)
+            if outgoing is not None:
+                fd = int(outgoing.fileno())
     except (OSError, ValueError, EOFError, AttributeError):
         pass
-    return None
+    return fd if fd >= 0 else None
 
 
 class Heartbeat:
