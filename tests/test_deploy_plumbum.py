@@ -334,8 +334,8 @@ import rpycsvc
 from plumbum import local
 cluster = rpycsvc.deploy([local], timeout=30)
 stats = cluster[0].stats()
-print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
-try:
+try:  # the test interrupts us once it has this line: print it inside the try
+    print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
     time.sleep(120)  # the test interrupts us here
 except KeyboardInterrupt:
     print("RESULT", cluster.submit(abs, -4).result(30), flush=True)  # the server still serves
@@ -383,8 +383,8 @@ import sys, time
 import rpycsvc
 cluster = rpycsvc.deploy([sys.argv[1]], ssh_options=["-F", sys.argv[2]], timeout=30)
 stats = cluster[0].stats()
-print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
-try:
+try:  # the test interrupts us once it has this line: print it inside the try
+    print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
     time.sleep(120)  # the test interrupts us here
 except KeyboardInterrupt:
     print("RESULT", cluster.submit(abs, -4).result(30), flush=True)  # the server still serves
