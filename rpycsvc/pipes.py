@@ -24,7 +24,7 @@ from typing import Any
 
 from rpyc.core.stream import PipeStream, SocketStream
 
-from .transport import TRAFFIC
+from .transport import TRAFFIC, read_in_pieces
 
 #: Bytes per read or write system call, and the size of a piece a read allocates at once.
 CHUNK = 1 << 20
@@ -68,15 +68,7 @@ class FastPipeStream(PipeStream):
     def read(self, count: int) -> bytes:
         """``count`` bytes. Memory is taken as they arrive (pieces of at most
         :data:`CHUNK`), never for a whole announced length up front."""
-        if count <= CHUNK:
-            return bytes(self._read_piece(count))
-        pieces = []
-        left = count
-        while left:
-            piece = self._read_piece(min(left, CHUNK))
-            pieces.append(piece)
-            left -= len(piece)
-        return b"".join(pieces)  # (brine slices it: it must be bytes)
+        return read_in_pieces(self._read_piece, count, CHUNK)
 
     def read_buffer(self, count: int) -> bytearray:
         """``count`` bytes (at most :data:`CHUNK`) in a new bytearray (no further copy)."""

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from rpyc.core import brine, consts
 from rpyc.core.channel import Channel
@@ -209,6 +209,21 @@ class InboundBudget:
                 self._cond.notify_all()
 
 
+def read_in_pieces(read_piece: Callable[[int], bytearray], count: int, chunk: int) -> bytes:
+    """``count`` bytes read with ``read_piece(n)`` (which returns exactly ``n`` bytes) at
+    most ``chunk`` at a time, so memory is taken as the bytes arrive, never for a whole
+    announced length up front. Shared by the socket and pipe streams."""
+    if count <= chunk:
+        return bytes(read_piece(count))
+    pieces = []
+    left = count
+    while left:
+        piece = read_piece(min(left, chunk))
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)  # brine slices it: it must be bytes
+
+
 def tune_socket(sock: socket.socket) -> None:
     """Low latency for small messages, large buffers for bulk transfers."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -269,15 +284,7 @@ class FastSocketStream(SocketStream):
         """``count`` bytes. Memory is taken as the bytes arrive (a piece of at most 1 MiB
         at a time), never for the whole announced length up front: a peer that announces
         gigabytes and sends nothing costs one piece."""
-        if count <= _CHUNK:
-            return bytes(self._read_piece(count))
-        pieces = []
-        left = count
-        while left:
-            piece = self._read_piece(min(left, _CHUNK))
-            pieces.append(piece)
-            left -= len(piece)
-        return b"".join(pieces)  # brine slices it: it must be bytes
+        return read_in_pieces(self._read_piece, count, _CHUNK)
 
     def read_buffer(self, count: int) -> bytearray:
         """``count`` bytes (at most 1 MiB, read at once) in a new bytearray."""
