@@ -25,6 +25,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 from ._wire import _recv_exact
@@ -448,24 +449,10 @@ class Bench:
         samples: dict[str, list[float]] = {"compute": [], "ping": [], "tcp": []}
         bad: list[str] = []
 
-        def one_compute(i: int) -> float:
-            t0 = time.perf_counter()
-            got = c.compute(noop, i)
-            dt = time.perf_counter() - t0
-            if got != i:
-                bad.append(f"compute(noop, {i}) returned {got!r}")
-            return dt
-
-        def one_ping(i: int) -> float:
-            t0 = time.perf_counter()
-            got = ping(i)
-            dt = time.perf_counter() - t0
-            if got != i:
-                bad.append(f"ping({i}) returned {got!r}")
-            return dt
-
         kinds: dict[str, Callable[[int], float]] = {
-            "compute": one_compute, "ping": one_ping, "tcp": lambda i: raw.ping()}
+            "compute": _timed_echo(partial(c.compute, noop), lambda i: f"compute(noop, {i})", bad),
+            "ping": _timed_echo(ping, lambda i: f"ping({i})", bad),
+            "tcp": lambda i: raw.ping()}
         # Where the time goes: the request and reply legs, timed against the server's clock
         # (only meaningful when the server shares our clock, i.e. runs on this host).
         legs: dict[str, list[tuple[float, float]]] = {"compute": [], "rpyc": []}
@@ -952,6 +939,21 @@ def _is_loopback(address: str) -> bool:
     from .client import parse_address
 
     return parse_address(address)[0] in ("127.0.0.1", "localhost", "::1")
+
+
+def _timed_echo(call: Callable[[int], Any], what: Callable[[int], str],
+                bad: list[str]) -> Callable[[int], float]:
+    """A sample for the latency loops: ``one(i)`` returns the seconds ``call(i)`` took, and
+    notes in ``bad`` (as ``what(i)`` and the reply) a reply other than ``i``: a wrong answer
+    would make a fast figure meaningless. Shared by the main and the transports bench."""
+    def one(i: int) -> float:
+        t0 = time.perf_counter()
+        got = call(i)
+        dt = time.perf_counter() - t0
+        if got != i:
+            bad.append(f"{what(i)} returned {got!r}")
+        return dt
+    return one
 
 
 def _timed(fn: Callable[[int], Any], arg: int) -> float:

@@ -51,6 +51,7 @@ from .bench import (
     _median,
     _raw_loop,
     _say,
+    _timed_echo,
     _watchdog,
     digest,
     make_blob,
@@ -447,29 +448,11 @@ class Transports:
         kinds: dict[str, Callable[[int], float]] = {}
         bad: list[str] = []
 
-        def compute(c: Any) -> Callable[[int], float]:
-            def one(i: int) -> float:
-                t0 = time.perf_counter()
-                got = c.compute(noop, i)
-                dt = time.perf_counter() - t0
-                if got != i:
-                    bad.append(f"compute(noop, {i}) on {c.address} returned {got!r}")
-                return dt
-            return one
-
         for kind, c in self.clients.items():
-            kinds[kind] = compute(c)
+            kinds[kind] = _timed_echo(partial(c.compute, noop),
+                                      f"compute(noop, {{}}) on {c.address}".format, bad)
         ping = self.clients["plain"].conn.root.ping  # cached: one round trip per call
-
-        def one_ping(i: int) -> float:
-            t0 = time.perf_counter()
-            got = ping(i)
-            dt = time.perf_counter() - t0
-            if got != i:
-                bad.append(f"ping({i}) returned {got!r}")
-            return dt
-
-        kinds["rpyc"] = one_ping
+        kinds["rpyc"] = _timed_echo(ping, lambda i: f"ping({i})", bad)
         echo = None
         if "ssh" in self.clients:
             try:
