@@ -354,7 +354,7 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_ser
         cwd=repo,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # a few lines (deploy's); read with stdout at the end
         text=True,
         start_new_session=True,  # its own process group, as a terminal would give it
     )
@@ -365,8 +365,8 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_ser
         assert line.startswith("PIDS "), line
         procs = [int(p) for p in line.split()[1:]]
         os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=90)
-        assert out.split() == ["RESULT", "4", "closed"], out
+        out, err = proc.communicate(timeout=90)
+        assert out.split() == ["RESULT", "4", "closed"], out + err
         assert proc.returncode == 0
         assert wait_gone(procs, 30) == [], "close() left the local server or a worker running"
     finally:
@@ -406,7 +406,7 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_host_string_server_servi
         cwd=repo,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # a few lines (deploy's); read with stdout at the end
         text=True,
         start_new_session=True,  # its own process group, as a terminal would give it
     )
@@ -417,8 +417,8 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_host_string_server_servi
         assert line.startswith("PIDS "), line
         procs = [int(p) for p in line.split()[1:]]
         os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=90)
-        assert out.split() == ["RESULT", "4", "closed"], out
+        out, err = proc.communicate(timeout=90)
+        assert out.split() == ["RESULT", "4", "closed"], out + err
         assert proc.returncode == 0
         assert wait_gone(procs, 30) == [], "close() left the server or a worker running"
         assert wait_sessions_within(sshd, own, 30) == set()
