@@ -429,3 +429,15 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_host_string_server_servi
         for pid in wait_gone(procs, 10):  # last resort: ours, by pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_only_a_batch_mode_ssh_gets_a_session_of_its_own() -> None:
+    # ssh keeps the first value of an option: the caller's BatchMode=no (a prompt wanted)
+    # beats deploy's BatchMode=yes, and then ssh must stay in our terminal's session.
+    from rpycsvc.bootstrap import batch_mode
+    from rpycsvc.deployment import ssh_argv
+
+    assert batch_mode(ssh_argv("node1"))
+    assert not batch_mode(ssh_argv("node1", ssh_options=["-o", "BatchMode=no"]))
+    assert not batch_mode(ssh_argv("node1", ssh_options=["-oBatchMode no"]))
+    assert not batch_mode(["ssh", "node1"])
