@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,6 +123,30 @@ def test_service_only_servers_refuse_remote_cells(service_only: object) -> None:
     assert "service-only mode (--no-classic)" in out
 
 
+def interrupt_when(proc: subprocess.Popen[str], ready: Callable[[str], bool]) -> str:
+    """The shell's whole output: read until ``ready(output)`` (within BOUND), then SIGINT it
+    once and read to its end, which must come within 45 s (well before the cells' 60 s
+    sleep). The shell is killed in any case."""
+    out = ""
+    try:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + BOUND
+        while not ready(out):
+            assert time.monotonic() < deadline and proc.poll() is None, out
+            if sel.select(1.0):
+                out += proc.stdout.readline()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=45.0)  # well before the sleep's 60 s
+        out += rest
+        assert time.monotonic() - started < 45.0
+    finally:
+        proc.kill()
+    return out
+
+
 def test_sigint_stops_a_remote_cell_blocked_in_sleep_and_the_shell_goes_on(
         servers: list[str]) -> None:
     proc = shell([
@@ -134,23 +158,7 @@ def test_sigint_stops_a_remote_cell_blocked_in_sleep_and_the_shell_goes_on(
         "%%remote\nprint('x is', x)",
         "print('local', 1 + 1)",
     ])
-    out = ""
-    try:
-        assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + BOUND
-        while "sleeping\n" not in out:
-            assert time.monotonic() < deadline and proc.poll() is None, out
-            if sel.select(1.0):
-                out += proc.stdout.readline()
-        started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=45.0)  # well before the sleep's 60 s
-        out += rest
-        assert time.monotonic() - started < 45.0
-    finally:
-        proc.kill()
+    out = interrupt_when(proc, lambda out: "sleeping\n" in out)
     assert proc.returncode == 0, out
     assert status(out, 3) == "error KeyboardInterrupt", out
     assert "KeyboardInterrupt" in out and "not reached" not in out
@@ -166,23 +174,7 @@ def test_sigint_stops_a_broadcast_cell_on_every_server(servers: list[str]) -> No
         "print('not reached')",
         "%%broadcast\nprint('next')",
     ])
-    out = ""
-    try:
-        assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + BOUND
-        while out.count("] sleeping\n") < 2:
-            assert time.monotonic() < deadline and proc.poll() is None, out
-            if sel.select(1.0):
-                out += proc.stdout.readline()
-        started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=45.0)  # well before the sleep's 60 s
-        out += rest
-        assert time.monotonic() - started < 45.0
-    finally:
-        proc.kill()
+    out = interrupt_when(proc, lambda out: out.count("] sleeping\n") >= 2)
     assert status(out, 2) == "error KeyboardInterrupt", out
     assert "not reached" not in out
     for address in servers:
