@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -941,6 +941,22 @@ def _is_loopback(address: str) -> bool:
     return parse_address(address)[0] in ("127.0.0.1", "localhost", "::1")
 
 
+def _run_steps(target: Any, names: Iterable[str], report: Report, section: str = "") -> None:
+    """``target.NAME()`` for each name, in turn: its seconds go in the report's
+    ``workload_s``; an exception fails the check ``NAME.ran`` and the next step still runs
+    (names are prefixed with ``section.`` when given). Shared by the main and the
+    transports bench."""
+    for name in names:
+        key = f"{section}.{name}" if section else name
+        _say(f"  {section}: {name}..." if section else f"  {name}...")
+        t0 = time.perf_counter()
+        try:
+            getattr(target, name)()
+        except Exception as exc:
+            report.check(f"{key}.ran", False, f"{type(exc).__name__}: {exc}")
+        report.details.setdefault("workload_s", {})[key] = round(time.perf_counter() - t0, 2)
+
+
 def _timed_echo(call: Callable[[int], Any], what: Callable[[int], str],
                 bad: list[str]) -> Callable[[int], float]:
     """A sample for the latency loops: ``one(i)`` returns the seconds ``call(i)`` took, and
@@ -1099,14 +1115,7 @@ def run(args: argparse.Namespace) -> int:
             "load_start": _load(),
         }
         bench = Bench(cluster, sizes, report, local)
-        for name in WORKLOADS:
-            _say(f"  {name}...")
-            t0 = time.perf_counter()
-            try:
-                getattr(bench, name)()
-            except Exception as exc:
-                report.check(f"{name}.ran", False, f"{type(exc).__name__}: {exc}")
-            report.details.setdefault("workload_s", {})[name] = round(time.perf_counter() - t0, 2)
+        _run_steps(bench, WORKLOADS, report)
     finally:
         cluster.close()
     report.setup["load_end"] = _load()

@@ -50,6 +50,7 @@ from .bench import (
     Report,
     _median,
     _raw_loop,
+    _run_steps,
     _say,
     _timed_echo,
     _watchdog,
@@ -713,15 +714,7 @@ def run_section(report: Report, sizes: TransportSizes) -> None:
         report.setup["transports_sizes"] = sizes.__dict__.copy()
         if "plain" not in t.clients:
             raise BenchError("the plain TCP server did not start")
-        for name in STEPS:
-            _say(f"  transports: {name}...")
-            t1 = time.perf_counter()
-            try:
-                getattr(t, name)()
-            except Exception as exc:
-                report.check(f"transports.{name}.ran", False, f"{type(exc).__name__}: {exc}")
-            report.details.setdefault("workload_s", {})[f"transports.{name}"] = round(
-                time.perf_counter() - t1, 2)
+        _run_steps(t, STEPS, report, "transports")
     except Exception as exc:
         report.check("transports.setup", False, f"{type(exc).__name__}: {exc}")
     finally:
