@@ -328,11 +328,12 @@ def test_a_crashed_client_leaves_no_local_server() -> None:
                 pipe.close()
 
 
-INTERRUPTED_LOCAL_CLIENT = """\
-import time
+# A client that deploys (HOSTS), prints its server's and workers' pids, and sleeps: a SIGINT
+# to its process group must leave the server serving it (RESULT 4) until it closes.
+_INTERRUPTED_CLIENT = """\
+import sys, time
 import rpycsvc
-from plumbum import local
-cluster = rpycsvc.deploy([local], timeout=30)
+{imports}cluster = rpycsvc.deploy({hosts}, timeout=30)
 stats = cluster[0].stats()
 try:  # the test interrupts us once it has this line: print it inside the try
     print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
@@ -342,15 +343,19 @@ except KeyboardInterrupt:
 cluster.close()
 print("closed", flush=True)
 """
+INTERRUPTED_LOCAL_CLIENT = _INTERRUPTED_CLIENT.format(
+    imports="from plumbum import local\n", hosts="[local]")
+INTERRUPTED_HOST_CLIENT = _INTERRUPTED_CLIENT.format(  # argv: ALIAS SSH_CONFIG
+    imports="", hosts='[sys.argv[1]], ssh_options=["-F", sys.argv[2]]')
 
 
-@pytest.mark.timeout(180)
-def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_serving() -> None:
-    # SIGINT to the client's whole process group, as a terminal's Ctrl-C or a Jupyter kernel
-    # interrupt sends it: the client catches KeyboardInterrupt, and its server must not die.
+def interrupt_client(script: str, *args: str, server: str) -> None:
+    """Run ``script`` in a process group of its own (as a terminal would give it), SIGINT
+    the whole group once it printed its pids, as Ctrl-C or a Jupyter interrupt does; it must
+    still get its result, close, and leave no server (named ``server``) or worker behind."""
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED_LOCAL_CLIENT],
+        [sys.executable, "-c", script, *args],
         cwd=repo,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -368,7 +373,7 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_ser
         out, err = proc.communicate(timeout=90)
         assert out.split() == ["RESULT", "4", "closed"], out + err
         assert proc.returncode == 0
-        assert wait_gone(procs, 30) == [], "close() left the local server or a worker running"
+        assert wait_gone(procs, 30) == [], f"close() left {server} or a worker running"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -378,19 +383,11 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_ser
                 os.kill(pid, signal.SIGKILL)
 
 
-INTERRUPTED_HOST_CLIENT = """\
-import sys, time
-import rpycsvc
-cluster = rpycsvc.deploy([sys.argv[1]], ssh_options=["-F", sys.argv[2]], timeout=30)
-stats = cluster[0].stats()
-try:  # the test interrupts us once it has this line: print it inside the try
-    print("PIDS", stats["pid"], *stats["worker_pids"], flush=True)
-    time.sleep(120)  # the test interrupts us here
-except KeyboardInterrupt:
-    print("RESULT", cluster.submit(abs, -4).result(30), flush=True)  # the server still serves
-cluster.close()
-print("closed", flush=True)
-"""
+@pytest.mark.timeout(180)
+def test_ctrl_c_to_the_clients_process_group_leaves_its_plumbum_local_server_serving() -> None:
+    # SIGINT to the client's whole process group, as a terminal's Ctrl-C or a Jupyter kernel
+    # interrupt sends it: the client catches KeyboardInterrupt, and its server must not die.
+    interrupt_client(INTERRUPTED_LOCAL_CLIENT, server="the local server")
 
 
 @ssh
@@ -399,36 +396,10 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_host_string_server_servi
         sshd: SshServer) -> None:
     # deploy's ssh runs with BatchMode=yes (it never prompts), so it gets a session of its
     # own: SIGINT to the client's process group (Ctrl-C) must not end it and its server.
-    repo = Path(__file__).resolve().parent.parent
     own = sessions(sshd)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED_HOST_CLIENT, sshd.alias, str(sshd.config_path)],
-        cwd=repo,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,  # a few lines (deploy's); read with stdout at the end
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal would give it
-    )
-    procs: list[int] = []
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("PIDS "), line
-        procs = [int(p) for p in line.split()[1:]]
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=90)
-        assert out.split() == ["RESULT", "4", "closed"], out + err
-        assert proc.returncode == 0
-        assert wait_gone(procs, 30) == [], "close() left the server or a worker running"
-        assert wait_sessions_within(sshd, own, 30) == set()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in wait_gone(procs, 10):  # last resort: ours, by pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    interrupt_client(INTERRUPTED_HOST_CLIENT, sshd.alias, str(sshd.config_path),
+                     server="the server")
+    assert wait_sessions_within(sshd, own, 30) == set()
 
 
 def test_only_a_batch_mode_ssh_gets_a_session_of_its_own() -> None:
