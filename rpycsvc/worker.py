@@ -61,14 +61,16 @@ from .tracebacks import dump_exception
 class _TaskContext:
     """What a running task's output is attributed to, and its pending output."""
 
-    __slots__ = ("chunks", "fetch", "fetch_lock", "fetching", "forward", "lock", "logging",
-                 "send", "sizes", "task_id")
+    __slots__ = ("chunks", "client", "fetch", "fetch_lock", "fetching", "forward", "lock",
+                 "logging", "send", "sizes", "task_id")
 
     def __init__(self, task_id: int, forward: bool, logging: bool = False,
                  send: Callable[..., None] | None = None) -> None:
         self.task_id = task_id
         #: asks the task's client for a module (see rpycsvc.forwarding); None: nobody to ask
         self.fetch: Fetch | None = None
+        #: the token of the task's client (its ``fwd`` option; "" if it forwards nothing)
+        self.client = ""
         #: held while one of the task's imports asks its client; ``fetching`` goes False
         #: when the task returns (see Worker.end_fetching): a thread the task started
         #: gets nothing from the client after that
@@ -126,9 +128,12 @@ class Worker(LaneServer):
         self.module_waits: dict[int, list[Any]] = {}  # (thread role) request -> [event, reply]
         self.fetch_lock = threading.Lock()
         self.backlog: deque[tuple[Any, list[Any], list[int]]] = deque()
-        #: threads that were alive when a process-role task returned: none of them belongs
-        #: to a later task, so none may ask a later task's client for a module
-        self.past_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        #: threads that were alive when a process-role task returned, each with the token of
+        #: the client whose task it was first seen after: such a thread (a module-level
+        #: thread pool's, say) may ask a later task's client for a module only if that is
+        #: the same client, never another one
+        self.past_threads: weakref.WeakKeyDictionary[threading.Thread, str] = \
+            weakref.WeakKeyDictionary()
         self.forwarded = ForwardedModules(self.current_fetch, self.forget_functions).install()
 
     # -- module forwarding -------------------------------------------------------------------
@@ -136,9 +141,11 @@ class Worker(LaneServer):
         """How the running task on this thread (or, in a process worker, the task running
         now, for threads it started) asks its client for a module."""
         ctx = self.current()
-        if ctx is None and self.inline is not None \
-                and threading.current_thread() not in self.past_threads:
+        if ctx is None and self.inline is not None:
             ctx = self.inline
+            past = self.past_threads.get(threading.current_thread())
+            if past is not None and past != ctx.client and ctx.fetch is not None:
+                return _refuse_other_client
         if ctx is None or ctx.fetch is None:
             return None
         inner = ctx.fetch
@@ -156,14 +163,17 @@ class Worker(LaneServer):
     def end_fetching(self, ctx: _TaskContext) -> None:
         """Task ``ctx`` returned: wait (at most FETCH_TIMEOUT) for an import in flight of a
         thread it started, then close its fetch; in a process worker, every thread alive
-        now is one no later task started."""
+        now is one no later task started: it is booked under this task's client (unless it
+        already was under an earlier one), whose later tasks it may still import for."""
         got = ctx.fetch_lock.acquire(timeout=FETCH_TIMEOUT + 5)
         ctx.fetching = False
         if got:
             ctx.fetch_lock.release()
         if self.pool is None:
             main = threading.main_thread()
-            self.past_threads.update(t for t in threading.enumerate() if t is not main)
+            for t in threading.enumerate():
+                if t is not main:
+                    self.past_threads.setdefault(t, ctx.client)
 
     def forget_functions(self) -> None:
         """Forwarded modules were dropped: functions unpickled by reference to them go too
@@ -363,6 +373,8 @@ class Worker(LaneServer):
         if fetch is None and forwarding is not None and send is None:
             fetch = lambda name: self.fetch_from_server(task_id, name)  # noqa: E731
         ctx.fetch = fetch if forwarding is not None else None
+        if isinstance(forwarding, tuple) and forwarding:
+            ctx.client = str(forwarding[0])
         if ctx.logging:
             self.logging_tasks += 1
             logging.getLogger().setLevel(logging.DEBUG)  # the client's loggers decide
@@ -522,6 +534,14 @@ class Worker(LaneServer):
 
 class _Cancelled(Exception):
     """Raised inside a thread-mode task that its client cancelled."""
+
+
+def _refuse_other_client(name: str) -> Reply:
+    """The fetch of a thread an earlier task of another client started: nothing is asked,
+    and the import's ModuleNotFoundError says why (see ForwardedModules.explain)."""
+    return ("error", name, "not asked for: this thread was started by an earlier task of "
+            "another client, and may not get this task's client's modules (start the "
+            "thread, or thread pool, in a task of this client)")
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:

@@ -357,6 +357,17 @@ def hold(seconds, flag=None):
         open(flag, "w").close()
     time.sleep(seconds)
     return "held"
+
+
+def pooled(name):
+    # A thread pool that outlives the task that made it (kept where a forwarded module
+    # being dropped does not take it), as a module-level executor does.
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    pool = getattr(sys, "_rpycsvc_test_pool", None)
+    if pool is None:
+        pool = sys._rpycsvc_test_pool = ThreadPoolExecutor(1)
+    return os.getpid(), pool.submit(lambda: __import__(name).VALUE).result(60)
 '''
 
 
@@ -410,6 +421,42 @@ def test_a_thread_importing_after_its_task_returned_never_takes_the_next_task(
     assert len(got["threads"]) == 8, got["threads"]
     for line in got["threads"]:
         assert line.startswith(("ok ", "ModuleNotFoundError: No module named")), line
+
+
+@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
+def test_a_pool_thread_of_an_earlier_task_imports_for_the_same_client_only(
+    tmp_path: Path, server_process: type[ServerProcess], lanes: bool
+) -> None:
+    # A thread pool made by a client's first task (a module-level executor) is used by its
+    # later tasks: their pool thread imports forwarded modules as the first task's did
+    # (it used to fail: every thread alive after a task counted as another task's). For
+    # another client's task that thread still gets nothing, and the error says why.
+    name = f"fwdshop_{uuid.uuid4().hex[:8]}"
+    projects = {}
+    for who in "AB":
+        root = write_package(tmp_path / who, name)
+        (root / f"late_{name}.py").write_text(LATE_IMPORTS)
+        for mod in ("first", "second", "third"):
+            (root / f"{mod}_{name}.py").write_text(f"VALUE = {who + mod!r}\n")
+        projects[who] = (root, name)
+    srv = server_process("--workers", "1")
+    body = """
+        use_project()
+        with rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"]) as c:
+            report(got=[outcome(c.compute, f"late_{PKG}:pooled", f"{mod}_{PKG}")
+                        for mod in EXTRA["mods"]])
+    """
+    a = merged(run_client(body, projects["A"], {
+        "address": srv.address, "lanes": lanes, "mods": ["first", "second", "third"]}))
+    pids = {eval(r[1])[0] for r in a["got"] if r[0] == "ok"}
+    assert [r[0] for r in a["got"]] == ["ok"] * 3, a["got"]
+    assert [eval(r[1])[1] for r in a["got"]] == ["Afirst", "Asecond", "Athird"]
+    assert len(pids) == 1  # one worker, one pool thread, three tasks
+    b = merged(run_client(body, projects["B"], {
+        "address": srv.address, "lanes": lanes, "mods": ["second"]}))
+    assert b["got"][0][:2] == ["error", "ModuleNotFoundError"], b["got"]
+    assert "earlier task of another client" in b["got"][0][2], b["got"]
+    assert "Bsecond" not in b["got"][0][2] and "Asecond" not in b["got"][0][2]
 
 
 def test_a_module_edited_while_another_worker_imports_it_is_never_stale(
