@@ -172,6 +172,7 @@ class ChannelStream(SocketStream):
             while sent < total:
                 n = self.sock.send(bytes(view[sent:sent + CHUNK]))
                 if n <= 0:
+                    self.close()  # (the except below does not see an EOFError)
                     raise EOFError("the ssh channel is closed")
                 sent += n
         except (OSError, ValueError) as exc:
