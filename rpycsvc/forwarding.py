@@ -48,6 +48,7 @@ of a module share a server.
 
 from __future__ import annotations
 
+import _imp
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -589,10 +590,17 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
         if fetch is None:
             return None
         self._busy.on = True
+        # The import system calls finders holding its global lock: waiting for the client
+        # with it would stall every other thread's imports (other clients' tasks in a
+        # thread worker) for up to FETCH_TIMEOUT. Let go of it meanwhile: the module's own
+        # lock, held by _find_and_load, keeps other imports of this name waiting.
+        released = _release_import_lock()
         try:
             reply = fetch(fullname)
         finally:
             self._busy.on = False
+            if released:
+                _imp.acquire_lock()
         status = reply[0] if isinstance(reply, tuple) and reply else "error"
         if status == "none":
             return None
@@ -641,6 +649,19 @@ class ForwardedModules(importlib.abc.MetaPathFinder):
             cur = cur.__cause__ or cur.__context__
             seen += 1
         return exc
+
+
+def _release_import_lock() -> bool:
+    """Release the global import lock if this thread holds it (once: a level it holds
+    more than once stays held); whether it did. ``_imp.lock_held()`` is true whichever
+    thread holds it, and releasing another thread's hold raises RuntimeError."""
+    if not _imp.lock_held():
+        return False
+    try:
+        _imp.release_lock()
+    except RuntimeError:  # another thread's (find_spec called outside an import)
+        return False
+    return True
 
 
 def timed_out(name: str, timeout: float) -> Reply:

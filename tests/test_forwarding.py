@@ -459,6 +459,83 @@ def test_a_pool_thread_of_an_earlier_task_imports_for_the_same_client_only(
     assert "Bsecond" not in b["got"][0][2] and "Asecond" not in b["got"][0][2]
 
 
+def _pending_at_clients(port: int) -> bool:
+    """Whether a TCP connection to local port ``port`` has unread bytes at its client end
+    (``/proc/net/tcp``: the remote side is the server's port, the receive queue not empty)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if int(cols[2].rsplit(":", 1)[1], 16) == port and int(cols[4].split(":")[1], 16):
+                return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGSTOP and /proc/net/tcp")
+def test_a_frozen_client_s_fetch_does_not_hold_up_other_tasks_imports(
+    project: tuple[Path, str], server_process: type[ServerProcess]
+) -> None:
+    # Client A's thread-mode task imports a module A must send, and A is frozen. Client
+    # B's task, in the same worker, imports something unrelated: the import system calls
+    # finders under its global lock, and the fetch used to wait for A holding it, so B's
+    # import waited for A's fetch to time out.
+    import signal
+
+    forward_timeout = 30.0
+    srv = server_process("--workers", "1", env={"RPYCSVC_FORWARD_TIMEOUT": str(forward_timeout)})
+    root, name = project
+    (root / f"late_{name}.py").write_text(LATE_IMPORTS)
+    (root / f"held_{name}.py").write_text("VALUE = 1\n")
+    started, go = root / "started", root / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    a = subprocess.Popen([sys.executable, "-c", PROLOGUE + textwrap.dedent("""
+        use_project()
+        c = rpycsvc.connect(EXTRA["address"], lanes=False).options(mode="thread")
+        c.compute(f"late_{PKG}:hold", 0, EXTRA["started"])
+        os.remove(EXTRA["started"])
+        f = c.submit(f"late_{PKG}:after", EXTRA["go"], f"held_{PKG}")  # waits for `go`
+        c.compute(f"late_{PKG}:hold", 0, EXTRA["started"])  # (the worker has both)
+        report(a=outcome(f.result, 120))
+    """), str(root), name, json.dumps({"address": srv.address, "started": str(started),
+                                       "go": str(go)})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    port = int(srv.address.rsplit(":", 1)[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and a.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), a.communicate(timeout=30)
+        os.kill(a.pid, signal.SIGSTOP)
+        go.touch()
+        # A's task now asks A for `held_...`: wait until the request sits unread at A.
+        deadline = time.monotonic() + 20
+        while not _pending_at_clients(port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        b = merged(run_client("""
+            def probe(name):
+                try:
+                    __import__(name)
+                except ImportError as exc:
+                    return type(exc).__name__
+            with rpycsvc.connect(EXTRA["address"], forward_modules=False,
+                                 lanes=False) as conn:
+                c = conn.options(mode="thread")
+                report(b=outcome(c.compute, probe, f"nothing_here_{PKG}"))
+        """, project, {"address": srv.address}, timeout=120))
+        waited = time.monotonic() - t0
+        assert b["b"] == ["ok", "'ModuleNotFoundError'"], b
+        assert waited < forward_timeout / 2, f"B's import waited {waited:.1f} s for A's fetch"
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        a.kill()
+        a.communicate(timeout=30)
+
+
 def test_a_module_edited_while_another_worker_imports_it_is_never_stale(
     project: tuple[Path, str], server_process: type[ServerProcess]
 ) -> None:
