@@ -531,8 +531,9 @@ def test_a_frozen_client_s_fetch_does_not_hold_up_other_tasks_imports(
         assert b["b"] == ["ok", "'ModuleNotFoundError'"], b
         assert waited < forward_timeout / 2, f"B's import waited {waited:.1f} s for A's fetch"
     finally:
-        os.kill(a.pid, signal.SIGCONT)
-        a.kill()
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
         a.communicate(timeout=30)
 
 
