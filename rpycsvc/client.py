@@ -664,6 +664,10 @@ def connect(
             client._authkey = authkey
             client._dial = lambda: socket.create_connection((h, p), timeout=timeout)
         return client
+    except EOFError as exc:  # e.g. the server shut down while we were setting up
+        sock.close()
+        raise ConnectError(f"{address} closed the connection while we were connecting: {exc}",
+                           address=address) from exc
     except BaseException:
         sock.close()
         raise

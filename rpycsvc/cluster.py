@@ -576,7 +576,9 @@ class Cluster:
                 time.sleep(delay)
                 try:
                     client = self._open(srv.address)
-                except (RpycsvcError, OSError) as exc:
+                except Exception as exc:  # whatever it was, keep trying: never die silently
+                    if not isinstance(exc, (RpycsvcError, OSError)):
+                        log.debug("reconnecting to %s: %r", srv.address, exc)
                     srv.error = exc
                     delay = min(delay * 2, 5.0)
                     continue

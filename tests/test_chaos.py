@@ -47,6 +47,8 @@ def _thaw(procs: list[psutil.Process]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(FREEZE_BOUND + 120)
+# A client thread that dies (e.g. a reconnect that met a server shutting down) is a failure.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_map_survives_a_frozen_and_a_sigtermed_server(server_process) -> None:  # type: ignore[no-untyped-def]
     servers = [server_process("--workers", "2") for _ in range(3)]
     frozen_srv, drained_srv, healthy = servers
