@@ -289,7 +289,10 @@ def test_stop_on_a_pending_task_cancels_it(cluster: Cluster, tmp_path: Path) -> 
     release = tmp_path / "release"
     held = [cluster.submit(hold, str(tmp_path / f"started{i}"), str(release), i)
             for i in range(cluster.total_workers * 2)]
-    eventually("the first task to start", (tmp_path / "started0").exists)
+    # Any of them: which one a worker takes first is the scheduler's business (with lanes a
+    # task may wait behind another on the same worker; seen on a loaded machine).
+    eventually("a held task to start",
+               lambda: any((tmp_path / f"started{i}").exists() for i in range(len(held))))
     never = tmp_path / "never"
     pending = cluster.submit(touch, str(never))
     assert not pending.running()

@@ -250,15 +250,18 @@ def test_500_concurrent_clients_memory_back_near_baseline() -> None:
     free memory and its cache of thread stacks at their working size, which the process
     keeps but reuses (about 40 MB above the idle RSS here, in proportion to the peak, so
     it moves whenever a connection carries a little more state, e.g. the client's module
-    provider). A leak of 20 KB per client adds 10 MB a round."""
+    provider). Two more rounds follow: a leak grows with each, the allocator's noise does
+    not (up to ~14 MB between two rounds on a loaded machine). A leak of 25 KB per client
+    adds 25 MB over the two."""
     with running_server(workers=2) as srv:
         with rpycsvc.connect(srv.address) as probe:
             probe.compute(_square, 1)
         base = _five_hundred_clients(srv)["rss_bytes"]
+        _five_hundred_clients(srv)
         stats = _five_hundred_clients(srv)
-        assert stats["tasks_done"] >= 1001
+        assert stats["tasks_done"] >= 1501
         # memory back near the first round's (allocator slack allowed, no growth per client)
-        assert stats["rss_bytes"] < base + 10 * 2**20, (base, stats["rss_bytes"])
+        assert stats["rss_bytes"] < base + 24 * 2**20, (base, stats["rss_bytes"])
 
 
 def _hog(mb: int) -> int:
