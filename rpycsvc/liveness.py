@@ -269,7 +269,9 @@ class ClientConnection(SendRaceSafe):
                 self.serve(wait, waiting=lambda: not box.done)
         except (EOFError, OSError) as exc:
             lost = self.lost_error
-            if lost is not None and exc is not lost and not box.done:
+            # mark_lost() answers our box with the loss, then shuts the socket down: the
+            # EOF that wakes us is its echo, whether or not the box was filled first
+            if lost is not None and exc is not lost and (not box.done or box.obj is lost):
                 raise lost from exc
             raise
         if box.is_exc:
