@@ -19,8 +19,9 @@ from .errors import ConfigError
 def check_timeout(value: Any) -> float | None:
     """A task's ``timeout``: None, or a finite number of seconds above 0 (else ConfigError).
 
-    Checked by the client, and again by the server on both paths (RPyC and lanes): a
-    ``nan`` deadline would sort before every other and silence all timeouts."""
+    Checked by the client, and again by the server on arrival (task messages and
+    ``conn.root.compute`` alike): a ``nan`` deadline would sort before every other and
+    silence all timeouts."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) \

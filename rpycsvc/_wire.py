@@ -5,21 +5,17 @@ data, out-of-band buffers). A fixed header says how many bytes follow it *inline
 frame lengths, the control tuple and, when they are small, the frames), so a small message
 takes two reads: the header, then the rest. Large frames follow on their own, written
 from the sender's buffers and read into one buffer each, so large arrays cross with no
-extra copies. The same framing carries a client's direct *lane* to a worker (see
-:mod:`rpycsvc.lane`); there the control tuple is unpickled with a caller-given loader, so
-a restricted server can refuse globals.
-A message may carry file descriptors (``SCM_RIGHTS``): that is how the server hands a
-lane's socket to a worker.
+extra copies. Both ends are ours (the server and the workers it started), so the control
+tuple is a plain pickle.
 """
 
 from __future__ import annotations
 
-import array
 import mmap
 import pickle
 import socket
 import struct
-from typing import Any, Callable
+from typing import Any
 
 _HEAD = struct.Struct("!IIQ")  # control length, number of frames, inline bytes after the head
 #: Frames are sent inline (in the same write as the header) while their total is below this.
@@ -31,13 +27,8 @@ _MAX_FRAMES = 1 << 16
 _READONLY = 1 << 63
 
 
-#: Most file descriptors one message may carry.
-MAX_FDS = 4
-
-
-def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
-             fds: tuple[int, ...] = ()) -> None:
-    """Send one message (with ``fds`` attached, over a Unix socket).
+def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: Any = ()) -> None:
+    """Send one message: ``control`` and ``frames`` (a sequence of buffers).
 
     Callers serialise concurrent senders with their own lock. Large frames are sent from
     the caller's buffers as they are (memoryviews included), never joined into a copy.
@@ -50,13 +41,7 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: tuple[Any, .
     inline = len(lens) + len(ctl) + (sum(sizes) if small else 0)
     head = _HEAD.pack(len(ctl), len(frames), inline)
     first = b"".join((head, lens, ctl, *frames)) if small else b"".join((head, lens, ctl))
-    if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        sent = sock.sendmsg([first], anc)
-        if sent < len(first):
-            sock.sendall(memoryview(first)[sent:])
-    else:
-        sock.sendall(first)
+    sock.sendall(first)
     if not small:
         for f in frames:
             sock.sendall(f)
@@ -95,51 +80,20 @@ def _recv_bytes(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _recv_head(sock: socket.socket, fds: list[int]) -> bytearray:
-    """The fixed-size header, collecting any file descriptors sent along with it."""
-    buf = bytearray(_HEAD.size)
-    got = 0
-    cmsg_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-    while got < _HEAD.size:
-        k, anc, _flags, _addr = sock.recvmsg_into([memoryview(buf)[got:]], cmsg_space)
-        if k == 0:
-            raise EOFError("peer closed the channel")
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(data[: len(data) - len(data) % a.itemsize])
-                fds.extend(a)
-        got += k
-    return buf
-
-
-def recv_msg(
-    sock: socket.socket, *, fds: list[int] | None = None,
-    loads: Callable[[Any], Any] = pickle.loads, max_bytes: int = 0,
-) -> tuple[tuple[Any, ...], list[Any]]:
+def recv_msg(sock: socket.socket) -> tuple[tuple[Any, ...], list[Any]]:
     """Receive one message; raises ``EOFError`` when the peer is gone.
 
     Frames are bytearrays, or ``bytes`` where the sender's buffer was read-only.
-
-    With ``fds`` (a list), file descriptors sent along are appended to it. ``loads``
-    unpickles the control tuple. ``max_bytes`` (if set) bounds what one message may
-    announce; a bigger one raises ``ValueError`` before anything is allocated.
     """
-    head = _recv_head(sock, fds) if fds is not None else _recv_exact(sock, _HEAD.size)
-    ctl_len, nframes, inline = _HEAD.unpack(head)
+    ctl_len, nframes, inline = _HEAD.unpack(_recv_bytes(sock, _HEAD.size))
     if nframes > _MAX_FRAMES or inline < _LEN.size * nframes + ctl_len:
         raise EOFError(f"corrupt channel: {nframes} frames, {inline} inline bytes")
-    if max_bytes and inline > max_bytes:
-        raise ValueError(f"a message of {inline} bytes is over the limit of {max_bytes} bytes")
-    body = _recv_exact(sock, inline)
+    body = _recv_bytes(sock, inline)
     view = memoryview(body)
     lens = struct.unpack_from(f"!{nframes}Q", body) if nframes else ()
     sizes = [n & ~_READONLY for n in lens]
-    if max_bytes and inline + sum(sizes) > max_bytes:
-        raise ValueError(f"a message of {inline + sum(sizes)} bytes is over the limit of "
-                         f"{max_bytes} bytes")
     at = _LEN.size * nframes
-    control = loads(view[at:at + ctl_len])
+    control = pickle.loads(view[at:at + ctl_len])
     at += ctl_len
     frames: list[Any] = []
     for n, size in zip(lens, sizes):

@@ -6,8 +6,9 @@ read by :class:`_FdPump` objects (output of C code and child processes); logging
 through :class:`_LogForwarder`. The :class:`~rpycsvc.worker.Worker` buffers and sends it.
 
 A task may close or replace descriptors 0-2; :func:`restore_std_fds` puts them back after
-each task. Otherwise the next descriptor the worker receives (a client's lane socket) would
-take the lowest free number, 1, and low-level output would be written into that socket.
+each task. Otherwise the next descriptor opened in the worker (a file a later task opens, a
+socket it connects) would take the lowest free number, 1, and low-level output would be
+written into it.
 """
 
 from __future__ import annotations

@@ -22,11 +22,11 @@ sends them elsewhere); running tasks have ``grace`` seconds to finish, and those
 with :class:`~rpycsvc.errors.ServerLostError` (they may have had effects: re-run only per
 the client's ``retries``).
 
-A process worker may also serve *lanes* (client sockets handed to it with
-:meth:`WorkerPool.attach_lane`). The worker reports each lane task's start and end, and the
-pool books it as a running task: the worker takes no queued task meanwhile, its timeout is
-enforced, and it is counted and shown like the rest. How a lane task ended badly (timeout,
-cancel, crash) is kept for its client to ask with :meth:`WorkerPool.lane_fate`.
+The pool is the only scheduler: a worker runs only what the pool sent it, one task at a
+time for a process worker (up to ``threads`` at once for the thread worker), so the pool's
+own books say exactly what runs where, and stopping a task by killing its worker stops
+nothing else. A worker measures how long it spent on each task (from reading it to its
+result pickled) and says so with the result: :attr:`Task.service_s`.
 """
 
 from __future__ import annotations
@@ -41,14 +41,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _wire
-from ._lanebook import _LANE_CLOSED, _WAIT_POLL, LaneBook, _empty_counts, _reply_lost
-from ._shared import DURATION_BUCKETS, RUNNING, WorkerState
 from .errors import (
     ConfigError,
     ServerDrainingError,
@@ -70,6 +68,8 @@ _FROZEN_AFTER = 1.0
 #: The deadline heap is rebuilt without finished tasks' entries once it holds more than this
 #: many and more than twice as many as there are live tasks (so the cost is amortised).
 _PRUNE_AT = 64
+#: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
 
 
 #: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
@@ -97,7 +97,9 @@ class Task:
     started: float = 0.0
     ending: str = ""
     worker: _WorkerHandle | None = None
-    waiting: bool = False  # sent to a worker busy with a lane task: its time has not started
+    #: seconds the worker spent on the task, from reading it to its result pickled (set
+    #: before ``on_done`` runs; None if the worker never reported: timeout, cancel, crash)
+    service_s: float | None = None
     #: on_module(name, answer): ask the task's client for module ``name`` and call
     #: ``answer(reply)`` once it comes (see rpycsvc.forwarding); None: nobody to ask
     on_module: Callable[[str, Callable[[Any], None]], None] | None = None
@@ -115,22 +117,14 @@ class _WorkerHandle:
         self.ready = threading.Event()
         self.alive = True
         self.stopping = ""  # why we killed it on purpose (timeout, cancel)
-        self.lanes: set[str] = set()
-        self.state: WorkerState | None = None  # memory shared with the worker (process role)
 
-    def running_lane(self) -> tuple[int, str, float, int, int]:
-        """``(lane number, label, started, phase, key)`` of the lane task this worker has
-        in hand (see :meth:`rpycsvc._shared.WorkerState.running`)."""
-        return self.state.running() if self.state is not None else (0, "", 0.0, RUNNING, 0)
-
-    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
-             fds: tuple[int, ...] = ()) -> None:
+    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
         with self.send_lock:
-            _wire.send_msg(self.sock, control, frames, fds)
+            _wire.send_msg(self.sock, control, frames)
 
 
 
-class WorkerPool(LaneBook):
+class WorkerPool:
     """A fixed number of process workers plus one lazily started thread worker."""
 
     def __init__(
@@ -167,18 +161,11 @@ class WorkerPool(LaneBook):
         self._started = False
         self._start_lock = threading.Lock()
         self.counters = {"done": 0, "failed": 0, "restarts": 0}
-        #: lane-task counts of workers that have exited (see rpycsvc._shared)
-        self._harvested = _empty_counts()
         #: task durations (seconds, from start to finish) by histogram bucket upper bound
         self.duration_buckets: dict[float, int] = dict.fromkeys(DURATION_BUCKETS, 0)
         self.duration_sum = 0.0
         #: the last few failures: (time, label, client, error text)
         self.recent_failures: deque[tuple[float, str, str, str]] = deque(maxlen=20)
-        self._lanes = {}  # see LaneBook
-        #: how lanes' last tasks ended badly, or why an idle lane closed: (error name, text)
-        self._lane_fates = OrderedDict()
-        self._fate_cv = threading.Condition(self._lock)
-        self._lane_poll = False  # tasks wait for idle workers busy with lane tasks
 
     # -- lifecycle ---------------------------------------------------------------------------
     def ensure_started(self) -> None:
@@ -220,20 +207,11 @@ class WorkerPool(LaneBook):
             self._finish(t, False, None, ServerDrainingError(
                 f"the server is shutting down: task {t.label or t.task_id} was queued and "
                 "never started (it can be sent to another server)"))
-        with self._lock:
-            busy = list(self._workers)
-        for w in busy:  # idle lanes close now: their clients' next tasks are refused
-            try:
-                w.send(("lanes-close",))
-            except OSError:
-                pass
         deadline = time.monotonic() + grace
         with self._lock:
             # Until every running task's result has been handed to its connection, not
             # merely taken off the books: the server closes connections right after this.
-            # (Lane tasks too short to be announced show in the workers' shared state.)
-            while (self._tasks or self._finishing or self._unannounced_locked()) \
-                    and time.monotonic() < deadline:
+            while (self._tasks or self._finishing) and time.monotonic() < deadline:
                 self._settled_cv.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             workers = list(self._workers) + ([self._thread_worker] if self._thread_worker else [])
         for w in workers:
@@ -281,7 +259,7 @@ class WorkerPool(LaneBook):
                     q = self._queues[task.owner] = deque()
                     self._turns.append(task.owner)
                 q.append(task)
-                worker = self._idle_worker_locked(task.owner)
+                worker = self._idle.popleft() if self._idle else None
                 todo = [self._next_process_task_locked(worker)] if worker else []
         for t in todo:
             if worker is not None and t is not None:
@@ -294,13 +272,11 @@ class WorkerPool(LaneBook):
             task = self._tasks.get(task_id)
             if task is None or task.ending:
                 return False
-            if task.kind == "lane" and task.worker is not None:
-                # Stopped by killing its worker: only if that still runs it. One that just
-                # finished (its lane-end on its way) must not cost the worker's next task.
-                number, _, _, phase, key = task.worker.running_lane()
-                if (number, key, phase) != (task.options.get("lane_no"),
-                                            task.options.get("key"), RUNNING):
-                    return False
+            if task.state == "running" and (task.worker is None
+                                            or task.worker.tasks.get(task_id) is not task):
+                # finished: its result is on its way (its worker may run the next task
+                # already, which must not die for it)
+                return False
             task.ending = reason
             if task.state == "queued":
                 q = self._queues.get(task.owner) if task.mode == "process" else self._thread_queue
@@ -324,32 +300,9 @@ class WorkerPool(LaneBook):
         return True
 
     # -- scheduling (call with the lock held) -----------------------------------------------
-    def _idle_worker_locked(self, owner: Hashable) -> _WorkerHandle | None:
-        """An idle worker for a new task of ``owner``: not one busy with a lane task we
-        have not heard of (its shared state tells); best one serving no lane of ``owner``
-        (that client may just have sent its lane a task), then fewer lanes. If every idle
-        worker is busy so, the task stays queued and the deadline thread looks again every
-        _WAIT_POLL seconds (a short lane task ends without telling us). A task that still
-        lands behind a lane task (sent just before) waits for it; its timeout waits too,
-        and a lane task stuck behind it goes to another worker after FLUSH_INTERVAL (a busy
-        worker hands waiting lanes away), so two tasks that must meet still do."""
-        free = [w for w in self._idle if not w.running_lane()[0]]
-        if len(free) < len(self._idle):
-            self._lane_poll = True
-            self._deadline_cv.notify()
-        if not free:
-            return None
-        best = min(free, key=lambda w: (
-            any(self._lanes[i].owner == owner for i in w.lanes if i in self._lanes),
-            len(w.lanes)))
-        self._idle.remove(best)
-        return best
-
     def _next_process_task_locked(self, worker: _WorkerHandle | None) -> Task | None:
         if worker is None:
             return None
-        if worker in self._idle:  # e.g. a lane task ended that the pool never heard start
-            self._idle.remove(worker)
         while self._turns:
             owner = self._turns[0]
             self._turns.rotate(-1)
@@ -372,17 +325,13 @@ class WorkerPool(LaneBook):
             todo.append(task)
         return todo
 
-    def _start_locked(self, task: Task, worker: _WorkerHandle,
-                      started: float | None = None) -> None:
+    def _start_locked(self, task: Task, worker: _WorkerHandle) -> None:
         task.state = "running"
         task.worker = worker
-        task.started = time.monotonic() if started is None else started
+        task.started = time.monotonic()
         worker.tasks[task.task_id] = task
         if task.timeout is not None:
-            first = task.started + task.timeout
-            if task.kind != "lane" and worker.role == "process" and worker.running_lane()[0]:
-                task.waiting, first = True, task.started + _WAIT_POLL  # behind a lane task
-            heapq.heappush(self._deadlines, (first, task.task_id))
+            heapq.heappush(self._deadlines, (task.started + task.timeout, task.task_id))
             self._deadline_cv.notify()
 
     def _prune_deadlines_locked(self) -> None:
@@ -401,9 +350,8 @@ class WorkerPool(LaneBook):
         return self._thread_worker
 
     def _send_task(self, worker: _WorkerHandle, task: Task) -> None:
-        opts = dict(task.options)
         try:
-            worker.send(("run", task.task_id, task.kind, task.spec, opts), task.frames)
+            worker.send(("run", task.task_id, task.kind, task.spec, task.options), task.frames)
         except OSError:
             self._kill(worker)  # its reader thread fails the task and replaces the worker
 
@@ -418,25 +366,16 @@ class WorkerPool(LaneBook):
             cmd += ["--memory-limit", str(self.memory_limit)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        state, state_fd = WorkerState.create()  # see rpycsvc._shared
-        try:
-            cmd += ["--state-fd", str(state_fd)]
-            fds = [child.fileno(), state_fd]
-            bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
-            if bundle_fd and bundle_fd.isdigit():
-                fds.append(int(bundle_fd))
-            # (The worker makes itself a process group leader: see _kill_tree.)
-            proc = subprocess.Popen(
-                cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
-                stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
-        except BaseException:
-            state.close()
-            raise
-        finally:
-            os.close(state_fd)
+        fds = [child.fileno()]
+        bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
+        if bundle_fd and bundle_fd.isdigit():
+            fds.append(int(bundle_fd))
+        # (The worker makes itself a process group leader: see _kill_tree.)
+        proc = subprocess.Popen(
+            cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
         child.close()
         handle = _WorkerHandle(role, proc, parent)
-        handle.state = state
         if role == "process":  # never called with the lock held for this role
             with self._lock:
                 self._workers.append(handle)
@@ -467,12 +406,11 @@ class WorkerPool(LaneBook):
     def _reader(self, w: _WorkerHandle) -> None:
         try:
             while True:
-                fds: list[int] = []
-                control, frames = _wire.recv_msg(w.sock, fds=fds)
+                control, frames = _wire.recv_msg(w.sock)
                 op = control[0]
                 try:
                     if op == "done":
-                        self._on_done(w, control[1], control[2], frames)
+                        self._on_done(w, control[1], control[2], control[3], frames)
                     elif op == "out":
                         task = w.tasks.get(control[1])
                         if task is not None and task.on_output is not None:
@@ -485,21 +423,8 @@ class WorkerPool(LaneBook):
                         self._on_need_module(w, *control[1:])
                     elif op == "ready":
                         self._on_ready(w, control)
-                    elif op == "lane-start":
-                        self._on_lane_start(w, *control[1:])
-                    elif op == "lane-end":
-                        self._on_lane_end(w, *control[1:])
-                    elif op == "lane-move" and fds:
-                        self._move_lane(w, control[1], fds.pop(0))
-                    elif op == "lane-closed":
-                        with self._lock:  # between tasks, or after one whose reply failed
-                            self._drop_lane_locked(control[1], _LANE_CLOSED
-                                                   if control[2] is None
-                                                   else _reply_lost(control[2]))
                 except Exception:  # a bug here must not silence this worker for good
                     log.exception("error handling %r from worker %s", op, w.proc.pid)
-                for fd in fds:  # none is expected but with lane-move
-                    os.close(fd)
                 del control, frames  # don't keep the last (maybe 64 MiB) message alive
         except (EOFError, OSError):
             pass
@@ -546,10 +471,13 @@ class WorkerPool(LaneBook):
             if t is not None:
                 self._send_task(w, t)
 
-    def _on_done(self, w: _WorkerHandle, task_id: int, ok: bool, frames: list[Any]) -> None:
+    def _on_done(self, w: _WorkerHandle, task_id: int, ok: bool, service_s: float | None,
+                 frames: list[Any]) -> None:
         nxt: list[Task | None]
         with self._lock:
             task = w.tasks.pop(task_id, None)
+            if task is not None:
+                task.service_s = service_s
             if w.role == "process":
                 # a worker we are killing must not be handed the next task
                 nxt = ([self._next_process_task_locked(w)]
@@ -570,50 +498,22 @@ class WorkerPool(LaneBook):
             except subprocess.TimeoutExpired:
                 self._kill(w)
                 code = w.proc.wait(timeout=5.0)
-        how0 = "the server is shutting down" if self._closing else _describe_exit(code)
-        running = w.running_lane()  # (read before the lock: its memory is unmapped below)
         with self._lock:
             was_alive, w.alive = w.alive, False
-            lost = self._lost_with_worker_locked(w, running)
-            # A worker's main thread does one thing at a time, and runs a task it reads
-            # from us at once: if it died busy with a lane task, the tasks we sent it
-            # were still unread in its channel. They never started: they go back to the
-            # front of their queues (a timeout that killed the lane task must not take
-            # them with it).
-            unstarted = [t for t in lost if running[0] and w.role == "process"
-                         and t.kind != "lane" and not t.ending]
-            lost = [t for t in lost if t not in unstarted]
-            if not self._closing:
-                for t in reversed(unstarted):
-                    self._requeue_locked(t)
+            # Every task it had was sent to it, so it ran (or was about to): it is lost.
+            lost = list(w.tasks.values())
             w.tasks.clear()
             if w in self._idle:
                 self._idle.remove(w)
             if w in self._workers:
                 self._workers.remove(w)
-            if w.state is not None:  # keep what it counted; it stops counting now
-                self._add_counts_locked(self._harvested, w.state.counts())
-                w.state.close()
-                w.state = None
             replace = was_alive and not self._closing
             if replace:
                 self.counters["restarts"] += 1
-            for lane_id in list(w.lanes):
-                idle = self._lanes.get(lane_id)
-                if idle is not None and idle.task is None:  # idle: nothing of it was lost
-                    self._drop_lane_locked(lane_id, (
-                        "LaneClosed", f"the worker process serving this lane exited ({how0})"))
         _kill_tree(w.proc)  # whatever the worker's tasks left behind dies with it
         w.sock.close()
         w.ready.set()
         how = _describe_exit(code)
-        if self._closing:
-            for task in unstarted:
-                self._finish(task, False, None, ServerDrainingError(
-                    f"the server is shutting down: task {task.label or task.task_id} was "
-                    "queued and never started (it can be sent to another server)"))
-        elif unstarted:
-            self._dispatch_queued()
         for task in lost:
             err: TaskError | ServerLostError
             if task.ending:
@@ -629,9 +529,6 @@ class WorkerPool(LaneBook):
                     f"({how}); the task may have called os._exit(), crashed the interpreter, "
                     "or run out of memory. The worker was replaced.")
             self._finish(task, False, None, err)
-        with self._lock:
-            for lane_id in list(w.lanes):
-                self._drop_lane_locked(lane_id, None)
         if replace:
             if w.stopping:
                 log.info("worker %s stopped to end a task (%s); starting a replacement",
@@ -645,35 +542,6 @@ class WorkerPool(LaneBook):
                     if self._thread_queue:
                         self._thread_worker_locked()  # it takes the queue when ready
 
-    def _requeue_locked(self, task: Task) -> None:
-        """Put ``task``, which never started on the worker it was sent to, back at the
-        front of its owner's queue."""
-        task.state, task.worker, task.started, task.waiting = "queued", None, 0.0, False
-        if task.timeout is not None:  # its old deadline must not stop its next run
-            self._deadlines[:] = [e for e in self._deadlines if e[1] != task.task_id]
-            heapq.heapify(self._deadlines)
-        if task.mode == "thread":
-            self._thread_queue.appendleft(task)
-            return
-        q = self._queues.get(task.owner)
-        if q is None:
-            q = self._queues[task.owner] = deque()
-            self._turns.append(task.owner)
-        q.appendleft(task)
-
-    def _dispatch_queued(self) -> None:
-        """Give queued process tasks to idle workers (after tasks were put back)."""
-        todo = []
-        with self._lock:
-            while self._turns:
-                worker = self._idle_worker_locked(None)
-                task = self._next_process_task_locked(worker)
-                if worker is None or task is None:
-                    break
-                todo.append((worker, task))
-        for worker, task in todo:
-            self._send_task(worker, task)
-
     @staticmethod
     def _kill(w: _WorkerHandle) -> None:
         """Kill the worker and every process its tasks started (its process group)."""
@@ -681,19 +549,18 @@ class WorkerPool(LaneBook):
 
     # -- completion and deadlines ------------------------------------------------------------
     def _finish(self, task: Task, ok: bool, frames: list[Any] | None,
-                err: TaskError | ServerLostError | None, counted: bool = False) -> None:
-        """Book ``task`` as finished (``counted``: its counts are in a worker's shared state
-        already) and hand its result to ``on_done``. (``err`` is a ServerLostError only for
-        a task cut off by shutdown; callbacks use just its type's name and its text.)"""
+                err: TaskError | ServerLostError | None) -> None:
+        """Book ``task`` as finished and hand its result to ``on_done``. (``err`` is a
+        ServerLostError only for a task cut off by shutdown; callbacks use just its type's
+        name and its text.)"""
         with self._lock:
             if self._tasks.pop(task.task_id, None) is None:
                 return  # already finished (e.g. a thread task that timed out, then returned)
             task.state = "done"
             if task.timeout is not None:
                 self._prune_deadlines_locked()
-            if not counted:
-                self.counters["done" if ok else "failed"] += 1
-            if task.started and not counted:
+            self.counters["done" if ok else "failed"] += 1
+            if task.started:
                 took = time.monotonic() - task.started
                 self.duration_sum += took
                 for bound in DURATION_BUCKETS:
@@ -746,22 +613,11 @@ class WorkerPool(LaneBook):
                     if late > _FROZEN_AFTER:
                         self._shift_deadlines_locked(late)
                     planned = None
-                if self._lane_poll:
-                    todo = self._poll_lane_busy_locked()
-                    if todo:
-                        self._lock.release()
-                        try:
-                            for w, queued in todo:
-                                self._send_task(w, queued)
-                        finally:
-                            self._lock.acquire()
                 now = time.monotonic()
                 if self._deadlines and self._deadlines[0][0] <= now:
                     _, task_id = heapq.heappop(self._deadlines)
                     task = self._tasks.get(task_id)
                     if task is not None and task.state == "running" and not task.ending:
-                        if self._behind_lane_task_locked(task, now):
-                            continue
                         self._lock.release()
                         try:
                             self.cancel(task_id, "timeout")
@@ -769,8 +625,6 @@ class WorkerPool(LaneBook):
                             self._lock.acquire()
                     continue
                 wait = min(self._deadlines[0][0] - now, _TICK) if self._deadlines else None
-                if self._lane_poll:
-                    wait = _WAIT_POLL if wait is None else min(wait, _WAIT_POLL)
                 if wait is not None:
                     planned = now + wait
                 self._deadline_cv.wait(wait)
@@ -786,10 +640,8 @@ class WorkerPool(LaneBook):
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        lanes = self.lane_counts()
         with self._lock:
-            running = sum(1 for t in self._tasks.values() if t.state == "running") \
-                + len(self._unannounced_locked())
+            running = sum(1 for t in self._tasks.values() if t.state == "running")
             queued = sum(len(q) for q in self._queues.values()) + len(self._thread_queue)
             pids = [w.proc.pid for w in self._workers]
             tw = self._thread_worker
@@ -800,8 +652,8 @@ class WorkerPool(LaneBook):
                 "threads": self.threads,
                 "tasks_running": running,
                 "tasks_queued": queued,
-                "tasks_done": self.counters["done"] + lanes["done"],
-                "tasks_failed": self.counters["failed"] + lanes["failed"],
+                "tasks_done": self.counters["done"],
+                "tasks_failed": self.counters["failed"],
                 "worker_restarts": self.counters["restarts"],
                 # timeouts being watched: running tasks' (and finished ones' not yet pruned;
                 # bounded by max(64, twice the live tasks))
@@ -816,11 +668,12 @@ class WorkerPool(LaneBook):
                 {"task": t.label, "client": t.client, "mode": t.mode,
                  "elapsed": round(now - t.started, 3)}
                 for t in self._tasks.values() if t.state == "running"
-            ] + [
-                {"task": label, "client": lane.client, "mode": "process",
-                 "elapsed": round(now - started, 3)}
-                for lane, label, started in self._unannounced_locked()
             ]
+
+    def durations(self) -> tuple[dict[float, int], float]:
+        """The task-duration histogram (bucket upper bound → count) and sum of seconds."""
+        with self._lock:
+            return dict(self.duration_buckets), self.duration_sum
 
 
 

@@ -6,13 +6,10 @@ runs many tasks at once in threads, for I/O-bound work. Whatever a task prints (
 ``sys.stdout``/``sys.stderr`` or, in a process worker, straight to file descriptors 1
 and 2) is sent back as whole lines, attributed to the task, while the task runs.
 
-A process worker may also be handed *lanes*: client sockets passed over by the server
-(``SCM_RIGHTS``) on which one client sends tasks straight to this worker and gets results
-and output back, with no hop through the server process (see :mod:`rpycsvc.lane`). The
-server still schedules, times out, counts and reports lane tasks like any other: the
-worker notes each one in memory it shares with the server (:mod:`rpycsvc._shared`), and
-sends a message only for a task that has a timeout (at its start), runs longer than
-``FLUSH_INTERVAL`` (then, and at its end) or fails. A short task costs the server nothing.
+A worker runs only what the server's pool sent it: it reads one ``run`` message, runs the
+task, and sends one ``done`` message with the result frames and the seconds it spent on the
+task (from reading it to its result pickled: the pool's ``Task.service_s``). Nothing else
+is asked of it per task.
 
 Started by :mod:`rpycsvc.pool` as ``python -m rpycsvc.worker --fd N ...``; not an API.
 """
@@ -26,7 +23,6 @@ import itertools
 import logging
 import os
 import select
-import selectors
 import signal
 import socket
 import sys
@@ -38,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from . import _wire
-from ._shared import WorkerState
 from ._workerio import (
     FLUSH_BYTES,
     FLUSH_INTERVAL,
@@ -47,7 +42,6 @@ from ._workerio import (
     _Router,
     restore_std_fds,
 )
-from ._workerlanes import LaneServer, _Lane, _LaneTask
 from .endpoints import load_endpoints, resolve_path
 from .forwarding import FETCH_TIMEOUT, Fetch, ForwardedModules, Reply, timed_out
 from .serialization import (
@@ -62,10 +56,9 @@ class _TaskContext:
     """What a running task's output is attributed to, and its pending output."""
 
     __slots__ = ("chunks", "client", "fetch", "fetch_lock", "fetching", "forward", "lock",
-                 "logging", "send", "sizes", "task_id")
+                 "logging", "sizes", "task_id")
 
-    def __init__(self, task_id: int, forward: bool, logging: bool = False,
-                 send: Callable[..., None] | None = None) -> None:
+    def __init__(self, task_id: int, forward: bool, logging: bool = False) -> None:
         self.task_id = task_id
         #: asks the task's client for a module (see rpycsvc.forwarding); None: nobody to ask
         self.fetch: Fetch | None = None
@@ -76,7 +69,6 @@ class _TaskContext:
         #: gets nothing from the client after that
         self.fetch_lock = threading.Lock()
         self.fetching = True
-        self.send = send  # where output and the result go: the server, or a client's lane
         self.forward = forward
         self.logging = logging
         self.lock = threading.Lock()
@@ -87,7 +79,7 @@ class _TaskContext:
         self.sizes = {1: 0, 2: 0}
 
 
-class Worker(LaneServer):
+class Worker:
     """One worker process's state: its channel to the server, caches and running tasks."""
 
     def __init__(self, sock: socket.socket, role: str, threads: int, endpoints: list[str]):
@@ -111,23 +103,12 @@ class Worker(LaneServer):
         self.item_pool: ThreadPoolExecutor | None = None
         self.logging_tasks = 0
         self.fd_pumps: list[_FdPump] = []
-        self.lane_task: _LaneTask | None = None  # the lane task running now
-        self.lane_lock = threading.Lock()
-        # The main thread holds sel_lock while it waits in select(); busy_since says since
-        # when it has been handling what select() gave it (0: it is not).
-        self.sel: selectors.BaseSelector | None = None
-        self.sel_lock = threading.Lock()
-        self.busy_since = 0.0
-        self.current_lane: _Lane | None = None
-        #: lane id -> key of a task its client cancelled before we read it
-        self.lane_cancels: dict[str, int] = {}
-        self.state: WorkerState | None = None  # shared with the server (see rpycsvc._shared)
         # Module forwarding (see rpycsvc.forwarding): requests to the server, and what a
         # process worker read from its channel while it waited for an answer there.
         self.module_ids = itertools.count(1)
         self.module_waits: dict[int, list[Any]] = {}  # (thread role) request -> [event, reply]
         self.fetch_lock = threading.Lock()
-        self.backlog: deque[tuple[Any, list[Any], list[int]]] = deque()
+        self.backlog: deque[tuple[Any, list[Any], float]] = deque()
         #: threads that were alive when a process-role task returned, each with the token of
         #: the client whose task it was first seen after: such a thread (a module-level
         #: thread pool's, say) may ask a later task's client for a module only if that is
@@ -151,8 +132,8 @@ class Worker(LaneServer):
         inner = ctx.fetch
 
         def fetch(name: str) -> Reply:
-            # Only while the task runs: afterwards the main loop reads the channel (and the
-            # lane) again, and a reader here would take its messages.
+            # Only while the task runs: afterwards the main loop reads the channel again,
+            # and a reader here would take its messages.
             with ctx.fetch_lock:
                 if not ctx.fetching:
                     return ("none", name)
@@ -195,11 +176,10 @@ class Worker(LaneServer):
                         left = deadline - time.monotonic()
                         if left <= 0 or not _readable(self.sock, left):
                             return timed_out(name, FETCH_TIMEOUT)
-                        fds: list[int] = []
-                        control, frames = _wire.recv_msg(self.sock, fds=fds)
+                        control, frames = _wire.recv_msg(self.sock)
                         if control[0] == "module" and control[1] == req:
                             return control[2]  # type: ignore[no-any-return, unused-ignore]
-                        self.backlog.append((control, frames, fds))
+                        self.backlog.append((control, frames, time.perf_counter()))
             slot: list[Any] = [threading.Event(), None]
             self.module_waits[req] = slot
             try:
@@ -219,23 +199,19 @@ class Worker(LaneServer):
 
     def after_fork_in_child(self) -> None:
         """In a child a task forked (``os.fork``, multiprocessing's fork start method): let go
-        of the worker's channel and its clients' lanes. Descriptors are not closed on a fork
-        as they are on exec, and a child holding them kept the channel open after the worker
-        died (its death went unnoticed) and could write into a client's connection. Each is
-        pointed at /dev/null, not closed: the numbers stay taken, so the socket objects the
-        child inherited never close or use a descriptor it opens later."""
-        fds = [self.sock.fileno()]
-        if self.sel is not None:
-            fds += [key.fd for key in list(self.sel.get_map().values()) if key.data is not None]
+        of the worker's channel. Descriptors are not closed on a fork as they are on exec,
+        and a child holding it kept the channel open after the worker died (its death went
+        unnoticed) and could write into it. It is pointed at /dev/null, not closed: the
+        number stays taken, so the socket object the child inherited never closes or uses a
+        descriptor it opens later."""
         try:
             null = os.open(os.devnull, os.O_RDWR)
         except OSError:
             return
-        for fd in fds:
-            try:
-                os.dup2(null, fd, inheritable=False)
-            except OSError:
-                pass
+        try:
+            os.dup2(null, self.sock.fileno(), inheritable=False)
+        except OSError:
+            pass
         os.close(null)
         # What the child prints goes to descriptors 1 and 2, like a program's output: in a
         # process worker, those pipes are read by the parent, which gives it to the task.
@@ -249,10 +225,9 @@ class Worker(LaneServer):
             pass
 
     # -- channel ---------------------------------------------------------------------------
-    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = (),
-             fds: tuple[int, ...] = ()) -> None:
+    def send(self, control: tuple[Any, ...], frames: Any = ()) -> None:
         with self.send_lock:
-            _wire.send_msg(self.sock, control, frames, fds)
+            _wire.send_msg(self.sock, control, frames)
 
     # -- output ----------------------------------------------------------------------------
     def current(self) -> _TaskContext | None:
@@ -286,13 +261,7 @@ class Worker(LaneServer):
         if rest:
             pending.appendleft(rest)  # older than anything appended meanwhile
         ctx.sizes[fd] = len(rest)
-        if ctx.send is None:
-            self.send(("out", ctx.task_id, fd, data))
-            return
-        try:
-            ctx.send(("out", ctx.task_id, fd, data))
-        except OSError:
-            pass  # the lane's client is gone; the task's reply will fail too
+        self.send(("out", ctx.task_id, fd, data))
 
     def flush(self, ctx: _TaskContext, whole_lines: bool) -> None:
         with ctx.lock:
@@ -304,7 +273,7 @@ class Worker(LaneServer):
         import pickle
 
         self.flush(ctx, whole_lines=True)  # keep prints and log records roughly in order
-        (ctx.send or self.send)(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
+        self.send(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
 
     def flusher(self) -> None:
         """Every FLUSH_INTERVAL, :meth:`tick`, for the worker's life: an error in one tick
@@ -318,28 +287,14 @@ class Worker(LaneServer):
                 logging.getLogger("rpycsvc.worker").exception("worker housekeeping failed")
 
     def tick(self) -> bool:
-        """Send complete lines of every running task, tell the server of a lane task that
-        has run FLUSH_INTERVAL, hand waiting lanes away if busy. False: the server is gone."""
+        """Send complete lines of every running task. False: the server is gone."""
         with self.active_lock:
             running = list(self.active.values())
         for ctx in running:
             try:
                 self.flush(ctx, whole_lines=True)
             except OSError:
-                if ctx.send is None:
-                    return False
-        with self.lane_lock:
-            task = self.lane_task
-            if task is not None and not task.announced \
-                    and time.monotonic() - task.started >= FLUSH_INTERVAL:
-                try:
-                    self.announce(task)
-                except OSError:
-                    return False
-        try:
-            self.move_waiting_lanes()
-        except OSError:
-            return False
+                return False
         return True
 
     # -- tasks -----------------------------------------------------------------------------
@@ -358,23 +313,17 @@ class Worker(LaneServer):
         return resolve_path(spec), frames
 
     def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any],
-            frames: list[bytearray], send: Callable[..., None] | None = None,
-            before_reply: Callable[[bool, tuple[Any, ...]], None] | None = None,
-            fetch: Fetch | None = None,
-            ) -> tuple[bool, tuple[Any, ...] | None]:
-        """Run one task; output and the ``done`` message go to ``send`` (default: the
-        server), ``before_reply(ok, frames)`` is called just before the latter; ``fetch``
-        asks the client for a module (default: through the server, if the task's client
-        forwards modules: its options carry ``fwd``). Returns whether it succeeded and, if
-        it raised, the exception's name and message (the first frames of
-        :func:`dump_exception`)."""
-        ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False), send)
+            frames: list[bytearray], received: float) -> None:
+        """Run one task (read at ``time.perf_counter()`` ``received``); its output, and at
+        the end one ``done`` message (ok, seconds spent on it, result or exception frames),
+        go to the server. A task whose client forwards modules (its options carry ``fwd``)
+        asks for them through the server."""
+        ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False))
         forwarding = opts.get("fwd")
-        if fetch is None and forwarding is not None and send is None:
-            fetch = lambda name: self.fetch_from_server(task_id, name)  # noqa: E731
-        ctx.fetch = fetch if forwarding is not None else None
-        if isinstance(forwarding, tuple) and forwarding:
-            ctx.client = str(forwarding[0])
+        if forwarding is not None:
+            ctx.fetch = lambda name: self.fetch_from_server(task_id, name)
+            if isinstance(forwarding, tuple) and forwarding:
+                ctx.client = str(forwarding[0])
         if ctx.logging:
             self.logging_tasks += 1
             logging.getLogger().setLevel(logging.DEBUG)  # the client's loggers decide
@@ -396,6 +345,7 @@ class Worker(LaneServer):
                 ok = True
             except BaseException as exc:  # a task's SystemExit must not end the worker
                 ok, out = False, dump_exception(self.forwarded.explain(exc))
+            service_s = time.perf_counter() - received
             self.end_fetching(ctx)
             try:
                 sys.stdout.flush()
@@ -406,10 +356,7 @@ class Worker(LaneServer):
                 self.drain_fds()  # what child processes wrote is this task's too
                 restore_std_fds(self.fd_pumps)  # in case the task closed some of them
             self.flush(ctx, whole_lines=False)
-            if before_reply is not None:
-                before_reply(ok, out)
-            (send or self.send)(("done", task_id, ok), out)
-            return ok, None if ok else tuple(out[:2])
+            self.send(("done", task_id, ok, service_s), out)
         finally:
             self.local.ctx = None
             self.inline = None
@@ -469,57 +416,30 @@ class Worker(LaneServer):
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
 
     def serve(self) -> None:
-        """Take messages from the server and, in a process worker, from its lanes."""
-        sel = self.sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, None)
-        try:
-            while True:
-                while self.backlog:  # what a task's module fetch read meanwhile
-                    if not self.handle_server(sel, *self.backlog.popleft()):
-                        return
-                with self.sel_lock:
-                    self.busy_since = 0.0
-                    events = sel.select()
-                    self.busy_since = time.monotonic()
-                # The server's messages first: a task it sent may be waiting behind a lane's.
-                for key, _ in sorted(events, key=lambda e: e[0].data is not None):
-                    lane: _Lane | None = key.data
-                    if lane is not None:
-                        self.lane_event(sel, lane)
-                    elif not self.serve_server(sel):
-                        return
-        finally:
-            sel.close()
+        """Take messages from the server until it says ``exit`` or the channel ends."""
+        sock, recv = self.sock, _wire.recv_msg
+        while True:
+            while self.backlog:  # what a task's module fetch read meanwhile
+                if not self.handle(*self.backlog.popleft()):
+                    return
+            try:
+                control, frames = recv(sock)
+            except (EOFError, OSError):
+                return
+            if not self.handle(control, frames, time.perf_counter()):
+                return
 
-    def serve_server(self, sel: selectors.BaseSelector) -> bool:
-        """Handle one message from the server; False when it is time to exit."""
-        fds: list[int] = []
-        try:
-            control, frames = _wire.recv_msg(self.sock, fds=fds)
-        except (EOFError, OSError):
-            return False
-        return self.handle_server(sel, control, frames, fds)
-
-    def handle_server(self, sel: selectors.BaseSelector, control: Any, frames: list[Any],
-                      fds: list[int]) -> bool:
-        """Handle a message from the server; False when it is time to exit."""
+    def handle(self, control: Any, frames: list[Any], received: float) -> bool:
+        """Handle a message from the server (read at ``received``); False: time to exit."""
         op = control[0]
         if op == "run":
             _, task_id, kind, spec, opts = control
             if self.pool is not None:
-                self.pool.submit(self.run, task_id, kind, spec, opts, frames)
+                self.pool.submit(self.run, task_id, kind, spec, opts, frames, received)
             else:
-                self.run(task_id, kind, spec, opts, frames)
-        elif op == "lane" and fds:
-            self.attach_lane(sel, *control[1:], fd=fds.pop(0))
+                self.run(task_id, kind, spec, opts, frames, received)
         elif op == "cancel":
             self.cancel(control[1], control[2])
-        elif op == "lane-cancel":  # refuse that task when it comes (it is not read yet)
-            self.lane_cancels[control[1]] = control[2]
-        elif op == "lane-drop":  # its client's connection closed
-            self.drop_lanes(sel, control[1])
-        elif op == "lanes-close":  # the server is shutting down: no new lane tasks
-            self.drop_lanes(sel)
         elif op == "module":  # an answer to fetch_from_server (thread role)
             slot = self.module_waits.get(control[1])
             if slot is not None:
@@ -527,8 +447,6 @@ class Worker(LaneServer):
                 slot[0].set()
         elif op == "exit":
             return False
-        for fd in fds:  # descriptors we did not ask for
-            os.close(fd)
         return True
 
 
@@ -570,8 +488,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=256)
     parser.add_argument("--endpoints", default="")
     parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space")
-    parser.add_argument("--state-fd", type=int, default=-1,
-                        help="memory shared with the server (rpycsvc._shared)")
     args = parser.parse_args(argv)
     try:  # our own process group: the server kills it whole, with what tasks started
         os.setpgid(0, 0)
@@ -588,9 +504,6 @@ def main(argv: list[str] | None = None) -> None:
     endpoints = [m for m in args.endpoints.split(",") if m]
     worker = Worker(sock, args.role, args.threads, endpoints)
     os.register_at_fork(after_in_child=worker.after_fork_in_child)
-    if args.state_fd >= 0:
-        worker.state = WorkerState.attach(args.state_fd)
-        os.close(args.state_fd)
     log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
     if args.role == "process":
         worker.fd_pumps = [_FdPump(worker, fd, log) for fd in (1, 2)]
