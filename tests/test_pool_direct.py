@@ -180,6 +180,27 @@ def test_output_is_attributed_to_the_task(pool: WorkerPool) -> None:
     assert text == "line 0\nline 1\nline 2\n"
 
 
+def test_module_requests_go_to_the_tasks_client(pool: WorkerPool) -> None:
+    asked: list[str] = []
+
+    def on_module(name: str, answer: Callable[[Any], None]) -> None:
+        asked.append(name)
+        # answered later, from another thread: the pool's reader must not wait for it
+        threading.Timer(0.1, answer, args=(("none", name),)).start()
+
+    out = Outcome()
+    task = Task("path", "no_such_module_onepath:f", dumps(((), {}), "arguments"),
+                out.on_done, owner="c1", on_module=on_module, label="import",
+                options={"fwd": ("token-1", 1)})
+    pool.submit(task)
+    out.wait()
+    assert asked and asked[0] == "no_such_module_onepath"
+    assert out.ok is False and out.frames
+    text = bytes(out.frames[1]).decode()
+    assert "ModuleNotFoundError" in text and "no_such_module_onepath" in text, text
+    assert submit(pool, add, 1, 2)[1].value() == 3
+
+
 # -- stopping tasks ------------------------------------------------------------------------
 
 
