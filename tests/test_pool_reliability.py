@@ -228,13 +228,12 @@ def test_thread_mode_timeout_says_what_it_can_not_stop(one_worker: rpycsvc.Serve
 # -- item 14: a task that forks doesn't delay crash detection; no channel in its children ----
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
 def test_forking_task_that_crashes_is_reported_promptly(one_worker: rpycsvc.Server,
-                                                        tmp_path: Path, lanes: bool) -> None:
+                                                        tmp_path: Path) -> None:
     pidfile = tmp_path / "forked.pid"
     child = None
     try:
-        with rpycsvc.connect(one_worker.address, output="discard", lanes=lanes) as c:
+        with rpycsvc.connect(one_worker.address, output="discard") as c:
             fut = c.submit(fork_then_crash, str(pidfile))
             # bounded well under the forked child's 30 s life, which used to hide the death
             with pytest.raises(WorkerCrashedError, match="exit code 3"):
@@ -247,12 +246,11 @@ def test_forking_task_that_crashes_is_reported_promptly(one_worker: rpycsvc.Serv
 
 def test_crash_is_seen_while_a_c_forked_child_holds_the_channel(one_worker: rpycsvc.Server,
                                                                 tmp_path: Path) -> None:
-    # The worker's death itself is watched, not the end of its channel. (Through RPyC: on a
-    # lane, the client still waits for its lane socket to end, which such a child holds.)
+    # The worker's death itself is watched, not the end of its channel.
     pidfile = tmp_path / "forked.pid"
     child = None
     try:
-        with rpycsvc.connect(one_worker.address, output="discard", lanes=False) as c:
+        with rpycsvc.connect(one_worker.address, output="discard") as c:
             fut = c.submit(c_fork_then_crash, str(pidfile))
             with pytest.raises(WorkerCrashedError, match="exit code 3"):
                 fut.result(timeout=10)
@@ -262,10 +260,8 @@ def test_crash_is_seen_while_a_c_forked_child_holds_the_channel(one_worker: rpyc
         kill_if_alive(child)
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
-def test_forked_childs_prints_are_the_tasks_output(one_worker: rpycsvc.Server,
-                                                   lanes: bool) -> None:
-    with rpycsvc.connect(one_worker.address, output="capture", lanes=lanes) as c:
+def test_forked_childs_prints_are_the_tasks_output(one_worker: rpycsvc.Server) -> None:
+    with rpycsvc.connect(one_worker.address, output="capture") as c:
         fut = c.submit(fork_and_print)
         assert fut.result(timeout=60) == 0
         wait_until("the child's print", lambda: "hello from the forked child" in fut.stdout,
@@ -276,18 +272,16 @@ def test_task_children_hold_no_worker_sockets(one_worker: rpycsvc.Server) -> Non
     with rpycsvc.connect(one_worker.address, output="discard") as c:
         assert c.compute(sockets_a_forked_child_holds) == []
         assert c.compute(sockets_an_exec_child_holds) == []
-        with rpycsvc.connect(one_worker.address, output="discard", lanes=False) as plain:
-            assert plain.compute(sockets_a_forked_child_holds) == []
 
 
 # -- item 15: a task closing fds 1 and 2 can't corrupt another client's connection ----------
 
 
-def test_closed_stdout_does_not_corrupt_the_next_lane(one_worker: rpycsvc.Server) -> None:
+def test_closed_stdout_does_not_lose_the_next_tasks_output(one_worker: rpycsvc.Server) -> None:
     with rpycsvc.connect(one_worker.address, output="capture") as first:
         assert first.compute(close_stdout_and_stderr) == "closed"
-        # A second client's lane is handed to the (only) worker now: it must not land on
-        # fd 1, where the next task's low-level output would be written into it.
+        # The (only) worker puts fds 1 and 2 back after that task: the next task's
+        # low-level output, another client's, is its output again.
         with rpycsvc.connect(one_worker.address, output="capture") as second:
             fut = second.submit(write_to_fd1, "hello from fd 1\n")
             assert fut.result(timeout=60) == "written"
@@ -362,7 +356,7 @@ def test_sigterm_refuses_queued_tasks_and_lets_running_ones_finish(
         srv.proc.send_signal(signal.SIGTERM)
         with pytest.raises(ServerDrainingError):
             queued.result(timeout=30)
-        with pytest.raises(ServerDrainingError):  # (the lane is busy: through the server)
+        with pytest.raises(ServerDrainingError):
             c.submit(noop, 2).result(timeout=30)
         go.write_text("go")
         assert running.result(timeout=30) == 42
@@ -373,9 +367,9 @@ def test_sigterm_refuses_queued_tasks_and_lets_running_ones_finish(
 
 
 def test_timeout_kill_takes_no_bystander() -> None:
-    # One worker; three clients keep it busy with short tasks (each client's first task of
-    # a batch on its lane, the rest through the server), a fourth has tasks killed for their
-    # timeout. A task sent to the worker just as it took a lane task used to die with it.
+    # One worker; three clients keep it busy with short tasks, a fourth has tasks killed for
+    # their timeout: the kill takes the timed-out task only, never a task queued or sent
+    # just after it.
     failures: list[BaseException] = []
     done = [0]
     stop = threading.Event()
