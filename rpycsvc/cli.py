@@ -89,9 +89,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="address-space limit per worker process, e.g. 2G; a task exceeding "
                    "it gets MemoryError (default: 0, no limit)")
     w.add_argument("--no-lanes", dest="lanes", action="store_false", default=None,
-                   help="don't let clients open direct lanes to worker processes (every task "
-                   "then goes through the server process; slower, see README 'Performance') "
-                   "(default: lanes on)")
+                   help="deprecated and ignored: every task takes the one task path now "
+                   "(kept for one release so existing command lines still start)")
     w.add_argument("--grace", type=float, default=None, metavar="SECONDS",
                    help="seconds running tasks may finish after SIGTERM (default: 10)")
     s = p.add_argument_group("security")

@@ -5,10 +5,10 @@
 pickle protocol 5) and get results by value; many tasks may be in flight on one connection.
 ``client.modules``/``execute``/``eval`` are RPyC's classic access, unchanged.
 
-When the server allows it, a task goes over the client's *lane* (:mod:`rpycsvc.lane`)
-instead: straight to a worker process, skipping the server process and RPyC. That is
-the path of a lone ``compute()`` call and of one task of a fan-out; tasks beyond what
-the lane carries at once, and thread-mode tasks, take the RPyC path.
+Tasks travel as task messages on the same connection (:mod:`rpycsvc.taskframes`), not
+as RPyC calls: one protocol on every transport (TCP, TLS, the pipes of an ssh session),
+in order with the connection's RPyC messages; the server relays them to its worker pool
+(:mod:`rpycsvc.taskserver`). The connection's reader thread reads the answers.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable
-
-import rpyc
 
 from . import forwarding
 from ._checks import check_timeout
@@ -45,7 +43,6 @@ from .errors import (
 )
 from .forwarding import ModuleProvider
 from .handshake import client_handshake
-from .lane import Lane, LaneUser
 from .liveness import (
     DEFAULT_LOST_AFTER,
     WATCHDOG,
@@ -57,7 +54,8 @@ from .liveness import (
     heartbeat_interval,
 )
 from .output import OutputRouter, current_cell
-from .serialization import dumps, dumps_function, loads, writable_frames
+from .serialization import dumps, dumps_function, loads
+from .taskframes import send_task
 from .tracebacks import load_exception
 from .transport import FastSocketStream, oversize
 
@@ -175,7 +173,7 @@ def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
 def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
     """Turn a server reply into ``(True, result)`` or ``(False, exception)``."""
     status = reply[0]
-    if status == "ok":  # (frames through RPyC were made writable in Client._on_reply)
+    if status == "ok":  # (frames come as the worker sent them: numpy buffers writable)
         return True, loads(reply[1], "result", writable=False)
     if status == "raised":
         return False, load_exception(reply[1], address)
@@ -229,15 +227,18 @@ class _Root:
         return sorted({"compute", "stats", *dir(self._client.conn.root)})
 
 
-class Client(LaneUser):
+class Client:
     """A connection to one rpycsvc server. Create with :func:`connect`; close when done."""
 
     def __init__(self, conn: Any, hello: dict[str, Any], address: str, output: OutputRouter,
                  options: dict[str, Any] | None = None, lost_after: float | None = None,
-                 modules: ModuleProvider | None = None) -> None:
+                 modules: ModuleProvider | None = None,
+                 module_gate: forwarding.ConnectionModules | None = None) -> None:
         self.conn = conn
-        #: answers the server's requests for our modules (rpycsvc.forwarding); None: off
+        #: our project's modules, offered to the server's imports (rpycsvc.forwarding);
+        #: None: off. The gate answers the server's requests for them.
         self._forwarding = modules
+        self._module_gate = module_gate
         self.address = address
         self.server_info = hello
         self.output = output
@@ -251,16 +252,8 @@ class Client(LaneUser):
         self.lost: BaseException | None = None
         self._lost_callbacks: list[Callable[[Client, BaseException], None]] = []
         self.root = _Root(self)
-        self._authkey: str | None = None
-        #: opens a socket to the server for a lane; None: no lanes (set by connect())
-        self._dial: Callable[[], socket.socket] | None = None
-        self._lane: Lane | None = None
-        self._lane_n = 0
-        self._lane_lock = threading.Lock()
-        self._lane_backoff = (0.0, 0.0)  # (no lane before this monotonic time, next wait)
-        self._run = rpyc.async_(conn.root.run)
-        self._cancel = rpyc.async_(conn.root.cancel)
-        self._ready = threading.Event()
+        # the server's answers to our tasks arrive on this connection (rpycsvc.taskframes)
+        conn._channel.task_handler = self
         #: seconds of silence after which the server is declared lost (None: never); only
         #: when the server agreed to send heartbeats (see rpycsvc.liveness)
         self.lost_after = lost_after if hello.get("heartbeat") else None
@@ -310,12 +303,12 @@ class Client(LaneUser):
 
     def _compute(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                  opts: dict[str, Any]) -> Any:
-        # The lane path (LaneUser._compute) sends without start_task: a server that can't
-        # rebuild code sent by value gets its tasks through start_task, which checks them.
-        if self.environment.conflict is not None:
-            return self._submit(task, args, kwargs, opts).result()
-        self.environment.note_task(task)
-        return super()._compute(task, args, kwargs, opts)
+        fut = self._submit(task, args, kwargs, opts)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:  # Ctrl-C while waiting stops the task on the server too
+            fut.stop()
+            raise
 
     def _submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 opts: dict[str, Any]) -> TaskFuture:
@@ -336,92 +329,93 @@ class Client(LaneUser):
         fut._stopper = lambda: self.cancel_task(key)
         return fut
 
-    def start_task(self, kind: str, spec: Any, opts: dict[str, Any], frames: tuple[bytes, ...],
+    def start_task(self, kind: str, spec: Any, opts: dict[str, Any], frames: tuple[Any, ...],
                    done: Callable[[str, Any], None], sink: Any = None) -> int:
         """Low level: send one task; ``done(status, reply)`` runs once in the reader thread
-        (status ``"reply"`` with the raw reply, or ``"lost"`` with the exception)."""
+        (status ``"reply"`` with the raw reply — ``("ok", frames, service_s)``,
+        ``("raised", frames, service_s)`` or ``("error", name, text)`` — or ``"lost"`` with
+        the exception). Returns once the task is written: ``frames`` may change after."""
         self.environment.check_task(kind, spec, frames)  # may refuse: EnvironmentMismatchError
         key = next(self._keys)
-        wire, mode = self._wire_options(key, opts)
+        wire, mode = self._wire_options(opts)
+        too_large = oversize((spec, frames), self.server_info.get("max_message"))
         with self._lock:
             if self.lost is not None:
                 raise ServerLostError(f"connection to {self.address} is lost: {self.lost}",
                                       address=self.address)
-            self._pending[key] = (done, (mode, sink))
-        lane = self._take_lane(opts)
-        if lane is not None:
-            try:
-                lane.send(key, kind, spec, wire, frames)
-            except OSError:
-                lane.release()  # never reached the worker: the RPyC path below takes it
-            else:
-                job = (kind, spec, wire, frames)
-                lane.start(key, lambda k, r: self._on_lane_reply(k, r, job))
-                return key
-        self._send_rpyc(key, kind, spec, wire, frames)
+            if too_large is None:
+                self._pending[key] = (done, (mode, sink))
+        if too_large is not None:  # fails alone, like a refusal from the server
+            done("reply", ("error", "MessageTooLargeError", too_large))
+            return key
+        try:
+            send_task(self.conn, ("run", key, kind, spec, wire), frames)
+        except (EOFError, OSError) as exc:
+            with self._lock:  # reported by raising, not also through done()
+                self._pending.pop(key, None)
+            lost = self.lost
+            if isinstance(lost, ServerLostError):
+                raise lost from exc
+            self._lose(exc)
+            raise ServerLostError(f"connection to {self.address} is lost: {exc}",
+                                  address=self.address) from exc
         return key
 
-    def _wire_options(self, key: int, opts: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    def _wire_options(self, opts: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], str]:
         """The options as the worker reads them, and where the task's output goes here."""
         wire = dict(opts)
         mode = wire.pop("output", None) or self.output.mode
         wire["output"] = mode != "discard"
         wire["logging"] = self.output.forward_logging
-        wire["key"] = key
         if self._forwarding is not None:  # our token and the digests of modules forwarded
             wire["fwd"] = self._forwarding.option()
-        return wire, mode
-
-    def _send_rpyc(self, key: int, kind: str, spec: Any, wire: dict[str, Any],
-                   frames: tuple[Any, ...]) -> None:
-        too_large = oversize((spec, frames), self.server_info.get("max_message"))
-        if too_large is not None:  # fails alone, like a refusal from the server
-            with self._lock:
-                entry = self._pending.pop(key, None)
-            if entry is not None:
-                entry[0]("reply", ("error", "MessageTooLargeError", too_large))
-            return
-        frames = tuple(f if type(f) is bytes else bytes(f) for f in frames)  # brine: bytes only
-        try:
-            res = self._run(kind, spec, tuple(wire.items()), frames)
-        except (EOFError, OSError) as exc:
-            with self._lock:  # reported by raising, not also through done()
-                self._pending.pop(key, None)
-            self._lose(exc)
-            raise ServerLostError(f"connection to {self.address} is lost: {exc}",
-                                  address=self.address) from exc
-        res.add_callback(lambda r, key=key: self._on_reply(key, r))
+        return tuple(wire.items()), mode
 
     def cancel_task(self, key: int) -> None:
         """Ask the server to stop this connection's task ``key`` wherever it is (dequeued,
-        or its worker killed); never waits for an answer."""
+        or its worker killed); never waits (queued for the connection's writer)."""
         if self.lost is None and not self._closed:
-            lane = self._lane
             try:
-                if lane is not None and lane.key == key:
-                    rpyc.async_(self.conn.root.cancel_lane)(lane.id, key)
-                else:
-                    self._cancel(key)
+                send_task(self.conn, ("cancel", key), wait=False)
             except (EOFError, OSError):
                 pass
 
-    def _on_reply(self, key: int, res: Any) -> None:
-        with self._lock:
-            entry = self._pending.pop(key, None)
-        if entry is None:
-            return
-        done = entry[0]
-        if res.error and isinstance(res._obj, ServerLostError):  # see ClientConnection.mark_lost
-            done("lost", res._obj)
-        elif res.error:  # the server refused the call itself (not the task): res._obj is it
-            exc = res._obj
-            name = type(exc).__name__.replace("_get_exception_class.<locals>.Derived", "")
-            text = str(exc).split("\n\n========= Remote Traceback", 1)[0]
-            done("reply", ("error", name, text))
-        elif res.value[0] == "ok":  # brine hands over bytes: numpy results need writable ones
-            done("reply", ("ok", writable_frames(res.value[1])))
+    # -- the server's task messages (rpycsvc.taskframes.TaskHandler; the reader thread) -------
+    def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
+        op = control[0]
+        if op == "done":
+            _, key, status, service_s = control
+            with self._lock:
+                entry = self._pending.pop(key, None)
+            if entry is not None:
+                entry[0]("reply", (status, frames, service_s))
+        elif op == "out":
+            _, key, fd, text = control
+            self._on_output(key, fd, text)
+        elif op == "error":
+            _, key, name, text = control
+            with self._lock:
+                entry = self._pending.pop(key, None)
+            if entry is not None:
+                entry[0]("reply", ("error", name, text))
+        elif op == "need":
+            _, req, _key, name = control
+            gate = self._module_gate
+            reply = gate.answer(name) if gate is not None else (
+                "error", str(name), "this client forwards no modules (forward_modules=False)")
+            try:
+                send_task(self.conn, ("module", req, reply), wait=False)
+            except (EOFError, OSError):
+                pass
         else:
-            done("reply", res.value)
+            log.warning("ignored a task message %r from %s", str(op)[:40], self.address)
+
+    def on_task_refused(self, control: tuple[Any, ...], text: str) -> None:
+        if control[0] == "done":
+            with self._lock:
+                entry = self._pending.pop(control[1], None)
+            if entry is not None:
+                entry[0]("reply", ("error", "MessageTooLargeError", text))
 
     def _on_output(self, key: int, fd: int, text: Any) -> None:
         entry = self._pending.get(key)
@@ -489,8 +483,6 @@ class Client(LaneUser):
             self._pending.clear()
         if wake is not None and isinstance(exc, ServerLostError):
             wake(exc)
-        if self._lane is not None:
-            self._lane.close()
         err = exc if isinstance(exc, ServerLostError) else ServerLostError(
             f"lost the connection to {self.address} ({type(exc).__name__}: {exc})",
             address=self.address)
@@ -592,7 +584,7 @@ def connect(
     output: str = "stream",
     prefix: str = "[{address}] ",
     forward_logging: bool = False,
-    lanes: bool = True,
+    lanes: bool | None = None,
     lost_after: float | None = DEFAULT_LOST_AFTER,
     forward_modules: bool = True,
     forward_packages: Sequence[str] = (),
@@ -605,10 +597,9 @@ def connect(
     ``output`` decides where tasks' stdout/stderr go: ``"stream"`` (to ours, each line
     prefixed with ``prefix``), ``"capture"`` (on ``future.stdout``/``future.stderr``) or
     ``"discard"``. With ``forward_logging``, ``logging`` records emitted in tasks are handed
-    to the local logger of the same name, with the server as ``record.server``. With
-    ``lanes`` (the default), tasks go straight to a worker process when the server allows
-    it (see :mod:`rpycsvc.lane`); ``lanes=False`` sends every task through RPyC. Other
-    keywords set default task options (``timeout``, ``mode``).
+    to the local logger of the same name, with the server as ``record.server``. Other
+    keywords set default task options (``timeout``, ``mode``). ``lanes`` is deprecated and
+    ignored (every task takes the one task path now).
 
     ``lost_after`` (seconds, default 10) bounds how long the server may stay silent: the
     server sends a heartbeat about every second from a thread of its own (a long classic
@@ -625,6 +616,11 @@ def connect(
     """
     from .handshake import client_ssl_context
 
+    if lanes is not None:
+        import warnings
+
+        warnings.warn("connect(lanes=...) is deprecated and ignored: every task takes the one "
+                      "task path now; drop the argument", DeprecationWarning, stacklevel=2)
     h, p = parse_address(host, port)
     address = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
     if isinstance(authkey, bytes):
@@ -656,14 +652,10 @@ def connect(
                 raise AuthenticationError(handshake_failure(exc, address, ctx),
                                           address=address) from exc
         hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
-        client = connect_stream(FastSocketStream(sock), address=address, hello=hello,
-                                router=router, lost_after=lost_after, hello_timeout=timeout,
-                                forward_modules=forward_modules,
-                                forward_packages=forward_packages, **task_options)
-        if lanes and not ssl and client.server_info.get("lane"):
-            client._authkey = authkey
-            client._dial = lambda: socket.create_connection((h, p), timeout=timeout)
-        return client
+        return connect_stream(FastSocketStream(sock), address=address, hello=hello,
+                              router=router, lost_after=lost_after, hello_timeout=timeout,
+                              forward_modules=forward_modules,
+                              forward_packages=forward_packages, **task_options)
     except EOFError as exc:  # e.g. the server shut down while we were setting up
         sock.close()
         raise ConnectError(f"{address} closed the connection while we were connecting: {exc}",
@@ -686,12 +678,6 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     lost_after = check_lost_after(lost_after)
     hello = dict(hello or {})
     router = router or OutputRouter()
-    client_box: list[Client] = []
-
-    def sink(key: int, fd: int, text: Any) -> None:
-        if client_box:
-            client_box[0]._on_output(key, fd, text)
-
     classic = hello.get("classic", True)
     # (a service-only server runs no code of ours: nothing to forward)
     modules = forwarding.provider(forward_packages) if forward_modules and classic else None
@@ -715,11 +701,9 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     try:
         # (answers only while a task of ours runs on this connection: see below)
         gate = forwarding.ConnectionModules(modules, address) if modules is not None else None
-        extra = {"modules": gate.answer} if gate is not None else {}
-        if lost_after is not None and not getattr(conn, "_bind_threads", False):
-            reply = conn.root.hello(sink, heartbeat_interval(lost_after), **extra)
-        else:
-            reply = conn.root.hello(sink, **extra)
+        beat = heartbeat_interval(lost_after) if lost_after is not None \
+            and not getattr(conn, "_bind_threads", False) else None
+        reply = conn.root.hello(beat, gate is not None)
         hello.update(dict(reply))
         if not hello.get("cloudpickle"):  # a deployed server's hello: its stats say them
             hello.update(versions_of(conn))
@@ -734,7 +718,7 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     if not hello.get("classic", True):
         modules = None
     client = Client(conn, hello, address, router, task_options, lost_after=lost_after,
-                    modules=modules)
+                    modules=modules, module_gate=gate)
     if gate is not None:
         ref = weakref.ref(client)
 
@@ -743,6 +727,5 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
             return live is not None and bool(live._pending)
 
         gate.busy = busy
-    client_box.append(client)
     return client
 

@@ -63,7 +63,7 @@ class ServerConfig:
     # ends with the process holding the pipe's other end (Cluster.local's client).
     exit_on_stdin_eof: bool = False
     metrics_port: int | None = None
-    lanes: bool = True  # clients may send tasks straight to a worker (threaded mode, no TLS)
+    lanes: bool = True  # deprecated and ignored (one task path now); False is logged
     # Largest message (RPyC frame) accepted from an authenticated peer, and largest reply
     # sent: a task whose arguments or result are over it fails alone (MessageTooLargeError).
     max_message_size: int = DEFAULT_MAX_MESSAGE

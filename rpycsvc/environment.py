@@ -312,18 +312,6 @@ class ServerEnvironment:
         self._seen |= new
         _CHECKER.put(self, new)
 
-    def note_task(self, task: Any) -> None:
-        """The lane path's share of :meth:`check_task` (that path sends without frames
-        passing here): the task function's own module, or an import path's."""
-        if self._ask is None:
-            return
-        module = task.split(":", 1)[0] if isinstance(task, str) else \
-            getattr(task, "__module__", None)
-        if isinstance(module, str):
-            top = module.split(".", 1)[0]
-            if top not in self._seen:
-                self._note({top})
-
     def _refuse_code_by_value(self, fn_blob: Any, head: Any) -> None:
         what = None
         if fn_blob is not None and _function_by_value(bytes(fn_blob)):

@@ -20,8 +20,8 @@ Worker side, :class:`ForwardedModules` is a meta-path finder placed *last* on
 ``sys.meta_path``, so whatever the server can import itself wins; it asks only while a task
 runs, and only through the task's own client (see ``fetch`` in :mod:`rpycsvc.worker`): the
 server never asks outside an import. Requests go by one function per path — over the
-worker's channel to the server, which asks the client over RPyC (:mod:`rpycsvc.pool`,
-:mod:`rpycsvc.service`), or straight over the client's lane — and each waits at most
+worker's channel to the server, which asks the client with a task message on the
+client's connection (:mod:`rpycsvc.pool`, :mod:`rpycsvc.taskserver`) — and each waits at most
 :data:`FETCH_TIMEOUT` seconds: a client that does not answer makes the import fail with
 an ``ImportError`` that says so.
 

@@ -163,7 +163,7 @@ def client_handshake(
 ) -> dict[str, Any]:
     """Run the client's side; returns the server's hello (versions, host, pid, workers...).
 
-    ``extra`` adds fields to our hello (``lane``: this connection is a lane, not RPyC)."""
+    ``extra`` adds fields to our hello."""
     sock.settimeout(timeout)
     mine = versions()
     try:

@@ -101,7 +101,6 @@ def _read(server: Server) -> tuple[dict[str, _Samples], list[tuple[str, float]],
     stats = runtime.stats()
     # copies first: the pool updates these under its own lock while we read
     hist, duration_sum = pool.durations()
-    lanes = pool.lane_counts()  # lane traffic goes to the workers, not through this process
     from prometheus_client.utils import floatToGoString
 
     buckets: list[tuple[str, float]] = []
@@ -135,8 +134,8 @@ def _read(server: Server) -> tuple[dict[str, _Samples], list[tuple[str, float]],
         "rpycsvc_inbound_budget_bytes": one(inbound.total),
         "rpycsvc_inbound_waits_total": one(inbound.waits),
         "rpycsvc_inbound_refused_total": one(inbound.refused),
-        "rpycsvc_received_bytes_total": one(transport.TRAFFIC["in"] + lanes["bytes_in"]),
-        "rpycsvc_sent_bytes_total": one(transport.TRAFFIC["out"] + lanes["bytes_out"]),
+        "rpycsvc_received_bytes_total": one(transport.TRAFFIC["in"]),
+        "rpycsvc_sent_bytes_total": one(transport.TRAFFIC["out"]),
         "rpycsvc_memory_rss_bytes": one(stats["rss_total_bytes"]),
         "rpycsvc_start_time_seconds": one(round(started, 3)),
         "rpycsvc_uptime_seconds": one(round(time.time() - started, 3)),

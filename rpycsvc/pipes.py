@@ -76,7 +76,12 @@ class FastPipeStream(PipeStream):
 
     def _read_piece(self, count: int) -> bytearray:
         buf = bytearray(count)
-        view = memoryview(buf)
+        self.read_into(memoryview(buf))
+        return buf
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` (a writable byte view) with the next ``len(view)`` bytes."""
+        count = len(view)
         got = 0
         try:
             fd = self.incoming.fileno()
@@ -93,7 +98,6 @@ class FastPipeStream(PipeStream):
             self.close()
             raise EOFError(exc) from exc
         TRAFFIC["in"] += count
-        return buf
 
     def write(self, data: Any) -> None:
         """All of ``data``, a :data:`CHUNK` at a time from a view of it (no copies)."""

@@ -327,14 +327,6 @@ class _ServerMixin:
     def _serve_client(self, sock: socket.socket, credentials: Any) -> None:
         peer = _peer(sock)
         creds = credentials or {}
-        lane = (creds.get("client") or {}).get("lane")
-        if lane is not None:  # not an RPyC connection: a client's direct lane to a worker
-            try:
-                self.runtime.attach_lane(sock, str(lane))
-                log.debug("lane %s from %s handed to a worker", str(lane).split("/")[-1], peer)
-            except Exception as exc:
-                log.warning("refused a lane from %s: %s", peer, exc)
-            return
         log.info("connection from %s (%s client)", peer,
                  "rpycsvc" if creds.get("client") else "plain rpyc")
         config = dict(self.protocol_config, credentials=creds,  # type: ignore[attr-defined]
@@ -451,8 +443,9 @@ class Server:
         self._rpyc.runtime = self.runtime
         self._rpyc.rpycsvc_config = cfg
         self._rpyc.inbound = self.inbound
-        self.runtime.lanes = cfg.lanes and cfg.mode == "threaded" and not cfg.uses_ssl \
-            and _can_pass_fds()
+        if not cfg.lanes:
+            log.warning("--no-lanes (lanes=False) is deprecated and ignored: every task takes "
+                        "the one task path now; drop the option")
         self._rpyc._listen()  # with port 0, the real port is known from here on
         self.runtime.address = self.address
         self._rpyc._register()
@@ -625,12 +618,6 @@ def _registrar(cfg: ServerConfig) -> Any:
     if cfg.registry_type.upper() == "TCP":
         return TCPRegistryClient(host, port=cfg.registry_port)
     return UDPRegistryClient(ip=host, port=cfg.registry_port)
-
-
-def _can_pass_fds() -> bool:
-    """Lanes need ``SCM_RIGHTS`` (Linux, the BSDs, macOS; not Windows)."""
-    return hasattr(socket, "AF_UNIX") and hasattr(socket, "SCM_RIGHTS") \
-        and hasattr(socket.socket, "sendmsg")
 
 
 def _peer(sock: socket.socket) -> str:

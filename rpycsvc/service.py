@@ -1,9 +1,9 @@
 """What the server exposes over RPyC: compute endpoints, stats, and classic module access.
 
-``exposed_run`` is the by-value path the rpycsvc client uses: pickled frames in, pickled
-frames out, answered through a :class:`~rpycsvc.transport.Deferred` so one connection can
-have many tasks in flight. ``exposed_compute`` serves plain RPyC clients: import paths and
-endpoint names, with arguments fetched by value. With ``classic`` on, the same connection
+An rpycsvc client's tasks don't use RPyC calls: after its ``hello`` they travel as task
+messages on the same connection (:mod:`rpycsvc.taskframes`, :mod:`rpycsvc.taskserver`),
+by value, many in flight at once. ``exposed_compute`` serves plain RPyC clients: import
+paths and endpoint names, with arguments fetched by value. With ``classic`` on, the same connection
 also offers RPyC's classic ``modules``/``execute``/``eval`` — remote code execution by
 design, for trusted clients only.
 
@@ -21,22 +21,20 @@ import itertools
 import logging
 import os
 import platform
-import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-import rpyc
 from rpyc.core import netref
 from rpyc.core.service import Service, SlaveService
 
-from .config import check_timeout
 from .errors import SerializationError, TaskError
 from .hosted import HostedQueue, HostedSpec, QueueRegistry
 from .liveness import Heartbeat
 from .pool import Task, WorkerPool
-from .serialization import check_plain, dumps, loads
+from .serialization import dumps, loads
+from .taskserver import TaskEndpoint
 from .tracebacks import load_exception
 from .transport import Deferred, ServerConnection
 
@@ -63,31 +61,22 @@ class Runtime:
         self.bytes_out = 0
         self._lock = threading.Lock()
         self._conn_ids = itertools.count(1)
-        #: set by the server when clients may open lanes (threaded mode, no TLS)
-        self.lanes = False
-        #: lane token → (connection id, client address) of the connection it was issued to
-        self.lane_tokens: dict[str, tuple[int, str]] = {}
+        #: tasks started, by path ("task": rpycsvc clients' task messages, "rpyc": plain
+        #: RPyC clients' conn.root.compute) and by transport of the task messages
+        self.tasks_by_path = {"task": 0, "rpyc": 0}
+        self.tasks_by_transport = {"tcp": 0, "tls": 0, "ssh": 0}
         #: beats on the connections of clients that asked for it in hello (liveness)
         self.heartbeat = Heartbeat()
         #: classes of the objects hosted for clients (queues, ``--service`` objects): their
         #: ``exposed_<name>`` methods answer to ``<name>`` on classic connections too
         self.service_types: set[type] = {HostedQueue}
 
-    def attach_lane(self, sock: socket.socket, lane_id: str) -> None:
-        """Hand a client's lane socket (after its handshake) to a worker process.
-
-        ``lane_id`` is ``"<token>/<n>"``; the token must be one this server issued to a
-        connection still open. Raises ``PermissionError``/``ConfigError`` to refuse.
-        """
-        owner = self.lane_tokens.get(lane_id.split("/", 1)[0]) if self.lanes else None
-        if owner is None:
-            raise PermissionError("unknown or expired lane token")
-        fd = sock.detach()
-        try:
-            self.pool.attach_lane(fd, lane_id, owner=owner[0], client=owner[1],
-                                  restricted=not self.classic)
-        finally:
-            os.close(fd)
+    def count_task(self, path: str, transport: str | None = None) -> None:
+        """Count one task started on ``path`` (and ``transport``) for ``stats()``."""
+        with self._lock:
+            self.tasks_by_path[path] += 1
+            if transport is not None:
+                self.tasks_by_transport[transport] += 1
 
     def connected(self) -> int:
         self.pool.ensure_started()
@@ -129,6 +118,8 @@ class Runtime:
             "rss_total_bytes": rss + sum(_rss(p) for p in [*pool["worker_pids"],
                                                            pool["thread_worker_pid"]] if p),
             "classic": self.classic,
+            "tasks_by_path": dict(self.tasks_by_path),
+            "tasks_by_transport": dict(self.tasks_by_transport),
         }
 
 
@@ -168,12 +159,8 @@ class ComputeService(Service):
         self._runtime = runtime
         self._conn_id = 0
         self._client = "?"
-        self._sink: Any = None
-        self._running: dict[Any, int] = {}
-        self._lock = threading.Lock()
         self._per_connection: dict[str, Any] = {}  # hosted objects with connection scope
-        self._lane_token = ""
-        self._modules: Any = None  # the client's module provider (rpycsvc.forwarding)
+        self._tasks: TaskEndpoint | None = None  # set by hello (rpycsvc clients)
 
     def __getattr__(self, name: str) -> Any:
         # conn.root.<name> for objects hosted with --service (exposed_<name> in service-only mode)
@@ -216,142 +203,35 @@ class ComputeService(Service):
     def on_disconnect(self, conn: Any) -> None:
         self._runtime.heartbeat.remove(conn)
         self._runtime.disconnected()
-        if self._lane_token:
-            self._runtime.lane_tokens.pop(self._lane_token, None)
-            self._runtime.pool.drop_owner_lanes(self._conn_id)
         _forget_streams(conn)
-        with self._lock:
-            running = list(self._running.values())
-            self._running.clear()
-        for task_id in running:  # nobody is left to receive these results
-            self._runtime.pool.cancel(task_id, "cancel")
+        if self._tasks is not None:  # nobody is left to receive these results
+            self._tasks.close()
 
-    # -- the rpycsvc client's by-value path ---------------------------------------------------
-    def exposed_hello(self, sink: Any = None, heartbeat: float | None = None,
-                      modules: Any = None) -> tuple[tuple[str, Any], ...]:
-        """Register the client's output sink; returns server info as (key, value) pairs.
+    # -- rpycsvc clients ----------------------------------------------------------------------
+    def exposed_hello(self, heartbeat: float | None = None,
+                      modules: bool = False) -> tuple[tuple[str, Any], ...]:
+        """An rpycsvc client says hello: from now on it may send task messages on this
+        connection (see :mod:`rpycsvc.taskserver`). Returns server info as (key, value) pairs.
 
-        ``modules`` is the client's module provider (its ``answer``, see
-        :mod:`rpycsvc.forwarding`): asked for a module a task's import can't find here.
-        A service-only server keeps none (it forwards nothing).
+        With ``modules``, a task's import that can't find a module here asks the client for
+        it (:mod:`rpycsvc.forwarding`); a service-only server forwards nothing.
 
         With ``heartbeat`` (seconds), the server sends an empty frame on this connection
         that often, from a thread of its own, so the client can tell a frozen server from a
         busy one (see :mod:`rpycsvc.liveness`); ``info["heartbeat"]`` is the interval granted.
         """
-        self._sink = rpyc.async_(sink) if sink is not None else None
-        self._modules = rpyc.async_(modules) if modules is not None \
-            and self._runtime.classic else None
+        conn = self._conn_ref
+        if self._tasks is None:
+            self._tasks = TaskEndpoint(self._runtime, conn, self._conn_id, self._client,
+                                       modules=bool(modules))
+            conn._channel.task_handler = self._tasks
         info = self._runtime.info()
         # (not with RPyC's experimental bind_threads: its frames carry thread ids)
-        if heartbeat is not None and not getattr(self._conn_ref, "_bind_threads", False):
-            info["heartbeat"] = self._runtime.heartbeat.add(self._conn_ref, float(heartbeat))
+        if heartbeat is not None and not getattr(conn, "_bind_threads", False):
+            info["heartbeat"] = self._runtime.heartbeat.add(conn, float(heartbeat))
         info["endpoints"] = tuple(self._runtime.pool.endpoint_names)
-        if self._runtime.lanes:
-            if not self._lane_token:
-                self._lane_token = secrets.token_hex(16)
-                self._runtime.lane_tokens[self._lane_token] = (self._conn_id, self._client)
-            info["lane"] = self._lane_token
+        info["max_message"] = getattr(conn._channel, "max_message", None)
         return tuple(info.items())
-
-    def _own_lane(self, lane_id: str) -> bool:
-        return bool(self._lane_token) and str(lane_id).split("/", 1)[0] == self._lane_token
-
-    def exposed_lane_fate(self, lane_id: str, timeout: float = 5.0) -> tuple[Any, ...] | None:
-        """Why this connection's lane ``lane_id`` broke: ``(error name, text, key of the
-        task it concerns or None)``, or None."""
-        if not self._own_lane(lane_id):
-            return None
-        return self._runtime.pool.lane_fate(str(lane_id), min(float(timeout), 30.0))
-
-    def exposed_cancel_lane(self, lane_id: str, key: int | None = None) -> bool:
-        """Stop task ``key`` (None: whichever runs) of this connection's lane ``lane_id``."""
-        return self._own_lane(lane_id) and self._runtime.pool.cancel_lane(
-            str(lane_id), self._conn_id, int(key) if key is not None else None)
-
-    def exposed_run(self, kind: str, spec: Any, options: tuple[tuple[str, Any], ...],
-                    frames: tuple[bytes, ...]) -> Deferred:
-        """Run one task (or a batch); replies ``("ok", frames)``, ``("raised", exc_frames)``
-        or ``("error", kind, message)`` when it finishes."""
-        try:
-            return self._start_run(kind, spec, options, frames)
-        except Exception as exc:
-            # A refusal (service-only mode, bad arguments, shutting down) is an ("error", ...)
-            # reply like any failure found later: the client calls run() asynchronously, and
-            # an exception reply would be raised in its reader thread, not in the caller.
-            reply = Deferred()
-            reply.resolve(("error", type(exc).__name__, str(exc)))
-            return reply
-
-    def _start_run(self, kind: str, spec: Any, options: tuple[tuple[str, Any], ...],
-                   frames: tuple[bytes, ...]) -> Deferred:
-        opts = dict(options)
-        opts["timeout"] = check_timeout(opts.get("timeout"))
-        if not self._runtime.classic:
-            if kind != "endpoint":
-                raise PermissionError(
-                    "this server runs in service-only mode (--no-classic): it accepts no "
-                    "functions or import paths from clients; call a registered endpoint by "
-                    f"name (it has: {', '.join(self._runtime.pool.endpoint_names) or 'none'})"
-                )
-            check_plain(frames)  # before any worker unpickles what the client sent
-            opts.pop("fwd", None)  # service-only: no module forwarding
-        key = opts.pop("key", None)
-        reply = Deferred()
-        sink = self._sink if opts.get("output", True) else None
-
-        def on_output(fd: int, text: Any) -> None:
-            if sink is not None:
-                try:
-                    sink(key, fd, text)
-                except Exception:
-                    pass
-
-        def on_done(task: Task, ok: bool, out: list[Any] | None, err: TaskError | None) -> None:
-            with self._lock:
-                self._running.pop(key, None)
-            if err is not None:
-                reply.resolve(("error", type(err).__name__, str(err)))
-            elif ok:
-                reply.resolve(("ok", tuple(bytes(f) for f in out or ())))
-            else:
-                reply.resolve(("raised", tuple(bytes(f) for f in out or ())))
-
-        task = Task(kind=kind, spec=spec, frames=tuple(frames), on_done=on_done,
-                    owner=self._conn_id, mode=opts.get("mode", "process"),
-                    timeout=opts.get("timeout"), options=opts, on_output=on_output,
-                    label=str(opts.get("label", spec if kind != "pickled" else "task")),
-                    client=self._client,
-                    on_module=self._ask_module if self._modules is not None else None)
-        task_id = self._runtime.pool.submit(task)
-        if key is not None and task.state != "done":
-            with self._lock:
-                self._running[key] = task_id
-        return reply
-
-    def _ask_module(self, name: str, answer: Callable[[Any], None]) -> None:
-        """Ask the client for module ``name`` (rpycsvc.forwarding) without waiting: its
-        reply goes to ``answer`` (the worker bounds how long it waits for it)."""
-        from .forwarding import FETCH_TIMEOUT
-
-        res = self._modules(name)
-        res.set_expiry(FETCH_TIMEOUT)
-
-        def done(r: Any) -> None:
-            try:
-                reply = r.value
-            except Exception as exc:
-                reply = ("error", name, f"the client failed to send module {name!r}: "
-                         f"{type(exc).__name__}: {str(exc)[:300]}")
-            answer(reply if isinstance(reply, tuple) else ("none", name))
-
-        res.add_callback(done)
-
-    def exposed_cancel(self, key: Any) -> bool:
-        """Cancel this connection's task ``key``: dequeue it, or stop it if running."""
-        with self._lock:
-            task_id = self._running.get(key)
-        return task_id is not None and self._runtime.pool.cancel(task_id)
 
     def exposed_stats_frames(self) -> tuple[bytes, ...]:
         return dumps(self.exposed_stats(), "stats")
@@ -412,6 +292,7 @@ class ComputeService(Service):
             else:
                 reply.fail(load_exception(out or [], self._runtime.address))
 
+        self._runtime.count_task("rpyc")
         self._runtime.pool.submit(Task(kind=kind, spec=task, frames=frames, on_done=on_done,
                                        owner=self._conn_id, label=task, client=self._client))
         return reply

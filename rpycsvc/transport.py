@@ -34,6 +34,7 @@ from rpyc.core.protocol import Connection
 from rpyc.core.stream import SocketStream
 from rpyc.lib import Timeout
 
+from . import taskframes
 from .errors import MessageTooLargeError
 
 log = logging.getLogger("rpycsvc.server")
@@ -292,7 +293,12 @@ class FastSocketStream(SocketStream):
 
     def _read_piece(self, count: int) -> bytearray:
         buf = bytearray(count)
-        view = memoryview(buf)
+        self.read_into(memoryview(buf))
+        return buf
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` (a writable byte view) with the next ``len(view)`` bytes."""
+        count = len(view)
         got = 0
         if self._prefix:
             got = min(count, len(self._prefix))
@@ -317,7 +323,6 @@ class FastSocketStream(SocketStream):
             got += n
             self.last_activity = time.monotonic()
         TRAFFIC["in"] += count
-        return buf
 
     def _wait_readable(self, limit: float) -> None:
         """Return once a byte can be read; :class:`PeerStalled` if none comes in ``limit``
@@ -363,6 +368,8 @@ class FastChannel(Channel):
                  deadline: float | None = None,
                  stall_timeout: float | None = DEFAULT_STALL_TIMEOUT) -> None:
         super().__init__(stream, compress=False)
+        #: gets this connection's task messages (see rpycsvc.taskframes); None: refused
+        self.task_handler: taskframes.TaskHandler | None = None
         self.limit = limit
         self.max_message = limit if max_message is None else max_message
         self.budget = budget
@@ -419,6 +426,9 @@ class FastChannel(Channel):
     def _recv(self) -> bytes:
         header = self.stream.read(self.FRAME_HEADER.size)
         length, compressed = self.FRAME_HEADER.unpack(header)
+        if compressed == taskframes.TASK_FLAG:
+            self._recv_task(length)
+            return b""  # RPyC reads an empty frame as "nothing arrived"
         if length > self.limit:
             if self.trusted:
                 answer = self._skip_request(length, compressed)
@@ -459,6 +469,72 @@ class FastChannel(Channel):
             return self._decompress(data, res) if compressed else data
         finally:
             budget.finish(res)
+
+    def _recv_task(self, length: int) -> None:
+        """Read one task message (see :mod:`rpycsvc.taskframes`) and hand it to
+        ``task_handler``. Over ``max_message`` in all, its frames are read and dropped a
+        piece at a time (nothing kept) and the handler is told why: that task fails alone,
+        the connection stays."""
+        handler = self.task_handler
+        if handler is None or not self.trusted:
+            raise self._refuse("task", "a task message from a peer that has not said the "
+                               "rpycsvc hello (only rpycsvc clients send them); closing")
+        if length > taskframes.MAX_INLINE:
+            raise self._refuse("size", f"a task message announced {length} inline bytes "
+                               f"(at most {taskframes.MAX_INLINE}); closing")
+        inline = self._read_idle_bounded(self.stream.read, length)
+        try:
+            control, lens, frames = taskframes.parse_inline(inline)
+        except Exception as exc:  # ValueError, UnpicklingError, and what garbage raises
+            raise self._refuse("corrupt", f"a corrupt task message ({type(exc).__name__}: "
+                               f"{exc}); closing") from None
+        del inline
+        if frames or not lens:
+            handler.on_task(control, frames)
+            return
+        sizes = [n & ~taskframes.READONLY for n in lens]
+        total = length + sum(sizes)
+        if total > self.max_message:
+            read = getattr(self.stream, "read_buffer", self.stream.read)
+            for size in sizes:
+                while size:
+                    n = min(size, _CHUNK)
+                    self._read_idle_bounded(read, n)
+                    size -= n
+            handler.on_task_refused(control, too_large_message(
+                "data", total, self.max_message))
+            return
+        budget = self.budget
+        res = budget.start() if budget is not None else None
+        try:
+            for flagged, size in zip(lens, sizes):
+                buf = taskframes.new_buffer(size)
+                view = memoryview(buf)
+                at = 0
+                while at < size:
+                    n = min(size - at, taskframes.PIECE)
+                    if res is not None:
+                        self._take(res, n)
+                    piece = view[at:at + n]
+                    if res is not None:
+                        self._read_holding(lambda _n, p=piece: self._fill(p), n, res)
+                    else:
+                        self._read_idle_bounded(lambda _n, p=piece: self._fill(p), n)
+                    at += n
+                frames.append(view.toreadonly() if flagged & taskframes.READONLY else buf)
+                del view
+        finally:
+            if budget is not None and res is not None:
+                budget.finish(res)
+        handler.on_task(control, frames)
+
+    def _fill(self, view: memoryview) -> None:
+        """Fill ``view`` from the stream: in place where the stream can, else by copy."""
+        read_into = getattr(self.stream, "read_into", None)
+        if read_into is not None:
+            read_into(view)
+        else:
+            view[:] = self.stream.read(len(view))
 
     def _read_holding(self, read: Any, n: int, res: Reservation) -> Any:
         """``read(n)`` while ``res`` holds budget: a peer that sends nothing for
@@ -541,7 +617,10 @@ class FastChannel(Channel):
                 pieces.append(tail)
                 return b"".join(pieces)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Any) -> None:
+        if type(data) is taskframes.TaskMessage:  # queued by taskframes.send_task
+            data.write_to(self.stream)
+            return
         header = self.FRAME_HEADER.pack(len(data), 0)
         if len(data) < 65536:
             self.stream.write(header + data + self.FLUSHER)
