@@ -183,7 +183,7 @@ def test_another_minor_version_refuses_code_sent_by_value(
         assert any(srv.address in m and "EnvironmentMismatchError" in m for m in said), said
         assert c.server_info["python"].startswith(there + ".")
         before = finished(c)
-        # compute (the lane path), submit, and a lambda among the arguments
+        # compute, submit, and a lambda among the arguments
         with pytest.raises(EnvironmentMismatchError) as info:
             c.compute(lambda x: x + 1, 1)
         with pytest.raises(EnvironmentMismatchError):

@@ -124,8 +124,7 @@ def fill(k: Kind, tmp: Path) -> tuple[list[cf.Future], Path]:
     release = tmp / "release"
     futs = [k.ex.submit(hold, str(tmp / f"started{i}"), str(release), i)
             for i in range(k.slots)]
-    # Any of them: which one a server starts first is its business (with one worker, a task
-    # sent on the client's lane may wait behind one sent through the server).
+    # Any of them: which one a server starts first is its business (the pool's order).
     eventually("a task to start", lambda: any(tmp.glob("started*")))
     return futs, release
 
@@ -289,8 +288,8 @@ def test_stop_on_a_pending_task_cancels_it(cluster: Cluster, tmp_path: Path) -> 
     release = tmp_path / "release"
     held = [cluster.submit(hold, str(tmp_path / f"started{i}"), str(release), i)
             for i in range(cluster.total_workers * 2)]
-    # Any of them: which one a worker takes first is the scheduler's business (with lanes a
-    # task may wait behind another on the same worker; seen on a loaded machine).
+    # Any of them: which one a worker takes first is the scheduler's business (the pool's,
+    # and on a loaded machine a worker may take its next task late).
     eventually("a held task to start",
                lambda: any((tmp_path / f"started{i}").exists() for i in range(len(held))))
     never = tmp_path / "never"

@@ -136,31 +136,30 @@ def test_cluster_local_runs_a_package_only_the_client_has(project: tuple[Path, s
                 report(without=outcome(plain.compute, "importlib:import_module", PKG))
             report(submit=outcome(lambda: cluster.submit(pkg.total, [1, 2]).result(60)))
             client = cluster.clients[0]
-            report(lane=outcome(client.compute, pkg.total, [2, 2]),
+            report(compute=outcome(client.compute, pkg.total, [2, 2]),
                    path=outcome(client.compute, PKG + ".pricing:total", [4]),
                    thread=outcome(client.options(mode="thread").compute, pkg.total, [2]),
                    mapped=outcome(lambda: list(cluster.map(pkg.total, [[1], [2], [3]]))))
-            with rpycsvc.connect(address, lanes=False) as rpc:
-                report(rpyc=outcome(rpc.compute, pkg.total, [6]))
+            with rpycsvc.connect(address) as second:  # a connection of its own
+                report(second=outcome(second.compute, pkg.total, [6]))
     """, project))
     assert got["without"][:2] == ["error", "ModuleNotFoundError"], got["without"]
     assert project[1] in got["without"][2]
     assert got["submit"] == receipt(4.5, "v1")
-    assert got["lane"] == receipt(6.0, "v1")
+    assert got["compute"] == receipt(6.0, "v1")
     assert got["path"] == receipt(6.0, "v1")
     assert got["thread"] == receipt(3.0, "v1")
-    assert got["rpyc"] == receipt(9.0, "v1")
+    assert got["second"] == receipt(9.0, "v1")
     assert got["mapped"][0] == "ok" and got["mapped"][1].count("Receipt(") == 3
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
 def test_an_edited_module_is_forwarded_again(
-    project: tuple[Path, str], server_process: type[ServerProcess], lanes: bool
+    project: tuple[Path, str], server_process: type[ServerProcess]
 ) -> None:
     srv = server_process("--workers", "1")
     reports = run_client("""
         pkg = use_project()
-        with rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"]) as c:
+        with rpycsvc.connect(EXTRA["address"]) as c:
             with rpycsvc.connect(EXTRA["address"], forward_modules=False) as plain:
                 report(without=outcome(plain.compute, pkg.total, [1]))
             report(first=outcome(c.compute, pkg.total, [2]), pid1=c.compute(os.getpid),
@@ -173,7 +172,7 @@ def test_an_edited_module_is_forwarded_again(
             report(thread=outcome(c.options(mode="thread").compute, pkg.total, [2]))
             set_rate(3.0, "v4")
             report(thread_edited=outcome(c.options(mode="thread").compute, pkg.total, [2]))
-    """, project, {"address": srv.address, "lanes": lanes})
+    """, project, {"address": srv.address})
     got = merged(reports)
     assert got["without"][:2] == ["error", "SerializationError"], got["without"]
     assert "No module named" in got["without"][2]
@@ -297,9 +296,8 @@ def test_a_deployed_host_runs_a_package_only_the_client_has(
 
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
 def test_a_client_that_does_not_answer_fails_the_import_in_time(
-    project: tuple[Path, str], server_process: type[ServerProcess], lanes: bool
+    project: tuple[Path, str], server_process: type[ServerProcess]
 ) -> None:
     # The server's workers wait 2 s for a module; this client takes 6 s to answer.
     srv = server_process("--workers", "1", env={"RPYCSVC_FORWARD_TIMEOUT": "2"})
@@ -309,11 +307,11 @@ def test_a_client_that_does_not_answer_fails_the_import_in_time(
         answer = slow.answer
         slow.answer = lambda name: (time.sleep(6), answer(name))[1]  # a client stuck
         pkg = use_project()
-        with rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"]) as c:
+        with rpycsvc.connect(EXTRA["address"]) as c:
             t = time.monotonic()
             report(stuck=outcome(c.compute, pkg.total, [2]), took=time.monotonic() - t)
             report(after=outcome(c.compute, sum, [1, 2]))  # the connection still works
-    """, project, {"address": srv.address, "lanes": lanes}))
+    """, project, {"address": srv.address}))
     assert got["stuck"][:2] == ["error", "SerializationError"], got["stuck"]
     assert "did not send module" in got["stuck"][2] and project[1] in got["stuck"][2]
     assert got["took"] < 60  # bounded by the 2 s wait (plus the 6 s the client is stuck)
@@ -371,12 +369,11 @@ def pooled(name):
 '''
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
 def test_a_thread_importing_after_its_task_returned_never_takes_the_next_task(
-    project: tuple[Path, str], server_process: type[ServerProcess], lanes: bool
+    project: tuple[Path, str], server_process: type[ServerProcess]
 ) -> None:
     # A task's thread imports a forwarded module just as the task returns. It used to read
-    # the worker's channel (or the lane) alongside the worker's main loop: the next task's
+    # the worker's channel alongside the worker's main loop: the next task's
     # message went to the thread and that task never ran.
     srv = server_process("--workers", "1", env={"RPYCSVC_FORWARD_TIMEOUT": "5"})
     got = merged(run_client("""
@@ -397,7 +394,7 @@ def test_a_thread_importing_after_its_task_returned_never_takes_the_next_task(
             t.join(40)
             return box[0] if box else "HANG"
 
-        c = rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"])
+        c = rpycsvc.connect(EXTRA["address"])
         trials = []
         for i in range(8):
             a = bounded(c.compute, f"late_{PKG}:start", f"late_{PKG}_{i}", f"{out}/{i}")
@@ -411,7 +408,7 @@ def test_a_thread_importing_after_its_task_returned_never_takes_the_next_task(
         threads = sorted(open(os.path.join(out, n)).read() for n in os.listdir(out))
         report(trials=trials, threads=threads)
         os._exit(0)  # (a hung call's thread would keep us alive)
-    """, project, {"address": srv.address, "lanes": lanes, "helpers": LATE_IMPORTS},
+    """, project, {"address": srv.address, "helpers": LATE_IMPORTS},
         timeout=400))
     for i, (a, b) in enumerate(got["trials"]):
         assert a == ["ok", "'started'"] and b == ["ok", str(i + 1)], got["trials"]
@@ -423,9 +420,8 @@ def test_a_thread_importing_after_its_task_returned_never_takes_the_next_task(
         assert line.startswith(("ok ", "ModuleNotFoundError: No module named")), line
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "rpyc"])
 def test_a_pool_thread_of_an_earlier_task_imports_for_the_same_client_only(
-    tmp_path: Path, server_process: type[ServerProcess], lanes: bool
+    tmp_path: Path, server_process: type[ServerProcess]
 ) -> None:
     # A thread pool made by a client's first task (a module-level executor) is used by its
     # later tasks: their pool thread imports forwarded modules as the first task's did
@@ -442,18 +438,18 @@ def test_a_pool_thread_of_an_earlier_task_imports_for_the_same_client_only(
     srv = server_process("--workers", "1")
     body = """
         use_project()
-        with rpycsvc.connect(EXTRA["address"], lanes=EXTRA["lanes"]) as c:
+        with rpycsvc.connect(EXTRA["address"]) as c:
             report(got=[outcome(c.compute, f"late_{PKG}:pooled", f"{mod}_{PKG}")
                         for mod in EXTRA["mods"]])
     """
     a = merged(run_client(body, projects["A"], {
-        "address": srv.address, "lanes": lanes, "mods": ["first", "second", "third"]}))
+        "address": srv.address, "mods": ["first", "second", "third"]}))
     pids = {eval(r[1])[0] for r in a["got"] if r[0] == "ok"}
     assert [r[0] for r in a["got"]] == ["ok"] * 3, a["got"]
     assert [eval(r[1])[1] for r in a["got"]] == ["Afirst", "Asecond", "Athird"]
     assert len(pids) == 1  # one worker, one pool thread, three tasks
     b = merged(run_client(body, projects["B"], {
-        "address": srv.address, "lanes": lanes, "mods": ["second"]}))
+        "address": srv.address, "mods": ["second"]}))
     assert b["got"][0][:2] == ["error", "ModuleNotFoundError"], b["got"]
     assert "earlier task of another client" in b["got"][0][2], b["got"]
     assert "Bsecond" not in b["got"][0][2] and "Asecond" not in b["got"][0][2]
@@ -494,7 +490,7 @@ def test_a_frozen_client_s_fetch_does_not_hold_up_other_tasks_imports(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     a = subprocess.Popen([sys.executable, "-c", PROLOGUE + textwrap.dedent("""
         use_project()
-        c = rpycsvc.connect(EXTRA["address"], lanes=False).options(mode="thread")
+        c = rpycsvc.connect(EXTRA["address"]).options(mode="thread")
         c.compute(f"late_{PKG}:hold", 0, EXTRA["started"])
         os.remove(EXTRA["started"])
         f = c.submit(f"late_{PKG}:after", EXTRA["go"], f"held_{PKG}")  # waits for `go`
@@ -522,8 +518,7 @@ def test_a_frozen_client_s_fetch_does_not_hold_up_other_tasks_imports(
                     __import__(name)
                 except ImportError as exc:
                     return type(exc).__name__
-            with rpycsvc.connect(EXTRA["address"], forward_modules=False,
-                                 lanes=False) as conn:
+            with rpycsvc.connect(EXTRA["address"], forward_modules=False) as conn:
                 c = conn.options(mode="thread")
                 report(b=outcome(c.compute, probe, f"nothing_here_{PKG}"))
         """, project, {"address": srv.address}, timeout=120))
@@ -551,7 +546,7 @@ def test_a_module_edited_while_another_worker_imports_it_is_never_stale(
         with open(os.path.join(PROJECT, f"late_{PKG}.py"), "w") as f:
             f.write(EXTRA["helpers"])
         flag = os.path.join(PROJECT, "edited")
-        with rpycsvc.connect(EXTRA["address"], lanes=False) as c:
+        with rpycsvc.connect(EXTRA["address"]) as c:
             first = c.submit(f"late_{PKG}:after", PROJECT, mod)  # (the flag: the dir)
             second = c.submit(f"late_{PKG}:after", flag, mod)  # waits for the edit
             one = first.result(60)
@@ -586,7 +581,7 @@ def test_a_thread_of_one_client_s_task_never_gets_another_client_s_module(
     out, flag = tmp_path / "out", tmp_path / "b-runs"
     body = """
         use_project()
-        with rpycsvc.connect(EXTRA["address"], lanes=False) as c:
+        with rpycsvc.connect(EXTRA["address"]) as c:
             report(got=outcome(lambda: c.submit(*EXTRA["call"]).result(60)),
                    pid=c.compute(os.getpid))
     """

@@ -8,6 +8,7 @@ server's log, a dead server or a refused client, never as a machine out of memor
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import socket
@@ -19,9 +20,9 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import rpyc
 from rpyc.core import brine, consts
 
 import rpycsvc
@@ -37,7 +38,7 @@ BOMB_LENGTH = GiB - 16
 #: The memo-index bomb: PROTO 5, NONE, LONG_BINPUT 0x7fffffff, STOP (9 bytes). Loading it
 #: made the C unpickler allocate 16 bytes per index: 32 GiB.
 MEMO_BOMB = b"\x80\x05Nr" + (0x7FFFFFFF).to_bytes(4, "little") + b"."
-SERVICE_ONLY = ("--workers", "1", "--no-classic", "--no-lanes",
+SERVICE_ONLY = ("--workers", "1", "--no-classic",
                 "--endpoints", "tests.support.sample_endpoints")
 
 
@@ -161,18 +162,22 @@ def test_memo_index_bomb_is_refused(bombed: LimitedServer) -> None:
     """The 9-byte pickle passed the service-only check while the check itself allocated
     gigabytes. Now it is refused for what it is, and the server keeps serving."""
     before = bombed.rss()
-    conn = rpyc.connect("127.0.0.1", bombed.port)
-    try:
-        reply = conn.root.run("endpoint", "add", (), (MEMO_BOMB,))
-    finally:
-        conn.close()
+    replies: concurrent.futures.Future[tuple[str, Any]] = concurrent.futures.Future()
+    with rpycsvc.connect(bombed.address, output="discard") as c:
+        # the task's argument frame is the bomb itself (frames_of_call would pickle properly)
+        c.start_task("endpoint", "add", {}, (MEMO_BOMB,),
+                     lambda status, reply: replies.set_result((status, reply)))
+        status, reply = replies.result(timeout=60)
+        assert status == "reply", (status, reply)
+        assert c.compute("add", 1, 2) == 3  # the connection stayed up
     assert reply[0] == "error" and reply[1] == "SerializationError", reply
     assert "memo" in reply[2], reply
     _still_serves(bombed, before)
 
 
 def test_plain_pickle_checks_are_bounded(tmp_path: Path) -> None:
-    """check_plain and loads_plain (the server's and a worker's lane check) refuse the memo
+    """check_plain and loads_plain (the server's check of a service-only
+    task's arguments, and a worker's) refuse the memo
     bomb without allocating: run in a child under a 1 GiB address space."""
     code = (
         "from rpycsvc.serialization import check_plain, loads_plain\n"
@@ -232,7 +237,7 @@ def test_inbound_budget_holds_back_large_messages_only() -> None:
 
             def late_client() -> None:
                 try:
-                    with rpycsvc.connect(srv.address, output="discard", lanes=False) as c:
+                    with rpycsvc.connect(srv.address, output="discard") as c:
                         small["result"] = c.compute(abs, -9)
                         box["result"] = c.compute(len, bytes(2 * MiB))
                 except BaseException as exc:
@@ -297,8 +302,8 @@ LIMIT = 4 * MiB
 
 @pytest.fixture(scope="module")
 def small_limit() -> Iterator[rpycsvc.Server]:
-    """Tasks through the server process (lanes off), 4 MiB message limit."""
-    with running_server(workers=1, lanes=False, max_message_size=LIMIT) as srv:
+    """One worker, 4 MiB message limit."""
+    with running_server(workers=1, max_message_size=LIMIT) as srv:
         yield srv
 
 
@@ -309,7 +314,7 @@ def _names_the_limit(exc: BaseException) -> None:
 
 
 def test_oversize_result_fails_alone(small_limit: rpycsvc.Server) -> None:
-    with rpycsvc.connect(small_limit.address, output="discard", lanes=False) as c:
+    with rpycsvc.connect(small_limit.address, output="discard") as c:
         others = [c.submit(abs, -i) for i in range(5)]
         big = c.submit(_blob, LIMIT + MiB)
         with pytest.raises(rpycsvc.MessageTooLargeError) as err:
@@ -323,7 +328,7 @@ def test_oversize_result_fails_alone(small_limit: rpycsvc.Server) -> None:
 
 
 def test_oversize_arguments_fail_alone_before_sending(small_limit: rpycsvc.Server) -> None:
-    with rpycsvc.connect(small_limit.address, output="discard", lanes=False) as c:
+    with rpycsvc.connect(small_limit.address, output="discard") as c:
         with pytest.raises(rpycsvc.MessageTooLargeError) as err:
             c.compute(len, _blob(LIMIT + MiB))
         _names_the_limit(err.value)
@@ -336,8 +341,8 @@ def test_cluster_runs_an_oversize_task_once(tmp_path: Path) -> None:
     """In a Cluster the oversize task ran 4 times and dropped 4 connections; now it runs once,
     fails with MessageTooLargeError, and unrelated tasks all succeed."""
     marks = tmp_path / "runs.txt"
-    with running_server(workers=1, lanes=False, max_message_size=LIMIT) as a, \
-            running_server(workers=1, lanes=False, max_message_size=LIMIT) as b, \
+    with running_server(workers=1, max_message_size=LIMIT) as a, \
+            running_server(workers=1, max_message_size=LIMIT) as b, \
             rpycsvc.Cluster([a.address, b.address], output="discard", retries=3) as cluster:
         others = [cluster.submit(abs, -i) for i in range(8)]
         big = cluster.submit(_counted_blob, str(marks), LIMIT + MiB)
@@ -357,7 +362,7 @@ def test_accept_survives_running_out_of_descriptors(tmp_path: Path) -> None:
     """After EMFILE the accept loop used to end silently and the server refused everyone for
     good. Now it backs off, logs, counts, and accepts again once descriptors are free."""
     mport = free_port()
-    with LimitedServer("--workers", "1", "--no-lanes", "--handshake-timeout", "60",
+    with LimitedServer("--workers", "1", "--handshake-timeout", "60",
                        "--metrics-port", str(mport), logfile=tmp_path / "server.log",
                        nofile=64) as srv:
         held: list[socket.socket] = []

@@ -100,7 +100,7 @@ def test_peer_stalled_mid_message_holding_the_budget_is_dropped_and_others_go_on
     dropped after --stall-timeout, which gives its budget back for large messages."""
     with running_server(workers=1, max_message_size=4 * MiB, inbound_budget=4 * MiB,
                         stall_timeout=2.0) as srv:
-        good = rpycsvc.connect(srv.address, output="discard", lanes=False)
+        good = rpycsvc.connect(srv.address, output="discard")
         stalled = _trusted_socket(srv)
         try:
             assert _within(lambda: good.compute(abs, -3)) == 3
@@ -157,24 +157,29 @@ def test_slow_upload_that_keeps_moving_is_not_dropped() -> None:
 _FROZEN_CLIENT = textwrap.dedent("""
     import sys
     import rpycsvc
-    c = rpycsvc.connect(sys.argv[1], lanes=sys.argv[2] == "lanes", output="discard")
+    c = rpycsvc.connect(sys.argv[1], output="discard")
     f = c.submit("os:urandom", 64 << 20)
     print("sent", flush=True)
     f.result()
 """)
 
 
-def _frozen_client_blocks_nobody(lanes: bool) -> None:
-    with running_server(workers=1, lanes=lanes) as srv:
+@pytest.mark.timeout(150)
+def test_frozen_client_with_a_large_result_does_not_block_other_clients() -> None:
+    """Client A (a subprocess, stopped with SIGSTOP) asks for a 64 MiB result; client B's
+    computes on the same one-worker server return. Before, the pool's reader thread sent
+    A's result itself and blocked in ``sendall`` to the frozen client (and a worker that
+    wrote results straight to its client's socket blocked likewise)."""
+    with running_server(workers=1) as srv:
         victim = subprocess.Popen(
-            [sys.executable, "-c", _FROZEN_CLIENT, srv.address, "lanes" if lanes else "no"],
+            [sys.executable, "-c", _FROZEN_CLIENT, srv.address],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=str(REPO),
             env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             assert victim.stdout is not None
             assert _within(victim.stdout.readline) == b"sent\n"
             os.kill(victim.pid, signal.SIGSTOP)  # frozen: it never reads its 64 MiB result
-            with rpycsvc.connect(srv.address, output="discard", lanes=lanes) as other:
+            with rpycsvc.connect(srv.address, output="discard") as other:
                 # queued behind the victim's task on the one worker: its result is
                 # delivered after the victim's, which used to block delivery for everyone
                 assert _within(lambda: other.compute(abs, -11)) == 11
@@ -182,20 +187,6 @@ def _frozen_client_blocks_nobody(lanes: bool) -> None:
         finally:
             victim.kill()  # (SIGKILL ends a stopped process too)
             victim.wait(30)
-
-
-def test_frozen_client_with_a_large_result_does_not_block_other_clients() -> None:
-    """Client A (a subprocess, stopped with SIGSTOP) asks for a 64 MiB result; client B's
-    computes on the same one-worker server return. Before, the pool's reader thread sent
-    A's result itself and blocked in ``sendall`` to the frozen client."""
-    _frozen_client_blocks_nobody(lanes=False)
-
-
-@pytest.mark.xfail(strict=True, reason="lane path; fixed by the one-path redesign (issue 15)")
-@pytest.mark.timeout(150)
-def test_frozen_lane_client_with_a_large_result_does_not_block_other_clients() -> None:
-    """The same with lanes: the worker blocks writing to the frozen client's lane."""
-    _frozen_client_blocks_nobody(lanes=True)
 
 
 def test_classic_call_over_the_message_limit_fails_alone() -> None:
@@ -236,8 +227,8 @@ def test_heartbeats_survive_connections_closing_under_them() -> None:
     with running_server(workers=1) as srv, \
             rpycsvc.connect(srv.address, output="discard", lost_after=3.0) as keeper:
         for _ in range(40):  # (the race is hit in some runs, not all)
-            clients = [rpycsvc.connect(srv.address, output="discard", lost_after=0.4,
-                                       lanes=False) for _ in range(10)]
+            clients = [rpycsvc.connect(srv.address, output="discard", lost_after=0.4)
+                       for _ in range(10)]
             for c in clients:
                 c.close()
         time.sleep(8.0)  # idle for over 2 x lost_after: only heartbeats keep `keeper` alive

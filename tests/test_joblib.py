@@ -266,7 +266,7 @@ def test_bad_options_are_refused_by_name() -> None:
 
 
 class CountingProxy(CuttableProxy):
-    """A proxy that counts the bytes it forwards both ways (lanes use the same port)."""
+    """A proxy that counts the bytes it forwards both ways."""
 
     def __init__(self, host: str, port: str) -> None:
         self.bytes = 0

@@ -217,8 +217,8 @@ def test_server_lost_mid_argument_fails_the_call_with_server_lost(
     ServerLostError (RPyC's cleanup used to release the send lock under the sender, which
     then failed with ``RuntimeError: release unlocked lock``); so does a task in flight."""
     caplog.set_level(logging.WARNING)
-    srv: ServerProcess = server_process("--workers", "1", "--no-lanes")
-    c = rpycsvc.connect(srv.address, output="discard", lanes=False, lost_after=None)
+    srv: ServerProcess = server_process("--workers", "1")
+    c = rpycsvc.connect(srv.address, output="discard", lost_after=None)
     try:
         running = c.submit(time.sleep, 60)
         outcome: list[BaseException | object] = []

@@ -26,7 +26,7 @@ from tests.test_registry import RegistryProcess, register_args, wait_for
 WAIT = 120.0
 #: modules that run in the server (or only configure it): a client never needs them
 SERVER_SIDE = {"rpycsvc.server", "rpycsvc.service", "rpycsvc.pool", "rpycsvc.worker",
-               "rpycsvc._workerlanes", "rpycsvc._workerio", "rpycsvc._lanebook",
+               "rpycsvc._workerio", "rpycsvc.taskserver",
                "rpycsvc.hosted", "rpycsvc.endpoints", "rpycsvc.metrics", "rpycsvc.registry",
                "rpycsvc.config"}
 #: pushing servers to other hosts over SSH

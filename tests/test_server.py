@@ -70,10 +70,9 @@ def test_barrier_fails_when_tasks_cannot_run_at_once() -> None:
 def test_fair_share_between_clients(server: rpycsvc.Server) -> None:
     """Client A queues 20 tasks first; client B's single task is served among the first few,
     not after A's 20."""
-    # Through the server process only: this is the pool's order, and a lane task starts
-    # whenever its lane's worker gets to it (under load, after tasks queued later).
-    with rpycsvc.connect(server.address, output="discard", lanes=False) as a, \
-            rpycsvc.connect(server.address, output="discard", lanes=False) as b, \
+    # The pool is the server's only scheduler: this is its round-robin order between clients.
+    with rpycsvc.connect(server.address, output="discard") as a, \
+            rpycsvc.connect(server.address, output="discard") as b, \
             Gate() as gate:
         fa = [a.submit(pass_gate, gate.port, f"A{i}") for i in range(20)]
         a.ping()  # requests on one connection are handled in order: all 20 are queued now
@@ -193,11 +192,8 @@ def test_task_killing_its_worker(crash_server: rpycsvc.Server, how: str, expect:
             os._exit(3)
         ctypes.string_at(0)  # reads address 0: SIGSEGV
 
-    # Through the server process (lanes=False): with a lane, the two tasks that must meet
-    # below can land on one worker (the lane task waiting behind the pool's), which hung
-    # the barrier under load; that lane race goes with the lanes in the one-path redesign.
-    with rpycsvc.connect(crash_server.address, lanes=False) as victim, \
-            rpycsvc.connect(crash_server.address, lanes=False) as bystander, Gate() as gate:
+    with rpycsvc.connect(crash_server.address) as victim, \
+            rpycsvc.connect(crash_server.address) as bystander, Gate() as gate:
         before = set(victim.stats()["worker_pids"])
         # The bystander's task occupies the other worker across the crash.
         other = bystander.submit(pass_gate, gate.port, "bystander")

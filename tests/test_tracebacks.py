@@ -114,10 +114,10 @@ def test_function_sent_by_value_shows_file_line_and_source(
 
 def test_the_same_through_the_server_and_in_a_batched_map(
         server: rpycsvc.Server, helpers_by_value: None) -> None:
-    """Tasks sent through the server process (no lane) and items of a batched map fail
-    the same way: the worker's own frames (``run``, ``_run_batch``) are cut as well."""
+    """A task of a client and items of a batched map (a Cluster's) fail the same way: the
+    worker's own frames (``run``, ``_run_batch``) are cut as well."""
     want = [helper_frame("entry"), helper_frame("middle"), helper_frame("innermost")]
-    with rpycsvc.connect(server.address, lanes=False) as c:
+    with rpycsvc.connect(server.address) as c:
         with pytest.raises(ValueError, match="innermost failed on 6") as info:
             c.compute(tb_helpers.entry, 3)
         assert_points_at_user_code(info.value, want)
