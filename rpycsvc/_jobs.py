@@ -37,6 +37,10 @@ class _Job:
     #: stop() was asked while it was being sent (no key yet): stopped once it has one
     stop_asked: bool = False
     errors: list[str] = field(default_factory=list)  # "address: cause" per lost attempt
+    #: a map chunk's sizer: told ``(items, seconds)`` when an attempt finishes, in the
+    #: reader thread, with the worker's service time (or the round trip if the server
+    #: did not say); it holds no reference to the job, so results are not kept alive
+    observe: Callable[[int, float], None] | None = None
 
 
 class _JobQueue:
@@ -45,6 +49,7 @@ class _JobQueue:
 
     def __init__(self) -> None:
         self._fifos: dict[tuple[str, str | None], deque[_Job]] = {}
+        self._n = 0  # jobs in all fifos: an empty queue is known without looking at them
 
     @staticmethod
     def _kind(job: _Job) -> tuple[str, str | None]:
@@ -53,12 +58,14 @@ class _JobQueue:
     def append(self, job: _Job, *, front: bool = False) -> None:
         fifo = self._fifos.setdefault(self._kind(job), deque())
         fifo.appendleft(job) if front else fifo.append(job)
+        self._n += 1
 
     def remove(self, job: _Job) -> bool:
         fifo = self._fifos.get(self._kind(job))
         if fifo is None or job not in fifo:
             return False
         fifo.remove(job)
+        self._n -= 1
         return True
 
     def heads(self) -> list[_Job]:
@@ -69,18 +76,21 @@ class _JobQueue:
         out: list[_Job] = []
         for kind in [k for k in self._fifos if k[1] is not None and not keep(k[1])]:
             out.extend(self._fifos.pop(kind))
+        self._n -= len(out)
         return out
 
     def popleft(self, job: _Job) -> None:
         self._fifos[self._kind(job)].popleft()
+        self._n -= 1
 
     def clear(self) -> list[_Job]:
         jobs = [j for fifo in self._fifos.values() for j in fifo]
         self._fifos.clear()
+        self._n = 0
         return jobs
 
-    def __bool__(self) -> bool:
-        return any(self._fifos.values())
+    def __len__(self) -> int:
+        return self._n
 
 
 class _Server:
@@ -96,10 +106,14 @@ class _Server:
         self.error: BaseException | None = None
         self.draining: BaseException | None = None
         self.reconnecting = False
+        #: jobs it takes at once per mode (process: workers x PIPELINE; thread: its threads),
+        #: read once per connection rather than per job
+        self.capacity = {"process": 0, "thread": 0}
 
     def attach(self, client: Client) -> None:
         """Use ``client`` from now on (a first connection or a reconnection)."""
         self.client, self.error, self.draining = client, None, None
+        self.capacity = {"process": client.workers * PIPELINE, "thread": client.threads}
 
     def cause(self) -> BaseException | str:
         """Why this server takes no tasks now, for error messages."""
@@ -116,14 +130,16 @@ class _Server:
         return "closed" if self.client is not None else "down"
 
     def load(self, mode: str) -> float:
-        """Fraction of this server's capacity for ``mode`` in use (1.0: full or down)."""
-        if self.client is None:
+        """Fraction of this server's capacity for ``mode`` in use (1.0: full, down or
+        draining, so a server with a load under 1.0 takes the job)."""
+        client = self.client
+        if client is None or client.closed or self.draining is not None:
             return 1.0
-        if mode == "thread":
-            cap, used = self.client.threads, self.threaded
-        else:
-            cap, used = self.client.workers * PIPELINE, len(self.inflight) - self.threaded
-        return used / cap if cap > 0 else 1.0
+        cap = self.capacity.get(mode, 0)
+        if cap <= 0:
+            return 1.0
+        used = self.threaded if mode == "thread" else len(self.inflight) - self.threaded
+        return used / cap
 
     @property
     def up(self) -> bool:

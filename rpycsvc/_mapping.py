@@ -1,10 +1,11 @@
 """``Cluster.map`` and ``Cluster.map_reduce``: lazy, bounded, automatically batched.
 
 Items are taken from the input only as capacity frees up, so an endless generator works
-and memory stays bounded. Without an explicit ``chunksize`` the first items go one per
-task; as results come back the chunk size adapts so each task carries about
-``TARGET_CHUNK_SECONDS`` of work — big enough that per-task overhead vanishes for tiny
-functions, small enough that long tasks still spread over every worker.
+and memory stays bounded. Without an explicit ``chunksize`` the first item goes alone; as
+chunks finish, the chunk size adapts to the workers' measured service time so each task
+carries about ``TARGET_CHUNK_SECONDS`` of work — big enough that per-task overhead
+vanishes for tiny functions, small enough that long tasks still spread over every worker
+(see :class:`ChunkSizer`).
 
 Two limits, never mixed up: a task option ``timeout`` (``cluster.options(timeout=S)``) is
 how long each task may run, enforced by its server; ``run_map``'s ``timeout`` is a deadline
@@ -17,6 +18,7 @@ import concurrent.futures
 import functools
 import itertools
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -33,11 +35,40 @@ if TYPE_CHECKING:
     from .cluster import Cluster
 
 TARGET_CHUNK_SECONDS = 0.02
+#: Near the end of a map of known length chunks shrink so every worker stays busy, but not
+#: below this much work: smaller ones would cost more in per-task overhead than they save.
+MIN_CHUNK_SECONDS = 0.004
 MAX_CHUNK = 8192
+#: A map ramps up (see ChunkSizer.in_flight) for at most this long: then every worker gets
+#: a chunk, measured or not (items slower than this go one per chunk anyway).
+RAMP_SECONDS = 0.05
+#: A chunk grows to at most this many times the largest chunk measured so far: one cheap
+#: first item does not make the next chunk thousands of items long at once.
+GROWTH = 64
+#: Weight of the past in the per-item estimate at each measured chunk (items-weighted).
+DECAY = 0.5
 
 
-class _ChunkSizer:
-    """Adapts the chunk size to the measured time per item (exponential moving average)."""
+class ChunkSizer:
+    """How many items the next chunk of a map carries, from the measured service time.
+
+    Without a fixed ``chunksize`` a chunk aims at ``TARGET_CHUNK_SECONDS`` of work on its
+    worker. The time per item comes from :meth:`observe`: the seconds the *worker* spent on
+    a chunk (its service time, which the server reports), never the chunk's round trip,
+    which also counts its wait behind the other chunks in flight. That wait grows with the
+    number of servers, and measuring it made chunks tiny on big clusters (issue 15, item 6).
+    The estimate is an items-weighted moving average, so a one-item first chunk (whose
+    time is mostly the task's fixed cost) weighs little once bigger chunks are measured.
+
+    With a known length, chunks near the end shrink to a fair share of what is left (so
+    every worker stays busy to the end) but not below ``MIN_CHUNK_SECONDS`` of work.
+
+    It also sets how many chunks a map has in flight while it ramps up
+    (:meth:`in_flight`): a first chunk alone, then two more per measured chunk, so a map of
+    cheap items measures them before it cuts its input into chunks, rather than filling a
+    window of one-item chunks per worker. Thread-safe: chunks are measured in the reader
+    threads of the connections.
+    """
 
     def __init__(self, fixed: int | None, workers: int, total: int | None) -> None:
         if fixed is not None and fixed < 1:
@@ -47,21 +78,45 @@ class _ChunkSizer:
         self.total = total
         self.per_item: float | None = None
         self.size = fixed or 1
+        #: chunks measured so far
+        self.measured = 0
+        self._work = 0.0  # decayed sums of seconds and of items measured
+        self._items = 0.0
+        self._largest = 0
+        self._lock = threading.Lock()
 
     def observe(self, items: int, seconds: float) -> None:
-        if self.fixed or items <= 0:
+        """A chunk of ``items`` took its worker ``seconds``."""
+        if items <= 0:
             return
-        sample = seconds / items
-        self.per_item = sample if self.per_item is None else 0.5 * self.per_item + 0.5 * sample
-        want = int(TARGET_CHUNK_SECONDS / max(self.per_item, 1e-7))
-        self.size = max(1, min(want, self.size * 4, MAX_CHUNK))
+        with self._lock:
+            self.measured += 1
+            if self.fixed:
+                return
+            self._work = self._work * DECAY + max(0.0, seconds)
+            self._items = self._items * DECAY + items
+            self._largest = max(self._largest, items)
+            per_item = max(self._work / self._items, 1e-7)
+            self.per_item = per_item
+            want = int(TARGET_CHUNK_SECONDS / per_item)
+            self.size = max(1, min(want, self._largest * GROWTH, MAX_CHUNK))
 
     def next_size(self, taken: int) -> int:
+        """Items for the next chunk, ``taken`` items of the input being taken already."""
         if self.fixed or self.total is None:
             return self.size
         left = self.total - taken
-        # keep every worker busy to the end: never more than a fair share of what's left
-        return max(1, min(self.size, -(-left // (2 * self.workers))))
+        fair = -(-left // (2 * self.workers))
+        per_item = self.per_item
+        floor = int(MIN_CHUNK_SECONDS / per_item) if per_item else 1
+        return max(1, min(self.size, max(fair, floor)))
+
+    def in_flight(self, window: int) -> int:
+        """How many chunks may be in flight now, ``window`` being the most once ramped up."""
+        per_item = self.per_item
+        if self.fixed or (per_item is not None and per_item >= TARGET_CHUNK_SECONDS):
+            return window  # (slow items go one per chunk: nothing to measure first)
+        return min(window, 1 + 2 * self.measured)
 
 
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
@@ -97,7 +152,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
         # a thread-mode chunk's items run at once on the server: split the work evenly
         servers = max(1, len(cluster.clients))
         chunksize = max(1, min(64, -(-total // (2 * servers)))) if total else 16
-    sizer = _ChunkSizer(chunksize, cluster.total_workers, total)
+    sizer = ChunkSizer(chunksize, cluster.total_workers, total)
     label = spec or getattr(fn, "__qualname__", "task")
     window = max(4, 2 * PIPELINE * max(1, cluster.total_workers))
     if threaded:
@@ -114,6 +169,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
         job = _Job(kind, spec, (*head, *dumps(items, "map arguments")),
                    {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
         job.size = len(items)
+        job.observe = sizer.observe  # (measured in the reader thread, as the chunk ends)
         # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
         fut._stopper = functools.partial(cluster._stop_job, job)
         return job
@@ -124,9 +180,13 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
         done_q: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         taken = 0
         exhausted = False
+        ramp_end: float | None = None  # set as the first chunk goes
         try:
             while True:
-                while not exhausted and len(inflight) < window:
+                limit = window
+                if ramp_end is not None and time.monotonic() < ramp_end:
+                    limit = sizer.in_flight(window)
+                while not exhausted and len(inflight) < limit:
                     items = list(itertools.islice(source, sizer.next_size(taken)))
                     if not items:
                         exhausted = True
@@ -138,16 +198,25 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
                         job.future.add_done_callback(functools.partial(_put, done_q, job))
                     inflight.append(job)
                     cluster._enqueue([job])
+                    if ramp_end is None:
+                        ramp_end = time.monotonic() + RAMP_SECONDS
+                        limit = sizer.in_flight(window)
                 if not inflight:
                     return
+                # Ramping up (fewer chunks in flight than the window allows): wait for a
+                # result only until the ramp ends, then fill the window.
+                until = ramp_end if limit < window and not exhausted else None
                 if ordered:
                     job = inflight[0]
-                    _wait_future(job.future, deadline)
+                    if not _wait_future(job.future, deadline, until):
+                        continue
                     inflight.popleft()
                 else:
-                    job = _next_done(done_q, deadline)
+                    got = _next_done(done_q, deadline, until)
+                    if got is None:
+                        continue
+                    job = got
                     inflight.remove(job)
-                sizer.observe(job.size, time.monotonic() - job.sent)
                 if bar is not None:
                     bar.update(job.size, job.server.address if job.server else "?")
                 address = job.server.address if job.server else None
@@ -175,25 +244,40 @@ def _put(q: queue.SimpleQueue[_Job], job: _Job, _fut: Any) -> None:
 _FUTURE_TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)
 
 
-def _wait_future(fut: Future[Any], deadline: float | None) -> None:
-    left = None if deadline is None else deadline - time.monotonic()
-    if left is not None and left <= 0 and not fut.done():
+def _wait_future(fut: Future[Any], deadline: float | None, until: float | None = None
+                 ) -> bool:
+    """Wait for ``fut``: True when it is done; False if ``until`` came first. Raises
+    :class:`RpycsvcTimeoutError` if the map's ``deadline`` came first."""
+    stop = deadline if until is None else until if deadline is None else min(until, deadline)
+    left = None if stop is None else stop - time.monotonic()
+    if left is None or left > 0:
+        try:
+            fut.exception(timeout=left)  # waits; raises only on timeout or cancellation
+            return True
+        except _FUTURE_TIMEOUTS:
+            pass
+    if fut.done():
+        return True
+    if deadline is not None and time.monotonic() >= deadline:
         raise RpycsvcTimeoutError("map: the next result was not ready before the map's "
                                   "deadline (its timeout=)")
-    try:
-        fut.exception(timeout=left)  # waits; raises only on timeout or cancellation
-    except _FUTURE_TIMEOUTS as exc:
-        raise RpycsvcTimeoutError("map: the next result was not ready before the map's "
-                                  "deadline (its timeout=)") from exc
+    return False
 
 
-def _next_done(done_q: queue.SimpleQueue[_Job], deadline: float | None) -> _Job:
-    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+def _next_done(done_q: queue.SimpleQueue[_Job], deadline: float | None,
+               until: float | None = None) -> _Job | None:
+    """The next finished chunk; None if ``until`` came first. Raises
+    :class:`RpycsvcTimeoutError` if the map's ``deadline`` came first."""
+    stop = deadline if until is None else until if deadline is None else min(until, deadline)
+    left = None if stop is None else max(0.0, stop - time.monotonic())
     try:
         return done_q.get(timeout=left)
     except queue.Empty:
+        pass
+    if deadline is not None and time.monotonic() >= deadline:
         raise RpycsvcTimeoutError("map: no result arrived before the map's deadline "
                                   "(its timeout=)") from None
+    return None
 
 
 def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], has_init: bool,

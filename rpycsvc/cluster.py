@@ -149,6 +149,13 @@ class Cluster:
         self._defaults = _check_options(options)
         self._lock = threading.Lock()
         self._servers: dict[str, _Server] = {}
+        #: the servers in a list, for the rotating pick (see _pick_locked), and where the
+        #: next pick starts looking
+        self._ring: list[_Server] = []
+        self._next = 0
+        #: some connected server can't rebuild code sent by value (rpycsvc.environment):
+        #: only then does a pick look at each task's code
+        self._mixed = False
         self._queue = _JobQueue()
         self._closed = False
         self._owned: list[Any] = []  # servers we started (Cluster.local, deploy): stopped on close
@@ -168,8 +175,7 @@ class Cluster:
         for client in clients:
             client.on_lost(self._on_lost)
             srv = _Server(client.address)
-            srv.attach(client)
-            self._servers[client.address] = srv
+            self._attach_locked(srv, client)
         self._owned = list(owned)
         self.unreachable = dict(unreachable or {})
         return self
@@ -265,8 +271,8 @@ class Cluster:
                 f"connecting to {addr} did not finish within {limit:g} s")
             srv = _Server(addr)
             if isinstance(res, Client):
-                srv.attach(res)
-                self._servers[res.address] = srv
+                with self._lock:
+                    self._attach_locked(srv, res)
             else:
                 srv.error = res
                 self.unreachable[addr] = res
@@ -289,11 +295,19 @@ class Cluster:
         client = self._open(address)
         with self._lock:
             srv = self._servers.get(client.address) or _Server(client.address)
-            srv.attach(client)
-            self._servers[client.address] = srv
+            self._attach_locked(srv, client)
             self.unreachable.pop(address, None)
         self._dispatch()
         return client
+
+    def _attach_locked(self, srv: _Server, client: Client) -> None:
+        """``srv`` uses ``client`` from now on (first connection or reconnection)."""
+        srv.attach(client)
+        if self._servers.get(srv.address) is not srv:
+            self._servers[srv.address] = srv
+            self._ring = list(self._servers.values())
+        if client.environment.conflict is not None:
+            self._mixed = True  # (never reset: misfits() itself is exact, only slower)
 
     # -- access --------------------------------------------------------------------------------
     @property
@@ -347,12 +361,27 @@ class Cluster:
         return fut
 
     def _enqueue(self, jobs: list[_Job]) -> None:
+        """Queue ``jobs``, or send one at once: when nothing waits in the queue and a server
+        has a free slot, a job goes straight to it (one lock, no queue round trip)."""
         with self._lock:
             if self._closed:
                 raise RpycsvcError("this cluster is closed")
-            for job in jobs:
-                self._queue.append(job)
-        self._dispatch()
+            client = srv = None
+            if len(jobs) == 1 and not self._queue:
+                job = jobs[0]
+                srv = self._pick_locked(job)
+                if srv is not None and self._start_locked(job):
+                    client = self._book_locked(job, srv)
+                elif srv is None:
+                    self._queue.append(job)
+                # else: cancelled before it was sent: dropped (its waiters were told)
+            else:
+                for job in jobs:
+                    self._queue.append(job)
+        if client is not None:
+            self._send(jobs[0], client)
+        elif srv is None:
+            self._dispatch()
 
     def _stop_job(self, job: _Job) -> None:
         """The job's future was cancelled or stopped: drop it from the queue, or stop it on
@@ -389,19 +418,65 @@ class Cluster:
             settle(job.future, None, exc)
 
     def _pick_locked(self, job: _Job) -> _Server | None:
-        best, best_load = None, 1.0
+        """The server for ``job``: the least loaded one with a free slot for its mode.
+
+        Among equally loaded servers the pick rotates (it starts looking after the server
+        picked last), so work spreads over every server instead of filling the first ones
+        while the rest idle; the first idle server found is taken at once."""
         mode = job.opts.get("mode", "process")
+        if job.pinned:  # broadcast: that server only
+            pinned = self._servers.get(job.pinned)
+            return pinned if pinned is not None and pinned.load(mode) < 1.0 else None
         # Code sent by value goes only to servers that can rebuild it, when some can
         # (mixed Python versions; rpycsvc.environment). Elsewhere it fails before it is
         # sent, with EnvironmentMismatchError, and is not re-run.
-        skip = () if job.pinned else misfits(job.kind, job.frames, self._servers.values())
-        for srv in self._servers.values():
-            if not srv.usable or (job.pinned and srv.address != job.pinned) or srv in skip:
-                continue
+        skip = misfits(job.kind, job.frames, self._ring) if self._mixed else ()
+        ring = self._ring
+        n = len(ring)
+        start = self._next if self._next < n else 0
+        best, best_load, best_at = None, 1.0, 0
+        for i in range(start, start + n):
+            at = i - n if i >= n else i
+            srv = ring[at]
             load = srv.load(mode)
-            if load < best_load:
-                best, best_load = srv, load
+            if load < best_load and srv not in skip:
+                best, best_load, best_at = srv, load, at
+                if load == 0.0:
+                    break
+        if best is not None:
+            self._next = best_at + 1
         return best
+
+    def _book_locked(self, job: _Job, srv: _Server) -> Client:
+        """``job`` (out of the queue, started) is sent to ``srv`` now: count it there."""
+        client = srv.client
+        assert client is not None
+        job.server, job.client, job.key = srv, client, 0
+        job.attempts += 1
+        job.sent = time.monotonic()
+        srv.inflight.add(job)
+        if job.opts.get("mode") == "thread":
+            srv.threaded += 1
+        job.future.address = srv.address
+        return client
+
+    def _send(self, job: _Job, client: Client) -> None:
+        """Send ``job`` (booked on ``client``'s server) outside the lock."""
+        try:
+            key = client.start_task(job.kind, job.spec, job.opts, job.frames,
+                                    functools.partial(self._on_done, job), job.future)
+        except ServerLostError as exc:
+            self._on_done(job, "lost", exc)
+            return
+        except Exception as exc:  # refused before sending (e.g. too large): this task only
+            self._forget(job)
+            settle(job.future, None, exc)
+            return
+        with self._lock:
+            job.key = key
+            stop = job.stop_asked
+        if stop:  # stopped while we sent it: _stop_job had no key
+            client.cancel_task(key)
 
     def _dispatch(self) -> None:
         """Send queued jobs to servers with free slots; fail them all if none is left."""
@@ -409,7 +484,7 @@ class Cluster:
             with self._lock:
                 if not self._queue:
                     return
-                if not any(s.usable for s in self._servers.values()):
+                if not any(s.usable for s in self._ring):
                     doomed = self._queue.clear()
                     causes = {a: s.cause() for a, s in self._servers.items()}
                     break
@@ -418,6 +493,7 @@ class Cluster:
                     lambda a: a in self._servers and self._servers[a].usable)]
                 job: _Job | None = None
                 srv: _Server | None = None
+                client: Client | None = None
                 for cand in () if stranded else self._queue.heads():
                     srv = self._pick_locked(cand)
                     if srv is not None:
@@ -432,33 +508,13 @@ class Cluster:
                     continue
                 else:
                     self._queue.popleft(job)
-                    job.server, job.client, job.key = srv, srv.client, 0
-                    job.attempts += 1
-                    job.sent = time.monotonic()
-                    srv.inflight.add(job)
-                    srv.threaded += job.opts.get("mode") == "thread"
-                    client = srv.client
-                    if isinstance(job.future, TaskFuture):
-                        job.future.address = srv.address
+                    client = self._book_locked(job, srv)
             if stranded:
                 for stale, cause in stranded:
                     self._fail_unsent(stale, cause)
                 continue
-            assert job is not None
-            try:
-                assert client is not None
-                key = client.start_task(job.kind, job.spec, job.opts, job.frames,
-                                        functools.partial(self._on_done, job), job.future)
-                with self._lock:
-                    job.key = key
-                    stop = job.stop_asked
-                if stop:  # stopped while we sent it: _stop_job had no key
-                    client.cancel_task(key)
-            except ServerLostError as exc:
-                self._on_done(job, "lost", exc)
-            except Exception as exc:  # refused before sending (e.g. too large): this task only
-                self._forget(job)
-                settle(job.future, None, exc)
+            assert job is not None and client is not None
+            self._send(job, client)
         err = AllServersFailedError("every server of the cluster is down", causes)
         for job in doomed:
             self._fail_unsent(job, err)
@@ -470,23 +526,33 @@ class Cluster:
             return cause
         return ServerLostError(f"{job.pinned} is {cause}", address=job.pinned)
 
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: _Job) -> bool:
+        """The job's attempt is over: free its slot. True if jobs wait in the queue (then
+        whoever freed the slot dispatches; a job queued later is dispatched by its sender)."""
         srv = job.server
         with self._lock:
             if srv is not None and job in srv.inflight:
                 srv.inflight.discard(job)
-                srv.threaded -= job.opts.get("mode") == "thread"
+                if job.opts.get("mode") == "thread":
+                    srv.threaded -= 1
+            return bool(self._queue)
 
     def _on_done(self, job: _Job, status: str, value: Any) -> None:
         """A job's attempt ended (in the client's reader thread): settle its future, or
         send it elsewhere if its server was lost (per ``retries``) or is draining."""
         srv = job.server
         address = srv.address if srv else "?"
-        self._forget(job)
+        waiting = self._forget(job)
         if status == "lost":
             err: BaseException = value
             fate: str | None = _LOST
         else:
+            if job.observe is not None and value[0] in ("ok", "raised"):
+                # the worker's own time on the chunk, not its wait in any queue; the
+                # round trip only if the server did not say
+                service = value[2] if len(value) > 2 else None
+                job.observe(job.size, time.monotonic() - job.sent if service is None
+                            else service)
             try:
                 ok, result = decode_reply(value, address)
             except RpycsvcError as exc:
@@ -494,11 +560,12 @@ class Cluster:
             # Only the server's own refusals ("error" replies) say something about the
             # server; an exception the task raised ("raised"), even a ServerLostError of
             # another connection it used, is the task's outcome and is never re-run.
-            server_said = not ok and isinstance(value, tuple) and value[:1] == ("error",)
+            server_said = not ok and value[0] == "error"
             fate = _fate_of(result) if server_said else None
             if fate is None:
                 settle(job.future, result if ok else None, None if ok else result)
-                self._dispatch()
+                if waiting:
+                    self._dispatch()
                 return
             err = result
         if status != "lost" and srv is not None:
@@ -585,7 +652,7 @@ class Cluster:
                 with self._lock:
                     closed = self._closed
                     if not closed:
-                        srv.attach(client)
+                        self._attach_locked(srv, client)
                 if closed:
                     client.close()
                     return

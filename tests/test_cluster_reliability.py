@@ -331,11 +331,8 @@ def test_broadcast_waits_once_for_all_and_cancels_what_timed_out(server_process)
 
 
 def test_map_reduce_cancels_its_other_chunks_when_one_fails(server_process) -> None:  # type: ignore[no-untyped-def]
-    # --no-lanes: with lanes, a cancelled task whose lane then breaks (its worker was killed
-    # to cancel another task) is sent again through RPyC by the client: a lane defect of its
-    # own (left to the one-path redesign), not map_reduce's.
-    a = server_process("--workers", "1", "--no-lanes")
-    b = server_process("--workers", "1", "--no-lanes")
+    a = server_process("--workers", "1")
+    b = server_process("--workers", "1")
     with Cluster([a.address, b.address], output="discard") as c:
         with pytest.raises(ValueError, match="chunk 0 fails"):
             c.map_reduce(_fail_first_else_sleep, max, range(6), chunksize=1)
