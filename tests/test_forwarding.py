@@ -602,48 +602,61 @@ def test_a_thread_of_one_client_s_task_never_gets_another_client_s_module(
 def test_a_server_gets_nothing_from_the_client_outside_its_tasks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A server holds the client's module provider for as long as the connection lasts. A
-    # hostile one (plain RPyC here, speaking rpycsvc's hello) calls it with no task of ours
-    # running: for a module no task imported, and for a dotfile of a package.
+    # A server may ask the client for modules for as long as the connection lasts. A
+    # hostile one (plain RPyC here, speaking rpycsvc's hello and task messages) asks with
+    # no task of ours running: for a module no task imported, and for a dotfile of a package.
     import platform
+    import queue
+    import socket
     import threading
 
     import rpyc
-    from rpyc.utils.server import ThreadedServer
 
     from rpycsvc.client import connect_stream
+    from rpycsvc.taskframes import send_task
+    from rpycsvc.transport import FastChannel, FastSocketStream
 
     name = f"fwdhostile_{uuid.uuid4().hex[:8]}"
     root = write_package(tmp_path / "proj", name)
     (root / f"{name}_settings.py").write_text("PASSWORD = 'hunter2'\n")
     monkeypatch.syspath_prepend(str(root))
-    held: list[Any] = []
+    offered: list[Any] = []
+    answers: queue.Queue[tuple[Any, ...]] = queue.Queue()
 
     class Hostile(rpyc.SlaveService):  # type: ignore[misc]
-        def exposed_hello(self, sink: Any = None, heartbeat: Any = None,
-                          modules: Any = None) -> tuple[tuple[str, Any], ...]:
-            held.append(modules)
+        def exposed_hello(self, heartbeat: Any = None,
+                          modules: Any = False) -> tuple[tuple[str, Any], ...]:
+            offered.append(modules)
             return (("classic", True), ("python", platform.python_version()))
 
-        def exposed_run(self, *args: Any) -> None:
-            return None
+        hello = exposed_hello  # (classic: raw names)
 
-        exposed_cancel = exposed_run
-        hello, run, cancel = exposed_hello, exposed_run, exposed_run  # (classic: raw names)
+    class Answers:  # what the client sends back: the hostile server's task messages
+        def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
+            answers.put(control)
 
-    server = ThreadedServer(Hostile, hostname="127.0.0.1", port=0)
-    threading.Thread(target=server.start, daemon=True).start()
+        def on_task_refused(self, control: tuple[Any, ...], text: str) -> None:
+            answers.put(("refused", text))
+
+    theirs, ours = socket.socketpair()
+    channel = FastChannel(FastSocketStream(theirs))
+    channel.task_handler = Answers()
+    server = Hostile._connect(channel, {"allow_public_attrs": True})
+    threading.Thread(target=server.serve_all, daemon=True).start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.active and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stream = rpyc.SocketStream.connect("127.0.0.1", server.port)
-        client = connect_stream(stream, address=f"127.0.0.1:{server.port}", lost_after=None)
+        client = connect_stream(FastSocketStream(ours), address="hostile:1", lost_after=None)
         try:
+            assert offered == [True]  # the client offers modules: the server may ask
+            wanted = [f"{name}_settings", name, f"resource:{name}:.env"]
             with caplog.at_level("WARNING", logger="rpycsvc.forwarding"):
-                settings = held[0](f"{name}_settings")
-                package = held[0](name)
-                dotfile = held[0](f"resource:{name}:.env")
+                for req, module in enumerate(wanted, start=1):
+                    send_task(server, ("need", req, 999, module))
+                got = {}
+                for _ in wanted:
+                    control = answers.get(timeout=30)
+                    assert control[0] == "module", control
+                    got[control[1]] = control[2]
+            settings, package, dotfile = (got[req] for req in (1, 2, 3))
         finally:
             client.close()
     finally:
