@@ -168,13 +168,17 @@ def test_malformed_tasks_are_refused_alone() -> None:
         assert c.compute("add", 1, 2) == 3
         before = c.stats()
         frames = dumps(((1, 2), {}), "arguments")
-        bad = [("endpoint", "add", {"timeout": "1"}, "timeout"),
-               ("endpoint", "add", {"timeout": float("nan")}, "timeout"),
-               ("nonsense", "add", {}, "nonsense")]
+        bad: list[tuple[str, str, dict[str, Any], str]] = [
+            ("endpoint", "add", {"timeout": "1"}, "timeout"),
+            ("endpoint", "add", {"timeout": float("nan")}, "timeout"),
+            ("nonsense", "add", {}, "nonsense")]
         for kind, spec, opts, says in bad:
             reply: concurrent.futures.Future[tuple[str, Any]] = concurrent.futures.Future()
-            c.start_task(kind, spec, opts, tuple(frames),
-                         lambda status, value, r=reply: r.set_result((status, value)))
+
+            def done(status: str, value: Any, r: Any = reply) -> None:
+                r.set_result((status, value))
+
+            c.start_task(kind, spec, opts, tuple(frames), done)
             status, value = reply.result(timeout=WAIT)
             assert status == "reply" and value[0] == "error", (status, value)
             assert says in str(value[2]), value
