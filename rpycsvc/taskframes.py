@@ -29,6 +29,7 @@ import io
 import mmap
 import pickle
 import queue
+import select
 import struct
 import threading
 import weakref
@@ -166,8 +167,68 @@ def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *
     msg = TaskMessage(control, frames)
     if wait:
         _send_now(conn, msg)
-    else:
-        _writer_of(conn).put(msg)
+        return
+    writer = _writer_of(conn)
+    if not msg.large and len(msg.head) <= DIRECT_MAX and _send_if_free(conn, writer, msg):
+        return
+    writer.put(msg)
+
+
+#: A message this small that finds the connection idle and its socket or pipe writable is
+#: written by the sender itself: no hand-over to the writer thread, which costs a thread
+#: wake-up per result. Writable means the kernel has room for at least this much (a socket
+#: with ``tune_socket``'s buffers has megabytes; a pipe at least ``PIPE_BUF``, 4 KiB), so
+#: the write does not block.
+DIRECT_MAX = 4096
+
+
+def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
+    """Write ``msg`` now if nothing is queued or being written on ``conn`` and its outgoing
+    descriptor has room; False (nothing written) otherwise."""
+    if conn._send_queue or writer.pending:
+        return False
+    fd = _out_fd(conn._channel.stream)
+    if fd is None:
+        return False
+    lock = conn._sendlock
+    if not lock.acquire(False):
+        return False
+    try:
+        # (checked again under the lock: the writer counts a message as pending from put()
+        # until it is written, so one of ours queued earlier can't be overtaken)
+        if conn._send_queue or writer.pending or conn.closed:
+            return False
+        try:
+            if not select.select((), (fd,), (), 0)[1]:
+                return False
+        except (OSError, ValueError):
+            return False
+        try:
+            conn._channel.send(msg)
+        except (EOFError, OSError, ValueError):
+            pass  # the connection's reader reports the loss
+        return True
+    finally:
+        try:
+            lock.release()
+        except RuntimeError:
+            pass
+        if conn._send_queue:  # queued while we held the lock: RPyC leaves them to us
+            writer.put_flush()
+
+
+def _out_fd(stream: Any) -> int | None:
+    """The descriptor ``stream`` writes to (a socket's, or a pipe's outgoing end)."""
+    try:
+        sock = getattr(stream, "sock", None)
+        if sock is not None:
+            fd = sock.fileno()
+        else:
+            outgoing = getattr(stream, "outgoing", None)
+            fd = outgoing.fileno() if outgoing is not None else -1
+    except (OSError, ValueError, AttributeError, EOFError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def _send_now(conn: Any, msg: TaskMessage) -> None:
@@ -188,7 +249,17 @@ def _send_now(conn: Any, msg: TaskMessage) -> None:
             lock.release()
         except RuntimeError:
             pass
-    # Messages queued while we held the lock: RPyC's loop (check after releasing).
+    _flush(conn)
+    if not msg.sent and conn.closed:
+        raise EOFError("the connection is closed")
+
+
+def _flush(conn: Any) -> None:
+    """Send what is queued on ``conn``, as RPyC's ``_send`` does: whoever gets the lock
+    sends; checked again after each release."""
+    q = conn._send_queue
+    lock = conn._sendlock
+    channel = conn._channel
     while q:
         if not lock.acquire(False):
             return
@@ -200,8 +271,6 @@ def _send_now(conn: Any, msg: TaskMessage) -> None:
                 lock.release()
             except RuntimeError:
                 pass
-    if not msg.sent and conn.closed:
-        raise EOFError("the connection is closed")
 
 
 class _Writer:
@@ -209,13 +278,22 @@ class _Writer:
 
     def __init__(self, conn: Any) -> None:
         self._conn = weakref.ref(conn)
-        self.queue: queue.SimpleQueue[TaskMessage] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[TaskMessage | None] = queue.SimpleQueue()
+        #: messages put and not yet written (read without a lock: see _send_if_free)
+        self.pending = 0
+        self._count = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="rpycsvc-task-writer",
                                        daemon=True)
         self.thread.start()
 
     def put(self, msg: TaskMessage) -> None:
+        with self._count:
+            self.pending += 1
         self.queue.put(msg)
+
+    def put_flush(self) -> None:
+        """Have the writer send what RPyC queued on the connection (see ``_send_now``)."""
+        self.queue.put(None)
 
     def _run(self) -> None:
         while True:
@@ -231,10 +309,16 @@ class _Writer:
             if conn is None or conn.closed:
                 return
             try:
-                _send_now(conn, msg)
+                if msg is None:
+                    _flush(conn)
+                else:
+                    _send_now(conn, msg)
             except (EOFError, OSError, ValueError):
                 return  # the reader reports the loss
             finally:
+                if msg is not None:
+                    with self._count:
+                        self.pending -= 1
                 del conn, msg  # a large message is freed once it is sent
 
 

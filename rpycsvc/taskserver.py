@@ -33,6 +33,7 @@ from .errors import TaskError
 from .pool import Task
 from .serialization import check_plain
 from .taskframes import send_task
+from .transport import MESSAGE_OVERHEAD, too_large_message
 
 if TYPE_CHECKING:
     from .service import Runtime
@@ -61,6 +62,8 @@ class TaskEndpoint:
         self._client = client
         self._modules = modules and runtime.classic
         self.transport = transport_of(conn._channel.stream)
+        #: the server's message limit (--max-message-size), for results as for arguments
+        self._limit: int | None = getattr(conn._channel, "max_message", None)
         self._lock = threading.Lock()
         self._running: dict[int, int] = {}  # client's key -> pool task id
         self._asks: dict[int, Callable[[Any], None]] = {}  # module request -> answer
@@ -132,8 +135,9 @@ class TaskEndpoint:
                     self._running[key] = task_id
         except Exception as exc:
             # a refusal (service-only mode, bad options, shutting down) fails this task alone
-            with self._lock:
-                self._running.pop(key, None)
+            if key is not None:
+                with self._lock:
+                    self._running.pop(key, None)
             self._send(("error", key, type(exc).__name__, str(exc)))
 
     def _done(self, key: int, task: Task, ok: bool, out: list[Any] | None,
@@ -142,8 +146,17 @@ class TaskEndpoint:
             self._running.pop(key, None)
         if err is not None:
             self._send(("error", key, type(err).__name__, str(err)))
-        else:
-            self._send(("done", key, "ok" if ok else "raised", task.service_s), out or ())
+            return
+        frames = out or ()
+        limit = self._limit
+        if limit is not None and len(frames) > 0 \
+                and sum(memoryview(f).nbytes for f in frames) > limit - MESSAGE_OVERHEAD:
+            # the server's limit holds both ways: this task fails alone, nothing is sent
+            size = sum(memoryview(f).nbytes for f in frames)
+            self._send(("error", key, "MessageTooLargeError", too_large_message(
+                "result" if ok else "exception", size, limit)))
+            return
+        self._send(("done", key, "ok" if ok else "raised", task.service_s), frames)
 
     def _ask(self, key: int, name: str, answer: Callable[[Any], None]) -> None:
         """Ask the client for module ``name`` (rpycsvc.forwarding); the worker bounds how
