@@ -55,10 +55,13 @@ class _JobQueue:
     def _kind(job: _Job) -> tuple[str, str | None]:
         return job.opts.get("mode", "process"), job.pinned
 
-    def append(self, job: _Job, *, front: bool = False) -> None:
+    def append(self, job: _Job, *, front: bool = False) -> bool:
+        """Queue ``job``; True if it is the head of its kind now (only then can a dispatch
+        send it before the jobs queued already)."""
         fifo = self._fifos.setdefault(self._kind(job), deque())
         fifo.appendleft(job) if front else fifo.append(job)
         self._n += 1
+        return front or len(fifo) == 1
 
     def remove(self, job: _Job) -> bool:
         fifo = self._fifos.get(self._kind(job))

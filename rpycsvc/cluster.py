@@ -363,38 +363,44 @@ class Cluster:
     def _enqueue(self, jobs: list[_Job]) -> None:
         """Queue ``jobs``, or send one at once: when nothing waits in the queue and a server
         has a free slot, a job goes straight to it (one lock, no queue round trip)."""
+        client: Client | None = None
+        heads = False  # a job queued at the head of its kind: a dispatch may send it now
         with self._lock:
             if self._closed:
                 raise RpycsvcError("this cluster is closed")
-            client = srv = None
             if len(jobs) == 1 and not self._queue:
                 job = jobs[0]
                 srv = self._pick_locked(job)
-                if srv is not None and self._start_locked(job):
+                if srv is None:
+                    heads = self._queue.append(job)
+                elif self._start_locked(job):
                     client = self._book_locked(job, srv)
-                elif srv is None:
-                    self._queue.append(job)
                 # else: cancelled before it was sent: dropped (its waiters were told)
             else:
                 for job in jobs:
-                    self._queue.append(job)
+                    heads = self._queue.append(job) or heads
+        # (A job queued behind others of its kind is sent by the dispatch that sends
+        # them: every dispatch leaves the queue with nothing that fits a server.)
         if client is not None:
             self._send(jobs[0], client)
-        elif srv is None:
+        elif heads:
             self._dispatch()
 
     def _stop_job(self, job: _Job) -> None:
         """The job's future was cancelled or stopped: drop it from the queue, or stop it on
-        its server (if it is being sent right now, :meth:`_dispatch` stops it once it has
+        its server (if it is being sent right now, :meth:`_send` stops it once it has
         its key). Whoever takes a job out of the queue tells the future's waiters
         (``wait``, ``as_completed``) that a cancelled one is done."""
         with self._lock:
-            if self._queue.remove(job):
+            removed = self._queue.remove(job)
+            if removed:
                 self._start_locked(job)
-                return
             client, key = job.client, job.key
             if not key:
                 job.stop_asked = True
+        if removed:  # the job behind it may fit where it did not (code sent by value)
+            self._dispatch()
+            return
         if client is not None and key:
             client.cancel_task(key)
 
@@ -479,45 +485,42 @@ class Cluster:
             client.cancel_task(key)
 
     def _dispatch(self) -> None:
-        """Send queued jobs to servers with free slots; fail them all if none is left."""
-        while True:
-            with self._lock:
-                if not self._queue:
-                    return
+        """Send queued jobs to servers with free slots; fail them all if none is left.
+
+        Everything that can go now is taken out of the queue in one hold of the lock and
+        sent after it; broadcast jobs whose server went down or is draining fail with its
+        cause."""
+        batch: list[tuple[_Job, Client]] = []
+        stranded: list[tuple[_Job, BaseException]] = []
+        doomed: list[_Job] = []
+        causes: dict[str, BaseException | str] = {}
+        with self._lock:
+            while self._queue:
+                for job in self._queue.heads():
+                    srv = self._pick_locked(job)
+                    if srv is not None:
+                        break
+                else:
+                    break  # no queued job fits anywhere now
+                self._queue.popleft(job)
+                if self._start_locked(job):  # (else cancelled while queued: dropped)
+                    batch.append((job, self._book_locked(job, srv)))
+            if self._queue:
                 if not any(s.usable for s in self._ring):
                     doomed = self._queue.clear()
                     causes = {a: s.cause() for a, s in self._servers.items()}
-                    break
-                # broadcast jobs for a server that went down or is draining meanwhile
-                stranded = [(j, self._pinned_cause_locked(j)) for j in self._queue.take_pinned(
-                    lambda a: a in self._servers and self._servers[a].usable)]
-                job: _Job | None = None
-                srv: _Server | None = None
-                client: Client | None = None
-                for cand in () if stranded else self._queue.heads():
-                    srv = self._pick_locked(cand)
-                    if srv is not None:
-                        job = cand
-                        break
-                if stranded:
-                    pass  # settled below, outside the lock (callbacks may call us)
-                elif job is None or srv is None:
-                    return
-                elif not self._start_locked(job):  # cancelled while queued: drop it
-                    self._queue.popleft(job)
-                    continue
                 else:
-                    self._queue.popleft(job)
-                    client = self._book_locked(job, srv)
-            if stranded:
-                for stale, cause in stranded:
-                    self._fail_unsent(stale, cause)
-                continue
-            assert job is not None and client is not None
+                    stranded = [(j, self._pinned_cause_locked(j))
+                                for j in self._queue.take_pinned(
+                                    lambda a: a in self._servers and self._servers[a].usable)]
+        for job, client in batch:
             self._send(job, client)
-        err = AllServersFailedError("every server of the cluster is down", causes)
-        for job in doomed:
-            self._fail_unsent(job, err)
+        for job, cause in stranded:  # (outside the lock: callbacks may call us)
+            self._fail_unsent(job, cause)
+        if doomed:
+            err = AllServersFailedError("every server of the cluster is down", causes)
+            for job in doomed:
+                self._fail_unsent(job, err)
 
     def _pinned_cause_locked(self, job: _Job) -> BaseException:
         srv = self._servers.get(job.pinned or "")
