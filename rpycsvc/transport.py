@@ -717,24 +717,14 @@ class Deferred:
             pass
 
 
-#: Replies of the rpycsvc client's ``run`` protocol (see ``ComputeService.exposed_run``):
-#: an oversize one becomes ``("error", "MessageTooLargeError", text)`` like any failure.
-_RUN_REPLIES = ("ok", "raised")
-
-
 def _fit(outcome: tuple[bool, Any], limit: Any) -> tuple[bool, Any]:
     """``outcome``, or in its place a :class:`MessageTooLargeError` if the reply would be
-    over the message limit: the sender checks, so only this task fails, and the peer never
+    over the message limit: the sender checks, so only this call fails, and the peer never
     sees a frame it would have to drop the connection for."""
-    ok, value = outcome
-    run_reply = ok and type(value) is tuple and len(value) > 1 \
-        and type(value[0]) is str and value[0] in _RUN_REPLIES
-    what = ("result" if value[0] == "ok" else "exception") if run_reply else "reply"
-    text = oversize(value, limit, what)
+    value = outcome[1]
+    text = oversize(value, limit, "reply")
     if text is None:
         return outcome
-    if run_reply:
-        return True, ("error", "MessageTooLargeError", text)
     return False, MessageTooLargeError(text)
 
 
