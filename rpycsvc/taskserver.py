@@ -26,21 +26,27 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from .config import check_timeout
 from .errors import TaskError
-from .pool import Task
+from .pool import Task, WorkerPool
 from .serialization import check_plain
 from .taskframes import send_task
 from .transport import MESSAGE_OVERHEAD, too_large_message
 
-if TYPE_CHECKING:
-    from .service import Runtime
-
 log = logging.getLogger("rpycsvc.server")
 
 _KINDS = ("pickled", "path", "endpoint")
+
+
+class Runtime(Protocol):
+    """What a :class:`TaskEndpoint` needs of the server (``rpycsvc.service.Runtime``)."""
+
+    pool: WorkerPool
+    classic: bool
+
+    def count_task(self, path: str, transport: str | None = None) -> None: ...
 
 
 def transport_of(stream: Any) -> str:
