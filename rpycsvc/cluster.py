@@ -2,7 +2,10 @@
 
 A :class:`Cluster` keeps one :class:`~rpycsvc.client.Client` per server and a local queue
 of jobs. A job goes to the server with the most free capacity (its worker count times a
-small pipelining factor), so bigger servers get more work and a slow one gets less.
+small pipelining factor), so bigger servers get more work and a slow one gets less; among
+equally loaded servers the pick takes turns, so work spreads over all of them. A job goes
+straight to a server when nothing waits in the queue; the queue holds only what no server
+has room for.
 
 What is re-run, and what is not:
 
