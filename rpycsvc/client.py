@@ -594,7 +594,9 @@ def connect(
 ) -> Client:
     """Connect to an rpycsvc server and check versions (and credentials).
 
-    ``host`` may be ``"host:port"``. ``authkey`` answers the server's challenge (the key is
+    ``host`` may be ``"host:port"``, or a deployed server's attach address
+    ``"ssh://[user@]host[:port]/path"`` (then ``ssh_command``/``ssh_options`` keywords
+    apply: see :mod:`rpycsvc.attach`). ``authkey`` answers the server's challenge (the key is
     never sent); ``ssl`` is an ``ssl.SSLContext`` or ``True`` for the system's default CAs.
     ``output`` decides where tasks' stdout/stderr go: ``"stream"`` (to ours, each line
     prefixed with ``prefix``), ``"capture"`` (on ``future.stdout``/``future.stderr``) or
@@ -623,6 +625,13 @@ def connect(
 
         warnings.warn("connect(lanes=...) is deprecated and ignored: every task takes the one "
                       "task path now; drop the argument", DeprecationWarning, stacklevel=2)
+    if host.startswith(("ssh://", "unix://")):  # a deployed server's socket: rpycsvc.attach
+        from .attach import connect_attached
+
+        return connect_attached(host, timeout=timeout, ssl=ssl, output=output, prefix=prefix,
+                                forward_logging=forward_logging, lost_after=lost_after,
+                                forward_modules=forward_modules,
+                                forward_packages=forward_packages, **task_options)
     h, p = parse_address(host, port)
     address = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
     if isinstance(authkey, bytes):

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import struct
 import sys
 import threading
@@ -69,9 +70,11 @@ def ssh_argv(host: str, ssh_command: Sequence[str] = ("ssh",),
 class RemoteServer:
     """One deployed server: the ssh session (or channel, or local process) running it."""
 
-    def __init__(self, host: str, remote: RemoteEntry) -> None:
+    def __init__(self, host: str, remote: RemoteEntry, socket: str | None = None) -> None:
         self.host = host
         self.remote = remote
+        #: the server's attach socket on the host (rpycsvc.attach), None: it has none
+        self.socket = socket
 
     @property
     def pid(self) -> int:
@@ -99,11 +102,37 @@ def _start_one(host: str, target: Any, python: str | None, settings: dict[str, A
     try:
         data = json.dumps(settings).encode()
         remote.sendall(_LEN.pack(len(data)) + data)
+        started = _read_started(remote, time.monotonic() + timeout)  # rpycsvc.attach
     except (OSError, EOFError) as exc:
         remote.close(2.0)
         raise DeployError(f"{host}: the ssh channel closed while starting the server: "
                           f"{remote.stderr_text()[-500:] or exc}", host=host) from exc
-    return RemoteServer(host, remote)
+    return RemoteServer(host, remote, started.get("socket"))
+
+
+def _read_started(remote: RemoteEntry, deadline: float) -> dict[str, Any]:
+    """The server's one answer to its settings (``{"socket": path or None}``), read
+    without read-ahead: the RPyC connection follows on the same pipe."""
+    import selectors
+
+    buf = b""
+    want = _LEN.size
+    with selectors.DefaultSelector() as sel:
+        sel.register(remote.fileno(), selectors.EVENT_READ)
+        while len(buf) < want:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise OSError("no answer to the settings in time")
+            chunk = remote.recv(want - len(buf))
+            if not chunk:
+                raise EOFError("the server ended while starting")
+            buf += chunk
+            if len(buf) == _LEN.size == want:
+                want += _LEN.unpack(buf)[0]
+                if want > _LEN.size + 65536:
+                    raise OSError("implausible answer to the settings")
+    answer = json.loads(buf[_LEN.size:])
+    return answer if isinstance(answer, dict) else {}
 
 
 def _say_which_python(host: str, python: str | None, remote: RemoteEntry,
@@ -134,7 +163,8 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
            threads: int | None = None, endpoints: Sequence[str] = (),
            services: Sequence[str] = (), classic: bool = True,
            ssh_command: Sequence[str] = ("ssh",), ssh_options: Sequence[str] = (),
-           timeout: float = 60.0, require_all: bool = False, **cluster_options: Any) -> Any:
+           timeout: float = 60.0, require_all: bool = False, attach: bool = True,
+           **cluster_options: Any) -> Any:
     """Start a server on every host, in parallel, and return a :class:`Cluster` of them.
 
     Use it as ``with rpycsvc.deploy(["user@host1", "host2:2222"]) as cluster: ...``:
@@ -156,6 +186,11 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     bundle: add them to ``rpycsvc.deployment.PACKAGES``). Modules of this program's own
     project need neither: a host gets them when a task imports them (``forward_modules``,
     ``forward_packages`` as for :func:`rpycsvc.connect`; see :mod:`rpycsvc.forwarding`).
+    With ``attach`` (the default) each server also listens on a private Unix socket on
+    its host, so more clients of yours can reach it while it runs:
+    ``cluster[i].server_info["attach"]`` is its address (``ssh://host/path``), for
+    :func:`rpycsvc.connect`, ``rpycsvc status``, ``top`` and ``repl`` (see
+    :mod:`rpycsvc.attach`); ``attach=False``: no socket, only this client.
     Other keywords go to the Cluster (``retries``, ``output``, task options).
     """
     from .client import OutputRouter, _check_options, connect_stream
@@ -172,7 +207,7 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     hosts = _unique_names([t if isinstance(t, str) else machine_name(t) for t in targets])
     settings = {"workers": workers or 0, "threads": 256 if threads is None else threads,
                 "endpoints": list(endpoints), "services": list(services), "classic": classic,
-                "keepalive": KEEPALIVE_TIMEOUT}
+                "keepalive": KEEPALIVE_TIMEOUT, "attach": bool(attach)}
     output = cluster_options.pop("output", "stream")
     prefix = cluster_options.pop("prefix", "[{address}] ")
     forward_logging = cluster_options.pop("forward_logging", False)
@@ -235,6 +270,7 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
                     stream, address=res.host,
                     router=OutputRouter(output, prefix, forward_logging), **forwarding,
                     **cluster_options))
+                _tell_attach(clients[-1], res, targets[hosts.index(res.host)], ssh_options)
             except BaseException as exc:
                 owned.remove(res)
                 res.stop(2.0)
@@ -260,6 +296,28 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     for c in clients:
         _start_keepalive(c)
     return cluster
+
+
+def _tell_attach(client: Any, res: RemoteServer, target: Any,
+                 ssh_options: Sequence[str]) -> None:
+    """Put the server's attach address in ``client.server_info["attach"]`` and log how to
+    attach (rpycsvc.attach)."""
+    if not res.socket:
+        return
+    from .attach import attach_address
+
+    if isinstance(target, str):
+        where = target
+    elif machine_kind(target) == "local":
+        client.server_info["attach"] = address = f"unix://{res.socket}"
+        log.info("%s: more clients can attach: rpycsvc status %s", res.host, address)
+        return
+    else:
+        where = machine_name(target)
+    client.server_info["attach"] = address = attach_address(where, res.socket)
+    env = (f"RPYCSVC_SSH_OPTIONS={shlex.quote(' '.join(map(shlex.quote, ssh_options)))} "
+           if ssh_options and isinstance(target, str) else "")
+    log.info("%s: more clients can attach: %srpycsvc status %s", res.host, env, address)
 
 
 def _is_machine(obj: object) -> bool:
@@ -310,8 +368,17 @@ def remote_main(rfile: Any, wfile: Any) -> int:
     fd = rfile.fileno()
     head = _read_exact(fd, _LEN.size)
     settings = json.loads(_read_exact(fd, _LEN.unpack(head)[0]))
+    attach = settings.pop("attach", False)
     cfg = ServerConfig(mode="stdio", **settings)
-    serve_stdio(cfg, rfile, wfile)
+    listener = None
+    if attach:  # more clients, through a private socket (rpycsvc.attach)
+        from .attach import open_listener
+
+        listener = open_listener()
+    answer = json.dumps({"socket": listener.path if listener else None}).encode()
+    wfile.write(_LEN.pack(len(answer)) + answer)
+    wfile.flush()
+    serve_stdio(cfg, rfile, wfile, attach=listener)
     return 0
 
 

@@ -569,10 +569,13 @@ class Server:
         signal.signal(signal.SIGINT, handler)
 
 
-def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: Any = None) -> None:
+def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: Any = None,
+                attach: Any = None) -> None:
     """Serve one connection over a pair of pipes (stdin/stdout by default) until EOF.
 
     Used for SSH deployment: the protocol runs over the ssh channel, no port is opened.
+    ``attach`` (an :class:`~rpycsvc.attach.AttachListener`) also serves the connections of
+    its Unix socket, as this one, until we stop; it is closed (removed) when we do.
     """
     from .pipes import FastPipeStream
 
@@ -591,6 +594,11 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
     # (an ssh channel: authenticated by ssh, so full-size messages from the start)
     channel = FastChannel(stream, limit=cfg.max_message_size)
     conn = service._connect(channel, dict(PROTOCOL_CONFIG))
+    if attach is not None:
+        from .attach import serve_attached
+
+        attach.start(lambda sock: serve_attached(sock, runtime, type(service),
+                                                 cfg.max_message_size))
     if cfg.keepalive > 0:
         def watchdog() -> None:
             # A dead ssh link may go unnoticed by sshd for hours: the client pings us, and
@@ -598,6 +606,8 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
             while time.monotonic() - stream.last_activity < cfg.keepalive:
                 time.sleep(min(1.0, cfg.keepalive / 4))
             log.warning("no word from the client for %.0f s: stopping", cfg.keepalive)
+            if attach is not None:
+                attach.close()
             pool.close(grace=0)
             os._exit(3)
 
@@ -605,6 +615,8 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
     try:
         conn.serve_all()
     finally:
+        if attach is not None:
+            attach.close()
         pool.close(grace=0)
 
 

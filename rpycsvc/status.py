@@ -186,6 +186,9 @@ def unique_addresses(addresses: list[str]) -> list[str]:
 
     seen: dict[str, None] = {}
     for addr in addresses:
+        if addr.startswith(("ssh://", "unix://")):  # an attach address (rpycsvc.attach)
+            seen.setdefault(addr.strip(), None)
+            continue
         try:
             host, port = parse_address(addr)
             key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

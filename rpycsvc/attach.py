@@ -1,0 +1,490 @@
+"""More clients for a deployed server: a private Unix socket on the host, reached over ssh.
+
+A server started by :func:`rpycsvc.deploy` speaks to its deploying client over the pipes of
+that client's ssh session. To let ``rpycsvc status``, ``top``, ``repl`` or a second script
+reach it while it runs, the server also listens on a Unix socket:
+
+- **Where.** A directory made for it with ``mkdtemp`` (mode 0700, owned by the user who
+  deployed), in ``$XDG_RUNTIME_DIR`` when that is set (a per-user tmpfs), else the host's
+  temp directory: ``<dir>/rpycsvc-XXXXXXXX/server.sock``. Nothing else is written there.
+- **Who.** Only processes of the server's own uid: the directory's mode keeps others from
+  reaching the socket, and each accepted connection's peer is checked with ``SO_PEERCRED``
+  (a process of another uid is dropped before it can send a byte). No authkey: ssh has
+  authenticated the user already.
+- **How.** Each accepted connection is served exactly as the ssh session is: the same
+  runtime and worker pool, a pipe stream (:class:`~rpycsvc.pipes.FastPipeStream`) and
+  :class:`~rpycsvc.transport.FastChannel`, the same service class; its tasks count as
+  ``"ssh"`` in ``stats()["tasks_by_transport"]``.
+- **Until when.** The socket and its directory are removed when the server stops: its
+  client closes, dies or goes silent (the existing teardown), or it gets SIGTERM/SIGHUP
+  (its sshd session ended). Connections attached meanwhile end with it.
+
+A client attaches with an address ``ssh://[user@]host[:port]/path/to/server.sock`` (what
+``cluster[i].server_info["attach"]`` says, and ``deploy`` logs): :func:`connect_attached`
+runs ``ssh [options] host exec python3 -c '<FORWARDER>' /path/to/server.sock``. The
+forwarder (a few lines of the host's standard library, sent inline: nothing installed)
+connects the ssh session's stdin/stdout to the socket, and the client speaks the normal
+rpycsvc protocol over those pipes. ssh is run as :func:`rpycsvc.deploy` runs it: your
+``~/.ssh/config`` and agent apply, plus ``BatchMode=yes`` and the keepalive options;
+``RPYCSVC_SSH_COMMAND`` and ``RPYCSVC_SSH_OPTIONS`` (split like a shell line), or the
+``ssh_command``/``ssh_options`` keywords, change them. ``unix:///path`` reaches a socket on
+this machine directly (a server deployed on ``plumbum.local``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import ConfigError, ConnectError
+
+log = logging.getLogger("rpycsvc.attach")
+
+#: The socket's file name inside its private directory.
+SOCKET_NAME = "server.sock"
+#: The longest path a Unix socket address may hold on Linux (``sun_path`` minus its NUL).
+MAX_SOCKET_PATH = 107
+#: Exit status of the forwarder when the socket can't be reached.
+EXIT_NO_SOCKET = 3
+
+# Runs on the host under its python3 (any 3.x), as `python3 -c FORWARDER SOCKET_PATH`: stdin
+# -> socket in a thread, socket -> stdout here; the first end that closes ends the process,
+# which ends the ssh session (and, on the other side, the attached connection).
+FORWARDER = r"""
+import os, socket, sys, threading
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    sys.stderr.write("rpycsvc-attach: cannot connect to %s: %s\n" % (sys.argv[1], e))
+    sys.stderr.flush()
+    os._exit(3)
+def up():
+    try:
+        while True:
+            d = os.read(0, 1 << 20)
+            if not d:
+                break
+            s.sendall(d)
+    except OSError:
+        pass
+    os._exit(0)
+threading.Thread(target=up, daemon=True).start()
+try:
+    while True:
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        v = memoryview(d)
+        while v:
+            v = v[os.write(1, v):]
+except OSError:
+    pass
+os._exit(0)
+"""
+
+
+# -- the server side ---------------------------------------------------------------------------
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a connected Unix socket, as
+    the kernel recorded them when it connected (Linux ``SO_PEERCRED``)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def peer_is_owner(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock`` runs as this process's own uid (anyone else, root
+    included, is refused)."""
+    try:
+        return peer_credentials(sock)[1] == os.getuid()
+    except OSError:
+        return False
+
+
+def socket_base() -> str:
+    """Where the private directory goes: ``$XDG_RUNTIME_DIR`` if it is set and a directory,
+    else the temp directory (``$TMPDIR``, ``/tmp``...)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
+        return runtime
+    return tempfile.gettempdir()
+
+
+class AttachListener:
+    """The deployed server's Unix socket, in a private directory; see the module's text.
+
+    :meth:`open` makes the directory and listens; :meth:`start` serves connections with
+    the server's runtime; :meth:`close` (also at exit, and on SIGTERM/SIGHUP when opened in
+    the main thread) removes the socket and the directory and ends attached connections.
+    """
+
+    def __init__(self, directory: str, sock: socket.socket) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, SOCKET_NAME)
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._closed = False
+        self._conns: set[socket.socket] = set()
+        self.refused = 0  # connections dropped because their uid was not ours
+
+    @classmethod
+    def open(cls, base: str | None = None) -> AttachListener:
+        """A listening socket at ``<base>/rpycsvc-XXXXXXXX/server.sock`` (``base``: see
+        :func:`socket_base`; the temp directory if the path would be too long)."""
+        if not hasattr(socket, "AF_UNIX") or not hasattr(socket, "SO_PEERCRED"):
+            raise OSError("this system has no Unix sockets with SO_PEERCRED (Linux only)")
+        bases = [base or socket_base(), tempfile.gettempdir(), "/tmp"]
+        for where in dict.fromkeys(bases):
+            # mkdtemp name + "/server.sock": 8 random characters after "rpycsvc-"
+            if len(os.path.join(where, "rpycsvc-XXXXXXXX", SOCKET_NAME)) <= MAX_SOCKET_PATH:
+                break
+        else:
+            raise OSError(f"no directory with a path short enough for a Unix socket: {bases}")
+        directory = tempfile.mkdtemp(prefix="rpycsvc-", dir=where)  # mode 0700, ours
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.path.join(directory, SOCKET_NAME))
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, SOCKET_NAME))
+            os.rmdir(directory)
+            raise
+        listener = cls(directory, sock)
+        listener._install_cleanup()
+        return listener
+
+    def _install_cleanup(self) -> None:
+        atexit.register(self.close)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous = signal.getsignal(signum)
+
+            def handler(num: int, frame: Any, previous: Any = previous) -> None:
+                # remove the socket first, then die as we would have (or call theirs)
+                self.close()
+                if callable(previous):
+                    previous(num, frame)
+                else:
+                    signal.signal(num, signal.SIG_DFL)
+                    os.kill(os.getpid(), num)
+
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, handler)
+
+    def start(self, serve: Callable[[socket.socket], None]) -> None:
+        """Accept connections in a daemon thread; ``serve(sock)`` runs in a thread of its
+        own for each one whose peer runs as our uid (others are closed at once)."""
+        threading.Thread(target=self._accept_loop, args=(serve,), name="rpycsvc-attach",
+                         daemon=True).start()
+
+    def _accept_loop(self, serve: Callable[[socket.socket], None]) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                continue  # (EMFILE and the like: the listener itself is fine)
+            if not peer_is_owner(conn):
+                self.refused += 1
+                try:
+                    pid, uid, _gid = peer_credentials(conn)
+                    who = f"pid {pid}, uid {uid}"
+                except OSError:
+                    who = "unknown peer"
+                log.warning("refused an attach from %s: only uid %d may use this server",
+                            who, os.getuid())
+                conn.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._serve_one, args=(serve, conn),
+                             name="rpycsvc-attached", daemon=True).start()
+
+    def _serve_one(self, serve: Callable[[socket.socket], None], conn: socket.socket) -> None:
+        try:
+            serve(conn)
+        except Exception as exc:  # one attached client's trouble is its own
+            log.warning("attached connection ended: %s: %s", type(exc).__name__, exc)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def close(self) -> None:
+        """Stop listening, end attached connections, remove the socket and its directory.
+        Idempotent; safe from a signal handler or at exit."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns = list(self._conns)
+        for s in [self._sock, *conns]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes threads blocked reading them
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def open_listener() -> AttachListener | None:
+    """The deployed server's listener, or None (logged) where it can't be made: the server
+    then serves its deploying client alone, as before."""
+    try:
+        return AttachListener.open()
+    except OSError as exc:
+        log.warning("no attach socket (other clients can't reach this server): %s", exc)
+        return None
+
+
+def serve_attached(sock: socket.socket, runtime: Any, service_type: type,
+                   max_message: int) -> None:
+    """Serve one attached connection until it ends, as :func:`rpycsvc.server.serve_stdio`
+    serves the ssh session: a pipe stream over the socket's descriptor, a FastChannel
+    trusted with full-size messages (the peer is our own uid, behind ssh), and a new
+    instance of ``service_type`` over ``runtime``."""
+    from .pipes import FastPipeStream
+    from .server import PROTOCOL_CONFIG
+    from .transport import FastChannel
+
+    pid = peer_credentials(sock)[0]
+    rfile = os.fdopen(os.dup(sock.fileno()), "rb", buffering=0)
+    wfile = os.fdopen(os.dup(sock.fileno()), "wb", buffering=0)
+    stream = FastPipeStream(rfile, wfile)
+    channel = FastChannel(stream, limit=max_message)
+    config = dict(PROTOCOL_CONFIG, endpoints=(None, ("attached", pid)))
+    log.info("attached connection from pid %d", pid)
+    conn = service_type(runtime)._connect(channel, config)
+    try:
+        conn.serve_all()
+    except (EOFError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+        log.info("attached connection from pid %d closed", pid)
+
+
+# -- the client side ---------------------------------------------------------------------------
+def attach_address(host: str, path: str) -> str:
+    """The address a second client attaches with: ``ssh://HOST/PATH`` (``host`` as given
+    to ``deploy``: ``[user@]host[:port]``, ``[v6]:port`` or an ssh alias)."""
+    return f"ssh://{host}{path}"
+
+
+def split_address(address: str) -> tuple[str, str, str]:
+    """``"ssh://[user@]host[:port]/path"`` → ``("ssh", "[user@]host[:port]", "/path")``;
+    ``"unix:///path"`` → ``("unix", "", "/path")``. ``ConfigError`` otherwise."""
+    scheme, sep, rest = address.strip().partition("://")
+    if not sep or scheme not in ("ssh", "unix"):
+        raise ConfigError(f"bad attach address {address!r}: expected "
+                          "ssh://[user@]host[:port]/path/to/server.sock or unix:///path")
+    host, slash, path = rest.partition("/")
+    if scheme == "unix":
+        if host or not slash:
+            raise ConfigError(f"bad attach address {address!r}: expected unix:///path")
+    elif not host or not slash or not path:
+        raise ConfigError(f"bad attach address {address!r}: expected "
+                          "ssh://[user@]host[:port]/path/to/server.sock (the path is what "
+                          "deploy printed)")
+    return scheme, host, "/" + path
+
+
+def _env_argv(name: str, default: Sequence[str]) -> list[str]:
+    value = os.environ.get(name)
+    return shlex.split(value) if value else list(default)
+
+
+def attach_argv(address: str, *, ssh_command: Sequence[str] | None = None,
+                ssh_options: Sequence[str] | None = None,
+                python: str = "python3") -> list[str]:
+    """The ssh command line that attaches to ``address`` (an ``ssh://`` address)."""
+    from .deployment import ssh_argv
+
+    _, host, path = split_address(address)
+    command = _env_argv("RPYCSVC_SSH_COMMAND", ("ssh",)) if ssh_command is None \
+        else list(ssh_command)
+    options = _env_argv("RPYCSVC_SSH_OPTIONS", ()) if ssh_options is None else list(ssh_options)
+    remote = " ".join(["exec", shlex.quote(python), "-c", shlex.quote(FORWARDER),
+                       shlex.quote(path)])
+    return [*ssh_argv(host, command, options), remote]
+
+
+def connect_attached(address: str, *, timeout: float = 10.0,
+                     ssh_command: Sequence[str] | None = None,
+                     ssh_options: Sequence[str] | None = None, python: str = "python3",
+                     output: str = "stream", prefix: str = "[{address}] ",
+                     forward_logging: bool = False, **kwargs: Any) -> Any:
+    """A :class:`~rpycsvc.Client` of a deployed server, attached through its socket.
+
+    ``address`` is ``ssh://[user@]host[:port]/path/to/server.sock`` (reached through ssh,
+    see the module's text) or ``unix:///path`` (on this machine). ``python`` is the host's
+    interpreter for the forwarder. Other keywords as for :func:`rpycsvc.connect`
+    (``lost_after``, ``forward_modules``, task options); ``authkey`` is not used (ssh and
+    the socket's permissions are the credentials) and ``ssl`` is refused. Closing the
+    client ends the ssh session. Failures raise :class:`~rpycsvc.ConnectError` saying why.
+    """
+    from .client import OutputRouter, _check_options, connect_stream
+
+    kwargs.pop("authkey", None)
+    if kwargs.pop("ssl", None):
+        raise ConfigError(f"{address}: ssl= does not apply to an attach address (ssh "
+                          "encrypts and authenticates it)")
+    kwargs.pop("server_hostname", None)
+    kwargs.pop("lanes", None)
+    scheme, _, path = split_address(address)
+    router = OutputRouter(output, prefix, forward_logging)
+    _check_options({k: v for k, v in kwargs.items()
+                    if k not in ("lost_after", "forward_modules", "forward_packages")})
+    if scheme == "unix":
+        return _connect_unix(address, path, timeout, router, kwargs)
+    argv = attach_argv(address, ssh_command=ssh_command, ssh_options=ssh_options,
+                       python=python)
+    proc = _Ssh(argv, address)
+    try:
+        client = connect_stream(proc.stream(), address=address, router=router,
+                                hello_timeout=timeout, **kwargs)
+    except BaseException as exc:
+        why = proc.failure(exc)
+        proc.end()
+        if isinstance(exc, Exception):
+            raise ConnectError(why, address=address) from exc
+        raise
+    client.on_lost(lambda _client, _exc: proc.end_later())
+    return client
+
+
+def _connect_unix(address: str, path: str, timeout: float, router: Any,
+                  kwargs: dict[str, Any]) -> Any:
+    from .client import connect_stream
+    from .pipes import FastPipeStream
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.settimeout(None)
+        rfile = os.fdopen(os.dup(sock.fileno()), "rb", buffering=0)
+        wfile = os.fdopen(os.dup(sock.fileno()), "wb", buffering=0)
+    except OSError as exc:
+        raise ConnectError(f"can't attach to {address}: {exc.strerror or exc} (the deployed "
+                           "server has stopped, or the path is not its socket)",
+                           address=address) from exc
+    finally:
+        sock.close()  # the stream holds its own descriptors
+    try:
+        return connect_stream(FastPipeStream(rfile, wfile), address=address, router=router,
+                              hello_timeout=timeout, **kwargs)
+    except EOFError as exc:
+        raise ConnectError(f"{address} closed the connection while we were attaching "
+                           f"(was it refused? only the server's own user may attach): {exc}",
+                           address=address) from exc
+
+
+class _Ssh:
+    """The ssh process of one attached client: its pipes carry the connection, its stderr
+    is kept (the last 16 KiB) to say why an attach failed."""
+
+    def __init__(self, argv: list[str], address: str) -> None:
+        self.address = address
+        try:
+            # its own session: a Ctrl-C meant for our program must not end the connection
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            raise ConnectError(f"cannot run {argv[0]!r} to attach to {address}: {exc}",
+                               address=address) from exc
+        self._err = bytearray()
+        self._reader = threading.Thread(target=self._collect, daemon=True,
+                                        name="rpycsvc-attach-stderr")
+        self._reader.start()
+        self._ended = False
+
+    def _collect(self) -> None:
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.read(fd, 65536):
+                self._err += chunk
+                del self._err[:-16384]
+
+    def stream(self) -> Any:
+        from .pipes import FastPipeStream
+
+        return FastPipeStream(self.proc.stdout, self.proc.stdin)
+
+    def failure(self, exc: BaseException) -> str:
+        """Why the attach failed, from ssh's exit status and what it (or the forwarder)
+        said; waits a little for ssh to end."""
+        from .bootstrap import _SSH_ERRORS
+
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5.0)
+        self._reader.join(1.0)
+        code = self.proc.poll()
+        said = self._err.decode("utf-8", "replace").strip()
+        tail = "\n".join(ln for ln in said.splitlines()[-4:] if ln.strip()) or "(nothing)"
+        if code == EXIT_NO_SOCKET:
+            return (f"can't attach to {self.address}: no server listens there (it has "
+                    f"stopped, or the path is not its socket); the host said: {tail}")
+        if code == 255:
+            for needle, meaning in _SSH_ERRORS.items():
+                if needle in said:
+                    return f"can't attach to {self.address}: ssh failed: {meaning}\n{tail}"
+            return f"can't attach to {self.address}: ssh failed (exit 255): {tail}"
+        if code == 127:
+            return (f"can't attach to {self.address}: no python3 on the host's PATH (pass "
+                    f"python='/path/to/python3'): {tail}")
+        return (f"can't attach to {self.address}: {type(exc).__name__}: {exc} "
+                f"(ssh exit {code}); the host said: {tail}")
+
+    def end(self, timeout: float = 5.0) -> None:
+        """Close our ends of the pipes and reap ssh (killed if it lingers)."""
+        if self._ended:
+            return
+        self._ended = True
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                if pipe is not None:
+                    pipe.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5.0)
+        self._reader.join(1.0)
+        if self.proc.stderr is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stderr.close()
+
+    def end_later(self) -> None:
+        """:meth:`end` in a thread: called from the client's reader when it is lost."""
+        threading.Thread(target=self.end, daemon=True, name="rpycsvc-attach-reap").start()
