@@ -40,6 +40,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -152,6 +153,7 @@ class AttachListener:
                 break
         else:
             raise OSError(f"no directory with a path short enough for a Unix socket: {bases}")
+        sweep(where)
         directory = tempfile.mkdtemp(prefix="rpycsvc-", dir=where)  # mode 0700, ours
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -251,6 +253,56 @@ class AttachListener:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+#: A socket this old (seconds since its bind) that refuses connections is a dead server's.
+STALE_AFTER = 60.0
+
+
+def sweep(base: str) -> list[str]:
+    """Remove what servers killed outright (SIGKILL, a crash: no clean-up ran) left in
+    ``base``: directories ``rpycsvc-*`` of our uid, mode 0700, holding nothing but a
+    ``server.sock`` bound over :data:`STALE_AFTER` seconds ago that refuses connections (no
+    process listens on it any more). A live server's socket accepts, so it is never
+    touched. Returns the directories removed."""
+    import time
+
+    removed: list[str] = []
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("rpycsvc-")]
+    except OSError:
+        return removed
+    for name in names:
+        directory = os.path.join(base, name)
+        path = os.path.join(directory, SOCKET_NAME)
+        try:
+            info = os.lstat(directory)
+            if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+                    or stat.S_IMODE(info.st_mode) != 0o700
+                    or os.listdir(directory) != [SOCKET_NAME]):
+                continue
+            sock_info = os.lstat(path)
+            if (not stat.S_ISSOCK(sock_info.st_mode) or sock_info.st_uid != os.getuid()
+                    or time.time() - sock_info.st_mtime < STALE_AFTER):
+                continue
+        except OSError:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                os.rmdir(directory)
+                removed.append(directory)
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    if removed:
+        log.info("removed the sockets of servers that were killed: %s", ", ".join(removed))
+    return removed
 
 
 def open_listener() -> AttachListener | None:

@@ -307,17 +307,21 @@ def _tell_attach(client: Any, res: RemoteServer, target: Any,
     from .attach import attach_address
 
     if isinstance(target, str):
-        where = target
+        address = attach_address(target, res.socket)
     elif machine_kind(target) == "local":
-        client.server_info["attach"] = address = f"unix://{res.socket}"
-        log.info("%s: more clients can attach: rpycsvc status %s", res.host, address)
-        return
-    else:
-        where = machine_name(target)
-    client.server_info["attach"] = address = attach_address(where, res.socket)
+        address, ssh_options = f"unix://{res.socket}", ()
+    else:  # (the machine's own ssh options are not known to a second client)
+        address, ssh_options = attach_address(machine_name(target), res.socket), ()
+    client.server_info["attach"] = address
+    log.info("%s: more clients can attach: %s", res.host, attach_command(address, ssh_options))
+
+
+def attach_command(address: str, ssh_options: Sequence[str] = ()) -> str:
+    """The shell line that shows a deployed server from another terminal: ``rpycsvc status
+    ADDRESS``, with the ssh options deploy used in ``RPYCSVC_SSH_OPTIONS``."""
     env = (f"RPYCSVC_SSH_OPTIONS={shlex.quote(' '.join(map(shlex.quote, ssh_options)))} "
-           if ssh_options and isinstance(target, str) else "")
-    log.info("%s: more clients can attach: %srpycsvc status %s", res.host, env, address)
+           if ssh_options and address.startswith("ssh://") else "")
+    return f"{env}rpycsvc status {shlex.quote(address)}"
 
 
 def _is_machine(obj: object) -> bool:
@@ -443,6 +447,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{host}: FAILED: {err}", file=sys.stderr)
         print(f"deployed to {len(cluster.clients)} host(s) in {took:.2f} s: "
               f"{', '.join(c.address for c in cluster.clients)}", file=sys.stderr)
+        for c in cluster.clients:  # how other clients reach them (rpycsvc.attach)
+            if c.server_info.get("attach"):
+                print(f"{c.address}: attach with: "
+                      f"{attach_command(c.server_info['attach'], ssh_options)}",
+                      file=sys.stderr)
         if args.run:
             _DEPLOYED.append(cluster)
             try:

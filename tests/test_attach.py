@@ -340,3 +340,79 @@ def test_peer_credentials_of_a_real_socket_pair() -> None:
     finally:
         a.close()
         b.close()
+
+
+def _dead_socket_dir(base: Path, age: float) -> Path:
+    """What a server killed with SIGKILL leaves: its 0700 directory with a socket nobody
+    listens on, bound ``age`` seconds ago."""
+    import socket
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="rpycsvc-", dir=base))
+    path = directory / "server.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # never listened: connecting is refused, as to a dead server's socket
+    then = time.time() - age
+    os.utime(path, (then, then), follow_symlinks=False)
+    return directory
+
+
+def test_a_new_server_removes_what_killed_servers_left(sshd: SshServer) -> None:
+    first = deploy(sshd, workers=1)
+    try:
+        live = socket_of(first[0].server_info["attach"])
+        base = live.parent.parent  # where the servers of this host put their sockets
+        dead = _dead_socket_dir(base, age=600)
+        young = _dead_socket_dir(base, age=0)  # maybe a server binding right now: kept
+        try:
+            second = deploy(sshd, workers=1)
+            second.close()
+            assert not dead.exists(), "a dead server's socket directory was not removed"
+            assert young.exists()
+            assert live.exists()  # a live server's socket is never touched
+            assert first.submit(abs, -1).result(timeout=WAIT) == 1
+        finally:
+            for leftover in (dead, young):
+                if leftover.exists():
+                    (leftover / "server.sock").unlink()
+                    leftover.rmdir()
+    finally:
+        first.close()
+
+
+def test_cli_deploy_prints_how_to_attach(sshd: SshServer) -> None:
+    argv = [sys.executable, "-m", "rpycsvc.cli", "deploy", sshd.alias, "-F", str(sshd.config_path),
+            "--workers", "1"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        lines = []
+        while not (lines and lines[-1].startswith("serving;")):
+            line = proc.stderr.readline()
+            assert line, lines
+            lines.append(line)
+        hint = [ln for ln in lines if ln.startswith(f"{sshd.alias}: attach with: ")]
+        assert len(hint) == 1, lines
+        command = hint[0].split(": attach with: ", 1)[1].strip()
+        assert command.startswith("RPYCSVC_SSH_OPTIONS=") and " rpycsvc status ssh://" in command
+        # the printed line works as printed (with this interpreter's rpycsvc)
+        shell = command.replace(" rpycsvc status ",
+                                f" {sys.executable} -m rpycsvc.cli status ", 1)
+        done = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=WAIT,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0 and "1 of 1 servers up" in done.stdout, done
+        sock = socket_of(command.rsplit(" ", 1)[1].strip("'"))
+        assert sock.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert wait_until(lambda: not sock.parent.exists()), "the socket outlived the deploy"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
