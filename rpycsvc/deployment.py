@@ -422,6 +422,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ssh config file (default: ssh's own, ~/.ssh/config)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="seconds each host has to start its server (default: %(default)s)")
+    p.add_argument("--no-attach", dest="attach", action="store_false", default=True,
+                   help="no attach socket on the hosts: only this command reaches the servers "
+                   "(default: each server also listens on a private Unix socket of yours, so "
+                   "rpycsvc status/top/repl and other scripts can attach over ssh)")
     p.add_argument("--require-all", action="store_true",
                    help="fail unless every host works (default: off: hosts that fail are "
                    "reported and the others used)")
@@ -440,7 +444,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     cluster = deploy(args.hosts, python=args.python, workers=args.workers,
                      endpoints=args.endpoints, classic=args.classic, ssh_options=ssh_options,
-                     timeout=args.timeout, require_all=args.require_all)
+                     timeout=args.timeout, require_all=args.require_all,
+                     attach=getattr(args, "attach", True))
     try:
         took = time.monotonic() - t0
         for host, err in cluster.unreachable.items():

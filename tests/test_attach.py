@@ -416,3 +416,27 @@ def test_cli_deploy_prints_how_to_attach(sshd: SshServer) -> None:
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_a_server_deployed_on_plumbum_local_is_attached_by_its_socket() -> None:
+    plumbum = pytest.importorskip("plumbum")
+    with rpycsvc.deploy([plumbum.local], timeout=30, workers=1, output="discard") as cluster:
+        address = cluster[0].server_info["attach"]
+        assert address.startswith("unix:///") and address.endswith("/server.sock")
+        pid = cluster[0].stats()["pid"]
+        with rpycsvc.connect(address, output="discard") as second:
+            assert second.submit(getpid).result(timeout=WAIT) == pid
+            assert second.stats()["tasks_by_transport"]["ssh"] >= 1
+    assert wait_until(lambda: not socket_of(address).parent.exists())
+
+
+def test_cli_deploy_no_attach(sshd: SshServer, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text("import rpycsvc\n"
+                      "print(rpycsvc.Cluster.deployed()[0].server_info.get('attach'))\n")
+    argv = [sys.executable, "-m", "rpycsvc.cli", "deploy", sshd.alias, "-F", str(sshd.config_path),
+            "--workers", "1", "--no-attach", "--run", str(script)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=WAIT,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "None\n" and "attach with" not in done.stderr, done
