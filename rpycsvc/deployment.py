@@ -3,9 +3,11 @@
 Each host gets ``ssh HOST python3 -c <loader>``; rpycsvc, rpyc and cloudpickle travel as
 a zip over the ssh channel's stdin and are imported from memory (see
 :mod:`rpycsvc.bootstrap`), and the server then speaks RPyC over the same ssh pipes. So
-nothing is installed or written on the host, no port is opened there, and only the user
-who deployed can reach the server. When the connection ends — ``close()``, Ctrl-C, the
-client crashing, or the link dying — the server sees EOF and stops with its workers.
+nothing is installed on the host and no port is opened there; the server also listens on a
+private Unix socket (see :mod:`rpycsvc.attach`) so that more clients of the same user can
+attach over ssh, and only that user can reach the server. When the connection ends —
+``close()``, Ctrl-C, the client crashing, or the link dying — the server sees EOF and stops
+with its workers (and removes its socket).
 
 The system ``ssh`` client does the connecting (as plumbum's ``SshMachine`` does), so
 ``~/.ssh/config`` applies: keys, ports, users, jump hosts, ControlMaster. plumbum machines
@@ -36,9 +38,10 @@ log = logging.getLogger("rpycsvc.deploy")
 
 DESCRIPTION = """\
 Push rpycsvc servers to HOSTs over SSH (nothing but python3 needed there; nothing is
-installed or written on them, no port is opened), then serve in the foreground until
-Ctrl-C, or run SCRIPT (in this process; it gets the cluster from rpycsvc.Cluster.deployed()),
-then tear down.
+installed on them and no port is opened: each server listens only on a private Unix socket
+of yours, removed when it stops, so your other clients can attach over ssh), then serve in
+the foreground until Ctrl-C, or run SCRIPT (in this process; it gets the cluster from
+rpycsvc.Cluster.deployed()), then tear down.
 
 HOST is [user@]host[:port] or any alias from ~/.ssh/config."""
 
