@@ -39,6 +39,10 @@ TARGET_CHUNK_SECONDS = 0.02
 #: below this much work: smaller ones would cost more in per-task overhead than they save.
 MIN_CHUNK_SECONDS = 0.004
 MAX_CHUNK = 8192
+#: A chunk's arguments stay under this many bytes (as pickled), whatever its items' time:
+#: big items go in small chunks, so a chunk is never a huge message and a map's read-ahead
+#: (its chunks in flight) stays bounded in memory too, not only in items.
+MAX_CHUNK_BYTES = 8 << 20
 #: A map ramps up (see ChunkSizer.in_flight) for at most this long: then every worker gets
 #: a chunk, measured or not (items slower than this go one per chunk anyway).
 RAMP_SECONDS = 0.05
@@ -61,7 +65,8 @@ class ChunkSizer:
     time is mostly the task's fixed cost) weighs little once bigger chunks are measured.
 
     With a known length, chunks near the end shrink to a fair share of what is left (so
-    every worker stays busy to the end) but not below ``MIN_CHUNK_SECONDS`` of work.
+    every worker stays busy to the end) but not below ``MIN_CHUNK_SECONDS`` of work. A chunk
+    of big items is cut at ``MAX_CHUNK_BYTES`` (:meth:`pickled` tells their size).
 
     It also sets how many chunks a map has in flight while it ramps up
     (:meth:`in_flight`): a first chunk alone, then two more per measured chunk, so a map of
@@ -83,7 +88,13 @@ class ChunkSizer:
         self._work = 0.0  # decayed sums of seconds and of items measured
         self._items = 0.0
         self._largest = 0
+        self._most = MAX_CHUNK  # items under MAX_CHUNK_BYTES, by the last chunk's bytes
         self._lock = threading.Lock()
+
+    def pickled(self, items: int, nbytes: int) -> None:
+        """A chunk of ``items`` pickled to ``nbytes`` (before it is sent)."""
+        if items > 0:
+            self._most = max(1, min(MAX_CHUNK, MAX_CHUNK_BYTES * items // max(1, nbytes)))
 
     def observe(self, items: int, seconds: float) -> None:
         """A chunk of ``items`` took its worker ``seconds``."""
@@ -103,13 +114,15 @@ class ChunkSizer:
 
     def next_size(self, taken: int) -> int:
         """Items for the next chunk, ``taken`` items of the input being taken already."""
-        if self.fixed or self.total is None:
-            return self.size
+        if self.fixed:
+            return self.fixed
+        if self.total is None:
+            return min(self.size, self._most)
         left = self.total - taken
         fair = -(-left // (2 * self.workers))
         per_item = self.per_item
         floor = int(MIN_CHUNK_SECONDS / per_item) if per_item else 1
-        return max(1, min(self.size, max(fair, floor)))
+        return max(1, min(self.size, self._most, max(fair, floor)))
 
     def in_flight(self, window: int) -> int:
         """How many chunks may be in flight now, ``window`` being the most once ramped up."""
@@ -166,7 +179,9 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
 
     def make_job(items: list[tuple[Any, ...]]) -> _Job:
         fut = TaskFuture()
-        job = _Job(kind, spec, (*head, *dumps(items, "map arguments")),
+        frames = dumps(items, "map arguments")
+        sizer.pickled(len(items), sum(memoryview(f).nbytes for f in frames))
+        job = _Job(kind, spec, (*head, *frames),
                    {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
         job.size = len(items)
         job.observe = sizer.observe  # (measured in the reader thread, as the chunk ends)

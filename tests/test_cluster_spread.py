@@ -19,6 +19,7 @@ from rpycsvc import Cluster
 from rpycsvc._mapping import (
     GROWTH,
     MAX_CHUNK,
+    MAX_CHUNK_BYTES,
     MIN_CHUNK_SECONDS,
     TARGET_CHUNK_SECONDS,
     ChunkSizer,
@@ -131,3 +132,13 @@ def test_sizer_ramps_up_the_chunks_in_flight() -> None:
     assert fixed.in_flight(32) == 32 and fixed.next_size(0) == 5
     fixed.observe(5, 1.0)
     assert fixed.next_size(0) == 5
+
+
+def test_sizer_keeps_chunks_of_big_items_small_in_bytes() -> None:
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe(1000, 1000 * 1e-6)  # cheap to run...
+    assert sizer.next_size(0) > 1000
+    sizer.pickled(10, 10 << 20)  # ...but a MiB each as pickled
+    assert sizer.next_size(0) == MAX_CHUNK_BYTES // (1 << 20)
+    sizer.pickled(1, 64 << 20)  # bigger than the cap: one per chunk
+    assert sizer.next_size(0) == 1
