@@ -45,6 +45,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -135,7 +136,8 @@ class AttachListener:
         self.directory = directory
         self.path = os.path.join(directory, SOCKET_NAME)
         self._sock = sock
-        self._lock = threading.Lock()
+        # (re-entrant: close() may run in a signal handler while this thread is in close())
+        self._lock = threading.RLock()
         self._closed = False
         self._conns: set[socket.socket] = set()
         self.refused = 0  # connections dropped because their uid was not ours
@@ -201,7 +203,8 @@ class AttachListener:
             except OSError:
                 if self._closed:
                     return
-                continue  # (EMFILE and the like: the listener itself is fine)
+                time.sleep(0.1)  # (EMFILE and the like: the listener itself is fine)
+                continue
             if not peer_is_owner(conn):
                 self.refused += 1
                 try:
@@ -234,10 +237,9 @@ class AttachListener:
 
     def close(self) -> None:
         """Stop listening, end attached connections, remove the socket and its directory.
-        Idempotent; safe from a signal handler or at exit."""
+        Every step is idempotent and runs again on a second call, so a signal handler that
+        interrupts a close() in progress still removes everything before we die."""
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
             conns = list(self._conns)
         for s in [self._sock, *conns]:
@@ -265,8 +267,6 @@ def sweep(base: str) -> list[str]:
     ``server.sock`` bound over :data:`STALE_AFTER` seconds ago that refuses connections (no
     process listens on it any more). A live server's socket accepts, so it is never
     touched. Returns the directories removed."""
-    import time
-
     removed: list[str] = []
     try:
         names = [n for n in os.listdir(base) if n.startswith("rpycsvc-")]
