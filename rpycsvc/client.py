@@ -60,6 +60,9 @@ from .tracebacks import load_exception
 from .transport import FastSocketStream, oversize
 
 log = logging.getLogger("rpycsvc.client")
+#: ``on`` in the threads that read clients' connections, and while a thread handles a
+#: task message (see Client.start_task)
+_READER = threading.local()
 
 DEFAULT_PORT = 18812
 _ERRORS: dict[str, type[Exception]] = {
@@ -351,7 +354,11 @@ class Client:
             done("reply", ("error", "MessageTooLargeError", too_large))
             return key
         try:
-            send_task(self.conn, ("run", key, kind, spec, wire), frames)
+            # In a reader thread (a future's callback, a cluster dispatching its next job
+            # when a result arrives) we must not block: a server that doesn't read would
+            # stop this connection's own results and heartbeats. Queue it there instead.
+            send_task(self.conn, ("run", key, kind, spec, wire), frames,
+                      wait=not getattr(_READER, "on", False))
         except (EOFError, OSError) as exc:
             with self._lock:  # reported by raising, not also through done()
                 self._pending.pop(key, None)
@@ -384,6 +391,14 @@ class Client:
 
     # -- the server's task messages (rpycsvc.taskframes.TaskHandler; the reader thread) -------
     def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
+        outer = getattr(_READER, "on", False)
+        _READER.on = True  # callbacks run from here must not block (see start_task)
+        try:
+            self._on_task(control, frames)
+        finally:
+            _READER.on = outer
+
+    def _on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
         op = control[0]
         if op == "done":
             _, key, status, service_s = control
@@ -444,6 +459,7 @@ class Client:
         self._lost_callbacks.append(callback)
 
     def _serve(self) -> None:
+        _READER.on = True
         try:
             while not self._closed and self.lost is None:  # (lost: declared by the watchdog)
                 try:

@@ -154,16 +154,20 @@ def new_buffer(size: int) -> Any:
 
 
 def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *,
-              wait: bool = True) -> None:
+              wait: bool = True, owned: bool = False) -> None:
     """Send one task message on RPyC connection ``conn`` (its channel a FastChannel), in
     order with its RPyC messages.
 
     ``wait=True``: written before this returns (by this thread, or by the thread that holds
     the send lock), so the caller may change its buffers afterwards; raises ``EOFError`` /
     ``OSError`` when the connection dies meanwhile. ``wait=False``: returns at once; the
-    connection's writer thread sends it (so ``frames`` must not change afterwards), and a
-    failure is left to the connection's reader to report.
+    connection's writer thread sends it, and a failure is left to the connection's reader
+    to report. Either way the caller may change its buffers once this returns: with
+    ``wait=False`` large frames that aren't ``bytes`` are copied first, unless ``owned``
+    says nobody else holds them (a result the server just received from its worker).
     """
+    if not wait and not owned and sum(memoryview(f).nbytes for f in frames) >= INLINE:
+        frames = [f if type(f) is bytes else bytes(f) for f in frames]
     msg = TaskMessage(control, frames)
     if wait:
         _send_now(conn, msg)

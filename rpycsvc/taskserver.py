@@ -177,8 +177,8 @@ class TaskEndpoint:
     def _send(self, control: tuple[Any, ...], frames: Any = ()) -> None:
         if self._conn.closed:
             return
-        try:
-            send_task(self._conn, control, frames, wait=False)
+        try:  # (frames are the worker's answer, read into buffers nobody else holds)
+            send_task(self._conn, control, frames, wait=False, owned=True)
         except Exception:  # the connection is going: its reader cleans up
             log.debug("could not queue %r for %s", control[0], self._client, exc_info=True)
 
