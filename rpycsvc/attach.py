@@ -17,7 +17,10 @@ reach it while it runs, the server also listens on a Unix socket:
   ``"ssh"`` in ``stats()["tasks_by_transport"]``.
 - **Until when.** The socket and its directory are removed when the server stops: its
   client closes, dies or goes silent (the existing teardown), or it gets SIGTERM/SIGHUP
-  (its sshd session ended). Connections attached meanwhile end with it.
+  (its sshd session ended). Connections attached meanwhile end with it. A server killed
+  outright (SIGKILL, a crash) can't clean up: the next server deployed there removes such
+  a directory (ours, 0700, holding only a socket over a minute old that refuses
+  connections: see :func:`sweep`).
 
 A client attaches with an address ``ssh://[user@]host[:port]/path/to/server.sock`` (what
 ``cluster[i].server_info["attach"]`` says, and ``deploy`` logs): :func:`connect_attached`
