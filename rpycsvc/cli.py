@@ -90,7 +90,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "it gets MemoryError (default: 0, no limit)")
     w.add_argument("--no-lanes", dest="lanes", action="store_false", default=None,
                    help="deprecated and ignored: every task takes the one task path now "
-                   "(kept for one release so existing command lines still start)")
+                   "(kept for one release so existing command lines still start) (default: off)")
     w.add_argument("--grace", type=float, default=None, metavar="SECONDS",
                    help="seconds running tasks may finish after SIGTERM (default: 10)")
     s = p.add_argument_group("security")

@@ -464,13 +464,31 @@ class _Checker:
             ref, names = self._queue.get()
             env = ref()
             if env is not None:
-                try:
-                    env.compare(names)
-                except Exception:  # a warning is all this is for: never break anything
-                    log.debug("package version check failed", exc_info=True)
+                # Each check in a thread of its own, waited for at most ASK_TIMEOUT: a server
+                # that doesn't answer (frozen, until its client declares it lost; or one
+                # whose client has no lost_after) must not hold up every other server's.
+                done = threading.Event()
+                threading.Thread(target=_compare, args=(env, names, done), daemon=True,
+                                 name="rpycsvc-environment-ask").start()
+                if not done.wait(ASK_TIMEOUT):
+                    log.debug("%s did not answer a package version check within %g s; "
+                              "going on without it", env.address, ASK_TIMEOUT)
             del env
             if self._queue.empty():
                 self.idle.set()
+
+
+#: How long the checker waits for one server's answer before it goes on with the others.
+ASK_TIMEOUT = 10.0
+
+
+def _compare(env: ServerEnvironment, names: set[str], done: threading.Event) -> None:
+    try:
+        env.compare(names)
+    except Exception:  # a warning is all this is for: never break anything
+        log.debug("package version check failed", exc_info=True)
+    finally:
+        done.set()
 
 
 _CHECKER = _Checker()
