@@ -535,6 +535,11 @@ class Bench:
         self.r.add(Figure("map_throughput", f"map of {n:,} no-ops (median of 2)", rate,
                           "tasks/s", "pipelined raw rpyc pings (1 server)", ref, rate / ref,
                           ">= 50,000/s", rate >= 50_000))
+        servers = len(self.cluster.clients)
+        self.r.add(Figure("map_client_cpu", f"map: client CPU per item, {servers} servers",
+                          _median([x["client_cpu_us"] for x in runs]), "us",
+                          "", None,
+                          None))
         first = _median([x["first_s"] for x in runs]) * 1e3
         self.r.add(Figure("map_first_result", "map: time to first result", first, "ms",
                           "compute(noop) p50", self.compute_p50 / 1e3,
@@ -555,6 +560,7 @@ class Bench:
     def _one_map(self, n: int, run: int) -> dict[str, float]:
         rss_before = peak = _rss_self()
         total = count = 0
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         it = self.cluster.map(noop, range(n), timeout=120)
         first = next(it)
@@ -566,11 +572,12 @@ class Bench:
             if not count & 4095:
                 peak = max(peak, _rss_self())
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         peak = max(peak, _rss_self())
         self.r.check(f"map.run{run}.results", count == n and total == n * (n - 1) // 2,
                      f"{count} results summing to {total}")
         return {"seconds": dt, "rate": n / dt, "first_s": t_first, "rss_before": rss_before,
-                "rss_peak": peak}
+                "rss_peak": peak, "client_cpu_us": cpu / n * 1e6}
 
     def _submit_rate(self, n: int) -> float:
         from concurrent.futures import wait
