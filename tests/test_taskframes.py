@@ -578,3 +578,59 @@ def inbound_waits(httpd: Any) -> float:
         if line.startswith("rpycsvc_inbound_waits_total "):
             return float(line.split()[1])
     raise AssertionError("no rpycsvc_inbound_waits_total on the metrics page")
+
+
+# -- a sender blocked on a frozen server is released when the server is declared lost --------------
+PIPE_WRITE_BUG = (
+    "product bug: over pipes (connect_stream + FastPipeStream: a deployed server's ssh "
+    "pipes) a thread blocked in send_task(wait=True) writing a large task to a frozen "
+    "server stays blocked in os.write after the client has declared the server lost "
+    "(lost_after) and after client.close(): mark_lost can only shut a socket down, and "
+    "closing a pipe's descriptor does not wake a write blocked on it. Over TCP it gets "
+    "ServerLostError at once. It is released only when the peer reads again or the pipe "
+    "breaks (with ssh: a frozen server keeps ssh alive, so never)")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", [
+    "tcp", pytest.param("stdio", marks=pytest.mark.xfail(strict=True, reason=PIPE_WRITE_BUG))])
+def test_a_submit_blocked_on_a_frozen_server_fails_once_it_is_declared_lost(
+        server_process: type[ServerProcess], transport: str) -> None:
+    """A 64 MiB submit blocks writing to a SIGSTOPped server; once the client declares
+    the server lost (``lost_after=2``), that submit raises ServerLostError too, instead of
+    waiting for the server to wake up."""
+    stdio: StdioServer | None = None
+    if transport == "tcp":
+        srv = server_process("--workers", "1")
+        c = rpycsvc.connect(srv.address, output="discard", lost_after=2.0)
+        pid = srv.pid
+    else:
+        stdio = StdioServer("--workers", "1")
+        c = stdio.connect(output="discard", lost_after=2.0)
+        pid = stdio.proc.pid
+    outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def submit_big() -> None:
+        try:
+            outcome.set_result(c.submit(len, bytes(64 * MiB)).result(timeout=WAIT))
+        except BaseException as exc:
+            outcome.set_exception(exc)
+
+    try:
+        assert c.compute(abs, -1) == 1
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            threading.Thread(target=submit_big, daemon=True).start()
+            wait_for(lambda: c.closed, "the frozen server to be declared lost", 30)
+            try:
+                exc = outcome.exception(timeout=10)
+            except concurrent.futures.TimeoutError:
+                raise AssertionError(f"the submit was still blocked 10 s after {transport} "
+                                     "server was declared lost") from None
+            assert isinstance(exc, rpycsvc.ServerLostError), exc
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        c.close()
+        if stdio is not None:
+            stdio.stop()
