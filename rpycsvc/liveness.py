@@ -297,7 +297,8 @@ class ClientConnection(SendRaceSafe):
 
         Waiters of ``sync_request`` see ``lost_error`` within a second; those of RPyC's own
         ``AsyncResult`` get ``error`` as their reply; a thread blocked reading a frame is
-        woken by shutting the socket down (a pipe can't be: it gets EOF when it closes).
+        woken by shutting the socket down (a pipe can't be: it gets EOF when it closes); a
+        thread blocked writing to a pipe gives up within half a second (``abort``).
         """
         if self.lost_error is not None:
             return
@@ -311,7 +312,11 @@ class ClientConnection(SendRaceSafe):
                     pass
         with self._recv_event:
             self._recv_event.notify_all()
-        sock = getattr(self._channel.stream, "sock", None)
+        stream = self._channel.stream
+        abort = getattr(stream, "abort", None)
+        if abort is not None:  # pipes: a write blocked on a frozen peer gives up
+            abort()
+        sock = getattr(stream, "sock", None)
         try:
             sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
         except (OSError, AttributeError, EOFError):  # EOFError: RPyC's ClosedFile

@@ -17,12 +17,20 @@ transfer in progress is never taken for a dead peer.
 from __future__ import annotations
 
 import os
+import select
 import socket
+import struct
 import sys
 import time
 from typing import Any
 
 from rpyc.core.stream import PipeStream, SocketStream
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - not POSIX: plain blocking writes
+    fcntl = termios = None  # type: ignore[assignment]
 
 from .transport import TRAFFIC, read_in_pieces
 
@@ -35,6 +43,9 @@ CHUNK = 1 << 20
 PIPE_BUFFER = 1 << 20
 
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (named in the fcntl module from Python 3.10)
+_F_GETPIPE_SZ = 1032
+#: How often a write waiting for room in a full pipe looks whether it should give up.
+ABORT_TICK = 0.5
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_BUFFER) -> None:
@@ -59,11 +70,45 @@ class FastPipeStream(PipeStream):
         # When bytes last arrived (time.monotonic()): read by the liveness checks, so a long
         # transfer is a sign of life before its message is complete.
         self.last_activity = time.monotonic()
+        #: set by :meth:`abort`: a write waiting for room in the pipe gives up
+        self.aborted = False
         for f in (incoming, outgoing):
             try:
                 enlarge_pipe(f.fileno())
             except (OSError, ValueError, AttributeError):
                 pass
+        # The outgoing pipe's size, to write only what fits (None: not a pipe, or not Linux:
+        # plain blocking writes). See write().
+        self._pipe_size: int | None = None
+        if fcntl is not None and sys.platform.startswith("linux"):
+            try:
+                self._pipe_size = fcntl.fcntl(outgoing.fileno(), _F_GETPIPE_SZ)
+            except (OSError, ValueError, AttributeError):
+                pass
+
+    def abort(self) -> None:
+        """Make a write that waits for the peer to read give up (``EOFError``) within
+        :data:`ABORT_TICK` seconds: the peer is declared lost (a frozen host keeps its end
+        of the pipe open, so the write would otherwise wait as long as it stays frozen)."""
+        self.aborted = True
+
+    def _room(self, fd: int, want: int) -> int:
+        """How much of ``want`` bytes can be written to the pipe without blocking; waits
+        (checking :attr:`aborted`) while it is full."""
+        size = self._pipe_size
+        if size is None:
+            return min(want, CHUNK)
+        while True:
+            if self.aborted:
+                raise EOFError("the peer was declared lost while a write waited for it")
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            except OSError:
+                return min(want, CHUNK)
+            room = size - queued
+            if room > 0:
+                return min(want, room, CHUNK)
+            select.select((), (fd,), (), ABORT_TICK)
 
     def read(self, count: int) -> bytes:
         """``count`` bytes. Memory is taken as they arrive (pieces of at most
@@ -109,7 +154,7 @@ class FastPipeStream(PipeStream):
             total = len(view)
             sent = 0
             while sent < total:
-                sent += os.write(fd, view[sent:sent + CHUNK])
+                sent += os.write(fd, view[sent:sent + self._room(fd, total - sent)])
         except (OSError, ValueError) as exc:  # ValueError: closed under us
             self.close()
             raise EOFError(exc) from exc
