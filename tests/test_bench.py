@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIGURES = {
     "server_idle_rss", "server_idle_tree_rss",
     "compute_p50_vs_rpyc", "compute_p50_vs_tcp", "compute_p99",
-    "map_throughput", "map_first_result", "submit_throughput", "map_client_rss",
+    "map_throughput", "map_client_cpu", "map_first_result", "submit_throughput", "map_client_rss",
     "server_rss_growth",
     "sleep_200x10ms",
     "cpu_speedup", "cpu_speedup_vs_pool",
