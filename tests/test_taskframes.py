@@ -581,24 +581,15 @@ def inbound_waits(httpd: Any) -> float:
 
 
 # -- a sender blocked on a frozen server is released when the server is declared lost --------------
-PIPE_WRITE_BUG = (
-    "product bug: over pipes (connect_stream + FastPipeStream: a deployed server's ssh "
-    "pipes) a thread blocked in send_task(wait=True) writing a large task to a frozen "
-    "server stays blocked in os.write after the client has declared the server lost "
-    "(lost_after) and after client.close(): mark_lost can only shut a socket down, and "
-    "closing a pipe's descriptor does not wake a write blocked on it. Over TCP it gets "
-    "ServerLostError at once. It is released only when the peer reads again or the pipe "
-    "breaks (with ssh: a frozen server keeps ssh alive, so never)")
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("transport", [
-    "tcp", pytest.param("stdio", marks=pytest.mark.xfail(strict=True, reason=PIPE_WRITE_BUG))])
+@pytest.mark.parametrize("transport", ["tcp", "stdio"])
 def test_a_submit_blocked_on_a_frozen_server_fails_once_it_is_declared_lost(
         server_process: type[ServerProcess], transport: str) -> None:
     """A 64 MiB submit blocks writing to a SIGSTOPped server; once the client declares
     the server lost (``lost_after=2``), that submit raises ServerLostError too, instead of
-    waiting for the server to wake up."""
+    waiting for the server to wake up. Over TCP the socket is shut down; over pipes (a
+    deployed server's ssh pipes: a frozen server keeps ssh, and so the pipe, open) the
+    blocked write must give up by itself (it did not before 7f3068a)."""
     stdio: StdioServer | None = None
     if transport == "tcp":
         srv = server_process("--workers", "1")
@@ -634,3 +625,46 @@ def test_a_submit_blocked_on_a_frozen_server_fails_once_it_is_declared_lost(
         c.close()
         if stdio is not None:
             stdio.stop()
+
+
+# -- a frozen client does not hold up the server's other clients -----------------------------------
+FROZEN_CLIENT = r"""
+import sys, time
+import rpycsvc
+c = rpycsvc.connect(sys.argv[1], output="discard", lost_after=None)
+futs = [c.submit(lambda: (time.sleep(1.0), bytes(32 << 20))[1]) for _ in range(4)]
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_results_for_a_frozen_client_do_not_hold_up_other_clients() -> None:
+    """A client (a process of its own) is SIGSTOPped while 4 tasks of its run that each
+    return 32 MiB: the server's answers to it fill its socket and wait on its connection's
+    writer, while another client's tasks (small and 4 MiB results) go on being answered."""
+    with running_server(workers=2) as srv, \
+            rpycsvc.connect(srv.address, output="discard") as c:
+        proc = subprocess.Popen([sys.executable, "-c", FROZEN_CLIENT, srv.address],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"sent\n"
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: c.stats()["tasks_running"] == 0,
+                         "the frozen client's tasks to end")
+                for i in range(20):
+                    assert c.submit(abs, -i).result(timeout=WAIT) == i
+                    data = c.submit(bytes, 4 * MiB).result(timeout=WAIT)
+                    assert len(data) == 4 * MiB and not any(data[:1024])
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+        finally:
+            proc.kill()
+            proc.wait(10)
+            for f in (proc.stdin, proc.stdout):
+                if f is not None:
+                    f.close()
+        assert c.compute(abs, -1) == 1 and not c.closed
