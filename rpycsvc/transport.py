@@ -482,7 +482,8 @@ class FastChannel(Channel):
         if length > taskframes.MAX_INLINE:
             raise self._refuse("size", f"a task message announced {length} inline bytes "
                                f"(at most {taskframes.MAX_INLINE}); closing")
-        inline = self._read_idle_bounded(self.stream.read, length)
+        # (no stall bound for the inline part: it holds no budget, and it is small)
+        inline = getattr(self.stream, "read_buffer", self.stream.read)(length)  # ≤ 1 MiB
         try:
             control, lens, frames = taskframes.parse_inline(inline)
         except Exception as exc:  # ValueError, UnpicklingError, and what garbage raises
