@@ -668,3 +668,80 @@ def test_results_for_a_frozen_client_do_not_hold_up_other_clients() -> None:
                 if f is not None:
                     f.close()
         assert c.compute(abs, -1) == 1 and not c.closed
+
+
+# -- a closed pipe connection writes nowhere else ---------------------------------------------
+FD_REUSE_BUG = (
+    "product bug: FastPipeStream.write keeps the outgoing pipe's descriptor number for the "
+    "whole message and loops os.write(fd, ...) (waiting for room in _room); Client.close() "
+    "closes that descriptor under a write blocked on a frozen server without abort(), so "
+    "once the number is reused by the next pipe, socket or file the process opens, the rest "
+    "of the task's bytes are written into THAT descriptor (found by this test: ~23 MB of a "
+    "task's argument landed in an unrelated new pipe)")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason=FD_REUSE_BUG)
+def test_closing_a_pipe_client_mid_write_writes_nothing_into_a_reused_descriptor() -> None:
+    """A 16 MiB submit blocks writing to a SIGSTOPped stdio server; the client is closed
+    (no liveness check: nothing declares the server lost first). The descriptor it wrote to
+    is free now, and the next pipe this process makes gets its number: not one byte of the
+    task may arrive in that pipe."""
+    srv = StdioServer("--workers", "1")
+    c = srv.connect(output="discard", lost_after=None)
+    assert srv.proc.stdin is not None
+    out_fd = srv.proc.stdin.fileno()
+    pattern = b"TASKDATA"
+    payload = pattern * (2 * MiB)
+    submit: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def submit_big() -> None:
+        try:
+            submit.set_result(c.submit(len, payload))
+        except BaseException as exc:
+            submit.set_exception(exc)
+
+    mine: list[tuple[int, int]] = []
+    reused: tuple[int, int] | None = None
+    got = b""
+    try:
+        assert c.compute(abs, -1) == 1
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            threading.Thread(target=submit_big, daemon=True).start()
+            wait_for(lambda: not select.select((), (out_fd,), (), 0)[1],
+                     "the pipe to the stopped server to fill")
+            assert not submit.done()
+            in_thread(lambda: c.close(timeout=5), 30)
+            for _ in range(64):  # the lowest free number is taken first (POSIX)
+                r, w = os.pipe()
+                mine.append((r, w))
+                if out_fd in (r, w):
+                    reused = (r, w)
+                    break
+            if reused is None:
+                pytest.skip(f"descriptor {out_fd} was not reused by this process's next pipes")
+            os.set_blocking(reused[0], False)
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and not got:
+                try:
+                    got += os.read(reused[0], 1 << 16)
+                except BlockingIOError:
+                    time.sleep(0.05)
+            assert not got, (f"{len(got)}+ bytes of the closed connection's task arrived in "
+                             f"a new pipe that reused descriptor {out_fd}: {got[:24]!r}")
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+    finally:
+        if reused is not None:  # drain what a stray writer still sends there, then close
+            end = time.monotonic() + 30
+            while not submit.done() and time.monotonic() < end:
+                try:
+                    os.read(reused[0], 1 << 20)
+                except BlockingIOError:
+                    time.sleep(0.01)
+        for r, w in mine:
+            os.close(r)
+            os.close(w)
+        c.close()
+        srv.stop()
