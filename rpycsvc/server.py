@@ -25,6 +25,7 @@ from rpyc.utils.authenticators import AuthenticationError as RpycAuthError
 from rpyc.utils.helpers import classpartial
 from rpyc.utils.server import ForkingServer, OneShotServer, ThreadedServer
 
+from . import taskframes
 from .config import ServerConfig
 from .errors import ConfigError
 from .handshake import MAGIC, server_handshake, server_ssl_context
@@ -34,6 +35,8 @@ from .service import ClassicComputeService, ComputeService, Runtime
 from .transport import PREAUTH_MAX_MESSAGE, FastChannel, FastSocketStream, InboundBudget
 
 log = logging.getLogger("rpycsvc.server")
+#: How long a closing server waits for results still being written to their clients.
+DRAIN_TIMEOUT = 5.0
 
 #: serve() wakes at least this often (seconds) so signal handlers run promptly.
 _WAKE = 0.2
@@ -544,6 +547,9 @@ class Server:
             pass
         self._rpyc.listener.close()
         self.pool.close(self.config.grace if grace is None else grace)
+        # results handed over meanwhile still reach their clients (bounded: a client that
+        # doesn't read can't hold the shutdown up for long)
+        taskframes.drain(DRAIN_TIMEOUT)
         self._rpyc.close()
         self._closed.set()
         log.info("server %s stopped", self.address)

@@ -32,6 +32,7 @@ import queue
 import select
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -339,3 +340,18 @@ def _writer_of(conn: Any) -> _Writer:
                 w = _writers[conn] = _Writer(conn)
     return w
 
+
+def drain(timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until every connection's writer thread has
+    written what it was given: a server shutting down calls it before it closes its
+    connections, so results handed over in the grace period reach their clients. True if
+    all were written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _writers_lock:
+            busy = [w for w in _writers.values() if w.pending and w.thread.is_alive()]
+        if not busy:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)  # (shutdown only: a short poll beats a wake-up on every write)
