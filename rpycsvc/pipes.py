@@ -72,6 +72,8 @@ class FastPipeStream(PipeStream):
         self.last_activity = time.monotonic()
         #: set by :meth:`abort`: a write waiting for room in the pipe gives up
         self.aborted = False
+        #: a write is under way (close() waits for it to leave before closing the fd)
+        self._writing = False
         for f in (incoming, outgoing):
             try:
                 enlarge_pipe(f.fileno())
@@ -92,10 +94,22 @@ class FastPipeStream(PipeStream):
         of the pipe open, so the write would otherwise wait as long as it stays frozen)."""
         self.aborted = True
 
+    def close(self) -> None:
+        """Close both pipes. A write under way (waiting for room, for a frozen peer) gives
+        up first: closing its descriptor under it would let the rest of its bytes go to
+        whatever the process opens next under the same number."""
+        self.aborted = True
+        deadline = time.monotonic() + 2 * ABORT_TICK + 1.0
+        while self._writing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        super().close()
+
     def _room(self, fd: int, want: int) -> int:
         """How much of ``want`` bytes can be written to the pipe without blocking; waits
         (checking :attr:`aborted`) while it is full."""
         size = self._pipe_size
+        if self.aborted:
+            raise EOFError("the stream was closed, or its peer declared lost")
         if size is None:
             return min(want, CHUNK)
         while True:
@@ -149,15 +163,23 @@ class FastPipeStream(PipeStream):
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
+        self._writing = True
         try:
             fd = self.outgoing.fileno()
             total = len(view)
             sent = 0
             while sent < total:
                 sent += os.write(fd, view[sent:sent + self._room(fd, total - sent)])
+        except EOFError:
+            self._writing = False
+            self.close()
+            raise
         except (OSError, ValueError) as exc:  # ValueError: closed under us
+            self._writing = False
             self.close()
             raise EOFError(exc) from exc
+        finally:
+            self._writing = False
         TRAFFIC["out"] += total
 
 

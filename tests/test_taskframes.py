@@ -671,17 +671,7 @@ def test_results_for_a_frozen_client_do_not_hold_up_other_clients() -> None:
 
 
 # -- a closed pipe connection writes nowhere else ---------------------------------------------
-FD_REUSE_BUG = (
-    "product bug: FastPipeStream.write keeps the outgoing pipe's descriptor number for the "
-    "whole message and loops os.write(fd, ...) (waiting for room in _room); Client.close() "
-    "closes that descriptor under a write blocked on a frozen server without abort(), so "
-    "once the number is reused by the next pipe, socket or file the process opens, the rest "
-    "of the task's bytes are written into THAT descriptor (found by this test: ~23 MB of a "
-    "task's argument landed in an unrelated new pipe)")
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=FD_REUSE_BUG)
 def test_closing_a_pipe_client_mid_write_writes_nothing_into_a_reused_descriptor() -> None:
     """A 16 MiB submit blocks writing to a SIGSTOPped stdio server; the client is closed
     (no liveness check: nothing declares the server lost first). The descriptor it wrote to
