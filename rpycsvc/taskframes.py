@@ -39,8 +39,11 @@ from typing import Any, Protocol
 
 #: The flag byte of an RPyC frame header that marks a task message.
 TASK_FLAG = 2
-#: The most bytes a peer's control tuple may have.
+#: The most bytes of a control tuple in the inline part (a larger one is the first frame).
 MAX_CONTROL = 64 << 10
+#: The most bytes a control part sent as the first frame may have when its message is over
+#: the limit (it is read only to answer that task with the refusal).
+MAX_CONTROL_FRAME = 64 << 20
 #: The most frames one message may carry.
 MAX_FRAMES = 1 << 16
 #: Frames are sent inline (in the header's write) while their total is below this.
@@ -56,6 +59,9 @@ LAZY = 1 << 20
 PIECE = 1 << 20
 
 _COUNTS = struct.Struct("!II")  # number of frames, control length
+#: The control length that says "the control part is the first frame" (it is over
+#: MAX_CONTROL: long output lines, large log records, a module's source).
+CONTROL_IN_FRAME = 0xFFFFFFFF
 _LEN = struct.Struct("!Q")
 _FRAME_HEADER = struct.Struct("!LB")  # RPyC's (see rpyc.core.channel.Channel)
 
@@ -75,12 +81,18 @@ class TaskMessage:
 
     def __init__(self, control: tuple[Any, ...], frames: Sequence[Any] = ()) -> None:
         ctl = pickle.dumps(control, protocol=5)
+        ctl_len = len(ctl)
+        if ctl_len > MAX_CONTROL:
+            # A large control part (a long line of output, a log record, a module's source)
+            # travels as the first frame instead: read with the frames' limits and budget.
+            frames = [ctl, *frames]
+            ctl, ctl_len = b"", CONTROL_IN_FRAME
         views = [f if type(f) is memoryview else memoryview(f) for f in frames]
         sizes = [v.nbytes for v in views]
         lens = b"".join(_LEN.pack(n | READONLY if v.readonly else n)
                         for n, v in zip(sizes, views))
         small = sum(sizes) < INLINE
-        parts = [_COUNTS.pack(len(views), len(ctl)), lens, ctl]
+        parts = [_COUNTS.pack(len(views), ctl_len), lens, ctl]
         if small:
             parts.extend(views)
         inline = b"".join(parts)
@@ -116,20 +128,24 @@ def load_control(data: Any) -> tuple[Any, ...]:
     return control
 
 
-def parse_inline(inline: Any) -> tuple[tuple[Any, ...], list[int], list[Any]]:
-    """``(control, frame lengths with flags, frames sent inline)`` of an inline block."""
+def parse_inline(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], list[Any]]:
+    """``(control, frame lengths with flags, frames sent inline)`` of an inline block;
+    control None: it is the first frame (see :data:`CONTROL_IN_FRAME`)."""
     view = memoryview(inline)
     if len(view) < _COUNTS.size:
         raise ValueError("a task message shorter than its counts")
     nframes, ctl_len = _COUNTS.unpack_from(view)
     at = _COUNTS.size
-    if nframes > MAX_FRAMES or ctl_len > MAX_CONTROL \
+    in_frame = ctl_len == CONTROL_IN_FRAME
+    if in_frame:
+        ctl_len = 0
+    if nframes > MAX_FRAMES or ctl_len > MAX_CONTROL or (in_frame and not nframes) \
             or len(view) < at + 8 * nframes + ctl_len:
         raise ValueError(f"a corrupt task message ({nframes} frames, a control part of "
                          f"{ctl_len} bytes in {len(view)} inline bytes)")
     lens = list(struct.unpack_from(f"!{nframes}Q", view, at)) if nframes else []
     at += 8 * nframes
-    control = load_control(view[at:at + ctl_len])
+    control = None if in_frame else load_control(view[at:at + ctl_len])
     at += ctl_len
     inline_frames: list[Any] = []
     if at < len(view):

@@ -491,12 +491,18 @@ class FastChannel(Channel):
                                f"{exc}); closing") from None
         del inline
         if frames or not lens:
-            handler.on_task(control, frames)
+            self._hand_over(handler, control, frames)
             return
         sizes = [n & ~taskframes.READONLY for n in lens]
         total = length + sum(sizes)
         if total > self.max_message:
             read = getattr(self.stream, "read_buffer", self.stream.read)
+            if control is None:  # the control part is the first frame: read it for the key
+                control = ("?",)
+                if sizes[0] <= taskframes.MAX_CONTROL_FRAME:
+                    first = bytes(self._read_idle_bounded(self.stream.read, sizes[0]))
+                    control = self._load_control(first)
+                    sizes = sizes[1:]
             for size in sizes:
                 while size:
                     n = min(size, _CHUNK)
@@ -527,7 +533,20 @@ class FastChannel(Channel):
         finally:
             if budget is not None and res is not None:
                 budget.finish(res)
+        self._hand_over(handler, control, frames)
+
+    def _hand_over(self, handler: Any, control: tuple[Any, ...] | None,
+                   frames: list[Any]) -> None:
+        if control is None:  # sent as the first frame (a large control part)
+            control = self._load_control(frames.pop(0))
         handler.on_task(control, frames)
+
+    def _load_control(self, data: Any) -> tuple[Any, ...]:
+        try:
+            return taskframes.load_control(data)
+        except Exception as exc:
+            raise self._refuse("corrupt", f"a corrupt task message ({type(exc).__name__}: "
+                               f"{exc}); closing") from None
 
     def _fill(self, view: memoryview) -> None:
         """Fill ``view`` from the stream: in place where the stream can, else by copy."""
