@@ -356,6 +356,12 @@ class Worker:
                 self.drain_fds()  # what child processes wrote is this task's too
                 restore_std_fds(self.fd_pumps)  # in case the task closed some of them
             self.flush(ctx, whole_lines=False)
+            if self.pool is not None:
+                # From here on a cancel must not raise in this thread: an exception landing
+                # between two writes of the "done" message would corrupt the channel.
+                with self.active_lock:
+                    self.thread_ids.pop(task_id, None)
+                    _clear_async_exc()
             self.send(("done", task_id, ok, service_s), out)
         finally:
             self.local.ctx = None
@@ -407,13 +413,15 @@ class Worker:
             return dumps(safe, "batch results")
 
     def cancel(self, task_id: int, reason: str) -> None:
-        """Stop a task running in a thread by raising in it (takes effect between bytecodes)."""
-        with self.active_lock:
-            ident = self.thread_ids.get(task_id)
-        if ident is None:
-            return
+        """Stop a task running in a thread by raising in it (takes effect between bytecodes).
+        Not once the task is sending its result (see run)."""
         exc: type[BaseException] = TimeoutError if reason == "timeout" else _Cancelled
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+        with self.active_lock:  # (held while raising: run() drops the task under it)
+            ident = self.thread_ids.get(task_id)
+            if ident is None:
+                return
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                       ctypes.py_object(exc))
 
     def serve(self) -> None:
         """Take messages from the server until it says ``exit`` or the channel ends."""
@@ -428,6 +436,7 @@ class Worker:
                 return
             if not self.handle(control, frames, time.perf_counter()):
                 return
+            del control, frames  # an idle worker must not keep its last task's arguments
 
     def handle(self, control: Any, frames: list[Any], received: float) -> bool:
         """Handle a message from the server (read at ``received``); False: time to exit."""
@@ -448,6 +457,12 @@ class Worker:
         elif op == "exit":
             return False
         return True
+
+
+def _clear_async_exc() -> None:
+    """Drop an exception another thread asked to raise in this one and that has not been
+    raised yet (``PyThreadState_SetAsyncExc`` with NULL)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
 
 
 class _Cancelled(Exception):
