@@ -252,7 +252,12 @@ class Client:
         self._defaults = dict(options or {})
         self._keys = itertools.count(1)
         self._pending: dict[int, tuple[Callable[[str, Any], None], Any]] = {}
+        #: bytes of arguments our unfinished tasks hold in the server, by key: past the
+        #: server's ``max_held`` a new task waits for room (the server's memory is bounded)
+        self._held = 0
+        self._held_by: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
         self._closed = False
         self.lost: BaseException | None = None
         self._lost_callbacks: list[Callable[[Client, BaseException], None]] = []
@@ -344,12 +349,22 @@ class Client:
         key = next(self._keys)
         wire, mode = self._wire_options(opts)
         too_large = oversize((spec, frames), self.server_info.get("max_message"))
+        size = sum(memoryview(f).nbytes for f in frames)
+        limit = self.server_info.get("max_held")
         with self._lock:
+            if too_large is None and limit and not getattr(_READER, "on", False):
+                # (not in a reader thread, which must not wait: a cluster's dispatch from a
+                # callback sends within its own small window anyway)
+                while self._held and self._held + size > limit and self.lost is None \
+                        and not self._closed:
+                    self._room.wait(1.0)
             if self.lost is not None:
                 raise ServerLostError(f"connection to {self.address} is lost: {self.lost}",
                                       address=self.address)
             if too_large is None:
                 self._pending[key] = (done, (mode, sink))
+                self._held += size
+                self._held_by[key] = size
         if too_large is not None:  # fails alone, like a refusal from the server
             done("reply", ("error", "MessageTooLargeError", too_large))
             return key
@@ -360,8 +375,7 @@ class Client:
             send_task(self.conn, ("run", key, kind, spec, wire), frames,
                       wait=not getattr(_READER, "on", False))
         except (EOFError, OSError) as exc:
-            with self._lock:  # reported by raising, not also through done()
-                self._pending.pop(key, None)
+            self._take_pending(key)  # reported by raising, not also through done()
             lost = self.lost
             if isinstance(lost, ServerLostError):
                 raise lost from exc
@@ -402,8 +416,7 @@ class Client:
         op = control[0]
         if op == "done":
             _, key, status, service_s = control
-            with self._lock:
-                entry = self._pending.pop(key, None)
+            entry = self._take_pending(key)
             if entry is not None:
                 entry[0]("reply", (status, frames, service_s))
         elif op == "out":
@@ -411,8 +424,7 @@ class Client:
             self._on_output(key, fd, text)
         elif op == "error":
             _, key, name, text = control
-            with self._lock:
-                entry = self._pending.pop(key, None)
+            entry = self._take_pending(key)
             if entry is not None:
                 entry[0]("reply", ("error", name, text))
         elif op == "need":
@@ -429,10 +441,19 @@ class Client:
 
     def on_task_refused(self, control: tuple[Any, ...], text: str) -> None:
         if control[0] == "done":
-            with self._lock:
-                entry = self._pending.pop(control[1], None)
+            entry = self._take_pending(control[1])
             if entry is not None:
                 entry[0]("reply", ("error", "MessageTooLargeError", text))
+
+    def _take_pending(self, key: Any) -> tuple[Callable[[str, Any], None], Any] | None:
+        """Forget task ``key`` (answered, refused or never sent): its entry, or None."""
+        with self._lock:
+            entry = self._pending.pop(key, None)
+            size = self._held_by.pop(key, 0)
+            if size:
+                self._held -= size
+                self._room.notify_all()
+        return entry
 
     def _on_output(self, key: int, fd: int, text: Any) -> None:
         entry = self._pending.get(key)
@@ -499,6 +520,9 @@ class Client:
             self.lost = exc
             pending = list(self._pending.values())
             self._pending.clear()
+            self._held_by.clear()
+            self._held = 0
+            self._room.notify_all()
         if wake is not None and isinstance(exc, ServerLostError):
             wake(exc)
         err = exc if isinstance(exc, ServerLostError) else ServerLostError(

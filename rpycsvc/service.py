@@ -34,7 +34,7 @@ from .hosted import HostedQueue, HostedSpec, QueueRegistry
 from .liveness import Heartbeat
 from .pool import Task, WorkerPool
 from .serialization import dumps, loads
-from .taskserver import TaskEndpoint
+from .taskserver import MAX_HELD, TaskEndpoint
 from .tracebacks import load_exception
 from .transport import Deferred, ServerConnection
 
@@ -231,6 +231,7 @@ class ComputeService(Service):
             info["heartbeat"] = self._runtime.heartbeat.add(conn, float(heartbeat))
         info["endpoints"] = tuple(self._runtime.pool.endpoint_names)
         info["max_message"] = getattr(conn._channel, "max_message", None)
+        info["max_held"] = MAX_HELD
         return tuple(info.items())
 
     def exposed_stats_frames(self) -> tuple[bytes, ...]:

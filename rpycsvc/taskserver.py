@@ -29,7 +29,7 @@ import threading
 from typing import Any, Callable, Protocol
 
 from .config import check_timeout
-from .errors import TaskError
+from .errors import MessageTooLargeError, TaskError
 from .pool import Task, WorkerPool
 from .serialization import check_plain
 from .taskframes import send_task
@@ -38,6 +38,11 @@ from .transport import MESSAGE_OVERHEAD, too_large_message
 log = logging.getLogger("rpycsvc.server")
 
 _KINDS = ("pickled", "path", "endpoint")
+#: The most bytes of arguments one connection's unfinished tasks (queued or running) may
+#: hold in the server, beyond its first such task (which may be as large as a message may
+#: be). Clients learn it from hello (``max_held``) and wait before sending more, so a
+#: client sending faster than the workers run holds memory on its own side, not here.
+MAX_HELD = 256 << 20
 
 
 class Runtime(Protocol):
@@ -72,6 +77,9 @@ class TaskEndpoint:
         self._limit: int | None = getattr(conn._channel, "max_message", None)
         self._lock = threading.Lock()
         self._running: dict[int, int] = {}  # client's key -> pool task id
+        #: bytes of arguments this connection's unfinished tasks hold here (see MAX_HELD)
+        self._held = 0
+        self._held_by: dict[int, int] = {}
         self._asks: dict[int, Callable[[Any], None]] = {}  # module request -> answer
         self._reqs = itertools.count(1)
         self._closed = False
@@ -129,12 +137,23 @@ class TaskEndpoint:
                         client=self._client,
                         on_module=(lambda name, answer: self._ask(key, name, answer))
                         if self._modules else None)
-            runtime.count_task("task", self.transport)
+            size = sum(memoryview(f).nbytes for f in frames)
             with self._lock:
                 if self._closed:
                     return
+                if self._held and self._held + size > MAX_HELD:
+                    # an rpycsvc client waits before sending this (it knows MAX_HELD from
+                    # hello): only a client that doesn't gets here
+                    raise MessageTooLargeError(
+                        f"this connection's unfinished tasks hold {self._held} bytes of "
+                        f"arguments in the server already; this task's {size} more would "
+                        f"pass the limit of {MAX_HELD} bytes per connection: wait for some "
+                        "results before sending more")
                 # (booked before submit: a task that ends at once is unbooked by _done)
                 self._running[key] = -1
+                self._held += size
+                self._held_by[key] = size
+            runtime.count_task("task", self.transport)
             task_id = runtime.pool.submit(task)
             with self._lock:
                 if self._running.get(key) == -1:
@@ -144,12 +163,14 @@ class TaskEndpoint:
             if key is not None:
                 with self._lock:
                     self._running.pop(key, None)
+                    self._held -= self._held_by.pop(key, 0)
             self._send(("error", key, type(exc).__name__, str(exc)))
 
     def _done(self, key: int, task: Task, ok: bool, out: list[Any] | None,
               err: TaskError | None) -> None:
         with self._lock:
             self._running.pop(key, None)
+            self._held -= self._held_by.pop(key, 0)
         if err is not None:
             self._send(("error", key, type(err).__name__, str(err)))
             return
@@ -188,6 +209,8 @@ class TaskEndpoint:
             self._closed = True
             running = [t for t in self._running.values() if t != -1]
             self._running.clear()
+            self._held_by.clear()
+            self._held = 0
             self._asks.clear()
         for task_id in running:
             self._runtime.pool.cancel(task_id, "cancel")
