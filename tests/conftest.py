@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import rpycsvc
+from tests.support.certs import Certs, make_certs
 from tests.support.servers import ServerProcess, running_server
 from tests.support.sshd import SshServer, sshd_available
 
@@ -77,3 +78,9 @@ def sshd() -> Iterator[SshServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA, server and client certificates made as a real CA would (tests/support/certs)."""
+    return make_certs(tmp_path_factory.mktemp("certs"))

@@ -15,32 +15,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import pytest
 
 import rpycsvc
 from rpycsvc.attach import peer_credentials, peer_is_owner, split_address
 from rpycsvc.errors import ConfigError, ConnectError
+from tests.support.byvalue import tasks_by_value  # noqa: F401 (an autouse fixture)
 from tests.support.sshd import SshServer, pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 60
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(300)]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def tasks_by_value() -> Iterator[None]:
-    # The remote Python can't import this test module: send its functions by value.
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
 
 
 # -- tasks (run remotely) ----------------------------------------------------------------------

@@ -19,15 +19,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import cloudpickle
 import pytest
 
 import rpycsvc
 from rpycsvc.errors import AllServersFailedError, ConfigError, DeployError, RpycsvcError
+from tests.support.byvalue import tasks_by_value  # noqa: F401 (an autouse fixture)
 from tests.support.leftovers import copies_of
 from tests.support.netns import NetnsNetwork, netns_available
 from tests.support.sshd import (
@@ -42,16 +41,6 @@ from tests.support.sshd import (
 REPO = Path(__file__).resolve().parent.parent
 ssh = pytest.mark.ssh
 
-
-@pytest.fixture(scope="module", autouse=True)
-def tasks_by_value() -> Iterator[None]:
-    # The remote Python can't import this test module: send its functions by value.
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
 
 
 # -- tasks (run remotely) ----------------------------------------------------------------------

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-import cloudpickle
 import pytest
 
 import rpycsvc
 from rpycsvc.errors import AllServersFailedError, ConfigError, DeployError
+from tests.support.byvalue import tasks_by_value  # noqa: F401 (an autouse fixture)
 from tests.support.sshd import SshServer, pid_alive, process_tree
 
 plumbum = pytest.importorskip("plumbum")
@@ -34,16 +34,6 @@ from plumbum.machines.paramiko_machine import ParamikoMachine  # noqa: E402
 
 ssh = pytest.mark.ssh
 
-
-@pytest.fixture(scope="module", autouse=True)
-def tasks_by_value() -> Iterator[None]:
-    # The deployed Python can't import this test module: send its functions by value.
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
 
 
 def pids() -> tuple[int, int]:

@@ -17,18 +17,19 @@ import logging
 import os
 import random
 import signal
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import cloudpickle
 import pytest
 
 import rpycsvc
 from rpycsvc.handshake import client_ssl_context
-from tests.support.certs import Certs, make_certs
+from tests.support.byvalue import (
+    needs_memory,
+    tasks_by_value,  # noqa: F401 (an autouse fixture)
+)
+from tests.support.certs import Certs
 from tests.support.servers import ServerProcess, running_server
 from tests.support.sshd import SshServer
 
@@ -36,20 +37,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tasks_by_value() -> Iterator[None]:
-    # A deployed server can't import this test module: its functions go by value.
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 # -- tasks (run remotely) ----------------------------------------------------------------------
@@ -71,22 +58,6 @@ def pid() -> int:
     return os.getpid()
 
 
-# -- helpers -----------------------------------------------------------------------------------
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 where there is none to read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def needs_memory(gib: int) -> Any:
-    return pytest.mark.skipif(available_memory() < gib * GiB,
-                              reason=f"needs ~{gib} GiB of available memory (MemAvailable)")
 
 
 def deploy(srv: SshServer, **kw: Any) -> rpycsvc.Cluster:

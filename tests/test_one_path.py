@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import sys
-from collections.abc import Iterator
 from typing import Any
 
-import cloudpickle
 import pytest
 import rpyc
 
 import rpycsvc
 from rpycsvc.handshake import client_ssl_context
 from rpycsvc.serialization import dumps
-from tests.support.certs import Certs, make_certs
+from tests.support.byvalue import (
+    available_memory,
+    tasks_by_value,  # noqa: F401 (an autouse fixture)
+)
+from tests.support.certs import Certs
 from tests.support.servers import running_server
 from tests.support.sshd import SshServer
 
@@ -39,19 +40,6 @@ PATTERN = bytes(range(256))
 TRANSPORTS = ("tcp", "tls", "ssh")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tasks_by_value() -> Iterator[None]:
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def counts(c: rpycsvc.Client) -> tuple[dict[str, int], dict[str, int]]:
@@ -191,17 +179,6 @@ def test_malformed_tasks_are_refused_alone() -> None:
 
 
 # -- a gigabyte each way -------------------------------------------------------------------------
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 where there is none to read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def length_and_ends(data: bytes) -> tuple[int, bool]:

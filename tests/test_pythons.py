@@ -29,7 +29,7 @@ import rpycsvc
 from rpycsvc.bootstrap import build_bundle, host_pythons, remote_command
 from rpycsvc.errors import EnvironmentMismatchError
 from rpycsvc.handshake import client_ssl_context
-from tests.support.certs import Certs, make_certs, make_weak_chain
+from tests.support.certs import Certs, make_weak_chain
 from tests.support.servers import running_server
 from tests.support.sshd import SshServer
 
@@ -117,10 +117,6 @@ def test_plain_rpyc_client_passes_a_bytearray_to_an_endpoint(
 
 
 # -- 3. certificates under strict X.509 verification ------------------------------------------
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
 
 @pytest.fixture(scope="module")
 def weak_chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:

@@ -18,15 +18,11 @@ import rpyc
 import rpycsvc
 from rpycsvc import ServerConfig
 from rpycsvc.handshake import client_ssl_context
-from tests.support.certs import Certs, make_certs
+from tests.support.certs import Certs
 from tests.support.servers import running_server
 
 KEY = "correct horse battery staple"
 
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, Callable
 
-import cloudpickle
 import pytest
 import rpyc
 
@@ -40,6 +39,10 @@ from rpycsvc.client import connect_stream, frames_of_call
 from rpycsvc.metrics import serve_metrics
 from rpycsvc.pipes import FastPipeStream
 from rpycsvc.taskframes import TASK_FLAG, send_task
+from tests.support.byvalue import (
+    available_memory,
+    tasks_by_value,  # noqa: F401 (an autouse fixture)
+)
 from tests.support.logs import Collect
 from tests.support.servers import REPO, ServerProcess, running_server
 
@@ -60,15 +63,6 @@ FRAME_HEADER = struct.Struct("!LB")
 #: A task message's counts: number of frames, control length (see rpycsvc.taskframes).
 COUNTS = struct.Struct("!II")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def tasks_by_value() -> Iterator[None]:
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
 
 
 # -- tasks (run remotely) -------------------------------------------------------------------------
@@ -100,17 +94,6 @@ def worker_pid() -> int:
 def crc(data: Any) -> int:
     return zlib.crc32(memoryview(data).cast("B"))
 
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 where there is none to read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
