@@ -31,6 +31,7 @@ from rpyc.core.protocol import Connection
 from rpyc.core.service import ClassicClient, VoidService
 
 from .errors import RpycsvcTimeoutError, ServerLostError
+from .taskframes import flush_queue, out_fd
 from .transport import FastChannel, SendRaceSafe
 
 log = logging.getLogger("rpycsvc.liveness")
@@ -63,23 +64,6 @@ def check_lost_after(value: Any) -> float | None:
 
 
 # -- the server's side ----------------------------------------------------------------------
-
-
-def _out_fd(stream: Any) -> int | None:
-    """The file descriptor the stream writes to (a socket's, or a pipe's outgoing end);
-    None when there is none, or it was closed (a closed socket's ``fileno()`` is -1)."""
-    fd = -1
-    try:
-        sock = getattr(stream, "sock", None)
-        if sock is not None:
-            fd = int(sock.fileno())
-        else:
-            outgoing = getattr(stream, "outgoing", None)
-            if outgoing is not None:
-                fd = int(outgoing.fileno())
-    except (OSError, ValueError, EOFError, AttributeError):
-        pass
-    return fd if fd >= 0 else None
 
 
 class Heartbeat:
@@ -139,7 +123,7 @@ class Heartbeat:
             if conn.closed:
                 self.remove(conn)
                 continue
-            fd = _out_fd(conn._channel.stream)
+            fd = out_fd(conn._channel.stream)
             if fd is not None:
                 fds[fd] = conn
         if not fds:
@@ -176,18 +160,10 @@ class Heartbeat:
 
 def _flush_queue(conn: Connection) -> None:
     """Send what RPyC queued while the heartbeat held the send lock (as ``_send`` does)."""
-    while conn._send_queue:
-        if not conn._sendlock.acquire(False):
-            return  # the holder sends it
-        try:
-            if not conn._send_queue:
-                continue
-            data = conn._send_queue.pop(0)
-            conn._channel.send(data)
-        except Exception:
-            return
-        finally:
-            _release(conn._sendlock)
+    try:
+        flush_queue(conn)
+    except Exception:  # closed meanwhile: the connection's reader sees it too
+        pass
 
 
 def _release(lock: Any) -> None:

@@ -102,9 +102,6 @@ class TaskMessage:
             for v in views]
         self.sent = False
 
-    def nbytes(self) -> int:
-        return len(self.head) + sum(v.nbytes for v in self.large)
-
     def write_to(self, stream: Any) -> None:
         """Write the whole message to ``stream`` (the caller holds the send lock)."""
         stream.write(self.head)
@@ -208,7 +205,7 @@ def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
     descriptor has room; False (nothing written) otherwise."""
     if conn._send_queue or writer.pending:
         return False
-    fd = _out_fd(conn._channel.stream)
+    fd = out_fd(conn._channel.stream)
     if fd is None:
         return False
     lock = conn._sendlock
@@ -238,18 +235,22 @@ def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
             writer.put_flush()
 
 
-def _out_fd(stream: Any) -> int | None:
-    """The descriptor ``stream`` writes to (a socket's, or a pipe's outgoing end)."""
+def out_fd(stream: Any) -> int | None:
+    """The file descriptor the stream writes to (a socket's, or a pipe's outgoing end);
+    None when there is none, or it was closed (a closed socket's ``fileno()`` is -1).
+    (Also the heartbeat's: rpycsvc.liveness.)"""
+    fd = -1
     try:
         sock = getattr(stream, "sock", None)
         if sock is not None:
-            fd = sock.fileno()
+            fd = int(sock.fileno())
         else:
             outgoing = getattr(stream, "outgoing", None)
-            fd = outgoing.fileno() if outgoing is not None else -1
-    except (OSError, ValueError, AttributeError, EOFError):
-        return None
-    return fd if isinstance(fd, int) and fd >= 0 else None
+            if outgoing is not None:
+                fd = int(outgoing.fileno())
+    except (OSError, ValueError, EOFError, AttributeError):
+        pass
+    return fd if fd >= 0 else None
 
 
 def _send_now(conn: Any, msg: TaskMessage) -> None:
@@ -270,12 +271,12 @@ def _send_now(conn: Any, msg: TaskMessage) -> None:
             lock.release()
         except RuntimeError:
             pass
-    _flush(conn)
+    flush_queue(conn)
     if not msg.sent and conn.closed:
         raise EOFError("the connection is closed")
 
 
-def _flush(conn: Any) -> None:
+def flush_queue(conn: Any) -> None:
     """Send what is queued on ``conn``, as RPyC's ``_send`` does: whoever gets the lock
     sends; checked again after each release."""
     q = conn._send_queue
@@ -331,7 +332,7 @@ class _Writer:
                 return
             try:
                 if msg is None:
-                    _flush(conn)
+                    flush_queue(conn)
                 else:
                     _send_now(conn, msg)
             except (EOFError, OSError, ValueError):

@@ -176,10 +176,9 @@ class TaskEndpoint:
             return
         frames = out or ()
         limit = self._limit
-        if limit is not None and len(frames) > 0 \
-                and sum(memoryview(f).nbytes for f in frames) > limit - MESSAGE_OVERHEAD:
+        size = sum(memoryview(f).nbytes for f in frames) if limit is not None else 0
+        if limit is not None and size > limit - MESSAGE_OVERHEAD:
             # the server's limit holds both ways: this task fails alone, nothing is sent
-            size = sum(memoryview(f).nbytes for f in frames)
             self._send(("error", key, "MessageTooLargeError", too_large_message(
                 "result" if ok else "exception", size, limit)))
             return
