@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 import rpycsvc
-from rpycsvc.registry import discover, start_registry, stop_registry
+from rpycsvc.server.registry import discover, start_registry, stop_registry
 
 
 @contextlib.contextmanager

@@ -15,14 +15,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getattr__ loads these
-    from ._version import __version__
-    from .classic import redirected_stderr, redirected_stdout
-    from .client import Client, TaskFuture, connect
-    from .cluster import BroadcastResult, Cluster
-    from .config import ServerConfig
-    from .deployment import deploy
-    from .endpoints import endpoint
-    from .errors import (
+    from rpycsvc._version import __version__
+    from rpycsvc.client.cluster import BroadcastResult, Cluster
+    from rpycsvc.client.connection import Client, TaskFuture, connect
+    from rpycsvc.client.executor import ClusterExecutor
+    from rpycsvc.deployment.launcher import deploy
+    from rpycsvc.errors import (
         AllServersFailedError,
         AuthenticationError,
         ConfigError,
@@ -42,29 +40,31 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getat
         VersionMismatchError,
         WorkerCrashedError,
     )
-    from .executor import ClusterExecutor
-    from .hosted import Queue
-    from .server import Server
+    from rpycsvc.protocol.classic import redirected_stderr, redirected_stdout
+    from rpycsvc.server.config import ServerConfig
+    from rpycsvc.server.endpoints import endpoint
+    from rpycsvc.server.hosted import Queue
+    from rpycsvc.server.server import Server
 
 #: public name -> the submodule (of this package) that defines it
 _LAZY: dict[str, str] = {
     "__version__": "_version",
     # the client side
-    "BroadcastResult": "cluster",
-    "Client": "client",
-    "Cluster": "cluster",
-    "ClusterExecutor": "executor",
-    "TaskFuture": "client",
-    "connect": "client",
-    "redirected_stderr": "classic",
-    "redirected_stdout": "classic",
+    "BroadcastResult": "client.cluster",
+    "Client": "client.connection",
+    "Cluster": "client.cluster",
+    "ClusterExecutor": "client.executor",
+    "TaskFuture": "client.connection",
+    "connect": "client.connection",
+    "redirected_stderr": "protocol.classic",
+    "redirected_stdout": "protocol.classic",
     # the server side
-    "Queue": "hosted",
-    "Server": "server",
-    "ServerConfig": "config",
-    "endpoint": "endpoints",
+    "Queue": "server.hosted",
+    "Server": "server.server",
+    "ServerConfig": "server.config",
+    "endpoint": "server.endpoints",
     # SSH deployment
-    "deploy": "deployment",
+    "deploy": "deployment.launcher",
     # errors, under RpycsvcError
     "AllServersFailedError": "errors",
     "AuthenticationError": "errors",
@@ -143,10 +143,10 @@ def __dir__() -> list[str]:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext rpycsvc``: register the notebook magics (see :mod:`rpycsvc.ipython`).
+    """``%load_ext rpycsvc``: register the notebook magics (:mod:`rpycsvc.integrations.ipython`).
 
     IPython looks this hook up on the package itself; it imports the extension module
     (and IPython's parts it needs) only when the extension is loaded."""
-    from .ipython import load_ipython_extension as load
+    from rpycsvc.integrations.ipython import load_ipython_extension as load
 
     load(ipython)

@@ -39,11 +39,11 @@ from typing import Any, Callable
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
-from ._joblib_arrays import ArrayMissing, ArraySharing, resolve
-from .client import TaskFuture
-from .client import settle as _settle
-from .cluster import Cluster
-from .errors import ConfigError, ConnectError
+from rpycsvc.client.cluster import Cluster
+from rpycsvc.client.connection import TaskFuture
+from rpycsvc.client.connection import settle as _settle
+from rpycsvc.errors import ConfigError, ConnectError
+from rpycsvc.integrations.joblib_arrays import ArrayMissing, ArraySharing, resolve
 
 __all__ = ["RpycsvcBackend", "register"]
 

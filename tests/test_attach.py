@@ -1,4 +1,4 @@
-"""More clients for a deployed server (rpycsvc.attach), against the suite's real private sshd.
+"""More clients for a deployed server (rpycsvc.client.attach), against the suite's private sshd.
 
 The "host" is this machine through ssh, so a test can look at the server's socket directory
 and processes directly. A second client attaches with the address the deploying client
@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 import rpycsvc
-from rpycsvc.attach import peer_credentials, peer_is_owner, split_address
+from rpycsvc.client.attach import split_address
 from rpycsvc.errors import ConfigError, ConnectError
+from rpycsvc.server.attach import peer_credentials, peer_is_owner
 from tests.support.byvalue import tasks_by_value  # noqa: F401 (an autouse fixture)
 from tests.support.sshd import SshServer, pid_alive
 
@@ -143,7 +144,7 @@ def test_status_top_and_a_cluster_reach_the_server_by_its_attach_address(
 def test_the_repl_attaches(sshd: SshServer) -> None:
     import io
 
-    from rpycsvc.repl import RemoteRepl
+    from rpycsvc.cli.repl import RemoteRepl
 
     cluster = deploy(sshd, workers=1)
     try:

@@ -1,4 +1,5 @@
-"""rpycsvc.bootstrap against a real private sshd: channel, no files on disk, teardown, errors.
+"""rpycsvc.deployment.bootstrap against a real private sshd: channel, no files on disk,
+teardown, errors.
 
 The "remote" is this machine through ssh, so the tests can look at the remote process in
 /proc and at the remote user's files directly.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from rpycsvc.bootstrap import (
+from rpycsvc.deployment.bootstrap import (
     EXIT_FRAMING,
     EXIT_IMPORT,
     EXIT_TOO_OLD,
@@ -328,7 +329,7 @@ def test_bundle_is_deterministic_cached_and_clean() -> None:
         "tests/__init__.py",
         "tests/support/__init__.py",
         "tests/support/echo_entry.py",
-        "rpycsvc/bootstrap.py",
+        "rpycsvc/deployment/bootstrap.py",
     } <= set(names)
     assert not [n for n in names if "__pycache__" in n]
     # byte code rides along as unchecked hash-based .pyc beside its .py (PEP 552)

@@ -17,7 +17,7 @@ import pytest
 import rpyc
 
 import rpycsvc
-from rpycsvc import cli
+from rpycsvc.cli import main as cli
 from tests.support.rendezvous import Gate, pass_gate
 from tests.support.servers import REPO, ServerProcess
 
@@ -26,10 +26,10 @@ ADDRESS = re.compile(r"^127\.0\.0\.1:(\d+)$")
 
 
 class Launched(ServerProcess):
-    """Any launcher command (not just ``rpycsvc.cli serve``), read and stopped the same way."""
+    """Any launcher command (not just ``rpycsvc.cli.main serve``), read and stopped the same way."""
 
     def __init__(self, *cmd: str, timeout: float = WAIT) -> None:
-        # Not super().__init__: that one always runs ``rpycsvc.cli serve``.
+        # Not super().__init__: that one always runs ``rpycsvc.cli.main serve``.
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=env, cwd=str(REPO))

@@ -15,7 +15,7 @@ import pytest
 
 import rpycsvc
 from rpycsvc import Cluster
-from rpycsvc.cluster import read_hosts_file
+from rpycsvc.client.cluster import read_hosts_file
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_stdout_stream_is_prefixed(capfd: pytest.CaptureFixture[str]) -> None:
 
 
 def test_progress_render_without_total() -> None:
-    from rpycsvc.progress import Progress
+    from rpycsvc.client.progress import Progress
 
     buf = io.StringIO()
     p = Progress(None, stream=buf)

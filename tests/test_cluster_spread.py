@@ -4,7 +4,7 @@ A map sizes its chunks from the time the *workers* spent on them, not from their
 (which counts the wait behind the other chunks in flight, a wait that grows with the number
 of servers), and work is spread over every server, not piled on the first ones. Checked on
 real local servers through their public ``stats()`` task counts; the chunk sizer itself is
-checked on its own (``rpycsvc._mapping.ChunkSizer``).
+checked on its own (``rpycsvc.client.mapping.ChunkSizer``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from rpycsvc import Cluster
-from rpycsvc._mapping import (
+from rpycsvc.client.mapping import (
     GROWTH,
     MAX_CHUNK,
     MAX_CHUNK_BYTES,

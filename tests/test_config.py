@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import rpycsvc
-from rpycsvc import cli
-from rpycsvc.config import ServerConfig, is_loopback
+from rpycsvc.cli import main as cli
+from rpycsvc.server.config import ServerConfig, is_loopback
 from tests.support.servers import ServerProcess
 
 

@@ -213,7 +213,7 @@ def test_close_leaves_no_process_and_no_file(
         # Nothing on disk while it runs either: the only "file" is the memfd bundle.
         assert [(p, f) for p in procs for f in _open_files(p)] == []
         # ... and the code it runs was imported from that memfd, not from some copy.
-        where = cluster[0].eval("__import__('rpycsvc.deployment').deployment.__file__")
+        where = cluster[0].eval("__import__('rpycsvc.deployment.launcher').deployment.__file__")
         assert where.startswith(f"/proc/{procs[0]}/fd/"), where
     finally:
         began = time.monotonic()
@@ -224,8 +224,9 @@ def test_close_leaves_no_process_and_no_file(
     assert wait_no_sessions(sshd) == [], "an ssh session outlived close()"
     assert set(os.listdir(home)) - home_before == set()
     # Others may create files in /tmp meanwhile: only a copy of our code counts.
-    # (b"def remote_main(rfile" is in rpycsvc/deployment.py's source)
-    assert copies_of(tmp, tmp_before, b"def remote_main(rfile", "rpycsvc/deployment.py") == []
+    # (b"def remote_main(rfile" is in rpycsvc/deployment/launcher.py's source)
+    assert copies_of(tmp, tmp_before, b"def remote_main(rfile",
+                     "rpycsvc/deployment/launcher.py") == []
 
 
 @ssh
@@ -446,7 +447,7 @@ def test_cli_deploy_runs_a_script(sshd: SshServer, tmp_path: Path) -> None:
     argv = [
         sys.executable,
         "-m",
-        "rpycsvc.cli",
+        "rpycsvc.cli.main",
         "deploy",
         sshd.alias,
         "-F",
@@ -474,7 +475,7 @@ def test_cli_deploy_to_an_unreachable_host_fails_clearly(sshd: SshServer) -> Non
     argv = [
         sys.executable,
         "-m",
-        "rpycsvc.cli",
+        "rpycsvc.cli.main",
         "deploy",
         closed,
         "-F",
@@ -656,7 +657,7 @@ def test_a_host_whose_link_stays_dead_stops_its_server(tmp_path: Path) -> None:
     ],
 )
 def test_ssh_argv_parses_hosts(host: str, tail: list[str]) -> None:
-    from rpycsvc.deployment import SSH_DEFAULTS, ssh_argv
+    from rpycsvc.client.ssh import SSH_DEFAULTS, ssh_argv
 
     argv = ssh_argv(host, ("ip", "netns", "exec", "c", "ssh"), ["-F", "cfg"])
     assert argv[:5] == ["ip", "netns", "exec", "c", "ssh"]
@@ -664,7 +665,7 @@ def test_ssh_argv_parses_hosts(host: str, tail: list[str]) -> None:
 
 
 def test_ssh_argv_refuses_a_bad_port() -> None:
-    from rpycsvc.deployment import ssh_argv
+    from rpycsvc.client.ssh import ssh_argv
 
     with pytest.raises(ConfigError, match="'node1:ssh'"):
         ssh_argv("node1:ssh")
@@ -684,7 +685,7 @@ def _effective_ssh_options(argv: list[str]) -> dict[str, str]:
 
 
 def test_ssh_defaults_apply() -> None:
-    from rpycsvc.deployment import ssh_argv
+    from rpycsvc.client.ssh import ssh_argv
 
     if shutil.which("ssh") is None:
         pytest.skip("ssh is not installed")
@@ -696,7 +697,7 @@ def test_ssh_defaults_apply() -> None:
 
 
 def test_user_ssh_options_win_over_the_defaults() -> None:
-    from rpycsvc.deployment import ssh_argv
+    from rpycsvc.client.ssh import ssh_argv
 
     if shutil.which("ssh") is None:
         pytest.skip("ssh is not installed")
@@ -716,7 +717,7 @@ def _env_file(text: str) -> dict[str, str]:
 
 
 def test_env_example_is_a_valid_and_safe_config() -> None:
-    from rpycsvc.config import ServerConfig
+    from rpycsvc.server.config import ServerConfig
 
     env = _env_file((DEPLOY_DIR / "rpycsvc.env.example").read_text())
     assert all(key.startswith("RPYCSVC_") for key in env)
@@ -736,8 +737,8 @@ def test_env_example_is_a_valid_and_safe_config() -> None:
 
 
 def test_hosts_example_parses() -> None:
-    from rpycsvc.client import parse_address
-    from rpycsvc.cluster import read_hosts_file
+    from rpycsvc.client.cluster import read_hosts_file
+    from rpycsvc.client.connection import parse_address
 
     hosts = read_hosts_file(str(DEPLOY_DIR / "hosts.example"))
     assert [parse_address(h) for h in hosts] == [

@@ -286,7 +286,7 @@ input()  # until killed
 
 
 def test_a_crashed_client_leaves_no_local_server() -> None:
-    # The local server is not tied to its parent by a signal (see rpycsvc.machines): it must
+    # The local server is not tied to its parent by a signal (rpycsvc.deployment.machines): it must
     # stop on EOF from the dead client's pipe, workers included.
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
@@ -395,8 +395,8 @@ def test_ctrl_c_to_the_clients_process_group_leaves_its_host_string_server_servi
 def test_only_a_batch_mode_ssh_gets_a_session_of_its_own() -> None:
     # ssh keeps the first value of an option: the caller's BatchMode=no (a prompt wanted)
     # beats deploy's BatchMode=yes, and then ssh must stay in our terminal's session.
-    from rpycsvc.bootstrap import batch_mode
-    from rpycsvc.deployment import ssh_argv
+    from rpycsvc.client.ssh import ssh_argv
+    from rpycsvc.deployment.bootstrap import batch_mode
 
     assert batch_mode(ssh_argv("node1"))
     assert not batch_mode(ssh_argv("node1", ssh_options=["-o", "BatchMode=no"]))

@@ -253,7 +253,7 @@ def test_plain_rpyc_client_over_tls_is_told_why_too(tmp_path: Path) -> None:
                         ssl_certfile=str(certs.server_cert)) as srv:
         with pytest.raises(PermissionError, match="requires an authkey"):
             rpyc.classic.ssl_connect("127.0.0.1", srv.port, ca_certs=str(certs.ca))
-        from rpycsvc.handshake import client_ssl_context
+        from rpycsvc.protocol.handshake import client_ssl_context
 
         with rpycsvc.connect(srv.address, authkey=AUTHKEY,
                              ssl=client_ssl_context(ca=str(certs.ca))) as c:

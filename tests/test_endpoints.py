@@ -11,7 +11,7 @@ import pytest
 import rpyc
 
 import rpycsvc
-from rpycsvc.endpoints import load_endpoints, resolve_path
+from rpycsvc.server.endpoints import load_endpoints, resolve_path
 from tests.support import sample_endpoints
 from tests.support.servers import running_server
 

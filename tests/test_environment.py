@@ -23,16 +23,16 @@ import cloudpickle
 import pytest
 
 import rpycsvc
-from rpycsvc._local import read_address
-from rpycsvc.environment import (
+from rpycsvc.client.environment import (
     by_value_conflict,
     candidate_modules,
     holds_code_by_value,
     pickle_globals,
     wait_checked,
 )
+from rpycsvc.client.local import read_address
 from rpycsvc.errors import EnvironmentMismatchError
-from rpycsvc.serialization import dumps, dumps_function
+from rpycsvc.protocol.serialization import dumps, dumps_function
 from tests.support.servers import REPO, ServerProcess
 
 WAIT = 60.0

@@ -113,7 +113,7 @@ def kind(request: pytest.FixtureRequest, one_worker: rpycsvc.Server) -> Iterator
     c = Cluster([one_worker.address], output="discard")
     try:
         ex = c.executor()
-        yield Kind(ex, c.total_workers * 2)  # (rpycsvc._jobs.PIPELINE)
+        yield Kind(ex, c.total_workers * 2)  # (rpycsvc.client.jobs.PIPELINE)
         ex.shutdown(wait=False, cancel_futures=True)
     finally:
         c.close()

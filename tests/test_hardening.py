@@ -26,7 +26,7 @@ import pytest
 from rpyc.core import brine, consts
 
 import rpycsvc
-from rpycsvc.handshake import client_handshake
+from rpycsvc.protocol.handshake import client_handshake
 from tests.support.limited import REPO, LimitedServer, closed_by_peer, free_port, metric
 from tests.support.servers import running_server
 
@@ -180,7 +180,7 @@ def test_plain_pickle_checks_are_bounded(tmp_path: Path) -> None:
     task's arguments, and a worker's) refuse the memo
     bomb without allocating: run in a child under a 1 GiB address space."""
     code = (
-        "from rpycsvc.serialization import check_plain, loads_plain\n"
+        "from rpycsvc.protocol.serialization import check_plain, loads_plain\n"
         "from rpycsvc.errors import SerializationError\n"
         f"bomb = {MEMO_BOMB!r}\n"
         "for check in (lambda: check_plain([bomb]), lambda: loads_plain(bomb)):\n"
@@ -260,7 +260,7 @@ def test_inbound_budget_holds_back_large_messages_only() -> None:
 def test_inbound_budget_readers_waiting_for_each_other_go_on() -> None:
     """Two messages each hold half the budget and each need more: neither could finish if
     both waited for room. The one that started first goes on; when it is done, the other."""
-    from rpycsvc.transport import InboundBudget, Reservation
+    from rpycsvc.protocol.transport import InboundBudget, Reservation
 
     budget = InboundBudget(4)
     first, second = budget.start(), budget.start()

@@ -30,7 +30,7 @@ from rpyc.core import brine, consts
 
 import rpycsvc
 from rpycsvc.errors import MessageTooLargeError
-from rpycsvc.handshake import client_handshake
+from rpycsvc.protocol.handshake import client_handshake
 from tests.support.limited import closed_by_peer
 from tests.support.servers import REPO, running_server
 

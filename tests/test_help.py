@@ -5,7 +5,7 @@ The options and their defaults come from the parsers the commands really use
 (``cli.build_parser()`` for ``rpycsvc`` and every subcommand, ``cli.add_serve_arguments`` for
 ``rpycsvc_classic``); the text checked is what the command prints, run as a subprocess.
 ``serve``'s options default to None in argparse (so ``RPYCSVC_*`` variables can fill them),
-so their help must show :class:`rpycsvc.config.ServerConfig`'s default instead.
+so their help must show :class:`rpycsvc.server.config.ServerConfig`'s default instead.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from rpycsvc import cli
-from rpycsvc.config import ServerConfig
+from rpycsvc.cli import main as cli
+from rpycsvc.server.config import ServerConfig
 from tests.support.servers import REPO
 
 WAIT = 60.0

@@ -96,7 +96,7 @@ def test_remote_cells_keep_their_session_and_broadcast_names_each_server(
 
 def test_errors_say_what_to_do(servers: list[str]) -> None:
     out = run_cells([
-        "%load_ext rpycsvc.ipython",
+        "%load_ext rpycsvc.integrations.ipython",
         "%rpycsvc",
         "%%remote\nprint(1)",
         "%rpycsvc connect --bogus x",

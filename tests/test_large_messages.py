@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import rpycsvc
-from rpycsvc.handshake import client_ssl_context
+from rpycsvc.protocol.handshake import client_ssl_context
 from tests.support.byvalue import (
     needs_memory,
     tasks_by_value,  # noqa: F401 (an autouse fixture)

@@ -24,18 +24,22 @@ from tests.support.servers import REPO, ServerProcess
 from tests.test_registry import RegistryProcess, register_args, wait_for
 
 WAIT = 120.0
-#: modules that run in the server (or only configure it): a client never needs them
-SERVER_SIDE = {"rpycsvc.server", "rpycsvc.service", "rpycsvc.pool", "rpycsvc.worker",
-               "rpycsvc._workerio", "rpycsvc.taskserver",
-               "rpycsvc.hosted", "rpycsvc.endpoints", "rpycsvc.metrics", "rpycsvc.registry",
-               "rpycsvc.config"}
-#: pushing servers to other hosts over SSH
-DEPLOYMENT = {"rpycsvc.deployment", "rpycsvc.bootstrap"}
-#: the modules of the ``rpycsvc`` subcommands other than serve (which lives in rpycsvc.cli)
-SUBCOMMAND_MODULES = {"rpycsvc.demo", "rpycsvc.bench", "rpycsvc.status", "rpycsvc.top",
-                      "rpycsvc.repl", "rpycsvc.registry", "rpycsvc.deployment"}
+#: the folders of the package by role (the package's own layout, issue 16)
+SERVER_FOLDER, DEPLOYMENT_FOLDER, CLI_FOLDER = "rpycsvc.server", "rpycsvc.deployment", "rpycsvc.cli"
+
+
+def under(modules: set[str], *folders: str) -> set[str]:
+    """The modules of ``modules`` that live in one of ``folders`` (dotted package names)."""
+    return {m for m in modules for f in folders if m == f or m.startswith(f + ".")}
+
+
+#: the modules of the ``rpycsvc`` subcommands other than serve (which lives in rpycsvc.cli.main)
+SUBCOMMAND_MODULES = {"rpycsvc.cli.demo", "rpycsvc.cli.bench", "rpycsvc.cli.status",
+                      "rpycsvc.cli.top", "rpycsvc.cli.repl", "rpycsvc.server.registry",
+                      "rpycsvc.deployment.launcher"}
 #: what the subcommands need that a plain ``rpycsvc --help`` must not load either
-HEAVY = {"rpycsvc.server", "rpycsvc.bootstrap", "rpycsvc.remote_session"}
+HEAVY = {"rpycsvc.server.server", "rpycsvc.deployment.bootstrap",
+         "rpycsvc.client.remote_session"}
 
 #: prints, as its last line, the rpycsvc modules the interpreter has imported so far
 REPORT = ("import json as _json, sys as _sys\n"
@@ -95,7 +99,7 @@ def test_every_public_name_is_lazy_listed_by_dir_and_resolves() -> None:
 def test_import_rpycsvc_loads_no_server_deployment_or_cli_module() -> None:
     loaded = loaded_after("import rpycsvc\n")
     assert "rpycsvc" in loaded
-    assert not loaded & (SERVER_SIDE | DEPLOYMENT | {"rpycsvc.cli"}), sorted(loaded)
+    assert not under(loaded, SERVER_FOLDER, DEPLOYMENT_FOLDER, CLI_FOLDER), sorted(loaded)
 
 
 def test_a_client_script_loads_no_server_or_deployment_module(
@@ -114,8 +118,9 @@ def test_a_client_script_loads_no_server_or_deployment_module(
         with rpycsvc.Cluster([address]) as cluster:
             assert cluster.options(timeout=60).submit(abs, -3).result(timeout=60) == 3
     """, srv.address)
-    assert {"rpycsvc.client", "rpycsvc.cluster"} <= loaded  # it did load the client side
-    assert not loaded & (SERVER_SIDE | DEPLOYMENT | {"rpycsvc.cli"}), sorted(loaded)
+    # it did load the client side
+    assert {"rpycsvc.client.connection", "rpycsvc.client.cluster"} <= loaded
+    assert not under(loaded, SERVER_FOLDER, DEPLOYMENT_FOLDER, CLI_FOLDER), sorted(loaded)
 
 
 def test_cluster_discover_loads_no_server_module(server_process: type[ServerProcess]) -> None:
@@ -135,8 +140,8 @@ def test_cluster_discover_loads_no_server_module(server_process: type[ServerProc
         """, str(registry.port), srv.address)
     finally:
         registry.stop()
-    assert "rpycsvc.discovery" in loaded
-    assert not loaded & (SERVER_SIDE | DEPLOYMENT | {"rpycsvc.cli"}), sorted(loaded)
+    assert "rpycsvc.client.discovery" in loaded
+    assert not under(loaded, SERVER_FOLDER, DEPLOYMENT_FOLDER, CLI_FOLDER), sorted(loaded)
 
 
 def test_cluster_deployed_loads_no_deployment_module() -> None:
@@ -153,7 +158,7 @@ def test_cluster_deployed_loads_no_deployment_module() -> None:
             m for m in sys.modules if m.split(".")[0] == "rpycsvc")}))
     """)
     assert "rpycsvc deploy HOST... --run SCRIPT" in facts["error"]
-    assert not set(facts["loaded"]) & (SERVER_SIDE | DEPLOYMENT), facts["loaded"]
+    assert not under(set(facts["loaded"]), SERVER_FOLDER, DEPLOYMENT_FOLDER), facts["loaded"]
 
 
 def test_top_level_help_imports_no_subcommand_module() -> None:
@@ -166,11 +171,12 @@ def test_a_subcommand_imports_its_module_only() -> None:
     the commands it does not run (nor the registry server: ``--discover`` is client-side);
     likewise ``top --help``; ``serve --help`` loads no server."""
     loaded = imported_by_cli("status", "--help")
-    assert "rpycsvc.status" in loaded
-    others = SUBCOMMAND_MODULES - {"rpycsvc.status"}  # --discover is rpycsvc.discovery's
+    assert "rpycsvc.cli.status" in loaded
+    others = SUBCOMMAND_MODULES - {"rpycsvc.cli.status"}  # --discover is rpycsvc.client.discovery's
     assert not loaded & (others | HEAVY), sorted(loaded)
     loaded = imported_by_cli("top", "--help")
-    others = SUBCOMMAND_MODULES - {"rpycsvc.top", "rpycsvc.status"}  # top probes as status does
+    # top probes as status does
+    others = SUBCOMMAND_MODULES - {"rpycsvc.cli.top", "rpycsvc.cli.status"}
     assert not loaded & (others | HEAVY), sorted(loaded)
     loaded = imported_by_cli("serve", "--help")
     assert not loaded & (SUBCOMMAND_MODULES | HEAVY), sorted(loaded)
@@ -185,8 +191,8 @@ def test_unknown_attribute_raises_attribute_error_naming_it() -> None:
 
 
 def test_load_ext_rpycsvc_registers_the_notebook_magics(tmp_path: Path) -> None:
-    """``%load_ext rpycsvc`` (the package, not only ``rpycsvc.ipython``) works: the top level's
-    hook loads the extension, whose magics IPython then knows."""
+    """``%load_ext rpycsvc`` (the package, not only ``rpycsvc.integrations.ipython``) works:
+    the top level's hook loads the extension, whose magics IPython then knows."""
     pytest.importorskip("IPython")
     magics = fresh_python("""
         import json

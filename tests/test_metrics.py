@@ -24,10 +24,10 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import rpycsvc
-from rpycsvc import cli
-from rpycsvc.metrics import CONTENT_TYPE, FAMILIES, MetricsServer, serve_metrics
-from rpycsvc.pool import DURATION_BUCKETS
-from rpycsvc.registry import free_port
+from rpycsvc.cli import main as cli
+from rpycsvc.server.metrics import CONTENT_TYPE, FAMILIES, MetricsServer, serve_metrics
+from rpycsvc.server.pool import DURATION_BUCKETS
+from rpycsvc.server.registry import free_port
 from tests.support.servers import REPO, ServerProcess, running_server
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
@@ -138,7 +138,7 @@ def test_port_in_use_is_a_config_error(server: rpycsvc.Server,
 
 
 @pytest.mark.skipif("serve_metrics" not in inspect.getsource(cli.run),
-                    reason="rpycsvc/cli.py run() does not start serve_metrics() yet")
+                    reason="rpycsvc/cli/main.py run() does not start serve_metrics() yet")
 def test_serve_metrics_port_option(server_process: type[ServerProcess]) -> None:
     port = free_port()
     proc = server_process("--workers", "1", "--metrics-port", str(port))
@@ -248,7 +248,7 @@ WITHOUT_PROMETHEUS = """
 import sys
 sys.modules["prometheus_client"] = None  # "import prometheus_client" now raises ImportError
 import rpycsvc
-from rpycsvc import cli
+from rpycsvc.cli import main as cli
 
 # a server without --metrics-port does not need it
 with rpycsvc.Server(rpycsvc.ServerConfig(port=0, workers=1)) as srv:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rpycsvc.bootstrap import start_remote
+from rpycsvc.deployment.bootstrap import start_remote
 from tests.support.echo_entry import exchange
 from tests.support.netns import (
     PREFIX,

@@ -213,7 +213,7 @@ def test_html_cards_of_cluster_client_and_future(kernel: Kernel, servers: list[s
 
 def test_remote_magic_streams_output_and_the_kernel_interrupt_stops_it(
         kernel: Kernel, servers: list[str]) -> None:
-    kernel.run("%load_ext rpycsvc.ipython")
+    kernel.run("%load_ext rpycsvc.integrations.ipython")
     kernel.run(f"%rpycsvc connect {servers[0]}")
     cell = kernel.run("%%remote\nimport os\nanswer = 6 * 7\nprint('remote-hello', os.getpid())")
     assert "remote-hello" in kernel.text(cell)

@@ -23,8 +23,8 @@ import pytest
 import rpyc
 
 import rpycsvc
-from rpycsvc.handshake import client_ssl_context
-from rpycsvc.serialization import dumps
+from rpycsvc.protocol.handshake import client_ssl_context
+from rpycsvc.protocol.serialization import dumps
 from tests.support.byvalue import (
     available_memory,
     tasks_by_value,  # noqa: F401 (an autouse fixture)

@@ -23,8 +23,8 @@ from rpycsvc.errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from rpycsvc.pool import Task, WorkerPool
-from rpycsvc.serialization import dumps, dumps_function, loads
+from rpycsvc.protocol.serialization import dumps, dumps_function, loads
+from rpycsvc.server.pool import Task, WorkerPool
 
 # -- tasks (run in workers; module-level so they pickle by reference) ----------------------
 

@@ -26,9 +26,9 @@ import pytest
 import rpyc
 
 import rpycsvc
-from rpycsvc.bootstrap import build_bundle, host_pythons, remote_command
+from rpycsvc.deployment.bootstrap import build_bundle, host_pythons, remote_command
 from rpycsvc.errors import EnvironmentMismatchError
-from rpycsvc.handshake import client_ssl_context
+from rpycsvc.protocol.handshake import client_ssl_context
 from tests.support.certs import Certs, make_weak_chain
 from tests.support.servers import running_server
 from tests.support.sshd import SshServer

@@ -94,8 +94,8 @@ from pathlib import Path
 import pytest
 
 import rpycsvc
-from rpycsvc import cli
-from rpycsvc.registry import discover
+from rpycsvc.cli import main as cli
+from rpycsvc.server.registry import discover
 from tests.support.rendezvous import Gate, pass_gate
 from tests.support.servers import REPO, ServerProcess
 from tests.support.sshd import SshServer
@@ -328,7 +328,7 @@ def _start_registry(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
         [sys.executable, "-m", "rpycsvc.cli", "registry", "--port", "0", "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
         cwd=str(REPO))
-    from rpycsvc._local import read_address  # the same first-line protocol as serve
+    from rpycsvc.client.local import read_address  # the same first-line protocol as serve
 
     try:
         return proc, int(read_address(proc, WAIT).rsplit(":", 1)[1])
@@ -828,7 +828,7 @@ def test_environment_mismatch_sample_is_the_message() -> None:
     """The sample under "Environment checks", unwrapped, is the message
     ``EnvironmentMismatchError`` has for its versions (a task function from a 3.11.7 client to
     a 3.9.18 server; ``tests/test_environment.py`` raises it from a server of another CPython)."""
-    from rpycsvc.environment import mismatch_message
+    from rpycsvc.client.environment import mismatch_message
 
     text = README.read_text().splitlines()
     start = text.index("### Environment checks")

@@ -1,5 +1,5 @@
 """Discovery through RPyC's registry: ``rpycsvc registry`` on 127.0.0.1, servers started
-with ``--register`` found by :func:`rpycsvc.registry.discover`, ``Cluster.discover`` and
+with ``--register`` found by :func:`rpycsvc.server.registry.discover`, ``Cluster.discover`` and
 ``status --discover``; a stopped server unregisters; a silent client can't stall it."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 import rpycsvc
 from rpycsvc.errors import ConnectError
-from rpycsvc.registry import SERVICE_NAMES, discover, start_registry, stop_registry
+from rpycsvc.server.registry import SERVICE_NAMES, discover, start_registry, stop_registry
 from tests.support.servers import REPO, ServerProcess
 
 WAIT = 30.0
@@ -98,7 +98,7 @@ def test_round_trip_with_two_servers(registry: RegistryProcess,
 def test_service_names_are_what_servers_register() -> None:
     from rpyc.utils.helpers import classpartial
 
-    from rpycsvc.service import ClassicComputeService, ComputeService
+    from rpycsvc.server.service import ClassicComputeService, ComputeService
 
     for cls in (ClassicComputeService, ComputeService):
         # the server registers classpartial(cls, runtime), which keeps the class name

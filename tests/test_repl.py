@@ -16,7 +16,7 @@ import pexpect
 import pytest
 
 import rpycsvc
-from rpycsvc.repl import RemoteRepl, post_mortem
+from rpycsvc.cli.repl import RemoteRepl, post_mortem
 from tests.support.servers import REPO, ServerProcess, running_server
 
 WAIT = 20.0

@@ -1,4 +1,4 @@
-"""``rpycsvc.remote_session``, the engine under ``rpycsvc repl`` (and the notebook magic to
+"""``rpycsvc.client.remote_session``, the engine under ``rpycsvc repl`` (and the notebook magic to
 come), through its own small interface against a real server: a session is a process of its
 own; output streams; an interrupt stops a blocked call; close and a dropped connection stop
 its process tree."""
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 import rpycsvc
-from rpycsvc.remote_session import RemoteSession, SessionError
+from rpycsvc.client.remote_session import RemoteSession, SessionError
 from tests.support.servers import running_server
 
 BOUND = 15.0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import rpycsvc
-from rpycsvc.handshake import server_handshake, versions
+from rpycsvc.protocol.handshake import server_handshake, versions
 
 
 def _raise_lost(marker: str) -> None:

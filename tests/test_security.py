@@ -17,7 +17,7 @@ import rpyc
 
 import rpycsvc
 from rpycsvc import ServerConfig
-from rpycsvc.handshake import client_ssl_context
+from rpycsvc.protocol.handshake import client_ssl_context
 from tests.support.certs import Certs
 from tests.support.servers import running_server
 

@@ -1,4 +1,4 @@
-"""rpycsvc.serialization without sockets: values by value, buffers out of band, errors
+"""rpycsvc.protocol.serialization without sockets: values by value, buffers out of band, errors
 rebuilt; plus one round trip of large buffers through a live server."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from rpyc.core import brine
 
 import rpycsvc
-from rpycsvc.serialization import (
+from rpycsvc.protocol.serialization import (
     OOB_THRESHOLD,
     FunctionCache,
     dump_exception,

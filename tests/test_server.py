@@ -21,7 +21,7 @@ import pytest
 from rpyc.core.netref import BaseNetref
 
 import rpycsvc
-from rpycsvc import handshake
+from rpycsvc.protocol import handshake
 from tests.support.rendezvous import Barrier, Gate, meet, pass_gate
 from tests.support.sample_endpoints import TwoArgError
 from tests.support.servers import running_server

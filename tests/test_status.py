@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import rpycsvc
-from rpycsvc.status import (
+from rpycsvc.cli.status import (
     ServerStatus,
     format_table,
     human_bytes,

@@ -42,8 +42,8 @@ import numpy as np
 import pytest
 
 import rpycsvc
-from rpycsvc.handshake import client_handshake, client_ssl_context
-from rpycsvc.serialization import loads
+from rpycsvc.protocol.handshake import client_handshake, client_ssl_context
+from rpycsvc.protocol.serialization import loads
 from tests.support.logs import Collect
 from tests.support.rendezvous import Barrier, Gate, meet, pass_gate
 from tests.support.sample_endpoints import Point

@@ -1,7 +1,7 @@
-"""Task messages (:mod:`rpycsvc.taskframes`) on real sockets, pipes and processes.
+"""Task messages (:mod:`rpycsvc.protocol.taskframes`) on real sockets, pipes and processes.
 
 A task message rides inside a client's one RPyC connection as a frame whose flag byte is
-:data:`~rpycsvc.taskframes.TASK_FLAG`. These tests check what that promises, from the
+:data:`~rpycsvc.protocol.taskframes.TASK_FLAG`. These tests check what that promises, from the
 outside: RPyC calls and task messages interleave on one connection without mixing;
 256 MiB cross each way over TCP and over pipes; a message over the server's limit fails its
 task alone (the frames are read and dropped, not kept) while the connection stays; garbage
@@ -34,11 +34,11 @@ import pytest
 import rpyc
 
 import rpycsvc
-from rpycsvc import taskframes
-from rpycsvc.client import connect_stream, frames_of_call
-from rpycsvc.metrics import serve_metrics
-from rpycsvc.pipes import FastPipeStream
-from rpycsvc.taskframes import TASK_FLAG, send_task
+from rpycsvc.client.connection import connect_stream, frames_of_call
+from rpycsvc.protocol import taskframes
+from rpycsvc.protocol.pipes import FastPipeStream
+from rpycsvc.protocol.taskframes import TASK_FLAG, send_task
+from rpycsvc.server.metrics import serve_metrics
 from tests.support.byvalue import (
     available_memory,
     tasks_by_value,  # noqa: F401 (an autouse fixture)
@@ -60,7 +60,7 @@ WAIT = 60.0
 NO_BLOCK = 5.0
 #: RPyC's frame header (see rpyc.core.channel.Channel): length, flag.
 FRAME_HEADER = struct.Struct("!LB")
-#: A task message's counts: number of frames, control length (see rpycsvc.taskframes).
+#: A task message's counts: number of frames, control length (see rpycsvc.protocol.taskframes).
 COUNTS = struct.Struct("!II")
 
 

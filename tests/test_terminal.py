@@ -25,8 +25,8 @@ from typing import Callable
 import pytest
 
 import rpycsvc
-from rpycsvc.output import EXIT_STDOUT_CLOSED
-from rpycsvc.status import ServerStatus, format_table, unique_addresses
+from rpycsvc.cli.status import ServerStatus, format_table, unique_addresses
+from rpycsvc.client.output import EXIT_STDOUT_CLOSED
 from tests.support.servers import REPO
 
 WAIT = 60.0
@@ -245,7 +245,7 @@ def test_help_shows_every_default_and_no_rest_markup(command: str) -> None:
                          stdin=subprocess.DEVNULL, env={**ENV, "COLUMNS": "100"})
     assert out.returncode == 0, out.stderr
     # ours: the description and the command's own options (the "discovery" group of status
-    # and top comes from rpycsvc.registry)
+    # and top comes from rpycsvc.server.registry)
     text = out.stdout.split("\ndiscovery:", 1)[0]
     assert "`" not in text, text
     options = re.split(r"\n(?:options|optional arguments):\n", text, maxsplit=1)[1]
@@ -262,7 +262,7 @@ def test_help_shows_every_default_and_no_rest_markup(command: str) -> None:
 #: pipe that is not stdout's (a socket whose peer closed).
 BODY = r'''
 import socket, sys
-from rpycsvc.output import ending_quietly_if_stdout_closes
+from rpycsvc.client.output import ending_quietly_if_stdout_closes
 
 with ending_quietly_if_stdout_closes():
     if sys.argv[1] == "print":

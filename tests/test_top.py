@@ -12,7 +12,7 @@ import time
 import pytest
 
 import rpycsvc
-from rpycsvc.top import Monitor, Snapshot, render, throughput
+from rpycsvc.cli.top import Monitor, Snapshot, render, throughput
 from tests.support.rendezvous import Gate, pass_gate
 from tests.support.servers import REPO
 

@@ -100,7 +100,7 @@ def assert_points_at_user_code(exc: BaseException, want: list[Frame]) -> None:
     # (the __cause__), with nothing of the worker's in between
     shown = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     assert remote.rstrip() in shown
-    assert "rpycsvc/worker.py" not in shown and "rpycsvc/_worker" not in shown, shown
+    assert "rpycsvc/server/worker.py" not in shown and "rpycsvc/_worker" not in shown, shown
 
 
 def test_function_sent_by_value_shows_file_line_and_source(
@@ -132,14 +132,14 @@ def test_the_same_through_the_server_and_in_a_batched_map(
 def test_a_deployed_server_cuts_its_worker_frames_too(sshd: SshServer,
                                                      helpers_by_value: None) -> None:
     """``rpycsvc.deploy`` runs rpycsvc from an in-memory bundle, whose file names are
-    relative ("rpycsvc/worker.py"): the worker's frames are cut all the same."""
+    relative ("rpycsvc/server/worker.py"): the worker's frames are cut all the same."""
     options = ["-F", str(sshd.config_path)]
     with rpycsvc.deploy([sshd.alias], ssh_options=options, timeout=30) as cluster, \
             pytest.raises(ValueError, match="innermost failed on 6") as info:
         cluster.submit(tb_helpers.entry, 3).result(timeout=WAIT)
     assert_points_at_user_code(
         info.value, [helper_frame("entry"), helper_frame("middle"), helper_frame("innermost")])
-    assert "rpycsvc/worker.py" not in info.value.remote_traceback  # type: ignore[attr-defined]
+    assert "rpycsvc/server/worker.py" not in info.value.remote_traceback  # type: ignore[attr-defined]
 
 
 def test_chained_exceptions_sent_by_value_show_their_source_too(

@@ -1,4 +1,4 @@
-"""A tiny entry point for ``rpycsvc.bootstrap`` tests: echoes length-prefixed frames.
+"""A tiny entry point for ``rpycsvc.deployment.bootstrap`` tests: echoes length-prefixed frames.
 
 Frames are ``>Q`` length + payload. The first frame it sends is its pid. A payload starting
 with ``CMD_PREFIX`` is a command (see ``_command``); anything else comes back unchanged.

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from rpycsvc import ConnectError
-from rpycsvc._local import read_address
+from rpycsvc.client.local import read_address
 
 REPO = Path(__file__).resolve().parents[2]
 

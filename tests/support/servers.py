@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rpycsvc import ConnectError, Server, ServerConfig
-from rpycsvc._local import read_address
+from rpycsvc.client.local import read_address
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 # The keys, ports and process handling are the bench's (the package ships it); the tests
 # import them from here, with the sshd itself.
-from rpycsvc.bench_sshd import (
+from rpycsvc.cli.bench.sshd import (
     SSHD,
     PrivateSshd,
     free_port,
@@ -25,7 +25,7 @@ from rpycsvc.bench_sshd import (
     process_tree,
     terminate_tree,
 )
-from rpycsvc.bench_sshd import unavailable as sshd_available
+from rpycsvc.cli.bench.sshd import unavailable as sshd_available
 
 __all__ = ["SSHD", "SshServer", "free_port", "keygen", "pid_alive", "process_tree",
            "sshd_available", "terminate_tree"]
@@ -53,7 +53,7 @@ sys.exit(1)
 class SshServer(PrivateSshd):
     """A private sshd. ``with SshServer() as srv: subprocess.run(srv.ssh_argv() + ["true"])``.
 
-    The bench's :class:`~rpycsvc.bench_sshd.PrivateSshd`, plus what the tests need: with
+    The bench's :class:`~rpycsvc.cli.bench.sshd.PrivateSshd`, plus what the tests need: with
     ``netns``, sshd runs via ``ip netns exec NETNS`` and listens on ``address`` there (port 22
     unless given); clients must then run in a namespace too: ``ssh_argv(netns=...)``. It also
     serves sftp, and its clients use a faster key exchange.

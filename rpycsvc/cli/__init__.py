@@ -1,0 +1,1 @@
+"""The ``rpycsvc`` command line: one module per subcommand (each imported only when it runs)."""

@@ -1,0 +1,782 @@
+"""One connection to one rpycsvc server: run tasks by value, classic access, live output.
+
+:func:`connect` returns a :class:`Client`. ``client.root.compute(fn, *args)`` and
+``client.submit(fn, *args)`` send the function and its arguments by value (cloudpickle,
+pickle protocol 5) and get results by value; many tasks may be in flight on one connection.
+``client.modules``/``execute``/``eval`` are RPyC's classic access, unchanged.
+
+Tasks travel as task messages on the same connection (:mod:`rpycsvc.protocol.taskframes`), not
+as RPyC calls: one protocol on every transport (TCP, TLS, the pipes of an ssh session),
+in order with the connection's RPyC messages; the server relays them to its worker pool
+(:mod:`rpycsvc.server.taskserver`). The connection's reader thread reads the answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import socket
+import ssl as _ssl
+import threading
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Callable
+
+from rpycsvc.client.environment import for_client, versions_of
+from rpycsvc.client.output import OutputRouter, current_cell
+from rpycsvc.errors import (
+    ConfigError,
+    ConnectError,
+    MessageTooLargeError,
+    RemoteTaskError,
+    RpycsvcError,
+    RpycsvcTimeoutError,
+    SerializationError,
+    ServerDrainingError,
+    ServerLostError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from rpycsvc.protocol import forwarding
+from rpycsvc.protocol.checks import check_timeout
+from rpycsvc.protocol.forwarding import ModuleProvider
+from rpycsvc.protocol.handshake import client_handshake
+from rpycsvc.protocol.liveness import (
+    DEFAULT_LOST_AFTER,
+    WATCHDOG,
+    ClientConnection,
+    LiveChannel,
+    LiveClassicClient,
+    LiveVoidService,
+    check_lost_after,
+    heartbeat_interval,
+)
+from rpycsvc.protocol.serialization import dumps, dumps_function, loads
+from rpycsvc.protocol.taskframes import send_task
+from rpycsvc.protocol.tracebacks import load_exception
+from rpycsvc.protocol.transport import FastSocketStream, oversize
+
+log = logging.getLogger("rpycsvc.client")
+#: ``on`` in the threads that read clients' connections, and while a thread handles a
+#: task message (see Client.start_task)
+_READER = threading.local()
+
+DEFAULT_PORT = 18812
+_ERRORS: dict[str, type[Exception]] = {
+    "TaskTimeoutError": TaskTimeoutError,
+    "WorkerCrashedError": WorkerCrashedError,
+    "TaskCancelledError": TaskCancelledError,
+    "ConfigError": ConfigError,
+    "SerializationError": SerializationError,
+    "MessageTooLargeError": MessageTooLargeError,
+    "ServerDrainingError": ServerDrainingError,
+    "ServerLostError": ServerLostError,
+}
+#: Options a task may carry (see :meth:`Client.options`).
+TASK_OPTIONS = ("timeout", "mode", "output")
+
+
+def parse_address(address: str, port: int | None = None) -> tuple[str, int]:
+    """``"host"``, ``"host:port"`` or ``"[v6]:port"`` → ``(host, port)``."""
+    address = address.strip()
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        p = rest.lstrip(":")
+    elif address.count(":") == 1:
+        host, p = address.split(":")
+    else:
+        host, p = address, ""
+    try:
+        return host or "127.0.0.1", int(p) if p else (port or DEFAULT_PORT)
+    except ValueError:
+        raise ConfigError(f"bad server address {address!r}: expected host or host:port") from None
+
+
+class TaskFuture(Future):
+    """A ``concurrent.futures.Future`` for one remote task, plus where it ran and its output.
+
+    Its states are the stdlib's. It is *pending* while it waits in a cluster's queue on this
+    machine, and *running* from the moment it is sent to a server (``running()`` is True):
+    the task protocol has no "started" message, so a task sent may still wait in the
+    server's own queue. ``client.submit`` sends at once, so its futures start running.
+
+    - ``cancel()`` is the stdlib's: True only for a pending task, which then never reaches a
+      server; False once it is running or done (the task goes on).
+    - :meth:`stop` stops the task wherever it is: a pending one is cancelled, a running one
+      is stopped on its server (its worker process is killed and replaced) and this future
+      fails at once with :class:`~rpycsvc.TaskCancelledError`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # like Celery's task id, to log and to correlate (random, not secret: no urandom
+        # syscall per task, which costs more than the rest of this constructor)
+        self.id = f"{random.getrandbits(128):032x}"
+        self.address: str | None = None
+        self.stdout = ""
+        self.stderr = ""
+        #: drops the task wherever it is: from a cluster's queue, or from its server
+        self._stopper: Callable[[], None] | None = None
+        #: the Jupyter cell that submitted the task: its prints go there (rpycsvc.client.output)
+        self._cell = current_cell()
+
+    def cancel(self) -> bool:
+        """Cancel the task if it is still pending (not sent to a server): the stdlib's
+        contract. False for a running task: use :meth:`stop` to stop that one."""
+        if not super().cancel():
+            return False
+        self._stop_remote()
+        return True
+
+    def stop(self) -> bool:
+        """Stop the task wherever it is; False if it had finished already.
+
+        Pending: as ``cancel()`` (``cancelled()`` is then True). Running: the server is asked
+        to stop it (a process-mode task's worker is killed with its child processes and
+        replaced; a thread-mode task gets an exception the next time its thread runs Python
+        code) and this future fails at once with :class:`~rpycsvc.TaskCancelledError`
+        without waiting for the server; a result that still arrives is dropped."""
+        if self.cancel():
+            return True
+        where = f" on {self.address}" if self.address else ""
+        try:
+            self.set_exception(TaskCancelledError(
+                f"the task was stopped (future.stop()){where}", address=self.address))
+        except InvalidStateError:  # it finished meanwhile
+            return False
+        self._stop_remote()
+        return True
+
+    def _repr_html_(self) -> str:
+        """The future as Jupyter shows it: state, where it runs, result or error."""
+        from rpycsvc.client.html import future_html
+
+        return future_html(self)
+
+    def _stop_remote(self) -> None:
+        if self._stopper is not None:
+            try:
+                self._stopper()
+            except Exception:  # the connection is gone: nothing runs there any more
+                log.debug("stopping task %s failed", self.id, exc_info=True)
+
+
+def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   copy: bool = True) -> tuple[str, Any, tuple[bytes, ...]]:
+    """How a call travels: (kind, spec, frames) — functions pickled by value, names as text.
+
+    With ``copy=False`` large buffers stay views of the arguments (see ``dumps``)."""
+    data = dumps((args, kwargs), "arguments", copy=copy)
+    if isinstance(task, str):
+        return ("path" if ":" in task else "endpoint"), task, data
+    return "pickled", None, (dumps_function(task), *data)
+
+
+def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
+    """Turn a server reply into ``(True, result)`` or ``(False, exception)``."""
+    status = reply[0]
+    if status == "ok":  # (frames come as the worker sent them: numpy buffers writable)
+        return True, loads(reply[1], "result", writable=False)
+    if status == "raised":
+        return False, load_exception(reply[1], address)
+    cls = _ERRORS.get(reply[1])
+    if cls is None:
+        return False, RemoteTaskError(reply[2], remote_type=reply[1], address=address)
+    exc = cls(f"{reply[2]} (on {address})")
+    if hasattr(exc, "address"):
+        exc.address = address
+    return False, exc
+
+
+def settle(fut: Future, result: Any, exc: BaseException | None) -> None:
+    """Complete ``fut`` unless it is done already (e.g. cancelled by its owner meanwhile)."""
+    if fut.done():
+        return
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except Exception:
+        pass  # cancelled between the check and the set
+
+
+def settle_reply(fut: Future, reply: Any, address: str) -> None:
+    """Complete ``fut`` from a server's reply to ``run``."""
+    try:
+        ok, result = decode_reply(reply, address)
+    except RpycsvcError as exc:
+        ok, result = False, exc
+    settle(fut, result if ok else None, None if ok else result)
+
+
+class _Root:
+    """``client.root``: ``compute``/``stats`` by value, anything else from the server's root."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._client.compute(task, *args, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        return self._client.stats()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client.conn.root, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted({"compute", "stats", *dir(self._client.conn.root)})
+
+
+class Client:
+    """A connection to one rpycsvc server. Create with :func:`connect`; close when done."""
+
+    def __init__(self, conn: Any, hello: dict[str, Any], address: str, output: OutputRouter,
+                 options: dict[str, Any] | None = None, lost_after: float | None = None,
+                 modules: ModuleProvider | None = None,
+                 module_gate: forwarding.ConnectionModules | None = None) -> None:
+        self.conn = conn
+        #: our project's modules, offered to the server's imports (rpycsvc.protocol.forwarding);
+        #: None: off. The gate answers the server's requests for them.
+        self._forwarding = modules
+        self._module_gate = module_gate
+        self.address = address
+        self.server_info = hello
+        self.output = output
+        #: the server's Python/cloudpickle versions and the checks they call for (per task)
+        self.environment = for_client(self)
+        self._defaults = dict(options or {})
+        self._keys = itertools.count(1)
+        self._pending: dict[int, tuple[Callable[[str, Any], None], Any]] = {}
+        #: bytes of arguments our unfinished tasks hold in the server, by key: past the
+        #: server's ``max_held`` a new task waits for room (the server's memory is bounded)
+        self._held = 0
+        self._held_by: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._closed = False
+        self.lost: BaseException | None = None
+        self._lost_callbacks: list[Callable[[Client, BaseException], None]] = []
+        self.root = _Root(self)
+        # the server's answers to our tasks arrive on this connection (rpycsvc.protocol.taskframes)
+        conn._channel.task_handler = self
+        #: seconds of silence after which the server is declared lost (None: never); only
+        #: when the server agreed to send heartbeats (see rpycsvc.protocol.liveness)
+        self.lost_after = lost_after if hello.get("heartbeat") else None
+        self._reader = threading.Thread(target=self._serve, name=f"rpycsvc-client-{address}",
+                                        daemon=True)
+        self._reader.start()
+        if self.lost_after is not None and isinstance(conn, ClientConnection):
+            WATCHDOG.watch(conn, self.lost_after, self._server_silent)
+
+    # -- classic access ------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name in ("modules", "execute", "eval", "namespace", "builtins", "teleport"):
+            if not self.server_info.get("classic", True):
+                raise AttributeError(
+                    f"{self.address} runs in service-only mode (--no-classic): no {name}"
+                )
+            return getattr(self.conn, name)
+        raise AttributeError(name)
+
+    @property
+    def workers(self) -> int:
+        """How many tasks the server runs at once in process mode."""
+        return int(self.server_info.get("workers", 1))
+
+    @property
+    def threads(self) -> int:
+        """How many thread-mode tasks the server runs at once."""
+        return int(self.server_info.get("threads", 0))
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def options(self, **opts: Any) -> _Options:
+        """A view that runs tasks with ``timeout`` (seconds, enforced on the server),
+        ``mode`` (``"process"``, default, or ``"thread"`` for I/O-bound tasks) and
+        ``output`` (``"stream"``, ``"capture"`` or ``"discard"``)."""
+        return _Options(self, _check_options(opts))
+
+    def submit(self, task: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Start ``task(*args, **kwargs)`` on the server; returns a future at once."""
+        return self._submit(task, args, kwargs, self._defaults)
+
+    def compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``task(*args, **kwargs)`` on the server and return its result (by value).
+
+        ``task`` is a function (sent by value), ``"module:function"`` or an endpoint name.
+        """
+        return self._compute(task, args, kwargs, self._defaults)
+
+    def _compute(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 opts: dict[str, Any]) -> Any:
+        fut = self._submit(task, args, kwargs, opts)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:  # Ctrl-C while waiting stops the task on the server too
+            fut.stop()
+            raise
+
+    def _submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                opts: dict[str, Any]) -> TaskFuture:
+        fut = TaskFuture()
+        fut.address = self.address
+        kind, spec, frames = frames_of_call(task, args, kwargs, copy=False)
+        label = _label(task, spec)
+
+        def done(status: str, value: Any) -> None:
+            if status == "lost":
+                settle(fut, None, value)
+            else:
+                settle_reply(fut, value, self.address)
+
+        # Sent at once: running from the start (set before a reply can settle it).
+        fut.set_running_or_notify_cancel()
+        key = self.start_task(kind, spec, {**opts, "label": label}, frames, done, fut)
+        fut._stopper = lambda: self.cancel_task(key)
+        return fut
+
+    def start_task(self, kind: str, spec: Any, opts: dict[str, Any], frames: tuple[Any, ...],
+                   done: Callable[[str, Any], None], sink: Any = None) -> int:
+        """Low level: send one task; ``done(status, reply)`` runs once in the reader thread
+        (status ``"reply"`` with the raw reply — ``("ok", frames, service_s)``,
+        ``("raised", frames, service_s)`` or ``("error", name, text)`` — or ``"lost"`` with
+        the exception). Returns once the task is written: ``frames`` may change after."""
+        self.environment.check_task(kind, spec, frames)  # may refuse: EnvironmentMismatchError
+        key = next(self._keys)
+        wire, mode = self._wire_options(opts)
+        too_large = oversize((spec, frames), self.server_info.get("max_message"))
+        size = sum(memoryview(f).nbytes for f in frames)
+        limit = self.server_info.get("max_held")
+        with self._lock:
+            if too_large is None and limit and not getattr(_READER, "on", False):
+                # (not in a reader thread, which must not wait: a cluster's dispatch from a
+                # callback sends within its own small window anyway)
+                while self._held and self._held + size > limit and self.lost is None \
+                        and not self._closed:
+                    self._room.wait(1.0)
+            if self.lost is not None:
+                raise ServerLostError(f"connection to {self.address} is lost: {self.lost}",
+                                      address=self.address)
+            if too_large is None:
+                self._pending[key] = (done, (mode, sink))
+                self._held += size
+                self._held_by[key] = size
+        if too_large is not None:  # fails alone, like a refusal from the server
+            done("reply", ("error", "MessageTooLargeError", too_large))
+            return key
+        try:
+            # In a reader thread (a future's callback, a cluster dispatching its next job
+            # when a result arrives) we must not block: a server that doesn't read would
+            # stop this connection's own results and heartbeats. Queue it there instead.
+            send_task(self.conn, ("run", key, kind, spec, wire), frames,
+                      wait=not getattr(_READER, "on", False))
+        except (EOFError, OSError) as exc:
+            self._take_pending(key)  # reported by raising, not also through done()
+            lost = self.lost
+            if isinstance(lost, ServerLostError):
+                raise lost from exc
+            self._lose(exc)
+            raise ServerLostError(f"connection to {self.address} is lost: {exc}",
+                                  address=self.address) from exc
+        return key
+
+    def _wire_options(self, opts: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], str]:
+        """The options as the worker reads them, and where the task's output goes here."""
+        wire = dict(opts)
+        mode = wire.pop("output", None) or self.output.mode
+        wire["output"] = mode != "discard"
+        wire["logging"] = self.output.forward_logging
+        if self._forwarding is not None:  # our token and the digests of modules forwarded
+            wire["fwd"] = self._forwarding.option()
+        return tuple(wire.items()), mode
+
+    def cancel_task(self, key: int) -> None:
+        """Ask the server to stop this connection's task ``key`` wherever it is (dequeued,
+        or its worker killed); never waits (queued for the connection's writer)."""
+        if self.lost is None and not self._closed:
+            try:
+                send_task(self.conn, ("cancel", key), wait=False)
+            except (EOFError, OSError):
+                pass
+
+    # -- the server's task messages (protocol.taskframes.TaskHandler; the reader thread) ----
+    def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
+        outer = getattr(_READER, "on", False)
+        _READER.on = True  # callbacks run from here must not block (see start_task)
+        try:
+            self._on_task(control, frames)
+        finally:
+            _READER.on = outer
+
+    def _on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
+        op = control[0]
+        if op == "done":
+            _, key, status, service_s = control
+            entry = self._take_pending(key)
+            if entry is not None:
+                entry[0]("reply", (status, frames, service_s))
+        elif op == "out":
+            _, key, fd, text = control
+            self._on_output(key, fd, text)
+        elif op == "error":
+            _, key, name, text = control
+            entry = self._take_pending(key)
+            if entry is not None:
+                entry[0]("reply", ("error", name, text))
+        elif op == "need":
+            _, req, _key, name = control
+            gate = self._module_gate
+            reply = gate.answer(name) if gate is not None else (
+                "error", str(name), "this client forwards no modules (forward_modules=False)")
+            try:
+                send_task(self.conn, ("module", req, reply), wait=False)
+            except (EOFError, OSError):
+                pass
+        else:
+            log.warning("ignored a task message %r from %s", str(op)[:40], self.address)
+
+    def on_task_refused(self, control: tuple[Any, ...], text: str) -> None:
+        if control[0] == "done":
+            entry = self._take_pending(control[1])
+            if entry is not None:
+                entry[0]("reply", ("error", "MessageTooLargeError", text))
+
+    def _take_pending(self, key: Any) -> tuple[Callable[[str, Any], None], Any] | None:
+        """Forget task ``key`` (answered, refused or never sent): its entry, or None."""
+        with self._lock:
+            entry = self._pending.pop(key, None)
+            size = self._held_by.pop(key, 0)
+            if size:
+                self._held -= size
+                self._room.notify_all()
+        return entry
+
+    def _on_output(self, key: int, fd: int, text: Any) -> None:
+        entry = self._pending.get(key)
+        if entry is None:
+            return
+        mode, sink = entry[1]
+        if fd == 0:
+            self.output.log(self.address, key, text)
+        else:
+            self.output.emit(self.address, key, fd, text, mode, sink)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The server's stats as a plain dict (host, versions, workers, task counts...)."""
+        stats: dict[str, Any] = loads(self.conn.root.stats_frames(), "stats")
+        return stats
+
+    def ping(self) -> None:
+        """One round trip to the server."""
+        self.conn.root.ping()
+
+    def on_lost(self, callback: Callable[[Client, BaseException], None]) -> None:
+        """Call ``callback(client, exc)`` once if the connection dies."""
+        self._lost_callbacks.append(callback)
+
+    def _serve(self) -> None:
+        _READER.on = True
+        try:
+            while not self._closed and self.lost is None:  # (lost: declared by the watchdog)
+                try:
+                    self.conn.serve(1.0)
+                except (EOFError, OSError):
+                    raise
+                except Exception:  # a bug in a callback must not kill the connection
+                    log.exception("error while handling a message from %s", self.address)
+        except BaseException as exc:  # EOFError, OSError, or anything RPyC raises
+            if not self._closed:
+                self._lose(exc)
+                return
+        if self.lost is not None:
+            return
+        self._lose(ServerLostError(f"connection to {self.address} was closed",
+                                   address=self.address))
+
+    def _server_silent(self, silence: float) -> None:
+        """The watchdog heard nothing from the server for longer than ``lost_after``."""
+        err = ServerLostError(
+            f"{self.address} sent nothing for {silence:.1f} s (lost_after={self.lost_after:g}):"
+            " declared lost (the server is frozen or paused, or the network to it is down)",
+            address=self.address)
+        log.warning("%s", err)
+        conn = self.conn
+        # (woken after the loss is booked: the reader thread then reads EOF, and must not
+        # report that as the cause)
+        self._lose(err, wake=conn.mark_lost if isinstance(conn, ClientConnection) else None)
+
+    def _lose(self, exc: BaseException,
+              wake: Callable[[ServerLostError], None] | None = None) -> None:
+        """Book the connection as lost (once) and fail what was in flight on it; ``wake``
+        (with the error) runs first after booking, to wake threads blocked on it."""
+        with self._lock:
+            if self.lost is not None:
+                return
+            self.lost = exc
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._held_by.clear()
+            self._held = 0
+            self._room.notify_all()
+        if wake is not None and isinstance(exc, ServerLostError):
+            wake(exc)
+        err = exc if isinstance(exc, ServerLostError) else ServerLostError(
+            f"lost the connection to {self.address} ({type(exc).__name__}: {exc})",
+            address=self.address)
+        for done, _ in pending:
+            try:
+                done("lost", err)
+            except Exception:
+                pass
+        for cb in self._lost_callbacks:
+            try:
+                cb(self, err)
+            except Exception:
+                pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the connection; tasks still in flight fail with ``ServerLostError``."""
+        if self._closed:
+            return
+        self._closed = True
+        if isinstance(self.conn, ClientConnection):
+            WATCHDOG.unwatch(self.conn)
+        try:
+            self.conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError, EOFError):  # EOFError: rpyc's ClosedFile
+            pass
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self._lose(ServerLostError(f"connection to {self.address} was closed",
+                                   address=self.address))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.lost is not None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<rpycsvc.Client {self.address} {state}>"
+
+    def _repr_html_(self) -> str:
+        """The connection as Jupyter shows it: the server, its workers, tasks running/done."""
+        from rpycsvc.client.html import client_html
+
+        return client_html(self)
+
+
+class _Options:
+    """``client.options(timeout=...)``: the same calls, with these task options."""
+
+    def __init__(self, client: Client, opts: dict[str, Any]) -> None:
+        self._client = client
+        self._opts = {**client._defaults, **opts}
+
+    def submit(self, task: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        return self._client._submit(task, args, kwargs, self._opts)
+
+    def compute(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._client._compute(task, args, kwargs, self._opts)
+
+
+def _label(task: Any, spec: Any) -> str:
+    return str(spec) if spec else getattr(task, "__qualname__", "task")
+
+
+def _ignore(status: str, value: Any) -> None:
+    """The pending entry of a task whose reply is read in the calling thread."""
+
+
+def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
+    for name, value in opts.items():
+        if name not in TASK_OPTIONS:
+            raise ConfigError(f"unknown task option {name!r}; known: {', '.join(TASK_OPTIONS)}")
+        if name == "timeout":
+            check_timeout(value)
+        if name == "mode" and value not in ("process", "thread"):
+            raise ConfigError(f"mode must be 'process' or 'thread'; got {value!r}")
+        if name == "output" and value not in ("stream", "capture", "discard"):
+            raise ConfigError(f"output must be 'stream', 'capture' or 'discard'; got {value!r}")
+    return opts
+
+
+def connect(
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    *,
+    timeout: float = 10.0,
+    authkey: str | bytes | None = None,
+    ssl: _ssl.SSLContext | bool | None = None,
+    server_hostname: str | None = None,
+    output: str = "stream",
+    prefix: str = "[{address}] ",
+    forward_logging: bool = False,
+    lanes: bool | None = None,
+    lost_after: float | None = DEFAULT_LOST_AFTER,
+    forward_modules: bool = True,
+    forward_packages: Sequence[str] = (),
+    **task_options: Any,
+) -> Client:
+    """Connect to an rpycsvc server and check versions (and credentials).
+
+    ``host`` may be ``"host:port"``, or a deployed server's attach address
+    ``"ssh://[user@]host[:port]/path"`` (then ``ssh_command``/``ssh_options`` keywords
+    apply: see :mod:`rpycsvc.client.attach`). ``authkey`` answers the server's challenge (the key is
+    never sent); ``ssl`` is an ``ssl.SSLContext`` or ``True`` for the system's default CAs.
+    ``output`` decides where tasks' stdout/stderr go: ``"stream"`` (to ours, each line
+    prefixed with ``prefix``), ``"capture"`` (on ``future.stdout``/``future.stderr``) or
+    ``"discard"``. With ``forward_logging``, ``logging`` records emitted in tasks are handed
+    to the local logger of the same name, with the server as ``record.server``. Other
+    keywords set default task options (``timeout``, ``mode``). ``lanes`` is deprecated and
+    ignored (every task takes the one task path now).
+
+    ``lost_after`` (seconds, default 10) bounds how long the server may stay silent: the
+    server sends a heartbeat about every second from a thread of its own (a long classic
+    call or a busy connection doesn't delay it), and when nothing has arrived for
+    ``lost_after`` seconds the server is declared lost — frozen (SIGSTOP, a paused VM) or
+    cut off without a reset. Every task in flight and every waiting classic call then fails
+    with ``ServerLostError``. ``None`` turns the check off. Classic calls have no time
+    limit of their own (RPyC's 30 s ``sync_request_timeout`` does not apply).
+
+    With ``forward_modules`` (the default), a task that needs a module of this program's
+    own project which the server lacks gets it from here during its import (see
+    :mod:`rpycsvc.protocol.forwarding`); ``forward_packages`` names installed pure-Python
+    distributions (or their top-level modules) that may be sent the same way.
+    """
+    from rpycsvc.protocol.handshake import client_ssl_context
+
+    if lanes is not None:
+        import warnings
+
+        warnings.warn("connect(lanes=...) is deprecated and ignored: every task takes the one "
+                      "task path now; drop the argument", DeprecationWarning, stacklevel=2)
+    if host.startswith(("ssh://", "unix://")):  # a deployed server's socket: rpycsvc.client.attach
+        from rpycsvc.client.attach import connect_attached
+
+        return connect_attached(host, timeout=timeout, ssl=ssl, output=output, prefix=prefix,
+                                forward_logging=forward_logging, lost_after=lost_after,
+                                forward_modules=forward_modules,
+                                forward_packages=forward_packages, **task_options)
+    h, p = parse_address(host, port)
+    address = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+    if isinstance(authkey, bytes):
+        authkey = authkey.decode()
+    if authkey is None:
+        import os
+
+        authkey = os.environ.get("RPYCSVC_AUTHKEY") or None
+    router = OutputRouter(output, prefix, forward_logging)
+    _check_options({"output": output, **task_options})
+    lost_after = check_lost_after(lost_after)
+    try:
+        sock = socket.create_connection((h, p), timeout=timeout)
+    except socket.timeout as exc:
+        raise RpycsvcTimeoutError(f"connecting to {address} timed out after {timeout:g} s") from exc
+    except OSError as exc:
+        raise ConnectError(
+            f"can't connect to {address}: {exc.strerror or exc}. Is an rpycsvc server "
+            "running there (rpycsvc serve --port ...)?", address=address) from exc
+    try:
+        if ssl:
+            ctx = ssl if isinstance(ssl, _ssl.SSLContext) else client_ssl_context()
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=server_hostname or h)
+            except (OSError, _ssl.SSLError) as exc:
+                from rpycsvc.errors import AuthenticationError
+                from rpycsvc.protocol.tls import handshake_failure
+
+                raise AuthenticationError(handshake_failure(exc, address, ctx),
+                                          address=address) from exc
+        hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
+        return connect_stream(FastSocketStream(sock), address=address, hello=hello,
+                              router=router, lost_after=lost_after, hello_timeout=timeout,
+                              forward_modules=forward_modules,
+                              forward_packages=forward_packages, **task_options)
+    except EOFError as exc:  # e.g. the server shut down while we were setting up
+        sock.close()
+        raise ConnectError(f"{address} closed the connection while we were connecting: {exc}",
+                           address=address) from exc
+    except BaseException:
+        sock.close()
+        raise
+
+
+def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = None,
+                   router: OutputRouter | None = None,
+                   lost_after: float | None = DEFAULT_LOST_AFTER,
+                   hello_timeout: float | None = 30.0, forward_modules: bool = True,
+                   forward_packages: Sequence[str] = (), **task_options: Any) -> Client:
+    """A :class:`Client` over an already open RPyC stream (a socket after the handshake,
+    or the pipes of an ssh session for deployed servers).
+
+    ``lost_after``, ``forward_modules`` and ``forward_packages`` as for :func:`connect`;
+    ``hello_timeout`` bounds the first exchange."""
+    lost_after = check_lost_after(lost_after)
+    hello = dict(hello or {})
+    router = router or OutputRouter()
+    classic = hello.get("classic", True)
+    # (a service-only server runs no code of ours: nothing to forward)
+    modules = forwarding.provider(forward_packages) if forward_modules and classic else None
+    service = LiveClassicClient if classic else LiveVoidService
+    # The server may call back public methods of objects we hand it explicitly (an
+    # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
+    try:
+        # RPyC's on_connect asks the server for its root at once: bounded by hello_timeout
+        # like hello itself (a server that froze right after accepting must not hang us).
+        conn = service._connect(LiveChannel(stream), {"allow_pickle": False,
+                                                      "allow_public_attrs": True,
+                                                      "sync_request_timeout": hello_timeout})
+    except BaseException as exc:
+        stream.close()
+        if isinstance(exc, TimeoutError):
+            raise RpycsvcTimeoutError(f"{address} did not answer within {hello_timeout:g} s "
+                                      "of connecting") from exc
+        raise
+    conn._config["sync_request_timeout"] = None  # from now on bounded by liveness instead
+    conn.request_timeout = hello_timeout  # the liveness check starts after hello
+    try:
+        # (answers only while a task of ours runs on this connection: see below)
+        gate = forwarding.ConnectionModules(modules, address) if modules is not None else None
+        beat = heartbeat_interval(lost_after) if lost_after is not None \
+            and not getattr(conn, "_bind_threads", False) else None
+        reply = conn.root.hello(beat, gate is not None)
+        hello.update(dict(reply))
+        if not hello.get("cloudpickle"):  # a deployed server's hello: its stats say them
+            hello.update(versions_of(conn))
+    except RpycsvcTimeoutError as exc:
+        conn.close()
+        raise RpycsvcTimeoutError(f"{address} did not answer hello within "
+                                  f"{hello_timeout:g} s") from exc
+    except BaseException:
+        conn.close()
+        raise
+    conn.request_timeout = None
+    if not hello.get("classic", True):
+        modules = None
+    client = Client(conn, hello, address, router, task_options, lost_after=lost_after,
+                    modules=modules, module_gate=gate)
+    if gate is not None:
+        ref = weakref.ref(client)
+
+        def busy() -> bool:
+            live = ref()
+            return live is not None and bool(live._pending)
+
+        gate.busy = busy
+    return client
+

@@ -1,0 +1,374 @@
+"""``Cluster.map`` and ``Cluster.map_reduce``: lazy, bounded, automatically batched.
+
+Items are taken from the input only as capacity frees up, so an endless generator works
+and memory stays bounded. Without an explicit ``chunksize`` the first item goes alone; as
+chunks finish, the chunk size adapts to the workers' measured service time so each task
+carries about ``TARGET_CHUNK_SECONDS`` of work — big enough that per-task overhead
+vanishes for tiny functions, small enough that long tasks still spread over every worker
+(see :class:`ChunkSizer`).
+
+Two limits, never mixed up: a task option ``timeout`` (``cluster.options(timeout=S)``) is
+how long each task may run, enforced by its server; ``run_map``'s ``timeout`` is a deadline
+for the whole iteration, as ``Executor.map`` has, enforced here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable
+
+from rpycsvc.client.connection import TaskFuture
+from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
+from rpycsvc.protocol.serialization import dumps, dumps_function
+from rpycsvc.protocol.tracebacks import load_exception
+
+if TYPE_CHECKING:
+    from rpycsvc.client.cluster import Cluster
+    from rpycsvc.client.jobs import _Job
+
+TARGET_CHUNK_SECONDS = 0.02
+#: Near the end of a map of known length chunks shrink so every worker stays busy, but not
+#: below this much work: smaller ones would cost more in per-task overhead than they save.
+MIN_CHUNK_SECONDS = 0.004
+MAX_CHUNK = 8192
+#: A chunk's arguments stay under this many bytes (as pickled), whatever its items' time:
+#: big items go in small chunks, so a chunk is never a huge message and a map's read-ahead
+#: (its chunks in flight) stays bounded in memory too, not only in items.
+MAX_CHUNK_BYTES = 8 << 20
+#: A map ramps up (see ChunkSizer.in_flight) for at most this long: then every worker gets
+#: a chunk, measured or not (items slower than this go one per chunk anyway).
+RAMP_SECONDS = 0.05
+#: A chunk grows to at most this many times the largest chunk measured so far: one cheap
+#: first item does not make the next chunk thousands of items long at once.
+GROWTH = 64
+#: Weight of the past in the per-item estimate at each measured chunk (items-weighted).
+DECAY = 0.5
+
+
+class ChunkSizer:
+    """How many items the next chunk of a map carries, from the measured service time.
+
+    Without a fixed ``chunksize`` a chunk aims at ``TARGET_CHUNK_SECONDS`` of work on its
+    worker. The time per item comes from :meth:`observe`: the seconds the *worker* spent on
+    a chunk (its service time, which the server reports), never the chunk's round trip,
+    which also counts its wait behind the other chunks in flight. That wait grows with the
+    number of servers, and measuring it made chunks tiny on big clusters (issue 15, item 6).
+    The estimate is an items-weighted moving average, so a one-item first chunk (whose
+    time is mostly the task's fixed cost) weighs little once bigger chunks are measured.
+
+    With a known length, chunks near the end shrink to a fair share of what is left (so
+    every worker stays busy to the end) but not below ``MIN_CHUNK_SECONDS`` of work. A chunk
+    of big items is cut at ``MAX_CHUNK_BYTES`` (:meth:`pickled` tells their size).
+
+    It also sets how many chunks a map has in flight while it ramps up
+    (:meth:`in_flight`): a first chunk alone, then two more per measured chunk, so a map of
+    cheap items measures them before it cuts its input into chunks, rather than filling a
+    window of one-item chunks per worker. Thread-safe: chunks are measured in the reader
+    threads of the connections.
+    """
+
+    def __init__(self, fixed: int | None, workers: int, total: int | None) -> None:
+        if fixed is not None and fixed < 1:
+            raise ConfigError(f"chunksize must be >= 1; got {fixed!r}")
+        self.fixed = fixed
+        self.workers = max(1, workers)
+        self.total = total
+        self.per_item: float | None = None
+        self.size = fixed or 1
+        #: chunks measured so far
+        self.measured = 0
+        self._work = 0.0  # decayed sums of seconds and of items measured
+        self._items = 0.0
+        self._largest = 0
+        self._most = MAX_CHUNK  # items under MAX_CHUNK_BYTES, by the last chunk's bytes
+        self._lock = threading.Lock()
+
+    def pickled(self, items: int, nbytes: int) -> None:
+        """A chunk of ``items`` pickled to ``nbytes`` (before it is sent)."""
+        if items > 0:
+            self._most = max(1, min(MAX_CHUNK, MAX_CHUNK_BYTES * items // max(1, nbytes)))
+
+    def observe(self, items: int, seconds: float) -> None:
+        """A chunk of ``items`` took its worker ``seconds``."""
+        if items <= 0:
+            return
+        with self._lock:
+            self.measured += 1
+            if self.fixed:
+                return
+            self._work = self._work * DECAY + max(0.0, seconds)
+            self._items = self._items * DECAY + items
+            self._largest = max(self._largest, items)
+            per_item = max(self._work / self._items, 1e-7)
+            self.per_item = per_item
+            want = int(TARGET_CHUNK_SECONDS / per_item)
+            self.size = max(1, min(want, self._largest * GROWTH, MAX_CHUNK))
+
+    def next_size(self, taken: int) -> int:
+        """Items for the next chunk, ``taken`` items of the input being taken already."""
+        if self.fixed:
+            return self.fixed
+        if self.total is None:
+            return min(self.size, self._most)
+        left = self.total - taken
+        fair = -(-left // (2 * self.workers))
+        per_item = self.per_item
+        floor = int(MIN_CHUNK_SECONDS / per_item) if per_item else 1
+        return max(1, min(self.size, self._most, max(fair, floor)))
+
+    def in_flight(self, window: int) -> int:
+        """How many chunks may be in flight now, ``window`` being the most once ramped up."""
+        per_item = self.per_item
+        if self.fixed or (per_item is not None and per_item >= TARGET_CHUNK_SECONDS):
+            return window  # (slow items go one per chunk: nothing to measure first)
+        return min(window, 1 + 2 * self.measured)
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    try:
+        return min(len(x) for x in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
+            chunksize: int | None, timeout: float | None, progress: bool, retries: int,
+            opts: dict[str, Any]) -> Iterator[Any]:
+    """Validate eagerly (like ``Executor.map``), then return the lazy result iterator.
+
+    ``timeout`` is the deadline for the iteration (from now); ``opts["timeout"]``, if
+    any, is each task's limit on its server (tasks then go one item per task unless
+    ``chunksize`` is given, when it limits each chunk)."""
+    from rpycsvc.client.jobs import PIPELINE, _Job
+
+    if not iterables:
+        raise ConfigError("map needs at least one iterable")
+    head: tuple[bytes, ...] = ()
+    spec: str | None
+    if isinstance(fn, str):
+        kind, spec = ("path" if ":" in fn else "endpoint"), fn
+    else:
+        kind, spec, head = "pickled", None, (dumps_function(fn),)
+    total = _length(iterables)
+    threaded = opts.get("mode") == "thread"
+    if chunksize is None and opts.get("timeout") is not None:
+        chunksize = 1  # a per-task timeout must time one task, not a batch
+    if chunksize is None and threaded:
+        # a thread-mode chunk's items run at once on the server: split the work evenly
+        servers = max(1, len(cluster.clients))
+        chunksize = max(1, min(64, -(-total // (2 * servers)))) if total else 16
+    sizer = ChunkSizer(chunksize, cluster.total_workers, total)
+    label = spec or getattr(fn, "__qualname__", "task")
+    window = max(4, 2 * PIPELINE * max(1, cluster.total_workers))
+    if threaded:
+        window = max(window, cluster.total_threads // max(1, chunksize or 1))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar = None
+    if progress:
+        from rpycsvc.client.progress import Progress
+
+        bar = Progress(total)
+
+    def make_job(items: list[tuple[Any, ...]]) -> _Job:
+        fut = TaskFuture()
+        frames = dumps(items, "map arguments")
+        sizer.pickled(len(items), sum(memoryview(f).nbytes for f in frames))
+        job = _Job(kind, spec, (*head, *frames),
+                   {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
+        job.size = len(items)
+        job.observe = sizer.observe  # (measured in the reader thread, as the chunk ends)
+        # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
+        fut._stopper = functools.partial(cluster._stop_job, job)
+        return job
+
+    def results() -> Iterator[Any]:
+        source = zip(*iterables)
+        inflight: deque[_Job] = deque()
+        done_q: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        taken = 0
+        exhausted = False
+        ramp_end: float | None = None  # set as the first chunk goes
+        try:
+            while True:
+                limit = window
+                if ramp_end is not None and time.monotonic() < ramp_end:
+                    limit = sizer.in_flight(window)
+                while not exhausted and len(inflight) < limit:
+                    items = list(itertools.islice(source, sizer.next_size(taken)))
+                    if not items:
+                        exhausted = True
+                        break
+                    taken += len(items)
+                    job = make_job(items)
+                    if not ordered:  # (in order, nothing reads the queue: it would keep
+                        # every result of the map alive)
+                        job.future.add_done_callback(functools.partial(_put, done_q, job))
+                    inflight.append(job)
+                    cluster._enqueue([job])
+                    if ramp_end is None:
+                        ramp_end = time.monotonic() + RAMP_SECONDS
+                        limit = sizer.in_flight(window)
+                if not inflight:
+                    return
+                # Ramping up (fewer chunks in flight than the window allows): wait for a
+                # result only until the ramp ends, then fill the window.
+                until = ramp_end if limit < window and not exhausted else None
+                if ordered:
+                    job = inflight[0]
+                    if not _wait_future(job.future, deadline, until):
+                        continue
+                    inflight.popleft()
+                else:
+                    got = _next_done(done_q, deadline, until)
+                    if got is None:
+                        continue
+                    job = got
+                    inflight.remove(job)
+                if bar is not None:
+                    bar.update(job.size, job.server.address if job.server else "?")
+                address = job.server.address if job.server else None
+                pairs = list(job.future.result())
+                del job  # (its future holds the chunk's results)
+                pairs.reverse()
+                while pairs:  # keep no reference to a result once it is yielded
+                    if not pairs[-1][0]:
+                        raise load_exception(pairs[-1][1], address)
+                    yield pairs.pop()[1]
+        finally:
+            for job in inflight:
+                job.future.stop()
+            if bar is not None:
+                bar.close()
+
+    return results()
+
+
+def _put(q: queue.SimpleQueue[_Job], job: _Job, _fut: Any) -> None:
+    q.put(job)
+
+
+#: Before Python 3.11 ``Future`` waits raise this, which is not the builtin TimeoutError.
+_FUTURE_TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)
+
+
+def _wait_future(fut: Future[Any], deadline: float | None, until: float | None = None
+                 ) -> bool:
+    """Wait for ``fut``: True when it is done; False if ``until`` came first. Raises
+    :class:`RpycsvcTimeoutError` if the map's ``deadline`` came first."""
+    stop = deadline if until is None else until if deadline is None else min(until, deadline)
+    left = None if stop is None else stop - time.monotonic()
+    if left is None or left > 0:
+        try:
+            fut.exception(timeout=left)  # waits; raises only on timeout or cancellation
+            return True
+        except _FUTURE_TIMEOUTS:
+            pass
+    if fut.done():
+        return True
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RpycsvcTimeoutError("map: the next result was not ready before the map's "
+                                  "deadline (its timeout=)")
+    return False
+
+
+def _next_done(done_q: queue.SimpleQueue[_Job], deadline: float | None,
+               until: float | None = None) -> _Job | None:
+    """The next finished chunk; None if ``until`` came first. Raises
+    :class:`RpycsvcTimeoutError` if the map's ``deadline`` came first."""
+    stop = deadline if until is None else until if deadline is None else min(until, deadline)
+    left = None if stop is None else max(0.0, stop - time.monotonic())
+    try:
+        return done_q.get(timeout=left)
+    except queue.Empty:
+        pass
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RpycsvcTimeoutError("map: no result arrived before the map's deadline "
+                                  "(its timeout=)") from None
+    return None
+
+
+def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], has_init: bool,
+                 init: Any, by_key: bool, items: list[Any]) -> Any:
+    """Runs on the server: map then reduce one chunk, so only the partial travels back."""
+    if by_key:
+        acc: dict[Any, Any] = {}
+        for item in items:
+            for key, value in fn(item):
+                acc[key] = reducer(acc[key], value) if key in acc else value
+        return acc
+    mapped = map(fn, items)
+    if has_init:
+        return functools.reduce(reducer, mapped, init)
+    return functools.reduce(reducer, mapped)
+
+
+def run_map_reduce(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any],
+                   iterable: Iterable[Any], *, initializer: Any, by_key: bool,
+                   chunksize: int | None, timeout: float | None, progress: bool = False) -> Any:
+    items = list(iterable)
+    if not items and not by_key and initializer is None:
+        raise ConfigError("map_reduce of an empty iterable needs an initializer")
+    workers = max(1, cluster.total_workers)
+    size = chunksize or max(1, -(-len(items) // (4 * workers)))
+    bar = None
+    if progress:
+        from rpycsvc.client.progress import Progress
+
+        bar = Progress(len(items))
+    try:
+        return _reduce_chunks(cluster, fn, reducer, items, size, initializer=initializer,
+                              by_key=by_key, timeout=timeout, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _count_chunk(bar: Any, n: int, fut: TaskFuture) -> None:
+    # a done-callback: the bar counts a chunk's items as soon as it arrives, in any order
+    if not fut.cancelled() and fut.exception() is None:
+        bar.update(n, fut.address or "?")
+
+
+def _reduce_chunks(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any],
+                   items: list[Any], size: int, *, initializer: Any, by_key: bool,
+                   timeout: float | None, bar: Any) -> Any:
+    # Chunks are never empty, so they reduce without the initializer; it is applied once here.
+    futs = [cluster.submit(reduce_chunk, fn, reducer, False, None, by_key, items[i:i + size])
+            for i in range(0, len(items), size)]
+    if bar is not None:
+        for i, fut in enumerate(futs):
+            fut.add_done_callback(functools.partial(
+                _count_chunk, bar, len(items[i * size:(i + 1) * size])))
+    result: Any = {} if by_key else initializer
+    first = initializer is None and not by_key
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for fut in futs:  # in input order: the reducer need not be commutative
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                part = fut.result(left)
+            except _FUTURE_TIMEOUTS as exc:
+                if fut.done():  # the chunk itself timed out on its server: its own error
+                    raise
+                raise RpycsvcTimeoutError(
+                    f"map_reduce did not finish within its timeout of {timeout:g} s") from exc
+            if by_key:
+                for key, value in part.items():
+                    result[key] = reducer(result[key], value) if key in result else value
+            elif first:
+                result, first = part, False
+            else:
+                result = reducer(result, part)
+    except BaseException:
+        for f in futs:  # one chunk failed (or we gave up): the others are of no use now
+            f.stop()
+        raise
+    return result

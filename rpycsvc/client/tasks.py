@@ -1,0 +1,52 @@
+"""Celery-style task objects: ``@cluster.task`` makes a function submittable.
+
+``add.delay(5, 7)`` returns a :class:`~rpycsvc.client.connection.TaskFuture` (with ``.id``) at once;
+``add.apply_async((5, 7), timeout=10)`` does the same with options; ``add(5, 7)`` still
+calls the function locally, as with Celery.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Callable
+
+from rpycsvc.client.connection import TaskFuture
+
+if TYPE_CHECKING:
+    from rpycsvc.client.cluster import Cluster
+
+
+class RemoteTask:
+    """A function bound to a cluster, with task options (``timeout``, ``mode``, ``retries``).
+
+    The task option ``timeout`` is how long each run may take on its server; it is never a
+    deadline for waiting (``future.result(timeout)`` and ``map(..., timeout=T)`` are)."""
+
+    def __init__(self, cluster: Cluster, fn: Callable[..., Any], **options: Any) -> None:
+        self.cluster = cluster
+        self.fn = fn
+        self.options = options
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run locally, unchanged."""
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run remotely with the task's options; returns a future at once."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+                    **options: Any) -> TaskFuture:
+        """Run remotely; ``options`` (``timeout``, ``mode``, ``retries``) override the task's."""
+        return self.cluster.options(**{**self.options, **options}).submit(
+            self.fn, *args, **(kwargs or {}))
+
+    def map(self, iterable: Any, **kw: Any) -> Any:
+        """``cluster.map`` of this task over ``iterable``: each item runs with the task's
+        options (its ``timeout`` limits each item's run); ``timeout=T`` given here is the
+        deadline for the whole iteration, as in ``Executor.map``."""
+        return self.cluster.options(**self.options).map(self.fn, iterable, **kw)
+
+    def __repr__(self) -> str:
+        return f"<RemoteTask {getattr(self.fn, '__qualname__', self.fn)!r}>"

@@ -1,0 +1,2 @@
+"""Integrations with code people already have: joblib (``import rpycsvc.joblib``) and
+IPython/Jupyter."""

@@ -1,0 +1,2 @@
+"""What both sides of the wire share: framing, task messages, serialization, the handshake,
+RPyC stream fixes."""

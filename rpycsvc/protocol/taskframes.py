@@ -1,0 +1,374 @@
+"""Task messages: how an rpycsvc client's tasks travel, on every transport.
+
+A task message rides *inside* the client's one RPyC connection, in order with its RPyC
+messages, so it goes wherever that connection goes (plain TCP, TLS, the pipes of an ssh
+session) and shares its handshake, liveness and limits. RPyC's frame header is ``!LB``:
+a 32-bit length and a one-byte flag (0, or 1 for a zlib-compressed frame). A frame whose
+flag is :data:`TASK_FLAG` is not an RPyC message but one task message:
+
+* the header's length says how many bytes follow *inline*: the number of frames and the
+  control tuple's length, each frame's 64-bit length, the pickled control tuple and, when
+  their total is small, the frames themselves;
+* large frames follow on their own, written from the sender's buffers (no join, no copy)
+  and read into one buffer each (an anonymous mmap, whose pages are taken as the bytes
+  arrive), so a 1 GiB array crosses with one copy at each end.
+
+The :class:`~rpycsvc.protocol.transport.FastChannel` reading such a frame hands the message to its
+``task_handler`` (in the reading thread) and returns an empty frame to RPyC, which reads
+that as "nothing arrived". A channel without a handler (a plain RPyC peer, or one that
+has not said the rpycsvc hello) refuses the frame and closes the connection. Sending goes
+through RPyC's own send queue and lock, so task and RPyC messages never interleave.
+
+Control tuples hold only builtin scalars and containers: a peer's control tuple is
+unpickled with a loader that resolves no globals at all.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import pickle
+import queue
+import select
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+#: The flag byte of an RPyC frame header that marks a task message.
+TASK_FLAG = 2
+#: The most bytes of a control tuple in the inline part (a larger one is the first frame).
+MAX_CONTROL = 64 << 10
+#: The most bytes a control part sent as the first frame may have when its message is over
+#: the limit (it is read only to answer that task with the refusal).
+MAX_CONTROL_FRAME = 64 << 20
+#: The most frames one message may carry.
+MAX_FRAMES = 1 << 16
+#: Frames are sent inline (in the header's write) while their total is below this.
+INLINE = 64 << 10
+#: The most inline bytes a peer may announce: counts, lengths, control and inline frames.
+MAX_INLINE = 8 + 8 * MAX_FRAMES + MAX_CONTROL + INLINE
+#: Set in a frame's length when its source was read-only (``bytes``): the receiver keeps
+#: it read-only, so a ``bytes`` argument arrives as ``bytes`` again.
+READONLY = 1 << 63
+#: Frames at least this large are read into an anonymous mmap (lazily committed).
+LAZY = 1 << 20
+#: Large frames are read this much at a time (each piece taken from the inbound budget).
+PIECE = 1 << 20
+
+_COUNTS = struct.Struct("!II")  # number of frames, control length
+#: The control length that says "the control part is the first frame" (it is over
+#: MAX_CONTROL: long output lines, large log records, a module's source).
+CONTROL_IN_FRAME = 0xFFFFFFFF
+_LEN = struct.Struct("!Q")
+_FRAME_HEADER = struct.Struct("!LB")  # RPyC's (see rpyc.core.channel.Channel)
+
+
+class TaskHandler(Protocol):
+    """What a channel hands task messages to (called in the connection's reading thread)."""
+
+    def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None: ...
+
+    def on_task_refused(self, control: tuple[Any, ...], text: str) -> None: ...
+
+
+class TaskMessage:
+    """One task message, ready to write: the inline block and the large frames."""
+
+    __slots__ = ("head", "large", "sent")
+
+    def __init__(self, control: tuple[Any, ...], frames: Sequence[Any] = ()) -> None:
+        ctl = pickle.dumps(control, protocol=5)
+        ctl_len = len(ctl)
+        if ctl_len > MAX_CONTROL:
+            # A large control part (a long line of output, a log record, a module's source)
+            # travels as the first frame instead: read with the frames' limits and budget.
+            frames = [ctl, *frames]
+            ctl, ctl_len = b"", CONTROL_IN_FRAME
+        views = [f if type(f) is memoryview else memoryview(f) for f in frames]
+        sizes = [v.nbytes for v in views]
+        lens = b"".join(_LEN.pack(n | READONLY if v.readonly else n)
+                        for n, v in zip(sizes, views))
+        small = sum(sizes) < INLINE
+        parts = [_COUNTS.pack(len(views), ctl_len), lens, ctl]
+        if small:
+            parts.extend(views)
+        inline = b"".join(parts)
+        self.head = _FRAME_HEADER.pack(len(inline), TASK_FLAG) + inline
+        self.large: list[memoryview] = [] if small else [
+            v if v.ndim == 1 and v.itemsize == 1 and v.c_contiguous else v.cast("B")
+            for v in views]
+        self.sent = False
+
+    def write_to(self, stream: Any) -> None:
+        """Write the whole message to ``stream`` (the caller holds the send lock)."""
+        stream.write(self.head)
+        for view in self.large:
+            stream.write(view)
+        self.sent = True
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"a task message's control part may hold no objects of {module}.{name}")
+
+
+def load_control(data: Any) -> tuple[Any, ...]:
+    """A peer's control tuple: builtin scalars and containers only (no globals)."""
+    control = _NoGlobals(io.BytesIO(data)).load()
+    if type(control) is not tuple or not control or type(control[0]) is not str:
+        raise pickle.UnpicklingError("a task message's control part must be a tuple "
+                                     "starting with its kind")
+    return control
+
+
+def parse_inline(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], list[Any]]:
+    """``(control, frame lengths with flags, frames sent inline)`` of an inline block;
+    control None: it is the first frame (see :data:`CONTROL_IN_FRAME`)."""
+    view = memoryview(inline)
+    if len(view) < _COUNTS.size:
+        raise ValueError("a task message shorter than its counts")
+    nframes, ctl_len = _COUNTS.unpack_from(view)
+    at = _COUNTS.size
+    in_frame = ctl_len == CONTROL_IN_FRAME
+    if in_frame:
+        ctl_len = 0
+    if nframes > MAX_FRAMES or ctl_len > MAX_CONTROL or (in_frame and not nframes) \
+            or len(view) < at + 8 * nframes + ctl_len:
+        raise ValueError(f"a corrupt task message ({nframes} frames, a control part of "
+                         f"{ctl_len} bytes in {len(view)} inline bytes)")
+    lens = list(struct.unpack_from(f"!{nframes}Q", view, at)) if nframes else []
+    at += 8 * nframes
+    control = None if in_frame else load_control(view[at:at + ctl_len])
+    at += ctl_len
+    inline_frames: list[Any] = []
+    if at < len(view):
+        for n in lens:
+            size = n & ~READONLY
+            if at + size > len(view):
+                raise ValueError("a corrupt task message: a frame runs past its inline bytes")
+            piece = view[at:at + size]
+            inline_frames.append(bytes(piece) if n & READONLY else bytearray(piece))
+            at += size
+        if at != len(view):
+            raise ValueError("a corrupt task message: inline bytes left over")
+    return control, lens, inline_frames
+
+
+def new_buffer(size: int) -> Any:
+    """A writable buffer of ``size`` bytes: an anonymous mmap when large (its pages are
+    taken as the bytes arrive; a bytearray is zero-filled, all of it, first)."""
+    return bytearray(size) if size < LAZY else mmap.mmap(-1, size)
+
+
+# -- sending ----------------------------------------------------------------------------------
+
+
+def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *,
+              wait: bool = True, owned: bool = False) -> None:
+    """Send one task message on RPyC connection ``conn`` (its channel a FastChannel), in
+    order with its RPyC messages.
+
+    ``wait=True``: written before this returns (by this thread, or by the thread that holds
+    the send lock), so the caller may change its buffers afterwards; raises ``EOFError`` /
+    ``OSError`` when the connection dies meanwhile. ``wait=False``: returns at once; the
+    connection's writer thread sends it, and a failure is left to the connection's reader
+    to report. Either way the caller may change its buffers once this returns: with
+    ``wait=False`` large frames that aren't ``bytes`` are copied first, unless ``owned``
+    says nobody else holds them (a result the server just received from its worker).
+    """
+    if not wait and not owned and sum(memoryview(f).nbytes for f in frames) >= INLINE:
+        frames = [f if type(f) is bytes else bytes(f) for f in frames]
+    msg = TaskMessage(control, frames)
+    if wait:
+        _send_now(conn, msg)
+        return
+    writer = _writer_of(conn)
+    if not msg.large and len(msg.head) <= DIRECT_MAX and _send_if_free(conn, writer, msg):
+        return
+    writer.put(msg)
+
+
+#: A message this small that finds the connection idle and its socket or pipe writable is
+#: written by the sender itself: no hand-over to the writer thread, which costs a thread
+#: wake-up per result. Writable means the kernel has room for at least this much (a socket
+#: with ``tune_socket``'s buffers has megabytes; a pipe at least ``PIPE_BUF``, 4 KiB), so
+#: the write does not block.
+DIRECT_MAX = 4096
+
+
+def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
+    """Write ``msg`` now if nothing is queued or being written on ``conn`` and its outgoing
+    descriptor has room; False (nothing written) otherwise."""
+    if conn._send_queue or writer.pending:
+        return False
+    fd = out_fd(conn._channel.stream)
+    if fd is None:
+        return False
+    lock = conn._sendlock
+    if not lock.acquire(False):
+        return False
+    try:
+        # (checked again under the lock: the writer counts a message as pending from put()
+        # until it is written, so one of ours queued earlier can't be overtaken)
+        if conn._send_queue or writer.pending or conn.closed:
+            return False
+        try:
+            if not select.select((), (fd,), (), 0)[1]:
+                return False
+        except (OSError, ValueError):
+            return False
+        try:
+            conn._channel.send(msg)
+        except (EOFError, OSError, ValueError):
+            pass  # the connection's reader reports the loss
+        return True
+    finally:
+        try:
+            lock.release()
+        except RuntimeError:
+            pass
+        if conn._send_queue:  # queued while we held the lock: RPyC leaves them to us
+            writer.put_flush()
+
+
+def out_fd(stream: Any) -> int | None:
+    """The file descriptor the stream writes to (a socket's, or a pipe's outgoing end);
+    None when there is none, or it was closed (a closed socket's ``fileno()`` is -1).
+    (Also the heartbeat's: rpycsvc.protocol.liveness.)"""
+    fd = -1
+    try:
+        sock = getattr(stream, "sock", None)
+        if sock is not None:
+            fd = int(sock.fileno())
+        else:
+            outgoing = getattr(stream, "outgoing", None)
+            if outgoing is not None:
+                fd = int(outgoing.fileno())
+    except (OSError, ValueError, EOFError, AttributeError):
+        pass
+    return fd if fd >= 0 else None
+
+
+def _send_now(conn: Any, msg: TaskMessage) -> None:
+    q = conn._send_queue
+    lock = conn._sendlock
+    q.append(msg)
+    channel = conn._channel
+    lock.acquire()
+    try:
+        # Whoever holds the lock sends everything queued (RPyC's protocol): ours may have
+        # gone out with another thread's already.
+        while q and not msg.sent:
+            channel.send(q.pop(0))
+    except RuntimeError as exc:  # rpyc's cleanup released the lock under us
+        raise EOFError("the connection closed while a message was being sent") from exc
+    finally:
+        try:
+            lock.release()
+        except RuntimeError:
+            pass
+    flush_queue(conn)
+    if not msg.sent and conn.closed:
+        raise EOFError("the connection is closed")
+
+
+def flush_queue(conn: Any) -> None:
+    """Send what is queued on ``conn``, as RPyC's ``_send`` does: whoever gets the lock
+    sends; checked again after each release."""
+    q = conn._send_queue
+    lock = conn._sendlock
+    channel = conn._channel
+    while q:
+        if not lock.acquire(False):
+            return
+        try:
+            if q:
+                channel.send(q.pop(0))
+        finally:
+            try:
+                lock.release()
+            except RuntimeError:
+                pass
+
+
+class _Writer:
+    """A connection's writer thread for messages whose senders must not block."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = weakref.ref(conn)
+        self.queue: queue.SimpleQueue[TaskMessage | None] = queue.SimpleQueue()
+        #: messages put and not yet written (read without a lock: see _send_if_free)
+        self.pending = 0
+        self._count = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="rpycsvc-task-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def put(self, msg: TaskMessage) -> None:
+        with self._count:
+            self.pending += 1
+        self.queue.put(msg)
+
+    def put_flush(self) -> None:
+        """Have the writer send what RPyC queued on the connection (see ``_send_now``)."""
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                msg = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                conn = self._conn()
+                if conn is None or conn.closed:
+                    return
+                del conn
+                continue
+            conn = self._conn()
+            if conn is None or conn.closed:
+                return
+            try:
+                if msg is None:
+                    flush_queue(conn)
+                else:
+                    _send_now(conn, msg)
+            except (EOFError, OSError, ValueError):
+                return  # the reader reports the loss
+            finally:
+                if msg is not None:
+                    with self._count:
+                        self.pending -= 1
+                del conn, msg  # a large message is freed once it is sent
+
+
+_writers: weakref.WeakKeyDictionary[Any, _Writer] = weakref.WeakKeyDictionary()
+_writers_lock = threading.Lock()
+
+
+def _writer_of(conn: Any) -> _Writer:
+    w = _writers.get(conn)
+    if w is None or not w.thread.is_alive():
+        with _writers_lock:
+            w = _writers.get(conn)
+            if w is None or not w.thread.is_alive():
+                w = _writers[conn] = _Writer(conn)
+    return w
+
+
+def drain(timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until every connection's writer thread has
+    written what it was given: a server shutting down calls it before it closes its
+    connections, so results handed over in the grace period reach their clients. True if
+    all were written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _writers_lock:
+            busy = [w for w in _writers.values() if w.pending and w.thread.is_alive()]
+        if not busy:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)  # (shutdown only: a short poll beats a wake-up on every write)

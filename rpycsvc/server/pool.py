@@ -1,0 +1,714 @@
+"""The server's worker pool: process workers for CPU-bound tasks, a thread worker for I/O.
+
+Tasks are queued per client connection and taken round-robin, so one client with a long
+queue can't starve another. A process worker runs one task at a time; a task past its
+timeout, or cancelled while running, is stopped by killing its worker, which is then
+replaced. Each worker leads its own process group, so the kill takes every process the task
+started with it (one that made itself a new session escapes). A worker that dies by itself
+(``os._exit``, a signal, the kernel's OOM killer) fails only the task it was running; its
+death is seen by a thread waiting for the process, not by the end of its channel (a child
+the task forked may hold that open). Thread-mode tasks share one worker process with many
+threads; they are stopped by an exception raised in their thread, which takes effect only
+when the thread next runs Python code.
+
+Deadlines are kept in a heap, pruned of finished tasks in bulk. The thread that enforces
+them wakes at least every ``_TICK`` seconds while any is pending; if it finds much more time
+has passed than it slept (the server was stopped with SIGSTOP, or its VM paused), it moves
+every pending deadline on by the gap: time the server was frozen is not a task's running time.
+
+On :meth:`WorkerPool.close` (a graceful shutdown), queued tasks and tasks submitted
+meanwhile fail with :class:`~rpycsvc.errors.ServerDrainingError` (they never ran: a cluster
+sends them elsewhere); running tasks have ``grace`` seconds to finish, and those cut off fail
+with :class:`~rpycsvc.errors.ServerLostError` (they may have had effects: re-run only per
+the client's ``retries``).
+
+The pool is the only scheduler: a worker runs only what the pool sent it, one task at a
+time for a process worker (up to ``threads`` at once for the thread worker), so the pool's
+own books say exactly what runs where, and stopping a task by killing its worker stops
+nothing else. A worker measures how long it spent on each task (from reading it to its
+result pickled) and says so with the result: :attr:`Task.service_s`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rpycsvc.errors import (
+    ConfigError,
+    ServerDrainingError,
+    ServerLostError,
+    TaskCancelledError,
+    TaskError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from rpycsvc.server import wire as _wire
+
+log = logging.getLogger("rpycsvc.pool")
+
+#: While deadlines are pending, the deadline thread wakes at least this often (seconds)...
+_TICK = 0.25
+#: ...and a wake-up later than planned by more than this (seconds) means the server was
+#: frozen (SIGSTOP, a paused VM) for that long: pending deadlines move on by as much. A
+#: thread merely starved of CPU for that long makes timeouts as much more lenient.
+_FROZEN_AFTER = 1.0
+#: The deadline heap is rebuilt without finished tasks' entries once it holds more than this
+#: many and more than twice as many as there are live tasks (so the cost is amortised).
+_PRUNE_AT = 64
+#: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
+
+
+#: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
+#: raised (exception frames); error → the pool stopped or lost the task.
+DoneCallback = Callable[["Task", bool, "list[Any] | None", "TaskError | None"], None]
+
+
+@dataclass(eq=False)
+class Task:
+    """One unit of work, as the pool sees it (opaque payload frames, never unpickled here)."""
+
+    kind: str  # "pickled" | "path" | "endpoint"
+    spec: Any
+    frames: tuple[Any, ...]
+    on_done: DoneCallback
+    owner: Hashable = None
+    mode: str = "process"
+    timeout: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    on_output: Callable[[int, Any], None] | None = None  # fd 1/2 text, or 0: log record bytes
+    label: str = ""
+    client: str = ""
+    task_id: int = 0
+    state: str = "new"
+    started: float = 0.0
+    ending: str = ""
+    worker: _WorkerHandle | None = None
+    #: seconds the worker spent on the task, from reading it to its result pickled (set
+    #: before ``on_done`` runs; None if the worker never reported: timeout, cancel, crash)
+    service_s: float | None = None
+    #: on_module(name, answer): ask the task's client for module ``name`` and call
+    #: ``answer(reply)`` once it comes (see rpycsvc.protocol.forwarding); None: nobody to ask
+    on_module: Callable[[str, Callable[[Any], None]], None] | None = None
+
+
+
+class _WorkerHandle:
+    def __init__(self, role: str, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.role = role
+        self.proc = proc
+        self.sock = sock
+        self.reader: threading.Thread | None = None
+        self.send_lock = threading.Lock()
+        self.tasks: dict[int, Task] = {}
+        self.ready = threading.Event()
+        self.alive = True
+        self.stopping = ""  # why we killed it on purpose (timeout, cancel)
+
+    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
+        with self.send_lock:
+            _wire.send_msg(self.sock, control, frames)
+
+
+
+class WorkerPool:
+    """A fixed number of process workers plus one lazily started thread worker."""
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        threads: int = 256,
+        endpoints: list[str] | None = None,
+        memory_limit: int = 0,
+        start_timeout: float = 30.0,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {workers!r}")
+        self.size = workers
+        self.threads = threads
+        self.endpoint_modules = list(endpoints or [])
+        self.endpoint_names: list[str] = []
+        self.memory_limit = memory_limit
+        self.start_timeout = start_timeout
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._workers: list[_WorkerHandle] = []
+        self._idle: deque[_WorkerHandle] = deque()
+        self._queues: dict[Hashable, deque[Task]] = {}
+        self._turns: deque[Hashable] = deque()
+        self._thread_worker: _WorkerHandle | None = None
+        self._thread_queue: deque[Task] = deque()
+        self._tasks: dict[int, Task] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._deadline_cv = threading.Condition(self._lock)
+        self._settled_cv = threading.Condition(self._lock)  # a task finished (for close)
+        self._finishing = 0  # tasks taken off the books whose on_done is still running
+        self._closing = False
+        self._started = False
+        self._start_lock = threading.Lock()
+        self.counters = {"done": 0, "failed": 0, "restarts": 0}
+        #: task durations (seconds, from start to finish) by histogram bucket upper bound
+        self.duration_buckets: dict[float, int] = dict.fromkeys(DURATION_BUCKETS, 0)
+        self.duration_sum = 0.0
+        #: the last few failures: (time, label, client, error text)
+        self.recent_failures: deque[tuple[float, str, str, str]] = deque(maxlen=20)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def ensure_started(self) -> None:
+        """Start the workers unless started (a forked connection handler starts its own)."""
+        with self._start_lock:
+            if not self._started:
+                self.start()
+
+    def start(self) -> None:
+        """Start every process worker and wait (bounded) until each is ready."""
+        self._started = True
+        handles = [self._spawn("process") for _ in range(self.size)]
+        if self.threads:  # started now so the first thread-mode task doesn't wait for it
+            with self._lock:
+                handles.append(self._thread_worker_locked())
+        deadline = time.monotonic() + self.start_timeout
+        for h in handles:
+            if not h.ready.wait(max(0.0, deadline - time.monotonic())) or not h.alive:
+                self.close(grace=0)
+                raise ConfigError(self._start_failure or "a worker process did not start in time")
+        threading.Thread(target=self._deadline_loop, name="rpycsvc-deadlines", daemon=True).start()
+
+    _start_failure = ""
+
+    def close(self, grace: float = 10.0) -> None:
+        """Stop taking tasks, let running ones finish for ``grace`` seconds, then stop workers.
+
+        Queued tasks fail with :class:`ServerDrainingError` now (they never started); those
+        still running when ``grace`` is over are killed, with their process trees, and fail
+        with :class:`ServerLostError`."""
+        with self._lock:
+            self._closing = True
+            queued = [t for q in self._queues.values() for t in q] + list(self._thread_queue)
+            self._queues.clear()
+            self._turns.clear()
+            self._thread_queue.clear()
+            self._deadline_cv.notify_all()
+        for t in queued:
+            self._finish(t, False, None, ServerDrainingError(
+                f"the server is shutting down: task {t.label or t.task_id} was queued and "
+                "never started (it can be sent to another server)"))
+        deadline = time.monotonic() + grace
+        with self._lock:
+            # Until every running task's result has been handed to its connection, not
+            # merely taken off the books: the server closes connections right after this.
+            while (self._tasks or self._finishing) and time.monotonic() < deadline:
+                self._settled_cv.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            workers = list(self._workers) + ([self._thread_worker] if self._thread_worker else [])
+        for w in workers:
+            w.alive = False
+            try:
+                w.send(("exit",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.0  # idle workers exit at once; busy ones are killed
+        for w in workers:
+            try:
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_tree(w.proc)
+                w.proc.wait(timeout=5.0)
+        for w in workers:  # each fails what it ran (bounded: a stuck callback can't hang us)
+            if w.reader is not None and w.reader is not threading.current_thread():
+                w.reader.join(timeout=max(1.0, deadline + 5.0 - time.monotonic()))
+            _kill_tree(w.proc)  # whatever its tasks left running
+            w.sock.close()
+
+    # -- submitting --------------------------------------------------------------------------
+    def submit(self, task: Task) -> int:
+        """Queue ``task``; returns its id (for :meth:`cancel`). Never blocks on the task."""
+        if task.mode not in ("process", "thread"):
+            raise ConfigError(f"mode must be 'process' or 'thread', got {task.mode!r}")
+        if task.mode == "thread" and self.threads < 1:
+            raise ConfigError("this server runs no thread-mode tasks (started with --threads 0)")
+        with self._lock:
+            if self._closing:
+                raise ServerDrainingError(
+                    f"the server is shutting down: task {task.label or 'task'} was refused "
+                    "(it can be sent to another server)")
+            task.task_id = next(self._ids)
+            task.state = "queued"
+            self._tasks[task.task_id] = task
+            if task.mode == "thread":
+                tw = self._thread_worker_locked()
+                self._thread_queue.append(task)
+                todo: list[Task | None] = list(self._take_thread_tasks_locked(tw))
+                worker: _WorkerHandle | None = tw
+            else:
+                q = self._queues.get(task.owner)
+                if q is None:
+                    q = self._queues[task.owner] = deque()
+                    self._turns.append(task.owner)
+                q.append(task)
+                worker = self._idle.popleft() if self._idle else None
+                todo = [self._next_process_task_locked(worker)] if worker else []
+        for t in todo:
+            if worker is not None and t is not None:
+                self._send_task(worker, t)
+        return task.task_id
+
+    def cancel(self, task_id: int, reason: str = "cancel") -> bool:
+        """Cancel a queued task, or stop a running one. False if it already finished."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.ending:
+                return False
+            if task.state == "running" and (task.worker is None
+                                            or task.worker.tasks.get(task_id) is not task):
+                # finished: its result is on its way (its worker may run the next task
+                # already, which must not die for it)
+                return False
+            task.ending = reason
+            if task.state == "queued":
+                q = self._queues.get(task.owner) if task.mode == "process" else self._thread_queue
+                if q is not None and task in q:
+                    q.remove(task)
+                worker = None
+            else:
+                worker = task.worker
+        err = self._ending_error(task)
+        if worker is None:
+            self._finish(task, False, None, err)
+        elif worker.role == "process":
+            worker.stopping = reason
+            self._kill(worker)  # with its process group; its death fails the task
+        else:
+            try:
+                worker.send(("cancel", task_id, reason))
+            except OSError:
+                pass
+            self._finish(task, False, None, err)
+        return True
+
+    # -- scheduling (call with the lock held) -----------------------------------------------
+    def _next_process_task_locked(self, worker: _WorkerHandle | None) -> Task | None:
+        if worker is None:
+            return None
+        while self._turns:
+            owner = self._turns[0]
+            self._turns.rotate(-1)
+            q = self._queues.get(owner)
+            task = q.popleft() if q else None
+            if not q:  # emptied (maybe by cancel): this owner has no turn until it submits
+                self._queues.pop(owner, None)
+                self._turns.remove(owner)
+            if task is not None:
+                self._start_locked(task, worker)
+                return task
+        self._idle.append(worker)
+        return None
+
+    def _take_thread_tasks_locked(self, tw: _WorkerHandle) -> list[Task]:
+        todo = []
+        while self._thread_queue and tw.ready.is_set() and len(tw.tasks) < self.threads:
+            task = self._thread_queue.popleft()
+            self._start_locked(task, tw)
+            todo.append(task)
+        return todo
+
+    def _start_locked(self, task: Task, worker: _WorkerHandle) -> None:
+        task.state = "running"
+        task.worker = worker
+        task.started = time.monotonic()
+        worker.tasks[task.task_id] = task
+        if task.timeout is not None:
+            heapq.heappush(self._deadlines, (task.started + task.timeout, task.task_id))
+            self._deadline_cv.notify()
+
+    def _prune_deadlines_locked(self) -> None:
+        """Drop finished tasks' deadline entries, in bulk once they outnumber the live
+        tasks (an entry is otherwise kept until its time comes: a day's timeout on a busy
+        server would be a day's worth of finished tasks)."""
+        heap = self._deadlines
+        if len(heap) > _PRUNE_AT and len(heap) > 2 * len(self._tasks):
+            tasks = self._tasks
+            heap[:] = [e for e in heap if e[1] in tasks and tasks[e[1]].state == "running"]
+            heapq.heapify(heap)
+
+    def _thread_worker_locked(self) -> _WorkerHandle:
+        if self._thread_worker is None or not self._thread_worker.alive:
+            self._thread_worker = self._spawn("thread")
+        return self._thread_worker
+
+    def _send_task(self, worker: _WorkerHandle, task: Task) -> None:
+        try:
+            worker.send(("run", task.task_id, task.kind, task.spec, task.options), task.frames)
+        except OSError:
+            self._kill(worker)  # its reader thread fails the task and replaces the worker
+
+    # -- workers -----------------------------------------------------------------------------
+    def _spawn(self, role: str) -> _WorkerHandle:
+        parent, child = socket.socketpair()
+        cmd = [sys.executable, "-m", "rpycsvc.server.worker", "--fd", str(child.fileno()),
+               "--role", role, "--threads", str(max(1, self.threads))]
+        if self.endpoint_modules:
+            cmd += ["--endpoints", ",".join(self.endpoint_modules)]
+        if self.memory_limit:
+            cmd += ["--memory-limit", str(self.memory_limit)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        fds = [child.fileno()]
+        bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
+        if bundle_fd and bundle_fd.isdigit():
+            fds.append(int(bundle_fd))
+        # (The worker makes itself a process group leader: see _kill_tree.)
+        proc = subprocess.Popen(
+            cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
+        child.close()
+        handle = _WorkerHandle(role, proc, parent)
+        if role == "process":  # never called with the lock held for this role
+            with self._lock:
+                self._workers.append(handle)
+        handle.reader = threading.Thread(target=self._reader, args=(handle,),
+                                         name=f"rpycsvc-w{proc.pid}", daemon=True)
+        handle.reader.start()
+        threading.Thread(target=self._watch, args=(handle,), name=f"rpycsvc-wait{proc.pid}",
+                         daemon=True).start()
+        return handle
+
+    @staticmethod
+    def _watch(w: _WorkerHandle) -> None:
+        """Wait for the worker process to end, then end its channel on our side, so that
+        its reader sees the death now: a child the task forked holds the worker's end of the
+        channel open, and without this the death showed only when that child exited.
+        (Messages the worker sent before it died are still read: shutting down our side for
+        reading does not drop what is queued.)"""
+        try:
+            w.proc.wait()
+        except Exception:  # (never expected; the reader still sees the channel's end)
+            log.exception("waiting for worker %s failed", w.proc.pid)
+            return
+        try:
+            w.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _reader(self, w: _WorkerHandle) -> None:
+        try:
+            while True:
+                control, frames = _wire.recv_msg(w.sock)
+                op = control[0]
+                try:
+                    if op == "done":
+                        self._on_done(w, control[1], control[2], control[3], frames)
+                    elif op == "out":
+                        task = w.tasks.get(control[1])
+                        if task is not None and task.on_output is not None:
+                            task.on_output(control[2], control[3])
+                    elif op == "log":  # a pickled logging record, passed on as bytes
+                        task = w.tasks.get(control[1])
+                        if task is not None and task.on_output is not None:
+                            task.on_output(0, control[2])
+                    elif op == "need-module":
+                        self._on_need_module(w, *control[1:])
+                    elif op == "ready":
+                        self._on_ready(w, control)
+                except Exception:  # a bug here must not silence this worker for good
+                    log.exception("error handling %r from worker %s", op, w.proc.pid)
+                del control, frames  # don't keep the last (maybe 64 MiB) message alive
+        except (EOFError, OSError):
+            pass
+        self._on_exit(w)
+
+    @staticmethod
+    def _on_need_module(w: _WorkerHandle, task_id: int, req: int, name: str) -> None:
+        """A task of ``w`` imports a module the worker lacks: ask the task's client
+        (rpycsvc.protocol.forwarding). Never waits here: the answer goes to the worker when it comes
+        (the worker bounds the wait)."""
+        def answer(reply: Any) -> None:
+            try:
+                w.send(("module", req, reply))
+            except OSError:
+                pass  # the worker is gone
+
+        task = w.tasks.get(task_id)
+        if task is None or task.on_module is None:
+            answer(("none", name))
+            return
+        try:
+            task.on_module(name, answer)
+        except Exception as exc:  # e.g. the client's connection closed
+            answer(("error", name, f"could not ask the client for module {name!r}: "
+                    f"{type(exc).__name__}: {exc}"))
+
+    def _on_ready(self, w: _WorkerHandle, control: tuple[Any, ...]) -> None:
+        _, _pid, names, error = control
+        if error:
+            self._start_failure = error
+            w.alive = False
+            w.ready.set()
+            self._kill(w)
+            return
+        self.endpoint_names = list(names)
+        todo: list[Task | None]
+        with self._lock:
+            w.ready.set()
+            if w.role == "process":
+                todo = [self._next_process_task_locked(w)]
+            else:
+                todo = list(self._take_thread_tasks_locked(w))
+        for t in todo:
+            if t is not None:
+                self._send_task(w, t)
+
+    def _on_done(self, w: _WorkerHandle, task_id: int, ok: bool, service_s: float | None,
+                 frames: list[Any]) -> None:
+        nxt: list[Task | None]
+        with self._lock:
+            task = w.tasks.pop(task_id, None)
+            if task is not None:
+                task.service_s = service_s
+            if w.role == "process":
+                # a worker we are killing must not be handed the next task
+                nxt = ([self._next_process_task_locked(w)]
+                       if w.alive and not w.stopping and not w.tasks else [])
+            else:
+                nxt = list(self._take_thread_tasks_locked(w))
+        for t in nxt:
+            if t is not None:
+                self._send_task(w, t)
+        if task is not None:
+            self._finish(task, ok, frames, None)
+
+    def _on_exit(self, w: _WorkerHandle) -> None:
+        code = w.proc.poll()
+        if code is None:
+            try:
+                code = w.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self._kill(w)
+                code = w.proc.wait(timeout=5.0)
+        with self._lock:
+            was_alive, w.alive = w.alive, False
+            # Every task it had was sent to it, so it ran (or was about to): it is lost.
+            lost = list(w.tasks.values())
+            w.tasks.clear()
+            if w in self._idle:
+                self._idle.remove(w)
+            if w in self._workers:
+                self._workers.remove(w)
+            replace = was_alive and not self._closing
+            if replace:
+                self.counters["restarts"] += 1
+        _kill_tree(w.proc)  # whatever the worker's tasks left behind dies with it
+        w.sock.close()
+        w.ready.set()
+        how = _describe_exit(code)
+        for task in lost:
+            err: TaskError | ServerLostError
+            if task.ending:
+                err = self._ending_error(task)
+            elif self._closing:
+                err = ServerLostError(
+                    f"the server shut down while the task ran: task {task.label or task.task_id}"
+                    " did not finish within the shutdown's grace period and was stopped (it "
+                    "may have had effects; it is re-run elsewhere only as retries allow)")
+            else:
+                err = WorkerCrashedError(
+                    f"the worker process running task {task.label or task.task_id} died "
+                    f"({how}); the task may have called os._exit(), crashed the interpreter, "
+                    "or run out of memory. The worker was replaced.")
+            self._finish(task, False, None, err)
+        if replace:
+            if w.stopping:
+                log.info("worker %s stopped to end a task (%s); starting a replacement",
+                         w.proc.pid, w.stopping)
+            else:
+                log.warning("worker %s exited (%s); starting a replacement", w.proc.pid, how)
+            if w.role == "process":
+                self._spawn("process")
+            else:
+                with self._lock:
+                    if self._thread_queue:
+                        self._thread_worker_locked()  # it takes the queue when ready
+
+    @staticmethod
+    def _kill(w: _WorkerHandle) -> None:
+        """Kill the worker and every process its tasks started (its process group)."""
+        _kill_tree(w.proc)
+
+    # -- completion and deadlines ------------------------------------------------------------
+    def _finish(self, task: Task, ok: bool, frames: list[Any] | None,
+                err: TaskError | ServerLostError | None) -> None:
+        """Book ``task`` as finished and hand its result to ``on_done``. (``err`` is a
+        ServerLostError only for a task cut off by shutdown; callbacks use just its type's
+        name and its text.)"""
+        with self._lock:
+            if self._tasks.pop(task.task_id, None) is None:
+                return  # already finished (e.g. a thread task that timed out, then returned)
+            task.state = "done"
+            if task.timeout is not None:
+                self._prune_deadlines_locked()
+            self.counters["done" if ok else "failed"] += 1
+            if task.started:
+                took = time.monotonic() - task.started
+                self.duration_sum += took
+                for bound in DURATION_BUCKETS:
+                    if took <= bound:
+                        self.duration_buckets[bound] += 1
+                        break
+            if not ok:
+                if err is not None:
+                    why = str(err)
+                elif frames and len(frames) >= 2:  # (type name, message, ...): no unpickling
+                    why = f"{bytes(frames[0]).decode(errors='replace')}: " \
+                          f"{bytes(frames[1]).decode(errors='replace')}"
+                else:
+                    why = "raised an exception"
+                self.recent_failures.append((time.time(), task.label, task.client, why[:200]))
+                log.info("task %s from %s failed after %.3f s: %s", task.label, task.client,
+                         time.monotonic() - task.started if task.started else 0.0, why[:200])
+            self._finishing += 1
+        try:
+            task.on_done(task, ok, frames, err)  # type: ignore[arg-type]  # (see above)
+        except Exception:
+            log.exception("task completion callback failed")
+        finally:
+            with self._lock:
+                self._finishing -= 1
+                self._settled_cv.notify_all()
+
+    def _ending_error(self, task: Task) -> TaskError:
+        name = task.label or task.task_id
+        if task.mode == "process":
+            how = ("its worker process and every process it started were killed; the worker "
+                   "was replaced")
+        else:
+            how = ("a thread-mode task is stopped by an exception raised in its thread, which "
+                   "takes effect only when the thread runs Python code again: one blocked in C "
+                   "code or a system call may go on running, and processes it started are "
+                   "not killed; use mode='process' for tasks that must be stoppable")
+        if task.ending == "timeout":
+            return TaskTimeoutError(
+                f"task {name} ran longer than its timeout of {task.timeout:g} s and was "
+                f"stopped ({how})")
+        return TaskCancelledError(f"task {name} was cancelled ({how})")
+
+    def _deadline_loop(self) -> None:
+        planned: float | None = None  # when the last wait was to end (None: no bound)
+        with self._lock:
+            while not self._closing:
+                if planned is not None:
+                    late = time.monotonic() - planned
+                    if late > _FROZEN_AFTER:
+                        self._shift_deadlines_locked(late)
+                    planned = None
+                now = time.monotonic()
+                if self._deadlines and self._deadlines[0][0] <= now:
+                    _, task_id = heapq.heappop(self._deadlines)
+                    task = self._tasks.get(task_id)
+                    if task is not None and task.state == "running" and not task.ending:
+                        self._lock.release()
+                        try:
+                            self.cancel(task_id, "timeout")
+                        finally:
+                            self._lock.acquire()
+                    continue
+                wait = min(self._deadlines[0][0] - now, _TICK) if self._deadlines else None
+                if wait is not None:
+                    planned = now + wait
+                self._deadline_cv.wait(wait)
+
+    def _shift_deadlines_locked(self, gap: float) -> None:
+        """The server was frozen for about ``gap`` seconds: its tasks did not run meanwhile
+        (a stop of the whole process tree, a paused VM), so none of it counts against
+        their timeouts."""
+        log.warning("the server was frozen (stopped or paused) for %.1f s; the running tasks' "
+                    "timeouts are extended by as much", gap)
+        self._deadlines[:] = [(when + gap, task_id) for when, task_id in self._deadlines]
+        heapq.heapify(self._deadlines)
+
+    # -- introspection ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            running = sum(1 for t in self._tasks.values() if t.state == "running")
+            queued = sum(len(q) for q in self._queues.values()) + len(self._thread_queue)
+            pids = [w.proc.pid for w in self._workers]
+            tw = self._thread_worker
+            return {
+                "workers": self.size,
+                "worker_pids": pids,  # the process workers: as many as "workers"
+                "thread_worker_pid": tw.proc.pid if tw is not None and tw.alive else None,
+                "threads": self.threads,
+                "tasks_running": running,
+                "tasks_queued": queued,
+                "tasks_done": self.counters["done"],
+                "tasks_failed": self.counters["failed"],
+                "worker_restarts": self.counters["restarts"],
+                # timeouts being watched: running tasks' (and finished ones' not yet pruned;
+                # bounded by max(64, twice the live tasks))
+                "timeouts_pending": len(self._deadlines),
+            }
+
+    def running_tasks(self) -> list[dict[str, Any]]:
+        """What runs now: label, client, mode and seconds elapsed (for ``rpycsvc top``)."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {"task": t.label, "client": t.client, "mode": t.mode,
+                 "elapsed": round(now - t.started, 3)}
+                for t in self._tasks.values() if t.state == "running"
+            ]
+
+    def durations(self) -> tuple[dict[float, int], float]:
+        """The task-duration histogram (bucket upper bound → count) and sum of seconds."""
+        with self._lock:
+            return dict(self.duration_buckets), self.duration_sum
+
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a worker's process group: the worker and whatever its tasks started (the
+    worker makes itself the leader of a group of its own as it starts, before it runs any
+    task). The group outlives the worker while a member lives, so this also reaches what a
+    dead worker left behind. (A new group, not a new session: with scheduler autogroups, a
+    session of its own changed how workers were scheduled against the server.)"""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        try:  # (no such group: the worker alone, if it is not reaped yet)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " — possibly out of memory" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"

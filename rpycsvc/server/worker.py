@@ -1,0 +1,537 @@
+"""The worker process: runs tasks the server hands it over a local socketpair.
+
+A *process* worker runs one task at a time on its main thread, so CPU-bound tasks use a
+core each and a runaway task can be stopped by killing the process. A *thread* worker
+runs many tasks at once in threads, for I/O-bound work. Whatever a task prints (through
+``sys.stdout``/``sys.stderr`` or, in a process worker, straight to file descriptors 1
+and 2) is sent back as whole lines, attributed to the task, while the task runs.
+
+A worker runs only what the server's pool sent it: it reads one ``run`` message, runs the
+task, and sends one ``done`` message with the result frames and the seconds it spent on the
+task (from reading it to its result pickled: the pool's ``Task.service_s``). Nothing else
+is asked of it per task.
+
+Started by :mod:`rpycsvc.server.pool` as ``python -m rpycsvc.server.worker --fd N ...``; not an API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import itertools
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from rpycsvc.protocol.forwarding import FETCH_TIMEOUT, Fetch, ForwardedModules, Reply, timed_out
+from rpycsvc.protocol.serialization import (
+    FunctionCache,
+    dumps,
+    loads,
+)
+from rpycsvc.protocol.tracebacks import dump_exception
+from rpycsvc.server import wire as _wire
+from rpycsvc.server.endpoints import load_endpoints, resolve_path
+from rpycsvc.server.workerio import (
+    FLUSH_BYTES,
+    FLUSH_INTERVAL,
+    _FdPump,
+    _LogForwarder,
+    _Router,
+    restore_std_fds,
+)
+
+
+class _TaskContext:
+    """What a running task's output is attributed to, and its pending output."""
+
+    __slots__ = ("chunks", "client", "fetch", "fetch_lock", "fetching", "forward", "lock",
+                 "logging", "sizes", "task_id")
+
+    def __init__(self, task_id: int, forward: bool, logging: bool = False) -> None:
+        self.task_id = task_id
+        #: asks the task's client for a module (rpycsvc.protocol.forwarding); None: nobody to ask
+        self.fetch: Fetch | None = None
+        #: the token of the task's client (its ``fwd`` option; "" if it forwards nothing)
+        self.client = ""
+        #: held while one of the task's imports asks its client; ``fetching`` goes False
+        #: when the task returns (see Worker.end_fetching): a thread the task started
+        #: gets nothing from the client after that
+        self.fetch_lock = threading.Lock()
+        self.fetching = True
+        self.forward = forward
+        self.logging = logging
+        self.lock = threading.Lock()
+        # Pending text per fd, as pieces (appending to one str would be quadratic). Writers
+        # append without a lock (deque.append is atomic); flushers take ``lock`` and pop from
+        # the left, so a write racing a flush is never lost. ``sizes`` is approximate.
+        self.chunks: dict[int, deque[str]] = {1: deque(), 2: deque()}
+        self.sizes = {1: 0, 2: 0}
+
+
+class Worker:
+    """One worker process's state: its channel to the server, caches and running tasks."""
+
+    def __init__(self, sock: socket.socket, role: str, threads: int, endpoints: list[str]):
+        self.sock = sock
+        self.role = role
+        self.send_lock = threading.Lock()
+        self.functions = FunctionCache()
+        self.local = threading.local()
+        self.active: dict[int, _TaskContext] = {}
+        self.active_lock = threading.Lock()
+        self.inline: _TaskContext | None = None  # the task on the main thread (process role)
+        self.thread_ids: dict[int, int] = {}
+        self.endpoint_error = ""
+        try:
+            self.endpoints = load_endpoints(endpoints) if endpoints else {}
+        except Exception as exc:  # reported to the server, which refuses to start
+            self.endpoints = {}
+            self.endpoint_error = str(exc)
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, "rpycsvc-task") if role == "thread" else None
+        self.item_pool: ThreadPoolExecutor | None = None
+        self.logging_tasks = 0
+        self.fd_pumps: list[_FdPump] = []
+        # Module forwarding (see rpycsvc.protocol.forwarding): requests to the server, and what a
+        # process worker read from its channel while it waited for an answer there.
+        self.module_ids = itertools.count(1)
+        self.module_waits: dict[int, list[Any]] = {}  # (thread role) request -> [event, reply]
+        self.fetch_lock = threading.Lock()
+        self.backlog: deque[tuple[Any, list[Any], float]] = deque()
+        #: threads that were alive when a process-role task returned, each with the token of
+        #: the client whose task it was first seen after: such a thread (a module-level
+        #: thread pool's, say) may ask a later task's client for a module only if that is
+        #: the same client, never another one
+        self.past_threads: weakref.WeakKeyDictionary[threading.Thread, str] = \
+            weakref.WeakKeyDictionary()
+        self.forwarded = ForwardedModules(self.current_fetch, self.forget_functions).install()
+
+    # -- module forwarding -------------------------------------------------------------------
+    def current_fetch(self) -> Fetch | None:
+        """How the running task on this thread (or, in a process worker, the task running
+        now, for threads it started) asks its client for a module."""
+        ctx = self.current()
+        if ctx is None and self.inline is not None:
+            ctx = self.inline
+            past = self.past_threads.get(threading.current_thread())
+            if past is not None and past != ctx.client and ctx.fetch is not None:
+                return _refuse_other_client
+        if ctx is None or ctx.fetch is None:
+            return None
+        inner = ctx.fetch
+
+        def fetch(name: str) -> Reply:
+            # Only while the task runs: afterwards the main loop reads the channel again,
+            # and a reader here would take its messages.
+            with ctx.fetch_lock:
+                if not ctx.fetching:
+                    return ("none", name)
+                return inner(name)
+
+        return fetch
+
+    def end_fetching(self, ctx: _TaskContext) -> None:
+        """Task ``ctx`` returned: wait (at most FETCH_TIMEOUT) for an import in flight of a
+        thread it started, then close its fetch; in a process worker, every thread alive
+        now is one no later task started: it is booked under this task's client (unless it
+        already was under an earlier one), whose later tasks it may still import for."""
+        got = ctx.fetch_lock.acquire(timeout=FETCH_TIMEOUT + 5)
+        ctx.fetching = False
+        if got:
+            ctx.fetch_lock.release()
+        if self.pool is None:
+            main = threading.main_thread()
+            for t in threading.enumerate():
+                if t is not main:
+                    self.past_threads.setdefault(t, ctx.client)
+
+    def forget_functions(self) -> None:
+        """Forwarded modules were dropped: functions unpickled by reference to them go too
+        (their pickles, just a name, are unchanged)."""
+        self.functions = FunctionCache()
+
+    def fetch_from_server(self, task_id: int, name: str) -> Reply:
+        """Ask the server (which asks the task's client) for module ``name``; at most
+        FETCH_TIMEOUT seconds. A process worker's main thread runs the task, so nobody else
+        reads the channel meanwhile: this reads it, keeping what else comes for the main
+        loop. A thread worker's main loop reads it and hands the answer over."""
+        req = next(self.module_ids)
+        deadline = time.monotonic() + FETCH_TIMEOUT
+        try:
+            if self.pool is None:
+                with self.fetch_lock:
+                    self.send(("need-module", task_id, req, name))
+                    while True:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not _readable(self.sock, left):
+                            return timed_out(name, FETCH_TIMEOUT)
+                        control, frames = _wire.recv_msg(self.sock)
+                        if control[0] == "module" and control[1] == req:
+                            return control[2]  # type: ignore[no-any-return, unused-ignore]
+                        self.backlog.append((control, frames, time.perf_counter()))
+            slot: list[Any] = [threading.Event(), None]
+            self.module_waits[req] = slot
+            try:
+                self.send(("need-module", task_id, req, name))
+                if not slot[0].wait(max(0.0, deadline - time.monotonic())):
+                    return timed_out(name, FETCH_TIMEOUT)
+                return slot[1]  # type: ignore[no-any-return, unused-ignore]
+            finally:
+                self.module_waits.pop(req, None)
+        except (EOFError, OSError) as exc:
+            return ("error", name, f"lost the channel to the server while fetching module "
+                    f"{name!r}: {exc}")
+
+    def drain_fds(self) -> None:
+        for pump in self.fd_pumps:
+            pump.drain()
+
+    def after_fork_in_child(self) -> None:
+        """In a child a task forked (``os.fork``, multiprocessing's fork start method): let go
+        of the worker's channel. Descriptors are not closed on a fork as they are on exec,
+        and a child holding it kept the channel open after the worker died (its death went
+        unnoticed) and could write into it. It is pointed at /dev/null, not closed: the
+        number stays taken, so the socket object the child inherited never closes or uses a
+        descriptor it opens later."""
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            os.dup2(null, self.sock.fileno(), inheritable=False)
+        except OSError:
+            pass
+        os.close(null)
+        # What the child prints goes to descriptors 1 and 2, like a program's output: in a
+        # process worker, those pipes are read by the parent, which gives it to the task.
+        # (Through our routers it would be kept in the child's memory, or sent to the
+        # channel it no longer has.)
+        self.local.ctx = None
+        try:
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (for good)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        except OSError:
+            pass
+
+    # -- channel ---------------------------------------------------------------------------
+    def send(self, control: tuple[Any, ...], frames: Any = ()) -> None:
+        with self.send_lock:
+            _wire.send_msg(self.sock, control, frames)
+
+    # -- output ----------------------------------------------------------------------------
+    def current(self) -> _TaskContext | None:
+        return getattr(self.local, "ctx", None)
+
+    def write(self, fd: int, text: str, ctx: _TaskContext | None) -> bool:
+        """Buffer ``text`` for ``ctx``; send whole lines when enough is pending."""
+        if ctx is None or not ctx.forward:
+            return ctx is not None  # discarded for a task that asked for it, else not ours
+        ctx.chunks[fd].append(text)
+        ctx.sizes[fd] += len(text)
+        if ctx.sizes[fd] >= FLUSH_BYTES:
+            with ctx.lock:
+                self._flush_locked(ctx, fd, whole_lines=True)
+        return True
+
+    def _flush_locked(self, ctx: _TaskContext, fd: int, whole_lines: bool) -> None:
+        pending = ctx.chunks[fd]
+        n = len(pending)
+        if not n:
+            return
+        data = "".join([pending.popleft() for _ in range(n)])
+        rest = ""
+        if whole_lines:
+            cut = data.rfind("\n") + 1
+            if cut == 0:
+                pending.appendleft(data)
+                ctx.sizes[fd] = len(data)
+                return
+            data, rest = data[:cut], data[cut:]
+        if rest:
+            pending.appendleft(rest)  # older than anything appended meanwhile
+        ctx.sizes[fd] = len(rest)
+        self.send(("out", ctx.task_id, fd, data))
+
+    def flush(self, ctx: _TaskContext, whole_lines: bool) -> None:
+        with ctx.lock:
+            for fd in (1, 2):
+                self._flush_locked(ctx, fd, whole_lines)
+
+    def emit_log(self, record_dict: dict[str, Any], ctx: _TaskContext) -> None:
+        """Forward a logging record of a task whose client asked for its logs."""
+        import pickle
+
+        self.flush(ctx, whole_lines=True)  # keep prints and log records roughly in order
+        self.send(("log", ctx.task_id, pickle.dumps(record_dict, protocol=5)))
+
+    def flusher(self) -> None:
+        """Every FLUSH_INTERVAL, :meth:`tick`, for the worker's life: an error in one tick
+        is logged and the next one comes anyway."""
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            try:
+                if not self.tick():
+                    return
+            except Exception:
+                logging.getLogger("rpycsvc.worker").exception("worker housekeeping failed")
+
+    def tick(self) -> bool:
+        """Send complete lines of every running task. False: the server is gone."""
+        with self.active_lock:
+            running = list(self.active.values())
+        for ctx in running:
+            try:
+                self.flush(ctx, whole_lines=True)
+            except OSError:
+                return False
+        return True
+
+    # -- tasks -----------------------------------------------------------------------------
+    def resolve(self, kind: str, spec: Any,
+                frames: list[bytearray]) -> tuple[Callable[..., Any], list[bytearray]]:
+        if kind == "pickled":
+            return self.functions.load(bytes(frames[0])), frames[1:]
+        if kind == "endpoint":
+            fn = self.endpoints.get(spec)
+            if fn is None:
+                raise LookupError(
+                    f"no endpoint named {spec!r} on this server; it has: "
+                    f"{', '.join(sorted(self.endpoints)) or 'none'}"
+                )
+            return fn, frames
+        return resolve_path(spec), frames
+
+    def run(self, task_id: int, kind: str, spec: Any, opts: dict[str, Any],
+            frames: list[bytearray], received: float) -> None:
+        """Run one task (read at ``time.perf_counter()`` ``received``); its output, and at
+        the end one ``done`` message (ok, seconds spent on it, result or exception frames),
+        go to the server. A task whose client forwards modules (its options carry ``fwd``)
+        asks for them through the server."""
+        ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False))
+        forwarding = opts.get("fwd")
+        if forwarding is not None:
+            ctx.fetch = lambda name: self.fetch_from_server(task_id, name)
+            if isinstance(forwarding, tuple) and forwarding:
+                ctx.client = str(forwarding[0])
+        if ctx.logging:
+            self.logging_tasks += 1
+            logging.getLogger().setLevel(logging.DEBUG)  # the client's loggers decide
+        self.local.ctx = ctx
+        if self.pool is None:
+            self.inline = ctx  # fd-level output now belongs to this task
+        with self.active_lock:
+            self.active[task_id] = ctx
+            self.thread_ids[task_id] = threading.get_ident()
+        try:
+            try:
+                self.forwarded.begin(forwarding)
+                fn, data = self.resolve(kind, spec, frames)
+                if opts.get("batch"):
+                    out = self._run_batch(fn, data)
+                else:
+                    args, kwargs = loads(data, "task arguments", writable=False)
+                    out = dumps(fn(*args, **kwargs), "result", copy=False)
+                ok = True
+            except BaseException as exc:  # a task's SystemExit must not end the worker
+                ok, out = False, dump_exception(self.forwarded.explain(exc))
+            service_s = time.perf_counter() - received
+            self.end_fetching(ctx)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+            if self.pool is None:
+                self.drain_fds()  # what child processes wrote is this task's too
+                restore_std_fds(self.fd_pumps)  # in case the task closed some of them
+            self.flush(ctx, whole_lines=False)
+            if self.pool is not None:
+                # From here on a cancel must not raise in this thread: an exception landing
+                # between two writes of the "done" message would corrupt the channel.
+                with self.active_lock:
+                    self.thread_ids.pop(task_id, None)
+                    _clear_async_exc()
+            self.send(("done", task_id, ok, service_s), out)
+        finally:
+            self.local.ctx = None
+            self.inline = None
+            if ctx.logging:
+                self.logging_tasks -= 1
+                if not self.logging_tasks:
+                    logging.getLogger().setLevel(logging.WARNING)
+            with self.active_lock:
+                self.active.pop(task_id, None)
+                self.thread_ids.pop(task_id, None)
+
+    def _run_batch(self, fn: Callable[..., Any], data: list[bytearray]) -> tuple[bytes, ...]:
+        """Run ``fn`` over a chunk of argument tuples; each item keeps its own result or error."""
+        items = loads(data, "batch arguments", writable=False)
+
+        def one(args: tuple[Any, ...]) -> tuple[bool, Any]:
+            try:
+                return True, fn(*args)
+            except BaseException as exc:
+                return False, dump_exception(exc)
+
+        if self.pool is not None and len(items) > 1:
+            # thread mode: a batch's items are I/O-bound, so they run at once
+            if self.item_pool is None:
+                self.item_pool = ThreadPoolExecutor(self.threads, "rpycsvc-item")
+            ctx = self.current()
+
+            def in_ctx(args: tuple[Any, ...]) -> tuple[bool, Any]:
+                self.local.ctx = ctx
+                try:
+                    return one(args)
+                finally:
+                    self.local.ctx = None
+
+            results = list(self.item_pool.map(in_ctx, items))
+        else:
+            results = [one(args) for args in items]
+        try:
+            return dumps(results, "batch results")
+        except Exception:
+            safe: list[tuple[bool, Any]] = []
+            for ok, value in results:
+                try:
+                    dumps(value, "result")
+                    safe.append((ok, value))
+                except Exception as exc:
+                    safe.append((False, dump_exception(exc)))
+            return dumps(safe, "batch results")
+
+    def cancel(self, task_id: int, reason: str) -> None:
+        """Stop a task running in a thread by raising in it (takes effect between bytecodes).
+        Not once the task is sending its result (see run)."""
+        exc: type[BaseException] = TimeoutError if reason == "timeout" else _Cancelled
+        with self.active_lock:  # (held while raising: run() drops the task under it)
+            ident = self.thread_ids.get(task_id)
+            if ident is None:
+                return
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                       ctypes.py_object(exc))
+
+    def serve(self) -> None:
+        """Take messages from the server until it says ``exit`` or the channel ends."""
+        sock, recv = self.sock, _wire.recv_msg
+        while True:
+            while self.backlog:  # what a task's module fetch read meanwhile
+                if not self.handle(*self.backlog.popleft()):
+                    return
+            try:
+                control, frames = recv(sock)
+            except (EOFError, OSError):
+                return
+            if not self.handle(control, frames, time.perf_counter()):
+                return
+            del control, frames  # an idle worker must not keep its last task's arguments
+
+    def handle(self, control: Any, frames: list[Any], received: float) -> bool:
+        """Handle a message from the server (read at ``received``); False: time to exit."""
+        op = control[0]
+        if op == "run":
+            _, task_id, kind, spec, opts = control
+            if self.pool is not None:
+                self.pool.submit(self.run, task_id, kind, spec, opts, frames, received)
+            else:
+                self.run(task_id, kind, spec, opts, frames, received)
+        elif op == "cancel":
+            self.cancel(control[1], control[2])
+        elif op == "module":  # an answer to fetch_from_server (thread role)
+            slot = self.module_waits.get(control[1])
+            if slot is not None:
+                slot[1] = control[2]
+                slot[0].set()
+        elif op == "exit":
+            return False
+        return True
+
+
+def _clear_async_exc() -> None:
+    """Drop an exception another thread asked to raise in this one and that has not been
+    raised yet (``PyThreadState_SetAsyncExc`` with NULL)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+
+
+class _Cancelled(Exception):
+    """Raised inside a thread-mode task that its client cancelled."""
+
+
+def _refuse_other_client(name: str) -> Reply:
+    """The fetch of a thread an earlier task of another client started: nothing is asked,
+    and the import's ModuleNotFoundError says why (see ForwardedModules.explain)."""
+    return ("error", name, "not asked for: this thread was started by an earlier task of "
+            "another client, and may not get this task's client's modules (start the "
+            "thread, or thread pool, in a task of this client)")
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read within ``timeout`` seconds (poll, not
+    select: descriptors may be over 1023)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill us when the server dies, even mid-task."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rpycsvc.server.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--role", choices=("process", "thread"), default="process")
+    parser.add_argument("--threads", type=int, default=256)
+    parser.add_argument("--endpoints", default="")
+    parser.add_argument("--memory-limit", type=int, default=0, help="bytes of address space")
+    args = parser.parse_args(argv)
+    try:  # our own process group: the server kills it whole, with what tasks started
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
+    if args.memory_limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    os.set_inheritable(args.fd, False)  # not for the processes tasks start
+    sock = socket.socket(fileno=args.fd)
+    endpoints = [m for m in args.endpoints.split(",") if m]
+    worker = Worker(sock, args.role, args.threads, endpoints)
+    os.register_at_fork(after_in_child=worker.after_fork_in_child)
+    log = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
+    if args.role == "process":
+        worker.fd_pumps = [_FdPump(worker, fd, log) for fd in (1, 2)]
+        restore_std_fds(worker.fd_pumps)  # (fd 0 too: /dev/null if we were started without)
+    logging.getLogger().addHandler(_LogForwarder(worker))
+    logging.getLogger().setLevel(logging.WARNING)
+    sys.stdout = _Router(worker, 1, log)
+    sys.stderr = _Router(worker, 2, log)
+    threading.Thread(target=worker.flusher, name="rpycsvc-flush", daemon=True).start()
+    worker.send(("ready", os.getpid(), sorted(worker.endpoints), worker.endpoint_error))
+    worker.serve()
+    os._exit(0)  # don't wait for abandoned task threads
+
+
+if __name__ == "__main__":
+    main()

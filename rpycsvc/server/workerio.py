@@ -1,0 +1,184 @@
+"""Where a task's prints go, inside a worker process.
+
+``sys.stdout``/``sys.stderr`` of a worker are :class:`_Router` objects that give each write to
+the task that made it (by thread); a process worker's file descriptors 1 and 2 are pipes
+read by :class:`_FdPump` objects (output of C code and child processes); logging records go
+through :class:`_LogForwarder`. The :class:`~rpycsvc.server.worker.Worker` buffers and sends it.
+
+A task may close or replace descriptors 0-2; :func:`restore_std_fds` puts them back after
+each task. Otherwise the next descriptor opened in the worker (a file a later task opens, a
+socket it connects) would take the lowest free number, 1, and low-level output would be
+written into it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rpycsvc.server.worker import Worker
+
+#: A running task's output is sent at least this often (seconds)...
+FLUSH_INTERVAL = 0.05
+#: ...or as soon as this much whole-line output is buffered.
+FLUSH_BYTES = 32 * 1024
+
+
+class _Router(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` of a worker: routes each write to the task that made it."""
+
+    def __init__(self, worker: Worker, fd: int, fallback: io.TextIOBase) -> None:
+        self._worker = worker
+        self._local = worker.local
+        self._fd = fd
+        self._fallback = fallback
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if type(text) is not str and not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:  # not a task's: the server's log
+            self._fallback.write(text)
+        elif ctx.forward:  # Worker.write, inlined: print() calls this twice per line
+            fd = self._fd
+            ctx.chunks[fd].append(text)
+            ctx.sizes[fd] += len(text)
+            if ctx.sizes[fd] >= FLUSH_BYTES:
+                with ctx.lock:
+                    self._worker._flush_locked(ctx, fd, whole_lines=True)
+        return len(text)
+
+    def flush(self) -> None:
+        self._fallback.flush()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+class _FdPump:
+    """Reads what is written to fd 1 or 2 (child processes, C code) and attributes it.
+
+    Output read here belongs to the task running on the main thread, if any; otherwise it
+    goes to the server's log. Reads happen under a lock, so :meth:`drain` can take
+    whatever is still in the pipe when a task ends and attribute it to that task.
+    """
+
+    def __init__(self, worker: Worker, fd: int, log: io.TextIOBase) -> None:
+        self.worker, self.fd, self.log = worker, fd, log
+        self.lock = threading.Lock()
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        # Keep the write end (not inheritable): to put ``fd`` back if a task closes it, and so
+        # the pipe never reads as ended (that would end our reader thread for good).
+        self.w = w
+        # non-blocking: drain() may empty the pipe between our select() and our read()
+        os.set_blocking(r, False)
+        self.r = r
+        threading.Thread(target=self._run, name=f"rpycsvc-fd{fd}", daemon=True).start()
+
+    def _pending(self) -> int:
+        import fcntl
+        import termios
+
+        buf = bytearray(4)
+        fcntl.ioctl(self.r, termios.FIONREAD, buf)
+        return int.from_bytes(buf, sys.byteorder)
+
+    def _read_once(self) -> bool:
+        """Read what is there; False at EOF. Never blocks (the fd is non-blocking)."""
+        try:
+            chunk = os.read(self.r, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        text = chunk.decode(errors="replace")
+        if not self.worker.write(self.fd, text, self.worker.inline):
+            self.log.write(text)
+            self.log.flush()
+        return True
+
+    def _run(self) -> None:
+        import select
+
+        while True:
+            select.select([self.r], [], [])
+            with self.lock:
+                if not self._read_once():
+                    return
+
+    def drain(self) -> None:
+        with self.lock:
+            for _ in range(64):  # bounded: at most 4 MiB per task end
+                if self._pending() <= 0 or not self._read_once():
+                    return
+
+    def restore(self) -> None:
+        """Point ``fd`` at our pipe again if a task closed or replaced it."""
+        if not _same_file(self.fd, self.w):
+            os.dup2(self.w, self.fd)
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:  # (closed)
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def restore_std_fds(pumps: list[_FdPump]) -> None:
+    """After a task: descriptors 0-2 are occupied again (0 by /dev/null if it was closed,
+    1 and 2 by their pumps' pipes), so nothing the worker opens or receives later lands
+    there (see the module docstring)."""
+    try:
+        os.fstat(0)
+    except OSError:
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+            os.close(null)
+    for pump in pumps:
+        pump.restore()
+
+
+class _LogForwarder(logging.Handler):
+    """Root handler in a worker: sends a task's records to its client when asked to,
+    otherwise prints warnings and worse to stderr like Python's last-resort handler."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(logging.DEBUG)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ctx = self.worker.current()
+        if ctx is not None and ctx.logging and ctx.forward:
+            try:
+                msg = record.getMessage()
+                exc_text = (logging.Formatter().formatException(record.exc_info)
+                            if record.exc_info else record.exc_text)
+            except Exception:
+                self.handleError(record)
+                return
+            keep = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno",
+                    "funcName", "created", "msecs", "threadName", "processName", "process")
+            data = {k: getattr(record, k, None) for k in keep}
+            data.update(msg=msg, args=None, exc_text=exc_text)
+            self.worker.emit_log(data, ctx)
+        elif record.levelno >= logging.WARNING:
+            sys.stderr.write(self.format(record) + "\n")
