@@ -1,6 +1,6 @@
-"""Every example runs as the README shows it (``python examples/NAME.py``), as a subprocess,
-once on the local servers it starts itself and once on servers already running; its output
-is checked, and no process it started may outlive it."""
+"""Every example runs as docs/coming-from.md shows it (``python examples/NAME.py``), as a
+subprocess, once on the local servers it starts itself and once on servers already running;
+its output is checked, and no process it started may outlive it."""
 
 from __future__ import annotations
 

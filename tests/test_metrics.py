@@ -181,7 +181,8 @@ def test_prometheus_client_parses_the_page_after_real_tasks(metrics: MetricsServ
     assert client.compute(pow, 2, 10) == 1024
     after = families(scrape(metrics)[0])
 
-    # every family of the README table, with its type (counters lose "_total" in the parser)
+    # every family of the table in docs/operations.md, with its type (counters lose "_total"
+    # in the parser)
     expected = {(n[:-6] if k == "counter" else n): k for n, k, _ in FAMILIES}
     assert {name: f.type for name, f in after.items()} == expected
     assert all(f.documentation for f in after.values())

@@ -1,4 +1,10 @@
-"""Every example in README.md runs as written, and prints what the README says it prints.
+"""Every example in README.md and in the pages of docs/ runs as written, and prints what the
+page says it prints.
+
+The pages are README.md and every ``docs/*.md`` (:data:`PAGES`; not the design notes in
+``docs/design/``). "The README" below means any of them: a block and its marks are read the
+same way wherever they are, and the test names each block by its page and line
+(``docs/client.md:270``).
 
 How the README's code blocks are treated
 ----------------------------------------
@@ -8,7 +14,7 @@ unless HTML comments (invisible on GitHub) right above its fence say otherwise:
 - ``<!-- readme-test: skip (REASON) -->``: not run; the reason is required (e.g. the block
   is another tool's code, shown for comparison).
 - ``<!-- readme-test: continues -->``: a fragment that goes on from the python block before
-  it: run after it, in the same process and namespace.
+  it on the same page: run after it, in the same process and namespace.
 - ``<!-- readme-test: file NAME.py -->``: a module the README tells you to write: saved as
   NAME.py in a directory on the ``PYTHONPATH`` of the servers and of the blocks (the
   servers load ``mymod.py`` with ``--endpoints mymod``, as the README says).
@@ -57,7 +63,7 @@ What is checked: each group runs to the end without an exception, and
 - a statement commented ``# prints here as "TEXT"`` (a task's output streamed back) prints
   the line TEXT, at most 30 s after it returns.
 
-Tracebacks from a failing block name README.md and its line there.
+Tracebacks from a failing block name its page and its line there.
 
 The samples of what rpycsvc prints are compared with what it prints: ``rpycsvc top``,
 ``rpycsvc status``, the "deployed to" line of ``rpycsvc deploy``, a task's output line,
@@ -101,6 +107,11 @@ from tests.support.servers import REPO, ServerProcess
 from tests.support.sshd import SshServer
 
 README = REPO / "README.md"
+#: the pages whose blocks run: the README, then the docs pages by name
+PAGES: list[Path] = [README, *sorted((REPO / "docs").glob("*.md"))]
+#: python blocks run when the README was split into docs/ pages (21 before, plus the tour):
+#: moving or rewriting pages must not lose any
+MIN_RUN = 22
 WAIT = 30.0
 #: a group of blocks may start servers (Cluster.local) and run a grid search: generous
 RUN_TIMEOUT = 240.0
@@ -180,10 +191,15 @@ for _name in ("client", "cluster", "server"):
 # -- reading the README ----------------------------------------------------------------------
 @dataclass
 class Block:
-    line: int  # README line of the code's first line
+    path: str  # its page, relative to the repository: "README.md", "docs/client.md"
+    line: int  # the page's line of the code's first line
     lang: str
     code: str
     marks: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
 
     def mark(self, kind: str) -> str | None:
         """The text after ``kind`` of this block's ``kind`` mark, or None without one."""
@@ -193,9 +209,13 @@ class Block:
         return None
 
 
-def readme_blocks(text: str | None = None) -> list[Block]:
-    """The fenced blocks of the README (indented ones in lists too), with their marks."""
-    lines = (README.read_text() if text is None else text).splitlines()
+def _rel(page: Path) -> str:
+    return page.relative_to(REPO).as_posix()
+
+
+def page_blocks(page: Path, text: str | None = None) -> list[Block]:
+    """The fenced blocks of a page (indented ones in lists too), with their marks."""
+    lines = (page.read_text() if text is None else text).splitlines()
     blocks: list[Block] = []
     i = 0
     while i < len(lines):
@@ -214,7 +234,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
         while end < len(lines) and lines[end].strip() != "```":
             end += 1
         code = textwrap.dedent("\n".join(lines[i + 1:end])) + "\n"
-        blocks.append(Block(i + 2, m.group("lang"), code, marks))
+        blocks.append(Block(_rel(page), i + 2, m.group("lang"), code, marks))
         i = end + 1
     return blocks
 
@@ -228,7 +248,7 @@ class Group:
 
     @property
     def id(self) -> str:
-        return f"README.md:{self.blocks[0].line}"
+        return self.blocks[0].where
 
 
 def python_groups(blocks: list[Block]) -> tuple[list[Group], dict[str, Block], list[Block]]:
@@ -241,24 +261,27 @@ def python_groups(blocks: list[Block]) -> tuple[list[Group], dict[str, Block], l
         for m in b.marks:
             if not re.match(r"(skip \(.+\)|continues|tls|file \w+\.py|project \w+"
                             r"|given \w+(, \w+)*)$", m):
-                raise AssertionError(f"README.md:{b.line}: unknown readme-test mark {m!r}")
+                raise AssertionError(f"{b.where}: unknown readme-test mark {m!r}")
         if b.lang != "python":
             if b.marks:
-                raise AssertionError(f"README.md:{b.line}: readme-test marks on a {b.lang!r} block")
+                raise AssertionError(f"{b.where}: readme-test marks on a {b.lang!r} block")
             continue
         given = [n.strip() for n in (b.mark("given") or "").split(",") if n.strip()]
         unknown = sorted(set(given) - set(GIVEN))
-        assert not unknown, f"README.md:{b.line}: given names the test can't define: {unknown}"
+        assert not unknown, f"{b.where}: given names the test can't define: {unknown}"
         if b.mark("skip") is not None:
             skipped.append(b)
         elif b.mark("tls") is not None:
             files["<tls client>"] = b
         elif b.mark("file") is not None:
-            files[str(b.mark("file"))] = b
+            name = str(b.mark("file"))
+            assert name not in files, f"{b.where}: {name} is also {files[name].where}"
+            files[name] = b
         elif b.mark("continues") is not None:
-            assert last is not None and groups and groups[-1].blocks[-1] is last, (
-                f"README.md:{b.line}: marked 'continues' but the python block before it is "
-                "not run")
+            assert (last is not None and last.path == b.path and groups
+                    and groups[-1].blocks[-1] is last), (
+                f"{b.where}: marked 'continues' but the python block before it on its page "
+                "is not run")
             groups[-1].blocks.append(b)
             groups[-1].given += [n for n in given if n not in groups[-1].given]
         else:
@@ -267,7 +290,7 @@ def python_groups(blocks: list[Block]) -> tuple[list[Group], dict[str, Block], l
     return groups, files, skipped
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [b for page in PAGES for b in page_blocks(page)]
 GROUPS, FILES, SKIPPED = python_groups(BLOCKS)
 
 
@@ -396,18 +419,18 @@ def head(comment):
 
 
 @contextlib.contextmanager
-def _readme_capture(line, expected):
+def _readme_capture(where, expected):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         yield
     sys.stdout.write(buf.getvalue())
     got = buf.getvalue().rstrip("\n")
     if got != expected:
-        raise AssertionError(f"README.md:{line} prints {got!r}; the README says {expected!r}")
+        raise AssertionError(f"{where} prints {got!r}; the README says {expected!r}")
 
 
 @contextlib.contextmanager
-def _readme_shows(line, expected):
+def _readme_shows(where, expected):
     """The statement's (task's) output must include the line ``expected``; a task's output
     may trail its result, so wait for it a while."""
     import time
@@ -421,14 +444,14 @@ def _readme_shows(line, expected):
     finally:
         sys.stdout.write(buf.getvalue())
     if expected not in buf.getvalue().splitlines():
-        raise AssertionError(f"README.md:{line} printed {buf.getvalue()!r}; the README says "
+        raise AssertionError(f"{where} printed {buf.getvalue()!r}; the README says "
                              f"it prints {expected!r}")
 
 
-def _readme_value(line, expected, value):
+def _readme_value(where, expected, value):
     want = ast.literal_eval(expected)
     if value != want:
-        raise AssertionError(f"README.md:{line} gives {value!r}; the README says {expected}")
+        raise AssertionError(f"{where} gives {value!r}; the README says {expected}")
 
 
 ns["_readme_capture"], ns["_readme_value"] = _readme_capture, _readme_value
@@ -444,14 +467,14 @@ def is_literal(text):
 
 
 class Checks(ast.NodeTransformer):
-    def __init__(self, comments, offset):
-        self.comments, self.offset = comments, offset
+    def __init__(self, comments, page, offset):
+        self.comments, self.page, self.offset = comments, page, offset
 
     def visit_Expr(self, node):
         comment = self.comments.get(node.end_lineno)
         if not comment:
             return node
-        claim, line = head(comment), node.lineno + self.offset
+        claim, line = head(comment), f"{self.page}:{node.lineno + self.offset}"
         call = node.value
         shows = re.match(r'prints here as "(.*)"$', claim)
         if shows:
@@ -471,21 +494,21 @@ class Checks(ast.NodeTransformer):
         return ast.fix_missing_locations(ast.copy_location(new, node))
 
 
-def compiled(code, first_line):
+def compiled(page, code, first_line):
     comments = {}
     for tok in tokenize.generate_tokens(io.StringIO(code).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = tok.string
-    tree = ast.parse(code, "README.md")
-    tree = Checks(comments, first_line - 1).visit(tree)
+    tree = ast.parse(code, page)
+    tree = Checks(comments, page, first_line - 1).visit(tree)
     ast.increment_lineno(tree, first_line - 1)
-    return compile(ast.fix_missing_locations(tree), "README.md", "exec")
+    return compile(ast.fix_missing_locations(tree), page, "exec")
 
 
 try:
     exec(spec["prelude"], ns)
-    for first_line, code in spec["blocks"]:
-        exec(compiled(code, first_line), ns)
+    for page, first_line, code in spec["blocks"]:
+        exec(compiled(page, code, first_line), ns)
 finally:
     exec(spec["teardown"], ns)
 print("README-BLOCKS-OK", flush=True)
@@ -516,15 +539,15 @@ def test_python_block_runs_as_written(group: Group, servers: Servers, tmp_path: 
     if projects:  # packages only this client has (see PROJECTS)
         root = tmp_path / "project"
         for block, name in projects:
-            assert name in PROJECTS, f"README.md:{block.line}: no PROJECTS[{name!r}]"
+            assert name in PROJECTS, f"{block.where}: no PROJECTS[{name!r}]"
             for fname, text in PROJECTS[name].items():
                 assert f"{name}/{fname}" in block.code, (
-                    f"README.md:{block.line}: the comments don't describe {name}/{fname}")
+                    f"{block.where}: the comments don't describe {name}/{fname}")
                 (root / name).mkdir(parents=True, exist_ok=True)
                 (root / name / fname).write_text(text)
         env = dict(env, PYTHONPATH=os.pathsep.join([str(root), env["PYTHONPATH"]]))
     proc = run_blocks(prelude(group.given, servers),
-                      [(b.line, substitute(b.code, servers, sshd)) for b in group.blocks],
+                      [(b.path, b.line, substitute(b.code, servers, sshd)) for b in group.blocks],
                       tmp_path, servers.workdir, env)
     assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, (
         f"{group.id} failed (exit {proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n"
@@ -535,15 +558,16 @@ def test_python_block_runs_as_written(group: Group, servers: Servers, tmp_path: 
             deploy=[sshd.alias] if sshd is not None else [],
             ssh_options=["-F", str(sshd.config_path)] if sshd is not None else [])
         (tmp_path / "lack").mkdir(exist_ok=True)
-        lack = run_blocks("", [(block.line, check)], tmp_path / "lack", servers.workdir, env)
+        lack = run_blocks("", [(block.path, block.line, check)], tmp_path / "lack",
+                          servers.workdir, env)
         assert lack.returncode == 0 and "README-BLOCKS-OK" in lack.stdout, (
-            f"README.md:{block.line}: a server can import {name} without forwarding\n"
+            f"{block.where}: a server can import {name} without forwarding\n"
             f"{lack.stdout}\n{lack.stderr}")
     # progress=True off a terminal: one summary line each, as the README's sample reads
     summaries = [ln for ln in proc.stderr.splitlines() if " done in " in ln]
     assert len(summaries) == sum(b.code.count("progress=True") for b in group.blocks), (
         proc.stderr)
-    sample = re.search(r"`(\d+/\d+ done in [^`]+)`", README.read_text())
+    sample = re.search(r"`(\d+/\d+ done in [^`]+)`", "\n".join(p.read_text() for p in PAGES))
     assert sample is not None
     for line in summaries:
         assert _progress_shape(line) == _progress_shape(sample.group(1)), (line, sample)
@@ -555,10 +579,10 @@ def _progress_shape(line: str) -> str:
     return re.sub(r"\d[\d,]*(\.\d+)?", "N", line)
 
 
-def run_blocks(prelude_code: str, blocks: list[tuple[int, str]], tmp: Path, cwd: Path,
+def run_blocks(prelude_code: str, blocks: list[tuple[str, int, str]], tmp: Path, cwd: Path,
                env: dict[str, str], shows_wait: float = 30.0,
                ) -> subprocess.CompletedProcess[str]:
-    """Run ``blocks`` ((README line, code), ...) after ``prelude_code`` in one subprocess;
+    """Run ``blocks`` ((page, line, code), ...) after ``prelude_code`` in one subprocess;
     a task's output that "prints here as" claims may trail it by ``shows_wait`` seconds."""
     spec = {"prelude": prelude_code, "teardown": TEARDOWN, "blocks": blocks,
             "shows_wait": shows_wait}
@@ -582,7 +606,7 @@ def run_blocks(prelude_code: str, blocks: list[tuple[int, str]], tmp: Path, cwd:
 def test_claims_in_comments_are_checked(code: str, error: str | None, tmp_path: Path) -> None:
     """The runner itself: a wrong claim in a comment fails, at its README line."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = run_blocks("", [(7, code)], tmp_path, tmp_path, env, shows_wait=0.5)
+    proc = run_blocks("", [("README.md", 7, code)], tmp_path, tmp_path, env, shows_wait=0.5)
     if error is None:
         assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, proc.stderr
     else:
@@ -594,8 +618,9 @@ def test_marks_are_few_and_say_why() -> None:
     runs = sum(len(g.blocks) for g in GROUPS)
     assert runs + len(FILES) + len(SKIPPED) == sum(b.lang == "python" for b in BLOCKS)
     for b in SKIPPED:
-        assert len(b.mark("skip") or "") > 10, f"README.md:{b.line}: say why it isn't run"
+        assert len(b.mark("skip") or "") > 10, f"{b.where}: say why it isn't run"
     assert runs > len(SKIPPED), "most examples must run"
+    assert runs >= MIN_RUN, f"{runs} python blocks run, fewer than the {MIN_RUN} that did"
     assert "mymod.py" in FILES, "the servers load the README's mymod.py"
     assert "<tls client>" in FILES
 
@@ -614,9 +639,10 @@ def _classic_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command_lines() -> list[tuple[int, list[str]]]:
-    """(README line, argv) of every rpycsvc command in shell blocks and in code spans."""
-    found: list[tuple[int, list[str]]] = []
+def command_lines() -> list[tuple[str, bool, list[str]]]:
+    """(page:line, whether it is a code span in the text, argv) of every rpycsvc command in
+    shell blocks and in code spans."""
+    found: list[tuple[str, bool, list[str]]] = []
     for b in BLOCKS:
         if b.lang not in ("sh", "console", "bash"):
             continue
@@ -634,14 +660,15 @@ def command_lines() -> list[tuple[int, list[str]]]:
             if argv and argv[-1] == "&":
                 argv.pop()
             if argv and argv[0] in ("rpycsvc", "bin/rpycsvc_classic"):
-                found.append((b.line + k, argv))
-    in_fences = False
-    for n, line in enumerate(README.read_text().splitlines(), 1):
-        if FENCE.match(line):
-            in_fences = not in_fences
-        if not in_fences:
-            for span in re.findall(r"`(rpycsvc [a-z][^`]*)`", line):
-                found.append((-n, shlex.split(span.split("|")[0])))
+                found.append((f"{b.path}:{b.line + k}", False, argv))
+    for page in PAGES:
+        in_fences = False
+        for n, line in enumerate(page.read_text().splitlines(), 1):
+            if FENCE.match(line):
+                in_fences = not in_fences
+            if not in_fences:
+                for span in re.findall(r"`(rpycsvc [a-z][^`]*)`", line):
+                    found.append((f"{_rel(page)}:{n}", True, shlex.split(span.split("|")[0])))
     return found
 
 
@@ -657,14 +684,14 @@ def test_command_lines_parse() -> None:
     assert len(found) > 20
     subcommands = _subcommands()
     bad = []
-    for line, argv in found:
-        if line < 0:  # a code span
+    for where, span, argv in found:
+        if span:
             sub = subcommands.get(argv[1])
             unknown = [a.split("=")[0] for a in argv[2:]
                        if a.startswith("-") and sub is not None
                        and a.split("=")[0] not in _options(sub)]
             if sub is None or unknown:
-                bad.append(f"README.md:{-line}: {shlex.join(argv)}: not a subcommand or "
+                bad.append(f"{where}: {shlex.join(argv)}: not a subcommand or "
                            f"unknown options {unknown}")
             continue
         parser = _classic_parser() if argv[0].endswith("rpycsvc_classic") else cli.build_parser()
@@ -673,7 +700,7 @@ def test_command_lines_parse() -> None:
             with contextlib.redirect_stderr(err):
                 parser.parse_args(argv[1:])
         except SystemExit:
-            bad.append(f"README.md:{line}: {shlex.join(argv)}: {err.getvalue().strip()}")
+            bad.append(f"{where}: {shlex.join(argv)}: {err.getvalue().strip()}")
     assert not bad, "\n".join(bad)
 
 
@@ -683,7 +710,7 @@ def console_sample(command: str) -> list[str]:
     for b in BLOCKS:
         if b.lang == "console" and b.code.startswith(f"$ rpycsvc {command} "):
             return b.code.splitlines()[1:]
-    raise AssertionError(f"README has no console sample of rpycsvc {command}")
+    raise AssertionError(f"no page has a console sample of rpycsvc {command}")
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -781,11 +808,16 @@ def test_deploy_runs_job_py(servers: Servers, sshd: SshServer) -> None:
 
 
 # -- other samples of what rpycsvc prints -------------------------------------------------------
-def _block_after(heading: str) -> Block:
-    """The first fenced block after the README line ``heading``."""
-    text = README.read_text().splitlines()
-    start = text.index(heading) + 1
-    return next(b for b in BLOCKS if b.line > start)
+def _block_after(heading: str, lang: str | None = None) -> Block:
+    """The first fenced block (in ``lang``, if given) after the line ``heading``, on the
+    first page that has that line."""
+    for page in PAGES:
+        text = page.read_text().splitlines()
+        if heading in text:
+            start = text.index(heading) + 1
+            return next(b for b in BLOCKS if b.path == _rel(page) and b.line > start
+                        and lang in (None, b.lang))
+    raise AssertionError(f"no page has the line {heading!r}")
 
 
 def test_task_output_line_is_as_shown(servers: Servers) -> None:
@@ -830,9 +862,7 @@ def test_environment_mismatch_sample_is_the_message() -> None:
     a 3.9.18 server; ``tests/test_environment.py`` raises it from a server of another CPython)."""
     from rpycsvc.client.environment import mismatch_message
 
-    text = README.read_text().splitlines()
-    start = text.index("### Environment checks")
-    sample = next(b for b in BLOCKS if b.line > start and b.lang == "text")
+    sample = _block_after("### Environment checks", "text")
     shown = " ".join(sample.code.split("\n")).strip()
     assert shown == mismatch_message(
         "127.0.0.1:18812", {"python": "3.11.7", "cloudpickle": "3.1.3"},
@@ -859,7 +889,7 @@ def test_tls_certificates_work(tmp_path: Path) -> None:
         assert code != block.code
         run_dir = tmp_path / "run"
         run_dir.mkdir()
-        proc = run_blocks("", [(block.line, code)], run_dir, tmp_path,
+        proc = run_blocks("", [(block.path, block.line, code)], run_dir, tmp_path,
                           dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0 and "README-BLOCKS-OK" in proc.stdout, proc.stderr
 
