@@ -336,7 +336,7 @@ def test_bundle_is_deterministic_cached_and_clean() -> None:
     pycs = [n for n in names if n.endswith(".pyc")]
     assert pycs and all(n[:-1] in names for n in pycs)
     with zipfile.ZipFile(BytesIO(first)) as zf:
-        head = zf.read("rpycsvc/bootstrap.pyc")[:8]
+        head = zf.read("rpycsvc/deployment/bootstrap.pyc")[:8]
     assert head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == (1).to_bytes(4, "little")
     assert "tests/support/sshd.py" not in names
 
