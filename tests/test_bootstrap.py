@@ -23,15 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from rpycsvc.deployment.bootstrap import (
-    EXIT_FRAMING,
-    EXIT_IMPORT,
-    EXIT_TOO_OLD,
-    RemoteProcess,
-    build_bundle,
-    remote_command,
-    start_remote,
-)
+from rpycsvc.deployment.bootstrap import start_remote
+from rpycsvc.deployment.bundle import build_bundle
+from rpycsvc.deployment.loader import EXIT_FRAMING, EXIT_IMPORT, EXIT_TOO_OLD, remote_command
+from rpycsvc.deployment.remote_entry import RemoteProcess
 from rpycsvc.errors import ConfigError, DeployError
 from tests.support.echo_entry import CMD_PREFIX, MARKER, exchange, write_frame
 from tests.support.leftovers import copies_of
@@ -336,7 +331,7 @@ def test_bundle_is_deterministic_cached_and_clean() -> None:
     pycs = [n for n in names if n.endswith(".pyc")]
     assert pycs and all(n[:-1] in names for n in pycs)
     with zipfile.ZipFile(BytesIO(first)) as zf:
-        head = zf.read("rpycsvc/bootstrap.pyc")[:8]
+        head = zf.read("rpycsvc/deployment/bootstrap.pyc")[:8]
     assert head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == (1).to_bytes(4, "little")
     assert "tests/support/sshd.py" not in names
 

@@ -31,8 +31,10 @@ from typing import Any
 
 from rpycsvc.client.jobs import DEFAULT_RETRIES
 from rpycsvc.client.ssh import ssh_argv
-from rpycsvc.deployment.bootstrap import RemoteEntry, host_pythons, start_remote
+from rpycsvc.deployment.bootstrap import start_remote
+from rpycsvc.deployment.loader import host_pythons
 from rpycsvc.deployment.machines import check_target, machine_kind, machine_name, start_on_machine
+from rpycsvc.deployment.remote_entry import RemoteEntry
 from rpycsvc.errors import AllServersFailedError, ConfigError, DeployError
 
 log = logging.getLogger("rpycsvc.deploy")
