@@ -136,7 +136,7 @@ def launch(
             if timed_out:
                 with contextlib.suppress(OSError):
                     remote.kill()
-            remote._reap(5.0)  # after EOF on its output, the carrier is on its way out anyway
+            remote.reap(5.0)  # after EOF on its output, the carrier is on its way out anyway
             writer.join(5.0)
     if line is None:
         raise DeployError(_diagnose(remote, python, timeout, timed_out), host=host)

@@ -101,10 +101,12 @@ class RemoteEntry:
             while (left := deadline - time.monotonic()) > 0 and sel.select(left):
                 if not self.recv(65536):
                     break
-        self._reap(max(0.0, deadline - time.monotonic()))
+        self.reap(max(0.0, deadline - time.monotonic()))
         return self.exit_status()
 
-    def _reap(self, timeout: float) -> None:
+    def reap(self, timeout: float) -> None:
+        """Let the carrier end within ``timeout`` seconds (else end it), then release it:
+        the end of :meth:`close`, and of a start that failed (``bootstrap.launch``)."""
         if not self._wait(timeout):
             with contextlib.suppress(OSError):
                 self.kill()
