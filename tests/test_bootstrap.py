@@ -23,15 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from rpycsvc.deployment.bootstrap import (
-    EXIT_FRAMING,
-    EXIT_IMPORT,
-    EXIT_TOO_OLD,
-    RemoteProcess,
-    build_bundle,
-    remote_command,
-    start_remote,
-)
+from rpycsvc.deployment.bootstrap import start_remote
+from rpycsvc.deployment.bundle import build_bundle
+from rpycsvc.deployment.loader import EXIT_FRAMING, EXIT_IMPORT, EXIT_TOO_OLD, remote_command
+from rpycsvc.deployment.remote_entry import RemoteProcess
 from rpycsvc.errors import ConfigError, DeployError
 from tests.support.echo_entry import CMD_PREFIX, MARKER, exchange, write_frame
 from tests.support.leftovers import copies_of

@@ -213,7 +213,7 @@ def test_close_leaves_no_process_and_no_file(
         # Nothing on disk while it runs either: the only "file" is the memfd bundle.
         assert [(p, f) for p in procs for f in _open_files(p)] == []
         # ... and the code it runs was imported from that memfd, not from some copy.
-        where = cluster[0].eval("__import__('rpycsvc.deployment.launcher').deployment.__file__")
+        where = cluster[0].eval("__import__('rpycsvc.deployment.host').deployment.__file__")
         assert where.startswith(f"/proc/{procs[0]}/fd/"), where
     finally:
         began = time.monotonic()
@@ -224,9 +224,9 @@ def test_close_leaves_no_process_and_no_file(
     assert wait_no_sessions(sshd) == [], "an ssh session outlived close()"
     assert set(os.listdir(home)) - home_before == set()
     # Others may create files in /tmp meanwhile: only a copy of our code counts.
-    # (b"def remote_main(rfile" is in rpycsvc/deployment/launcher.py's source)
+    # (b"def remote_main(rfile" is in rpycsvc/deployment/host.py's source)
     assert copies_of(tmp, tmp_before, b"def remote_main(rfile",
-                     "rpycsvc/deployment/launcher.py") == []
+                     "rpycsvc/deployment/host.py") == []
 
 
 @ssh

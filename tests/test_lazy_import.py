@@ -36,9 +36,9 @@ def under(modules: set[str], *folders: str) -> set[str]:
 #: the modules of the ``rpycsvc`` subcommands other than serve (which lives in rpycsvc.cli.main)
 SUBCOMMAND_MODULES = {"rpycsvc.cli.demo", "rpycsvc.cli.bench", "rpycsvc.cli.status",
                       "rpycsvc.cli.top", "rpycsvc.cli.repl", "rpycsvc.server.registry",
-                      "rpycsvc.deployment.launcher"}
+                      "rpycsvc.deployment.command"}
 #: what the subcommands need that a plain ``rpycsvc --help`` must not load either
-HEAVY = {"rpycsvc.server.server", "rpycsvc.deployment.bootstrap",
+HEAVY = {"rpycsvc.server.server", "rpycsvc.deployment.bootstrap", "rpycsvc.deployment.launcher",
          "rpycsvc.client.remote_session"}
 
 #: prints, as its last line, the rpycsvc modules the interpreter has imported so far

@@ -26,7 +26,8 @@ import pytest
 import rpyc
 
 import rpycsvc
-from rpycsvc.deployment.bootstrap import build_bundle, host_pythons, remote_command
+from rpycsvc.deployment.bundle import build_bundle
+from rpycsvc.deployment.loader import host_pythons, remote_command
 from rpycsvc.errors import EnvironmentMismatchError
 from rpycsvc.protocol.handshake import client_ssl_context
 from tests.support.certs import Certs, make_weak_chain

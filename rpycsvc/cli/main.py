@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("rpycsvc.cli.top", "live view of servers: throughput, running tasks, failures"),
     "repl": ("rpycsvc.cli.repl", "interactive Python REPL running on a server"),
     "registry": ("rpycsvc.server.registry", "run an RPyC registry for discovery"),
-    "deploy": ("rpycsvc.deployment.launcher",
+    "deploy": ("rpycsvc.deployment.command",
                "push servers to hosts over SSH and serve or run a script"),
 }
 

@@ -12,17 +12,17 @@ with its workers (and removes its socket).
 The system ``ssh`` client does the connecting (as plumbum's ``SshMachine`` does), so
 ``~/.ssh/config`` applies: keys, ports, users, jump hosts, ControlMaster. plumbum machines
 (``SshMachine``, ``ParamikoMachine``, ``plumbum.local``) are taken too, and used through
-their own connection: see :mod:`rpycsvc.deployment.machines`.
+their own connection: see :mod:`rpycsvc.deployment.machines`. What runs on the host is
+:mod:`rpycsvc.deployment.host`; the ``rpycsvc deploy`` command is
+:mod:`rpycsvc.deployment.command`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shlex
-import struct
 import sys
 import threading
 import time
@@ -31,25 +31,19 @@ from typing import Any
 
 from rpycsvc.client.jobs import DEFAULT_RETRIES
 from rpycsvc.client.ssh import ssh_argv
-from rpycsvc.deployment.bootstrap import RemoteEntry, host_pythons, start_remote
+from rpycsvc.deployment.bootstrap import start_remote
+from rpycsvc.deployment.host import ENTRY, SETTINGS_LEN
+from rpycsvc.deployment.loader import host_pythons
 from rpycsvc.deployment.machines import check_target, machine_kind, machine_name, start_on_machine
+from rpycsvc.deployment.remote_entry import RemoteEntry
 from rpycsvc.errors import AllServersFailedError, ConfigError, DeployError
 
 log = logging.getLogger("rpycsvc.deploy")
 
-DESCRIPTION = """\
-Push rpycsvc servers to HOSTs over SSH (nothing but python3 needed there; nothing is
-installed on them and no port is opened: each server listens only on a private Unix socket
-of yours, removed when it stops, so your other clients can attach over ssh), then serve in
-the foreground until Ctrl-C, or run SCRIPT (in this process; it gets the cluster from
-rpycsvc.Cluster.deployed()), then tear down.
-
-HOST is [user@]host[:port] or any alias from ~/.ssh/config."""
-
 #: What the bundle carries: rpycsvc and the pure-Python packages its server imports.
 PACKAGES = ("rpycsvc", "rpyc", "cloudpickle")
-#: Length prefix of the JSON settings and answers exchanged with a remote server at start.
-_LEN = struct.Struct(">Q")
+
+
 class RemoteServer:
     """One deployed server: the ssh session (or channel, or local process) running it."""
 
@@ -73,18 +67,17 @@ def _start_one(host: str, target: Any, python: str | None, settings: dict[str, A
                timeout: float, ssh_command: Sequence[str],
                ssh_options: Sequence[str]) -> RemoteServer:
     """Start one server on ``target`` (a host string or a plumbum machine) named ``host``."""
-    entry = "rpycsvc.deployment.launcher:remote_main"
     remote: RemoteEntry
     if isinstance(target, str):
-        remote = start_remote(ssh_argv(target, ssh_command, ssh_options), entry, PACKAGES,
+        remote = start_remote(ssh_argv(target, ssh_command, ssh_options), ENTRY, PACKAGES,
                               python=python, timeout=timeout, host=host)
     else:
-        remote = start_on_machine(target, entry, PACKAGES, python=python, timeout=timeout,
+        remote = start_on_machine(target, ENTRY, PACKAGES, python=python, timeout=timeout,
                                   name=host)
     _say_which_python(host, python, remote, local=machine_kind(target) == "local")
     try:
         data = json.dumps(settings).encode()
-        remote.sendall(_LEN.pack(len(data)) + data)
+        remote.sendall(SETTINGS_LEN.pack(len(data)) + data)
         started = _read_started(remote, time.monotonic() + timeout)  # rpycsvc.client.attach
     except (OSError, EOFError) as exc:
         remote.close(2.0)
@@ -99,7 +92,7 @@ def _read_started(remote: RemoteEntry, deadline: float) -> dict[str, Any]:
     import selectors
 
     buf = b""
-    want = _LEN.size
+    want = SETTINGS_LEN.size
     with selectors.DefaultSelector() as sel:
         sel.register(remote.fileno(), selectors.EVENT_READ)
         while len(buf) < want:
@@ -110,11 +103,11 @@ def _read_started(remote: RemoteEntry, deadline: float) -> dict[str, Any]:
             if not chunk:
                 raise EOFError("the server ended while starting")
             buf += chunk
-            if len(buf) == _LEN.size == want:
-                want += _LEN.unpack(buf)[0]
-                if want > _LEN.size + 65536:
+            if len(buf) == SETTINGS_LEN.size == want:
+                want += SETTINGS_LEN.unpack(buf)[0]
+                if want > SETTINGS_LEN.size + 65536:
                     raise OSError("implausible answer to the settings")
-    answer = json.loads(buf[_LEN.size:])
+    answer = json.loads(buf[SETTINGS_LEN.size:])
     return answer if isinstance(answer, dict) else {}
 
 
@@ -345,119 +338,3 @@ def _start_keepalive(client: Any) -> None:
 
     threading.Thread(target=loop, name=f"rpycsvc-keepalive-{client.address}",
                      daemon=True).start()
-
-
-def remote_main(rfile: Any, wfile: Any) -> int:
-    """Runs on the host (the bootstrap's entry): read settings, serve over the ssh pipes."""
-    from rpycsvc.server.config import ServerConfig
-    from rpycsvc.server.server import serve_stdio
-
-    fd = rfile.fileno()
-    head = _read_exact(fd, _LEN.size)
-    settings = json.loads(_read_exact(fd, _LEN.unpack(head)[0]))
-    attach = settings.pop("attach", False)
-    cfg = ServerConfig(mode="stdio", **settings)
-    listener = None
-    if attach:  # more clients, through a private socket (rpycsvc.client.attach)
-        from rpycsvc.server.attach import open_listener
-
-        listener = open_listener()
-    answer = json.dumps({"socket": listener.path if listener else None}).encode()
-    wfile.write(_LEN.pack(len(answer)) + answer)
-    wfile.flush()
-    serve_stdio(cfg, rfile, wfile, attach=listener)
-    return 0
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError("the deploying client went away")
-        buf += chunk
-    return buf
-
-
-# -- the command line ------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hosts", nargs="+", metavar="HOST", help="[user@]host[:port] or ssh alias")
-    p.add_argument("--run", metavar="SCRIPT",
-                   help="run this Python script against the deployed cluster (it gets it "
-                   "from rpycsvc.Cluster.deployed()), then tear down (default: none, serve "
-                   "until Ctrl-C)")
-    p.add_argument("--python", default=None,
-                   help="python on the hosts (default: python3.X of this Python's version "
-                   "if the host has it, else python3)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes per host; 0 means one per core (default: 0)")
-    p.add_argument("--endpoints", action="append", default=[], metavar="MODULE",
-                   help="import MODULE on every host and offer its @rpycsvc.endpoint "
-                   "functions by name; it must be importable there; repeatable "
-                   "(default: none)")
-    p.add_argument("--no-classic", dest="classic", action="store_false", default=True,
-                   help="service-only servers: only the --endpoints functions, no code from "
-                   "clients; --endpoints is then required (default: classic access on)")
-    p.add_argument("-o", "--ssh-option", dest="ssh_options", action="append", default=[],
-                   metavar="OPT",
-                   help="extra ssh option, e.g. -o Port=2222; repeatable (default: none)")
-    p.add_argument("-F", "--ssh-config", default=None, metavar="FILE",
-                   help="ssh config file (default: ssh's own, ~/.ssh/config)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="seconds each host has to start its server (default: %(default)s)")
-    p.add_argument("--no-attach", dest="attach", action="store_false", default=True,
-                   help="no attach socket on the hosts: only this command reaches the servers "
-                   "(default: each server also listens on a private Unix socket of yours, so "
-                   "rpycsvc status/top/repl and other scripts can attach over ssh)")
-    p.add_argument("--require-all", action="store_true",
-                   help="fail unless every host works (default: off: hosts that fail are "
-                   "reported and the others used)")
-
-
-def run(args: argparse.Namespace) -> int:
-    import runpy
-    import signal
-    import sys
-
-    from rpycsvc.client.cluster import (
-        _DEPLOYED,  # Cluster.deployed() returns what --run SCRIPT gets
-    )
-
-    ssh_options = [x for o in args.ssh_options for x in ("-o", o)]
-    if args.ssh_config:
-        ssh_options = ["-F", args.ssh_config, *ssh_options]
-    t0 = time.monotonic()
-    cluster = deploy(args.hosts, python=args.python, workers=args.workers,
-                     endpoints=args.endpoints, classic=args.classic, ssh_options=ssh_options,
-                     timeout=args.timeout, require_all=args.require_all,
-                     attach=getattr(args, "attach", True))
-    try:
-        took = time.monotonic() - t0
-        for host, err in cluster.unreachable.items():
-            print(f"{host}: FAILED: {err}", file=sys.stderr)
-        print(f"deployed to {len(cluster.clients)} host(s) in {took:.2f} s: "
-              f"{', '.join(c.address for c in cluster.clients)}", file=sys.stderr)
-        for c in cluster.clients:  # how other clients reach them (rpycsvc.client.attach)
-            if c.server_info.get("attach"):
-                print(f"{c.address}: attach with: "
-                      f"{attach_command(c.server_info['attach'], ssh_options)}",
-                      file=sys.stderr)
-        if args.run:
-            _DEPLOYED.append(cluster)
-            try:
-                runpy.run_path(args.run, run_name="__main__")
-            except SystemExit as exc:
-                return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-            return 0
-        stop = threading.Event()
-        # before saying so: a SIGTERM right after "serving" must tear down, not kill us
-        signal.signal(signal.SIGTERM, lambda *a: stop.set())
-        try:  # a Ctrl-C right after the line (even inside print) must tear down too
-            print("serving; Ctrl-C to stop and tear down", file=sys.stderr)
-            while not stop.is_set() and cluster.clients:
-                stop.wait(0.5)
-        except KeyboardInterrupt:
-            pass
-        return 0
-    finally:
-        cluster.close()

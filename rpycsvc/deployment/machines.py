@@ -28,13 +28,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from rpycsvc.deployment.bootstrap import (
-    RemoteChannel,
-    RemoteEntry,
-    RemoteProcess,
-    launch,
-    remote_command,
-)
+from rpycsvc.deployment.bootstrap import launch
+from rpycsvc.deployment.loader import remote_command
+from rpycsvc.deployment.remote_entry import RemoteChannel, RemoteEntry, RemoteProcess
 
 #: What deploy accepts as a host, for error messages.
 ACCEPTED = (
@@ -152,7 +148,7 @@ def _start_local(
     from rpycsvc.errors import DeployError
 
     chosen = sys.executable if python is None else python
-    # deathsig=False: we start it from a thread that ends soon (see bootstrap.LOADER); it
+    # deathsig=False: we start it from a thread that ends soon (see loader.LOADER); it
     # still stops on EOF when we close the pipe, or when this process dies.
     command = remote_command(chosen, deathsig=False)
 
