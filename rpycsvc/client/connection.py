@@ -44,6 +44,7 @@ from rpycsvc.protocol import forwarding
 from rpycsvc.protocol.checks import check_timeout
 from rpycsvc.protocol.forwarding import ModuleProvider
 from rpycsvc.protocol.handshake import client_handshake
+from rpycsvc.protocol.limits import oversize
 from rpycsvc.protocol.liveness import (
     DEFAULT_LOST_AFTER,
     WATCHDOG,
@@ -55,9 +56,9 @@ from rpycsvc.protocol.liveness import (
     heartbeat_interval,
 )
 from rpycsvc.protocol.serialization import dumps, dumps_function, loads
+from rpycsvc.protocol.socket_stream import FastSocketStream
 from rpycsvc.protocol.taskframes import send_task
 from rpycsvc.protocol.tracebacks import load_exception
-from rpycsvc.protocol.transport import FastSocketStream, oversize
 
 log = logging.getLogger("rpycsvc.client")
 #: ``on`` in the threads that read clients' connections, and while a thread handles a
