@@ -302,8 +302,8 @@ def test_a_client_that_does_not_answer_fails_the_import_in_time(
     # The server's workers wait 2 s for a module; this client takes 6 s to answer.
     srv = server_process("--workers", "1", env={"RPYCSVC_FORWARD_TIMEOUT": "2"})
     got = merged(run_client("""
-        from rpycsvc.protocol import forwarding
-        slow = forwarding.provider()
+        from rpycsvc.protocol import module_provider
+        slow = module_provider.provider()
         answer = slow.answer
         slow.answer = lambda name: (time.sleep(6), answer(name))[1]  # a client stuck
         pkg = use_project()
