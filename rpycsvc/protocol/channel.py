@@ -1,5 +1,6 @@
 """The RPyC channel of rpycsvc's connections: frames sent uncompressed, and reads bounded by
-the message limit, the inbound budget and a stall timeout; task messages are read here.
+the message limit, the inbound budget and a stall timeout (task messages are read with these
+bounds by :mod:`rpycsvc.protocol.task_receive`).
 
 Why (measured on RPyC 6.0.2, see shared/research/rpyc-facts.md): ``Channel``
 zlib-compresses every frame over 3 KB, which costs CPU and gains nothing on pickles of
@@ -28,9 +29,9 @@ from rpycsvc.protocol.limits import (
     STALL_SETTING,
     WIRE_MAX,
     format_size,
-    too_large_message,
 )
 from rpycsvc.protocol.socket_stream import CHUNK, DeadlineExceeded, PeerStalled
+from rpycsvc.protocol.task_receive import recv_task
 
 log = logging.getLogger("rpycsvc.server")
 
@@ -98,12 +99,12 @@ class FastChannel(Channel):
             return bool(self.stream.poll(timeout))
         left = deadline - time.monotonic()
         if left <= 0:
-            raise self._refuse("slow", "no complete first request within the handshake "
-                               "timeout (--handshake-timeout)")
+            raise self.refuse("slow", "no complete first request within the handshake "
+                              "timeout (--handshake-timeout)")
         wait = Timeout(timeout).timeleft()
         return bool(self.stream.poll(left if wait is None else min(wait, left)))
 
-    def _refuse(self, kind: str, text: str) -> EOFError:
+    def refuse(self, kind: str, text: str) -> EOFError:
         """Close the connection over a limit: log why (RPyC swallows the ``EOFError``)."""
         try:
             host, port = self.stream.sock.getpeername()[:2]
@@ -118,30 +119,30 @@ class FastChannel(Channel):
         try:
             return self._recv()
         except DeadlineExceeded:
-            raise self._refuse("slow", "no complete first request within the handshake "
-                               "timeout (--handshake-timeout)") from None
+            raise self.refuse("slow", "no complete first request within the handshake "
+                              "timeout (--handshake-timeout)") from None
         except PeerStalled as exc:
             held = exc.args[1] if len(exc.args) > 1 else "some"
-            raise self._refuse("stalled", f"{exc.args[0]} while holding {held} bytes "
-                               "of the inbound budget (--inbound-budget); closing, which "
-                               f"frees them for the others (bound: {STALL_SETTING})") from None
+            raise self.refuse("stalled", f"{exc.args[0]} while holding {held} bytes "
+                              "of the inbound budget (--inbound-budget); closing, which "
+                              f"frees them for the others (bound: {STALL_SETTING})") from None
 
     def _recv(self) -> bytes:
         header = self.stream.read(self.FRAME_HEADER.size)
         length, compressed = self.FRAME_HEADER.unpack(header)
         if compressed == taskframes.TASK_FLAG:
-            self._recv_task(length)
+            recv_task(self, length)
             return b""  # RPyC reads an empty frame as "nothing arrived"
         if length > self.limit:
             if self.trusted:
                 answer = self._skip_request(length, compressed)
                 if answer is not None:
                     return answer
-                raise self._refuse("size", f"peer announced a {length}-byte frame, over the "
-                                   f"limit of {self.limit} bytes ({MESSAGE_SETTING}); closing")
-            raise self._refuse("preauth", f"peer announced a {length}-byte frame before "
-                               f"authenticating (limit {self.limit} bytes until it has); "
-                               "closing")
+                raise self.refuse("size", f"peer announced a {length}-byte frame, over the "
+                                  f"limit of {self.limit} bytes ({MESSAGE_SETTING}); closing")
+            raise self.refuse("preauth", f"peer announced a {length}-byte frame before "
+                              f"authenticating (limit {self.limit} bytes until it has); "
+                              "closing")
         budget = self.budget
         if budget is None or length <= SMALL_MESSAGE:
             # small messages never wait for the budget (see SMALL_MESSAGE)
@@ -163,108 +164,22 @@ class FastChannel(Channel):
             left = length
             while left:  # each piece is taken from the budget before it is read
                 n = min(left, CHUNK)
-                self._take(res, n)
-                pieces.append(self._read_holding(read, n, res))
+                self.take(res, n)
+                pieces.append(self.read_holding(read, n, res))
                 left -= n
-            self._read_holding(self.stream.read, len(self.FLUSHER), res)
+            self.read_holding(self.stream.read, len(self.FLUSHER), res)
             data = b"".join(pieces)  # (brine slices it: it must be bytes)
             del pieces
             return self._decompress(data, res) if compressed else data
         finally:
             budget.finish(res)
 
-    def _recv_task(self, length: int) -> None:
-        """Read one task message (see :mod:`rpycsvc.protocol.taskframes`) and hand it to
-        ``task_handler``. Over ``max_message`` in all, its frames are read and dropped a
-        piece at a time (nothing kept) and the handler is told why: that task fails alone,
-        the connection stays."""
-        handler = self.task_handler
-        if handler is None or not self.trusted:
-            raise self._refuse("task", "a task message from a peer that has not said the "
-                               "rpycsvc hello (only rpycsvc clients send them); closing")
-        if length > taskframes.MAX_INLINE:
-            raise self._refuse("size", f"a task message announced {length} inline bytes "
-                               f"(at most {taskframes.MAX_INLINE}); closing")
-        # (no stall bound for the inline part: it holds no budget, and it is small)
-        inline = getattr(self.stream, "read_buffer", self.stream.read)(length)  # ≤ 1 MiB
-        try:
-            control, lens, frames = taskframes.parse_inline(inline)
-        except Exception as exc:  # ValueError, UnpicklingError, and what garbage raises
-            raise self._refuse("corrupt", f"a corrupt task message ({type(exc).__name__}: "
-                               f"{exc}); closing") from None
-        del inline
-        if frames or not lens:
-            self._hand_over(handler, control, frames)
-            return
-        sizes = [n & ~taskframes.READONLY for n in lens]
-        total = length + sum(sizes)
-        if total > self.max_message:
-            read = getattr(self.stream, "read_buffer", self.stream.read)
-            if control is None:  # the control part is the first frame: read it for the key
-                control = ("?",)
-                if sizes[0] <= taskframes.MAX_CONTROL_FRAME:
-                    first = bytes(self._read_idle_bounded(self.stream.read, sizes[0]))
-                    control = self._load_control(first)
-                    sizes = sizes[1:]
-            for size in sizes:
-                while size:
-                    n = min(size, CHUNK)
-                    self._read_idle_bounded(read, n)
-                    size -= n
-            handler.on_task_refused(control, too_large_message(
-                "data", total, self.max_message))
-            return
-        budget = self.budget
-        res = budget.start() if budget is not None else None
-        try:
-            for flagged, size in zip(lens, sizes):
-                buf = taskframes.new_buffer(size)
-                view = memoryview(buf)
-                at = 0
-                while at < size:
-                    n = min(size - at, taskframes.PIECE)
-                    if res is not None:
-                        self._take(res, n)
-                    piece = view[at:at + n]
-                    if res is not None:
-                        self._read_holding(lambda _n, p=piece: self._fill(p), n, res)
-                    else:
-                        self._read_idle_bounded(lambda _n, p=piece: self._fill(p), n)
-                    at += n
-                frames.append(view.toreadonly() if flagged & taskframes.READONLY else buf)
-                del view
-        finally:
-            if budget is not None and res is not None:
-                budget.finish(res)
-        self._hand_over(handler, control, frames)
-
-    def _hand_over(self, handler: Any, control: tuple[Any, ...] | None,
-                   frames: list[Any]) -> None:
-        if control is None:  # sent as the first frame (a large control part)
-            control = self._load_control(frames.pop(0))
-        handler.on_task(control, frames)
-
-    def _load_control(self, data: Any) -> tuple[Any, ...]:
-        try:
-            return taskframes.load_control(data)
-        except Exception as exc:
-            raise self._refuse("corrupt", f"a corrupt task message ({type(exc).__name__}: "
-                               f"{exc}); closing") from None
-
-    def _fill(self, view: memoryview) -> None:
-        """Fill ``view`` from the stream: in place where the stream can, else by copy."""
-        read_into = getattr(self.stream, "read_into", None)
-        if read_into is not None:
-            read_into(view)
-        else:
-            view[:] = self.stream.read(len(view))
-
-    def _read_holding(self, read: Any, n: int, res: Reservation) -> Any:
+    def read_holding(self, read: Any, n: int, res: Reservation) -> Any:
         """``read(n)`` while ``res`` holds budget: a peer that sends nothing for
         ``stall_timeout`` seconds meanwhile is dropped (:class:`PeerStalled`). Not while
         this reader waits for budget: that is not the peer's fault."""
         try:
-            return self._read_idle_bounded(read, n)
+            return self.read_idle_bounded(read, n)
         except PeerStalled as exc:
             raise PeerStalled(str(exc), res.held) from None
 
@@ -283,9 +198,9 @@ class FastChannel(Channel):
         left = length - len(head)
         while left:
             n = min(left, CHUNK)
-            self._read_idle_bounded(getattr(self.stream, "read_buffer", self.stream.read), n)
+            self.read_idle_bounded(getattr(self.stream, "read_buffer", self.stream.read), n)
             left -= n
-        self._read_idle_bounded(self.stream.read, len(self.FLUSHER))
+        self.read_idle_bounded(self.stream.read, len(self.FLUSHER))
         text = (f"this request ({length} bytes{', compressed' if compressed else ''}) is "
                 f"over the server's message limit of {format_size(self.limit)} "
                 f"({self.limit} bytes, set by {MESSAGE_SETTING}); it was not run and the "
@@ -296,7 +211,7 @@ class FastChannel(Channel):
                       "MessageTooLargeError")
         return brine.I1.pack(consts.MSG_REQUEST) + brine.dump((seq, (HANDLE_TOO_LARGE, text)))
 
-    def _read_idle_bounded(self, read: Any, n: int) -> Any:
+    def read_idle_bounded(self, read: Any, n: int) -> Any:
         """``read(n)``, dropping a peer that sends nothing for ``stall_timeout``."""
         stream = self.stream
         if self.stall_timeout is None or not hasattr(stream, "idle_limit"):
@@ -307,12 +222,14 @@ class FastChannel(Channel):
         finally:
             stream.idle_limit = None
 
-    def _take(self, res: Reservation, n: int) -> None:
+    def take(self, res: Reservation, n: int) -> None:
+        """Take ``n`` more bytes of the budget for ``res``: a trusted peer waits for room,
+        one that has not authenticated is refused (and dropped)."""
         assert self.budget is not None
         if not self.budget.take(res, n, wait=self.trusted):
-            raise self._refuse("budget", "refused a frame from a peer that has not "
-                               "authenticated: the server's inbound budget (--inbound-budget) "
-                               "is in use")
+            raise self.refuse("budget", "refused a frame from a peer that has not "
+                              "authenticated: the server's inbound budget (--inbound-budget) "
+                              "is in use")
 
     def _decompress(self, data: bytes, res: Reservation | None, free: int = 0) -> bytes:
         """Inflate a frame from a plain RPyC peer (which compresses frames over 3 KB) a
@@ -324,18 +241,18 @@ class FastChannel(Channel):
         while True:
             want = min(CHUNK, self.limit - size + 1)  # one byte past the limit is enough
             if res is not None and size + want > free:
-                self._take(res, want)
+                self.take(res, want)
             try:
                 piece = inflater.decompress(data, want)
                 data = inflater.unconsumed_tail
                 tail = b"" if data else inflater.flush()
             except zlib.error as exc:
-                raise self._refuse("corrupt", f"corrupt compressed frame: {exc}") from None
+                raise self.refuse("corrupt", f"corrupt compressed frame: {exc}") from None
             size += len(piece) + len(tail)
             if size > self.limit:
                 setting = MESSAGE_SETTING if self.trusted else "before authenticating"
-                raise self._refuse("inflate", f"a compressed frame inflates past {self.limit} "
-                                   f"bytes ({setting}); closing")
+                raise self.refuse("inflate", f"a compressed frame inflates past {self.limit} "
+                                  f"bytes ({setting}); closing")
             pieces.append(piece)
             if not data:
                 pieces.append(tail)
