@@ -1,5 +1,6 @@
-"""Message size limits: what a peer may send before and after it is trusted, the sender's
-check that a message fits the receiver's limit, and the error text that names the setting."""
+"""Limits on what a peer may send: message sizes before and after it is trusted, how long it
+may stall mid-message, the sender's check that a message fits the receiver's limit, and the
+error text that names the setting."""
 
 from __future__ import annotations
 
