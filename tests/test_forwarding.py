@@ -302,8 +302,8 @@ def test_a_client_that_does_not_answer_fails_the_import_in_time(
     # The server's workers wait 2 s for a module; this client takes 6 s to answer.
     srv = server_process("--workers", "1", env={"RPYCSVC_FORWARD_TIMEOUT": "2"})
     got = merged(run_client("""
-        from rpycsvc.protocol import forwarding
-        slow = forwarding.provider()
+        from rpycsvc.protocol import module_provider
+        slow = module_provider.provider()
         answer = slow.answer
         slow.answer = lambda name: (time.sleep(6), answer(name))[1]  # a client stuck
         pkg = use_project()
@@ -613,8 +613,9 @@ def test_a_server_gets_nothing_from_the_client_outside_its_tasks(
     import rpyc
 
     from rpycsvc.client.connection import connect_stream
+    from rpycsvc.protocol.channel import FastChannel
+    from rpycsvc.protocol.socket_stream import FastSocketStream
     from rpycsvc.protocol.taskframes import send_task
-    from rpycsvc.protocol.transport import FastChannel, FastSocketStream
 
     name = f"fwdhostile_{uuid.uuid4().hex[:8]}"
     root = write_package(tmp_path / "proj", name)

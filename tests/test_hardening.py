@@ -260,7 +260,7 @@ def test_inbound_budget_holds_back_large_messages_only() -> None:
 def test_inbound_budget_readers_waiting_for_each_other_go_on() -> None:
     """Two messages each hold half the budget and each need more: neither could finish if
     both waited for room. The one that started first goes on; when it is done, the other."""
-    from rpycsvc.protocol.transport import InboundBudget, Reservation
+    from rpycsvc.protocol.budget import InboundBudget, Reservation
 
     budget = InboundBudget(4)
     first, second = budget.start(), budget.start()

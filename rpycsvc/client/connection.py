@@ -40,10 +40,10 @@ from rpycsvc.errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from rpycsvc.protocol import forwarding
+from rpycsvc.protocol import module_provider
 from rpycsvc.protocol.checks import check_timeout
-from rpycsvc.protocol.forwarding import ModuleProvider
 from rpycsvc.protocol.handshake import client_handshake
+from rpycsvc.protocol.limits import oversize
 from rpycsvc.protocol.liveness import (
     DEFAULT_LOST_AFTER,
     WATCHDOG,
@@ -54,10 +54,11 @@ from rpycsvc.protocol.liveness import (
     check_lost_after,
     heartbeat_interval,
 )
+from rpycsvc.protocol.module_provider import ModuleProvider
 from rpycsvc.protocol.serialization import dumps, dumps_function, loads
+from rpycsvc.protocol.socket_stream import FastSocketStream
 from rpycsvc.protocol.taskframes import send_task
 from rpycsvc.protocol.tracebacks import load_exception
-from rpycsvc.protocol.transport import FastSocketStream, oversize
 
 log = logging.getLogger("rpycsvc.client")
 #: ``on`` in the threads that read clients' connections, and while a thread handles a
@@ -238,7 +239,7 @@ class Client:
     def __init__(self, conn: Any, hello: dict[str, Any], address: str, output: OutputRouter,
                  options: dict[str, Any] | None = None, lost_after: float | None = None,
                  modules: ModuleProvider | None = None,
-                 module_gate: forwarding.ConnectionModules | None = None) -> None:
+                 module_gate: module_provider.ConnectionModules | None = None) -> None:
         self.conn = conn
         #: our project's modules, offered to the server's imports (rpycsvc.protocol.forwarding);
         #: None: off. The gate answers the server's requests for them.
@@ -731,7 +732,7 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     router = router or OutputRouter()
     classic = hello.get("classic", True)
     # (a service-only server runs no code of ours: nothing to forward)
-    modules = forwarding.provider(forward_packages) if forward_modules and classic else None
+    modules = module_provider.provider(forward_packages) if forward_modules and classic else None
     service = LiveClassicClient if classic else LiveVoidService
     # The server may call back public methods of objects we hand it explicitly (an
     # output stream for redirected_stdout, sys.stdout in RPyC's tutorial); nothing else.
@@ -751,7 +752,7 @@ def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = 
     conn.request_timeout = hello_timeout  # the liveness check starts after hello
     try:
         # (answers only while a task of ours runs on this connection: see below)
-        gate = forwarding.ConnectionModules(modules, address) if modules is not None else None
+        gate = module_provider.ConnectionModules(modules, address) if modules is not None else None
         beat = heartbeat_interval(lost_after) if lost_after is not None \
             and not getattr(conn, "_bind_threads", False) else None
         reply = conn.root.hello(beat, gate is not None)

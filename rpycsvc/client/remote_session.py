@@ -256,7 +256,7 @@ class SessionHost:
 
         conn = None
         try:  # the rpycsvc connection this request came on: the session dies with it
-            from rpycsvc.protocol.transport import CURRENT
+            from rpycsvc.protocol.rpyc_connection import CURRENT
 
             conn = getattr(CURRENT, "conn", None)
         except ImportError:

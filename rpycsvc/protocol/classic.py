@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rpycsvc.protocol.transport import CURRENT
+from rpycsvc.protocol.rpyc_connection import CURRENT
 
 
 class ConnectionStreams(io.TextIOBase):

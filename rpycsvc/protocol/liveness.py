@@ -31,8 +31,9 @@ from rpyc.core.protocol import Connection
 from rpyc.core.service import ClassicClient, VoidService
 
 from rpycsvc.errors import RpycsvcTimeoutError, ServerLostError
+from rpycsvc.protocol.channel import FastChannel
+from rpycsvc.protocol.rpyc_connection import SendRaceSafe
 from rpycsvc.protocol.taskframes import flush_queue, out_fd
-from rpycsvc.protocol.transport import FastChannel, SendRaceSafe
 
 log = logging.getLogger("rpycsvc.liveness")
 

@@ -10,7 +10,7 @@ says when bytes last moved, so a liveness check could only count *complete* mess
 :class:`FastPipeStream` writes from ``memoryview`` slices (no copies), reads into buffers
 allocated once per piece, asks the kernel for larger pipe buffers where it can (Linux), and
 notes ``last_activity`` (``time.monotonic()``) whenever bytes arrive, like
-:class:`~rpycsvc.protocol.transport.FastSocketStream`: both sides' liveness checks read it, so a
+:class:`~rpycsvc.protocol.socket_stream.FastSocketStream`: both sides' liveness checks read it, so a
 transfer in progress is never taken for a dead peer.
 """
 
@@ -32,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: plain blocking writes
     fcntl = termios = None  # type: ignore[assignment]
 
-from rpycsvc.protocol.transport import TRAFFIC, read_in_pieces
+from rpycsvc.protocol.socket_stream import TRAFFIC, read_in_pieces
 
 #: Bytes per read or write system call, and the size of a piece a read allocates at once.
 CHUNK = 1 << 20

@@ -13,7 +13,7 @@ flag is :data:`TASK_FLAG` is not an RPyC message but one task message:
   and read into one buffer each (an anonymous mmap, whose pages are taken as the bytes
   arrive), so a 1 GiB array crosses with one copy at each end.
 
-The :class:`~rpycsvc.protocol.transport.FastChannel` reading such a frame hands the message to its
+The :class:`~rpycsvc.protocol.channel.FastChannel` reading such a frame hands the message to its
 ``task_handler`` (in the reading thread) and returns an empty frame to RPyC, which reads
 that as "nothing arrived". A channel without a handler (a plain RPyC peer, or one that
 has not said the rpycsvc hello) refuses the frame and closes the connection. Sending goes

@@ -13,7 +13,7 @@ reach it while it runs, the server also listens on a Unix socket:
   authenticated the user already.
 - **How.** Each accepted connection is served exactly as the ssh session is: the same
   runtime and worker pool, a pipe stream (:class:`~rpycsvc.protocol.pipes.FastPipeStream`) and
-  :class:`~rpycsvc.protocol.transport.FastChannel`, the same service class; its tasks count as
+  :class:`~rpycsvc.protocol.channel.FastChannel`, the same service class; its tasks count as
   ``"ssh"`` in ``stats()["tasks_by_transport"]``.
 - **Until when.** The socket and its directory are removed when the server stops: its
   client closes, dies or goes silent (the existing teardown), or it gets SIGTERM/SIGHUP
@@ -281,8 +281,9 @@ def serve_attached(sock: socket.socket, runtime: Any, service_type: type,
     serves the ssh session: a pipe stream over the socket's descriptor, a FastChannel
     trusted with full-size messages (the peer is our own uid, behind ssh), and a new
     instance of ``service_type`` over ``runtime``."""
+    from rpycsvc.protocol.channel import FastChannel
     from rpycsvc.protocol.pipes import FastPipeStream
-    from rpycsvc.protocol.transport import PROTOCOL_CONFIG, FastChannel
+    from rpycsvc.protocol.rpyc_connection import PROTOCOL_CONFIG
 
     pid = peer_credentials(sock)[0]
     rfile = os.fdopen(os.dup(sock.fileno()), "rb", buffering=0)

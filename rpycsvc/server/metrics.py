@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from rpycsvc.errors import ConfigError
-from rpycsvc.protocol import transport
+from rpycsvc.protocol import socket_stream
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -134,8 +134,8 @@ def _read(server: Server) -> tuple[dict[str, _Samples], list[tuple[str, float]],
         "rpycsvc_inbound_budget_bytes": one(inbound.total),
         "rpycsvc_inbound_waits_total": one(inbound.waits),
         "rpycsvc_inbound_refused_total": one(inbound.refused),
-        "rpycsvc_received_bytes_total": one(transport.TRAFFIC["in"]),
-        "rpycsvc_sent_bytes_total": one(transport.TRAFFIC["out"]),
+        "rpycsvc_received_bytes_total": one(socket_stream.TRAFFIC["in"]),
+        "rpycsvc_sent_bytes_total": one(socket_stream.TRAFFIC["out"]),
         "rpycsvc_memory_rss_bytes": one(stats["rss_total_bytes"]),
         "rpycsvc_start_time_seconds": one(round(started, 3)),
         "rpycsvc_uptime_seconds": one(round(time.time() - started, 3)),

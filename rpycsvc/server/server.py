@@ -27,14 +27,12 @@ from rpyc.utils.server import ForkingServer, OneShotServer, ThreadedServer
 
 from rpycsvc.errors import ConfigError
 from rpycsvc.protocol import taskframes
+from rpycsvc.protocol.budget import InboundBudget
+from rpycsvc.protocol.channel import FastChannel
 from rpycsvc.protocol.handshake import MAGIC, server_handshake, server_ssl_context
-from rpycsvc.protocol.transport import (
-    PREAUTH_MAX_MESSAGE,
-    PROTOCOL_CONFIG,
-    FastChannel,
-    FastSocketStream,
-    InboundBudget,
-)
+from rpycsvc.protocol.limits import PREAUTH_MAX_MESSAGE
+from rpycsvc.protocol.rpyc_connection import PROTOCOL_CONFIG
+from rpycsvc.protocol.socket_stream import FastSocketStream
 from rpycsvc.server.config import ServerConfig
 from rpycsvc.server.hosted import load_services
 from rpycsvc.server.pool import WorkerPool
@@ -327,7 +325,7 @@ class _Handshake:
 
 class _ServerMixin:
     """Our connection setup for RPyC's server classes: fast stream, no compression, and
-    bounded frames (see :class:`~rpycsvc.protocol.transport.FastChannel`)."""
+    bounded frames (see :class:`~rpycsvc.protocol.channel.FastChannel`)."""
 
     runtime: Runtime
     rpycsvc_config: ServerConfig

@@ -32,9 +32,9 @@ from rpyc.core.service import Service, SlaveService
 
 from rpycsvc.errors import SerializationError, TaskError
 from rpycsvc.protocol.liveness import Heartbeat
+from rpycsvc.protocol.rpyc_connection import Deferred, ServerConnection
 from rpycsvc.protocol.serialization import dumps, loads
 from rpycsvc.protocol.tracebacks import load_exception
-from rpycsvc.protocol.transport import Deferred, ServerConnection
 from rpycsvc.server.hosted import HostedQueue, HostedSpec, QueueRegistry
 from rpycsvc.server.pool import Task, WorkerPool
 from rpycsvc.server.taskserver import MAX_HELD, TaskEndpoint

@@ -29,9 +29,9 @@ import threading
 from typing import Any, Callable, Protocol
 
 from rpycsvc.errors import MessageTooLargeError, TaskError
+from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, too_large_message
 from rpycsvc.protocol.serialization import check_plain
 from rpycsvc.protocol.taskframes import send_task
-from rpycsvc.protocol.transport import MESSAGE_OVERHEAD, too_large_message
 from rpycsvc.server.config import check_timeout
 from rpycsvc.server.pool import Task, WorkerPool
 

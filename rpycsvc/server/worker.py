@@ -33,7 +33,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from rpycsvc.protocol.forwarding import FETCH_TIMEOUT, Fetch, ForwardedModules, Reply, timed_out
+from rpycsvc.protocol.forwarding import Reply
+from rpycsvc.protocol.module_finder import FETCH_TIMEOUT, Fetch, ForwardedModules, timed_out
 from rpycsvc.protocol.serialization import (
     FunctionCache,
     dumps,

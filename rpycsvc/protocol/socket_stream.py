@@ -1,0 +1,167 @@
+"""The socket stream under rpycsvc's connections: linear-time writes, one-copy reads,
+``TCP_NODELAY``, and the deadline and stall bound a server puts on a peer's reads.
+
+Why (measured on RPyC 6.0.2, see shared/research/rpyc-facts.md): ``SocketStream.write``
+re-slices the remaining bytes after every 64 KB send, which is quadratic: 64 MiB took ~20 s.
+:class:`FastSocketStream` sends through a ``memoryview`` and receives with ``recv_into``
+into one buffer; it also sets ``TCP_NODELAY``, without which small replies stall on Nagle +
+delayed ACK. The pipe streams (:mod:`rpycsvc.protocol.pipes`) share its piecewise reads and
+its traffic counter.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable
+
+from rpyc.core.stream import SocketStream
+
+#: Bytes read at once: memory for a message is taken a piece of this size at a time.
+CHUNK = 1 << 20
+
+#: Bytes this process received and sent on rpycsvc streams (for metrics; approximate).
+TRAFFIC = {"in": 0, "out": 0}
+
+
+def read_in_pieces(read_piece: Callable[[int], bytearray], count: int, chunk: int) -> bytes:
+    """``count`` bytes read with ``read_piece(n)`` (which returns exactly ``n`` bytes) at
+    most ``chunk`` at a time, so memory is taken as the bytes arrive, never for a whole
+    announced length up front. Shared by the socket and pipe streams."""
+    if count <= chunk:
+        return bytes(read_piece(count))
+    pieces = []
+    left = count
+    while left:
+        piece = read_piece(min(left, chunk))
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)  # brine slices it: it must be bytes
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Low latency for small messages, large buffers for bulk transfers."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+
+
+class DeadlineExceeded(EOFError):
+    """A stream's deadline passed while it waited for bytes (see ``set_deadline``)."""
+
+
+class PeerStalled(EOFError):
+    """No byte arrived for ``idle_limit`` seconds in the middle of a message."""
+
+
+#: The most bytes given to one ``sendall``: Python 3.9's ``SSLSocket`` refuses a write over
+#: 2 GiB - 1 (``OverflowError``), and messages may be up to 4 GiB - 1.
+_SEND_MAX = 1 << 30
+
+#: How often a read with a deadline wakes up to look at the clock (seconds).
+_DEADLINE_TICK = 0.25
+
+
+class FastSocketStream(SocketStream):
+    """A ``SocketStream`` with linear-time writes, one-copy reads and ``TCP_NODELAY``."""
+
+    MAX_IO_CHUNK = CHUNK
+    #: While set (a ``time.monotonic()`` time), a read blocked past it fails with
+    #: :class:`DeadlineExceeded`: how long a peer that hasn't authenticated gets to finish
+    #: its first request (see :meth:`set_deadline`).
+    deadline: float | None = None
+    #: While set (seconds), a read that gets no byte for that long fails with
+    #: :class:`PeerStalled` (a peer stalled mid-message while holding inbound budget).
+    idle_limit: float | None = None
+
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
+        super().__init__(sock)
+        tune_socket(sock)
+        self._prefix = prefix  # bytes the handshake read that belong to the stream
+        # When bytes last arrived (time.monotonic()): a client's liveness check reads it, so
+        # a long transfer counts as a sign of life even before its message is complete.
+        self.last_activity = time.monotonic()
+
+    def poll(self, timeout: Any) -> bool:
+        return bool(self._prefix) or super().poll(timeout)
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Reads give up at ``deadline`` (None: never). A short timeout on the socket wakes a
+        blocked read now and then to look at the clock."""
+        self.deadline = deadline
+        self.sock.settimeout(None if deadline is None else _DEADLINE_TICK)
+
+    def read(self, count: int) -> bytes:
+        """``count`` bytes. Memory is taken as the bytes arrive (a piece of at most 1 MiB
+        at a time), never for the whole announced length up front: a peer that announces
+        gigabytes and sends nothing costs one piece."""
+        return read_in_pieces(self._read_piece, count, CHUNK)
+
+    def read_buffer(self, count: int) -> bytearray:
+        """``count`` bytes (at most 1 MiB, read at once) in a new bytearray."""
+        return self._read_piece(count)
+
+    def _read_piece(self, count: int) -> bytearray:
+        buf = bytearray(count)
+        self.read_into(memoryview(buf))
+        return buf
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` (a writable byte view) with the next ``len(view)`` bytes."""
+        count = len(view)
+        got = 0
+        if self._prefix:
+            got = min(count, len(self._prefix))
+            view[:got] = self._prefix[:got]
+            self._prefix = self._prefix[got:]
+        while got < count:
+            if self.idle_limit is not None and self.deadline is None:
+                self._wait_readable(self.idle_limit)
+            try:
+                n = self.sock.recv_into(view[got:], count - got)
+            except socket.timeout:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise DeadlineExceeded("the peer did not finish its first request "
+                                           "in time") from None
+                continue
+            except OSError as exc:
+                self.close()
+                raise EOFError(exc) from exc
+            if n == 0:
+                self.close()
+                raise EOFError("connection closed by peer")
+            got += n
+            self.last_activity = time.monotonic()
+        TRAFFIC["in"] += count
+
+    def _wait_readable(self, limit: float) -> None:
+        """Return once a byte can be read; :class:`PeerStalled` if none comes in ``limit``
+        seconds. (Polled rather than a socket timeout, which would bound the concurrent
+        ``sendall`` of a reply on the same socket as well.)"""
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return  # decrypted TLS bytes already buffered
+        try:
+            ready = super().poll(limit)
+        except Exception as exc:  # closed under us
+            self.close()
+            raise EOFError(exc) from exc
+        if not ready:
+            raise PeerStalled(f"sent nothing for {limit:g} s in the middle of a message")
+
+    def write(self, data: Any) -> None:
+        try:
+            if len(data) <= _SEND_MAX:
+                self.sock.sendall(data)
+            else:  # in pieces of a view: one SSL write takes at most 2 GiB - 1 on 3.9
+                view = memoryview(data).cast("B")
+                for start in range(0, len(view), _SEND_MAX):
+                    self.sock.sendall(view[start:start + _SEND_MAX])
+            TRAFFIC["out"] += len(data)
+        except OSError as exc:
+            self.close()
+            raise EOFError(exc) from exc
