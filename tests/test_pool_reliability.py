@@ -191,7 +191,9 @@ def test_timeout_kills_the_tasks_children(one_worker: rpycsvc.Server, tmp_path: 
     child = None
     try:
         with rpycsvc.connect(one_worker.address, output="discard") as c:
-            fut = c.options(timeout=1).submit(spawn_sleep_and_block, str(pidfile))
+            # 5 s: long enough for the worker to unpickle the task (importing this test
+            # module) and start the child on a loaded machine, before the timeout ends it
+            fut = c.options(timeout=5).submit(spawn_sleep_and_block, str(pidfile))
             child = read_pid(pidfile)
             with pytest.raises(TaskTimeoutError) as info:
                 fut.result(timeout=60)
