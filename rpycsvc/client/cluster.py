@@ -36,20 +36,16 @@ from concurrent.futures import as_completed as _as_completed
 from concurrent.futures import wait as _wait
 from typing import Any, Callable
 
-from rpycsvc.client.connection import (
-    Client,
-    TaskFuture,
-    _check_options,
-    connect,
-    decode_reply,
-    frames_of_call,
-    settle,
-)
+from rpycsvc.client.calls import decode_reply, frames_of_call
+from rpycsvc.client.connect import connect
+from rpycsvc.client.connection import Client
 from rpycsvc.client.discovery import read_hosts_file
 from rpycsvc.client.environment import misfits
 from rpycsvc.client.executor import ClusterExecutor, _ClusterOptions
+from rpycsvc.client.future import TaskFuture, settle
 from rpycsvc.client.jobs import DEFAULT_RETRIES, _Job, _JobQueue, _Server
 from rpycsvc.client.local import _LocalServer
+from rpycsvc.client.taskoptions import check_options
 from rpycsvc.errors import (
     AllServersFailedError,
     ConfigError,
@@ -149,7 +145,7 @@ class Cluster:
                              "forward_logging", "lost_after", "forward_modules",
                              "forward_packages")
                             if k in options}
-        self._defaults = _check_options(options)
+        self._defaults = check_options(options)
         self._lock = threading.Lock()
         self._servers: dict[str, _Server] = {}
         #: the servers in a list, for the rotating pick (see _pick_locked), and where the
@@ -346,7 +342,7 @@ class Cluster:
         limits every task, not the whole map), ``mode`` (``"process"``/``"thread"``),
         ``output``, and ``retries``."""
         retries = opts.pop("retries", None)
-        return _ClusterOptions(self, {**self._defaults, **_check_options(opts)}, retries)
+        return _ClusterOptions(self, {**self._defaults, **check_options(opts)}, retries)
 
     # -- submitting ------------------------------------------------------------------------------
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -685,7 +681,7 @@ class Cluster:
         """
         return self._map(fn, iterables, ordered=ordered, chunksize=chunksize, timeout=timeout,
                          progress=progress, retries=self.retries if retries is None else retries,
-                         opts={**self._defaults, **_check_options(opts)})
+                         opts={**self._defaults, **check_options(opts)})
 
     def _map(self, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
              chunksize: int | None, timeout: float | None, progress: bool, retries: int,

@@ -11,7 +11,8 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import wait as _wait
 from typing import TYPE_CHECKING, Any
 
-from rpycsvc.client.connection import TaskFuture, _check_options
+from rpycsvc.client.future import TaskFuture
+from rpycsvc.client.taskoptions import check_options
 from rpycsvc.errors import RpycsvcTimeoutError
 
 #: Before Python 3.11 ``Future`` waits raise this, which is not the builtin TimeoutError.
@@ -41,7 +42,7 @@ class _ClusterOptions:
         return self._c._map(fn, iterables, ordered=ordered, chunksize=chunksize,
                             timeout=timeout, progress=progress,
                             retries=self._retries if retries is None else retries,
-                            opts={**self._opts, **_check_options(opts)})
+                            opts={**self._opts, **check_options(opts)})
 
 
 class ClusterExecutor(Executor):

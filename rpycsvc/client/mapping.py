@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
-from rpycsvc.client.connection import TaskFuture
+from rpycsvc.client.future import TaskFuture
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
 from rpycsvc.protocol.serialization import dumps, dumps_function
 from rpycsvc.protocol.tracebacks import load_exception

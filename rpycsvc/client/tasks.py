@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Callable
 
-from rpycsvc.client.connection import TaskFuture
+from rpycsvc.client.future import TaskFuture
 
 if TYPE_CHECKING:
     from rpycsvc.client.cluster import Cluster
