@@ -401,7 +401,7 @@ def _function_by_value(raw: bytes) -> bool:
 
 
 def task_holds_code_by_value(kind: str, frames: tuple[Any, ...]) -> bool:
-    """Whether a task (as :func:`~rpycsvc.client.connection.frames_of_call` packs it) holds code
+    """Whether a task (as :func:`~rpycsvc.client.calls.frames_of_call` packs it) holds code
     pickled
     by value, in its function or its arguments. Cached per function; an arguments' pickle
     is walked only if it names cloudpickle."""
