@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getattr__ loads these
     from rpycsvc._version import __version__
     from rpycsvc.client.cluster import BroadcastResult, Cluster
-    from rpycsvc.client.connection import Client, TaskFuture, connect
+    from rpycsvc.client.connect import connect
+    from rpycsvc.client.connection import Client
     from rpycsvc.client.executor import ClusterExecutor
+    from rpycsvc.client.future import TaskFuture
     from rpycsvc.deployment.launcher import deploy
     from rpycsvc.errors import (
         AllServersFailedError,
@@ -54,8 +56,8 @@ _LAZY: dict[str, str] = {
     "Client": "client.connection",
     "Cluster": "client.cluster",
     "ClusterExecutor": "client.executor",
-    "TaskFuture": "client.connection",
-    "connect": "client.connection",
+    "TaskFuture": "client.future",
+    "connect": "client.connect",
     "redirected_stderr": "protocol.classic",
     "redirected_stdout": "protocol.classic",
     # the server side

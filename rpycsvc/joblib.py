@@ -40,8 +40,8 @@ import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
 from rpycsvc.client.cluster import Cluster
-from rpycsvc.client.connection import TaskFuture
-from rpycsvc.client.connection import settle as _settle
+from rpycsvc.client.future import TaskFuture
+from rpycsvc.client.future import settle as _settle
 from rpycsvc.errors import ConfigError, ConnectError
 from rpycsvc.integrations.joblib_arrays import ArrayMissing, ArraySharing, resolve
 

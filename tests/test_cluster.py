@@ -15,7 +15,7 @@ import pytest
 
 import rpycsvc
 from rpycsvc import Cluster
-from rpycsvc.client.cluster import read_hosts_file
+from rpycsvc.client.discovery import read_hosts_file
 
 
 @pytest.fixture(scope="module")

@@ -737,8 +737,8 @@ def test_env_example_is_a_valid_and_safe_config() -> None:
 
 
 def test_hosts_example_parses() -> None:
-    from rpycsvc.client.cluster import read_hosts_file
-    from rpycsvc.client.connection import parse_address
+    from rpycsvc.client.connect import parse_address
+    from rpycsvc.client.discovery import read_hosts_file
 
     hosts = read_hosts_file(str(DEPLOY_DIR / "hosts.example"))
     assert [parse_address(h) for h in hosts] == [

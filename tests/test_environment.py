@@ -23,14 +23,9 @@ import cloudpickle
 import pytest
 
 import rpycsvc
-from rpycsvc.client.environment import (
-    by_value_conflict,
-    candidate_modules,
-    holds_code_by_value,
-    pickle_globals,
-    wait_checked,
-)
+from rpycsvc.client.environment import by_value_conflict, wait_checked
 from rpycsvc.client.local import read_address
+from rpycsvc.client.pickles import candidate_modules, holds_code_by_value, pickle_globals
 from rpycsvc.errors import EnvironmentMismatchError
 from rpycsvc.protocol.serialization import dumps, dumps_function
 from tests.support.servers import REPO, ServerProcess

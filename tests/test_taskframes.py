@@ -34,7 +34,8 @@ import pytest
 import rpyc
 
 import rpycsvc
-from rpycsvc.client.connection import connect_stream, frames_of_call
+from rpycsvc.client.calls import frames_of_call
+from rpycsvc.client.connection import connect_stream
 from rpycsvc.protocol import taskframes
 from rpycsvc.protocol.pipes import FastPipeStream
 from rpycsvc.protocol.taskframes import TASK_FLAG, send_task

@@ -54,7 +54,7 @@ class RemoteRepl:
 
     def __init__(self, address: str, *, authkey: str | None = None, timeout: float = 10.0,
                  stdout: Any = None, stderr: Any = None, stdin: Any = None) -> None:
-        from rpycsvc.client.connection import connect
+        from rpycsvc.client.connect import connect
         from rpycsvc.errors import ConfigError
 
         self.stdout, self.stderr = stdout or sys.stdout, stderr or sys.stderr

@@ -63,7 +63,7 @@ def probe(address: str, timeout: float = 5.0, authkey: str | None = None) -> Ser
     The round-trip time is the best of three calls to the already-resolved ``ping``
     method: one request and one reply each, without RPyC's attribute lookup.
     """
-    from rpycsvc.client.connection import connect
+    from rpycsvc.client.connect import connect
 
     try:
         client = connect(address, timeout=timeout, authkey=authkey, output="discard")
@@ -181,7 +181,7 @@ def unique_addresses(addresses: list[str]) -> list[str]:
     (``host:port``, ``[v6]:port``): ``h``, ``h:18812`` and a repeated ``@hostsfile``
     entry are one server, probed once and shown on one row. An address that doesn't
     parse is kept as written, so its row says what is wrong with it."""
-    from rpycsvc.client.connection import parse_address
+    from rpycsvc.client.connect import parse_address
     from rpycsvc.errors import ConfigError
 
     seen: dict[str, None] = {}

@@ -160,7 +160,7 @@ class Monitor:
 
     def _client(self, addr: str) -> Any:
         from rpycsvc.cli.status import _limit_calls
-        from rpycsvc.client.connection import connect
+        from rpycsvc.client.connect import connect
 
         client = self._clients.get(addr)
         if client is None or client.closed:

@@ -19,7 +19,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from rpycsvc.client.connection import Client, connect_stream
+from rpycsvc.client.output import OutputRouter
+from rpycsvc.client.ssh import SSH_ERRORS, ssh_argv
+from rpycsvc.client.taskoptions import check_options
 from rpycsvc.errors import ConfigError, ConnectError
+from rpycsvc.protocol.pipes import FastPipeStream
 
 log = logging.getLogger("rpycsvc.attach")
 
@@ -98,8 +103,6 @@ def attach_argv(address: str, *, ssh_command: Sequence[str] | None = None,
                 ssh_options: Sequence[str] | None = None,
                 python: str = "python3") -> list[str]:
     """The ssh command line that attaches to ``address`` (an ``ssh://`` address)."""
-    from rpycsvc.client.ssh import ssh_argv
-
     _, host, path = split_address(address)
     command = _env_argv("RPYCSVC_SSH_COMMAND", ("ssh",)) if ssh_command is None \
         else list(ssh_command)
@@ -113,7 +116,7 @@ def connect_attached(address: str, *, timeout: float = 10.0,
                      ssh_command: Sequence[str] | None = None,
                      ssh_options: Sequence[str] | None = None, python: str = "python3",
                      output: str = "stream", prefix: str = "[{address}] ",
-                     forward_logging: bool = False, **kwargs: Any) -> Any:
+                     forward_logging: bool = False, **kwargs: Any) -> Client:
     """A :class:`~rpycsvc.Client` of a deployed server, attached through its socket.
 
     ``address`` is ``ssh://[user@]host[:port]/path/to/server.sock`` (reached through ssh,
@@ -123,8 +126,6 @@ def connect_attached(address: str, *, timeout: float = 10.0,
     the socket's permissions are the credentials) and ``ssl`` is refused. Closing the
     client ends the ssh session. Failures raise :class:`~rpycsvc.ConnectError` saying why.
     """
-    from rpycsvc.client.connection import OutputRouter, _check_options, connect_stream
-
     kwargs.pop("authkey", None)
     if kwargs.pop("ssl", None):
         raise ConfigError(f"{address}: ssl= does not apply to an attach address (ssh "
@@ -133,7 +134,7 @@ def connect_attached(address: str, *, timeout: float = 10.0,
     kwargs.pop("lanes", None)
     scheme, _, path = split_address(address)
     router = OutputRouter(output, prefix, forward_logging)
-    _check_options({k: v for k, v in kwargs.items()
+    check_options({k: v for k, v in kwargs.items()
                     if k not in ("lost_after", "forward_modules", "forward_packages")})
     if scheme == "unix":
         return _connect_unix(address, path, timeout, router, kwargs)
@@ -153,11 +154,8 @@ def connect_attached(address: str, *, timeout: float = 10.0,
     return client
 
 
-def _connect_unix(address: str, path: str, timeout: float, router: Any,
-                  kwargs: dict[str, Any]) -> Any:
-    from rpycsvc.client.connection import connect_stream
-    from rpycsvc.protocol.pipes import FastPipeStream
-
+def _connect_unix(address: str, path: str, timeout: float, router: OutputRouter,
+                  kwargs: dict[str, Any]) -> Client:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -207,16 +205,12 @@ class _Ssh:
                 self._err += chunk
                 del self._err[:-16384]
 
-    def stream(self) -> Any:
-        from rpycsvc.protocol.pipes import FastPipeStream
-
+    def stream(self) -> FastPipeStream:
         return FastPipeStream(self.proc.stdout, self.proc.stdin)
 
     def failure(self, exc: BaseException) -> str:
         """Why the attach failed, from ssh's exit status and what it (or the forwarder)
         said; waits a little for ssh to end."""
-        from rpycsvc.client.ssh import SSH_ERRORS
-
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5.0)
         self._reader.join(1.0)

@@ -1,6 +1,7 @@
 """One connection to one rpycsvc server: run tasks by value, classic access, live output.
 
-:func:`connect` returns a :class:`Client`. ``client.root.compute(fn, *args)`` and
+:func:`~rpycsvc.client.connect.connect` returns a :class:`Client`, opened by
+:func:`connect_stream` over an open stream. ``client.root.compute(fn, *args)`` and
 ``client.submit(fn, *args)`` send the function and its arguments by value (cloudpickle,
 pickle protocol 5) and get results by value; many tasks may be in flight on one connection.
 ``client.modules``/``execute``/``eval`` are RPyC's classic access, unchanged.
@@ -15,34 +16,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import socket
-import ssl as _ssl
 import threading
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable
 
+from rpycsvc.client.calls import frames_of_call, settle_reply
 from rpycsvc.client.environment import for_client, versions_of
-from rpycsvc.client.output import OutputRouter, current_cell
-from rpycsvc.errors import (
-    ConfigError,
-    ConnectError,
-    MessageTooLargeError,
-    RemoteTaskError,
-    RpycsvcError,
-    RpycsvcTimeoutError,
-    SerializationError,
-    ServerDrainingError,
-    ServerLostError,
-    TaskCancelledError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-)
+from rpycsvc.client.future import TaskFuture, settle
+from rpycsvc.client.html import client_html
+from rpycsvc.client.output import OutputRouter
+from rpycsvc.client.taskoptions import check_options
+from rpycsvc.errors import RpycsvcTimeoutError, ServerLostError
 from rpycsvc.protocol import module_provider
-from rpycsvc.protocol.checks import check_timeout
-from rpycsvc.protocol.handshake import client_handshake
 from rpycsvc.protocol.limits import oversize
 from rpycsvc.protocol.liveness import (
     DEFAULT_LOST_AFTER,
@@ -55,163 +42,13 @@ from rpycsvc.protocol.liveness import (
     heartbeat_interval,
 )
 from rpycsvc.protocol.module_provider import ModuleProvider
-from rpycsvc.protocol.serialization import dumps, dumps_function, loads
-from rpycsvc.protocol.socket_stream import FastSocketStream
+from rpycsvc.protocol.serialization import loads
 from rpycsvc.protocol.taskframes import send_task
-from rpycsvc.protocol.tracebacks import load_exception
 
 log = logging.getLogger("rpycsvc.client")
 #: ``on`` in the threads that read clients' connections, and while a thread handles a
 #: task message (see Client.start_task)
 _READER = threading.local()
-
-DEFAULT_PORT = 18812
-_ERRORS: dict[str, type[Exception]] = {
-    "TaskTimeoutError": TaskTimeoutError,
-    "WorkerCrashedError": WorkerCrashedError,
-    "TaskCancelledError": TaskCancelledError,
-    "ConfigError": ConfigError,
-    "SerializationError": SerializationError,
-    "MessageTooLargeError": MessageTooLargeError,
-    "ServerDrainingError": ServerDrainingError,
-    "ServerLostError": ServerLostError,
-}
-#: Options a task may carry (see :meth:`Client.options`).
-TASK_OPTIONS = ("timeout", "mode", "output")
-
-
-def parse_address(address: str, port: int | None = None) -> tuple[str, int]:
-    """``"host"``, ``"host:port"`` or ``"[v6]:port"`` → ``(host, port)``."""
-    address = address.strip()
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        p = rest.lstrip(":")
-    elif address.count(":") == 1:
-        host, p = address.split(":")
-    else:
-        host, p = address, ""
-    try:
-        return host or "127.0.0.1", int(p) if p else (port or DEFAULT_PORT)
-    except ValueError:
-        raise ConfigError(f"bad server address {address!r}: expected host or host:port") from None
-
-
-class TaskFuture(Future):
-    """A ``concurrent.futures.Future`` for one remote task, plus where it ran and its output.
-
-    Its states are the stdlib's. It is *pending* while it waits in a cluster's queue on this
-    machine, and *running* from the moment it is sent to a server (``running()`` is True):
-    the task protocol has no "started" message, so a task sent may still wait in the
-    server's own queue. ``client.submit`` sends at once, so its futures start running.
-
-    - ``cancel()`` is the stdlib's: True only for a pending task, which then never reaches a
-      server; False once it is running or done (the task goes on).
-    - :meth:`stop` stops the task wherever it is: a pending one is cancelled, a running one
-      is stopped on its server (its worker process is killed and replaced) and this future
-      fails at once with :class:`~rpycsvc.TaskCancelledError`.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # like Celery's task id, to log and to correlate (random, not secret: no urandom
-        # syscall per task, which costs more than the rest of this constructor)
-        self.id = f"{random.getrandbits(128):032x}"
-        self.address: str | None = None
-        self.stdout = ""
-        self.stderr = ""
-        #: drops the task wherever it is: from a cluster's queue, or from its server
-        self._stopper: Callable[[], None] | None = None
-        #: the Jupyter cell that submitted the task: its prints go there (rpycsvc.client.output)
-        self._cell = current_cell()
-
-    def cancel(self) -> bool:
-        """Cancel the task if it is still pending (not sent to a server): the stdlib's
-        contract. False for a running task: use :meth:`stop` to stop that one."""
-        if not super().cancel():
-            return False
-        self._stop_remote()
-        return True
-
-    def stop(self) -> bool:
-        """Stop the task wherever it is; False if it had finished already.
-
-        Pending: as ``cancel()`` (``cancelled()`` is then True). Running: the server is asked
-        to stop it (a process-mode task's worker is killed with its child processes and
-        replaced; a thread-mode task gets an exception the next time its thread runs Python
-        code) and this future fails at once with :class:`~rpycsvc.TaskCancelledError`
-        without waiting for the server; a result that still arrives is dropped."""
-        if self.cancel():
-            return True
-        where = f" on {self.address}" if self.address else ""
-        try:
-            self.set_exception(TaskCancelledError(
-                f"the task was stopped (future.stop()){where}", address=self.address))
-        except InvalidStateError:  # it finished meanwhile
-            return False
-        self._stop_remote()
-        return True
-
-    def _repr_html_(self) -> str:
-        """The future as Jupyter shows it: state, where it runs, result or error."""
-        from rpycsvc.client.html import future_html
-
-        return future_html(self)
-
-    def _stop_remote(self) -> None:
-        if self._stopper is not None:
-            try:
-                self._stopper()
-            except Exception:  # the connection is gone: nothing runs there any more
-                log.debug("stopping task %s failed", self.id, exc_info=True)
-
-
-def frames_of_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   copy: bool = True) -> tuple[str, Any, tuple[bytes, ...]]:
-    """How a call travels: (kind, spec, frames) — functions pickled by value, names as text.
-
-    With ``copy=False`` large buffers stay views of the arguments (see ``dumps``)."""
-    data = dumps((args, kwargs), "arguments", copy=copy)
-    if isinstance(task, str):
-        return ("path" if ":" in task else "endpoint"), task, data
-    return "pickled", None, (dumps_function(task), *data)
-
-
-def decode_reply(reply: Any, address: str) -> tuple[bool, Any]:
-    """Turn a server reply into ``(True, result)`` or ``(False, exception)``."""
-    status = reply[0]
-    if status == "ok":  # (frames come as the worker sent them: numpy buffers writable)
-        return True, loads(reply[1], "result", writable=False)
-    if status == "raised":
-        return False, load_exception(reply[1], address)
-    cls = _ERRORS.get(reply[1])
-    if cls is None:
-        return False, RemoteTaskError(reply[2], remote_type=reply[1], address=address)
-    exc = cls(f"{reply[2]} (on {address})")
-    if hasattr(exc, "address"):
-        exc.address = address
-    return False, exc
-
-
-def settle(fut: Future, result: Any, exc: BaseException | None) -> None:
-    """Complete ``fut`` unless it is done already (e.g. cancelled by its owner meanwhile)."""
-    if fut.done():
-        return
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except Exception:
-        pass  # cancelled between the check and the set
-
-
-def settle_reply(fut: Future, reply: Any, address: str) -> None:
-    """Complete ``fut`` from a server's reply to ``run``."""
-    try:
-        ok, result = decode_reply(reply, address)
-    except RpycsvcError as exc:
-        ok, result = False, exc
-    settle(fut, result if ok else None, None if ok else result)
 
 
 class _Root:
@@ -299,7 +136,7 @@ class Client:
         """A view that runs tasks with ``timeout`` (seconds, enforced on the server),
         ``mode`` (``"process"``, default, or ``"thread"`` for I/O-bound tasks) and
         ``output`` (``"stream"``, ``"capture"`` or ``"discard"``)."""
-        return _Options(self, _check_options(opts))
+        return _Options(self, check_options(opts))
 
     def submit(self, task: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Start ``task(*args, **kwargs)`` on the server; returns a future at once."""
@@ -576,8 +413,6 @@ class Client:
 
     def _repr_html_(self) -> str:
         """The connection as Jupyter shows it: the server, its workers, tasks running/done."""
-        from rpycsvc.client.html import client_html
-
         return client_html(self)
 
 
@@ -601,120 +436,6 @@ def _label(task: Any, spec: Any) -> str:
 
 def _ignore(status: str, value: Any) -> None:
     """The pending entry of a task whose reply is read in the calling thread."""
-
-
-def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
-    for name, value in opts.items():
-        if name not in TASK_OPTIONS:
-            raise ConfigError(f"unknown task option {name!r}; known: {', '.join(TASK_OPTIONS)}")
-        if name == "timeout":
-            check_timeout(value)
-        if name == "mode" and value not in ("process", "thread"):
-            raise ConfigError(f"mode must be 'process' or 'thread'; got {value!r}")
-        if name == "output" and value not in ("stream", "capture", "discard"):
-            raise ConfigError(f"output must be 'stream', 'capture' or 'discard'; got {value!r}")
-    return opts
-
-
-def connect(
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    *,
-    timeout: float = 10.0,
-    authkey: str | bytes | None = None,
-    ssl: _ssl.SSLContext | bool | None = None,
-    server_hostname: str | None = None,
-    output: str = "stream",
-    prefix: str = "[{address}] ",
-    forward_logging: bool = False,
-    lanes: bool | None = None,
-    lost_after: float | None = DEFAULT_LOST_AFTER,
-    forward_modules: bool = True,
-    forward_packages: Sequence[str] = (),
-    **task_options: Any,
-) -> Client:
-    """Connect to an rpycsvc server and check versions (and credentials).
-
-    ``host`` may be ``"host:port"``, or a deployed server's attach address
-    ``"ssh://[user@]host[:port]/path"`` (then ``ssh_command``/``ssh_options`` keywords
-    apply: see :mod:`rpycsvc.client.attach`). ``authkey`` answers the server's challenge (the key is
-    never sent); ``ssl`` is an ``ssl.SSLContext`` or ``True`` for the system's default CAs.
-    ``output`` decides where tasks' stdout/stderr go: ``"stream"`` (to ours, each line
-    prefixed with ``prefix``), ``"capture"`` (on ``future.stdout``/``future.stderr``) or
-    ``"discard"``. With ``forward_logging``, ``logging`` records emitted in tasks are handed
-    to the local logger of the same name, with the server as ``record.server``. Other
-    keywords set default task options (``timeout``, ``mode``). ``lanes`` is deprecated and
-    ignored (every task takes the one task path now).
-
-    ``lost_after`` (seconds, default 10) bounds how long the server may stay silent: the
-    server sends a heartbeat about every second from a thread of its own (a long classic
-    call or a busy connection doesn't delay it), and when nothing has arrived for
-    ``lost_after`` seconds the server is declared lost — frozen (SIGSTOP, a paused VM) or
-    cut off without a reset. Every task in flight and every waiting classic call then fails
-    with ``ServerLostError``. ``None`` turns the check off. Classic calls have no time
-    limit of their own (RPyC's 30 s ``sync_request_timeout`` does not apply).
-
-    With ``forward_modules`` (the default), a task that needs a module of this program's
-    own project which the server lacks gets it from here during its import (see
-    :mod:`rpycsvc.protocol.forwarding`); ``forward_packages`` names installed pure-Python
-    distributions (or their top-level modules) that may be sent the same way.
-    """
-    from rpycsvc.protocol.handshake import client_ssl_context
-
-    if lanes is not None:
-        import warnings
-
-        warnings.warn("connect(lanes=...) is deprecated and ignored: every task takes the one "
-                      "task path now; drop the argument", DeprecationWarning, stacklevel=2)
-    if host.startswith(("ssh://", "unix://")):  # a deployed server's socket: rpycsvc.client.attach
-        from rpycsvc.client.attach import connect_attached
-
-        return connect_attached(host, timeout=timeout, ssl=ssl, output=output, prefix=prefix,
-                                forward_logging=forward_logging, lost_after=lost_after,
-                                forward_modules=forward_modules,
-                                forward_packages=forward_packages, **task_options)
-    h, p = parse_address(host, port)
-    address = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
-    if isinstance(authkey, bytes):
-        authkey = authkey.decode()
-    if authkey is None:
-        import os
-
-        authkey = os.environ.get("RPYCSVC_AUTHKEY") or None
-    router = OutputRouter(output, prefix, forward_logging)
-    _check_options({"output": output, **task_options})
-    lost_after = check_lost_after(lost_after)
-    try:
-        sock = socket.create_connection((h, p), timeout=timeout)
-    except socket.timeout as exc:
-        raise RpycsvcTimeoutError(f"connecting to {address} timed out after {timeout:g} s") from exc
-    except OSError as exc:
-        raise ConnectError(
-            f"can't connect to {address}: {exc.strerror or exc}. Is an rpycsvc server "
-            "running there (rpycsvc serve --port ...)?", address=address) from exc
-    try:
-        if ssl:
-            ctx = ssl if isinstance(ssl, _ssl.SSLContext) else client_ssl_context()
-            try:
-                sock = ctx.wrap_socket(sock, server_hostname=server_hostname or h)
-            except (OSError, _ssl.SSLError) as exc:
-                from rpycsvc.errors import AuthenticationError
-                from rpycsvc.protocol.tls import handshake_failure
-
-                raise AuthenticationError(handshake_failure(exc, address, ctx),
-                                          address=address) from exc
-        hello = client_handshake(sock, address=address, authkey=authkey, timeout=timeout)
-        return connect_stream(FastSocketStream(sock), address=address, hello=hello,
-                              router=router, lost_after=lost_after, hello_timeout=timeout,
-                              forward_modules=forward_modules,
-                              forward_packages=forward_packages, **task_options)
-    except EOFError as exc:  # e.g. the server shut down while we were setting up
-        sock.close()
-        raise ConnectError(f"{address} closed the connection while we were connecting: {exc}",
-                           address=address) from exc
-    except BaseException:
-        sock.close()
-        raise
 
 
 def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = None,

@@ -20,32 +20,26 @@ per package and server: a background thread asks the server (through classic acc
 the version of each installed distribution it has not asked about yet. Per task, the send
 path only picks names out of the pickles (a cached lookup for a function already seen, a
 regular-expression scan of the arguments' pickle when it refers to any global at all).
+Reading pickles is :mod:`rpycsvc.client.pickles`'s; what is installed here,
+:mod:`rpycsvc.client.distributions`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import pickletools
 import queue
-import re
-import sys
-import sysconfig
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from rpycsvc.client.distributions import EXEMPT, local_distribution
+from rpycsvc.client.pickles import candidate_modules, holds_code_by_value
 from rpycsvc.errors import EnvironmentMismatchError
 
-if TYPE_CHECKING:  # importlib.metadata costs ~100 ms to import: only off the connect path
-    import importlib.metadata
-
 log = logging.getLogger("rpycsvc.environment")
-
-#: What a by-value pickle refers to and no by-reference pickle does: cloudpickle's module.
-_CLOUDPICKLE = b"cloudpickle"
 
 
 def minor(version: str | None) -> str:
@@ -87,163 +81,6 @@ def mismatch_message(address: str, client: Mapping[str, Any], server: Mapping[st
     )
 
 
-# -- what a pickle refers to -------------------------------------------------------------------
-_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
-                         "SHORT_BINSTRING", "BINSTRING", "STRING"})
-_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_SILENT_OPS = frozenset({"PROTO", "FRAME", "STOP"})  # push nothing
-
-
-def pickle_globals(data: bytes) -> list[tuple[str, str]]:
-    """The ``(module, name)`` of every global a pickle loads (``GLOBAL``, ``STACK_GLOBAL``,
-    ``INST``), found by walking its opcodes (never by loading it).
-
-    ``STACK_GLOBAL`` takes its two strings from the stack; they are the two values pushed
-    last (straight, or from the memo), which is all this walk tracks.
-    """
-    found: list[tuple[str, str]] = []
-    memo: dict[int, Any] = {}
-    pushed: list[Any] = [None, None]
-    for op, arg, _pos in pickletools.genops(data):
-        name = op.name
-        if name in _STRING_OPS:
-            pushed.append(arg)
-        elif name == "MEMOIZE":
-            memo[len(memo)] = pushed[-1]
-        elif name in _PUT_OPS:
-            memo[int(arg)] = pushed[-1]  # type: ignore[arg-type]
-        elif name in _GET_OPS:
-            pushed.append(memo.get(int(arg)))  # type: ignore[arg-type]
-        elif name == "STACK_GLOBAL":
-            module, attr = pushed[-2], pushed[-1]
-            if isinstance(module, str) and isinstance(attr, str):
-                found.append((module, attr))
-            pushed.append(None)
-        elif name in ("GLOBAL", "INST"):
-            module, _, attr = str(arg).partition(" ")
-            found.append((module, attr))
-            pushed.append(None)
-        elif name not in _SILENT_OPS:
-            pushed.append(None)
-        if len(pushed) > 8:
-            del pushed[:-2]
-    return found
-
-
-#: cloudpickle's reconstructors of code (functions, classes, code objects), past and present
-_CODE_BUILDERS = frozenset({"_make_function", "_make_skel_func", "_fill_function",
-                            "_make_skeleton_class", "_make_skeleton_enum",
-                            "_rehydrate_skeleton_class", "_builtin_type"})
-
-
-def holds_code_by_value(data: bytes, any_helper: bool = False) -> bool:
-    """Whether the pickle ``data`` rebuilds a function or class by value: it loads one of
-    cloudpickle's private reconstructors of code (``_make_function``,
-    ``_make_skeleton_class``, ``_builtin_type``...); with ``any_helper``, any private
-    helper of cloudpickle (``_make_dict_keys`` too), none of which another major version
-    of cloudpickle need have. By-reference pickles never name cloudpickle, so the opcode
-    walk runs only for pickles that contain the word."""
-    if _CLOUDPICKLE not in data:
-        return False
-    try:
-        return any(module.split(".")[0] == "cloudpickle" and attr.startswith("_") and
-                   (any_helper or attr in _CODE_BUILDERS)
-                   for module, attr in pickle_globals(data))
-    except Exception:  # not a pickle we can walk: the server will say what is wrong with it
-        return False
-
-
-#: A string of a protocol 4/5 pickle that looks like a dotted name, memoized as pickle
-#: memoizes every module and attribute name of a global: SHORT_BINUNICODE, its length,
-#: the name, MEMOIZE. (The length is checked after the match.)
-_NAME = re.compile(rb"\x8c([\x01-\xff])([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\x94")
-
-
-def candidate_modules(data: bytes | bytearray | memoryview) -> set[str]:
-    """Top-level names in the pickle ``data`` that may be modules it refers to by reference.
-
-    A fast, C-speed scan: every memoized short string shaped like a dotted name counts (a
-    dict key ``"numpy"`` too), so this over-approximates; what is not an installed
-    distribution's module is dropped later, off the send path. Pickles that load no global
-    at all (no ``STACK_GLOBAL`` byte, ``\\x93``) are not scanned.
-    """
-    raw = data if isinstance(data, bytes) else bytes(data)
-    if 0x93 not in raw:
-        return set()
-    return {m.group(2).decode() for m in _NAME.finditer(raw)
-            if m.group(1)[0] == len(m.group(2)) + len(m.group(3))}
-
-
-# -- installed distributions on this side ------------------------------------------------------
-_STDLIB_PREFIXES = tuple({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]})
-#: (sys.path when built, top-level module → (distribution, version))
-_distributions: tuple[tuple[str, ...], dict[str, tuple[str, str]]] | None = None
-_distributions_lock = threading.Lock()
-
-
-def _top_level_names(dist: importlib.metadata.Distribution) -> set[str]:
-    text = dist.read_text("top_level.txt")
-    if text:
-        return {line.strip() for line in text.splitlines() if line.strip()}
-    names = set()
-    for f in dist.files or ():
-        parts = f.parts
-        if not parts or parts[0].endswith((".dist-info", ".egg-info", ".data")) or \
-                parts[0] in ("..", "__pycache__"):
-            continue
-        if len(parts) > 1 or parts[0].endswith(".py"):
-            names.add(parts[0][:-3] if parts[0].endswith(".py") else parts[0])
-    return names
-
-
-def installed_distributions() -> dict[str, tuple[str, str]]:
-    """Top-level module name → ``(distribution, version)`` of what is installed here (the
-    first distribution found on ``sys.path`` wins, as imports do). Built once per
-    ``sys.path`` (it reads every distribution's metadata: tens of milliseconds), in the
-    checker thread, off the send path."""
-    global _distributions
-    path = tuple(sys.path)
-    with _distributions_lock:
-        if _distributions is None or _distributions[0] != path:
-            import importlib.metadata
-
-            found: dict[str, tuple[str, str]] = {}
-            for dist in importlib.metadata.distributions():
-                try:
-                    name, version = dist.metadata["Name"], dist.version
-                    tops = _top_level_names(dist)
-                except Exception:  # broken metadata: skip that one
-                    continue
-                if not name or not version:
-                    continue
-                for top in tops:
-                    if top.isidentifier():
-                        found.setdefault(top, (name, version))
-            _distributions = (path, found)
-        return _distributions[1]
-
-
-def local_distribution(module: str) -> tuple[str, str] | None:
-    """``(distribution, version)`` of the installed distribution that provides the imported
-    top-level ``module`` here, or None (not imported, the standard library, this project's
-    own code, or rpycsvc's own dependencies, whose versions the handshake covers)."""
-    if module in _EXEMPT or module in sys.builtin_module_names:
-        return None
-    mod = sys.modules.get(module)
-    if mod is None:  # a pickle only names modules that are imported
-        return None
-    path = getattr(mod, "__file__", None) or ""
-    if path.startswith(_STDLIB_PREFIXES) and "site-packages" not in path and \
-            "dist-packages" not in path:
-        return None
-    return installed_distributions().get(module)
-
-
-#: Checked by the handshake (rpyc), by the by-value check (cloudpickle), or rpycsvc itself.
-_EXEMPT = frozenset({"rpycsvc", "rpyc", "cloudpickle", "plumbum", "__main__", "builtins"})
-
-
 # -- one server's environment -----------------------------------------------------------------
 class ServerEnvironment:
     """A connection's view of its server's environment: the versions from its hello, the
@@ -267,7 +104,7 @@ class ServerEnvironment:
             major(client.get("cloudpickle")) != major(server.get("cloudpickle"))
         self._ask = ask_version
         #: top-level names seen in tasks' pickles (checked, or not worth checking)
-        self._seen: set[str] = set(_EXEMPT)
+        self._seen: set[str] = set(EXEMPT)
         #: the last task function's pickle and the names in it (one tuple: thread-safe)
         self._last: tuple[Any, set[str]] = (None, set())
         if self.conflict:
@@ -401,7 +238,7 @@ def _function_by_value(raw: bytes) -> bool:
 
 
 def task_holds_code_by_value(kind: str, frames: tuple[Any, ...]) -> bool:
-    """Whether a task (as :func:`~rpycsvc.client.connection.frames_of_call` packs it) holds code
+    """Whether a task (as :func:`~rpycsvc.client.calls.frames_of_call` packs it) holds code
     pickled
     by value, in its function or its arguments. Cached per function; an arguments' pickle
     is walked only if it names cloudpickle."""

@@ -1,4 +1,4 @@
-"""Views of a cluster: ``cluster.options(...)`` and ``cluster.executor()``."""
+"""``cluster.executor()``: a ``concurrent.futures.Executor`` that runs on a cluster."""
 
 from __future__ import annotations
 
@@ -9,39 +9,19 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as _wait
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from rpycsvc.client.connection import TaskFuture, _check_options
+from rpycsvc.client.future import TaskFuture
 from rpycsvc.errors import RpycsvcTimeoutError
 
 #: Before Python 3.11 ``Future`` waits raise this, which is not the builtin TimeoutError.
 _FUTURE_TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)
 
-if TYPE_CHECKING:
-    from rpycsvc.client.cluster import Cluster
 
+class _Submitter(Protocol):
+    """What the executor needs of a :class:`~rpycsvc.Cluster`: its ``submit``."""
 
-class _ClusterOptions:
-    """``cluster.options(...)``: ``submit`` and ``map`` with these task options. Its
-    ``timeout`` is each task's limit, enforced on the server, for ``map`` too."""
-
-    def __init__(self, cluster: Cluster, opts: dict[str, Any], retries: int | None) -> None:
-        self._c, self._opts = cluster, opts
-        self._retries = cluster.retries if retries is None else retries
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
-        return self._c._submit(fn, args, kwargs, self._opts, self._retries)
-
-    def map(self, fn: Any, *iterables: Iterable[Any], ordered: bool = True,
-            chunksize: int | None = None, timeout: float | None = None,
-            progress: bool = False, retries: int | None = None, **opts: Any) -> Iterator[Any]:
-        """:meth:`Cluster.map` with these options: each task may run for the options'
-        ``timeout`` (:class:`TaskTimeoutError` for that item), while ``timeout`` here is
-        the deadline for the whole iteration (:class:`RpycsvcTimeoutError`)."""
-        return self._c._map(fn, iterables, ordered=ordered, chunksize=chunksize,
-                            timeout=timeout, progress=progress,
-                            retries=self._retries if retries is None else retries,
-                            opts={**self._opts, **_check_options(opts)})
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture: ...
 
 
 class ClusterExecutor(Executor):
@@ -51,9 +31,9 @@ class ClusterExecutor(Executor):
     every item at once; ``submit`` and ``map`` after ``shutdown()`` raise ``RuntimeError``;
     ``future.cancel()`` cancels only a task not yet sent to a server, and
     ``shutdown(cancel_futures=True)`` cancels only those (``future.stop()`` stops a running
-    one). Futures are :class:`~rpycsvc.client.connection.TaskFuture`."""
+    one). Futures are :class:`~rpycsvc.client.future.TaskFuture`."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: _Submitter) -> None:
         self._cluster = cluster
         self._futures: set[Future] = set()
         # (re-entrant: submitting may settle other futures of ours in this thread)

@@ -10,11 +10,43 @@ a result's ``repr`` is text, never markup.
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from rpycsvc.client.cluster import Cluster
-    from rpycsvc.client.connection import Client, TaskFuture
+
+# What a card reads of the object it draws (a Cluster, a Client, a TaskFuture: the modules
+# that define them draw their cards with this one, so it names them only by what it needs).
+class _ClusterView(Protocol):
+    @property
+    def unreachable(self) -> Mapping[str, BaseException]: ...
+
+    def stats(self) -> Mapping[str, Any]: ...
+
+
+class _ClientView(Protocol):
+    address: str
+    lost: BaseException | None
+
+    @property
+    def closed(self) -> bool: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class _FutureView(Protocol):
+    address: str | None
+    id: str
+
+    def cancelled(self) -> bool: ...
+
+    def done(self) -> bool: ...
+
+    def running(self) -> bool: ...
+
+    def result(self, timeout: float | None = None) -> Any: ...
+
+    def exception(self, timeout: float | None = None) -> BaseException | None: ...
+
 
 #: Columns of the server table: (title, stats key).
 _COLUMNS = (
@@ -93,7 +125,7 @@ def _table(rows: list[str]) -> str:
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def cluster_html(cluster: Cluster) -> str:
+def cluster_html(cluster: _ClusterView) -> str:
     """The card of a :class:`~rpycsvc.Cluster`: a summary line and a table of its servers."""
     stats: dict[str, Any] = dict(cluster.stats())
     for address, exc in cluster.unreachable.items():  # never connected: not in stats()
@@ -108,7 +140,7 @@ def cluster_html(cluster: Cluster) -> str:
             f"<span>{_e(summary)}</span>{_table(rows)}</div>")
 
 
-def client_html(client: Client) -> str:
+def client_html(client: _ClientView) -> str:
     """The card of one :class:`~rpycsvc.Client`: its server's row (or why it is closed)."""
     info: Any
     if client.closed:
@@ -127,7 +159,7 @@ def client_html(client: Client) -> str:
             f"{_table(rows)}</div>")
 
 
-def future_state(fut: TaskFuture) -> str:
+def future_state(fut: _FutureView) -> str:
     """``pending``, ``running``, ``finished``, ``error`` or ``cancelled``."""
     if fut.cancelled():
         return "cancelled"
@@ -136,7 +168,7 @@ def future_state(fut: TaskFuture) -> str:
     return "running" if fut.running() else "pending"
 
 
-def future_html(fut: TaskFuture) -> str:
+def future_html(fut: _FutureView) -> str:
     """The card of a :class:`~rpycsvc.TaskFuture`: state, server, result or error."""
     state = future_state(fut)
     parts = [f"<b>rpycsvc.TaskFuture</b> <span style='color:{_STATE_COLOURS[state]}'>"

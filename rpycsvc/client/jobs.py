@@ -7,7 +7,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rpycsvc.client.connection import Client, TaskFuture
+from rpycsvc.client.connection import Client
+from rpycsvc.client.future import TaskFuture
 from rpycsvc.errors import ServerLostError
 
 #: Jobs in flight per worker of a server: enough to hide the round trip, small enough that

@@ -23,16 +23,23 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
-from rpycsvc.client.connection import TaskFuture
+from rpycsvc.client.future import TaskFuture
+from rpycsvc.client.jobs import PIPELINE, _Job
+from rpycsvc.client.scheduler import Scheduler
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
 from rpycsvc.protocol.serialization import dumps, dumps_function
 from rpycsvc.protocol.tracebacks import load_exception
 
-if TYPE_CHECKING:
-    from rpycsvc.client.cluster import Cluster
-    from rpycsvc.client.jobs import _Job
+
+class _Submitter(Protocol):
+    """What ``map_reduce`` needs of a :class:`~rpycsvc.Cluster`: its workers and ``submit``."""
+
+    @property
+    def total_workers(self) -> int: ...
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture: ...
 
 TARGET_CHUNK_SECONDS = 0.02
 #: Near the end of a map of known length chunks shrink so every worker stays busy, but not
@@ -139,7 +146,7 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None
 
 
-def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
+def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
             chunksize: int | None, timeout: float | None, progress: bool, retries: int,
             opts: dict[str, Any]) -> Iterator[Any]:
     """Validate eagerly (like ``Executor.map``), then return the lazy result iterator.
@@ -147,8 +154,6 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
     ``timeout`` is the deadline for the iteration (from now); ``opts["timeout"]``, if
     any, is each task's limit on its server (tasks then go one item per task unless
     ``chunksize`` is given, when it limits each chunk)."""
-    from rpycsvc.client.jobs import PIPELINE, _Job
-
     if not iterables:
         raise ConfigError("map needs at least one iterable")
     head: tuple[bytes, ...] = ()
@@ -163,13 +168,13 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
         chunksize = 1  # a per-task timeout must time one task, not a batch
     if chunksize is None and threaded:
         # a thread-mode chunk's items run at once on the server: split the work evenly
-        servers = max(1, len(cluster.clients))
+        servers = max(1, len(scheduler.clients))
         chunksize = max(1, min(64, -(-total // (2 * servers)))) if total else 16
-    sizer = ChunkSizer(chunksize, cluster.total_workers, total)
+    sizer = ChunkSizer(chunksize, scheduler.total_workers, total)
     label = spec or getattr(fn, "__qualname__", "task")
-    window = max(4, 2 * PIPELINE * max(1, cluster.total_workers))
+    window = max(4, 2 * PIPELINE * max(1, scheduler.total_workers))
     if threaded:
-        window = max(window, cluster.total_threads // max(1, chunksize or 1))
+        window = max(window, scheduler.total_threads // max(1, chunksize or 1))
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = None
     if progress:
@@ -186,7 +191,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
         job.size = len(items)
         job.observe = sizer.observe  # (measured in the reader thread, as the chunk ends)
         # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
-        fut._stopper = functools.partial(cluster._stop_job, job)
+        fut._stopper = functools.partial(scheduler.stop_job, job)
         return job
 
     def results() -> Iterator[Any]:
@@ -212,7 +217,7 @@ def run_map(cluster: Cluster, fn: Any, iterables: tuple[Iterable[Any], ...], *, 
                         # every result of the map alive)
                         job.future.add_done_callback(functools.partial(_put, done_q, job))
                     inflight.append(job)
-                    cluster._enqueue([job])
+                    scheduler.enqueue([job])
                     if ramp_end is None:
                         ramp_end = time.monotonic() + RAMP_SECONDS
                         limit = sizer.in_flight(window)
@@ -310,7 +315,7 @@ def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], h
     return functools.reduce(reducer, mapped)
 
 
-def run_map_reduce(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any],
+def run_map_reduce(cluster: _Submitter, fn: Any, reducer: Callable[[Any, Any], Any],
                    iterable: Iterable[Any], *, initializer: Any, by_key: bool,
                    chunksize: int | None, timeout: float | None, progress: bool = False) -> Any:
     items = list(iterable)
@@ -337,7 +342,7 @@ def _count_chunk(bar: Any, n: int, fut: TaskFuture) -> None:
         bar.update(n, fut.address or "?")
 
 
-def _reduce_chunks(cluster: Cluster, fn: Any, reducer: Callable[[Any, Any], Any],
+def _reduce_chunks(cluster: _Submitter, fn: Any, reducer: Callable[[Any, Any], Any],
                    items: list[Any], size: int, *, initializer: Any, by_key: bool,
                    timeout: float | None, bar: Any) -> Any:
     # Chunks are never empty, so they reduce without the initializer; it is applied once here.

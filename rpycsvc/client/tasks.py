@@ -1,6 +1,6 @@
 """Celery-style task objects: ``@cluster.task`` makes a function submittable.
 
-``add.delay(5, 7)`` returns a :class:`~rpycsvc.client.connection.TaskFuture` (with ``.id``) at once;
+``add.delay(5, 7)`` returns a :class:`~rpycsvc.client.future.TaskFuture` (with ``.id``) at once;
 ``add.apply_async((5, 7), timeout=10)`` does the same with options; ``add(5, 7)`` still
 calls the function locally, as with Celery.
 """
@@ -8,12 +8,24 @@ calls the function locally, as with Celery.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Iterator
+from typing import Any, Callable, Protocol
 
-from rpycsvc.client.connection import TaskFuture
+from rpycsvc.client.future import TaskFuture
 
-if TYPE_CHECKING:
-    from rpycsvc.client.cluster import Cluster
+
+class _Calls(Protocol):
+    """``cluster.options(...)``: ``submit`` and ``map`` with the task's options."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture: ...
+
+    def map(self, fn: Any, *iterables: Any, **kw: Any) -> Iterator[Any]: ...
+
+
+class _Cluster(Protocol):
+    """What a task needs of its :class:`~rpycsvc.Cluster`: its ``options``."""
+
+    def options(self, **opts: Any) -> _Calls: ...
 
 
 class RemoteTask:
@@ -22,7 +34,7 @@ class RemoteTask:
     The task option ``timeout`` is how long each run may take on its server; it is never a
     deadline for waiting (``future.result(timeout)`` and ``map(..., timeout=T)`` are)."""
 
-    def __init__(self, cluster: Cluster, fn: Callable[..., Any], **options: Any) -> None:
+    def __init__(self, cluster: _Cluster, fn: Callable[..., Any], **options: Any) -> None:
         self.cluster = cluster
         self.fn = fn
         self.options = options

@@ -170,7 +170,7 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     Other keywords go to the Cluster (``retries``, ``output``, task options).
     """
     from rpycsvc.client.cluster import Cluster
-    from rpycsvc.client.connection import OutputRouter, _check_options, connect_stream
+    from rpycsvc.client.connection import OutputRouter, check_options, connect_stream
 
     if isinstance(hosts, str) or _is_machine(hosts) or not hasattr(hosts, "__iter__"):
         targets = [hosts]  # one host alone (anything else is refused just below)
@@ -197,7 +197,7 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     ServerConfig(endpoints=list(endpoints), services=list(services),
                  classic=classic).check_serves_something()
     OutputRouter(output, prefix, forward_logging)
-    _check_options(cluster_options)
+    check_options(cluster_options)
     if not isinstance(retries, int) or retries < 0:
         raise ConfigError(f"retries must be an int >= 0; got {retries!r}")
     started: dict[str, RemoteServer | BaseException] = {}

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
-from rpycsvc.client.connection import settle as _settle
+from rpycsvc.client.future import settle as _settle
 
 if TYPE_CHECKING:
     from rpycsvc.client.connection import Client

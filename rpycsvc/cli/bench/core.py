@@ -302,7 +302,7 @@ class RawPeer:
     """A plain TCP connection to the raw reference server (see :func:`_raw_loop`)."""
 
     def __init__(self, client: Any, timeout: float = 30.0) -> None:
-        from rpycsvc.client.connection import parse_address
+        from rpycsvc.client.connect import parse_address
 
         self._fut: Any = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -943,7 +943,7 @@ def _proc_cpu(pid: int) -> float | None:
 
 
 def _is_loopback(address: str) -> bool:
-    from rpycsvc.client.connection import parse_address
+    from rpycsvc.client.connect import parse_address
 
     return parse_address(address)[0] in ("127.0.0.1", "localhost", "::1")
 
