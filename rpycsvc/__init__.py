@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getattr__ loads these
     from ._version import __version__
+    from .aio import AsyncClient, AsyncCluster, AsyncTaskFuture, aconnect
     from .classic import redirected_stderr, redirected_stdout
     from .client import Client, TaskFuture, connect
     from .cluster import BroadcastResult, Cluster
@@ -50,6 +51,9 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getat
 _LAZY: dict[str, str] = {
     "__version__": "_version",
     # the client side
+    "AsyncClient": "aio",
+    "AsyncCluster": "aio",
+    "AsyncTaskFuture": "aio",
     "BroadcastResult": "cluster",
     "Client": "client",
     "Cluster": "cluster",
@@ -84,10 +88,14 @@ _LAZY: dict[str, str] = {
     "TaskTimeoutError": "errors",
     "VersionMismatchError": "errors",
     "WorkerCrashedError": "errors",
+    "aconnect": "aio",
 }
 
 __all__ = [
     "AllServersFailedError",
+    "AsyncClient",
+    "AsyncCluster",
+    "AsyncTaskFuture",
     "AuthenticationError",
     "BroadcastResult",
     "Client",
@@ -114,6 +122,7 @@ __all__ = [
     "VersionMismatchError",
     "WorkerCrashedError",
     "__version__",
+    "aconnect",
     "connect",
     "deploy",
     "endpoint",
