@@ -82,7 +82,9 @@ class AsyncTaskFuture(asyncio.Future):
                 self._cancel_asked = True
                 tf = self.task_future
         if tf is not None:
-            tf.stop()
+            # (dropping a queued task lets the cluster send the next one at once: from
+            # here without waiting, as its reader threads send)
+            _send_nowait(tf.stop)
         return True
 
     @property
@@ -189,10 +191,13 @@ class _Runtime:
         self.sender = ThreadPoolExecutor(1, thread_name_prefix="rpycsvc-aio-send")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.inbox: _Inbox | None = None
+        self.closed = False
 
     def bind(self) -> asyncio.AbstractEventLoop:
         """The running loop; the first call binds us to it, later ones check it."""
         loop = asyncio.get_running_loop()
+        if self.closed:
+            raise RpycsvcError("this rpycsvc async cluster or connection is closed")
         if self.loop is None:
             self.loop, self.inbox = loop, _Inbox(loop)
         elif loop is not self.loop:
@@ -228,6 +233,7 @@ class _Runtime:
         self.sender.submit(work)
 
     def shutdown(self) -> None:
+        self.closed = True
         self.sender.shutdown(wait=False)
         self.control.shutdown(wait=False)
 
@@ -331,6 +337,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the connection (tasks in flight fail with ``ServerLostError``)."""
+        if self._rt.closed:  # closed already (or its cluster is)
+            return
         await self._rt.call(self.client.close)
         if self._owned:
             self._rt.shutdown()

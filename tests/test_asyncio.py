@@ -286,3 +286,17 @@ def test_control_calls_leave_the_loop_running(server_process: Any) -> None:
             assert (await asyncio.wait_for(stats, WAIT))["workers"] == 1
 
     run(main())
+
+
+def test_closed_cluster_says_so(addresses: list[str]) -> None:
+    async def main() -> None:
+        cluster = await AsyncCluster(addresses)
+        client = cluster.clients[0]
+        await cluster.close()
+        await cluster.close()  # (twice is fine)
+        with pytest.raises(rpycsvc.RpycsvcError, match="closed"):
+            cluster.submit(square, 2)
+        with pytest.raises(rpycsvc.RpycsvcError, match="closed"):
+            await client.stats()
+
+    run(main())
