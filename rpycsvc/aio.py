@@ -104,28 +104,39 @@ class AsyncTaskFuture(asyncio.Future):
         return self.task_future.stderr if self.task_future is not None else ""
 
 
+_CANCELLED = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED"})
+
+
 def _transfer(afut: asyncio.Future, tfut: Future) -> None:
-    """Settle ``afut`` (on the loop's thread) as ``tfut`` ended, unless it is done already."""
+    """Settle ``afut`` (on the loop's thread) as ``tfut`` ended, unless it is done already.
+
+    ``tfut`` is done (this runs after its done-callbacks were called), so its outcome is
+    final: it is read without taking its lock, which the connections' reader threads
+    may hold (waiting for it would hand them the GIL and stall the loop)."""
     if afut.done():
         return
-    if tfut.cancelled():
+    if tfut._state in _CANCELLED:
         afut.cancel()
         return
-    exc = tfut.exception()
+    exc = tfut._exception
     if exc is not None:
         afut.set_exception(exc)
     else:
-        afut.set_result(tfut.result())
+        afut.set_result(tfut._result)
 
 
 class _Inbox:
     """Completed futures handed from other threads to one event loop, in batches: the first
-    completion wakes the loop, later ones join the batch that wake-up will drain."""
+    completion wakes the loop, later ones join the batch that wake-up will drain.
+
+    No lock (the loop's thread never waits for a reader thread here): ``deque`` appends and
+    pops are atomic, and a sender appends before it reads ``_scheduled`` while the drain
+    clears it before it pops, so an item is either drained by the pending wake-up or its
+    sender schedules another (at worst one wake-up too many, never one too few)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._items: deque[tuple[asyncio.Future, Future]] = deque()
-        self._lock = threading.Lock()
         self._scheduled = False
 
     def link(self, afut: asyncio.Future, tfut: Future) -> None:
@@ -133,23 +144,23 @@ class _Inbox:
         tfut.add_done_callback(functools.partial(self.put, afut))
 
     def put(self, afut: asyncio.Future, tfut: Future) -> None:
-        with self._lock:
-            self._items.append((afut, tfut))
-            if self._scheduled:
-                return
-            self._scheduled = True
+        self._items.append((afut, tfut))
+        if self._scheduled:
+            return
+        self._scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed: nobody awaits these any more
-            with self._lock:
-                self._items.clear()
-                self._scheduled = False
+            self._items.clear()
 
     def _drain(self) -> None:
-        with self._lock:
-            items, self._items = self._items, deque()
-            self._scheduled = False
-        for afut, tfut in items:
+        self._scheduled = False
+        pop = self._items.popleft
+        while True:
+            try:
+                afut, tfut = pop()
+            except IndexError:
+                return
             _transfer(afut, tfut)
 
 

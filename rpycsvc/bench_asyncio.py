@@ -20,6 +20,7 @@ full bench calls; :func:`run_asyncio` is the ``--asyncio`` command.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
 from concurrent.futures import wait
@@ -53,7 +54,15 @@ class _Lag:
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float]] = []  # (lag, loop thread CPU in it)
+        self.gc_pauses: list[float] = []  # seconds of each garbage collection meanwhile
+        self._gc_start = 0.0
         self._task: asyncio.Task[None] | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_pauses.append(time.perf_counter() - self._gc_start)
 
     async def _tick(self) -> None:
         clock, cpu = time.perf_counter, time.thread_time
@@ -64,9 +73,11 @@ class _Lag:
 
     def __enter__(self) -> _Lag:
         self._task = asyncio.ensure_future(self._tick())
+        gc.callbacks.append(self._on_gc)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self._on_gc)
         if self._task is not None:
             self._task.cancel()
 
@@ -95,6 +106,7 @@ class AsyncBench:
         sync_rates: list[float] = []
         async_rates: list[float] = []
         lag: list[tuple[float, float]] = []
+        gc_pauses: list[float] = []
         for rnd in range(s.rounds):
             for kind in (("sync", "async") if rnd % 2 == 0 else ("async", "sync")):
                 if kind == "sync":
@@ -103,6 +115,7 @@ class AsyncBench:
                     with _Lag() as meter:
                         async_rates.append(await self._awaited(ac, n))
                     lag.extend(meter.samples)
+                    gc_pauses.extend(meter.gc_pauses)
         if not lag:
             raise BenchError("the lag coroutine never ran during the awaited submits")
         sync_p50, async_p50 = await self._latency(ac)
@@ -134,7 +147,9 @@ class AsyncBench:
             f"asyncio loop lag: in the worst 1 % of samples (lag >= {busy[-1][0] * 1e3:.1f} ms) "
             f"the loop's thread itself ran {_median(cpu_ms):.1f} ms (median; max "
             f"{max(cpu_ms):.1f} ms): the rest of such a lag is waiting for a core or the GIL, "
-            f"not work on the loop (load average now {_load()})")
+            f"not work on the loop (load average now {_load()}); the longest garbage "
+            f"collection in the process meanwhile took {max(gc_pauses, default=0) * 1e3:.1f} ms "
+            f"({len(gc_pauses)} collections)")
 
     def _sync_rate(self, n: int) -> float:
         t0 = time.perf_counter()
