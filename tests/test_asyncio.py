@@ -300,3 +300,30 @@ def test_closed_cluster_says_so(addresses: list[str]) -> None:
             await client.stats()
 
     run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_bench_asyncio_section_reports_every_figure() -> None:
+    """``rpycsvc bench --asyncio --quick --json``: the figures are there, each result was
+    checked (speed targets only say PASS/MISS: no timed assert here)."""
+    import json
+    import math
+    import subprocess
+
+    from tests.support.servers import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpycsvc.cli", "bench", "--asyncio", "--quick", "--json"],
+        capture_output=True, text=True, timeout=360, cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True and doc["errors"] == []
+    assert set(doc["figures"]) == {"asyncio_submit_throughput", "asyncio_submit_p50",
+                                   "asyncio_loop_lag_p99", "asyncio_loop_lag_max"}
+    for fig in doc["figures"].values():
+        assert math.isfinite(fig["value"]) and fig["value"] >= 0
+        assert (fig["passed"] is None) == (not fig["target"])
+    assert set(doc["checks"]) >= {"asyncio.sync_submit.results",
+                                  "asyncio.awaited_submit.results", "asyncio.latency.results"}
