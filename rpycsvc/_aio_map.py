@@ -26,7 +26,8 @@ from .serialization import dumps, dumps_function
 from .tracebacks import load_exception
 
 if TYPE_CHECKING:
-    from .aio import AsyncCluster, AsyncTaskFuture
+    from ._aio_bridge import AsyncTaskFuture
+    from .aio import AsyncCluster
 
 
 def async_map(ac: AsyncCluster, fn: Any, iterables: tuple[Iterable[Any], ...], *,
@@ -73,7 +74,7 @@ def async_map(ac: AsyncCluster, fn: Any, iterables: tuple[Iterable[Any], ...], *
 async def _results(ac: AsyncCluster, iterables: tuple[Iterable[Any], ...],
                    make_job: Callable[[list[tuple[Any, ...]]], _Job], sizer: ChunkSizer,
                    window: int, ordered: bool, deadline: float | None) -> AsyncIterator[Any]:
-    from .aio import AsyncTaskFuture
+    from ._aio_bridge import AsyncTaskFuture
 
     loop = ac._rt.bind()
     source = zip(*iterables)
