@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getattr__ loads these
     from rpycsvc._version import __version__
+    from rpycsvc.client.aio import AsyncClient, AsyncCluster, AsyncTaskFuture, aconnect
     from rpycsvc.client.cluster import BroadcastResult, Cluster
     from rpycsvc.client.connect import connect
     from rpycsvc.client.connection import Client
@@ -52,6 +53,9 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see; at run time __getat
 _LAZY: dict[str, str] = {
     "__version__": "_version",
     # the client side
+    "AsyncClient": "client.aio",
+    "AsyncCluster": "client.aio",
+    "AsyncTaskFuture": "client.aio",
     "BroadcastResult": "client.cluster",
     "Client": "client.connection",
     "Cluster": "client.cluster",
@@ -86,10 +90,14 @@ _LAZY: dict[str, str] = {
     "TaskTimeoutError": "errors",
     "VersionMismatchError": "errors",
     "WorkerCrashedError": "errors",
+    "aconnect": "client.aio",
 }
 
 __all__ = [
     "AllServersFailedError",
+    "AsyncClient",
+    "AsyncCluster",
+    "AsyncTaskFuture",
     "AuthenticationError",
     "BroadcastResult",
     "Client",
@@ -116,6 +124,7 @@ __all__ = [
     "VersionMismatchError",
     "WorkerCrashedError",
     "__version__",
+    "aconnect",
     "connect",
     "deploy",
     "endpoint",

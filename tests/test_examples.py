@@ -180,7 +180,24 @@ def check_notebook_magics(out: str) -> None:
     assert "HTML card names every server: True\n" in out
 
 
+def check_asyncio_fanout(out: str) -> None:
+    def steps(n: int) -> int:
+        k = 0
+        while n != 1:
+            n, k = (3 * n + 1 if n % 2 else n // 2), k + 1
+        return k
+    assert "collatz_steps(27) = 111" in out
+    assert "longest below 100: 97" in out
+    assert "longest below 100,000: 77031 (350 steps)" in out
+    assert f"steps summed over 1..1000: {sum(map(steps, range(1, 1001)))}" in out
+    assert "slow(60) timed out after 0.5 s; it was stopped on its server" in out
+    done = [int(n) for n in re.findall(r"^  \S+: (\d+) tasks done$", out, re.M)]
+    assert len(done) == 2 and sum(done) >= 102, out
+    assert "the ticker ran on while we awaited" in out
+
+
 CHECKS: dict[str, Callable[[str], None]] = {
+    "asyncio_fanout": check_asyncio_fanout,
     "notebook_magics": check_notebook_magics,
     "joblib_sklearn": check_joblib_sklearn,
     "task_queue_map": check_task_queue_map,

@@ -1068,6 +1068,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the transports section, on servers it starts itself (plain TCP, "
                    "authkey, TLS, SSH deployment to a private sshd); HOSTs and --local are "
                    "not used (default: off)")
+    p.add_argument("--asyncio", action="store_true",
+                   help="only the asyncio section: awaited submits vs sync submits (throughput, "
+                   "p50) and the event loop's lag, on HOSTs or --local N (default: off)")
     p.add_argument("--authkey", default=None,
                    help="the servers' shared secret, for HOSTs that need one (default: "
                    "RPYCSVC_AUTHKEY, or none; prefer the variable: command lines are "
@@ -1094,6 +1097,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--transports starts servers of its own: leave out HOSTs and --local")
 
         return run_transports(args)
+    if getattr(args, "asyncio", False):
+        from rpycsvc.cli.bench.asyncio_section import run_asyncio
+
+        return run_asyncio(args)
     local = not args.hosts
     n_local = 2 if args.local is None else args.local
     if local and n_local < 1:
