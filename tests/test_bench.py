@@ -90,7 +90,7 @@ def test_setup_names_the_references(report: dict) -> None:
 # -- the pieces, without servers ------------------------------------------------------------------
 
 def test_a_failed_check_stays_failed() -> None:
-    from rpycsvc.cli.bench.core import Report
+    from rpycsvc.cli.bench.report import Report
 
     r = Report()
     r.check("sums", False, "got 3, want 4")
@@ -100,7 +100,7 @@ def test_a_failed_check_stays_failed() -> None:
 
 
 def test_table_shows_pass_miss_and_failed_checks() -> None:
-    from rpycsvc.cli.bench.core import Figure, Report, render
+    from rpycsvc.cli.bench.report import Figure, Report, render
 
     r = Report(setup={"servers": "1 server (127.0.0.1:1)", "workers": 2, "threads": 8,
                       "python": "3", "rpyc": "6.0.2", "cores": 2, "quick": True,
@@ -121,7 +121,8 @@ def test_raw_reference_protocol_round_trips() -> None:
     import threading
     import zlib
 
-    from rpycsvc.cli.bench.core import _LEN, _raw_loop, _recv_exact
+    from rpycsvc.cli.bench.raw_socket import _LEN, _raw_loop
+    from rpycsvc.server.wire import _recv_exact
 
     here, there = socket.socketpair()
     out: dict = {}
@@ -152,7 +153,7 @@ def test_raw_reference_falls_back_to_a_local_subprocess() -> None:
     """A server without thread mode can't host the raw reference: a subprocess serves it."""
     import zlib
 
-    from rpycsvc.cli.bench.core import RawPeer
+    from rpycsvc.cli.bench.raw_socket import RawPeer
 
     class NoThreads:
         address = "127.0.0.1:1"
@@ -234,7 +235,7 @@ def test_transports_section_alone_prints_every_row() -> None:
 def test_transports_without_openssl_or_ssh_are_skipped_with_a_note(monkeypatch) -> None:
     """With neither ``openssl`` nor ``ssh`` on PATH, TLS and SSH are skipped and say why in
     the table; plain TCP and authkey are still measured."""
-    from rpycsvc.cli.bench.core import Report, render
+    from rpycsvc.cli.bench.report import Report, render
     from rpycsvc.cli.bench.transports import TransportSizes, run_section
 
     monkeypatch.setenv("PATH", str(REPO / "no-such-bin-dir"))
@@ -261,7 +262,7 @@ def test_a_step_past_its_deadline_is_a_failed_row_not_a_crash() -> None:
     import socket
     import time
 
-    from rpycsvc.cli.bench.core import Report, render
+    from rpycsvc.cli.bench.report import Report, render
     from rpycsvc.cli.bench.transports import TransportSizes, run_section
 
     report = Report(setup={"servers": "transports", "workers": 8, "threads": 1024,

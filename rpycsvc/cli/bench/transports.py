@@ -23,6 +23,7 @@ section goes on; a transport whose step failed is left out of the steps after it
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import selectors
@@ -41,23 +42,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from rpycsvc.cli.bench.core import (
-    MB,
-    RAW_TIMEOUT,
-    BenchError,
-    Figure,
-    RawPeer,
-    Report,
-    _median,
-    _raw_loop,
-    _run_steps,
-    _say,
-    _timed_echo,
-    _watchdog,
-    digest,
-    make_blob,
-    noop,
-)
+from rpycsvc.cli.bench.measuring import MB, median, run_steps, timed_echo, watchdog
+from rpycsvc.cli.bench.raw_socket import RAW_TIMEOUT, RawPeer, _raw_loop
+from rpycsvc.cli.bench.report import BenchError, Figure, Report, run_alone, say
+from rpycsvc.cli.bench.tasks import digest, make_blob, noop
 
 #: Transports in table order, with how they are named in labels.
 NAMES = {"plain": "plain TCP", "authkey": "authkey", "tls": "TLS", "ssh": "SSH deploy"}
@@ -422,7 +410,7 @@ class Transports:
             try:
                 closer()
             except Exception as exc:
-                _say(f"  transports: teardown: {type(exc).__name__}: {exc}")
+                say(f"  transports: teardown: {type(exc).__name__}: {exc}")
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _fail(self, kind: str, why: str) -> None:
@@ -437,7 +425,7 @@ class Transports:
         if kind in self.failed:
             return None
         try:
-            with _watchdog(self.s.step_timeout, f"{what}", on_expire or (lambda: None)):
+            with watchdog(self.s.step_timeout, f"{what}", on_expire or (lambda: None)):
                 return fn()
         except Exception as exc:
             self._fail(kind, f"{what}: {type(exc).__name__}: {exc}"[:400])
@@ -449,10 +437,10 @@ class Transports:
         bad: list[str] = []
 
         for kind, c in self.clients.items():
-            kinds[kind] = _timed_echo(partial(c.compute, noop),
-                                      f"compute(noop, {{}}) on {c.address}".format, bad)
+            kinds[kind] = timed_echo(partial(c.compute, noop),
+                                     f"compute(noop, {{}}) on {c.address}".format, bad)
         ping = self.clients["plain"].conn.root.ping  # cached: one round trip per call
-        kinds["rpyc"] = _timed_echo(ping, lambda i: f"ping({i})", bad)
+        kinds["rpyc"] = timed_echo(ping, lambda i: f"ping({i})", bad)
         echo = None
         if "ssh" in self.clients:
             try:
@@ -483,13 +471,13 @@ class Transports:
                             samples[kind].extend(got)
                 for kind, xs in samples.items():
                     if xs and kind not in self.failed:
-                        p50s[kind].append(_median(xs) * 1e6)
+                        p50s[kind].append(median(xs) * 1e6)
         finally:
             if echo is not None:
                 echo.close()
         self.r.check("transports.latency_results", not bad, "; ".join(bad[:3]))
         self.r.details["transports_latency_p50_us_per_run"] = p50s
-        p50 = {k: _median(v) for k, v in p50s.items() if v and k not in self.failed}
+        p50 = {k: median(v) for k, v in p50s.items() if v and k not in self.failed}
         runs = (f"median of {self.s.latency_runs} runs" if self.s.latency_runs > 1
                 else "1 run")
         plain = p50.get("plain")
@@ -557,7 +545,7 @@ class Transports:
                 if rate:
                     rates[kind].append(rate)
         self.r.details["transports_futures_per_s"] = rates
-        med = {k: _median(v) for k, v in rates.items() if v and k not in self.failed}
+        med = {k: median(v) for k, v in rates.items() if v and k not in self.failed}
         for kind in self.clients:
             label = f"{NAMES[kind]}: {n:,} submit(noop) futures, unbatched"
             key = f"transports_{kind}_futures"
@@ -646,8 +634,8 @@ class Transports:
                 try:
                     peer.close()
                 except Exception as exc:
-                    _say(f"  transports: closing a raw reference: {type(exc).__name__}: {exc}")
-        rate = {k: size / MB / _median(v) for k, v in secs.items() if v and k not in self.failed}
+                    say(f"  transports: closing a raw reference: {type(exc).__name__}: {exc}")
+        rate = {k: size / MB / median(v) for k, v in secs.items() if v and k not in self.failed}
         self.r.details["transports_transfer_mb_s"] = {k: [size / MB / x for x in v]
                                                       for k, v in secs.items()}
         mib = _size(size)
@@ -698,22 +686,20 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
-STEPS = ("latency", "futures", "transfers")
-
-
 def run_section(report: Report, sizes: TransportSizes) -> None:
     """Start the transports, measure them into ``report``, stop everything. Failures become
     failed checks and MISS rows; nothing is raised."""
     t = Transports(sizes, report)
     t0 = time.perf_counter()
     try:
-        _say("  transports: starting servers (plain TCP, authkey, TLS, SSH deployment)...")
+        say("  transports: starting servers (plain TCP, authkey, TLS, SSH deployment)...")
         t.start()
         report.setup["transports"] = t.setup
         report.setup["transports_sizes"] = sizes.__dict__.copy()
         if "plain" not in t.clients:
             raise BenchError("the plain TCP server did not start")
-        _run_steps(t, STEPS, report, "transports")
+        run_steps({"latency": t.latency, "futures": t.futures, "transfers": t.transfers}, report,
+                  "transports")
     except Exception as exc:
         report.check("transports.setup", False, f"{type(exc).__name__}: {exc}")
     finally:
@@ -721,34 +707,20 @@ def run_section(report: Report, sizes: TransportSizes) -> None:
     report.details.setdefault("workload_s", {})["transports"] = round(time.perf_counter() - t0, 2)
 
 
-def run_transports(args: Any) -> int:
+def run_transports(args: argparse.Namespace) -> int:
     """``rpycsvc bench --transports``: this section alone, printed like the full bench."""
-    import platform
-
-    import rpyc
-
-    from rpycsvc.cli.bench.core import _load, finish
-
-    report = Report()
-    t0 = time.perf_counter()
     quick = bool(getattr(args, "quick", False))
-    report.setup = {
-        "servers": "transports section: its own servers on 127.0.0.1 (plain TCP, authkey, TLS, "
-                   "SSH deployment)",
-        "addresses": [], "workers": 2, "threads": 256,
-        "python": platform.python_version(),
-        "rpyc": getattr(rpyc, "__version__", "?"),
-        "cores": os.cpu_count() or 1, "quick": quick, "load_start": _load(),
-    }
-    _say("rpycsvc bench --transports")
-    run_section(report, TransportSizes.quick() if quick else TransportSizes())
-    transports = report.setup.get("transports", {})
-    report.setup["addresses"] = list(transports.values())
-    report.setup["servers"] = "transports: " + (", ".join(
-        f"{NAMES[k]} {a}" for k, a in transports.items()) or "none started")
-    report.setup["workers"] = 2 * len(transports)
-    report.setup["threads"] = 256 * len(transports)
-    report.setup["raw_tcp_reference"] = report.setup.get("transports_raw_tcp", "-")
-    report.setup["load_end"] = _load()
-    report.setup["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    return finish(report, args)
+
+    def section(report: Report) -> None:
+        run_section(report, TransportSizes.quick() if quick else TransportSizes())
+        transports = report.setup.get("transports", {})
+        report.setup["addresses"] = list(transports.values())
+        report.setup["servers"] = "transports: " + (", ".join(
+            f"{NAMES[k]} {a}" for k, a in transports.items()) or "none started")
+        report.setup["workers"] = 2 * len(transports)
+        report.setup["threads"] = 256 * len(transports)
+        report.setup["raw_tcp_reference"] = report.setup.get("transports_raw_tcp", "-")
+
+    return run_alone(args, "rpycsvc bench --transports",
+                     "transports section: its own servers on 127.0.0.1 (plain TCP, authkey, TLS, "
+                     "SSH deployment)", section)

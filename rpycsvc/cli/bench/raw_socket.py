@@ -1,0 +1,193 @@
+"""The raw socket reference: the same echo and transfers over a plain TCP socket, both ends.
+
+The workloads compare rpycsvc with what a bare socket does on the same servers: the far end is
+:func:`serve_raw`, run by a thread-mode task on a server, or a local subprocess when the server
+has no thread mode; :class:`RawPeer` is this end. They speak one-byte opcodes
+(:func:`_raw_loop`) and check every byte with CRC-32s.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from typing import Any
+
+from rpycsvc.cli.bench.report import BenchError
+from rpycsvc.cli.bench.tasks import random_bytes
+from rpycsvc.server.wire import _recv_exact
+
+_LEN = struct.Struct("!Q")
+#: Seconds any single socket operation of the raw reference may block.
+RAW_TIMEOUT = 60.0
+
+
+# (thread-mode tasks of a server share one worker process, hence this module's globals).
+_LISTENERS: dict[str, socket.socket] = {}
+
+
+def open_listener(host: str) -> tuple[str, int]:
+    sock = socket.create_server((host, 0))
+    sock.settimeout(RAW_TIMEOUT)
+    token = uuid.uuid4().hex
+    _LISTENERS[token] = sock
+    return token, sock.getsockname()[1]
+
+
+def serve_raw(token: str) -> dict[str, int]:
+    sock = _LISTENERS.pop(token)
+    try:
+        conn, _ = sock.accept()
+    finally:
+        sock.close()
+    with conn:
+        return _raw_loop(conn)
+
+
+def _raw_loop(conn: socket.socket) -> dict[str, int]:
+    """One-byte opcodes: P echo, U upload, C crc of the upload, G make a blob, D send it, Q quit."""
+    conn.settimeout(RAW_TIMEOUT)
+    if conn.family in (socket.AF_INET, socket.AF_INET6):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    counts = {"pings": 0, "bytes_in": 0, "bytes_out": 0}
+    last: Any = b""
+    blob = b""
+    while True:
+        op = conn.recv(1)
+        if op in (b"", b"Q"):
+            return counts
+        if op == b"P":
+            conn.sendall(b"P")
+            counts["pings"] += 1
+        elif op == b"U":
+            (n,) = _LEN.unpack(_recv_exact(conn, _LEN.size))
+            last = _recv_exact(conn, n)
+            conn.sendall(b"A")
+            counts["bytes_in"] += n
+        elif op == b"C":
+            conn.sendall(_LEN.pack(zlib.crc32(last)))
+        elif op == b"G":
+            n, seed = struct.unpack("!QQ", _recv_exact(conn, 16))
+            blob = random_bytes(n, seed)
+            conn.sendall(_LEN.pack(zlib.crc32(blob)))
+        elif op == b"D":
+            conn.sendall(blob)
+            counts["bytes_out"] += len(blob)
+        else:
+            raise ValueError(f"raw reference: unknown opcode {op!r}")
+
+
+def _raw_main() -> None:
+    """The raw reference as a subprocess on 127.0.0.1 (when a server has no thread mode)."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(RAW_TIMEOUT)
+    print(sock.getsockname()[1], flush=True)
+    conn, _ = sock.accept()
+    sock.close()
+    with conn:
+        print(json.dumps(_raw_loop(conn)), flush=True)
+
+
+
+# -- the raw TCP reference, client side -----------------------------------------------------------
+
+class RawPeer:
+    """A plain TCP connection to the raw reference server (see :func:`_raw_loop`)."""
+
+    def __init__(self, client: Any, timeout: float = 30.0) -> None:
+        from rpycsvc.client.connection import parse_address
+
+        self._fut: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        host, _ = parse_address(client.address)
+        if client.threads > 0:
+            opts = client.options(mode="thread")
+            token, port = opts.submit(open_listener, host).result(timeout)
+            self._fut = opts.submit(serve_raw, token)
+            self.where = f"a thread-mode task on {client.address} (its thread worker process)"
+        else:
+            host = "127.0.0.1"
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "import rpycsvc.cli.bench.raw_socket as b; b._raw_main()"],
+                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            port = int(_readline(self._proc, timeout))
+            self.where = "a subprocess on 127.0.0.1 (the server has no thread mode)"
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.settimeout(RAW_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pings = 0
+
+    def ping(self) -> float:
+        t0 = time.perf_counter()
+        self.sock.sendall(b"P")
+        if self.sock.recv(1) != b"P":
+            raise BenchError("raw TCP echo returned the wrong byte")
+        dt = time.perf_counter() - t0
+        self.pings += 1
+        return dt
+
+    def upload(self, data: Any, crc: int) -> float:
+        view = memoryview(data).cast("B")
+        t0 = time.perf_counter()
+        self.sock.sendall(b"U" + _LEN.pack(view.nbytes))
+        self.sock.sendall(view)
+        if _recv_exact(self.sock, 1) != b"A":
+            raise BenchError("raw upload: bad acknowledgement")
+        dt = time.perf_counter() - t0
+        self.sock.sendall(b"C")
+        (got,) = _LEN.unpack(_recv_exact(self.sock, _LEN.size))
+        if got != crc:
+            raise BenchError(f"raw upload: CRC-32 {got:#x} on the far side, {crc:#x} here")
+        return dt
+
+    def download(self, nbytes: int, seed: int) -> float:
+        self.sock.sendall(b"G" + struct.pack("!QQ", nbytes, seed))
+        (crc,) = _LEN.unpack(_recv_exact(self.sock, _LEN.size))
+        t0 = time.perf_counter()
+        self.sock.sendall(b"D")
+        data = _recv_exact(self.sock, nbytes)
+        dt = time.perf_counter() - t0
+        if zlib.crc32(data) != crc:
+            raise BenchError("raw download: CRC-32 mismatch")
+        return dt
+
+    def close(self, timeout: float = 30.0) -> dict[str, int]:
+        """Stop the far side; returns its counts (pings echoed, bytes in and out)."""
+        try:
+            self.sock.sendall(b"Q")
+        finally:
+            self.sock.close()
+        if self._fut is not None:
+            counts: dict[str, int] = self._fut.result(timeout)
+            return counts
+        assert self._proc is not None
+        try:
+            line = _readline(self._proc, timeout)
+            return dict(json.loads(line))
+        finally:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            raise BenchError(f"raw reference subprocess said nothing within {timeout:g} s")
+        return proc.stdout.readline().decode().strip()
+    finally:
+        sel.close()
