@@ -13,12 +13,13 @@ bottom up:
   table or JSON and the exit status.
 - ``measuring``: medians, RSS and CPU of processes, the watchdog, the step runner.
 - ``tasks``: the functions the servers run (module level, so they pickle by reference).
-- ``raw_socket``: the raw TCP socket reference, both ends.
+- ``raw_socket``: the raw TCP and ssl socket references, both ends.
 - ``workload``: what a workload of the main bench gets (``BenchRun``, ``Sizes``).
 - one module per workload: ``idle_memory``, ``latency``, ``throughput``, ``sleeps``, ``cpu``,
   ``stdout``, ``transfers``; ``suite`` runs them in turn on the cluster it starts or is given.
-- ``transports``: the ``--transports`` section, with servers of its own; ``sshd``, the
-  private sshd its SSH deployment logs in to.
+- ``transports``: the ``--transports`` section, with servers of its own
+  (``transport_servers``: ``rpycsvc serve`` processes and TLS certificates; ``sshd``: the
+  private sshd its SSH deployment logs in to; ``ssh_cat``: the ``ssh HOST cat`` reference).
 
 Adding a workload to the main run (it measures the cluster the bench was given): a module
 here with ``measure(bench: BenchRun) -> None`` that adds its ``Figure`` rows and checks to

@@ -1,15 +1,16 @@
-"""The raw socket reference: the same echo and transfers over a plain TCP socket, both ends.
+"""The raw socket reference: the same echo and transfers over a bare TCP or ssl socket, both ends.
 
 The workloads compare rpycsvc with what a bare socket does on the same servers: the far end is
-:func:`serve_raw`, run by a thread-mode task on a server, or a local subprocess when the server
-has no thread mode; :class:`RawPeer` is this end. They speak one-byte opcodes
-(:func:`_raw_loop`) and check every byte with CRC-32s.
+:func:`serve_raw` (:func:`serve_raw_ssl` for TLS), run by a thread-mode task on a server, or a
+local subprocess when the server has no thread mode; :class:`RawPeer` (:class:`SslPeer`) is
+this end. They speak one-byte opcodes (:func:`_raw_loop`) and check every byte with CRC-32s.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -191,3 +192,48 @@ def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
         return proc.stdout.readline().decode().strip()
     finally:
         sel.close()
+
+
+# -- the raw ssl reference: tasks on the TLS server's thread worker -------------------------------
+
+_SSL_LISTENERS: dict[str, tuple[socket.socket, ssl.SSLContext]] = {}
+
+
+def open_ssl_listener(host: str, certfile: str, keyfile: str) -> tuple[str, int]:
+    """A TLS listener in this (thread worker) process; served by :func:`serve_raw_ssl`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certfile, keyfile)
+    sock = socket.create_server((host, 0))
+    sock.settimeout(RAW_TIMEOUT)
+    token = uuid.uuid4().hex
+    _SSL_LISTENERS[token] = (sock, ctx)
+    return token, sock.getsockname()[1]
+
+
+def serve_raw_ssl(token: str) -> dict[str, int]:
+    sock, ctx = _SSL_LISTENERS.pop(token)
+    try:
+        conn, _ = sock.accept()
+    finally:
+        sock.close()
+    conn.settimeout(RAW_TIMEOUT)
+    with ctx.wrap_socket(conn, server_side=True) as tls:
+        return _raw_loop(tls)
+
+
+class SslPeer(RawPeer):
+    """The raw reference protocol over a raw Python ``ssl`` socket to a thread-mode task."""
+
+    def __init__(self, client: Any, ctx: ssl.SSLContext, certfile: str, keyfile: str,
+                 timeout: float = 30.0) -> None:
+        opts = client.options(mode="thread")
+        token, port = opts.submit(open_ssl_listener, "127.0.0.1", certfile, keyfile).result(
+            timeout)
+        self._fut = opts.submit(serve_raw_ssl, token)
+        self._proc = None
+        plain = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ctx.wrap_socket(plain, server_hostname="127.0.0.1")
+        self.sock.settimeout(RAW_TIMEOUT)
+        self.pings = 0
+        self.where = f"a thread-mode task on {client.address}"
