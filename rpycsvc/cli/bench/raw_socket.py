@@ -101,27 +101,34 @@ class RawPeer:
     """A plain TCP connection to the raw reference server (see :func:`_raw_loop`)."""
 
     def __init__(self, client: Any, timeout: float = 30.0) -> None:
+        self.sock, self.where, self._fut, self._proc = self._connect(client, timeout)
+        self.sock.settimeout(RAW_TIMEOUT)
+        self.pings = 0
+
+    def _connect(self, client: Any, timeout: float) -> tuple[
+            socket.socket, str, Any, subprocess.Popen[bytes] | None]:
+        """Start the far end and connect to it: (the socket, where the far end runs, the
+        thread-mode task serving it or None, the local subprocess serving it or None)."""
         from rpycsvc.client.connection import parse_address
 
-        self._fut: Any = None
-        self._proc: subprocess.Popen[bytes] | None = None
         host, _ = parse_address(client.address)
+        fut: Any = None
+        proc: subprocess.Popen[bytes] | None = None
         if client.threads > 0:
             opts = client.options(mode="thread")
             token, port = opts.submit(open_listener, host).result(timeout)
-            self._fut = opts.submit(serve_raw, token)
-            self.where = f"a thread-mode task on {client.address} (its thread worker process)"
+            fut = opts.submit(serve_raw, token)
+            where = f"a thread-mode task on {client.address} (its thread worker process)"
         else:
             host = "127.0.0.1"
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-c", "import rpycsvc.cli.bench.raw_socket as b; b._raw_main()"],
                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            port = int(_readline(self._proc, timeout))
-            self.where = "a subprocess on 127.0.0.1 (the server has no thread mode)"
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.settimeout(RAW_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pings = 0
+            port = int(_readline(proc, timeout))
+            where = "a subprocess on 127.0.0.1 (the server has no thread mode)"
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, where, fut, proc
 
     def ping(self) -> float:
         t0 = time.perf_counter()
@@ -226,14 +233,17 @@ class SslPeer(RawPeer):
 
     def __init__(self, client: Any, ctx: ssl.SSLContext, certfile: str, keyfile: str,
                  timeout: float = 30.0) -> None:
+        self._tls = (ctx, certfile, keyfile)
+        super().__init__(client, timeout)
+
+    def _connect(self, client: Any, timeout: float) -> tuple[
+            socket.socket, str, Any, subprocess.Popen[bytes] | None]:
+        ctx, certfile, keyfile = self._tls
         opts = client.options(mode="thread")
         token, port = opts.submit(open_ssl_listener, "127.0.0.1", certfile, keyfile).result(
             timeout)
-        self._fut = opts.submit(serve_raw_ssl, token)
-        self._proc = None
+        fut = opts.submit(serve_raw_ssl, token)
         plain = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ctx.wrap_socket(plain, server_hostname="127.0.0.1")
-        self.sock.settimeout(RAW_TIMEOUT)
-        self.pings = 0
-        self.where = f"a thread-mode task on {client.address}"
+        sock = ctx.wrap_socket(plain, server_hostname="127.0.0.1")
+        return sock, f"a thread-mode task on {client.address}", fut, None
