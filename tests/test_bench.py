@@ -87,6 +87,27 @@ def test_setup_names_the_references(report: dict) -> None:
     assert setup["workers"] >= 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_every_workload_ran_once_in_order(report: dict) -> None:
+    """The run times each workload of ``suite.WORKLOADS`` (a new workload module shows up
+    here once it is listed there), in the order listed."""
+    from rpycsvc.cli.bench.suite import WORKLOADS
+
+    assert list(report["details"]["workload_s"]) == list(WORKLOADS)
+
+
+def test_bench_help_loads_the_command_only() -> None:
+    """``rpycsvc bench --help`` builds its parser from the package's ``__init__`` alone: no
+    workload, section, reference or report module of the bench, and no cluster code."""
+    from tests.test_lazy_import import imported_by_cli
+
+    loaded = imported_by_cli("bench", "--help")
+    assert "rpycsvc.cli.bench" in loaded
+    assert not {m for m in loaded if m.startswith("rpycsvc.cli.bench.")}, sorted(loaded)
+    assert "rpycsvc.client.cluster" not in loaded, sorted(loaded)
+
+
 # -- the pieces, without servers ------------------------------------------------------------------
 
 def test_a_failed_check_stays_failed() -> None:
