@@ -15,18 +15,20 @@ bottom up:
 - ``tasks``: the functions the servers run (module level, so they pickle by reference).
 - ``raw_socket``: the raw TCP and ssl socket references, both ends.
 - ``workload``: what a workload of the main bench gets (``BenchRun``, ``Sizes``).
-- one module per workload: ``idle_memory``, ``latency``, ``throughput``, ``sleeps``, ``cpu``,
-  ``stdout``, ``transfers``; ``suite`` runs them in turn on the cluster it starts or is given.
+- one module per workload, named as in the report: ``memory_idle``, ``latency``,
+  ``map_and_memory``, ``sleeps``, ``cpu``, ``stdout``, ``transfers``; ``suite`` runs them in
+  turn on the cluster it starts or is given.
 - ``transports``: the ``--transports`` section, with servers of its own
   (``transport_servers``: ``rpycsvc serve`` processes and TLS certificates; ``sshd``: the
   private sshd its SSH deployment logs in to; ``ssh_cat``: the ``ssh HOST cat`` reference).
 
 Adding a workload to the main run (it measures the cluster the bench was given): a module
-here with ``measure(bench: BenchRun) -> None`` that adds its ``Figure`` rows and checks to
-``bench.report`` (a result it cannot trust is a failed check; an exception fails the check
-``NAME.ran`` and the next workload still runs); one line in ``suite.WORKLOADS``; its sizes,
-full and ``--quick``, in ``workload.Sizes``; its figure keys and checks in
-tests/test_bench.py's ``FIGURES`` and ``CHECKS``.
+here, named as the workload, with ``measure(bench: BenchRun) -> None`` that adds its
+``Figure`` rows and checks to ``bench.report`` (a result it cannot trust is a failed check;
+an exception fails the check ``NAME.ran`` and the next workload still runs); one line in
+``suite.WORKLOADS``; its sizes, full and ``--quick``, in ``workload.Sizes``; its figure keys
+and checks in tests/test_bench.py's ``FIGURES`` and ``CHECKS``. The run itself is
+synchronous: an asyncio workload's ``measure`` runs its coroutine with ``asyncio.run``.
 
 Adding a section with servers or a setup of its own (like ``--transports``): a module here
 with ``run_section(report, ...)`` that starts what it needs, measures into the report (its

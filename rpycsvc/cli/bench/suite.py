@@ -12,7 +12,15 @@ from dataclasses import asdict
 from functools import partial
 from typing import Any, Callable
 
-from rpycsvc.cli.bench import cpu, idle_memory, latency, sleeps, stdout, throughput, transfers
+from rpycsvc.cli.bench import (
+    cpu,
+    latency,
+    map_and_memory,
+    memory_idle,
+    sleeps,
+    stdout,
+    transfers,
+)
 from rpycsvc.cli.bench.measuring import run_steps
 from rpycsvc.cli.bench.report import Report, finish, load_average, machine_setup, say
 from rpycsvc.cli.bench.workload import BenchRun, Sizes
@@ -21,9 +29,9 @@ from rpycsvc.errors import ConfigError
 
 #: name (in ``workload_s`` and the check ``NAME.ran``) -> the workload, in the order they run
 WORKLOADS: dict[str, Callable[[BenchRun], None]] = {
-    "memory_idle": idle_memory.measure,
+    "memory_idle": memory_idle.measure,
     "latency": latency.measure,
-    "map_and_memory": throughput.measure,
+    "map_and_memory": map_and_memory.measure,
     "sleeps": sleeps.measure,
     "cpu": cpu.measure,
     "stdout": stdout.measure,

@@ -1,7 +1,8 @@
 """The tasks the workloads run on the servers: no-ops, CPU spins, printed lines, blobs to move.
 
 They are module-level functions so that they pickle by reference: a server's worker imports
-this module (and only this one of the bench) to run them.
+this module to run them (and :mod:`~rpycsvc.cli.bench.raw_socket` for the raw reference's far
+end), not the rest of the bench.
 """
 
 from __future__ import annotations

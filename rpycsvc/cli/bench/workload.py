@@ -1,7 +1,8 @@
 """What a workload of the main bench is given: the cluster, the sizes, the report, earlier figures.
 
-A workload module (``latency``, ``cpu``, ...) is a function ``measure(bench: BenchRun)``; the
-run (:mod:`rpycsvc.cli.bench.suite`) makes one :class:`BenchRun` and passes it to each in turn.
+Each workload module (``latency``, ``cpu``, ...) has a function ``measure(bench: BenchRun)``;
+the run (:mod:`rpycsvc.cli.bench.suite`) makes one :class:`BenchRun` and passes it to each in
+turn.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class BenchRun:
         self.local = local  # the servers were started here (so they share this host's cores)
         self.client = cluster.clients[0]
         self.compute_p50 = 0.0  # us, by latency; map's time to first result is compared with it
-        self.idle_tree = 0  # bytes, by idle_memory; the tree's RSS after transfers is compared
+        self.idle_tree = 0  # bytes, by memory_idle; the tree RSS after transfers is compared
 
     def server_stats(self) -> list[dict[str, Any]]:
         """``stats()`` of every server (with its address), or BenchError if one did not answer."""
