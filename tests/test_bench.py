@@ -87,10 +87,31 @@ def test_setup_names_the_references(report: dict) -> None:
     assert setup["workers"] >= 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_every_workload_ran_once_in_order(report: dict) -> None:
+    """The run times each workload of ``suite.WORKLOADS`` (a new workload module shows up
+    here once it is listed there), in the order listed."""
+    from rpycsvc.cli.bench.suite import WORKLOADS
+
+    assert list(report["details"]["workload_s"]) == list(WORKLOADS)
+
+
+def test_bench_help_loads_the_command_only() -> None:
+    """``rpycsvc bench --help`` builds its parser from the package's ``__init__`` alone: no
+    workload, section, reference or report module of the bench, and no cluster code."""
+    from tests.test_lazy_import import imported_by_cli
+
+    loaded = imported_by_cli("bench", "--help")
+    assert "rpycsvc.cli.bench" in loaded
+    assert not {m for m in loaded if m.startswith("rpycsvc.cli.bench.")}, sorted(loaded)
+    assert "rpycsvc.client.cluster" not in loaded, sorted(loaded)
+
+
 # -- the pieces, without servers ------------------------------------------------------------------
 
 def test_a_failed_check_stays_failed() -> None:
-    from rpycsvc.cli.bench.core import Report
+    from rpycsvc.cli.bench.report import Report
 
     r = Report()
     r.check("sums", False, "got 3, want 4")
@@ -100,7 +121,7 @@ def test_a_failed_check_stays_failed() -> None:
 
 
 def test_table_shows_pass_miss_and_failed_checks() -> None:
-    from rpycsvc.cli.bench.core import Figure, Report, render
+    from rpycsvc.cli.bench.report import Figure, Report, render
 
     r = Report(setup={"servers": "1 server (127.0.0.1:1)", "workers": 2, "threads": 8,
                       "python": "3", "rpyc": "6.0.2", "cores": 2, "quick": True,
@@ -121,7 +142,8 @@ def test_raw_reference_protocol_round_trips() -> None:
     import threading
     import zlib
 
-    from rpycsvc.cli.bench.core import _LEN, _raw_loop, _recv_exact
+    from rpycsvc.cli.bench.raw_socket import _LEN, _raw_loop
+    from rpycsvc.server.wire import _recv_exact
 
     here, there = socket.socketpair()
     out: dict = {}
@@ -152,7 +174,7 @@ def test_raw_reference_falls_back_to_a_local_subprocess() -> None:
     """A server without thread mode can't host the raw reference: a subprocess serves it."""
     import zlib
 
-    from rpycsvc.cli.bench.core import RawPeer
+    from rpycsvc.cli.bench.raw_socket import RawPeer
 
     class NoThreads:
         address = "127.0.0.1:1"
@@ -234,7 +256,7 @@ def test_transports_section_alone_prints_every_row() -> None:
 def test_transports_without_openssl_or_ssh_are_skipped_with_a_note(monkeypatch) -> None:
     """With neither ``openssl`` nor ``ssh`` on PATH, TLS and SSH are skipped and say why in
     the table; plain TCP and authkey are still measured."""
-    from rpycsvc.cli.bench.core import Report, render
+    from rpycsvc.cli.bench.report import Report, render
     from rpycsvc.cli.bench.transports import TransportSizes, run_section
 
     monkeypatch.setenv("PATH", str(REPO / "no-such-bin-dir"))
@@ -261,7 +283,7 @@ def test_a_step_past_its_deadline_is_a_failed_row_not_a_crash() -> None:
     import socket
     import time
 
-    from rpycsvc.cli.bench.core import Report, render
+    from rpycsvc.cli.bench.report import Report, render
     from rpycsvc.cli.bench.transports import TransportSizes, run_section
 
     report = Report(setup={"servers": "transports", "workers": 8, "threads": 1024,

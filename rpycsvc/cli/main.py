@@ -21,7 +21,7 @@ from rpycsvc.server.config import DEFAULT_PORT, MODES, ServerConfig, parse_size
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rpycsvc.cli.main", "run a server (compute endpoints + classic access)"),
     "demo": ("rpycsvc.cli.demo", "start local servers and run a fan-out on them"),
-    "bench": ("rpycsvc.cli.bench.core", "measure latency, throughput and transfer rates"),
+    "bench": ("rpycsvc.cli.bench", "measure latency, throughput and transfer rates"),
     "status": ("rpycsvc.cli.status", "show a table of servers' state"),
     "top": ("rpycsvc.cli.top", "live view of servers: throughput, running tasks, failures"),
     "repl": ("rpycsvc.cli.repl", "interactive Python REPL running on a server"),

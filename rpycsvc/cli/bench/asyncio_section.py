@@ -27,7 +27,9 @@ from concurrent.futures import wait
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rpycsvc.cli.bench.core import BenchError, Figure, Report, _load, _median, _pct, _say, noop
+from rpycsvc.cli.bench.measuring import median, pct
+from rpycsvc.cli.bench.report import BenchError, Figure, Report, finish, load_average, say
+from rpycsvc.cli.bench.tasks import noop
 
 #: What the lag coroutine asks to sleep each time (seconds).
 TICK = 0.001
@@ -119,7 +121,7 @@ class AsyncBench:
         if not lag:
             raise BenchError("the lag coroutine never ran during the awaited submits")
         sync_p50, async_p50 = await self._latency(ac)
-        rate, ref = _median(async_rates), _median(sync_rates)
+        rate, ref = median(async_rates), median(sync_rates)
         self.r.details["asyncio"] = {
             "sizes": asdict(s), "sync_rates": sync_rates, "async_rates": async_rates,
             "lag_samples": len(lag), "sync_p50_us": sync_p50, "async_p50_us": async_p50}
@@ -135,19 +137,19 @@ class AsyncBench:
         ms = [x * 1e3 for x, _ in lag]
         self.r.add(Figure(
             "asyncio_loop_lag_p99", f"event loop lag p99 during awaited submits "
-            f"({len(lag):,} samples)", _pct(ms, 0.99), "ms"))
+            f"({len(lag):,} samples)", pct(ms, 0.99), "ms"))
         worst = max(ms)
         self.r.add(Figure("asyncio_loop_lag_max", "event loop lag max during awaited submits",
                           worst, "ms", target="<= 20 ms", passed=worst <= 20.0))
         busy = sorted(lag, reverse=True)[:max(1, len(lag) // 100)]  # the worst 1 %
         cpu_ms = [c * 1e3 for _, c in busy]
         self.r.details["asyncio"]["lag_worst_1pct_loop_cpu_ms"] = {
-            "median": _median(cpu_ms), "max": max(cpu_ms)}
+            "median": median(cpu_ms), "max": max(cpu_ms)}
         self.r.notes.append(
             f"asyncio loop lag: in the worst 1 % of samples (lag >= {busy[-1][0] * 1e3:.1f} ms) "
-            f"the loop's thread itself ran {_median(cpu_ms):.1f} ms (median; max "
+            f"the loop's thread itself ran {median(cpu_ms):.1f} ms (median; max "
             f"{max(cpu_ms):.1f} ms): the rest of such a lag is waiting for a core or the GIL, "
-            f"not work on the loop (load average now {_load()}); the longest garbage "
+            f"not work on the loop (load average now {load_average()}); the longest garbage "
             f"collection in the process meanwhile took {max(gc_pauses, default=0) * 1e3:.1f} ms "
             f"({len(gc_pauses)} collections)")
 
@@ -207,7 +209,7 @@ class AsyncBench:
                 if r != i:
                     bad.append(f"await submit(noop, {i}) returned {r!r}")
         self.r.check("asyncio.latency.results", not bad, "; ".join(bad[:3]))
-        return _median(samples["sync"]) * 1e6, _median(samples["async"]) * 1e6
+        return median(samples["sync"]) * 1e6, median(samples["async"]) * 1e6
 
 
 def run_section(cluster: Any, report: Report, sizes: AsyncSizes | None = None) -> None:
@@ -230,7 +232,6 @@ def run_asyncio(args: Any) -> int:
 
     import rpyc
 
-    from rpycsvc.cli.bench.core import finish
     from rpycsvc.client.cluster import Cluster
 
     sizes = AsyncSizes.quick() if getattr(args, "quick", False) else AsyncSizes()
@@ -241,7 +242,7 @@ def run_asyncio(args: Any) -> int:
         kw["authkey"] = args.authkey
     hosts = list(getattr(args, "hosts", None) or ())
     n_local = getattr(args, "local", None) or 2
-    _say(f"rpycsvc bench --asyncio: {'connecting to' if hosts else 'starting'} "
+    say(f"rpycsvc bench --asyncio: {'connecting to' if hosts else 'starting'} "
          f"{len(hosts) or n_local} {'' if hosts else 'local '}servers")
     cluster = Cluster(hosts, require_all=True, **kw) if hosts else Cluster.local(n_local, **kw)
     try:
@@ -252,12 +253,12 @@ def run_asyncio(args: Any) -> int:
             "threads": cluster.total_threads, "python": platform.python_version(),
             "rpyc": getattr(rpyc, "__version__", "?"), "cores": os.cpu_count() or 1,
             "quick": bool(getattr(args, "quick", False)), "sizes": asdict(sizes),
-            "load_start": _load(), "raw_tcp_reference": "not measured (--asyncio)",
+            "load_start": load_average(), "raw_tcp_reference": "not measured (--asyncio)",
         }
-        _say("  asyncio: awaited submits vs sync submits, loop lag...")
+        say("  asyncio: awaited submits vs sync submits, loop lag...")
         run_section(cluster, report, sizes)
     finally:
         cluster.close()
-    report.setup["load_end"] = _load()
+    report.setup["load_end"] = load_average()
     report.setup["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return finish(report, args)

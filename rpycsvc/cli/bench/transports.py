@@ -23,41 +23,25 @@ section goes on; a transport whose step failed is left out of the steps after it
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
-import selectors
 import shutil
-import socket
 import ssl
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-import uuid
 import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from rpycsvc.cli.bench.core import (
-    MB,
-    RAW_TIMEOUT,
-    BenchError,
-    Figure,
-    RawPeer,
-    Report,
-    _median,
-    _raw_loop,
-    _run_steps,
-    _say,
-    _timed_echo,
-    _watchdog,
-    digest,
-    make_blob,
-    noop,
-)
+from rpycsvc.cli.bench.measuring import MB, median, run_steps, timed_echo, watchdog
+from rpycsvc.cli.bench.raw_socket import RawPeer, SslPeer
+from rpycsvc.cli.bench.report import BenchError, Figure, Report, run_alone, say
+from rpycsvc.cli.bench.ssh_cat import SshEcho, ssh_cat_down, ssh_cat_up
+from rpycsvc.cli.bench.tasks import digest, make_blob, noop
+from rpycsvc.cli.bench.transport_servers import ServeProcess, make_certs
 
 #: Transports in table order, with how they are named in labels.
 NAMES = {"plain": "plain TCP", "authkey": "authkey", "tls": "TLS", "ssh": "SSH deploy"}
@@ -77,261 +61,6 @@ class TransportSizes:
     def quick(cls) -> TransportSizes:
         return cls(latency_samples=60, latency_runs=1, futures=100, futures_runs=1,
                    transfer_bytes=1 << 20, transfer_runs=1, step_timeout=60.0)
-
-
-# -- the raw ssl reference: tasks on the TLS server's thread worker -------------------------------
-
-_SSL_LISTENERS: dict[str, tuple[socket.socket, ssl.SSLContext]] = {}
-
-
-def open_ssl_listener(host: str, certfile: str, keyfile: str) -> tuple[str, int]:
-    """A TLS listener in this (thread worker) process; served by :func:`serve_raw_ssl`."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(certfile, keyfile)
-    sock = socket.create_server((host, 0))
-    sock.settimeout(RAW_TIMEOUT)
-    token = uuid.uuid4().hex
-    _SSL_LISTENERS[token] = (sock, ctx)
-    return token, sock.getsockname()[1]
-
-
-def serve_raw_ssl(token: str) -> dict[str, int]:
-    sock, ctx = _SSL_LISTENERS.pop(token)
-    try:
-        conn, _ = sock.accept()
-    finally:
-        sock.close()
-    conn.settimeout(RAW_TIMEOUT)
-    with ctx.wrap_socket(conn, server_side=True) as tls:
-        return _raw_loop(tls)
-
-
-class SslPeer(RawPeer):
-    """The raw reference protocol over a raw Python ``ssl`` socket to a thread-mode task."""
-
-    def __init__(self, client: Any, ctx: ssl.SSLContext, certfile: str, keyfile: str,
-                 timeout: float = 30.0) -> None:
-        opts = client.options(mode="thread")
-        token, port = opts.submit(open_ssl_listener, "127.0.0.1", certfile, keyfile).result(
-            timeout)
-        self._fut = opts.submit(serve_raw_ssl, token)
-        self._proc = None
-        plain = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ctx.wrap_socket(plain, server_hostname="127.0.0.1")
-        self.sock.settimeout(RAW_TIMEOUT)
-        self.pings = 0
-        self.where = f"a thread-mode task on {client.address}"
-
-
-# -- ssh HOST cat ---------------------------------------------------------------------------------
-
-class SshPipe:
-    """``ssh ALIAS COMMAND`` with unbuffered pipes and deadline-bounded reads."""
-
-    def __init__(self, argv: list[str], command: str) -> None:
-        self.proc = subprocess.Popen([*argv, command], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.win, self.rout = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.rout, selectors.EVENT_READ)
-
-    def read_exact(self, n: int, deadline: float) -> int:
-        """Read ``n`` bytes (counted, not kept beyond one buffer); returns the last byte."""
-        got, last = 0, -1
-        while got < n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sel.select(left):
-                raise BenchError(f"ssh session: {got} of {n} bytes before the deadline")
-            chunk = os.read(self.rout, min(n - got, 1 << 20))
-            if not chunk:
-                raise BenchError(f"ssh session ended after {got} of {n} bytes: {self.stderr()}")
-            got += len(chunk)
-            last = chunk[-1]
-        return last
-
-    def write_all(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(self.win, view):]
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read().decode(errors="replace").strip()[-500:]
-
-    def close(self) -> None:
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._sel.close()
-
-
-def ssh_cat_up(argv: list[str], data: Any, timeout: float) -> float:
-    """Seconds for ``data`` through ``ssh HOST 'cat > /dev/null'``, timed inside the session
-    (from the session's ready byte to its done byte, sent after ``cat`` saw our EOF)."""
-    p = SshPipe(argv, "printf R; cat > /dev/null; printf D")
-    ok = False
-    try:
-        deadline = time.monotonic() + timeout
-        if p.read_exact(1, deadline) != ord("R"):
-            raise BenchError("ssh cat: no ready byte")
-        errors: list[BaseException] = []
-
-        def feed() -> None:
-            try:
-                p.write_all(data)
-                assert p.proc.stdin is not None
-                p.proc.stdin.close()
-            except BaseException as exc:
-                errors.append(exc)
-
-        t0 = time.perf_counter()
-        writer = threading.Thread(target=feed, daemon=True, name="rpycsvc-bench-ssh-feed")
-        writer.start()
-        done = p.read_exact(1, deadline)
-        dt = time.perf_counter() - t0
-        writer.join(10)
-        if errors or done != ord("D"):
-            raise BenchError(f"ssh cat upload failed: {errors[:1] or 'no done byte'}")
-        ok = True
-        return dt
-    finally:
-        if not ok and p.proc.poll() is None:
-            p.proc.kill()  # unblocks a writer stuck on a full pipe
-        p.close()
-
-
-def ssh_cat_down(argv: list[str], nbytes: int, timeout: float) -> float:
-    """Seconds for ``nbytes`` out of ``ssh HOST 'head -c N /dev/zero'``, timed inside the open
-    session (from our go-ahead line to the last byte)."""
-    p = SshPipe(argv, f"printf R; read x; head -c {int(nbytes)} /dev/zero")
-    ok = False
-    try:
-        deadline = time.monotonic() + timeout
-        if p.read_exact(1, deadline) != ord("R"):
-            raise BenchError("ssh head: no ready byte")
-        t0 = time.perf_counter()
-        p.write_all(b"\n")
-        if p.read_exact(nbytes, deadline) != 0:
-            raise BenchError("ssh head: the last byte was not a zero")
-        ok = True
-        return time.perf_counter() - t0
-    finally:
-        if not ok and p.proc.poll() is None:
-            p.proc.kill()
-        p.close()
-
-
-class SshEcho:
-    """One open ``ssh HOST cat`` session; :meth:`ping` is a 1-byte round trip through it."""
-
-    def __init__(self, argv: list[str], timeout: float) -> None:
-        self.pipe = SshPipe(argv, "cat")
-        self.timeout = timeout
-
-    def ping(self, _i: int = 0) -> float:
-        t0 = time.perf_counter()
-        self.pipe.write_all(b"x")
-        got = self.pipe.read_exact(1, time.monotonic() + self.timeout)
-        dt = time.perf_counter() - t0
-        if got != ord("x"):
-            raise BenchError("ssh cat echoed the wrong byte")
-        return dt
-
-    def close(self) -> None:
-        self.pipe.close()
-
-
-# -- certificates and servers ---------------------------------------------------------------------
-
-def make_certs(d: Path) -> tuple[Path, Path, Path]:
-    """(ca.pem, server.pem, server.key) for 127.0.0.1, by the README's TLS recipe."""
-    exts = {
-        "ca": "basicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n"
-              "subjectKeyIdentifier = hash\n",
-        "server": "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n"
-                  "extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\n"
-                  "authorityKeyIdentifier = keyid, issuer\n"
-                  "subjectAltName = IP:127.0.0.1, DNS:localhost\n",
-    }
-    for name, ext in exts.items():
-        (d / f"{name}.ext").write_text(ext)
-        _openssl(d, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                 "-nodes", "-subj", f"/CN=rpycsvc bench {name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr")
-        signer = (["-signkey", "ca.key"] if name == "ca"
-                  else ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"])
-        _openssl(d, "x509", "-req", "-in", f"{name}.csr", *signer, "-days", "2", "-sha256",
-                 "-extfile", f"{name}.ext", "-out", f"{name}.pem")
-    return d / "ca.pem", d / "server.pem", d / "server.key"
-
-
-def _openssl(d: Path, *args: str) -> None:
-    proc = subprocess.run(["openssl", *args], cwd=d, capture_output=True, timeout=60)
-    if proc.returncode != 0:
-        raise BenchError(f"openssl {args[0]} failed: {proc.stderr.decode()[-500:]}")
-
-
-class ServeProcess:
-    """``rpycsvc serve --port 0`` on 127.0.0.1 with the given ``RPYCSVC_*`` settings (the
-    bench's own ``RPYCSVC_*`` variables are not passed on); stops with our stdin pipe."""
-
-    def __init__(self, settings: dict[str, str], workers: int, log: Path) -> None:
-        from rpycsvc.client.local import read_address
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RPYCSVC_")}
-        env.update(settings)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        with open(log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rpycsvc.cli", "serve", "--port", "0", "-q",
-                 "--workers", str(workers), "--exit-on-stdin-eof"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-                start_new_session=True)
-        try:
-            self.address = read_address(self.proc, 60)
-        except Exception as exc:
-            self.stop()
-            raise BenchError(f"server did not start: {exc}: "
-                             f"{log.read_text(errors='replace')[-800:]}") from exc
-        self._drain = threading.Thread(target=self._discard, daemon=True,
-                                       name=f"rpycsvc-bench-drain-{self.address}")
-        self._drain.start()
-
-    def _discard(self) -> None:
-        assert self.proc.stdout is not None
-        try:
-            while os.read(self.proc.stdout.fileno(), 1 << 16):
-                pass
-        except OSError:
-            pass
-
-    def stop(self) -> None:
-        for f in (self.proc.stdin,):
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 # -- the section ----------------------------------------------------------------------------------
@@ -422,7 +151,7 @@ class Transports:
             try:
                 closer()
             except Exception as exc:
-                _say(f"  transports: teardown: {type(exc).__name__}: {exc}")
+                say(f"  transports: teardown: {type(exc).__name__}: {exc}")
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _fail(self, kind: str, why: str) -> None:
@@ -437,7 +166,7 @@ class Transports:
         if kind in self.failed:
             return None
         try:
-            with _watchdog(self.s.step_timeout, f"{what}", on_expire or (lambda: None)):
+            with watchdog(self.s.step_timeout, f"{what}", on_expire or (lambda: None)):
                 return fn()
         except Exception as exc:
             self._fail(kind, f"{what}: {type(exc).__name__}: {exc}"[:400])
@@ -449,10 +178,10 @@ class Transports:
         bad: list[str] = []
 
         for kind, c in self.clients.items():
-            kinds[kind] = _timed_echo(partial(c.compute, noop),
-                                      f"compute(noop, {{}}) on {c.address}".format, bad)
+            kinds[kind] = timed_echo(partial(c.compute, noop),
+                                     f"compute(noop, {{}}) on {c.address}".format, bad)
         ping = self.clients["plain"].conn.root.ping  # cached: one round trip per call
-        kinds["rpyc"] = _timed_echo(ping, lambda i: f"ping({i})", bad)
+        kinds["rpyc"] = timed_echo(ping, lambda i: f"ping({i})", bad)
         echo = None
         if "ssh" in self.clients:
             try:
@@ -483,13 +212,13 @@ class Transports:
                             samples[kind].extend(got)
                 for kind, xs in samples.items():
                     if xs and kind not in self.failed:
-                        p50s[kind].append(_median(xs) * 1e6)
+                        p50s[kind].append(median(xs) * 1e6)
         finally:
             if echo is not None:
                 echo.close()
         self.r.check("transports.latency_results", not bad, "; ".join(bad[:3]))
         self.r.details["transports_latency_p50_us_per_run"] = p50s
-        p50 = {k: _median(v) for k, v in p50s.items() if v and k not in self.failed}
+        p50 = {k: median(v) for k, v in p50s.items() if v and k not in self.failed}
         runs = (f"median of {self.s.latency_runs} runs" if self.s.latency_runs > 1
                 else "1 run")
         plain = p50.get("plain")
@@ -557,7 +286,7 @@ class Transports:
                 if rate:
                     rates[kind].append(rate)
         self.r.details["transports_futures_per_s"] = rates
-        med = {k: _median(v) for k, v in rates.items() if v and k not in self.failed}
+        med = {k: median(v) for k, v in rates.items() if v and k not in self.failed}
         for kind in self.clients:
             label = f"{NAMES[kind]}: {n:,} submit(noop) futures, unbatched"
             key = f"transports_{kind}_futures"
@@ -646,8 +375,8 @@ class Transports:
                 try:
                     peer.close()
                 except Exception as exc:
-                    _say(f"  transports: closing a raw reference: {type(exc).__name__}: {exc}")
-        rate = {k: size / MB / _median(v) for k, v in secs.items() if v and k not in self.failed}
+                    say(f"  transports: closing a raw reference: {type(exc).__name__}: {exc}")
+        rate = {k: size / MB / median(v) for k, v in secs.items() if v and k not in self.failed}
         self.r.details["transports_transfer_mb_s"] = {k: [size / MB / x for x in v]
                                                       for k, v in secs.items()}
         mib = _size(size)
@@ -698,22 +427,20 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
-STEPS = ("latency", "futures", "transfers")
-
-
 def run_section(report: Report, sizes: TransportSizes) -> None:
     """Start the transports, measure them into ``report``, stop everything. Failures become
     failed checks and MISS rows; nothing is raised."""
     t = Transports(sizes, report)
     t0 = time.perf_counter()
     try:
-        _say("  transports: starting servers (plain TCP, authkey, TLS, SSH deployment)...")
+        say("  transports: starting servers (plain TCP, authkey, TLS, SSH deployment)...")
         t.start()
         report.setup["transports"] = t.setup
         report.setup["transports_sizes"] = sizes.__dict__.copy()
         if "plain" not in t.clients:
             raise BenchError("the plain TCP server did not start")
-        _run_steps(t, STEPS, report, "transports")
+        run_steps({"latency": t.latency, "futures": t.futures, "transfers": t.transfers}, report,
+                  "transports")
     except Exception as exc:
         report.check("transports.setup", False, f"{type(exc).__name__}: {exc}")
     finally:
@@ -721,34 +448,20 @@ def run_section(report: Report, sizes: TransportSizes) -> None:
     report.details.setdefault("workload_s", {})["transports"] = round(time.perf_counter() - t0, 2)
 
 
-def run_transports(args: Any) -> int:
+def run_transports(args: argparse.Namespace) -> int:
     """``rpycsvc bench --transports``: this section alone, printed like the full bench."""
-    import platform
-
-    import rpyc
-
-    from rpycsvc.cli.bench.core import _load, finish
-
-    report = Report()
-    t0 = time.perf_counter()
     quick = bool(getattr(args, "quick", False))
-    report.setup = {
-        "servers": "transports section: its own servers on 127.0.0.1 (plain TCP, authkey, TLS, "
-                   "SSH deployment)",
-        "addresses": [], "workers": 2, "threads": 256,
-        "python": platform.python_version(),
-        "rpyc": getattr(rpyc, "__version__", "?"),
-        "cores": os.cpu_count() or 1, "quick": quick, "load_start": _load(),
-    }
-    _say("rpycsvc bench --transports")
-    run_section(report, TransportSizes.quick() if quick else TransportSizes())
-    transports = report.setup.get("transports", {})
-    report.setup["addresses"] = list(transports.values())
-    report.setup["servers"] = "transports: " + (", ".join(
-        f"{NAMES[k]} {a}" for k, a in transports.items()) or "none started")
-    report.setup["workers"] = 2 * len(transports)
-    report.setup["threads"] = 256 * len(transports)
-    report.setup["raw_tcp_reference"] = report.setup.get("transports_raw_tcp", "-")
-    report.setup["load_end"] = _load()
-    report.setup["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    return finish(report, args)
+
+    def section(report: Report) -> None:
+        run_section(report, TransportSizes.quick() if quick else TransportSizes())
+        transports = report.setup.get("transports", {})
+        report.setup["addresses"] = list(transports.values())
+        report.setup["servers"] = "transports: " + (", ".join(
+            f"{NAMES[k]} {a}" for k, a in transports.items()) or "none started")
+        report.setup["workers"] = 2 * len(transports)
+        report.setup["threads"] = 256 * len(transports)
+        report.setup["raw_tcp_reference"] = report.setup.get("transports_raw_tcp", "-")
+
+    return run_alone(args, "rpycsvc bench --transports",
+                     "transports section: its own servers on 127.0.0.1 (plain TCP, authkey, TLS, "
+                     "SSH deployment)", section)
