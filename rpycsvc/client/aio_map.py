@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
@@ -26,11 +26,25 @@ from rpycsvc.protocol.serialization import dumps, dumps_function
 from rpycsvc.protocol.tracebacks import load_exception
 
 if TYPE_CHECKING:
-    from rpycsvc.client.aio import AsyncCluster
-    from rpycsvc.client.aio_bridge import AsyncTaskFuture
+    from rpycsvc.client.aio_bridge import AsyncTaskFuture, _Runtime
+    from rpycsvc.client.cluster import Cluster
 
 
-def async_map(ac: AsyncCluster, fn: Any, iterables: tuple[Iterable[Any], ...], *,
+class FanOutCluster(Protocol):
+    """What the fan-out needs of an :class:`rpycsvc.AsyncCluster`: its sync cluster, its
+    hand-over to the event loop, and sending a task (so this module needs not import it)."""
+
+    _rt: _Runtime
+
+    @property
+    def cluster(self) -> Cluster: ...
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> AsyncTaskFuture: ...
+
+    def send(self, afut: AsyncTaskFuture, job: _Job) -> None: ...
+
+
+def async_map(ac: FanOutCluster, fn: Any, iterables: tuple[Iterable[Any], ...], *,
              ordered: bool, chunksize: int | None, timeout: float | None, retries: int,
              opts: dict[str, Any]) -> AsyncIterator[Any]:
     """Validate eagerly (as the sync ``map``), then return the lazy async iterator."""
@@ -71,7 +85,7 @@ def async_map(ac: AsyncCluster, fn: Any, iterables: tuple[Iterable[Any], ...], *
     return _results(ac, iterables, make_job, sizer, window, ordered, deadline)
 
 
-async def _results(ac: AsyncCluster, iterables: tuple[Iterable[Any], ...],
+async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
                    make_job: Callable[[list[tuple[Any, ...]]], _Job], sizer: ChunkSizer,
                    window: int, ordered: bool, deadline: float | None) -> AsyncIterator[Any]:
     from rpycsvc.client.aio_bridge import AsyncTaskFuture
@@ -167,7 +181,7 @@ async def _next_done(finished: asyncio.Queue[AsyncTaskFuture], deadline: float |
     return None
 
 
-async def as_completed(ac: AsyncCluster, futures: Iterable[Awaitable[Any]],
+async def as_completed(ac: FanOutCluster, futures: Iterable[Awaitable[Any]],
                        timeout: float | None = None
                        ) -> AsyncIterator[asyncio.Future]:
     """Each of ``futures`` once it is done, first finished first. They may be asyncio
@@ -200,7 +214,7 @@ async def as_completed(ac: AsyncCluster, futures: Iterable[Awaitable[Any]],
                 f"{timeout:g} s") from None
 
 
-async def map_reduce(ac: AsyncCluster, fn: Any, reducer: Callable[[Any, Any], Any],
+async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], Any],
                      iterable: Iterable[Any], *, initializer: Any, by_key: bool,
                      chunksize: int | None, timeout: float | None) -> Any:
     """``rpycsvc._mapping.run_map_reduce``, awaited: chunks reduce on the servers, the
