@@ -101,7 +101,7 @@ import pytest
 
 import rpycsvc
 from rpycsvc.cli import main as cli
-from rpycsvc.server.registry import discover
+from rpycsvc.client.discovery import discover
 from tests.support.rendezvous import Gate, pass_gate
 from tests.support.servers import REPO, ServerProcess
 from tests.support.sshd import SshServer

@@ -1,5 +1,5 @@
 """Discovery through RPyC's registry: ``rpycsvc registry`` on 127.0.0.1, servers started
-with ``--register`` found by :func:`rpycsvc.server.registry.discover`, ``Cluster.discover`` and
+with ``--register`` found by :func:`rpycsvc.client.discovery.discover`, ``Cluster.discover`` and
 ``status --discover``; a stopped server unregisters; a silent client can't stall it."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 import rpycsvc
+from rpycsvc.client.discovery import discover
 from rpycsvc.errors import ConnectError
-from rpycsvc.server.registry import SERVICE_NAMES, discover, start_registry, stop_registry
+from rpycsvc.server.registry import SERVICE_NAMES, start_registry, stop_registry
 from tests.support.servers import REPO, ServerProcess
 
 WAIT = 30.0

@@ -4,8 +4,7 @@ The registry is ``rpyc.utils.registry`` unchanged on the wire, so plain RPyC too
 (``rpyc.discover``, ``rpyc_registry``) interoperate. What we add: a bind address that
 defaults to 127.0.0.1 (``rpyc_registry`` always binds every interface), a per-request
 timeout so one silent client can't stall the registry. Asking a registry for the rpycsvc
-servers it knows is client-side and lives in :mod:`rpycsvc.client.discovery`, which a client loads
-without this module (its names stay importable from here: ``rpycsvc.server.registry.discover``).
+servers it knows is client-side: :func:`rpycsvc.client.discovery.discover`.
 """
 
 from __future__ import annotations
@@ -21,17 +20,10 @@ from typing import Any
 
 from rpyc.utils.registry import REGISTRY_PORT, TCPRegistryServer, UDPRegistryServer
 
-from rpycsvc.client.discovery import (  # re-exported: the client side of discovery, moved there
-    RPYCSVC_NAMES,
-    add_discover_arguments,
-    addresses_from_args,
-    discover,
-)
 from rpycsvc.errors import ConfigError
 from rpycsvc.server.config import is_loopback
 
-__all__ = ["RPYCSVC_NAMES", "SERVICE_NAMES", "add_arguments", "add_discover_arguments",
-           "addresses_from_args", "discover", "free_port", "run", "start_registry",
+__all__ = ["SERVICE_NAMES", "add_arguments", "free_port", "run", "start_registry",
            "stop_registry"]
 
 log = logging.getLogger("rpycsvc.registry")
