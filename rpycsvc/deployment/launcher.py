@@ -350,7 +350,7 @@ def _start_keepalive(client: Any) -> None:
 def remote_main(rfile: Any, wfile: Any) -> int:
     """Runs on the host (the bootstrap's entry): read settings, serve over the ssh pipes."""
     from rpycsvc.server.config import ServerConfig
-    from rpycsvc.server.server import serve_stdio
+    from rpycsvc.server.stdio import serve_stdio
 
     fd = rfile.fileno()
     head = _read_exact(fd, _LEN.size)
