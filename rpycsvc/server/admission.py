@@ -1,5 +1,6 @@
-"""Admitting a connection to the server, before RPyC starts: TLS, the rpycsvc hello and authkey
-challenge (:class:`_Handshake`, the rpyc authenticator of every listening server).
+"""Admitting a connection before RPyC starts: TLS, the rpycsvc hello and the authkey challenge.
+
+:class:`_Handshake` is the rpyc authenticator of every listening server.
 
 Connections still proving who they are hold one of ``max_pending`` slots
 (:class:`_PendingSlots`); when all are taken, a newcomer displaces a silent one. A plain RPyC

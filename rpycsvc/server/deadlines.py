@@ -1,5 +1,7 @@
-"""The worker pool's task timeouts: a heap of deadlines, pruned of finished tasks in bulk, and
-the loop of the thread that stops each task whose deadline has passed.
+"""The worker pool's task timeouts: the deadlines of running tasks, and the thread that keeps them.
+
+Deadlines are kept in a heap, pruned of finished tasks in bulk; the loop of the deadline
+thread stops each task whose deadline has passed.
 
 The thread wakes at least every ``_TICK`` seconds while any deadline is pending; if it finds
 much more time has passed than it slept (the server was stopped with SIGSTOP, or its VM

@@ -1,6 +1,8 @@
-"""RPyC's threaded, forking and one-shot servers with rpycsvc's connection setup: the fast
-stream, no compression, bounded frames. :class:`~rpycsvc.server.server.Server` picks one by
-``ServerConfig.mode`` from :data:`_SERVERS` and runs its accept loop itself.
+"""RPyC's threaded, forking and one-shot servers, with rpycsvc's connection setup.
+
+That setup is the fast stream, no compression and bounded frames.
+:class:`~rpycsvc.server.server.Server` picks one by ``ServerConfig.mode`` from
+:data:`_SERVERS` and runs its accept loop itself.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Serving one connection over a pair of pipes (stdin/stdout: an ssh channel), with its own
-worker pool and no listening socket: how a server deployed over SSH runs.
+"""Serving one connection over pipes (an ssh channel's stdin/stdout): how a deployed server runs.
+
+It has its own worker pool and no listening socket.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""A task as the worker pool books it (:class:`Task`), and the handle of the worker process it
-is sent to (:class:`_WorkerHandle`): the two records the pool's books are made of.
+"""What the worker pool books: a task (:class:`Task`) and the worker process it runs on.
+
+:class:`_WorkerHandle` is the pool's handle of a worker process, and the tasks sent to it.
 
 The server's connections (:mod:`rpycsvc.server.taskserver`, :mod:`rpycsvc.server.service`)
 make a :class:`Task` and submit it to :class:`~rpycsvc.server.pool.WorkerPool`; its payload

@@ -1,5 +1,7 @@
-"""Worker processes from the pool's side: starting one (``python -m rpycsvc.server.worker``),
-reading what it sends, seeing it die, and killing it with every process its tasks started.
+"""Worker processes from the pool's side: start one, read its messages, see it die, kill it.
+
+A worker is started as ``python -m rpycsvc.server.worker``, and killed with every process its
+tasks started.
 
 What a worker's messages mean for the pool's books (a task done, a worker ready or gone) is
 the pool's business: the reader hands them to a :class:`WorkerEvents`, the
