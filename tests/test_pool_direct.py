@@ -24,7 +24,8 @@ from rpycsvc.errors import (
     WorkerCrashedError,
 )
 from rpycsvc.protocol.serialization import dumps, dumps_function, loads
-from rpycsvc.server.pool import Task, WorkerPool
+from rpycsvc.server.pool import WorkerPool
+from rpycsvc.server.task import Task
 
 # -- tasks (run in workers; module-level so they pickle by reference) ----------------------
 

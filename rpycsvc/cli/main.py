@@ -219,7 +219,8 @@ def run(args: argparse.Namespace, *, classic_banner: bool = False) -> int:
     With ``classic_banner`` (``rpycsvc_classic``), oneshot mode prints what
     ``rpyc_classic`` prints there, ``rpyc-oneshot`` then ``HOST<tab>PORT``, which RPyC's
     own tests and scripts parse."""
-    from rpycsvc.server.server import Server, serve_stdio
+    from rpycsvc.server.server import Server
+    from rpycsvc.server.stdio import serve_stdio
 
     cfg = config_from_args(args)
     cfg.check_serves_something()

@@ -22,7 +22,7 @@ SETTINGS_LEN = struct.Struct(">Q")
 def remote_main(rfile: Any, wfile: Any) -> int:
     """Runs on the host (the bootstrap's entry): read settings, serve over the ssh pipes."""
     from rpycsvc.server.config import ServerConfig
-    from rpycsvc.server.server import serve_stdio
+    from rpycsvc.server.stdio import serve_stdio
 
     fd = rfile.fileno()
     head = _read_exact(fd, SETTINGS_LEN.size)

@@ -277,7 +277,7 @@ def open_listener() -> AttachListener | None:
 
 def serve_attached(sock: socket.socket, runtime: Any, service_type: type,
                    max_message: int) -> None:
-    """Serve one attached connection until it ends, as :func:`rpycsvc.server.server.serve_stdio`
+    """Serve one attached connection until it ends, as :func:`rpycsvc.server.stdio.serve_stdio`
     serves the ssh session: a pipe stream over the socket's descriptor, a FastChannel
     trusted with full-size messages (the peer is our own uid, behind ssh), and a new
     instance of ``service_type`` over ``runtime``."""

@@ -11,10 +11,9 @@ the task forked may hold that open). Thread-mode tasks share one worker process 
 threads; they are stopped by an exception raised in their thread, which takes effect only
 when the thread next runs Python code.
 
-Deadlines are kept in a heap, pruned of finished tasks in bulk. The thread that enforces
-them wakes at least every ``_TICK`` seconds while any is pending; if it finds much more time
-has passed than it slept (the server was stopped with SIGSTOP, or its VM paused), it moves
-every pending deadline on by the gap: time the server was frozen is not a task's running time.
+A task's timeout is kept by :class:`~rpycsvc.server.deadlines.Deadlines`, which stops it
+as a cancel does; time the server was frozen (SIGSTOP, a paused VM) does not count. Starting,
+reading and killing worker processes is :mod:`rpycsvc.server.workerprocess`.
 
 On :meth:`WorkerPool.close` (a graceful shutdown), queued tasks and tasks submitted
 meanwhile fail with :class:`~rpycsvc.errors.ServerDrainingError` (they never ran: a cluster
@@ -31,20 +30,14 @@ result pickled) and says so with the result: :attr:`Task.service_s`.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
-import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from rpycsvc.errors import (
     ConfigError,
@@ -55,73 +48,14 @@ from rpycsvc.errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from rpycsvc.server import wire as _wire
+from rpycsvc.server.deadlines import Deadlines
+from rpycsvc.server.task import Task, _WorkerHandle
+from rpycsvc.server.workerprocess import _describe_exit, _kill_tree, spawn_worker, watch_worker
 
 log = logging.getLogger("rpycsvc.pool")
 
-#: While deadlines are pending, the deadline thread wakes at least this often (seconds)...
-_TICK = 0.25
-#: ...and a wake-up later than planned by more than this (seconds) means the server was
-#: frozen (SIGSTOP, a paused VM) for that long: pending deadlines move on by as much. A
-#: thread merely starved of CPU for that long makes timeouts as much more lenient.
-_FROZEN_AFTER = 1.0
-#: The deadline heap is rebuilt without finished tasks' entries once it holds more than this
-#: many and more than twice as many as there are live tasks (so the cost is amortised).
-_PRUNE_AT = 64
 #: Upper bounds (seconds) of the task-duration histogram; the last catches everything.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, float("inf"))
-
-
-#: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
-#: raised (exception frames); error → the pool stopped or lost the task.
-DoneCallback = Callable[["Task", bool, "list[Any] | None", "TaskError | None"], None]
-
-
-@dataclass(eq=False)
-class Task:
-    """One unit of work, as the pool sees it (opaque payload frames, never unpickled here)."""
-
-    kind: str  # "pickled" | "path" | "endpoint"
-    spec: Any
-    frames: tuple[Any, ...]
-    on_done: DoneCallback
-    owner: Hashable = None
-    mode: str = "process"
-    timeout: float | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    on_output: Callable[[int, Any], None] | None = None  # fd 1/2 text, or 0: log record bytes
-    label: str = ""
-    client: str = ""
-    task_id: int = 0
-    state: str = "new"
-    started: float = 0.0
-    ending: str = ""
-    worker: _WorkerHandle | None = None
-    #: seconds the worker spent on the task, from reading it to its result pickled (set
-    #: before ``on_done`` runs; None if the worker never reported: timeout, cancel, crash)
-    service_s: float | None = None
-    #: on_module(name, answer): ask the task's client for module ``name`` and call
-    #: ``answer(reply)`` once it comes (see rpycsvc.protocol.forwarding); None: nobody to ask
-    on_module: Callable[[str, Callable[[Any], None]], None] | None = None
-
-
-
-class _WorkerHandle:
-    def __init__(self, role: str, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        self.role = role
-        self.proc = proc
-        self.sock = sock
-        self.reader: threading.Thread | None = None
-        self.send_lock = threading.Lock()
-        self.tasks: dict[int, Task] = {}
-        self.ready = threading.Event()
-        self.alive = True
-        self.stopping = ""  # why we killed it on purpose (timeout, cancel)
-
-    def send(self, control: tuple[Any, ...], frames: tuple[Any, ...] = ()) -> None:
-        with self.send_lock:
-            _wire.send_msg(self.sock, control, frames)
-
 
 
 class WorkerPool:
@@ -153,8 +87,7 @@ class WorkerPool:
         self._thread_worker: _WorkerHandle | None = None
         self._thread_queue: deque[Task] = deque()
         self._tasks: dict[int, Task] = {}
-        self._deadlines: list[tuple[float, int]] = []
-        self._deadline_cv = threading.Condition(self._lock)
+        self._deadlines = Deadlines(self._lock)
         self._settled_cv = threading.Condition(self._lock)  # a task finished (for close)
         self._finishing = 0  # tasks taken off the books whose on_done is still running
         self._closing = False
@@ -202,7 +135,7 @@ class WorkerPool:
             self._queues.clear()
             self._turns.clear()
             self._thread_queue.clear()
-            self._deadline_cv.notify_all()
+            self._deadlines.wake_locked()
         for t in queued:
             self._finish(t, False, None, ServerDrainingError(
                 f"the server is shutting down: task {t.label or t.task_id} was queued and "
@@ -331,18 +264,11 @@ class WorkerPool:
         task.started = time.monotonic()
         worker.tasks[task.task_id] = task
         if task.timeout is not None:
-            heapq.heappush(self._deadlines, (task.started + task.timeout, task.task_id))
-            self._deadline_cv.notify()
+            self._deadlines.add_locked(task.started + task.timeout, task.task_id)
 
-    def _prune_deadlines_locked(self) -> None:
-        """Drop finished tasks' deadline entries, in bulk once they outnumber the live
-        tasks (an entry is otherwise kept until its time comes: a day's timeout on a busy
-        server would be a day's worth of finished tasks)."""
-        heap = self._deadlines
-        if len(heap) > _PRUNE_AT and len(heap) > 2 * len(self._tasks):
-            tasks = self._tasks
-            heap[:] = [e for e in heap if e[1] in tasks and tasks[e[1]].state == "running"]
-            heapq.heapify(heap)
+    def _running_locked(self, task_id: int) -> bool:
+        task = self._tasks.get(task_id)
+        return task is not None and task.state == "running"
 
     def _thread_worker_locked(self) -> _WorkerHandle:
         if self._thread_worker is None or not self._thread_worker.alive:
@@ -357,101 +283,15 @@ class WorkerPool:
 
     # -- workers -----------------------------------------------------------------------------
     def _spawn(self, role: str) -> _WorkerHandle:
-        parent, child = socket.socketpair()
-        cmd = [sys.executable, "-m", "rpycsvc.server.worker", "--fd", str(child.fileno()),
-               "--role", role, "--threads", str(max(1, self.threads))]
-        if self.endpoint_modules:
-            cmd += ["--endpoints", ",".join(self.endpoint_modules)]
-        if self.memory_limit:
-            cmd += ["--memory-limit", str(self.memory_limit)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        fds = [child.fileno()]
-        bundle_fd = os.environ.get("RPYCSVC_BUNDLE_FD")
-        if bundle_fd and bundle_fd.isdigit():
-            fds.append(int(bundle_fd))
-        # (The worker makes itself a process group leader: see _kill_tree.)
-        proc = subprocess.Popen(
-            cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
-            stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else None)
-        child.close()
-        handle = _WorkerHandle(role, proc, parent)
+        handle = spawn_worker(role, threads=self.threads, endpoints=self.endpoint_modules,
+                              memory_limit=self.memory_limit)
         if role == "process":  # never called with the lock held for this role
             with self._lock:
                 self._workers.append(handle)
-        handle.reader = threading.Thread(target=self._reader, args=(handle,),
-                                         name=f"rpycsvc-w{proc.pid}", daemon=True)
-        handle.reader.start()
-        threading.Thread(target=self._watch, args=(handle,), name=f"rpycsvc-wait{proc.pid}",
-                         daemon=True).start()
+        watch_worker(handle, self)  # its reader thread calls the on_* methods below
         return handle
 
-    @staticmethod
-    def _watch(w: _WorkerHandle) -> None:
-        """Wait for the worker process to end, then end its channel on our side, so that
-        its reader sees the death now: a child the task forked holds the worker's end of the
-        channel open, and without this the death showed only when that child exited.
-        (Messages the worker sent before it died are still read: shutting down our side for
-        reading does not drop what is queued.)"""
-        try:
-            w.proc.wait()
-        except Exception:  # (never expected; the reader still sees the channel's end)
-            log.exception("waiting for worker %s failed", w.proc.pid)
-            return
-        try:
-            w.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _reader(self, w: _WorkerHandle) -> None:
-        try:
-            while True:
-                control, frames = _wire.recv_msg(w.sock)
-                op = control[0]
-                try:
-                    if op == "done":
-                        self._on_done(w, control[1], control[2], control[3], frames)
-                    elif op == "out":
-                        task = w.tasks.get(control[1])
-                        if task is not None and task.on_output is not None:
-                            task.on_output(control[2], control[3])
-                    elif op == "log":  # a pickled logging record, passed on as bytes
-                        task = w.tasks.get(control[1])
-                        if task is not None and task.on_output is not None:
-                            task.on_output(0, control[2])
-                    elif op == "need-module":
-                        self._on_need_module(w, *control[1:])
-                    elif op == "ready":
-                        self._on_ready(w, control)
-                except Exception:  # a bug here must not silence this worker for good
-                    log.exception("error handling %r from worker %s", op, w.proc.pid)
-                del control, frames  # don't keep the last (maybe 64 MiB) message alive
-        except (EOFError, OSError):
-            pass
-        self._on_exit(w)
-
-    @staticmethod
-    def _on_need_module(w: _WorkerHandle, task_id: int, req: int, name: str) -> None:
-        """A task of ``w`` imports a module the worker lacks: ask the task's client
-        (rpycsvc.protocol.forwarding). Never waits here: the answer goes to the worker when it comes
-        (the worker bounds the wait)."""
-        def answer(reply: Any) -> None:
-            try:
-                w.send(("module", req, reply))
-            except OSError:
-                pass  # the worker is gone
-
-        task = w.tasks.get(task_id)
-        if task is None or task.on_module is None:
-            answer(("none", name))
-            return
-        try:
-            task.on_module(name, answer)
-        except Exception as exc:  # e.g. the client's connection closed
-            answer(("error", name, f"could not ask the client for module {name!r}: "
-                    f"{type(exc).__name__}: {exc}"))
-
-    def _on_ready(self, w: _WorkerHandle, control: tuple[Any, ...]) -> None:
+    def on_worker_ready(self, w: _WorkerHandle, control: tuple[Any, ...]) -> None:
         _, _pid, names, error = control
         if error:
             self._start_failure = error
@@ -471,7 +311,7 @@ class WorkerPool:
             if t is not None:
                 self._send_task(w, t)
 
-    def _on_done(self, w: _WorkerHandle, task_id: int, ok: bool, service_s: float | None,
+    def on_task_done(self, w: _WorkerHandle, task_id: int, ok: bool, service_s: float | None,
                  frames: list[Any]) -> None:
         nxt: list[Task | None]
         with self._lock:
@@ -490,7 +330,7 @@ class WorkerPool:
         if task is not None:
             self._finish(task, ok, frames, None)
 
-    def _on_exit(self, w: _WorkerHandle) -> None:
+    def on_worker_exit(self, w: _WorkerHandle) -> None:
         code = w.proc.poll()
         if code is None:
             try:
@@ -558,7 +398,7 @@ class WorkerPool:
                 return  # already finished (e.g. a thread task that timed out, then returned)
             task.state = "done"
             if task.timeout is not None:
-                self._prune_deadlines_locked()
+                self._deadlines.prune_locked(self._running_locked, len(self._tasks))
             self.counters["done" if ok else "failed"] += 1
             if task.started:
                 took = time.monotonic() - task.started
@@ -605,38 +445,14 @@ class WorkerPool:
         return TaskCancelledError(f"task {name} was cancelled ({how})")
 
     def _deadline_loop(self) -> None:
-        planned: float | None = None  # when the last wait was to end (None: no bound)
-        with self._lock:
-            while not self._closing:
-                if planned is not None:
-                    late = time.monotonic() - planned
-                    if late > _FROZEN_AFTER:
-                        self._shift_deadlines_locked(late)
-                    planned = None
-                now = time.monotonic()
-                if self._deadlines and self._deadlines[0][0] <= now:
-                    _, task_id = heapq.heappop(self._deadlines)
-                    task = self._tasks.get(task_id)
-                    if task is not None and task.state == "running" and not task.ending:
-                        self._lock.release()
-                        try:
-                            self.cancel(task_id, "timeout")
-                        finally:
-                            self._lock.acquire()
-                    continue
-                wait = min(self._deadlines[0][0] - now, _TICK) if self._deadlines else None
-                if wait is not None:
-                    planned = now + wait
-                self._deadline_cv.wait(wait)
+        """The deadline thread: a running task past its timeout is stopped as a cancel does."""
+        self._deadlines.run(closing=lambda: self._closing, due=self._due_locked,
+                            expire=lambda task_id: self.cancel(task_id, "timeout"))
 
-    def _shift_deadlines_locked(self, gap: float) -> None:
-        """The server was frozen for about ``gap`` seconds: its tasks did not run meanwhile
-        (a stop of the whole process tree, a paused VM), so none of it counts against
-        their timeouts."""
-        log.warning("the server was frozen (stopped or paused) for %.1f s; the running tasks' "
-                    "timeouts are extended by as much", gap)
-        self._deadlines[:] = [(when + gap, task_id) for when, task_id in self._deadlines]
-        heapq.heapify(self._deadlines)
+    def _due_locked(self, task_id: int) -> bool:
+        """Whether task ``task_id``, whose deadline passed, still runs unstopped."""
+        task = self._tasks.get(task_id)
+        return task is not None and task.state == "running" and not task.ending
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -677,38 +493,3 @@ class WorkerPool:
 
 
 
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a worker's process group: the worker and whatever its tasks started (the
-    worker makes itself the leader of a group of its own as it starts, before it runs any
-    task). The group outlives the worker while a member lives, so this also reaches what a
-    dead worker left behind. (A new group, not a new session: with scheduler autogroups, a
-    session of its own changed how workers were scheduled against the server.)"""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        try:  # (no such group: the worker alone, if it is not reaped yet)
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _has_fileno(stream: Any) -> bool:
-    try:
-        stream.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exit status unknown"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " — possibly out of memory" if -code == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    return f"exit code {code}"

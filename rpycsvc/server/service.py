@@ -36,7 +36,8 @@ from rpycsvc.protocol.rpyc_connection import Deferred, ServerConnection
 from rpycsvc.protocol.serialization import dumps, loads
 from rpycsvc.protocol.tracebacks import load_exception
 from rpycsvc.server.hosted import HostedQueue, HostedSpec, QueueRegistry
-from rpycsvc.server.pool import Task, WorkerPool
+from rpycsvc.server.pool import WorkerPool
+from rpycsvc.server.task import Task
 from rpycsvc.server.taskserver import MAX_HELD, TaskEndpoint
 
 log = logging.getLogger("rpycsvc.server")

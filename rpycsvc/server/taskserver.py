@@ -33,7 +33,8 @@ from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, too_large_message
 from rpycsvc.protocol.serialization import check_plain
 from rpycsvc.protocol.taskframes import send_task
 from rpycsvc.server.config import check_timeout
-from rpycsvc.server.pool import Task, WorkerPool
+from rpycsvc.server.pool import WorkerPool
+from rpycsvc.server.task import Task
 
 log = logging.getLogger("rpycsvc.server")
 

@@ -49,35 +49,9 @@ from rpycsvc.server.workerio import (
     _FdPump,
     _LogForwarder,
     _Router,
+    _TaskContext,
     restore_std_fds,
 )
-
-
-class _TaskContext:
-    """What a running task's output is attributed to, and its pending output."""
-
-    __slots__ = ("chunks", "client", "fetch", "fetch_lock", "fetching", "forward", "lock",
-                 "logging", "sizes", "task_id")
-
-    def __init__(self, task_id: int, forward: bool, logging: bool = False) -> None:
-        self.task_id = task_id
-        #: asks the task's client for a module (rpycsvc.protocol.forwarding); None: nobody to ask
-        self.fetch: Fetch | None = None
-        #: the token of the task's client (its ``fwd`` option; "" if it forwards nothing)
-        self.client = ""
-        #: held while one of the task's imports asks its client; ``fetching`` goes False
-        #: when the task returns (see Worker.end_fetching): a thread the task started
-        #: gets nothing from the client after that
-        self.fetch_lock = threading.Lock()
-        self.fetching = True
-        self.forward = forward
-        self.logging = logging
-        self.lock = threading.Lock()
-        # Pending text per fd, as pieces (appending to one str would be quadratic). Writers
-        # append without a lock (deque.append is atomic); flushers take ``lock`` and pop from
-        # the left, so a write racing a flush is never lost. ``sizes`` is approximate.
-        self.chunks: dict[int, deque[str]] = {1: deque(), 2: deque()}
-        self.sizes = {1: 0, 2: 0}
 
 
 class Worker:
@@ -242,10 +216,10 @@ class Worker:
         ctx.sizes[fd] += len(text)
         if ctx.sizes[fd] >= FLUSH_BYTES:
             with ctx.lock:
-                self._flush_locked(ctx, fd, whole_lines=True)
+                self.flush_locked(ctx, fd, whole_lines=True)
         return True
 
-    def _flush_locked(self, ctx: _TaskContext, fd: int, whole_lines: bool) -> None:
+    def flush_locked(self, ctx: _TaskContext, fd: int, whole_lines: bool) -> None:
         pending = ctx.chunks[fd]
         n = len(pending)
         if not n:
@@ -267,7 +241,7 @@ class Worker:
     def flush(self, ctx: _TaskContext, whole_lines: bool) -> None:
         with ctx.lock:
             for fd in (1, 2):
-                self._flush_locked(ctx, fd, whole_lines)
+                self.flush_locked(ctx, fd, whole_lines)
 
     def emit_log(self, record_dict: dict[str, Any], ctx: _TaskContext) -> None:
         """Forward a logging record of a task whose client asked for its logs."""

@@ -3,7 +3,9 @@
 ``sys.stdout``/``sys.stderr`` of a worker are :class:`_Router` objects that give each write to
 the task that made it (by thread); a process worker's file descriptors 1 and 2 are pipes
 read by :class:`_FdPump` objects (output of C code and child processes); logging records go
-through :class:`_LogForwarder`. The :class:`~rpycsvc.server.worker.Worker` buffers and sends it.
+through :class:`_LogForwarder`. Each running task has a :class:`_TaskContext` holding its
+pending output; the :class:`~rpycsvc.server.worker.Worker` buffers and sends it (what this
+module needs of it is :class:`_Worker`).
 
 A task may close or replace descriptors 0-2; :func:`restore_std_fds` puts them back after
 each task. Otherwise the next descriptor opened in the worker (a file a later task opens, a
@@ -18,10 +20,10 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from rpycsvc.server.worker import Worker
+from rpycsvc.protocol.module_finder import Fetch
 
 #: A running task's output is sent at least this often (seconds)...
 FLUSH_INTERVAL = 0.05
@@ -29,10 +31,55 @@ FLUSH_INTERVAL = 0.05
 FLUSH_BYTES = 32 * 1024
 
 
+class _TaskContext:
+    """What a running task's output is attributed to, and its pending output."""
+
+    __slots__ = ("chunks", "client", "fetch", "fetch_lock", "fetching", "forward", "lock",
+                 "logging", "sizes", "task_id")
+
+    def __init__(self, task_id: int, forward: bool, logging: bool = False) -> None:
+        self.task_id = task_id
+        #: asks the task's client for a module (rpycsvc.protocol.forwarding); None: nobody to ask
+        self.fetch: Fetch | None = None
+        #: the token of the task's client (its ``fwd`` option; "" if it forwards nothing)
+        self.client = ""
+        #: held while one of the task's imports asks its client; ``fetching`` goes False
+        #: when the task returns (see Worker.end_fetching): a thread the task started
+        #: gets nothing from the client after that
+        self.fetch_lock = threading.Lock()
+        self.fetching = True
+        self.forward = forward
+        self.logging = logging
+        self.lock = threading.Lock()
+        # Pending text per fd, as pieces (appending to one str would be quadratic). Writers
+        # append without a lock (deque.append is atomic); flushers take ``lock`` and pop from
+        # the left, so a write racing a flush is never lost. ``sizes`` is approximate.
+        self.chunks: dict[int, deque[str]] = {1: deque(), 2: deque()}
+        self.sizes = {1: 0, 2: 0}
+
+
+class _Worker(Protocol):
+    """What the routers, pumps and log handler here need of the worker that sends the
+    output (:class:`rpycsvc.server.worker.Worker`), which imports this module."""
+
+    #: ``local.ctx``: the task running on this thread, if any
+    local: threading.local
+    #: the task on the main thread (process role): fd-level output belongs to it
+    inline: _TaskContext | None
+
+    def current(self) -> _TaskContext | None: ...
+
+    def write(self, fd: int, text: str, ctx: _TaskContext | None) -> bool: ...
+
+    def flush_locked(self, ctx: _TaskContext, fd: int, whole_lines: bool) -> None: ...
+
+    def emit_log(self, record_dict: dict[str, Any], ctx: _TaskContext) -> None: ...
+
+
 class _Router(io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` of a worker: routes each write to the task that made it."""
 
-    def __init__(self, worker: Worker, fd: int, fallback: io.TextIOBase) -> None:
+    def __init__(self, worker: _Worker, fd: int, fallback: io.TextIOBase) -> None:
         self._worker = worker
         self._local = worker.local
         self._fd = fd
@@ -53,7 +100,7 @@ class _Router(io.TextIOBase):
             ctx.sizes[fd] += len(text)
             if ctx.sizes[fd] >= FLUSH_BYTES:
                 with ctx.lock:
-                    self._worker._flush_locked(ctx, fd, whole_lines=True)
+                    self._worker.flush_locked(ctx, fd, whole_lines=True)
         return len(text)
 
     def flush(self) -> None:
@@ -78,7 +125,7 @@ class _FdPump:
     whatever is still in the pipe when a task ends and attribute it to that task.
     """
 
-    def __init__(self, worker: Worker, fd: int, log: io.TextIOBase) -> None:
+    def __init__(self, worker: _Worker, fd: int, log: io.TextIOBase) -> None:
         self.worker, self.fd, self.log = worker, fd, log
         self.lock = threading.Lock()
         r, w = os.pipe()
@@ -161,7 +208,7 @@ class _LogForwarder(logging.Handler):
     """Root handler in a worker: sends a task's records to its client when asked to,
     otherwise prints warnings and worse to stderr like Python's last-resort handler."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: _Worker) -> None:
         super().__init__(logging.DEBUG)
         self.worker = worker
 
