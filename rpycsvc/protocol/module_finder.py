@@ -8,7 +8,8 @@ runs, and only through the task's own client (see ``fetch`` in :mod:`rpycsvc.ser
 server never asks outside an import. Requests go by one function per path — over the
 worker's channel to the server, which asks the client with a task message on the
 client's connection (:mod:`rpycsvc.server.workerprocess`,
-:mod:`rpycsvc.server.taskserver`) — and each waits at most :data:`FETCH_TIMEOUT` seconds: a client that does not answer makes the import fail with
+:mod:`rpycsvc.server.taskserver`) — and each waits at most :data:`FETCH_TIMEOUT`
+seconds: a client that does not answer makes the import fail with
 an ``ImportError`` that says so.
 
 Thread-mode tasks share one process and so one ``sys.modules``: tasks of one client share
