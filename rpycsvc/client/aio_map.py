@@ -10,7 +10,6 @@ them on the servers (after a ``break`` asyncio closes it as soon as it is droppe
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import time
 from collections import deque
@@ -18,11 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from rpycsvc.client.future import TaskFuture
-from rpycsvc.client.jobs import PIPELINE, _Job
-from rpycsvc.client.mapping import RAMP_SECONDS, ChunkSizer, _length, reduce_chunk
+from rpycsvc.client.jobs import _Job
+from rpycsvc.client.mapping import RAMP_SECONDS, ChunkSizer, plan_map, reduce_chunk
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
-from rpycsvc.protocol.serialization import dumps, dumps_function
 from rpycsvc.protocol.tracebacks import load_exception
 
 if TYPE_CHECKING:
@@ -48,40 +45,9 @@ def async_map(ac: FanOutCluster, fn: Any, iterables: tuple[Iterable[Any], ...], 
              ordered: bool, chunksize: int | None, timeout: float | None, retries: int,
              opts: dict[str, Any]) -> AsyncIterator[Any]:
     """Validate eagerly (as the sync ``map``), then return the lazy async iterator."""
-    if not iterables:
-        raise ConfigError("map needs at least one iterable")
-    cluster = ac.cluster
-    head: tuple[bytes, ...] = ()
-    spec: str | None
-    if isinstance(fn, str):
-        kind, spec = ("path" if ":" in fn else "endpoint"), fn
-    else:
-        kind, spec, head = "pickled", None, (dumps_function(fn),)
-    total = _length(iterables)
-    threaded = opts.get("mode") == "thread"
-    if chunksize is None and opts.get("timeout") is not None:
-        chunksize = 1  # a per-task timeout must time one task, not a batch
-    if chunksize is None and threaded:
-        servers = max(1, len(cluster.clients))
-        chunksize = max(1, min(64, -(-total // (2 * servers)))) if total else 16
-    sizer = ChunkSizer(chunksize, cluster.total_workers, total)
-    label = spec or getattr(fn, "__qualname__", "task")
-    window = max(4, 2 * PIPELINE * max(1, cluster.total_workers))
-    if threaded:
-        window = max(window, cluster.total_threads // max(1, chunksize or 1))
+    _, sizer, window, make_job = plan_map(ac.cluster._scheduler, fn, iterables,
+                                          chunksize=chunksize, retries=retries, opts=opts)
     deadline = None if timeout is None else time.monotonic() + timeout
-
-    def make_job(items: list[tuple[Any, ...]]) -> _Job:
-        fut = TaskFuture()
-        frames = dumps(items, "map arguments")
-        sizer.pickled(len(items), sum(memoryview(f).nbytes for f in frames))
-        job = _Job(kind, spec, (*head, *frames),
-                   {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
-        job.size = len(items)
-        job.observe = sizer.observe
-        fut._stopper = functools.partial(cluster._scheduler.stop_job, job)
-        return job
-
     return _results(ac, iterables, make_job, sizer, window, ordered, deadline)
 
 

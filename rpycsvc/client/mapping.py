@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
@@ -146,14 +146,23 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None
 
 
-def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
-            chunksize: int | None, timeout: float | None, progress: bool, retries: int,
-            opts: dict[str, Any]) -> Iterator[Any]:
-    """Validate eagerly (like ``Executor.map``), then return the lazy result iterator.
+class MapPlan(NamedTuple):
+    """How a map goes out, whichever API drives it (this one or :mod:`rpycsvc.client.aio_map`):
+    the input's length if known, the chunk sizer, how many chunks may be in flight, and
+    how a chunk of items becomes a job for the scheduler."""
 
-    ``timeout`` is the deadline for the iteration (from now); ``opts["timeout"]``, if
-    any, is each task's limit on its server (tasks then go one item per task unless
-    ``chunksize`` is given, when it limits each chunk)."""
+    total: int | None
+    sizer: ChunkSizer
+    window: int
+    make_job: Callable[[list[tuple[Any, ...]]], _Job]
+
+
+def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...], *,
+             chunksize: int | None, retries: int, opts: dict[str, Any]) -> MapPlan:
+    """Check a map's arguments (eagerly, like ``Executor.map``) and plan how it goes out.
+
+    ``opts["timeout"]``, if any, is each task's limit on its server: tasks then go one item
+    per task unless ``chunksize`` is given, when it limits each chunk."""
     if not iterables:
         raise ConfigError("map needs at least one iterable")
     head: tuple[bytes, ...] = ()
@@ -175,12 +184,6 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
     window = max(4, 2 * PIPELINE * max(1, scheduler.total_workers))
     if threaded:
         window = max(window, scheduler.total_threads // max(1, chunksize or 1))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    bar = None
-    if progress:
-        from rpycsvc.client.progress import Progress
-
-        bar = Progress(total)
 
     def make_job(items: list[tuple[Any, ...]]) -> _Job:
         fut = TaskFuture()
@@ -193,6 +196,25 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
         # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
         fut._stopper = functools.partial(scheduler.stop_job, job)
         return job
+
+    return MapPlan(total, sizer, window, make_job)
+
+
+def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...], *, ordered: bool,
+            chunksize: int | None, timeout: float | None, progress: bool, retries: int,
+            opts: dict[str, Any]) -> Iterator[Any]:
+    """Validate eagerly (like ``Executor.map``), then return the lazy result iterator.
+
+    ``timeout`` is the deadline for the iteration (from now); ``opts["timeout"]``, if
+    any, is each task's limit on its server (see :func:`plan_map`)."""
+    total, sizer, window, make_job = plan_map(scheduler, fn, iterables, chunksize=chunksize,
+                                              retries=retries, opts=opts)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar = None
+    if progress:
+        from rpycsvc.client.progress import Progress
+
+        bar = Progress(total)
 
     def results() -> Iterator[Any]:
         source = zip(*iterables)
