@@ -10,7 +10,6 @@ them on the servers (after a ``break`` asyncio closes it as soon as it is droppe
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable
@@ -18,7 +17,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rpycsvc.client.jobs import _Job
-from rpycsvc.client.mapping import RAMP_SECONDS, ChunkSizer, plan_map, reduce_chunk
+from rpycsvc.client.mapping import ChunkFeed, ChunkSizer, plan_map, reduce_chunk
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
 from rpycsvc.protocol.tracebacks import load_exception
 
@@ -57,34 +56,20 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
     from rpycsvc.client.aio_bridge import AsyncTaskFuture
 
     loop = ac._rt.bind()
-    source = zip(*iterables)
+    feed = ChunkFeed(iterables, sizer, window)
     inflight: deque[AsyncTaskFuture] = deque()
     finished: asyncio.Queue[AsyncTaskFuture] = asyncio.Queue()
-    taken = 0
-    exhausted = False
-    ramp_end: float | None = None
     try:
         while True:
-            limit = window
-            if ramp_end is not None and time.monotonic() < ramp_end:
-                limit = sizer.in_flight(window)
-            while not exhausted and len(inflight) < limit:
-                items = list(itertools.islice(source, sizer.next_size(taken)))
-                if not items:
-                    exhausted = True
-                    break
-                taken += len(items)
+            for items in feed.take(len(inflight)):
                 afut = AsyncTaskFuture(loop=loop)
                 if not ordered:
                     afut.add_done_callback(finished.put_nowait)
                 inflight.append(afut)
                 ac.send(afut, make_job(items))
-                if ramp_end is None:
-                    ramp_end = time.monotonic() + RAMP_SECONDS
-                    limit = sizer.in_flight(window)
             if not inflight:
                 return
-            until = ramp_end if limit < window and not exhausted else None
+            until = feed.wait_until()
             if ordered:
                 afut = inflight[0]
                 if not await _wait_one(afut, deadline, until):

@@ -146,6 +146,51 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None
 
 
+class ChunkFeed:
+    """The input side of a map's window: takes chunks of items from the input only while
+    fewer than the window's chunks are in flight, and ramps up (see :class:`ChunkSizer`).
+
+    The sync map and the asyncio map (:mod:`rpycsvc.client.aio_map`) share it; each sends
+    the chunks :meth:`take` yields and waits for results its own way."""
+
+    def __init__(self, iterables: tuple[Iterable[Any], ...], sizer: ChunkSizer,
+                 window: int) -> None:
+        self._source = zip(*iterables)
+        self._sizer = sizer
+        self.window = window
+        self.taken = 0
+        self.exhausted = False
+        self._ramp_end: float | None = None  # set as the first chunk goes
+        self._limit = window
+
+    def take(self, in_flight: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Chunks to send now, given ``in_flight`` chunks already out: the caller sends each
+        (one more in flight) before asking for the next."""
+        limit = self.window
+        if self._ramp_end is not None and time.monotonic() < self._ramp_end:
+            limit = self._sizer.in_flight(self.window)
+        while not self.exhausted and in_flight < limit:
+            items = list(itertools.islice(self._source, self._sizer.next_size(self.taken)))
+            if not items:
+                self.exhausted = True
+                break
+            self.taken += len(items)
+            yield items
+            in_flight += 1
+            if self._ramp_end is None:
+                self._ramp_end = time.monotonic() + RAMP_SECONDS
+                limit = self._sizer.in_flight(self.window)
+        self._limit = limit
+
+    def wait_until(self) -> float | None:
+        """How long to wait for a result before taking more: while ramping up (fewer chunks
+        in flight than the window allows), only until the ramp ends, then fill the window;
+        otherwise (None) until a result comes."""
+        if self._limit < self.window and not self.exhausted:
+            return self._ramp_end
+        return None
+
+
 class MapPlan(NamedTuple):
     """How a map goes out, whichever API drives it (this one or :mod:`rpycsvc.client.aio_map`):
     the input's length if known, the chunk sizer, how many chunks may be in flight, and
@@ -217,37 +262,21 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
         bar = Progress(total)
 
     def results() -> Iterator[Any]:
-        source = zip(*iterables)
+        feed = ChunkFeed(iterables, sizer, window)
         inflight: deque[_Job] = deque()
         done_q: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        taken = 0
-        exhausted = False
-        ramp_end: float | None = None  # set as the first chunk goes
         try:
             while True:
-                limit = window
-                if ramp_end is not None and time.monotonic() < ramp_end:
-                    limit = sizer.in_flight(window)
-                while not exhausted and len(inflight) < limit:
-                    items = list(itertools.islice(source, sizer.next_size(taken)))
-                    if not items:
-                        exhausted = True
-                        break
-                    taken += len(items)
+                for items in feed.take(len(inflight)):
                     job = make_job(items)
                     if not ordered:  # (in order, nothing reads the queue: it would keep
                         # every result of the map alive)
                         job.future.add_done_callback(functools.partial(_put, done_q, job))
                     inflight.append(job)
                     scheduler.enqueue([job])
-                    if ramp_end is None:
-                        ramp_end = time.monotonic() + RAMP_SECONDS
-                        limit = sizer.in_flight(window)
                 if not inflight:
                     return
-                # Ramping up (fewer chunks in flight than the window allows): wait for a
-                # result only until the ramp ends, then fill the window.
-                until = ramp_end if limit < window and not exhausted else None
+                until = feed.wait_until()
                 if ordered:
                     job = inflight[0]
                     if not _wait_future(job.future, deadline, until):
