@@ -161,7 +161,7 @@ def test_a_ca_without_key_usage_fails_with_a_clear_error(
     assert "CA cert does not include key usage extension" in message
     assert "CERTIFICATE_VERIFY_FAILED" in message
     assert "keyUsage on the CA" in message
-    assert 'README section "TLS certificates"' in message
+    assert 'docs/server.md, section "TLS certificates"' in message
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
 
 

@@ -5,15 +5,15 @@ extension") names the defect but not the fix. The commonest case since Python 3.
 ``ssl.create_default_context()`` turns on strict X.509 verification (``VERIFY_X509_STRICT``),
 which refuses certificates from a quick ``openssl req -x509`` recipe that older Pythons
 accepted. :func:`handshake_failure` keeps OpenSSL's reason and adds what to do, pointing to
-the README's certificate recipe.
+the certificate recipe in docs/server.md.
 """
 
 from __future__ import annotations
 
 import ssl
 
-#: The README section with a certificate recipe that passes strict verification.
-RECIPE = 'the README section "TLS certificates"'
+#: The docs section with a certificate recipe that passes strict verification.
+RECIPE = 'docs/server.md, section "TLS certificates"'
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) that have a specific fix.
 _EXPIRED = {9: "is not valid yet", 10: "has expired"}

@@ -2,7 +2,7 @@
 
 :class:`ServeProcess` runs a server on 127.0.0.1 with the given ``RPYCSVC_*`` settings (an
 authkey, TLS files); :func:`make_certs` makes the throwaway CA and server certificate with the
-``openssl`` command, by the README's TLS recipe.
+``openssl`` command, by the TLS recipe in docs/server.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rpycsvc.cli.bench.report import BenchError
 
 
 def make_certs(d: Path) -> tuple[Path, Path, Path]:
-    """(ca.pem, server.pem, server.key) for 127.0.0.1, by the README's TLS recipe."""
+    """(ca.pem, server.pem, server.key) for 127.0.0.1, by the TLS recipe in docs/server.md."""
     exts = {
         "ca": "basicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n"
               "subjectKeyIdentifier = hash\n",

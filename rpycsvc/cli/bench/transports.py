@@ -2,7 +2,7 @@
 
 The section starts its own servers on 127.0.0.1 (TLS and SSH need a setup of their own, so
 ``--transports`` takes no HOSTs or ``--local``): a plain TCP server, one with an authkey, one
-with TLS (throwaway certificates made with the ``openssl`` CLI, as in the README's TLS
+with TLS (throwaway certificates made with the ``openssl`` CLI, as in docs/server.md's TLS
 section), and a server deployed with ``rpycsvc.deploy`` over SSH to a private sshd it starts (when
 ``/usr/sbin/sshd`` is installed). Each gets 2 workers. Over each it measures sync
 ``compute(noop)`` p50, unbatched ``submit`` futures per second and 64 MiB of bytes up and
