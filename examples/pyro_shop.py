@@ -26,7 +26,8 @@ import time
 from collections.abc import Iterator
 
 import rpycsvc
-from rpycsvc.server.registry import discover, start_registry, stop_registry
+from rpycsvc.client.discovery import discover
+from rpycsvc.server.registry import start_registry, stop_registry
 
 
 @contextlib.contextmanager
