@@ -85,6 +85,15 @@ def size_of(data: bytes) -> int:
     return len(data)
 
 
+def first_of_empty() -> Any:
+    return next(iter([]))  # raises StopIteration, which asyncio futures refuse to hold
+
+
+def slow_identity(x: int) -> int:
+    time.sleep(0.3)
+    return x
+
+
 async def pid_from(path: Path) -> int:
     return int(await until(lambda: path.exists() and path.read_text(), f"{path} written"))
 
@@ -125,6 +134,28 @@ def test_submit_map_map_reduce_as_completed(addresses: list[str]) -> None:
             # the sync cluster's options, per task
             with pytest.raises(rpycsvc.TaskTimeoutError):
                 await cluster.options(timeout=0.5).submit(time.sleep, 30)
+
+    run(main())
+
+
+def test_a_task_raising_stop_iteration_fails_and_strands_no_other_result(
+        addresses: list[str]) -> None:
+    """``next()`` on an empty iterator in a task: the awaiting coroutine gets a RuntimeError
+    caused by the StopIteration (as PEP 479 does for generators) instead of hanging, and a
+    result that reached the loop in the same batch is still delivered (review finding: both
+    hung, the batch's hand-over aborted by asyncio's TypeError)."""
+    async def main() -> None:
+        async with AsyncCluster(addresses) as cluster:
+            bad = cluster.submit(first_of_empty)
+            good = cluster.submit(slow_identity, 42)
+            time.sleep(1.5)  # the loop is busy: both results arrive in one batch
+            with pytest.raises(RuntimeError, match="StopIteration") as info:
+                await asyncio.wait_for(bad, WAIT)
+            assert isinstance(info.value.__cause__, StopIteration)
+            assert await asyncio.wait_for(good, WAIT) == 42
+            async with await aconnect(addresses[0]) as client:
+                with pytest.raises(RuntimeError, match="StopIteration"):
+                    await asyncio.wait_for(client.submit(first_of_empty), WAIT)
 
     run(main())
 

@@ -157,3 +157,58 @@ def test_session_that_exits_is_reported(server: rpycsvc.Server) -> None:
     with rpycsvc.connect(server.address) as client, RemoteSession(client.conn) as s, \
             pytest.raises(SessionError, match="exit status 5"):
         s.run("import os; os._exit(5)", lambda fd, t: None)
+
+
+SERVE_VENDORED = '''
+import os, sys
+import rpycsvc
+from rpycsvc.client.remote_session import RemoteSession, SessionError
+assert os.path.dirname(os.path.dirname(rpycsvc.__file__)) == os.path.dirname(__file__)
+srv = rpycsvc.Server(rpycsvc.ServerConfig(port=0, workers=1))
+srv.start()
+try:
+    with rpycsvc.connect(srv.address) as client:
+        with RemoteSession(client.conn, timeout=30) as s:
+            out = []
+            s.run("print(6 * 7)", lambda fd, text: out.append(text))
+            print("session ran:", "".join(out).strip())
+finally:
+    srv.close(grace=0)
+'''
+
+
+def test_a_session_imports_the_servers_own_rpycsvc(tmp_path: os.PathLike[str]) -> None:
+    """A server whose rpycsvc is importable only from its script's folder (vendored: not
+    installed, not on PYTHONPATH, not the cwd): the session process finds rpycsvc where the
+    server found it (review finding: it looked one folder too deep after the package got
+    folders, and every session failed with ModuleNotFoundError)."""
+    import importlib.util
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    system = "/usr/bin/python3"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+
+    def system_runs(code: str) -> bool:
+        return subprocess.run([system, "-c", code], cwd="/", env=env,
+                              capture_output=True).returncode == 0
+
+    if not os.path.exists(system) or not system_runs(
+            "import sys; assert sys.version_info >= (3, 9)"):
+        pytest.skip("needs the system's python3, 3.9 or newer")
+    if system_runs("import rpycsvc"):
+        pytest.skip("the system's python3 has rpycsvc installed: it would hide the case")
+    app = Path(tmp_path) / "app"
+    app.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(Path(rpycsvc.__file__).parent, app / "rpycsvc", ignore=ignore)
+    for name in ("rpyc", "plumbum", "cloudpickle"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations
+        shutil.copytree(next(iter(spec.submodule_search_locations)), app / name,
+                        ignore=ignore)
+    (app / "serve.py").write_text(SERVE_VENDORED)
+    res = subprocess.run([system, str(app / "serve.py")], cwd="/", capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 0 and "session ran: 42" in res.stdout, res.stdout + res.stderr

@@ -21,9 +21,10 @@ How it works, and why the event loop never blocks on the network:
 - Control calls (connecting, ``stats()``, ``ping()``, closing, which are RPyC calls that
   wait for their answer) run on a small private thread pool, never on the loop's thread.
 - Cancelling what awaits a task (``asyncio.wait_for``'s or ``asyncio.timeout``'s deadline,
-  ``task.cancel()``, a ``gather`` that fails) cancels its future, and that stops the task
-  on its server as :meth:`rpycsvc.TaskFuture.stop` does: a queued task is dropped, a
-  running one's worker is killed and replaced.
+  ``task.cancel()``, a cancelled ``gather`` or ``TaskGroup``) cancels its future, and that
+  stops the task on its server as :meth:`rpycsvc.TaskFuture.stop` does: a queued task is
+  dropped, a running one's worker is killed and replaced. (A ``gather`` whose task fails
+  cancels nothing: its other tasks run on.)
 
 ``map``, ``as_completed`` and ``map_reduce`` are in :mod:`rpycsvc.client.aio_map`; the hand-over of
 results to the loop and the sending without waiting in :mod:`rpycsvc.client.aio_bridge`.

@@ -101,9 +101,20 @@ def _transfer(afut: asyncio.Future, tfut: Future) -> None:
         return
     exc = tfut._exception
     if exc is not None:
-        afut.set_exception(exc)
+        afut.set_exception(awaitable_error(exc))
     else:
         afut.set_result(tfut._result)
+
+
+def awaitable_error(exc: BaseException) -> BaseException:
+    """``exc`` as an asyncio future can hold it: asyncio refuses ``StopIteration`` (it would
+    end the awaiting coroutine silently), so a task that raised one (``next()`` on an empty
+    iterator) fails with a ``RuntimeError`` caused by it, as PEP 479 does for generators."""
+    if isinstance(exc, StopIteration):
+        err = RuntimeError(f"the task raised StopIteration: {exc!r}")
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 class _Inbox:
@@ -142,7 +153,11 @@ class _Inbox:
                 afut, tfut = pop()
             except IndexError:
                 return
-            _transfer(afut, tfut)
+            try:
+                _transfer(afut, tfut)
+            except Exception as exc:  # one future that can't be settled must not strand the rest
+                if not afut.done():
+                    afut.set_exception(exc)
 
 
 def _looks_big(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -232,4 +247,4 @@ class _Runtime:
 
 def _fail(afut: asyncio.Future, exc: BaseException) -> None:
     if not afut.done():
-        afut.set_exception(exc)
+        afut.set_exception(awaitable_error(exc))

@@ -1,6 +1,6 @@
 """``AsyncCluster.map``, ``as_completed`` and ``map_reduce``: the sync fan-out, awaited.
 
-``map`` is :func:`rpycsvc._mapping.run_map` with its waits turned into awaits: the same
+``map`` is :func:`rpycsvc.client.mapping.run_map` with its waits turned into awaits: the same
 chunk sizer, window and jobs, queued on the same :class:`~rpycsvc.Cluster`; only waiting
 differs. It is an async generator, so leaving ``async for`` early (``break``, an exception,
 a cancelled task) closes it, and closing it cancels its unfinished chunks, which stops
@@ -168,7 +168,7 @@ async def as_completed(ac: FanOutCluster, futures: Iterable[Awaitable[Any]],
 async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], Any],
                      iterable: Iterable[Any], *, initializer: Any, by_key: bool,
                      chunksize: int | None, timeout: float | None) -> Any:
-    """``rpycsvc._mapping.run_map_reduce``, awaited: chunks reduce on the servers, the
+    """``rpycsvc.client.mapping.run_map_reduce``, awaited: chunks reduce on the servers, the
     partials here in input order (the reducer need not be commutative)."""
     items = list(iterable)
     if not items and not by_key and initializer is None:

@@ -263,7 +263,9 @@ class SessionHost:
             pass
         cmd_r, cmd_w = os.pipe()
         evt_r, evt_w = os.pipe()
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the folder holding the rpycsvc package (this file is rpycsvc/client/...): the
+        # session process imports rpycsvc from there, as this server did
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         boot = (f"__import__('sys').path.append({here!r}); "
                 "__import__('rpycsvc.client.session_child', fromlist=['_']).child_main()")
         try:
