@@ -43,7 +43,7 @@ matrix: $(VPY)
 
 lint: $(VPY)
 	$(PIP) -e '.[dev]'
-	$(VPY) -m ruff check rpycsvc tests examples
+	$(VPY) -m ruff check rpycsvc tests examples tools
 	$(VPY) -m mypy
 
 clean:
