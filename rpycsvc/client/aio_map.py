@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rpycsvc.client.jobs import _Job
-from rpycsvc.client.mapping import ChunkFeed, ChunkSizer, plan_map, reduce_chunk
+from rpycsvc.client.mapping import ChunkFeed, ChunkSizer, PartialFold, plan_map, reduce_chunk
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
 from rpycsvc.protocol.tracebacks import load_exception
 
@@ -178,8 +178,7 @@ async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], A
     deadline = None if timeout is None else time.monotonic() + timeout
     futs = [ac.submit(reduce_chunk, fn, reducer, False, None, by_key, items[i:i + size])
             for i in range(0, len(items), size)]
-    result: Any = {} if by_key else initializer
-    first = initializer is None and not by_key
+    fold = PartialFold(reducer, initializer, by_key)
     try:
         for fut in futs:
             if deadline is not None and not fut.done():
@@ -187,16 +186,9 @@ async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], A
                 if not fut.done():
                     raise RpycsvcTimeoutError(
                         f"map_reduce did not finish within its timeout of {timeout:g} s")
-            part = await fut
-            if by_key:
-                for key, value in part.items():
-                    result[key] = reducer(result[key], value) if key in result else value
-            elif first:
-                result, first = part, False
-            else:
-                result = reducer(result, part)
+            fold.add(await fut)
     except BaseException:
         for f in futs:  # one chunk failed, the deadline passed or we were cancelled
             f.cancel()
         raise
-    return result
+    return fold.result

@@ -403,8 +403,7 @@ def _reduce_chunks(cluster: _Submitter, fn: Any, reducer: Callable[[Any, Any], A
         for i, fut in enumerate(futs):
             fut.add_done_callback(functools.partial(
                 _count_chunk, bar, len(items[i * size:(i + 1) * size])))
-    result: Any = {} if by_key else initializer
-    first = initializer is None and not by_key
+    fold = PartialFold(reducer, initializer, by_key)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         for fut in futs:  # in input order: the reducer need not be commutative
@@ -416,15 +415,32 @@ def _reduce_chunks(cluster: _Submitter, fn: Any, reducer: Callable[[Any, Any], A
                     raise
                 raise RpycsvcTimeoutError(
                     f"map_reduce did not finish within its timeout of {timeout:g} s") from exc
-            if by_key:
-                for key, value in part.items():
-                    result[key] = reducer(result[key], value) if key in result else value
-            elif first:
-                result, first = part, False
-            else:
-                result = reducer(result, part)
+            fold.add(part)
     except BaseException:
         for f in futs:  # one chunk failed (or we gave up): the others are of no use now
             f.stop()
         raise
-    return result
+    return fold.result
+
+
+class PartialFold:
+    """Combines a map_reduce's partial results in input order (the reducer need not be
+    commutative): by key (a dict per chunk), or one value, the first partial standing in
+    for a missing ``initializer``. The sync and the asyncio map_reduce share it."""
+
+    def __init__(self, reducer: Callable[[Any, Any], Any], initializer: Any,
+                 by_key: bool) -> None:
+        self._reducer, self._by_key = reducer, by_key
+        self.result: Any = {} if by_key else initializer
+        self._first = initializer is None and not by_key
+
+    def add(self, part: Any) -> None:
+        """Fold in the next chunk's partial result."""
+        if self._by_key:
+            for key, value in part.items():
+                self.result[key] = (self._reducer(self.result[key], value)
+                                    if key in self.result else value)
+        elif self._first:
+            self.result, self._first = part, False
+        else:
+            self.result = self._reducer(self.result, part)
