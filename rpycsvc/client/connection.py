@@ -434,10 +434,6 @@ def _label(task: Any, spec: Any) -> str:
     return str(spec) if spec else getattr(task, "__qualname__", "task")
 
 
-def _ignore(status: str, value: Any) -> None:
-    """The pending entry of a task whose reply is read in the calling thread."""
-
-
 def connect_stream(stream: Any, *, address: str, hello: dict[str, Any] | None = None,
                    router: OutputRouter | None = None,
                    lost_after: float | None = DEFAULT_LOST_AFTER,
