@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 
@@ -61,6 +62,25 @@ class _Child:
 
     def _defer(self, signum: int, frame: Any) -> None:
         self.deferred = True
+
+    def catch_swallowed_interrupts(self) -> None:
+        """A Ctrl-C must never be lost. One that lands while Python runs code that can't
+        raise (a weakref callback, a ``__del__``; e.g. inside ``import``) is only printed as
+        "Exception ignored in ..." and the statement goes on. While armed, such a
+        ``KeyboardInterrupt`` is delivered again instead, once that code has returned."""
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            typ = unraisable.exc_type
+            if self._armed and typ is not None and issubclass(typ, KeyboardInterrupt):
+                returned = threading.Event()
+                threading.Thread(target=_interrupt_after, args=(returned,), daemon=True,
+                                 name="rpycsvc-session-reinterrupt").start()
+                returned.set()
+                return
+            previous(unraisable)
+
+        sys.unraisablehook = hook
 
     def send(self, msg: Any) -> None:
         """Send a message; a Ctrl-C meanwhile waits until it is sent (a half-sent message
@@ -245,6 +265,16 @@ class _TerminalStdin:
         return False
 
 
+def _interrupt_after(returned: threading.Event) -> None:
+    """Interrupt the main thread again once the hook that swallowed its interrupt returned
+    (a moment later: raised inside the hook, it would be swallowed again)."""
+    import _thread
+
+    returned.wait(5.0)
+    time.sleep(0.005)
+    _thread.interrupt_main()
+
+
 def _watch(cmd_fd: int, ppid: int) -> None:
     """Stop the whole session when the host's end of the command pipe closes (connection
     gone, session closed) or the server process dies, even mid-statement."""
@@ -276,6 +306,7 @@ def child_main() -> None:
     cmd, evt = Connection(cmd_fd, writable=False), Connection(evt_fd, readable=False)
     child = _Child(cmd, evt)
     child.armed = False  # installs the handler that only notes a SIGINT
+    child.catch_swallowed_interrupts()
     threading.Thread(target=_watch, args=(cmd_fd, ppid), daemon=True,
                      name="rpycsvc-session-watch").start()
     builtins.input = lambda prompt="": child.read_line(str(prompt))
