@@ -30,7 +30,7 @@ from tests.support.byvalue import (
     tasks_by_value,  # noqa: F401 (an autouse fixture)
 )
 from tests.support.certs import Certs
-from tests.support.servers import running_server
+from tests.support.servers import ServerProcess, running_server
 from tests.support.sshd import SshServer
 
 WAIT = 60.0
@@ -200,9 +200,13 @@ def test_1_gib_argument_and_1_gib_result(certs: Certs, transport: str) -> None:
     default message limit, over plain TCP and TLS; the connection stays and the tasks
     count once each on the task path."""
     tls = transport == "tls"
-    keys: dict[str, Any] = ({"ssl_keyfile": str(certs.server_key),
-                             "ssl_certfile": str(certs.server_cert)} if tls else {})
-    with running_server(workers=1, **keys) as srv, \
+    keys = (["--ssl-keyfile", str(certs.server_key), "--ssl-certfile", str(certs.server_cert)]
+            if tls else [])
+    # The server runs in a process of its own, as it does for users: in this one it would
+    # share the client's GIL, and the client's copies of a gigabyte (under CI's load, seconds
+    # each) would stall its heartbeat too, which the client's liveness check reads as a
+    # frozen server (seen in CI: "sent nothing for 11.8 s").
+    with ServerProcess("--workers", "1", *keys) as srv, \
             rpycsvc.connect(srv.address, output="discard",
                             ssl=client_ssl_context(ca=str(certs.ca)) if tls else None) as c:
         path0, by0 = counts(c)
