@@ -204,9 +204,11 @@ async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], A
             for i in range(0, len(items), size)]
     fold = PartialFold(reducer, initializer, by_key)
     bar = _bar(len(items)) if progress else None
+    uncounted: dict[AsyncTaskFuture, int] = {}  # chunk -> its items, until the bar counts it
     if bar is not None:
         for i, fut in zip(range(0, len(items), size), futs):
-            fut.add_done_callback(functools.partial(_count_chunk, bar, len(items[i:i + size])))
+            uncounted[fut] = len(items[i:i + size])
+            fut.add_done_callback(functools.partial(_count_chunk, bar, uncounted))
     try:
         for fut in futs:
             if deadline is not None and not fut.done():
@@ -221,13 +223,18 @@ async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], A
         raise
     finally:
         if bar is not None:
+            for fut in [f for f in uncounted if f.done()]:  # (callbacks not yet run)
+                _count_chunk(bar, uncounted, fut)
             bar.close()
     return fold.result
 
 
-def _count_chunk(bar: Progress, n: int, fut: AsyncTaskFuture) -> None:
-    # (a done-callback, on the loop: a chunk's items count once it arrived, in any order)
-    if not fut.cancelled() and fut.exception() is None:
+def _count_chunk(bar: Progress, uncounted: dict[AsyncTaskFuture, int],
+                 fut: AsyncTaskFuture) -> None:
+    """A chunk's items count on the bar once it arrived, in any order: its done-callback
+    (run soon after, on the loop), or the sweep before the bar closes, whichever is first."""
+    n = uncounted.pop(fut, None)
+    if n is not None and not fut.cancelled() and fut.exception() is None:
         bar.update(n, fut.address or "?")
 
 
