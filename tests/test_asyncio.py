@@ -4,7 +4,10 @@ cancellation that reaches the servers (the task's worker process is gone)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import operator
 import os
+import re
 import signal
 import sys
 import time
@@ -331,6 +334,99 @@ def test_closed_cluster_says_so(addresses: list[str]) -> None:
             await client.stats()
 
     run(main())
+
+
+def test_map_and_map_reduce_progress(addresses: list[str],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``progress=True``: the sync map's bar; off a terminal, one summary line at the end
+    with the items each server delivered."""
+    async def main() -> None:
+        async with AsyncCluster(addresses) as cluster:
+            got = [y async for y in cluster.map(square, range(40), chunksize=3,
+                                                progress=True)]
+            assert got == [i * i for i in range(40)]
+            assert await cluster.map_reduce(square, operator.add, range(30), chunksize=4,
+                                            progress=True) == sum(i * i for i in range(30))
+            got = [y async for y in cluster.map(square, range(12), ordered=False)]
+            assert sorted(got) == [i * i for i in range(12)]  # (no bar asked: no line)
+
+    run(main())
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if " done in " in ln]
+    assert len(lines) == 2, lines
+    for line, total in zip(lines, (40, 30)):
+        assert line.startswith(f"{total}/{total} done in "), line
+        counts = re.findall(r"(\S+):(\d+)(?= |$)", line.split(" | ", 1)[1])
+        assert {a for a, _ in counts} <= set(addresses)
+        assert sum(int(n) for _, n in counts) == total, line
+
+
+def test_wait_first_completed_first_exception_all_and_timeout(
+        addresses: list[str], tmp_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncCluster(addresses) as cluster:
+            assert await cluster.wait([]) == (set(), set())
+            futs = [cluster.submit(square, i) for i in range(6)]
+            sync_fut = cluster.cluster.submit(square, 7)  # a sync TaskFuture, waited here
+            done, not_done = await cluster.wait([*futs, sync_fut], timeout=WAIT)
+            assert done == {*futs, sync_fut} and not not_done
+            assert sync_fut.result() == 49 and [f.result() for f in futs] == [
+                i * i for i in range(6)]
+
+            slow = cluster.submit(sleeper, str(tmp_path / "slow.pid"))
+            fast = cluster.submit(square, 5)
+            done, not_done = await cluster.wait([slow, fast], return_when="FIRST_COMPLETED")
+            assert done == {fast} and not_done == {slow}
+
+            bad = cluster.submit(fail, 3)
+            done, not_done = await cluster.wait([slow, bad],
+                                                return_when=asyncio.FIRST_EXCEPTION)
+            assert done == {bad} and not_done == {slow}
+            assert isinstance(bad.exception(), ValueError)
+
+            # a timeout returns what is done so far and cancels nothing: slow runs on
+            done, not_done = await cluster.wait([slow], timeout=0.05)
+            assert not done and not_done == {slow} and not slow.done()
+            pid = await pid_from(tmp_path / "slow.pid")
+            slow.cancel()  # (stopping it is the caller's to do)
+            await worker_stopped(cluster, pid)
+
+            async def later() -> int:
+                return await cluster.submit(square, 2)
+            done, _ = await cluster.wait([later()])
+            assert [t.result() for t in done] == [4]  # a coroutine runs as a task
+
+            with pytest.raises(rpycsvc.ConfigError, match="return_when"):
+                await cluster.wait(futs, return_when="SOMETIME")
+
+    run(main())
+
+
+def test_awaited_submits_leave_no_reference_cycles(server_process: Any) -> None:
+    """A finished awaited task is freed by reference counting: no garbage for the cyclic
+    collector, whose full collections would pause the event loop (its lag). The server
+    runs in a process of its own, so only this client's garbage is counted."""
+    srv = server_process("--workers", "2")
+    n = 400
+
+    async def main() -> int:
+        async with AsyncCluster([srv.address], output="discard") as cluster:
+            async def worker(numbers: Iterator[int]) -> None:
+                for i in numbers:
+                    assert await cluster.submit(square, i) == i * i
+            numbers = iter(range(50))
+            await asyncio.gather(*(worker(numbers) for _ in range(8)))  # warm-up
+            gc.collect()
+            gc.disable()
+            try:
+                numbers = iter(range(n))
+                await asyncio.gather(*(worker(numbers) for _ in range(8)))
+                return gc.collect()
+            finally:
+                gc.enable()
+
+    garbage = run(main())
+    # (before: ~20 objects per task; a few stray ones from the machinery are fine)
+    assert garbage < n, f"{garbage} objects in reference cycles after {n} awaited submits"
 
 
 @pytest.mark.slow

@@ -382,19 +382,22 @@ class AsyncCluster:
     # -- fan-out (rpycsvc.client.aio_map) ------------------------------------------------------
     def map(self, fn: Any, *iterables: Iterable[Any], ordered: bool = True,
             chunksize: int | None = None, timeout: float | None = None,
-            retries: int | None = None, **opts: Any) -> AsyncIterator[Any]:
+            progress: bool = False, retries: int | None = None,
+            **opts: Any) -> AsyncIterator[Any]:
         """``async for result in cluster.map(fn, items)``: as :meth:`rpycsvc.Cluster.map`
         (lazy, bounded, chunked automatically; in input order unless ``ordered=False``).
         Results stream as their chunks finish. Leaving the loop early (``break``, an
         exception, a cancelled task) stops the map's unfinished chunks on the servers.
         ``timeout`` is a deadline for the whole iteration (:class:`RpycsvcTimeoutError`);
-        ``asyncio.timeout``/``wait_for`` around the loop work as well."""
+        ``asyncio.timeout``/``wait_for`` around the loop work as well. ``progress`` shows
+        the sync map's bar (a redrawn line on a terminal, a widget in Jupyter, else one
+        summary line at the end) while the ``async for`` runs."""
         from rpycsvc.client.aio_map import async_map
 
         cl = self.cluster
         return async_map(self, fn, iterables, ordered=ordered, chunksize=chunksize,
                         timeout=timeout, retries=cl.retries if retries is None else retries,
-                        opts={**cl._defaults, **check_options(opts)})
+                        opts={**cl._defaults, **check_options(opts)}, progress=progress)
 
     def as_completed(self, futures: Iterable[Awaitable[Any]], timeout: float | None = None
                      ) -> AsyncIterator[asyncio.Future]:
@@ -404,17 +407,30 @@ class AsyncCluster:
 
         return as_completed(self, futures, timeout)
 
+    async def wait(self, futures: Iterable[Awaitable[Any]], timeout: float | None = None,
+                   return_when: str = "ALL_COMPLETED") -> tuple[set[Any], set[Any]]:
+        """``done, not_done = await cluster.wait(futures)``: as :meth:`rpycsvc.Cluster.wait`
+        (``concurrent.futures.wait``): once all are done (``ALL_COMPLETED``), the first is
+        (``FIRST_COMPLETED``) or one raised (``FIRST_EXCEPTION``), or ``timeout`` seconds
+        passed. ``futures``: this API's futures, other asyncio futures or tasks, coroutines
+        (run as tasks: the sets hold those tasks) or sync ``TaskFuture`` objects. Nothing is
+        cancelled: futures not done go on running (cancel them to stop them)."""
+        from rpycsvc.client.aio_map import wait
+
+        return await wait(self, futures, timeout, return_when)
+
     async def map_reduce(self, fn: Any, reducer: Callable[[Any, Any], Any],
                          iterable: Iterable[Any], *, initializer: Any = None,
                          by_key: bool = False, chunksize: int | None = None,
-                         timeout: float | None = None) -> Any:
+                         timeout: float | None = None, progress: bool = False) -> Any:
         """As :meth:`rpycsvc.Cluster.map_reduce`: each server reduces its chunks and only
         the partials travel back. A failed chunk, the deadline or a cancellation stops the
-        other chunks on the servers."""
+        other chunks on the servers. ``progress`` shows the bar as :meth:`map` does."""
         from rpycsvc.client.aio_map import map_reduce
 
         return await map_reduce(self, fn, reducer, iterable, initializer=initializer,
-                                by_key=by_key, chunksize=chunksize, timeout=timeout)
+                                by_key=by_key, chunksize=chunksize, timeout=timeout,
+                                progress=progress)
 
 
 class _AsyncClusterOptions:
@@ -427,11 +443,13 @@ class _AsyncClusterOptions:
         return self._cluster._submit(fn, args, kwargs, self._opts, self._retries)
 
     def map(self, fn: Any, *iterables: Iterable[Any], ordered: bool = True,
-            chunksize: int | None = None, timeout: float | None = None) -> AsyncIterator[Any]:
+            chunksize: int | None = None, timeout: float | None = None,
+            progress: bool = False) -> AsyncIterator[Any]:
         from rpycsvc.client.aio_map import async_map
 
         return async_map(self._cluster, fn, iterables, ordered=ordered, chunksize=chunksize,
-                        timeout=timeout, retries=self._retries, opts=self._opts)
+                        timeout=timeout, retries=self._retries, opts=self._opts,
+                        progress=progress)
 
 
 __all__ = ["AsyncClient", "AsyncCluster", "AsyncTaskFuture", "aconnect"]

@@ -93,7 +93,18 @@ def _transfer(afut: asyncio.Future, tfut: Future) -> None:
 
     ``tfut`` is done (this runs after its done-callbacks were called), so its outcome is
     final: it is read without taking its lock, which the connections' reader threads
-    may hold (waiting for it would hand them the GIL and stall the loop)."""
+    may hold (waiting for it would hand them the GIL and stall the loop).
+
+    It also breaks the reference cycles a finished task leaves (``afut`` → ``tfut`` → its
+    done-callbacks → ``afut``; ``tfut`` → its stopper → the cluster's job → ``tfut``), so
+    both die by reference count when the caller drops them instead of waiting for the
+    cyclic garbage collector: ~20 objects per task that would otherwise pile up into
+    slow full collections (pauses of the loop). Neither is used once ``tfut`` is done
+    (its callbacks have run; ``stop()`` of a finished task does nothing), and the list is
+    replaced, not cleared, as the thread that finished ``tfut`` may still iterate it."""
+    tfut._done_callbacks = []  # type: ignore[attr-defined]
+    if isinstance(tfut, TaskFuture):
+        tfut._stopper = None
     if afut.done():
         return
     if tfut._state in _CANCELLED:

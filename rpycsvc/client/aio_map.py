@@ -1,8 +1,8 @@
 """``AsyncCluster.map``, ``as_completed`` and ``map_reduce``: the sync fan-out, awaited.
 
 ``map`` is :func:`rpycsvc.client.mapping.run_map` with its waits turned into awaits: the same
-chunk sizer, window and jobs, queued on the same :class:`~rpycsvc.Cluster`; only waiting
-differs. It is an async generator, so leaving ``async for`` early (``break``, an exception,
+chunk sizer, window, jobs and progress bar, queued on the same :class:`~rpycsvc.Cluster`; only
+waiting differs. It is an async generator, so leaving ``async for`` early (``break``, an exception,
 a cancelled task) closes it, and closing it cancels its unfinished chunks, which stops
 them on the servers (after a ``break`` asyncio closes it as soon as it is dropped).
 """
@@ -10,10 +10,11 @@ them on the servers (after a ``break`` asyncio closes it as soon as it is droppe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rpycsvc.client.jobs import _Job
@@ -24,6 +25,7 @@ from rpycsvc.protocol.tracebacks import load_exception
 if TYPE_CHECKING:
     from rpycsvc.client.aio_bridge import AsyncTaskFuture, _Runtime
     from rpycsvc.client.cluster import Cluster
+    from rpycsvc.client.progress import Progress
 
 
 class FanOutCluster(Protocol):
@@ -42,23 +44,37 @@ class FanOutCluster(Protocol):
 
 def async_map(ac: FanOutCluster, fn: Any, iterables: tuple[Iterable[Any], ...], *,
              ordered: bool, chunksize: int | None, timeout: float | None, retries: int,
-             opts: dict[str, Any]) -> AsyncIterator[Any]:
-    """Validate eagerly (as the sync ``map``), then return the lazy async iterator."""
-    _, sizer, window, make_job = plan_map(ac.cluster._scheduler, fn, iterables,
-                                          chunksize=chunksize, retries=retries, opts=opts)
+             opts: dict[str, Any], progress: bool = False) -> AsyncIterator[Any]:
+    """Validate eagerly (as the sync ``map``), then return the lazy async iterator.
+    ``progress``: the sync map's bar (:class:`~rpycsvc.client.progress.Progress`), shown
+    while the iteration runs."""
+    total, sizer, window, make_job = plan_map(ac.cluster._scheduler, fn, iterables,
+                                              chunksize=chunksize, retries=retries, opts=opts)
     deadline = None if timeout is None else time.monotonic() + timeout
-    return _results(ac, iterables, make_job, sizer, window, ordered, deadline)
+    return _results(ac, iterables, make_job, sizer, window, ordered, deadline,
+                    total if progress else -1)
+
+
+def _bar(total: int | None) -> Progress:
+    from rpycsvc.client.progress import Progress
+
+    return Progress(total)
 
 
 async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
                    make_job: Callable[[list[tuple[Any, ...]]], _Job], sizer: ChunkSizer,
-                   window: int, ordered: bool, deadline: float | None) -> AsyncIterator[Any]:
+                   window: int, ordered: bool, deadline: float | None,
+                   bar_total: int | None = -1) -> AsyncIterator[Any]:
+    """The results; ``bar_total`` -1: no progress bar, else the bar's total (None: unknown).
+    The bar is shown from the first ``__anext__`` and closed with the generator."""
     from rpycsvc.client.aio_bridge import AsyncTaskFuture
 
     loop = ac._rt.bind()
     feed = ChunkFeed(iterables, sizer, window)
     inflight: deque[AsyncTaskFuture] = deque()
     finished: asyncio.Queue[AsyncTaskFuture] = asyncio.Queue()
+    bar = None if bar_total == -1 else _bar(bar_total)
+    sizes: dict[AsyncTaskFuture, int] = {}  # items per chunk in flight (for the bar)
     try:
         while True:
             for items in feed.take(len(inflight)):
@@ -66,6 +82,8 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
                 if not ordered:
                     afut.add_done_callback(finished.put_nowait)
                 inflight.append(afut)
+                if bar is not None:
+                    sizes[afut] = len(items)
                 ac.send(afut, make_job(items))
             if not inflight:
                 return
@@ -82,6 +100,8 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
                 afut = got
                 inflight.remove(afut)
             address = afut.address
+            if bar is not None:
+                bar.update(sizes.pop(afut, 0), address or "?")
             pairs = list(afut.result())  # a chunk that failed as a whole raises here
             del afut  # (it holds the chunk's results)
             pairs.reverse()
@@ -92,6 +112,8 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
     finally:
         for afut in inflight:  # abandoned: stopped on the servers too
             afut.cancel()
+        if bar is not None:
+            bar.close()
 
 
 def _left(deadline: float | None, until: float | None) -> float | None:
@@ -167,9 +189,11 @@ async def as_completed(ac: FanOutCluster, futures: Iterable[Awaitable[Any]],
 
 async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], Any],
                      iterable: Iterable[Any], *, initializer: Any, by_key: bool,
-                     chunksize: int | None, timeout: float | None) -> Any:
+                     chunksize: int | None, timeout: float | None,
+                     progress: bool = False) -> Any:
     """``rpycsvc.client.mapping.run_map_reduce``, awaited: chunks reduce on the servers, the
-    partials here in input order (the reducer need not be commutative)."""
+    partials here in input order (the reducer need not be commutative). ``progress``: the
+    sync bar, counting each chunk's items as it arrives (in any order)."""
     items = list(iterable)
     if not items and not by_key and initializer is None:
         raise ConfigError("map_reduce of an empty iterable needs an initializer")
@@ -179,6 +203,12 @@ async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], A
     futs = [ac.submit(reduce_chunk, fn, reducer, False, None, by_key, items[i:i + size])
             for i in range(0, len(items), size)]
     fold = PartialFold(reducer, initializer, by_key)
+    bar = _bar(len(items)) if progress else None
+    uncounted: dict[AsyncTaskFuture, int] = {}  # chunk -> its items, until the bar counts it
+    if bar is not None:
+        for i, fut in zip(range(0, len(items), size), futs):
+            uncounted[fut] = len(items[i:i + size])
+            fut.add_done_callback(functools.partial(_count_chunk, bar, uncounted))
     try:
         for fut in futs:
             if deadline is not None and not fut.done():
@@ -191,4 +221,56 @@ async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], A
         for f in futs:  # one chunk failed, the deadline passed or we were cancelled
             f.cancel()
         raise
+    finally:
+        if bar is not None:
+            for fut in [f for f in uncounted if f.done()]:  # (callbacks not yet run)
+                _count_chunk(bar, uncounted, fut)
+            bar.close()
     return fold.result
+
+
+def _count_chunk(bar: Progress, uncounted: dict[AsyncTaskFuture, int],
+                 fut: AsyncTaskFuture) -> None:
+    """A chunk's items count on the bar once it arrived, in any order: its done-callback
+    (run soon after, on the loop), or the sweep before the bar closes, whichever is first."""
+    n = uncounted.pop(fut, None)
+    if n is not None and not fut.cancelled() and fut.exception() is None:
+        bar.update(n, fut.address or "?")
+
+
+_RETURN_WHEN = (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED)
+
+
+async def wait(ac: FanOutCluster, futures: Iterable[Awaitable[Any]], timeout: float | None,
+               return_when: str) -> tuple[set[Any], set[Any]]:
+    """``concurrent.futures.wait``, awaited: ``(done, not_done)`` sets of the given futures
+    once ``return_when`` holds or ``timeout`` seconds passed. ``futures`` as in
+    :func:`as_completed` (a coroutine is run as a task, and the sets hold that task).
+    Cancels nothing: what is not done yet runs on."""
+    if return_when not in _RETURN_WHEN:
+        raise ConfigError(f"wait(return_when={return_when!r}): use FIRST_COMPLETED, "
+                          f"FIRST_EXCEPTION or ALL_COMPLETED (asyncio's or concurrent.futures')")
+    loop = ac._rt.bind()
+    inbox = ac._rt.inbox
+    assert inbox is not None
+    given: dict[asyncio.Future, Any] = {}  # what we wait on -> what the caller gave
+    for f in dict.fromkeys(futures):  # (each once)
+        if isinstance(f, Future):  # a sync TaskFuture: an asyncio future follows it
+            af: asyncio.Future = loop.create_future()
+            af.add_done_callback(_retrieved)
+            inbox.link(af, f)
+            given[af] = f
+        else:
+            af = asyncio.ensure_future(f)
+            given[af] = af
+    if not given:
+        return set(), set()
+    done, pending = await asyncio.wait(list(given), timeout=timeout, return_when=return_when)
+    return {given[f] for f in done}, {given[f] for f in pending}
+
+
+def _retrieved(af: asyncio.Future) -> None:
+    # The follower of a sync future: its exception is the caller's to read from that future,
+    # so asyncio must not log it as "never retrieved".
+    if not af.cancelled():
+        af.exception()

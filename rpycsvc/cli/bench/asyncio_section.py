@@ -109,8 +109,12 @@ class AsyncBench:
         async_rates: list[float] = []
         lag: list[tuple[float, float]] = []
         gc_pauses: list[float] = []
+        # this process's CPU per task (all its threads): what a machine shared with other
+        # load still says when the rates swing with that load
+        cpu: dict[str, list[float]] = {"sync": [], "async": []}
         for rnd in range(s.rounds):
             for kind in (("sync", "async") if rnd % 2 == 0 else ("async", "sync")):
+                c0 = time.process_time()
                 if kind == "sync":
                     sync_rates.append(self._sync_rate(n))
                 else:
@@ -118,13 +122,15 @@ class AsyncBench:
                         async_rates.append(await self._awaited(ac, n))
                     lag.extend(meter.samples)
                     gc_pauses.extend(meter.gc_pauses)
+                cpu[kind].append((time.process_time() - c0) / n * 1e6)
         if not lag:
             raise BenchError("the lag coroutine never ran during the awaited submits")
         sync_p50, async_p50 = await self._latency(ac)
         rate, ref = median(async_rates), median(sync_rates)
         self.r.details["asyncio"] = {
             "sizes": asdict(s), "sync_rates": sync_rates, "async_rates": async_rates,
-            "lag_samples": len(lag), "sync_p50_us": sync_p50, "async_p50_us": async_p50}
+            "lag_samples": len(lag), "sync_p50_us": sync_p50, "async_p50_us": async_p50,
+            "client_cpu_us_per_task": {k: median(v) for k, v in cpu.items()}}
         self.r.add(Figure(
             "asyncio_submit_throughput",
             f"{n:,} awaited submit(noop), {s.concurrency} coroutines (median of {s.rounds})",
@@ -152,6 +158,10 @@ class AsyncBench:
             f"not work on the loop (load average now {load_average()}); the longest garbage "
             f"collection in the process meanwhile took {max(gc_pauses, default=0) * 1e3:.1f} ms "
             f"({len(gc_pauses)} collections)")
+        self.r.notes.append(
+            f"asyncio client CPU per task (this process, all threads; median of {s.rounds}): "
+            f"sync submit {median(cpu['sync']):.0f} us, awaited submit "
+            f"{median(cpu['async']):.0f} us")
 
     def _sync_rate(self, n: int) -> float:
         t0 = time.perf_counter()
