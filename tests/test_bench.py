@@ -21,7 +21,7 @@ FIGURES = {
     "compute_p50_vs_rpyc", "compute_p50_vs_tcp", "compute_p99",
     "map_throughput", "map_client_cpu", "map_first_result", "submit_throughput", "map_client_rss",
     "server_rss_growth",
-    "sleep_200x10ms",
+    "sleep_200x10ms", "sleep_200x10ms_submit",
     "cpu_speedup", "cpu_speedup_vs_pool",
     "stdout_stream", "stdout_capture",
     "server_rss_after_transfers",
@@ -31,7 +31,8 @@ FIGURES = {
 CHECKS = {
     "memory.idle_stats", "latency.results", "latency.tcp_echo_count", "map.warmup",
     "map.run0.results", "map.run1.results", "submit.results", "map.rpyc_pipelined",
-    "sleep.results", "cpu.cluster_results", "cpu.pool_results", "cpu.serial_results",
+    "sleep.results", "sleep.submit_results", "cpu.cluster_results", "cpu.pool_results",
+    "cpu.serial_results",
     "stdout.streamed_lines",
     "stdout.discard_result", "stdout.captured_lines", "transfer.numpy_up",
     "transfer.bytes_up", "transfer.numpy_down", "transfer.bytes_down", "transfer.raw_counts",

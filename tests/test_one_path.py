@@ -8,7 +8,7 @@ calls of plain RPyC clients) and ``tasks_by_transport`` (``"tcp"``, ``"tls"``, `
 the transport of the task messages). Counters are compared before and after, so a shared
 server's other traffic can't disturb them.
 
-Also here: a gigabyte each way over TCP and TLS (``slow``: it needs several GiB of free
+Also here: a gigabyte each way over TCP, TLS and SSH (``slow``: it needs several GiB of free
 memory), and malformed tasks that the server refuses alone. Functions of this module travel
 by value (a deployed server can't import it).
 """
@@ -221,3 +221,33 @@ def test_1_gib_argument_and_1_gib_result(certs: Certs, transport: str) -> None:
         path1, by1 = counts(c)
         assert grew(path0, path1) == {"task": 3, "rpyc": 0}
         assert grew(by0, by1)[transport] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ssh
+@pytest.mark.skipif(available_memory() < 8 * GiB,
+                    reason="needs ~8 GiB of available memory (MemAvailable)")
+@pytest.mark.timeout(1800)
+def test_1_gib_argument_and_1_gib_result_on_a_deployed_host(sshd: SshServer) -> None:
+    """The same gigabyte each way to a server deployed over SSH with default settings: the
+    task messages travel through the ssh session's pipes, the connection stays, and the
+    tasks count once each on the task path and the ssh transport."""
+    cluster = rpycsvc.deploy([sshd.alias], ssh_options=["-F", str(sshd.config_path)],
+                             timeout=30, output="discard")
+    try:
+        c = cluster[0]
+        path0, by0 = counts(c)
+        data = patterned(GiB)
+        assert c.submit(length_and_ends, data).result(timeout=1200) == (GiB, True)
+        del data
+        back = c.submit(patterned, GiB).result(timeout=1200)
+        assert type(back) is bytes and len(back) == GiB
+        assert back[:256] == back[-256:] == PATTERN and back[GiB // 2:GiB // 2 + 4] == b"\0\1\2\3"
+        del back
+        assert c.compute(abs, -1) == 1 and not c.closed and c.lost is None
+        assert cluster.submit(abs, -2).result(timeout=WAIT) == 2
+        path1, by1 = counts(c)
+        assert grew(path0, path1) == {"task": 4, "rpyc": 0}
+        assert grew(by0, by1) == {t: 4 if t == "ssh" else 0 for t in TRANSPORTS}
+    finally:
+        cluster.close()

@@ -29,6 +29,7 @@ from typing import Any
 import cloudpickle
 
 from rpycsvc.errors import SerializationError
+from rpycsvc.protocol.buffers import whole_bytes
 
 # re-exported: moved to rpycsvc.protocol.tracebacks, still importable from here
 from rpycsvc.protocol.tracebacks import dump_exception as dump_exception
@@ -109,7 +110,10 @@ class _BigBytes:
 
 
 def _rebuild_bytes(buf: Any) -> bytes:
-    return buf if type(buf) is bytes else bytes(buf)
+    if type(buf) is bytes:
+        return buf
+    whole = whole_bytes(buf)  # a bytes frame received as a view of a bytes object: no copy
+    return whole if whole is not None else bytes(buf)
 
 
 def _rebuild_bytearray(buf: Any) -> bytearray:

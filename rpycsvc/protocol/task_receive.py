@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from rpycsvc.protocol import taskframes
+from rpycsvc.protocol import buffers, taskframes
 from rpycsvc.protocol.budget import InboundBudget, Reservation
 from rpycsvc.protocol.limits import too_large_message
 from rpycsvc.protocol.socket_stream import CHUNK
@@ -78,8 +78,13 @@ def recv_task(channel: TaskChannel, length: int) -> None:
     res = budget.start() if budget is not None else None
     try:
         for flagged, size in zip(lens, sizes):
-            buf = taskframes.new_buffer(size)
-            view = memoryview(buf)
+            # a large bytes frame is read straight into a bytes object: no copy when it is
+            # unpickled (see rpycsvc.protocol.buffers)
+            filled = buffers.new_bytes(size) if flagged & taskframes.READONLY \
+                and size >= taskframes.LAZY else None
+            buf, view = filled if filled is not None else (taskframes.new_buffer(size), None)
+            if view is None:
+                view = memoryview(buf)
             at = 0
             while at < size:
                 n = min(size - at, taskframes.PIECE)
@@ -91,8 +96,12 @@ def recv_task(channel: TaskChannel, length: int) -> None:
                 else:
                     channel.read_idle_bounded(lambda _n, p=piece: _fill(channel.stream, p), n)
                 at += n
-            frames.append(view.toreadonly() if flagged & taskframes.READONLY else buf)
-            del view
+            if filled is not None:
+                view.release()
+                frames.append(memoryview(buf))  # read-only, as bytes frames always are
+            else:
+                frames.append(view.toreadonly() if flagged & taskframes.READONLY else buf)
+            del view, filled
     finally:
         if budget is not None and res is not None:
             budget.finish(res)
