@@ -30,6 +30,7 @@ import mmap
 import pickle
 import queue
 import select
+import socket
 import struct
 import threading
 import time
@@ -74,14 +75,42 @@ class TaskHandler(Protocol):
     def on_task_refused(self, control: tuple[Any, ...], text: str) -> None: ...
 
 
+_NONE: list[memoryview] = []  # (never changed: the large frames of a small message)
+
+
+def _small_plain(frames: Sequence[Any]) -> bool:
+    """Frames that are all ``bytes``/``bytearray`` and small together (sent inline)."""
+    total = 0
+    for f in frames:
+        t = type(f)
+        if t is not bytes and t is not bytearray:
+            return False
+        total += len(f)
+    return total < INLINE
+
+
 class TaskMessage:
     """One task message, ready to write: the inline block and the large frames."""
 
     __slots__ = ("head", "large", "sent")
+    large: list[memoryview]
 
     def __init__(self, control: tuple[Any, ...], frames: Sequence[Any] = ()) -> None:
         ctl = pickle.dumps(control, protocol=5)
         ctl_len = len(ctl)
+        if ctl_len <= MAX_CONTROL and len(frames) <= 2 and _small_plain(frames):
+            # the common case (a call, a small result, a line of output), in one pass
+            if not frames:
+                self.head = _FRAME_HEADER.pack(_COUNTS.size + ctl_len, TASK_FLAG) + \
+                    _COUNTS.pack(0, ctl_len) + ctl
+            else:
+                lens = b"".join([_LEN.pack(len(f) | READONLY if type(f) is bytes else len(f))
+                                 for f in frames])
+                inline = b"".join([_COUNTS.pack(len(frames), ctl_len), lens, ctl, *frames])
+                self.head = _FRAME_HEADER.pack(len(inline), TASK_FLAG) + inline
+            self.large = _NONE
+            self.sent = False
+            return
         if ctl_len > MAX_CONTROL:
             # A large control part (a long line of output, a log record, a module's source)
             # travels as the first frame instead: read with the frames' limits and budget.
@@ -97,7 +126,7 @@ class TaskMessage:
             parts.extend(views)
         inline = b"".join(parts)
         self.head = _FRAME_HEADER.pack(len(inline), TASK_FLAG) + inline
-        self.large: list[memoryview] = [] if small else [
+        self.large = [] if small else [
             v if v.ndim == 1 and v.itemsize == 1 and v.c_contiguous else v.cast("B")
             for v in views]
         self.sent = False
@@ -186,10 +215,9 @@ def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *
     if wait:
         _send_now(conn, msg)
         return
-    writer = _writer_of(conn)
-    if not msg.large and len(msg.head) <= DIRECT_MAX and _send_if_free(conn, writer, msg):
+    if not msg.large and len(msg.head) <= DIRECT_MAX and _send_if_free(conn, msg):
         return
-    writer.put(msg)
+    _writer_of(conn).put(msg)
 
 
 #: A message this small that finds the connection idle and its socket or pipe writable is
@@ -200,13 +228,17 @@ def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *
 DIRECT_MAX = 4096
 
 
-def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
+def _send_if_free(conn: Any, msg: TaskMessage) -> bool:
     """Write ``msg`` now if nothing is queued or being written on ``conn`` and its outgoing
     descriptor has room; False (nothing written) otherwise."""
-    if conn._send_queue or writer.pending:
+    writer = _writers.get(conn)  # (none yet: nothing of ours can be pending)
+    if conn._send_queue or (writer is not None and writer.pending):
         return False
-    fd = out_fd(conn._channel.stream)
-    if fd is None:
+    stream = conn._channel.stream
+    sock: Any = getattr(stream, "sock", None)
+    plain = type(sock) is socket.socket
+    fd = None if plain else out_fd(stream)
+    if fd is None and not plain:
         return False
     lock = conn._sendlock
     if not lock.acquire(False):
@@ -214,8 +246,13 @@ def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
     try:
         # (checked again under the lock: the writer counts a message as pending from put()
         # until it is written, so one of ours queued earlier can't be overtaken)
-        if conn._send_queue or writer.pending or conn.closed:
+        if conn._send_queue or (writer is not None and writer.pending) or conn.closed:
             return False
+        if plain:
+            # one non-blocking send instead of select() + send: all of it, or nothing
+            # (then the writer thread sends it); a part only when the buffer had less room
+            # than the message (at most DIRECT_MAX bytes): the rest is sent here, blocking
+            return _send_nowait(stream, sock, msg)
         try:
             if not select.select((), (fd,), (), 0)[1]:
                 return False
@@ -232,7 +269,33 @@ def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
         except RuntimeError:
             pass
         if conn._send_queue:  # queued while we held the lock: RPyC leaves them to us
-            writer.put_flush()
+            _writer_of(conn).put_flush()
+
+
+def _send_nowait(stream: Any, sock: socket.socket, msg: TaskMessage) -> bool:
+    """``msg`` (inline only) written on plain socket ``sock`` without waiting for room;
+    False if the socket had no room at all (nothing written). Called with the send lock."""
+    head = msg.head
+    try:
+        n = sock.send(head, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # the connection's reader reports the loss
+    try:
+        if n < len(head):
+            sock.sendall(memoryview(head)[n:])
+    except OSError:
+        try:
+            stream.close()
+        except Exception:
+            pass
+        return True
+    msg.sent = True
+    from rpycsvc.protocol.socket_stream import TRAFFIC
+
+    TRAFFIC["out"] += len(head)
+    return True
 
 
 def out_fd(stream: Any) -> int | None:

@@ -59,6 +59,8 @@ class Worker:
 
     def __init__(self, sock: socket.socket, role: str, threads: int, endpoints: list[str]):
         self.sock = sock
+        #: every read of the channel goes through it (it reads ahead)
+        self.reader = _wire.Reader(sock)
         self.role = role
         self.send_lock = threading.Lock()
         self.functions = FunctionCache()
@@ -149,9 +151,10 @@ class Worker:
                     self.send(("need-module", task_id, req, name))
                     while True:
                         left = deadline - time.monotonic()
-                        if left <= 0 or not _readable(self.sock, left):
+                        if left <= 0 or not (self.reader.buffered()
+                                             or _readable(self.sock, left)):
                             return timed_out(name, FETCH_TIMEOUT)
-                        control, frames = _wire.recv_msg(self.sock)
+                        control, frames = self.reader.recv_msg()
                         if control[0] == "module" and control[1] == req:
                             return control[2]  # type: ignore[no-any-return, unused-ignore]
                         self.backlog.append((control, frames, time.perf_counter()))
@@ -400,13 +403,13 @@ class Worker:
 
     def serve(self) -> None:
         """Take messages from the server until it says ``exit`` or the channel ends."""
-        sock, recv = self.sock, _wire.recv_msg
+        recv = self.reader.recv_msg
         while True:
             while self.backlog:  # what a task's module fetch read meanwhile
                 if not self.handle(*self.backlog.popleft()):
                     return
             try:
-                control, frames = recv(sock)
+                control, frames = recv()
             except (EOFError, OSError):
                 return
             if not self.handle(control, frames, time.perf_counter()):

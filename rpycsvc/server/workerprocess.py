@@ -93,9 +93,10 @@ def _watch(w: _WorkerHandle) -> None:
 def _reader(w: _WorkerHandle, events: WorkerEvents) -> None:
     """Read ``w``'s messages until its channel ends: output and module requests go to their
     task's callbacks, the rest to ``events``; then ``events.on_worker_exit``."""
+    recv = _wire.Reader(w.sock).recv_msg  # reads ahead: one recv per small message
     try:
         while True:
-            control, frames = _wire.recv_msg(w.sock)
+            control, frames = recv()
             op = control[0]
             try:
                 if op == "done":
