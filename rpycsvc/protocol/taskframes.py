@@ -95,7 +95,12 @@ class TaskMessage:
     __slots__ = ("head", "large", "sent")
     large: list[memoryview]
 
-    def __init__(self, control: tuple[Any, ...], frames: Sequence[Any] = ()) -> None:
+    def __init__(self, control: tuple[Any, ...], frames: Sequence[Any] = (), *,
+                 relayed: bool = False) -> None:
+        """``relayed``: flag as read-only only read-only memoryviews, not ``bytes`` (what a
+        message relayed from a worker carried: the worker channel flags only those, see
+        :mod:`rpycsvc.server.wire`), so a worker framing a client's message itself
+        (:func:`framed_reply`) sends exactly the bytes the server would have."""
         ctl = pickle.dumps(control, protocol=5)
         ctl_len = len(ctl)
         if ctl_len <= MAX_CONTROL and len(frames) <= 2 and _small_plain(frames):
@@ -104,7 +109,8 @@ class TaskMessage:
                 self.head = _FRAME_HEADER.pack(_COUNTS.size + ctl_len, TASK_FLAG) + \
                     _COUNTS.pack(0, ctl_len) + ctl
             else:
-                lens = b"".join([_LEN.pack(len(f) | READONLY if type(f) is bytes else len(f))
+                lens = b"".join([_LEN.pack(len(f) | READONLY
+                                           if type(f) is bytes and not relayed else len(f))
                                  for f in frames])
                 inline = b"".join([_COUNTS.pack(len(frames), ctl_len), lens, ctl, *frames])
                 self.head = _FRAME_HEADER.pack(len(inline), TASK_FLAG) + inline
@@ -118,8 +124,9 @@ class TaskMessage:
             ctl, ctl_len = b"", CONTROL_IN_FRAME
         views = [f if type(f) is memoryview else memoryview(f) for f in frames]
         sizes = [v.nbytes for v in views]
-        lens = b"".join(_LEN.pack(n | READONLY if v.readonly else n)
-                        for n, v in zip(sizes, views))
+        lens = b"".join(_LEN.pack(n | READONLY if v.readonly and (
+            not relayed or type(f) is memoryview) else n)
+                        for n, v, f in zip(sizes, views, frames))
         small = sum(sizes) < INLINE
         parts = [_COUNTS.pack(len(views), ctl_len), lens, ctl]
         if small:
@@ -130,6 +137,15 @@ class TaskMessage:
             v if v.ndim == 1 and v.itemsize == 1 and v.c_contiguous else v.cast("B")
             for v in views]
         self.sent = False
+
+    @classmethod
+    def framed(cls, head: Any) -> TaskMessage:
+        """A message framed elsewhere (a worker's :func:`framed_reply`): sent as it is."""
+        msg = cls.__new__(cls)
+        msg.head = head
+        msg.large = _NONE
+        msg.sent = False
+        return msg
 
     def write_to(self, stream: Any) -> None:
         """Write the whole message to ``stream`` (the caller holds the send lock)."""
@@ -187,6 +203,17 @@ def parse_inline(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], list[A
     return control, lens, inline_frames
 
 
+def framed_reply(control: tuple[Any, ...], frames: Sequence[Any]) -> bytes | None:
+    """The whole task message ``control`` + ``frames`` as bytes, ready for a client's
+    connection, if it is small (inline only); None otherwise. A worker frames a task's
+    ``done`` with it, so the server relays the bytes without unpickling or framing anything
+    (:func:`send_framed`)."""
+    if sum(memoryview(f).nbytes for f in frames) >= INLINE:
+        return None
+    msg = TaskMessage(control, frames, relayed=True)
+    return None if msg.large else msg.head
+
+
 def new_buffer(size: int) -> Any:
     """A writable buffer of ``size`` bytes: an anonymous mmap when large (its pages are
     taken as the bytes arrive; a bytearray is zero-filled, all of it, first)."""
@@ -216,6 +243,15 @@ def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *
         _send_now(conn, msg)
         return
     if not msg.large and len(msg.head) <= DIRECT_MAX and _send_if_free(conn, msg):
+        return
+    _writer_of(conn).put(msg)
+
+
+def send_framed(conn: Any, head: Any) -> None:
+    """Queue the whole task message ``head`` (from :func:`framed_reply`) on ``conn``, as
+    ``send_task(..., wait=False)`` does: in order with the connection's other messages."""
+    msg = TaskMessage.framed(head)
+    if len(head) <= DIRECT_MAX and _send_if_free(conn, msg):
         return
     _writer_of(conn).put(msg)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 from rpycsvc.errors import MessageTooLargeError, TaskError
 from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, too_large_message
 from rpycsvc.protocol.serialization import check_plain
-from rpycsvc.protocol.taskframes import send_task
+from rpycsvc.protocol.taskframes import send_framed, send_task
 from rpycsvc.server.config import check_timeout
 from rpycsvc.server.pool import WorkerPool
 from rpycsvc.server.task import Task
@@ -119,6 +119,7 @@ class TaskEndpoint:
                 raise ValueError(f"unknown task kind {kind!r}")
             opts = dict(options)
             opts["timeout"] = check_timeout(opts.get("timeout"))
+            opts["reply_key"] = key  # the worker frames a small result for us (see _done)
             runtime = self._runtime
             if not runtime.classic:
                 if kind != "endpoint":
@@ -177,11 +178,21 @@ class TaskEndpoint:
             return
         frames = out or ()
         limit = self._limit
-        size = sum(memoryview(f).nbytes for f in frames) if limit is not None else 0
+        if task.framed is not None:
+            size = task.framed
+        else:
+            size = sum(memoryview(f).nbytes for f in frames) if limit is not None else 0
         if limit is not None and size > limit - MESSAGE_OVERHEAD:
             # the server's limit holds both ways: this task fails alone, nothing is sent
             self._send(("error", key, "MessageTooLargeError", too_large_message(
                 "result" if ok else "exception", size, limit)))
+            return
+        if task.framed is not None and out:  # the worker framed the whole message: relay it
+            if not self._conn.closed:
+                try:
+                    send_framed(self._conn, out[0])
+                except Exception:  # the connection is going: its reader cleans up
+                    log.debug("could not queue a result for %s", self._client, exc_info=True)
             return
         self._send(("done", key, "ok" if ok else "raised", task.service_s), frames)
 

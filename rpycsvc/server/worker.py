@@ -9,7 +9,9 @@ and 2) is sent back as whole lines, attributed to the task, while the task runs.
 A worker runs only what the server's pool sent it: it reads one ``run`` message, runs the
 task, and sends one ``done`` message with the result frames and the seconds it spent on the
 task (from reading it to its result pickled: the pool's ``Task.service_s``). Nothing else
-is asked of it per task.
+is asked of it per task. A small result of a task whose ``run`` carries the client's key
+(``reply_key``) goes in a ``framed`` message instead: the client's whole ``done`` task
+message, framed here, which the server books and relays as it is.
 
 Started by :mod:`rpycsvc.server.pool` as ``python -m rpycsvc.server.worker --fd N ...``; not an API.
 """
@@ -40,6 +42,7 @@ from rpycsvc.protocol.serialization import (
     dumps,
     loads,
 )
+from rpycsvc.protocol.taskframes import framed_reply
 from rpycsvc.protocol.tracebacks import dump_exception
 from rpycsvc.server import wire as _wire
 from rpycsvc.server.endpoints import load_endpoints, resolve_path
@@ -340,7 +343,14 @@ class Worker:
                 with self.active_lock:
                     self.thread_ids.pop(task_id, None)
                     _clear_async_exc()
-            self.send(("done", task_id, ok, service_s), out)
+            key = opts.get("reply_key")
+            head = framed_reply(("done", key, "ok", service_s), out) \
+                if ok and key is not None else None
+            if head is not None:  # framed for the client here: the server only relays it
+                self.send(("framed", task_id, service_s,
+                           sum(memoryview(f).nbytes for f in out)), (head,))
+            else:
+                self.send(("done", task_id, ok, service_s), out)
         finally:
             self.local.ctx = None
             self.inline = None

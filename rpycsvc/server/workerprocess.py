@@ -32,7 +32,7 @@ class WorkerEvents(Protocol):
     def on_worker_ready(self, w: _WorkerHandle, control: tuple[Any, ...]) -> None: ...
 
     def on_task_done(self, w: _WorkerHandle, task_id: int, ok: bool, service_s: float | None,
-                     frames: list[Any]) -> None: ...
+                     frames: list[Any], framed: int | None = None) -> None: ...
 
     def on_worker_exit(self, w: _WorkerHandle) -> None: ...
 
@@ -99,7 +99,9 @@ def _reader(w: _WorkerHandle, events: WorkerEvents) -> None:
             control, frames = recv()
             op = control[0]
             try:
-                if op == "done":
+                if op == "framed":  # a result framed for the client (worker.py): relayed
+                    events.on_task_done(w, control[1], True, control[2], frames, control[3])
+                elif op == "done":
                     events.on_task_done(w, control[1], control[2], control[3], frames)
                 elif op == "out":
                     task = w.tasks.get(control[1])
