@@ -1,13 +1,15 @@
-"""A small result framed by the worker and relayed by the server as it is.
+"""The lean relay: small task messages cross the server without being framed again.
 
-A worker frames a small result's whole client-facing ``done`` task message itself
-(:func:`rpycsvc.protocol.taskframes.framed_reply`); the server books the task and writes
-those bytes to the client without unpickling or framing anything. These tests check
-that this changes nothing a client can see: the bytes are exactly those the server would
-have framed from what the worker channel delivers (same read-only flags, so ``bytes``
-stay ``bytes`` and arrays keep their writability); results, exceptions, output before
-its result, and the server's message limit for results behave as before, on TCP and
-over a stdio server's pipes (a deployed server's transport).
+In: a small ``run`` (all its frames inline) goes to the worker as the client's inline
+block, unpacked only there. Out: a worker frames a small result's whole client-facing
+``done`` task message itself (:func:`rpycsvc.protocol.taskframes.framed_reply`); the
+server books the task and writes those bytes to the client without unpickling or
+framing anything. These tests check that this changes nothing a client can see: the
+bytes are exactly those the server would have framed from what the worker channel
+delivers (same read-only flags, so ``bytes`` stay ``bytes`` and arrays keep their
+writability); arguments and results, exceptions, output before its result, and the
+server's message limit for results behave as before, on TCP and over a stdio server's
+pipes (a deployed server's transport).
 """
 
 from __future__ import annotations
@@ -130,3 +132,23 @@ def test_a_framed_result_over_the_servers_limit_fails_alone(
             c.submit(bytes, 40_000).result(timeout=WAIT)
         assert c.submit(bytes, 1_000).result(timeout=WAIT) == bytes(1_000)
         assert pickle.loads(pickle.dumps(c.compute(len, b"abc"))) == 3
+
+
+def _kind_of(a: Any) -> tuple[str, Any]:
+    return type(a).__name__, getattr(getattr(a, "flags", None), "writeable", None)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_arguments_through_the_forwarded_block(server: rpycsvc.Server, mode: str) -> None:
+    """Small arguments, forwarded to the worker in the client's own block, arrive as
+    before: equal, of the same type, a writable array writable, a read-only one read-only."""
+    with rpycsvc.connect(server.address, output="discard", mode=mode) as c:
+        assert c.submit(_kind_of, np.arange(10)).result(timeout=WAIT) == ("ndarray", True)
+        ro = np.frombuffer(b"abcdefgh", dtype=np.uint8)
+        assert c.submit(_kind_of, ro).result(timeout=WAIT) == ("ndarray", False)
+        assert c.submit(_kind_of, b"xyz").result(timeout=WAIT) == ("bytes", None)
+        assert c.submit(_kind_of, bytearray(b"ab")).result(timeout=WAIT) == ("bytearray", None)
+        assert c.submit(len, b"x" * 50_000).result(timeout=WAIT) == 50_000
+        assert c.submit(np.sum, np.arange(100_000)).result(timeout=WAIT) == 4999950000
+        assert c.submit(sorted, [3, 1, 2], reverse=True).result(timeout=WAIT) == [3, 2, 1]

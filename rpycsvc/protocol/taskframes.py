@@ -68,7 +68,12 @@ _FRAME_HEADER = struct.Struct("!LB")  # RPyC's (see rpyc.core.channel.Channel)
 
 
 class TaskHandler(Protocol):
-    """What a channel hands task messages to (called in the connection's reading thread)."""
+    """What a channel hands task messages to (called in the connection's reading thread).
+
+    A handler with an ``on_small_task(control, inline, size)`` method gets small ``run``
+    messages (all their frames inline, ``size`` bytes of them) that way instead: ``inline``
+    is the whole inline block as it came, its frames unread (the server forwards it to a
+    worker as it is)."""
 
     def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None: ...
 
@@ -170,9 +175,38 @@ def load_control(data: Any) -> tuple[Any, ...]:
     return control
 
 
-def parse_inline(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], list[Any]]:
+def parse_inline(inline: Any, *, writable: bool = False,
+                 ) -> tuple[tuple[Any, ...] | None, list[int], list[Any]]:
     """``(control, frame lengths with flags, frames sent inline)`` of an inline block;
-    control None: it is the first frame (see :data:`CONTROL_IN_FRAME`)."""
+    control None: it is the first frame (see :data:`CONTROL_IN_FRAME`). Inline frames are
+    ``bytes`` where flagged read-only, else bytearrays (``writable``: bytearrays all)."""
+    control, lens, at = parse_head(inline)
+    return control, lens, inline_frames(inline, lens, at, writable=writable)
+
+
+def inline_frames(inline: Any, lens: list[int], at: int, *,
+                  writable: bool = False) -> list[Any]:
+    """The frames of an inline block from ``at`` on (see :func:`parse_inline`); none if
+    they weren't sent inline."""
+    view = memoryview(inline)
+    frames: list[Any] = []
+    if at < len(view):
+        for n in lens:
+            size = n & ~READONLY
+            if at + size > len(view):
+                raise ValueError("a corrupt task message: a frame runs past its inline bytes")
+            piece = view[at:at + size]
+            frames.append(bytes(piece) if n & READONLY and not writable
+                          else bytearray(piece))
+            at += size
+        if at != len(view):
+            raise ValueError("a corrupt task message: inline bytes left over")
+    return frames
+
+
+def parse_head(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], int]:
+    """``(control, frame lengths with flags, where the inline frames start)`` of an inline
+    block (see :func:`parse_inline`); the frames themselves are not looked at."""
     view = memoryview(inline)
     if len(view) < _COUNTS.size:
         raise ValueError("a task message shorter than its counts")
@@ -188,19 +222,7 @@ def parse_inline(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], list[A
     lens = list(struct.unpack_from(f"!{nframes}Q", view, at)) if nframes else []
     at += 8 * nframes
     control = None if in_frame else load_control(view[at:at + ctl_len])
-    at += ctl_len
-    inline_frames: list[Any] = []
-    if at < len(view):
-        for n in lens:
-            size = n & ~READONLY
-            if at + size > len(view):
-                raise ValueError("a corrupt task message: a frame runs past its inline bytes")
-            piece = view[at:at + size]
-            inline_frames.append(bytes(piece) if n & READONLY else bytearray(piece))
-            at += size
-        if at != len(view):
-            raise ValueError("a corrupt task message: inline bytes left over")
-    return control, lens, inline_frames
+    return control, lens, at + ctl_len
 
 
 def framed_reply(control: tuple[Any, ...], frames: Sequence[Any]) -> bytes | None:

@@ -277,7 +277,11 @@ class WorkerPool:
 
     def _send_task(self, worker: _WorkerHandle, task: Task) -> None:
         try:
-            worker.send(("run", task.task_id, task.kind, task.spec, task.options), task.frames)
+            if task.forwarded:  # the client's run message as it came (see Task.forwarded)
+                worker.send(("run-inline", task.task_id), task.frames)
+            else:
+                worker.send(("run", task.task_id, task.kind, task.spec, task.options),
+                            task.frames)
         except OSError:
             self._kill(worker)  # its reader thread fails the task and replaces the worker
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 from rpycsvc.errors import MessageTooLargeError, TaskError
 from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, too_large_message
 from rpycsvc.protocol.serialization import check_plain
-from rpycsvc.protocol.taskframes import send_framed, send_task
+from rpycsvc.protocol.taskframes import parse_inline, send_framed, send_task
 from rpycsvc.server.config import check_timeout
 from rpycsvc.server.pool import WorkerPool
 from rpycsvc.server.task import Task
@@ -104,12 +104,24 @@ class TaskEndpoint:
         else:
             log.warning("ignored a task message %r from %s", str(op)[:40], self._client)
 
+    def on_small_task(self, control: tuple[Any, ...], inline: Any, size: int) -> None:
+        """A ``run`` whose frames all came inline (see TaskHandler): its inline block goes
+        to the worker as it came, not unpacked and framed again here. (Service-only mode
+        checks the frames first: they are unpacked for that.)"""
+        if not self._runtime.classic:
+            self._run(control, parse_inline(inline)[2])
+            return
+        self._run(control, [inline], size)
+
     def on_task_refused(self, control: tuple[Any, ...], text: str) -> None:
         if control[0] == "run" and len(control) > 1:
             self._send(("error", control[1], "MessageTooLargeError", text))
 
     # -- tasks --------------------------------------------------------------------------------
-    def _run(self, control: tuple[Any, ...], frames: list[Any]) -> None:
+    def _run(self, control: tuple[Any, ...], frames: list[Any],
+             forwarded: int | None = None) -> None:
+        """``forwarded``: ``frames`` is the client's inline block, holding this many bytes
+        of frames (see on_small_task)."""
         key = control[1] if len(control) > 1 else None
         try:
             if len(control) != 5 or type(key) is not int:
@@ -138,8 +150,10 @@ class TaskEndpoint:
                         label=str(opts.get("label", spec if kind != "pickled" else "task")),
                         client=self._client,
                         on_module=(lambda name, answer: self._ask(key, name, answer))
-                        if self._modules else None)
-            size = sum(memoryview(f).nbytes for f in frames)
+                        if self._modules else None,
+                        forwarded=forwarded is not None)
+            size = forwarded if forwarded is not None else \
+                sum(memoryview(f).nbytes for f in frames)
             with self._lock:
                 if self._closed:
                     return

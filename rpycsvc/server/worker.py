@@ -9,9 +9,10 @@ and 2) is sent back as whole lines, attributed to the task, while the task runs.
 A worker runs only what the server's pool sent it: it reads one ``run`` message, runs the
 task, and sends one ``done`` message with the result frames and the seconds it spent on the
 task (from reading it to its result pickled: the pool's ``Task.service_s``). Nothing else
-is asked of it per task. A small result of a task whose ``run`` carries the client's key
-(``reply_key``) goes in a ``framed`` message instead: the client's whole ``done`` task
-message, framed here, which the server books and relays as it is.
+is asked of it per task. The server's lean relay (rpycsvc.server.taskserver): a small
+task of an rpycsvc client comes as ``run-inline``, the client's own ``run`` message as it
+came (unpacked here), and its small result goes back in a ``framed`` message: the client's
+whole ``done`` task message, framed here, which the server books and relays as it is.
 
 Started by :mod:`rpycsvc.server.pool` as ``python -m rpycsvc.server.worker --fd N ...``; not an API.
 """
@@ -42,7 +43,7 @@ from rpycsvc.protocol.serialization import (
     dumps,
     loads,
 )
-from rpycsvc.protocol.taskframes import framed_reply
+from rpycsvc.protocol.taskframes import framed_reply, parse_inline
 from rpycsvc.protocol.tracebacks import dump_exception
 from rpycsvc.server import wire as _wire
 from rpycsvc.server.endpoints import load_endpoints, resolve_path
@@ -429,8 +430,16 @@ class Worker:
     def handle(self, control: Any, frames: list[Any], received: float) -> bool:
         """Handle a message from the server (read at ``received``); False: time to exit."""
         op = control[0]
-        if op == "run":
-            _, task_id, kind, spec, opts = control
+        if op == "run" or op == "run-inline":
+            if op == "run":
+                _, task_id, kind, spec, opts = control
+            else:  # a client's run message, forwarded by the server as it came
+                task_id = control[1]
+                run, _, frames = parse_inline(frames[0], writable=True)
+                assert run is not None  # (the server forwards only inline controls)
+                _, key, kind, spec, options = run  # (checked by the server)
+                opts = dict(options)
+                opts["reply_key"] = key
             if self.pool is not None:
                 self.pool.submit(self.run, task_id, kind, spec, opts, frames, received)
             else:
