@@ -30,7 +30,7 @@ from rpycsvc.client.output import OutputRouter
 from rpycsvc.client.taskoptions import check_options
 from rpycsvc.errors import RpycsvcTimeoutError, ServerLostError
 from rpycsvc.protocol import module_provider
-from rpycsvc.protocol.limits import oversize
+from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, oversize
 from rpycsvc.protocol.liveness import (
     DEFAULT_LOST_AFTER,
     WATCHDOG,
@@ -186,8 +186,11 @@ class Client:
         self.environment.check_task(kind, spec, frames)  # may refuse: EnvironmentMismatchError
         key = next(self._keys)
         wire, mode = self._wire_options(opts)
-        too_large = oversize((spec, frames), self.server_info.get("max_message"))
         size = sum(memoryview(f).nbytes for f in frames)
+        max_message = self.server_info.get("max_message")
+        too_large = None if (type(max_message) is int and size + len(spec or "")
+                             + MESSAGE_OVERHEAD <= max_message) \
+            else oversize((spec, frames), max_message)  # (the exact check: near the limit)
         limit = self.server_info.get("max_held")
         with self._lock:
             if too_large is None and limit and not getattr(_READER, "on", False):

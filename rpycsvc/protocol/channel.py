@@ -96,6 +96,10 @@ class FastChannel(Channel):
     def poll(self, timeout: Any) -> bool:
         deadline = getattr(self.stream, "deadline", None)
         if deadline is None:
+            if timeout is None or (isinstance(timeout, Timeout) and not timeout.finite):
+                # RPyC's serve_all: nothing to do until a frame comes, so its read blocks
+                # instead (one poll syscall fewer per message; a close wakes it alike)
+                return True
             return bool(self.stream.poll(timeout))
         left = deadline - time.monotonic()
         if left <= 0:

@@ -19,6 +19,9 @@ from rpyc.core.stream import SocketStream
 
 #: Bytes read at once: memory for a message is taken a piece of this size at a time.
 CHUNK = 1 << 20
+#: A read of fewer bytes than this takes what has arrived, up to this much, in one recv and
+#: keeps the rest for the next reads (a small message's header and body in one syscall).
+READ_AHEAD = 64 << 10
 
 #: Bytes this process received and sent on rpycsvc streams (for metrics; approximate).
 TRAFFIC = {"in": 0, "out": 0}
@@ -81,13 +84,22 @@ class FastSocketStream(SocketStream):
     def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         super().__init__(sock)
         tune_socket(sock)
-        self._prefix = prefix  # bytes the handshake read that belong to the stream
+        # Bytes read ahead and not yet consumed (from ``_pos``): first what the handshake
+        # read that belongs to the stream, then what a small read got beyond its count
+        # (see read_into: one recv per small message instead of one per part of it).
+        self._ahead = bytearray(prefix)
+        self._pos = 0
+        self._scratch = memoryview(bytearray(READ_AHEAD))
         # When bytes last arrived (time.monotonic()): a client's liveness check reads it, so
         # a long transfer counts as a sign of life even before its message is complete.
         self.last_activity = time.monotonic()
 
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet consumed (a poll must not wait for them)."""
+        return len(self._ahead) - self._pos
+
     def poll(self, timeout: Any) -> bool:
-        return bool(self._prefix) or super().poll(timeout)
+        return self._pos < len(self._ahead) or super().poll(timeout)
 
     def set_deadline(self, deadline: float | None) -> None:
         """Reads give up at ``deadline`` (None: never). A short timeout on the socket wakes a
@@ -99,11 +111,28 @@ class FastSocketStream(SocketStream):
         """``count`` bytes. Memory is taken as the bytes arrive (a piece of at most 1 MiB
         at a time), never for the whole announced length up front: a peer that announces
         gigabytes and sends nothing costs one piece."""
+        if len(self._ahead) - self._pos >= count:  # read ahead already: no syscall
+            return self._from_ahead(count, bytes)
         return read_in_pieces(self._read_piece, count, CHUNK)
 
     def read_buffer(self, count: int) -> bytearray:
         """``count`` bytes (at most 1 MiB, read at once) in a new bytearray."""
+        if len(self._ahead) - self._pos >= count:
+            return self._from_ahead(count, bytearray)
         return self._read_piece(count)
+
+    def _from_ahead(self, count: int, kind: Any) -> Any:
+        """The next ``count`` bytes, all read ahead already, as a ``kind`` (one copy)."""
+        ahead = self._ahead
+        pos = self._pos
+        end = pos + count
+        data = kind(memoryview(ahead)[pos:end])
+        if end == len(ahead):
+            ahead.clear()
+            end = 0
+        self._pos = end
+        TRAFFIC["in"] += count
+        return data
 
     def _read_piece(self, count: int) -> bytearray:
         buf = bytearray(count)
@@ -114,15 +143,36 @@ class FastSocketStream(SocketStream):
         """Fill ``view`` (a writable byte view) with the next ``len(view)`` bytes."""
         count = len(view)
         got = 0
-        if self._prefix:
-            got = min(count, len(self._prefix))
-            view[:got] = self._prefix[:got]
-            self._prefix = self._prefix[got:]
+        ahead = self._ahead
+        if self._pos < len(ahead):
+            pos = self._pos
+            got = min(count, len(ahead) - pos)
+            view[:got] = memoryview(ahead)[pos:pos + got]
+            pos += got
+            if pos == len(ahead):
+                ahead.clear()
+                pos = 0
+            self._pos = pos
         while got < count:
             if self.idle_limit is not None and self.deadline is None:
                 self._wait_readable(self.idle_limit)
+            want = count - got
             try:
-                n = self.sock.recv_into(view[got:], count - got)
+                if want < READ_AHEAD:
+                    # small: take whatever has arrived (up to READ_AHEAD), keep the rest
+                    scratch = self._scratch
+                    n = self.sock.recv_into(scratch, READ_AHEAD)
+                    if n > want:
+                        view[got:count] = scratch[:want]
+                        self._ahead[:] = scratch[want:n]  # (empty: consumed above)
+                        self._pos = 0
+                        got = count
+                        self.last_activity = time.monotonic()
+                        break
+                    if n:
+                        view[got:got + n] = scratch[:n]
+                else:
+                    n = self.sock.recv_into(view[got:], want)
             except socket.timeout:
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     raise DeadlineExceeded("the peer did not finish its first request "

@@ -47,11 +47,26 @@ def recv_task(channel: TaskChannel, length: int) -> None:
                              f"(at most {taskframes.MAX_INLINE}); closing")
     # (no stall bound for the inline part: it holds no budget, and it is small)
     inline = getattr(channel.stream, "read_buffer", channel.stream.read)(length)  # ≤ 1 MiB
+    small = getattr(handler, "on_small_task", None)
+    forward = False
     try:
-        control, lens, frames = taskframes.parse_inline(inline)
+        control, lens, at = taskframes.parse_head(inline)
+        if small is not None and control is not None and control[0] == "run" \
+                and (at < len(inline) or not lens):
+            size = sum([n & ~taskframes.READONLY for n in lens])
+            if at + size != len(inline):
+                raise ValueError("a corrupt task message: its frames don't fill its "
+                                 "inline bytes")
+            forward = True
+            frames: list[Any] = []
+        else:
+            frames = taskframes.inline_frames(inline, lens, at)
     except Exception as exc:  # ValueError, UnpicklingError, and what garbage raises
         raise channel.refuse("corrupt", f"a corrupt task message ({type(exc).__name__}: "
                              f"{exc}); closing") from None
+    if forward and small is not None:
+        small(control, inline, size)  # forwarded as it came: its frames unread here
+        return
     del inline
     if frames or not lens:
         _hand_over(channel, handler, control, frames)

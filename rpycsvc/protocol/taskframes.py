@@ -30,6 +30,7 @@ import mmap
 import pickle
 import queue
 import select
+import socket
 import struct
 import threading
 import time
@@ -67,21 +68,60 @@ _FRAME_HEADER = struct.Struct("!LB")  # RPyC's (see rpyc.core.channel.Channel)
 
 
 class TaskHandler(Protocol):
-    """What a channel hands task messages to (called in the connection's reading thread)."""
+    """What a channel hands task messages to (called in the connection's reading thread).
+
+    A handler with an ``on_small_task(control, inline, size)`` method gets small ``run``
+    messages (all their frames inline, ``size`` bytes of them) that way instead: ``inline``
+    is the whole inline block as it came, its frames unread (the server forwards it to a
+    worker as it is)."""
 
     def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None: ...
 
     def on_task_refused(self, control: tuple[Any, ...], text: str) -> None: ...
 
 
+_NONE: list[memoryview] = []  # (never changed: the large frames of a small message)
+
+
+def _small_plain(frames: Sequence[Any]) -> bool:
+    """Frames that are all ``bytes``/``bytearray`` and small together (sent inline)."""
+    total = 0
+    for f in frames:
+        t = type(f)
+        if t is not bytes and t is not bytearray:
+            return False
+        total += len(f)
+    return total < INLINE
+
+
 class TaskMessage:
     """One task message, ready to write: the inline block and the large frames."""
 
     __slots__ = ("head", "large", "sent")
+    large: list[memoryview]
 
-    def __init__(self, control: tuple[Any, ...], frames: Sequence[Any] = ()) -> None:
+    def __init__(self, control: tuple[Any, ...], frames: Sequence[Any] = (), *,
+                 relayed: bool = False) -> None:
+        """``relayed``: flag as read-only only read-only memoryviews, not ``bytes`` (what a
+        message relayed from a worker carried: the worker channel flags only those, see
+        :mod:`rpycsvc.server.wire`), so a worker framing a client's message itself
+        (:func:`framed_reply`) sends exactly the bytes the server would have."""
         ctl = pickle.dumps(control, protocol=5)
         ctl_len = len(ctl)
+        if ctl_len <= MAX_CONTROL and len(frames) <= 2 and _small_plain(frames):
+            # the common case (a call, a small result, a line of output), in one pass
+            if not frames:
+                self.head = _FRAME_HEADER.pack(_COUNTS.size + ctl_len, TASK_FLAG) + \
+                    _COUNTS.pack(0, ctl_len) + ctl
+            else:
+                lens = b"".join([_LEN.pack(len(f) | READONLY
+                                           if type(f) is bytes and not relayed else len(f))
+                                 for f in frames])
+                inline = b"".join([_COUNTS.pack(len(frames), ctl_len), lens, ctl, *frames])
+                self.head = _FRAME_HEADER.pack(len(inline), TASK_FLAG) + inline
+            self.large = _NONE
+            self.sent = False
+            return
         if ctl_len > MAX_CONTROL:
             # A large control part (a long line of output, a log record, a module's source)
             # travels as the first frame instead: read with the frames' limits and budget.
@@ -89,18 +129,28 @@ class TaskMessage:
             ctl, ctl_len = b"", CONTROL_IN_FRAME
         views = [f if type(f) is memoryview else memoryview(f) for f in frames]
         sizes = [v.nbytes for v in views]
-        lens = b"".join(_LEN.pack(n | READONLY if v.readonly else n)
-                        for n, v in zip(sizes, views))
+        lens = b"".join(_LEN.pack(n | READONLY if v.readonly and (
+            not relayed or type(f) is memoryview) else n)
+                        for n, v, f in zip(sizes, views, frames))
         small = sum(sizes) < INLINE
         parts = [_COUNTS.pack(len(views), ctl_len), lens, ctl]
         if small:
             parts.extend(views)
         inline = b"".join(parts)
         self.head = _FRAME_HEADER.pack(len(inline), TASK_FLAG) + inline
-        self.large: list[memoryview] = [] if small else [
+        self.large = [] if small else [
             v if v.ndim == 1 and v.itemsize == 1 and v.c_contiguous else v.cast("B")
             for v in views]
         self.sent = False
+
+    @classmethod
+    def framed(cls, head: Any) -> TaskMessage:
+        """A message framed elsewhere (a worker's :func:`framed_reply`): sent as it is."""
+        msg = cls.__new__(cls)
+        msg.head = head
+        msg.large = _NONE
+        msg.sent = False
+        return msg
 
     def write_to(self, stream: Any) -> None:
         """Write the whole message to ``stream`` (the caller holds the send lock)."""
@@ -125,9 +175,38 @@ def load_control(data: Any) -> tuple[Any, ...]:
     return control
 
 
-def parse_inline(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], list[Any]]:
+def parse_inline(inline: Any, *, writable: bool = False,
+                 ) -> tuple[tuple[Any, ...] | None, list[int], list[Any]]:
     """``(control, frame lengths with flags, frames sent inline)`` of an inline block;
-    control None: it is the first frame (see :data:`CONTROL_IN_FRAME`)."""
+    control None: it is the first frame (see :data:`CONTROL_IN_FRAME`). Inline frames are
+    ``bytes`` where flagged read-only, else bytearrays (``writable``: bytearrays all)."""
+    control, lens, at = parse_head(inline)
+    return control, lens, inline_frames(inline, lens, at, writable=writable)
+
+
+def inline_frames(inline: Any, lens: list[int], at: int, *,
+                  writable: bool = False) -> list[Any]:
+    """The frames of an inline block from ``at`` on (see :func:`parse_inline`); none if
+    they weren't sent inline."""
+    view = memoryview(inline)
+    frames: list[Any] = []
+    if at < len(view):
+        for n in lens:
+            size = n & ~READONLY
+            if at + size > len(view):
+                raise ValueError("a corrupt task message: a frame runs past its inline bytes")
+            piece = view[at:at + size]
+            frames.append(bytes(piece) if n & READONLY and not writable
+                          else bytearray(piece))
+            at += size
+        if at != len(view):
+            raise ValueError("a corrupt task message: inline bytes left over")
+    return frames
+
+
+def parse_head(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], int]:
+    """``(control, frame lengths with flags, where the inline frames start)`` of an inline
+    block (see :func:`parse_inline`); the frames themselves are not looked at."""
     view = memoryview(inline)
     if len(view) < _COUNTS.size:
         raise ValueError("a task message shorter than its counts")
@@ -143,19 +222,18 @@ def parse_inline(inline: Any) -> tuple[tuple[Any, ...] | None, list[int], list[A
     lens = list(struct.unpack_from(f"!{nframes}Q", view, at)) if nframes else []
     at += 8 * nframes
     control = None if in_frame else load_control(view[at:at + ctl_len])
-    at += ctl_len
-    inline_frames: list[Any] = []
-    if at < len(view):
-        for n in lens:
-            size = n & ~READONLY
-            if at + size > len(view):
-                raise ValueError("a corrupt task message: a frame runs past its inline bytes")
-            piece = view[at:at + size]
-            inline_frames.append(bytes(piece) if n & READONLY else bytearray(piece))
-            at += size
-        if at != len(view):
-            raise ValueError("a corrupt task message: inline bytes left over")
-    return control, lens, inline_frames
+    return control, lens, at + ctl_len
+
+
+def framed_reply(control: tuple[Any, ...], frames: Sequence[Any]) -> bytes | None:
+    """The whole task message ``control`` + ``frames`` as bytes, ready for a client's
+    connection, if it is small (inline only); None otherwise. A worker frames a task's
+    ``done`` with it, so the server relays the bytes without unpickling or framing anything
+    (:func:`send_framed`)."""
+    if sum(memoryview(f).nbytes for f in frames) >= INLINE:
+        return None
+    msg = TaskMessage(control, frames, relayed=True)
+    return None if msg.large else msg.head
 
 
 def new_buffer(size: int) -> Any:
@@ -186,10 +264,18 @@ def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *
     if wait:
         _send_now(conn, msg)
         return
-    writer = _writer_of(conn)
-    if not msg.large and len(msg.head) <= DIRECT_MAX and _send_if_free(conn, writer, msg):
+    if not msg.large and len(msg.head) <= DIRECT_MAX and _send_if_free(conn, msg):
         return
-    writer.put(msg)
+    _writer_of(conn).put(msg)
+
+
+def send_framed(conn: Any, head: Any) -> None:
+    """Queue the whole task message ``head`` (from :func:`framed_reply`) on ``conn``, as
+    ``send_task(..., wait=False)`` does: in order with the connection's other messages."""
+    msg = TaskMessage.framed(head)
+    if len(head) <= DIRECT_MAX and _send_if_free(conn, msg):
+        return
+    _writer_of(conn).put(msg)
 
 
 #: A message this small that finds the connection idle and its socket or pipe writable is
@@ -200,13 +286,17 @@ def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *
 DIRECT_MAX = 4096
 
 
-def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
+def _send_if_free(conn: Any, msg: TaskMessage) -> bool:
     """Write ``msg`` now if nothing is queued or being written on ``conn`` and its outgoing
     descriptor has room; False (nothing written) otherwise."""
-    if conn._send_queue or writer.pending:
+    writer = _writers.get(conn)  # (none yet: nothing of ours can be pending)
+    if conn._send_queue or (writer is not None and writer.pending):
         return False
-    fd = out_fd(conn._channel.stream)
-    if fd is None:
+    stream = conn._channel.stream
+    sock: Any = getattr(stream, "sock", None)
+    plain = type(sock) is socket.socket
+    fd = None if plain else out_fd(stream)
+    if fd is None and not plain:
         return False
     lock = conn._sendlock
     if not lock.acquire(False):
@@ -214,8 +304,13 @@ def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
     try:
         # (checked again under the lock: the writer counts a message as pending from put()
         # until it is written, so one of ours queued earlier can't be overtaken)
-        if conn._send_queue or writer.pending or conn.closed:
+        if conn._send_queue or (writer is not None and writer.pending) or conn.closed:
             return False
+        if plain:
+            # one non-blocking send instead of select() + send: all of it, or nothing
+            # (then the writer thread sends it); a part only when the buffer had less room
+            # than the message (at most DIRECT_MAX bytes): the rest is sent here, blocking
+            return _send_nowait(stream, sock, msg)
         try:
             if not select.select((), (fd,), (), 0)[1]:
                 return False
@@ -232,7 +327,33 @@ def _send_if_free(conn: Any, writer: _Writer, msg: TaskMessage) -> bool:
         except RuntimeError:
             pass
         if conn._send_queue:  # queued while we held the lock: RPyC leaves them to us
-            writer.put_flush()
+            _writer_of(conn).put_flush()
+
+
+def _send_nowait(stream: Any, sock: socket.socket, msg: TaskMessage) -> bool:
+    """``msg`` (inline only) written on plain socket ``sock`` without waiting for room;
+    False if the socket had no room at all (nothing written). Called with the send lock."""
+    head = msg.head
+    try:
+        n = sock.send(head, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # the connection's reader reports the loss
+    try:
+        if n < len(head):
+            sock.sendall(memoryview(head)[n:])
+    except OSError:
+        try:
+            stream.close()
+        except Exception:
+            pass
+        return True
+    msg.sent = True
+    from rpycsvc.protocol.socket_stream import TRAFFIC
+
+    TRAFFIC["out"] += len(head)
+    return True
 
 
 def out_fd(stream: Any) -> int | None:

@@ -277,7 +277,11 @@ class WorkerPool:
 
     def _send_task(self, worker: _WorkerHandle, task: Task) -> None:
         try:
-            worker.send(("run", task.task_id, task.kind, task.spec, task.options), task.frames)
+            if task.forwarded:  # the client's run message as it came (see Task.forwarded)
+                worker.send(("run-inline", task.task_id), task.frames)
+            else:
+                worker.send(("run", task.task_id, task.kind, task.spec, task.options),
+                            task.frames)
         except OSError:
             self._kill(worker)  # its reader thread fails the task and replaces the worker
 
@@ -312,12 +316,15 @@ class WorkerPool:
                 self._send_task(w, t)
 
     def on_task_done(self, w: _WorkerHandle, task_id: int, ok: bool, service_s: float | None,
-                 frames: list[Any]) -> None:
+                     frames: list[Any], framed: int | None = None) -> None:
+        """``framed``: ``frames`` is the client's whole message, framed by the worker, with
+        a result of this many bytes (see ``Task.framed``)."""
         nxt: list[Task | None]
         with self._lock:
             task = w.tasks.pop(task_id, None)
             if task is not None:
                 task.service_s = service_s
+                task.framed = framed
             if w.role == "process":
                 # a worker we are killing must not be handed the next task
                 nxt = ([self._next_process_task_locked(w)]

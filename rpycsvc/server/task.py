@@ -47,6 +47,12 @@ class Task:
     #: seconds the worker spent on the task, from reading it to its result pickled (set
     #: before ``on_done`` runs; None if the worker never reported: timeout, cancel, crash)
     service_s: float | None = None
+    #: set (with ``on_done``'s frames ``[message]``) when the worker framed the client's
+    #: whole ``done`` message itself: the size of the result it carries (for the limit)
+    framed: int | None = None
+    #: ``frames`` is the client's whole inline ``run`` block, sent to the worker as it came
+    #: (``("run-inline", task_id)``; the worker unpacks it)
+    forwarded: bool = False
     #: on_module(name, answer): ask the task's client for module ``name`` and call
     #: ``answer(reply)`` once it comes (see rpycsvc.protocol.forwarding); None: nobody to ask
     on_module: Callable[[str, Callable[[Any], None]], None] | None = None

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 from rpycsvc.errors import MessageTooLargeError, TaskError
 from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, too_large_message
 from rpycsvc.protocol.serialization import check_plain
-from rpycsvc.protocol.taskframes import send_task
+from rpycsvc.protocol.taskframes import parse_inline, send_framed, send_task
 from rpycsvc.server.config import check_timeout
 from rpycsvc.server.pool import WorkerPool
 from rpycsvc.server.task import Task
@@ -104,12 +104,24 @@ class TaskEndpoint:
         else:
             log.warning("ignored a task message %r from %s", str(op)[:40], self._client)
 
+    def on_small_task(self, control: tuple[Any, ...], inline: Any, size: int) -> None:
+        """A ``run`` whose frames all came inline (see TaskHandler): its inline block goes
+        to the worker as it came, not unpacked and framed again here. (Service-only mode
+        checks the frames first: they are unpacked for that.)"""
+        if not self._runtime.classic:
+            self._run(control, parse_inline(inline)[2])
+            return
+        self._run(control, [inline], size)
+
     def on_task_refused(self, control: tuple[Any, ...], text: str) -> None:
         if control[0] == "run" and len(control) > 1:
             self._send(("error", control[1], "MessageTooLargeError", text))
 
     # -- tasks --------------------------------------------------------------------------------
-    def _run(self, control: tuple[Any, ...], frames: list[Any]) -> None:
+    def _run(self, control: tuple[Any, ...], frames: list[Any],
+             forwarded: int | None = None) -> None:
+        """``forwarded``: ``frames`` is the client's inline block, holding this many bytes
+        of frames (see on_small_task)."""
         key = control[1] if len(control) > 1 else None
         try:
             if len(control) != 5 or type(key) is not int:
@@ -119,6 +131,7 @@ class TaskEndpoint:
                 raise ValueError(f"unknown task kind {kind!r}")
             opts = dict(options)
             opts["timeout"] = check_timeout(opts.get("timeout"))
+            opts["reply_key"] = key  # the worker frames a small result for us (see _done)
             runtime = self._runtime
             if not runtime.classic:
                 if kind != "endpoint":
@@ -137,8 +150,10 @@ class TaskEndpoint:
                         label=str(opts.get("label", spec if kind != "pickled" else "task")),
                         client=self._client,
                         on_module=(lambda name, answer: self._ask(key, name, answer))
-                        if self._modules else None)
-            size = sum(memoryview(f).nbytes for f in frames)
+                        if self._modules else None,
+                        forwarded=forwarded is not None)
+            size = forwarded if forwarded is not None else \
+                sum(memoryview(f).nbytes for f in frames)
             with self._lock:
                 if self._closed:
                     return
@@ -177,11 +192,21 @@ class TaskEndpoint:
             return
         frames = out or ()
         limit = self._limit
-        size = sum(memoryview(f).nbytes for f in frames) if limit is not None else 0
+        if task.framed is not None:
+            size = task.framed
+        else:
+            size = sum(memoryview(f).nbytes for f in frames) if limit is not None else 0
         if limit is not None and size > limit - MESSAGE_OVERHEAD:
             # the server's limit holds both ways: this task fails alone, nothing is sent
             self._send(("error", key, "MessageTooLargeError", too_large_message(
                 "result" if ok else "exception", size, limit)))
+            return
+        if task.framed is not None and out:  # the worker framed the whole message: relay it
+            if not self._conn.closed:
+                try:
+                    send_framed(self._conn, out[0])
+                except Exception:  # the connection is going: its reader cleans up
+                    log.debug("could not queue a result for %s", self._client, exc_info=True)
             return
         self._send(("done", key, "ok" if ok else "raised", task.service_s), frames)
 

@@ -34,6 +34,12 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: Any = ()) ->
     the caller's buffers as they are (memoryviews included), never joined into a copy.
     """
     ctl = pickle.dumps(control, protocol=5)
+    if len(frames) <= 2 and _small_plain(frames):  # the common case, in one pass
+        # (no _READONLY: only a read-only memoryview's frame is flagged, as below)
+        lens = b"".join([_LEN.pack(len(f)) for f in frames])
+        body = b"".join([lens, ctl, *frames])
+        sock.sendall(_HEAD.pack(len(ctl), len(frames), len(body)) + body)
+        return
     sizes = [memoryview(f).nbytes for f in frames]
     lens = b"".join(_LEN.pack(n | _READONLY if type(f) is memoryview and f.readonly else n)
                     for n, f in zip(sizes, frames))
@@ -45,6 +51,17 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: Any = ()) ->
     if not small:
         for f in frames:
             sock.sendall(f)
+
+
+def _small_plain(frames: Any) -> bool:
+    """Frames that are all ``bytes``/``bytearray`` and small together (sent inline)."""
+    total = 0
+    for f in frames:
+        t = type(f)
+        if t is not bytes and t is not bytearray:
+            return False
+        total += len(f)
+    return total < _INLINE
 
 
 #: Frames at least this large are read into an anonymous mmap rather than a bytearray.
@@ -107,3 +124,97 @@ def recv_msg(sock: socket.socket) -> tuple[tuple[Any, ...], list[Any]]:
         else:
             frames.append(_recv_bytes(sock, size) if readonly else _recv_exact(sock, size))
     return control, frames
+
+
+#: A :class:`Reader` takes up to this much of what has arrived in one recv: a small
+#: message's header and body (and the next messages, if they are there) in one syscall.
+_AHEAD = 64 << 10
+
+
+class Reader:
+    """Reads messages from one socket with read-ahead (same format as :func:`recv_msg`).
+
+    One recv takes what has arrived, up to ``_AHEAD`` bytes, so a small message costs one
+    syscall instead of two. Large frames are still read straight into their own buffer;
+    the bytes of one that were read ahead are copied in first. A large read-only frame
+    whose first bytes were read ahead comes as a read-only ``memoryview`` of its buffer
+    (not ``bytes``: that would cost a second copy of the whole frame). Every reader of
+    the socket must go through the same Reader (it holds bytes the socket no longer has).
+    """
+
+    __slots__ = ("_buf", "_pos", "_scratch", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._pos = 0
+        self._scratch = memoryview(bytearray(_AHEAD))
+
+    def buffered(self) -> int:
+        """Bytes read ahead and not consumed yet (a wait for the socket must not ignore
+        them)."""
+        return len(self._buf) - self._pos
+
+    def _small(self, n: int) -> memoryview:
+        """The next ``n`` bytes (n < _AHEAD), valid until the next read."""
+        buf = self._buf
+        if len(buf) - self._pos < n:
+            if self._pos:
+                del buf[:self._pos]
+                self._pos = 0
+            scratch = self._scratch
+            while len(buf) < n:
+                k = self.sock.recv_into(scratch, _AHEAD)
+                if k == 0:
+                    raise EOFError("peer closed the worker channel")
+                buf += scratch[:k]
+        at = self._pos
+        self._pos = at + n
+        return memoryview(buf)[at:at + n]
+
+    def _large(self, n: int, readonly: bool) -> Any:
+        """``n`` bytes in a buffer of their own (bytes read ahead copied in first)."""
+        have = len(self._buf) - self._pos
+        if not have:
+            return _recv_bytes(self.sock, n) if readonly else _recv_exact(self.sock, n)
+        buf: Any = bytearray(n) if n < _LAZY else mmap.mmap(-1, n)
+        view = memoryview(buf)
+        take = min(have, n)
+        view[:take] = memoryview(self._buf)[self._pos:self._pos + take]
+        self._pos += take
+        got = take
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise EOFError("peer closed the worker channel")
+            got += k
+        return view.toreadonly() if readonly else buf
+
+    def recv_msg(self) -> tuple[tuple[Any, ...], list[Any]]:
+        """Receive one message; raises ``EOFError`` when the peer is gone."""
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        ctl_len, nframes, inline = _HEAD.unpack(self._small(_HEAD.size))
+        if nframes > _MAX_FRAMES or inline < _LEN.size * nframes + ctl_len:
+            raise EOFError(f"corrupt channel: {nframes} frames, {inline} inline bytes")
+        body = self._small(inline) if inline < _AHEAD else \
+            memoryview(self._large(inline, True))
+        lens = struct.unpack_from(f"!{nframes}Q", body) if nframes else ()
+        at = _LEN.size * nframes
+        control = pickle.loads(body[at:at + ctl_len])
+        at += ctl_len
+        frames: list[Any] = []
+        for n in lens:
+            size = n & ~_READONLY
+            readonly = n & _READONLY
+            if at < inline:  # sent inline: a copy of what we read (small)
+                if at + size > inline:
+                    raise EOFError("corrupt channel: a frame runs past the inline bytes")
+                piece = body[at:at + size]
+                frames.append(bytes(piece) if readonly else bytearray(piece))
+                at += size
+            else:
+                frames.append(self._large(size, bool(readonly)))
+        del body
+        return control, frames

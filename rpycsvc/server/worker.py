@@ -9,7 +9,10 @@ and 2) is sent back as whole lines, attributed to the task, while the task runs.
 A worker runs only what the server's pool sent it: it reads one ``run`` message, runs the
 task, and sends one ``done`` message with the result frames and the seconds it spent on the
 task (from reading it to its result pickled: the pool's ``Task.service_s``). Nothing else
-is asked of it per task.
+is asked of it per task. The server's lean relay (rpycsvc.server.taskserver): a small
+task of an rpycsvc client comes as ``run-inline``, the client's own ``run`` message as it
+came (unpacked here), and its small result goes back in a ``framed`` message: the client's
+whole ``done`` task message, framed here, which the server books and relays as it is.
 
 Started by :mod:`rpycsvc.server.pool` as ``python -m rpycsvc.server.worker --fd N ...``; not an API.
 """
@@ -40,6 +43,7 @@ from rpycsvc.protocol.serialization import (
     dumps,
     loads,
 )
+from rpycsvc.protocol.taskframes import framed_reply, parse_inline
 from rpycsvc.protocol.tracebacks import dump_exception
 from rpycsvc.server import wire as _wire
 from rpycsvc.server.endpoints import load_endpoints, resolve_path
@@ -59,6 +63,8 @@ class Worker:
 
     def __init__(self, sock: socket.socket, role: str, threads: int, endpoints: list[str]):
         self.sock = sock
+        #: every read of the channel goes through it (it reads ahead)
+        self.reader = _wire.Reader(sock)
         self.role = role
         self.send_lock = threading.Lock()
         self.functions = FunctionCache()
@@ -149,9 +155,10 @@ class Worker:
                     self.send(("need-module", task_id, req, name))
                     while True:
                         left = deadline - time.monotonic()
-                        if left <= 0 or not _readable(self.sock, left):
+                        if left <= 0 or not (self.reader.buffered()
+                                             or _readable(self.sock, left)):
                             return timed_out(name, FETCH_TIMEOUT)
-                        control, frames = _wire.recv_msg(self.sock)
+                        control, frames = self.reader.recv_msg()
                         if control[0] == "module" and control[1] == req:
                             return control[2]  # type: ignore[no-any-return, unused-ignore]
                         self.backlog.append((control, frames, time.perf_counter()))
@@ -337,7 +344,14 @@ class Worker:
                 with self.active_lock:
                     self.thread_ids.pop(task_id, None)
                     _clear_async_exc()
-            self.send(("done", task_id, ok, service_s), out)
+            key = opts.get("reply_key")
+            head = framed_reply(("done", key, "ok", service_s), out) \
+                if ok and key is not None else None
+            if head is not None:  # framed for the client here: the server only relays it
+                self.send(("framed", task_id, service_s,
+                           sum(memoryview(f).nbytes for f in out)), (head,))
+            else:
+                self.send(("done", task_id, ok, service_s), out)
         finally:
             self.local.ctx = None
             self.inline = None
@@ -400,13 +414,13 @@ class Worker:
 
     def serve(self) -> None:
         """Take messages from the server until it says ``exit`` or the channel ends."""
-        sock, recv = self.sock, _wire.recv_msg
+        recv = self.reader.recv_msg
         while True:
             while self.backlog:  # what a task's module fetch read meanwhile
                 if not self.handle(*self.backlog.popleft()):
                     return
             try:
-                control, frames = recv(sock)
+                control, frames = recv()
             except (EOFError, OSError):
                 return
             if not self.handle(control, frames, time.perf_counter()):
@@ -416,8 +430,16 @@ class Worker:
     def handle(self, control: Any, frames: list[Any], received: float) -> bool:
         """Handle a message from the server (read at ``received``); False: time to exit."""
         op = control[0]
-        if op == "run":
-            _, task_id, kind, spec, opts = control
+        if op == "run" or op == "run-inline":
+            if op == "run":
+                _, task_id, kind, spec, opts = control
+            else:  # a client's run message, forwarded by the server as it came
+                task_id = control[1]
+                run, _, frames = parse_inline(frames[0], writable=True)
+                assert run is not None  # (the server forwards only inline controls)
+                _, key, kind, spec, options = run  # (checked by the server)
+                opts = dict(options)
+                opts["reply_key"] = key
             if self.pool is not None:
                 self.pool.submit(self.run, task_id, kind, spec, opts, frames, received)
             else:

@@ -133,6 +133,8 @@ class _FdPump:
         # Keep the write end (not inheritable): to put ``fd`` back if a task closes it, and so
         # the pipe never reads as ended (that would end our reader thread for good).
         self.w = w
+        st = os.fstat(w)
+        self._pipe_id = (st.st_dev, st.st_ino)  # (restore() compares fd with it: one fstat)
         # non-blocking: drain() may empty the pipe between our select() and our read()
         os.set_blocking(r, False)
         self.r = r
@@ -177,16 +179,13 @@ class _FdPump:
 
     def restore(self) -> None:
         """Point ``fd`` at our pipe again if a task closed or replaced it."""
-        if not _same_file(self.fd, self.w):
+        try:
+            st = os.fstat(self.fd)
+            same = (st.st_dev, st.st_ino) == self._pipe_id
+        except OSError:  # (closed)
+            same = False
+        if not same:
             os.dup2(self.w, self.fd)
-
-
-def _same_file(a: int, b: int) -> bool:
-    try:
-        sa, sb = os.fstat(a), os.fstat(b)
-    except OSError:  # (closed)
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def restore_std_fds(pumps: list[_FdPump]) -> None:

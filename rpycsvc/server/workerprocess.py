@@ -32,7 +32,7 @@ class WorkerEvents(Protocol):
     def on_worker_ready(self, w: _WorkerHandle, control: tuple[Any, ...]) -> None: ...
 
     def on_task_done(self, w: _WorkerHandle, task_id: int, ok: bool, service_s: float | None,
-                     frames: list[Any]) -> None: ...
+                     frames: list[Any], framed: int | None = None) -> None: ...
 
     def on_worker_exit(self, w: _WorkerHandle) -> None: ...
 
@@ -93,12 +93,15 @@ def _watch(w: _WorkerHandle) -> None:
 def _reader(w: _WorkerHandle, events: WorkerEvents) -> None:
     """Read ``w``'s messages until its channel ends: output and module requests go to their
     task's callbacks, the rest to ``events``; then ``events.on_worker_exit``."""
+    recv = _wire.Reader(w.sock).recv_msg  # reads ahead: one recv per small message
     try:
         while True:
-            control, frames = _wire.recv_msg(w.sock)
+            control, frames = recv()
             op = control[0]
             try:
-                if op == "done":
+                if op == "framed":  # a result framed for the client (worker.py): relayed
+                    events.on_task_done(w, control[1], True, control[2], frames, control[3])
+                elif op == "done":
                     events.on_task_done(w, control[1], control[2], control[3], frames)
                 elif op == "out":
                     task = w.tasks.get(control[1])
