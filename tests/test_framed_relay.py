@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pickle
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -152,3 +154,40 @@ def test_arguments_through_the_forwarded_block(server: rpycsvc.Server, mode: str
         assert c.submit(len, b"x" * 50_000).result(timeout=WAIT) == 50_000
         assert c.submit(np.sum, np.arange(100_000)).result(timeout=WAIT) == 4999950000
         assert c.submit(sorted, [3, 1, 2], reverse=True).result(timeout=WAIT) == [3, 2, 1]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_client_that_stops_reading_does_not_hold_up_others(mode: str) -> None:
+    """Results to a client that reads nothing pile up for that client alone. A non-blocking
+    send that got only a part of a result out must not finish it blocking in the thread
+    that relays a worker's results: every other client of that worker would wait too.
+    (Found in review: on the first lean relay, the second client's task never returned.)"""
+    block = threading.Event()
+    with ServerProcess("--workers", "2") as srv:
+        c1 = rpycsvc.connect(srv.address, output="discard", mode=mode)
+        c2 = rpycsvc.connect(srv.address, output="discard", mode=mode)
+        try:
+            first = c1.submit(bytes, 10)
+            first.add_done_callback(lambda f: block.wait(WAIT * 3))  # c1's reader stops
+            wait_until(first.done)
+            futs = [c1.submit(bytes, 3000) for _ in range(6000)]  # ~18 MB, unread
+            # the server runs them all; their results wait for c1 (not the worker's relay)
+            wait_until(lambda: _idle(c2.stats()))
+            assert c2.submit(len, b"abc").result(timeout=WAIT) == 3
+        finally:
+            block.set()
+            c2.close()
+            c1.close()
+        assert all(f.done() for f in futs)
+
+
+def _idle(stats: dict[str, Any]) -> bool:
+    return stats["tasks_running"] == 0 and stats["tasks_queued"] == 0
+
+
+def wait_until(cond: Any) -> None:
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        assert time.monotonic() < deadline, "not within the bound"
+        time.sleep(0.05)

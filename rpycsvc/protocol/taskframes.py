@@ -298,7 +298,7 @@ def _send_if_free(conn: Any, msg: TaskMessage) -> bool:
     fd = None if plain else out_fd(stream)
     if fd is None and not plain:
         return False
-    lock = conn._sendlock
+    lock: Any = conn._sendlock
     if not lock.acquire(False):
         return False
     try:
@@ -308,9 +308,16 @@ def _send_if_free(conn: Any, msg: TaskMessage) -> bool:
             return False
         if plain:
             # one non-blocking send instead of select() + send: all of it, or nothing
-            # (then the writer thread sends it); a part only when the buffer had less room
-            # than the message (at most DIRECT_MAX bytes): the rest is sent here, blocking
-            return _send_nowait(stream, sock, msg)
+            # (then the writer thread sends it). A part only when the buffer had less room
+            # than the message: the writer thread sends the rest, and the send lock goes
+            # with it (nothing may come between), so this thread never blocks — it may be
+            # a worker's reader, which other clients' results wait on.
+            done = _send_nowait(stream, sock, msg)
+            if done is _REST_HANDED:
+                _writer_of(conn).put_rest(msg, lock)
+                lock = None  # released by the writer once the rest is written
+                return True
+            return bool(done)
         try:
             if not select.select((), (fd,), (), 0)[1]:
                 return False
@@ -322,17 +329,24 @@ def _send_if_free(conn: Any, msg: TaskMessage) -> bool:
             pass  # the connection's reader reports the loss
         return True
     finally:
-        try:
-            lock.release()
-        except RuntimeError:
-            pass
+        if lock is not None:
+            try:
+                lock.release()
+            except RuntimeError:
+                pass
         if conn._send_queue:  # queued while we held the lock: RPyC leaves them to us
             _writer_of(conn).put_flush()
 
 
-def _send_nowait(stream: Any, sock: socket.socket, msg: TaskMessage) -> bool:
+#: What :func:`_send_nowait` returns when only a part of the message went out.
+_REST_HANDED: Any = object()
+
+
+def _send_nowait(stream: Any, sock: socket.socket, msg: TaskMessage) -> Any:
     """``msg`` (inline only) written on plain socket ``sock`` without waiting for room;
-    False if the socket had no room at all (nothing written). Called with the send lock."""
+    False if the socket had no room at all (nothing written); :data:`_REST_HANDED` if only
+    a part went out (``msg.head`` is then the rest, for the writer thread). Called with the
+    send lock."""
     head = msg.head
     try:
         n = sock.send(head, socket.MSG_DONTWAIT)
@@ -340,15 +354,9 @@ def _send_nowait(stream: Any, sock: socket.socket, msg: TaskMessage) -> bool:
         return False
     except OSError:
         return True  # the connection's reader reports the loss
-    try:
-        if n < len(head):
-            sock.sendall(memoryview(head)[n:])
-    except OSError:
-        try:
-            stream.close()
-        except Exception:
-            pass
-        return True
+    if n < len(head):
+        msg.head = memoryview(head)[n:]
+        return _REST_HANDED
     msg.sent = True
     from rpycsvc.protocol.socket_stream import TRAFFIC
 
@@ -416,12 +424,27 @@ def flush_queue(conn: Any) -> None:
                 pass
 
 
+class _Rest:
+    """The rest of a message begun on the wire, and the send lock held for it."""
+
+    __slots__ = ("lock", "msg")
+
+    def __init__(self, msg: TaskMessage, lock: Any) -> None:
+        self.msg, self.lock = msg, lock
+
+    def release(self) -> None:
+        try:
+            self.lock.release()
+        except RuntimeError:  # RPyC's cleanup of a closing connection released it
+            pass
+
+
 class _Writer:
     """A connection's writer thread for messages whose senders must not block."""
 
     def __init__(self, conn: Any) -> None:
         self._conn = weakref.ref(conn)
-        self.queue: queue.SimpleQueue[TaskMessage | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[TaskMessage | _Rest | None] = queue.SimpleQueue()
         #: messages put and not yet written (read without a lock: see _send_if_free)
         self.pending = 0
         self._count = threading.Lock()
@@ -438,6 +461,14 @@ class _Writer:
         """Have the writer send what RPyC queued on the connection (see ``_send_now``)."""
         self.queue.put(None)
 
+    def put_rest(self, msg: TaskMessage, lock: Any) -> None:
+        """Have the writer send the rest of ``msg``, begun on the wire by a thread that
+        must not block, and then release ``lock`` (the connection's send lock, which that
+        thread holds and hands over: nothing may be written in between)."""
+        with self._count:
+            self.pending += 1
+        self.queue.put(_Rest(msg, lock))
+
     def _run(self) -> None:
         while True:
             try:
@@ -450,9 +481,18 @@ class _Writer:
                 continue
             conn = self._conn()
             if conn is None or conn.closed:
+                if isinstance(msg, _Rest):
+                    msg.release()
                 return
             try:
                 if msg is None:
+                    flush_queue(conn)
+                elif isinstance(msg, _Rest):
+                    try:
+                        conn._channel.stream.write(msg.msg.head)
+                        msg.msg.sent = True
+                    finally:
+                        msg.release()
                     flush_queue(conn)
                 else:
                     _send_now(conn, msg)
