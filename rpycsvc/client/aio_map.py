@@ -10,15 +10,17 @@ them on the servers (after a ``break`` asyncio closes it as soon as it is droppe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rpycsvc.client.jobs import _Job
 from rpycsvc.client.mapping import ChunkFeed, ChunkSizer, PartialFold, plan_map, reduce_chunk
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
+from rpycsvc.protocol.mapchunks import chunk_results
 from rpycsvc.protocol.tracebacks import load_exception
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ def async_map(ac: FanOutCluster, fn: Any, iterables: tuple[Iterable[Any], ...], 
 
 
 async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
-                   make_job: Callable[[list[tuple[Any, ...]]], _Job], sizer: ChunkSizer,
+                   make_job: Callable[[Sequence[Any]], _Job], sizer: ChunkSizer,
                    window: int, ordered: bool, deadline: float | None) -> AsyncIterator[Any]:
     from rpycsvc.client.aio_bridge import AsyncTaskFuture
 
@@ -82,13 +84,15 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
                 afut = got
                 inflight.remove(afut)
             address = afut.address
-            pairs = list(afut.result())  # a chunk that failed as a whole raises here
+            reply = afut.result()  # a chunk that failed as a whole raises here
             del afut  # (it holds the chunk's results)
-            pairs.reverse()
-            while pairs:  # keep no reference to a result once it is yielded
-                if not pairs[-1][0]:
-                    raise load_exception(pairs[-1][1], address)
-                yield pairs.pop()[1]
+            results = chunk_results(reply, functools.partial(load_exception, address=address))
+            del reply
+            while True:  # (no variable: none keeps a result alive once it is yielded)
+                try:
+                    yield next(results)
+                except StopIteration:
+                    break
     finally:
         for afut in inflight:  # abandoned: stopped on the servers too
             afut.cancel()

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -29,6 +29,7 @@ from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
 from rpycsvc.client.scheduler import Scheduler
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
+from rpycsvc.protocol.mapchunks import chunk_results, pack_items
 from rpycsvc.protocol.serialization import dumps, dumps_function
 from rpycsvc.protocol.tracebacks import load_exception
 
@@ -155,7 +156,11 @@ class ChunkFeed:
 
     def __init__(self, iterables: tuple[Iterable[Any], ...], sizer: ChunkSizer,
                  window: int) -> None:
-        self._source = zip(*iterables)
+        # One iterable: its items as they are (no 1-tuples); one ``range``: slices of it,
+        # which pickle in a few bytes (see rpycsvc.protocol.mapchunks). Several: zipped.
+        first = iterables[0]
+        self._range = first if len(iterables) == 1 and type(first) is range else None
+        self._source: Iterator[Any] = iter(first) if len(iterables) == 1 else zip(*iterables)
         self._sizer = sizer
         self.window = window
         self.taken = 0
@@ -163,14 +168,19 @@ class ChunkFeed:
         self._ramp_end: float | None = None  # set as the first chunk goes
         self._limit = window
 
-    def take(self, in_flight: int) -> Iterator[list[tuple[Any, ...]]]:
+    def take(self, in_flight: int) -> Iterator[Sequence[Any]]:
         """Chunks to send now, given ``in_flight`` chunks already out: the caller sends each
         (one more in flight) before asking for the next."""
         limit = self.window
         if self._ramp_end is not None and time.monotonic() < self._ramp_end:
             limit = self._sizer.in_flight(self.window)
         while not self.exhausted and in_flight < limit:
-            items = list(itertools.islice(self._source, self._sizer.next_size(self.taken)))
+            size = self._sizer.next_size(self.taken)
+            items: Sequence[Any]
+            if self._range is not None:
+                items = self._range[self.taken:self.taken + size]
+            else:
+                items = list(itertools.islice(self._source, size))
             if not items:
                 self.exhausted = True
                 break
@@ -199,7 +209,7 @@ class MapPlan(NamedTuple):
     total: int | None
     sizer: ChunkSizer
     window: int
-    make_job: Callable[[list[tuple[Any, ...]]], _Job]
+    make_job: Callable[[Sequence[Any]], _Job]
 
 
 def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...], *,
@@ -230,12 +240,20 @@ def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...]
     if threaded:
         window = max(window, scheduler.total_threads // max(1, chunksize or 1))
 
-    def make_job(items: list[tuple[Any, ...]]) -> _Job:
+    star = len(iterables) > 1
+    # Process mode: a chunk as rpycsvc.protocol.mapchunks packs it (option "chunk"). Thread
+    # mode runs a chunk's items at once on the server's threads: its "batch" format.
+    chunk_opts = {**opts, "batch": True} if threaded else {**opts, "chunk": 1}
+
+    def make_job(items: Sequence[Any]) -> _Job:
         fut = TaskFuture()
-        frames = dumps(items, "map arguments")
+        if threaded:
+            frames = dumps(list(items) if star else [(x,) for x in items], "map arguments")
+        else:
+            frames = dumps(pack_items(items, star), "map arguments")
         sizer.pickled(len(items), sum(memoryview(f).nbytes for f in frames))
         job = _Job(kind, spec, (*head, *frames),
-                   {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
+                   {**chunk_opts, "label": f"{label}[{len(items)}]"}, fut, retries)
         job.size = len(items)
         job.observe = sizer.observe  # (measured in the reader thread, as the chunk ends)
         # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
@@ -291,13 +309,12 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
                 if bar is not None:
                     bar.update(job.size, job.server.address if job.server else "?")
                 address = job.server.address if job.server else None
-                pairs = list(job.future.result())
+                reply = job.future.result()
                 del job  # (its future holds the chunk's results)
-                pairs.reverse()
-                while pairs:  # keep no reference to a result once it is yielded
-                    if not pairs[-1][0]:
-                        raise load_exception(pairs[-1][1], address)
-                    yield pairs.pop()[1]
+                # (``yield from``, not a for loop: its variable would keep the last result
+                # alive while the consumer holds none)
+                yield from chunk_results(reply, functools.partial(load_exception,
+                                                                  address=address))
         finally:
             for job in inflight:
                 job.future.stop()
