@@ -149,3 +149,20 @@ def test_thread_mode_map_keeps_its_batch_format(cluster: Cluster) -> None:
         next(it)
     assert list(cluster.options(mode="thread").map(operator.add, range(5), range(5))) == \
         [0, 2, 4, 6, 8]
+
+
+def test_big_results_make_small_chunks() -> None:
+    from rpycsvc.client.mapping import MAX_CHUNK, MAX_CHUNK_BYTES, ChunkSizer
+
+    sizer = ChunkSizer(None, workers=2, total=None)
+    sizer.observe(64, 64 * 1e-7)  # cheap items...
+    sizer.observe(4096, 4096 * 1e-7)
+    assert sizer.next_size(0) == MAX_CHUNK
+    sizer.observe(4096, 4096 * 1e-7, 4096 << 20)  # ...whose results are a MiB each
+    assert sizer.next_size(0) == MAX_CHUNK_BYTES >> 20
+
+
+def test_map_of_big_results_in_automatic_chunks(cluster: Cluster) -> None:
+    # cheap items with 256 KiB results (chunks cut by their results' bytes) all come back
+    sizes = [len(b) for b in cluster.map(bytes, [256 << 10] * 200, timeout=120)]
+    assert sizes == [256 << 10] * 200
