@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import pickle
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -39,6 +40,10 @@ def _fails_on_sevens(x: int) -> int:
     if x % 10 == 7:
         raise ValueError(f"bad {x}")
     return x * 2
+
+
+class _Box:
+    """Something a weak reference can watch (``object()`` can't be)."""
 
 
 def _stops_on_three(x: int) -> int:
@@ -95,20 +100,29 @@ def test_a_chunk_of_another_format_is_refused_by_name() -> None:
         run_chunk(abs, (pickle.dumps(("mapchunk-0", [1], False)),))
 
 
-def test_reading_the_results_raises_at_the_item_that_failed() -> None:
-    values, errors = _run(_fails_on_sevens, range(10))
-    got = chunk_results((values, errors), lambda frames: load_exception(frames, "here"))
-    assert [next(got) for _ in range(7)] == [0, 2, 4, 6, 8, 10, 12]
-    with pytest.raises(ValueError, match="bad 7"):
-        next(got)
+def test_reading_the_results_stops_at_the_item_that_failed() -> None:
+    values, failed = chunk_results(_run(_fails_on_sevens, range(20)))
+    assert list(values) == [0, 2, 4, 6, 8, 10, 12]
+    assert failed is not None
+    assert "bad 7" in str(load_exception(failed, "here"))
+    values, failed = chunk_results(_run(abs, range(-2, 2)))
+    assert list(values) == [2, 1, 0, 1] and failed is None
 
 
 def test_reading_the_results_keeps_none_of_them() -> None:
-    values: list[object] = [object() for _ in range(3)]
-    reply = (values, {})
-    got = chunk_results(reply, lambda frames: load_exception(frames, "here"))
-    assert values == []  # the reply's list is emptied: the future holding it holds nothing
-    assert len(list(got)) == 3
+    results: list[object] = [_Box() for _ in range(3)]
+    values, _ = chunk_results((results, {}))
+    assert results == []  # the reply's list is emptied: the future holding it holds nothing
+    first = next(values)
+    ref = weakref.ref(first)
+    del first
+    assert ref() is None  # (yielded: not kept)
+    assert len(list(values)) == 2
+
+
+def test_the_batch_reply_of_thread_mode_reads_the_same() -> None:
+    values, failed = chunk_results([(True, 1), (True, 2), (False, ("frames",)), (True, 4)])
+    assert list(values) == [1, 2] and failed == ("frames",)
 
 
 # -- end to end, automatic chunks --------------------------------------------------------------

@@ -10,7 +10,6 @@ them on the servers (after a ``break`` asyncio closes it as soon as it is droppe
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
@@ -84,15 +83,16 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
                 afut = got
                 inflight.remove(afut)
             address = afut.address
-            reply = afut.result()  # a chunk that failed as a whole raises here
+            # (a chunk that failed as a whole raises here)
+            values, failed = chunk_results(afut.result())
             del afut  # (it holds the chunk's results)
-            results = chunk_results(reply, functools.partial(load_exception, address=address))
-            del reply
             while True:  # (no variable: none keeps a result alive once it is yielded)
                 try:
-                    yield next(results)
+                    yield next(values)
                 except StopIteration:
                     break
+            if failed is not None:
+                raise load_exception(failed, address)
     finally:
         for afut in inflight:  # abandoned: stopped on the servers too
             afut.cancel()

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol, cast
 
 from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
@@ -295,7 +295,7 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
 
         bar = Progress(total)
 
-    def results() -> Iterator[Any]:
+    def results() -> Iterator[Iterator[Any]]:  # each chunk's results, in turn
         feed = ChunkFeed(iterables, sizer, window)
         inflight: deque[_Job] = deque()
         done_q: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -325,19 +325,42 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
                 if bar is not None:
                     bar.update(job.size, job.server.address if job.server else "?")
                 address = job.server.address if job.server else None
-                reply = job.future.result()
+                values, failed = chunk_results(job.future.result())
                 del job  # (its future holds the chunk's results)
-                # (``yield from``, not a for loop: its variable would keep the last result
-                # alive while the consumer holds none)
-                yield from chunk_results(reply, functools.partial(load_exception,
-                                                                  address=address))
+                yield values  # (the results up to the first failed item, if any)
+                del values
+                if failed is not None:
+                    raise load_exception(failed, address)
         finally:
             for job in inflight:
                 job.future.stop()
             if bar is not None:
                 bar.close()
 
-    return results()
+    return MapIterator.over(results())
+
+
+class MapIterator(itertools.chain):
+    """What ``Cluster.map`` returns: its results, one chunk's after another, with no Python
+    code per result (``itertools.chain``'s ``__next__``: a map of cheap items is paced by
+    how fast its consumer takes them, issue 15). :meth:`close` abandons the map as a
+    generator's would: its chunks still in flight are stopped on their servers. Dropping
+    the iterator does the same."""
+
+    _chunks: Iterator[Iterator[Any]]
+
+    @classmethod
+    def over(cls, chunks: Iterator[Iterator[Any]]) -> MapIterator:
+        """The results of ``chunks`` (an iterator of each chunk's results), in turn."""
+        it = cast(MapIterator, cls.from_iterable(chunks))
+        it._chunks = chunks
+        return it
+
+    def close(self) -> None:
+        """Stop the map: no more results; what it has in flight is stopped."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _put(q: queue.SimpleQueue[_Job], job: _Job, _fut: Any) -> None:

@@ -9,7 +9,8 @@ of the format are here, so that they change together:
 - the worker runs it with :func:`run_chunk`: ``map(fn, items)`` in C, no per-item ``try`` or
   result tuple; an item that raised is recorded by its index and the rest still run;
 - the client reads the reply with :func:`chunk_results`: the results in a plain list (one
-  pickle opcode per result, no ``(ok, value)`` pair per item) and the errors by index.
+  pickle opcode per result, no ``(ok, value)`` pair per item) and the errors by index; a
+  map hands them on without Python code per result (see ``rpycsvc.client.mapping``).
 
 This format replaced a list of argument tuples in, a list of ``(ok, value)`` pairs out
 (task option ``batch``, still what thread-mode chunks use): pickling, unpickling and
@@ -84,34 +85,26 @@ def run_chunk(fn: Callable[..., Any], data: Sequence[bytes | bytearray]) -> Fram
 _END = object()
 
 
-def chunk_results(reply: Any, raise_at: Callable[[Frames], BaseException]) -> Iterator[Any]:
-    """The results of a chunk's reply (unpickled), in order; at an item that raised, raises
-    ``raise_at(its exception frames)``. Keeps no reference to a result it has yielded (a
-    map's results may be big). Also reads the older reply of ``batch`` chunks (a list of
-    ``(ok, value)`` pairs, thread mode)."""
+def chunk_results(reply: Any) -> tuple[Iterator[Any], Frames | None]:
+    """A chunk's reply (unpickled) as an iterator over its results up to its first item
+    that raised, and that item's exception frames (None if none raised; the items after it
+    are not read: a map stops at its first error, as ``Executor.map`` does).
+
+    The iterator is C code per item (the common case has no Python code per result) and
+    keeps no reference to a result it has yielded (a map's results may be big). Also reads
+    the older reply of ``batch`` chunks (a list of ``(ok, value)`` pairs, thread mode)."""
     if isinstance(reply, list):
-        return _pairs(reply, raise_at)
-    values, errors = reply
+        first = next((i for i, (ok, _) in enumerate(reply) if not ok), None)
+        failed = None if first is None else reply[first][1]
+        values = [value for _, value in reply[:first]]
+        reply.clear()
+    else:
+        values, errors = reply
+        first = min(errors) if errors else None
+        failed = None if first is None else errors[first]
+        if first is not None:
+            del values[first:]
     queue: deque[Any] = deque(values)
     values.clear()  # (the reply's own list, which its future holds: it would keep them alive)
     queue.append(_END)
-    if not errors:  # the common case: no Python code per item
-        return iter(queue.popleft, _END)
-    return _with_errors(queue, errors, raise_at)
-
-
-def _pairs(pairs: list[tuple[bool, Any]], raise_at: Callable[[Frames], BaseException]
-           ) -> Iterator[Any]:
-    pairs.reverse()
-    while pairs:
-        if not pairs[-1][0]:
-            raise raise_at(pairs[-1][1])
-        yield pairs.pop()[1]
-
-
-def _with_errors(queue: deque[Any], errors: dict[int, Frames],
-                 raise_at: Callable[[Frames], BaseException]) -> Iterator[Any]:
-    for index, value in enumerate(iter(queue.popleft, _END)):
-        if index in errors:
-            raise raise_at(errors[index])
-        yield value
+    return iter(queue.popleft, _END), failed
