@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 FIGURES = {
     "server_idle_rss", "server_idle_tree_rss",
     "compute_p50_vs_rpyc", "compute_p50_vs_tcp", "compute_p99",
-    "map_throughput", "map_client_cpu", "map_first_result", "submit_throughput", "map_client_rss",
+    "map_throughput", "map_vs_local_pool", "map_client_cpu", "map_first_result",
+    "submit_throughput", "map_client_rss",
     "server_rss_growth",
     "sleep_200x10ms", "sleep_200x10ms_submit",
     "cpu_speedup", "cpu_speedup_vs_pool",
@@ -30,7 +31,8 @@ FIGURES = {
 #: Checks that must be present (a workload that never ran leaves its checks out).
 CHECKS = {
     "memory.idle_stats", "latency.results", "latency.tcp_echo_count", "map.warmup",
-    "map.run0.results", "map.run1.results", "submit.results", "map.rpyc_pipelined",
+    "map.run0.results", "map.run1.results", "map.run2.results", "map.local_pool_results",
+    "submit.results", "map.rpyc_pipelined",
     "sleep.results", "sleep.submit_results", "cpu.cluster_results", "cpu.pool_results",
     "cpu.serial_results",
     "stdout.streamed_lines",

@@ -85,7 +85,7 @@ def test_map_is_lazy_on_an_endless_generator(cluster: Cluster) -> None:
     results.close()  # type: ignore[attr-defined]
     assert first == list(range(1, 21))
     # bounded read-ahead, not the whole (endless) input: at most a window of chunks in flight
-    # (2 per worker slot: 8 here) of at most 8,192 items each, cheap items making big chunks
+    # (2 per worker slot: 8 here) of at most MAX_CHUNK items each, cheap items making big chunks
     assert len(consumed) < 100_000
 
 

@@ -92,8 +92,8 @@ def test_sizer_aims_at_the_target_service_time_per_chunk() -> None:
     assert sizer.next_size(1) == GROWTH  # but one item measured says little yet
     sizer.observe(GROWTH, GROWTH * 50e-6)
     assert sizer.next_size(1) == int(TARGET_CHUNK_SECONDS / 50e-6)
-    for _ in range(6):  # bigger chunks of cheaper items: the estimate follows them
-        sizer.observe(sizer.next_size(0), sizer.next_size(0) * 1e-6)
+    for _ in range(6):  # bigger chunks of cheaper items (0.2 µs): the estimate follows them
+        sizer.observe(sizer.next_size(0), sizer.next_size(0) * 2e-7)
     assert sizer.next_size(0) == MAX_CHUNK
     slow = ChunkSizer(None, workers=2, total=None)
     slow.observe(3, 3.0)  # a second per item: one per chunk

@@ -13,13 +13,14 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rpycsvc.client.jobs import _Job
 from rpycsvc.client.mapping import ChunkFeed, ChunkSizer, PartialFold, plan_map, reduce_chunk
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
+from rpycsvc.protocol.mapchunks import chunk_results
 from rpycsvc.protocol.tracebacks import load_exception
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def _bar(total: int | None) -> Progress:
 
 
 async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
-                   make_job: Callable[[list[tuple[Any, ...]]], _Job], sizer: ChunkSizer,
+                   make_job: Callable[[Sequence[Any]], _Job], sizer: ChunkSizer,
                    window: int, ordered: bool, deadline: float | None,
                    bar_total: int | None = -1) -> AsyncIterator[Any]:
     """The results; ``bar_total`` -1: no progress bar, else the bar's total (None: unknown).
@@ -102,13 +103,16 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
             address = afut.address
             if bar is not None:
                 bar.update(sizes.pop(afut, 0), address or "?")
-            pairs = list(afut.result())  # a chunk that failed as a whole raises here
+            # (a chunk that failed as a whole raises here)
+            values, failed = chunk_results(afut.result())
             del afut  # (it holds the chunk's results)
-            pairs.reverse()
-            while pairs:  # keep no reference to a result once it is yielded
-                if not pairs[-1][0]:
-                    raise load_exception(pairs[-1][1], address)
-                yield pairs.pop()[1]
+            while True:  # (no variable: none keeps a result alive once it is yielded)
+                try:
+                    yield next(values)
+                except StopIteration:
+                    break
+            if failed is not None:
+                raise load_exception(failed, address)
     finally:
         for afut in inflight:  # abandoned: stopped on the servers too
             afut.cancel()

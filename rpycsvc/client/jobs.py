@@ -38,10 +38,11 @@ class _Job:
     #: stop() was asked while it was being sent (no key yet): stopped once it has one
     stop_asked: bool = False
     errors: list[str] = field(default_factory=list)  # "address: cause" per lost attempt
-    #: a map chunk's sizer: told ``(items, seconds)`` when an attempt finishes, in the
-    #: reader thread, with the worker's service time (or the round trip if the server
-    #: did not say); it holds no reference to the job, so results are not kept alive
-    observe: Callable[[int, float], None] | None = None
+    #: a map chunk's sizer: told ``(items, seconds, result bytes)`` when an attempt
+    #: finishes, in the reader thread, with the worker's service time (or the round trip
+    #: if the server did not say); it holds no reference to the job, so results are not
+    #: kept alive
+    observe: Callable[[int, float, int], None] | None = None
 
 
 class _JobQueue:

@@ -21,14 +21,15 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol, cast
 
 from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
 from rpycsvc.client.scheduler import Scheduler
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
+from rpycsvc.protocol.mapchunks import chunk_results, pack_items
 from rpycsvc.protocol.serialization import dumps, dumps_function
 from rpycsvc.protocol.tracebacks import load_exception
 
@@ -45,10 +46,15 @@ TARGET_CHUNK_SECONDS = 0.02
 #: Near the end of a map of known length chunks shrink so every worker stays busy, but not
 #: below this much work: smaller ones would cost more in per-task overhead than they save.
 MIN_CHUNK_SECONDS = 0.004
-MAX_CHUNK = 8192
-#: A chunk's arguments stay under this many bytes (as pickled), whatever its items' time:
-#: big items go in small chunks, so a chunk is never a huge message and a map's read-ahead
-#: (its chunks in flight) stays bounded in memory too, not only in items.
+#: The most items in a chunk, however cheap they are: each chunk costs a few hops between
+#: processes (client, server, worker and back), which on a busy machine each wait for a
+#: core; at 8,192 no-ops (about 1 ms of work) those waits, not the work, set a map's pace
+#: (issue 15: 32,768 doubled the median rate of a 100,000 no-op map on a loaded 2-core box).
+MAX_CHUNK = 32768
+#: A chunk's arguments, and its results, stay under this many bytes (as pickled), whatever
+#: its items' time: big items or results go in small chunks, so a chunk is never a huge
+#: message and a map's read-ahead (its chunks in flight) stays bounded in memory too, not
+#: only in items.
 MAX_CHUNK_BYTES = 8 << 20
 #: A map ramps up (see ChunkSizer.in_flight) for at most this long: then every worker gets
 #: a chunk, measured or not (items slower than this go one per chunk anyway).
@@ -95,18 +101,24 @@ class ChunkSizer:
         self._work = 0.0  # decayed sums of seconds and of items measured
         self._items = 0.0
         self._largest = 0
-        self._most = MAX_CHUNK  # items under MAX_CHUNK_BYTES, by the last chunk's bytes
+        # items under MAX_CHUNK_BYTES, by the last chunk's arguments and results as pickled
+        self._most_args = self._most_results = self._most = MAX_CHUNK
         self._lock = threading.Lock()
 
     def pickled(self, items: int, nbytes: int) -> None:
         """A chunk of ``items`` pickled to ``nbytes`` (before it is sent)."""
         if items > 0:
-            self._most = max(1, min(MAX_CHUNK, MAX_CHUNK_BYTES * items // max(1, nbytes)))
+            self._most_args = _fitting(items, nbytes)
+            self._most = min(self._most_args, self._most_results)
 
-    def observe(self, items: int, seconds: float) -> None:
-        """A chunk of ``items`` took its worker ``seconds``."""
+    def observe(self, items: int, seconds: float, nbytes: int = 0) -> None:
+        """A chunk of ``items`` took its worker ``seconds``; its results came in ``nbytes``
+        (0: not known)."""
         if items <= 0:
             return
+        if nbytes:
+            self._most_results = _fitting(items, nbytes)
+            self._most = min(self._most_args, self._most_results)
         with self._lock:
             self.measured += 1
             if self.fixed:
@@ -139,6 +151,11 @@ class ChunkSizer:
         return min(window, 1 + 2 * self.measured)
 
 
+def _fitting(items: int, nbytes: int) -> int:
+    """How many items of the size of these ``items`` (``nbytes`` in all) fit a chunk."""
+    return max(1, min(MAX_CHUNK, MAX_CHUNK_BYTES * items // max(1, nbytes)))
+
+
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
     try:
         return min(len(x) for x in iterables)  # type: ignore[arg-type]
@@ -155,7 +172,11 @@ class ChunkFeed:
 
     def __init__(self, iterables: tuple[Iterable[Any], ...], sizer: ChunkSizer,
                  window: int) -> None:
-        self._source = zip(*iterables)
+        # One iterable: its items as they are (no 1-tuples); one ``range``: slices of it,
+        # which pickle in a few bytes (see rpycsvc.protocol.mapchunks). Several: zipped.
+        first = iterables[0]
+        self._range = first if len(iterables) == 1 and type(first) is range else None
+        self._source: Iterator[Any] = iter(first) if len(iterables) == 1 else zip(*iterables)
         self._sizer = sizer
         self.window = window
         self.taken = 0
@@ -163,14 +184,19 @@ class ChunkFeed:
         self._ramp_end: float | None = None  # set as the first chunk goes
         self._limit = window
 
-    def take(self, in_flight: int) -> Iterator[list[tuple[Any, ...]]]:
+    def take(self, in_flight: int) -> Iterator[Sequence[Any]]:
         """Chunks to send now, given ``in_flight`` chunks already out: the caller sends each
         (one more in flight) before asking for the next."""
         limit = self.window
         if self._ramp_end is not None and time.monotonic() < self._ramp_end:
             limit = self._sizer.in_flight(self.window)
         while not self.exhausted and in_flight < limit:
-            items = list(itertools.islice(self._source, self._sizer.next_size(self.taken)))
+            size = self._sizer.next_size(self.taken)
+            items: Sequence[Any]
+            if self._range is not None:
+                items = self._range[self.taken:self.taken + size]
+            else:
+                items = list(itertools.islice(self._source, size))
             if not items:
                 self.exhausted = True
                 break
@@ -199,7 +225,7 @@ class MapPlan(NamedTuple):
     total: int | None
     sizer: ChunkSizer
     window: int
-    make_job: Callable[[list[tuple[Any, ...]]], _Job]
+    make_job: Callable[[Sequence[Any]], _Job]
 
 
 def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...], *,
@@ -230,12 +256,20 @@ def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...]
     if threaded:
         window = max(window, scheduler.total_threads // max(1, chunksize or 1))
 
-    def make_job(items: list[tuple[Any, ...]]) -> _Job:
+    star = len(iterables) > 1
+    # Process mode: a chunk as rpycsvc.protocol.mapchunks packs it (option "chunk"). Thread
+    # mode runs a chunk's items at once on the server's threads: its "batch" format.
+    chunk_opts = {**opts, "batch": True} if threaded else {**opts, "chunk": 1}
+
+    def make_job(items: Sequence[Any]) -> _Job:
         fut = TaskFuture()
-        frames = dumps(items, "map arguments")
+        if threaded:
+            frames = dumps(list(items) if star else [(x,) for x in items], "map arguments")
+        else:
+            frames = dumps(pack_items(items, star), "map arguments")
         sizer.pickled(len(items), sum(memoryview(f).nbytes for f in frames))
         job = _Job(kind, spec, (*head, *frames),
-                   {**opts, "batch": True, "label": f"{label}[{len(items)}]"}, fut, retries)
+                   {**chunk_opts, "label": f"{label}[{len(items)}]"}, fut, retries)
         job.size = len(items)
         job.observe = sizer.observe  # (measured in the reader thread, as the chunk ends)
         # abandoning the map (close, an error, a timeout) stops its chunks on the servers too
@@ -261,7 +295,7 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
 
         bar = Progress(total)
 
-    def results() -> Iterator[Any]:
+    def results() -> Iterator[Iterator[Any]]:  # each chunk's results, in turn
         feed = ChunkFeed(iterables, sizer, window)
         inflight: deque[_Job] = deque()
         done_q: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -291,20 +325,42 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
                 if bar is not None:
                     bar.update(job.size, job.server.address if job.server else "?")
                 address = job.server.address if job.server else None
-                pairs = list(job.future.result())
+                values, failed = chunk_results(job.future.result())
                 del job  # (its future holds the chunk's results)
-                pairs.reverse()
-                while pairs:  # keep no reference to a result once it is yielded
-                    if not pairs[-1][0]:
-                        raise load_exception(pairs[-1][1], address)
-                    yield pairs.pop()[1]
+                yield values  # (the results up to the first failed item, if any)
+                del values
+                if failed is not None:
+                    raise load_exception(failed, address)
         finally:
             for job in inflight:
                 job.future.stop()
             if bar is not None:
                 bar.close()
 
-    return results()
+    return MapIterator.over(results())
+
+
+class MapIterator(itertools.chain):
+    """What ``Cluster.map`` returns: its results, one chunk's after another, with no Python
+    code per result (``itertools.chain``'s ``__next__``: a map of cheap items is paced by
+    how fast its consumer takes them, issue 15). :meth:`close` abandons the map as a
+    generator's would: its chunks still in flight are stopped on their servers. Dropping
+    the iterator does the same."""
+
+    _chunks: Iterator[Iterator[Any]]
+
+    @classmethod
+    def over(cls, chunks: Iterator[Iterator[Any]]) -> MapIterator:
+        """The results of ``chunks`` (an iterator of each chunk's results), in turn."""
+        it = cast(MapIterator, cls.from_iterable(chunks))
+        it._chunks = chunks
+        return it
+
+    def close(self) -> None:
+        """Stop the map: no more results; what it has in flight is stopped."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _put(q: queue.SimpleQueue[_Job], job: _Job, _fut: Any) -> None:

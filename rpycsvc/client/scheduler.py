@@ -394,8 +394,9 @@ class Scheduler:
                 # the worker's own time on the chunk, not its wait in any queue; the
                 # round trip only if the server did not say
                 service = value[2] if len(value) > 2 else None
+                nbytes = sum(memoryview(f).nbytes for f in value[1]) if value[0] == "ok" else 0
                 job.observe(job.size, time.monotonic() - job.sent if service is None
-                            else service)
+                            else service, nbytes)
             try:
                 ok, result = decode_reply(value, address)
             except RpycsvcError as exc:

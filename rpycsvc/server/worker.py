@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from rpycsvc.protocol.forwarding import Reply
+from rpycsvc.protocol.mapchunks import run_chunk
 from rpycsvc.protocol.module_finder import FETCH_TIMEOUT, Fetch, ForwardedModules, timed_out
 from rpycsvc.protocol.serialization import (
     FunctionCache,
@@ -319,7 +320,9 @@ class Worker:
             try:
                 self.forwarded.begin(forwarding)
                 fn, data = self.resolve(kind, spec, frames)
-                if opts.get("batch"):
+                if opts.get("chunk"):  # a map's chunk (process mode): protocol.mapchunks
+                    out = run_chunk(fn, data)
+                elif opts.get("batch"):
                     out = self._run_batch(fn, data)
                 else:
                     args, kwargs = loads(data, "task arguments", writable=False)

@@ -53,7 +53,8 @@ to a reference measured in the same run, their ratio, the target and PASS/MISS:
 
   compute latency     client.compute(noop) p50/p99 vs a cached raw RPyC call on the same
                       server, and vs a 1-byte TCP echo served by a thread-mode task there
-  map                 tasks/s over 100,000 no-ops, time to the first result, client RSS
+  map                 tasks/s over 100,000 no-ops vs a local ProcessPoolExecutor at its
+                      best chunksize, time to the first result, client RSS
   200 x sleep(10 ms)  thread mode over every server, as a map and as 200 unbatched
                       submits, vs a local 200-thread pool doing the same
   CPU speedup         16 pure-Python tasks of ~50 ms vs the same run serially here

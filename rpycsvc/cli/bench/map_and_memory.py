@@ -1,13 +1,18 @@
 """Workload ``map_and_memory``: map and submit throughput, and client and server memory under it.
 
 Tasks per second over ``map`` of no-ops and unbatched ``submit`` futures, against pipelined
-raw RPyC calls; the time to the first result; the client's RSS during the maps and whether
-the servers' RSS stays bounded from one map to the next.
+raw RPyC calls and against the local limit: a ``concurrent.futures.ProcessPoolExecutor``
+with as many processes as the cluster has workers (at most this machine's cores), mapping
+the same no-ops at its best chunksize, its runs alternating with the cluster's; the time to
+the first result; the client's RSS during the maps and whether the servers' RSS stays
+bounded from one map to the next.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 
 from rpycsvc.cli.bench.measuring import MB, median, rss_self
 from rpycsvc.cli.bench.report import Figure
@@ -22,16 +27,28 @@ def measure(bench: BenchRun) -> None:
     bench.report.check("map.warmup", warm == list(range(min(n, 2000))))
     runs = []
     after = []
-    for run in range(2):
-        runs.append(_one_map(bench, n, run))
-        after.append(sum(s["rss_total_bytes"] for s in bench.server_stats()))
+    pool = _LocalPool(min(bench.cluster.total_workers, os.cpu_count() or 1))
+    try:
+        for run in range(3):  # alternating with the local pool's runs: the same load on both
+            runs.append(_one_map(bench, n, run))
+            after.append(sum(s["rss_total_bytes"] for s in bench.server_stats()))
+            pool.run(n, bench)
+    finally:
+        pool.close()
     rates = [x["rate"] for x in runs]
     rate = median(rates)
     ref = _rpyc_pipelined(bench)
     bench.report.details["map_runs"] = runs
-    bench.report.add(Figure("map_throughput", f"map of {n:,} no-ops (median of 2)", rate,
+    bench.report.details["map_local_pool"] = pool.rates
+    bench.report.add(Figure("map_throughput", f"map of {n:,} no-ops (median of 3)", rate,
                             "tasks/s", "pipelined raw rpyc pings (1 server)", ref, rate / ref,
                             ">= 50,000/s", rate >= 50_000))
+    best, pool_rate = pool.best()
+    bench.report.add(Figure("map_vs_local_pool", f"map of {n:,} no-ops (median of 3)", rate,
+                            "tasks/s",
+                            f"local ProcessPoolExecutor({pool.workers}).map, {pool.context} "
+                            f"start, best chunksize {best:,}", pool_rate, rate / pool_rate,
+                            ">= 0.8x", rate >= 0.8 * pool_rate))
     servers = len(bench.cluster.clients)
     bench.report.add(Figure("map_client_cpu", f"map: client CPU per item, {servers} servers",
                             median([x["client_cpu_us"] for x in runs]), "us",
@@ -76,6 +93,49 @@ def _one_map(bench: BenchRun, n: int, run: int) -> dict[str, float]:
                        f"{count} results summing to {total}")
     return {"seconds": dt, "rate": n / dt, "first_s": t_first, "rss_before": rss_before,
             "rss_peak": peak, "client_cpu_us": cpu / n * 1e6}
+
+
+#: The local pool's chunksizes: its reference is the best of them.
+POOL_CHUNKSIZES = (100, 500, 2000, 5000)
+
+
+class _LocalPool:
+    """The local limit for a map of no-ops: a ``ProcessPoolExecutor`` of ``workers``
+    processes in the multiprocessing context a user gets by default here (``fork`` on Linux
+    before Python 3.14, ``forkserver`` from 3.14, ``spawn`` on macOS and Windows), timed
+    at each of :data:`POOL_CHUNKSIZES` per :meth:`run`."""
+
+    def __init__(self, workers: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = max(1, workers)
+        self.context = multiprocessing.get_start_method()
+        self.rates: dict[int, list[float]] = {c: [] for c in POOL_CHUNKSIZES}
+        with warnings.catch_warnings():
+            # (3.12 and 3.13 warn that fork() in a process with threads may deadlock: a
+            # user's program gets the same default and the same warning; the bench is quiet)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._pool = ProcessPoolExecutor(self.workers)
+            list(self._pool.map(noop, range(self.workers * 100), chunksize=100))  # started
+
+    def run(self, n: int, bench: BenchRun) -> None:
+        """Map ``n`` no-ops once at each chunksize (results checked)."""
+        for chunksize in POOL_CHUNKSIZES:
+            t0 = time.perf_counter()
+            total = sum(self._pool.map(noop, range(n), chunksize=chunksize))
+            self.rates[chunksize].append(n / (time.perf_counter() - t0))
+            bench.report.check("map.local_pool_results", total == n * (n - 1) // 2,
+                               f"results summing to {total}")
+
+    def best(self) -> tuple[int, float]:
+        """The chunksize with the best median rate, and that rate."""
+        medians: dict[int, float] = {c: median(r) for c, r in self.rates.items() if r}
+        best = max(medians, key=medians.__getitem__)
+        return best, medians[best]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _submit_rate(bench: BenchRun, n: int) -> float:
