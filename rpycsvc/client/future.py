@@ -48,6 +48,19 @@ class TaskFuture(Future):
         #: the Jupyter cell that submitted the task: its prints go there (rpycsvc.client.output)
         self._cell = current_cell()
 
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._stopper = None  # (see _finished)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        self._stopper = None  # (see _finished)
+
+    # A finished task has nothing to stop, and a cluster's stopper holds the task's job,
+    # which holds this future: dropping it leaves no reference cycle, so a finished task
+    # is freed at once rather than by the garbage collector (whose full collections of
+    # many tasks' leftovers pause every thread, an event loop's included).
+
     def cancel(self) -> bool:
         """Cancel the task if it is still pending (not sent to a server): the stdlib's
         contract. False for a running task: use :meth:`stop` to stop that one."""
@@ -64,6 +77,7 @@ class TaskFuture(Future):
         replaced; a thread-mode task gets an exception the next time its thread runs Python
         code) and this future fails at once with :class:`~rpycsvc.TaskCancelledError`
         without waiting for the server; a result that still arrives is dropped."""
+        stopper = self._stopper  # (before cancel(): it may be dropped as this fails)
         if self.cancel():
             return True
         where = f" on {self.address}" if self.address else ""
@@ -72,17 +86,18 @@ class TaskFuture(Future):
                 f"the task was stopped (future.stop()){where}", address=self.address))
         except InvalidStateError:  # it finished meanwhile
             return False
-        self._stop_remote()
+        self._stop_remote(stopper)
         return True
 
     def _repr_html_(self) -> str:
         """The future as Jupyter shows it: state, where it runs, result or error."""
         return future_html(self)
 
-    def _stop_remote(self) -> None:
-        if self._stopper is not None:
+    def _stop_remote(self, stopper: Callable[[], None] | None = None) -> None:
+        stopper = stopper or self._stopper
+        if stopper is not None:
             try:
-                self._stopper()
+                stopper()
             except Exception:  # the connection is gone: nothing runs there any more
                 log.debug("stopping task %s failed", self.id, exc_info=True)
 
