@@ -83,15 +83,16 @@ class TaskHandler(Protocol):
 _NONE: list[memoryview] = []  # (never changed: the large frames of a small message)
 
 
-def _small_plain(frames: Sequence[Any]) -> bool:
-    """Frames that are all ``bytes``/``bytearray`` and small together (sent inline)."""
+def small_plain(frames: Sequence[Any], limit: int = INLINE) -> bool:
+    """Frames that are all ``bytes``/``bytearray`` and together under ``limit`` bytes (sent
+    inline, here and on the worker channel: rpycsvc.server.wire)."""
     total = 0
     for f in frames:
         t = type(f)
         if t is not bytes and t is not bytearray:
             return False
         total += len(f)
-    return total < INLINE
+    return total < limit
 
 
 class TaskMessage:
@@ -108,7 +109,7 @@ class TaskMessage:
         (:func:`framed_reply`) sends exactly the bytes the server would have."""
         ctl = pickle.dumps(control, protocol=5)
         ctl_len = len(ctl)
-        if ctl_len <= MAX_CONTROL and len(frames) <= 2 and _small_plain(frames):
+        if ctl_len <= MAX_CONTROL and len(frames) <= 2 and small_plain(frames):
             # the common case (a call, a small result, a line of output), in one pass
             if not frames:
                 self.head = _FRAME_HEADER.pack(_COUNTS.size + ctl_len, TASK_FLAG) + \

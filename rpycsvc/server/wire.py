@@ -17,6 +17,8 @@ import socket
 import struct
 from typing import Any
 
+from rpycsvc.protocol.taskframes import small_plain
+
 _HEAD = struct.Struct("!IIQ")  # control length, number of frames, inline bytes after the head
 #: Frames are sent inline (in the same write as the header) while their total is below this.
 _INLINE = 65536
@@ -34,7 +36,7 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: Any = ()) ->
     the caller's buffers as they are (memoryviews included), never joined into a copy.
     """
     ctl = pickle.dumps(control, protocol=5)
-    if len(frames) <= 2 and _small_plain(frames):  # the common case, in one pass
+    if len(frames) <= 2 and small_plain(frames, _INLINE):  # the common case, in one pass
         # (no _READONLY: only a read-only memoryview's frame is flagged, as below)
         lens = b"".join([_LEN.pack(len(f)) for f in frames])
         body = b"".join([lens, ctl, *frames])
@@ -51,17 +53,6 @@ def send_msg(sock: socket.socket, control: tuple[Any, ...], frames: Any = ()) ->
     if not small:
         for f in frames:
             sock.sendall(f)
-
-
-def _small_plain(frames: Any) -> bool:
-    """Frames that are all ``bytes``/``bytearray`` and small together (sent inline)."""
-    total = 0
-    for f in frames:
-        t = type(f)
-        if t is not bytes and t is not bytearray:
-            return False
-        total += len(f)
-    return total < _INLINE
 
 
 #: Frames at least this large are read into an anonymous mmap rather than a bytearray.
@@ -97,42 +88,13 @@ def _recv_bytes(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def recv_msg(sock: socket.socket) -> tuple[tuple[Any, ...], list[Any]]:
-    """Receive one message; raises ``EOFError`` when the peer is gone.
-
-    Frames are bytearrays, or ``bytes`` where the sender's buffer was read-only.
-    """
-    ctl_len, nframes, inline = _HEAD.unpack(_recv_bytes(sock, _HEAD.size))
-    if nframes > _MAX_FRAMES or inline < _LEN.size * nframes + ctl_len:
-        raise EOFError(f"corrupt channel: {nframes} frames, {inline} inline bytes")
-    body = _recv_bytes(sock, inline)
-    view = memoryview(body)
-    lens = struct.unpack_from(f"!{nframes}Q", body) if nframes else ()
-    sizes = [n & ~_READONLY for n in lens]
-    at = _LEN.size * nframes
-    control = pickle.loads(view[at:at + ctl_len])
-    at += ctl_len
-    frames: list[Any] = []
-    for n, size in zip(lens, sizes):
-        readonly = n & _READONLY
-        if at < inline:  # sent inline: a slice of what we read (small)
-            if at + size > inline:
-                raise EOFError("corrupt channel: a frame runs past the inline bytes")
-            piece = view[at:at + size]
-            frames.append(bytes(piece) if readonly else bytearray(piece))
-            at += size
-        else:
-            frames.append(_recv_bytes(sock, size) if readonly else _recv_exact(sock, size))
-    return control, frames
-
-
 #: A :class:`Reader` takes up to this much of what has arrived in one recv: a small
 #: message's header and body (and the next messages, if they are there) in one syscall.
 _AHEAD = 64 << 10
 
 
 class Reader:
-    """Reads messages from one socket with read-ahead (same format as :func:`recv_msg`).
+    """Reads messages from one socket with read-ahead (the format :func:`send_msg` writes).
 
     One recv takes what has arrived, up to ``_AHEAD`` bytes, so a small message costs one
     syscall instead of two. Large frames are still read straight into their own buffer;
