@@ -179,6 +179,23 @@ def test_service_only_runs_endpoints_by_name(service_only: rpycsvc.Server) -> No
         assert c.compute("describe", [1], {"a": 1}) == ("list", "dict")
 
 
+def test_service_only_maps_an_endpoint_over_a_range(service_only: rpycsvc.Server) -> None:
+    """A map's range input travels as plain data to a service-only server (the chunk format
+    sends a range as slices of it, but a range is a global there)."""
+    import asyncio
+
+    expected = [("int",)] * 5
+    with rpycsvc.Cluster([service_only.address], output="discard") as cluster:
+        assert list(cluster.map("describe", range(5), timeout=60)) == expected
+        assert list(cluster.map("describe", [0, 1, 2, 3, 4], timeout=60)) == expected
+
+    async def amain() -> list[object]:
+        async with rpycsvc.AsyncCluster([service_only.address], output="discard") as ac:
+            return [x async for x in ac.map("describe", range(5))]
+
+    assert asyncio.run(amain()) == expected
+
+
 @pytest.mark.parametrize("task", [lambda: 1, "os:system", "math:factorial"],
                          ids=["function", "dangerous-path", "harmless-path"])
 def test_service_only_refuses_code_and_import_paths(service_only: rpycsvc.Server,

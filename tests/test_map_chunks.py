@@ -156,6 +156,17 @@ def test_map_raises_at_the_failing_item_of_a_big_chunk(cluster: Cluster) -> None
     assert isinstance(stopped.value.__cause__, StopIteration)
 
 
+def test_a_map_closed_in_the_middle_of_a_chunk_yields_nothing_more(cluster: Cluster) -> None:
+    """close() ends the results as a generator's close() does, also those of the chunk
+    being read (found in review: the rest of that chunk still came)."""
+    it = cluster.map(abs, range(5000), chunksize=5000, timeout=120)
+    assert [next(it) for _ in range(10)] == list(range(10))
+    it.close()
+    with pytest.raises(StopIteration):
+        next(it)
+    assert list(it) == []
+
+
 def test_thread_mode_map_keeps_its_batch_format(cluster: Cluster) -> None:
     it = cluster.options(mode="thread").map(_fails_on_sevens, range(20), timeout=120)
     assert [next(it) for _ in range(7)] == [0, 2, 4, 6, 8, 10, 12]

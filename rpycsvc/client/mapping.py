@@ -29,7 +29,7 @@ from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
 from rpycsvc.client.scheduler import Scheduler
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
-from rpycsvc.protocol.mapchunks import chunk_results, pack_items
+from rpycsvc.protocol.mapchunks import END, chunk_queue, end_early, pack_items
 from rpycsvc.protocol.serialization import dumps, dumps_function
 from rpycsvc.protocol.tracebacks import load_exception
 
@@ -266,6 +266,10 @@ def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...]
         if threaded:
             frames = dumps(list(items) if star else [(x,) for x in items], "map arguments")
         else:
+            if kind != "pickled" and type(items) is range:
+                # an endpoint may run on a service-only server, which takes plain data only
+                # (a range is a global there): its items as a list
+                items = list(items)
             frames = dumps(pack_items(items, star), "map arguments")
         sizer.pickled(len(items), sum(memoryview(f).nbytes for f in frames))
         job = _Job(kind, spec, (*head, *frames),
@@ -299,6 +303,7 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
         feed = ChunkFeed(iterables, sizer, window)
         inflight: deque[_Job] = deque()
         done_q: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        current: deque[Any] = deque()
         try:
             while True:
                 for items in feed.take(len(inflight)):
@@ -325,13 +330,14 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
                 if bar is not None:
                     bar.update(job.size, job.server.address if job.server else "?")
                 address = job.server.address if job.server else None
-                values, failed = chunk_results(job.future.result())
+                current, failed = chunk_queue(job.future.result())
                 del job  # (its future holds the chunk's results)
-                yield values  # (the results up to the first failed item, if any)
-                del values
+                # (the results up to the first failed item, if any)
+                yield iter(current.popleft, END)
                 if failed is not None:
                     raise load_exception(failed, address)
         finally:
+            end_early(current)  # closed mid-chunk: its results end too (and are let go)
             for job in inflight:
                 job.future.stop()
             if bar is not None:

@@ -82,7 +82,8 @@ def run_chunk(fn: Callable[..., Any], data: Sequence[bytes | bytearray]) -> Fram
         return dumps((results, errors), "map results")
 
 
-_END = object()
+#: The marker that ends a chunk's results (see :func:`chunk_queue`).
+END = object()
 
 
 def chunk_results(reply: Any) -> tuple[Iterator[Any], Frames | None]:
@@ -93,6 +94,13 @@ def chunk_results(reply: Any) -> tuple[Iterator[Any], Frames | None]:
     The iterator is C code per item (the common case has no Python code per result) and
     keeps no reference to a result it has yielded (a map's results may be big). Also reads
     the older reply of ``batch`` chunks (a list of ``(ok, value)`` pairs, thread mode)."""
+    queue, failed = chunk_queue(reply)
+    return iter(queue.popleft, END), failed
+
+
+def chunk_queue(reply: Any) -> tuple[deque[Any], Frames | None]:
+    """As :func:`chunk_results`, with the results in a deque that ends with a marker:
+    ``iter(queue.popleft, END)`` yields them, and :func:`end_early` stops that early."""
     if isinstance(reply, list):
         first = next((i for i, (ok, _) in enumerate(reply) if not ok), None)
         failed = None if first is None else reply[first][1]
@@ -106,5 +114,12 @@ def chunk_results(reply: Any) -> tuple[Iterator[Any], Frames | None]:
             del values[first:]
     queue: deque[Any] = deque(values)
     values.clear()  # (the reply's own list, which its future holds: it would keep them alive)
-    queue.append(_END)
-    return iter(queue.popleft, _END), failed
+    queue.append(END)
+    return queue, failed
+
+
+def end_early(queue: deque[Any]) -> None:
+    """Make the iterator over ``queue`` (see :func:`chunk_queue`) yield nothing more, and
+    let go of the results it still holds (a map closed in the middle of a chunk)."""
+    queue.clear()
+    queue.append(END)
