@@ -132,6 +132,9 @@ def test_map_of_a_range_in_automatic_chunks(cluster: Cluster) -> None:
     assert list(cluster.map(abs, range(-n, n, 3), timeout=120)) == \
         [abs(x) for x in range(-n, n, 3)]
     assert list(cluster.map(abs, range(0))) == []
+    huge = cluster.map(abs, range(10**20), timeout=120)  # (len() would overflow)
+    assert [next(huge) for _ in range(5)] == [0, 1, 2, 3, 4]
+    huge.close()
 
 
 def test_map_of_a_generator_and_of_several_iterables(cluster: Cluster) -> None:

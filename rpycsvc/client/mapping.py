@@ -159,7 +159,7 @@ def _fitting(items: int, nbytes: int) -> int:
 def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
     try:
         return min(len(x) for x in iterables)  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, OverflowError):  # no len(), or one over sys.maxsize (a huge range)
         return None
 
 
