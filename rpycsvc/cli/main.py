@@ -37,7 +37,8 @@ processes, plus RPyC classic access (conn.modules, conn.execute, conn.eval).
 The first line printed on stdout is the address it listens on (host:port), so scripts
 can start it with --port 0 and read the port (rpycsvc_classic -m oneshot prints what
 rpyc_classic prints instead: "rpyc-oneshot", then HOST<tab>PORT). SIGTERM or Ctrl-C stops
-accepting, lets running tasks finish within --grace seconds, and exits 0.
+accepting, lets running tasks finish within --grace seconds, and exits 0 (a shutdown
+that still hangs 30 s after that exits 1, with every thread's stack on stderr).
 
 SECURITY: classic mode is remote code execution by design: anyone who can connect can
 run any code as this user. It binds 127.0.0.1 by default; binding another address needs
@@ -252,8 +253,19 @@ def run(args: argparse.Namespace, *, classic_banner: bool = False) -> int:
     else:
         print(server.address, flush=True)
     server.serve()
+    # Every step of closing is bounded; should it hang all the same, the server still
+    # stops: after the grace period and SHUTDOWN_MARGIN more, every thread's stack goes to
+    # stderr (what was stuck) and the process exits with code 1.
+    import faulthandler
+
+    faulthandler.dump_traceback_later(cfg.grace + SHUTDOWN_MARGIN, exit=True)
     server.close()
+    faulthandler.cancel_dump_traceback_later()
     return 0
+
+
+#: Seconds beyond the grace period after which a server's shutdown that hangs is cut short.
+SHUTDOWN_MARGIN = 30.0
 
 
 def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser:
