@@ -247,6 +247,27 @@ def test_killing_the_local_ssh_stops_the_remote_server(sshd: SshServer) -> None:
     assert time.monotonic() - began < 10
 
 
+@ssh
+@pytest.mark.timeout(120)
+def test_a_classic_call_longer_than_the_keepalive_returns(sshd: SshServer) -> None:
+    """A classic call runs in the deployed server's serving thread, which reads nothing from
+    the ssh pipe meanwhile, so the client's keepalive pings wait there unread. The server's
+    watchdog took that for a silent client and stopped the server after KEEPALIVE_TIMEOUT
+    (the call and the next task failed with "connection closed by peer"; in CI, a 1 GiB
+    argument handed to a worker kept the serving thread as busy)."""
+    from rpycsvc.deployment.launcher import KEEPALIVE_TIMEOUT
+
+    cluster = deploy(sshd, workers=1)
+    try:
+        c = cluster[0]
+        before = remote_pids(cluster)[0]
+        c.modules.time.sleep(KEEPALIVE_TIMEOUT + 4)
+        assert c.compute(abs, -3) == 3 and c.lost is None
+        assert remote_pids(cluster)[0] == before  # the same server, never restarted
+    finally:
+        cluster.close()
+
+
 CRASHING_CLIENT = """\
 import sys
 import rpycsvc
@@ -614,7 +635,10 @@ def test_three_hosts_map_survives_a_cut_link(
 @ssh
 @pytest.mark.netns
 @pytest.mark.slow
-def test_a_host_whose_link_stays_dead_stops_its_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy-serving-thread"])
+def test_a_host_whose_link_stays_dead_stops_its_server(tmp_path: Path, busy: bool) -> None:
+    """``busy``: the server's serving thread is in a long classic call when the link dies, so
+    the client's last pings lie unread in its pipe: unread bytes that stop growing are silence."""
     reason = sshd_available() or netns_available()
     if reason:
         pytest.skip(reason)
@@ -633,6 +657,10 @@ def test_a_host_whose_link_stays_dead_stops_its_server(tmp_path: Path) -> None:
             timeout=30,
         )
         procs = remote_pids(cluster)
+        if busy:
+            import rpyc
+
+            rpyc.async_(cluster[0].modules.time.sleep)(300)
         net.cut(host)
         # Our side gives up after ServerAliveInterval x ServerAliveCountMax (~6-8 s) ...
         cluster._owned[0].remote.proc.wait(20)

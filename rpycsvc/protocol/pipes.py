@@ -46,6 +46,9 @@ _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (named in the fcntl module from Pytho
 _F_GETPIPE_SZ = 1032
 #: How often a write waiting for room in a full pipe looks whether it should give up.
 ABORT_TICK = 0.5
+#: A pipe with less room than this counts as full (see FastPipeStream.unread): more than
+#: a keepalive ping takes.
+_ROOM_FOR_A_PING = 4096
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_BUFFER) -> None:
@@ -123,6 +126,22 @@ class FastPipeStream(PipeStream):
             if room > 0:
                 return min(want, room, CHUNK)
             select.select((), (fd,), (), ABORT_TICK)
+
+    def unread(self) -> tuple[int, bool] | None:
+        """Bytes waiting in the incoming pipe, unread, and whether it is (nearly) full; None
+        where that can't be told (not a pipe, not Linux). A liveness check reads it: the
+        peer's pings wait there while the serving thread is busy (a long classic call, a
+        large task handed to a worker), so a count that grows, or a pipe too full to take
+        more, is the peer speaking although :attr:`last_activity` is old."""
+        if fcntl is None or termios is None:
+            return None
+        try:
+            fd = self.incoming.fileno()
+            count = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            size = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+        except (OSError, ValueError):  # closed under us (its reader reports that), no pipe
+            return None
+        return count, count >= size - _ROOM_FOR_A_PING
 
     def read(self, count: int) -> bytes:
         """``count`` bytes. Memory is taken as they arrive (pieces of at most

@@ -55,9 +55,17 @@ def serve_stdio(config: ServerConfig | None = None, rfile: Any = None, wfile: An
     if cfg.keepalive > 0:
         def watchdog() -> None:
             # A dead ssh link may go unnoticed by sshd for hours: the client pings us, and
-            # silence for this long means it is gone. Stop, workers included.
-            while time.monotonic() - stream.last_activity < cfg.keepalive:
+            # silence for this long means it is gone. Stop, workers included. Silence is
+            # nothing new in the pipe: while the serving thread is busy (a long classic
+            # call, a large task handed to a worker) the client's pings wait there unread,
+            # and a pipe too full to take them is our silence, not the client's.
+            heard, before = stream.last_activity, None
+            while time.monotonic() - max(heard, stream.last_activity) < cfg.keepalive:
                 time.sleep(min(1.0, cfg.keepalive / 4))
+                now = stream.unread()
+                if now is not None and (now[1] or (before is not None and now[0] > before[0])):
+                    heard = time.monotonic()
+                before = now
             log.warning("no word from the client for %.0f s: stopping", cfg.keepalive)
             if attach is not None:
                 attach.close()
