@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -253,6 +253,43 @@ def test_asyncio_timeout_stops_the_worker(addresses: list[str], tmp_path: Path) 
                     await fut
             assert fut.cancelled()
             await worker_stopped(cluster, pid)
+
+    run(main())
+
+
+async def arange(n: int, pause_every: int = 0) -> AsyncIterator[int]:
+    """0 .. n-1 as an async generator (yielding to the loop every ``pause_every`` items)."""
+    for i in range(n):
+        if pause_every and i % pause_every == 0:
+            await asyncio.sleep(0)
+        yield i
+
+
+def test_map_takes_async_iterables(addresses: list[str]) -> None:
+    """An async iterable (an async generator, say a stream of requests) maps as a plain one:
+    alone, zipped with plain iterables, in order or not; an error it raises ends the map
+    with that error; the sync map refuses one with a clear error, before sending anything."""
+    async def main() -> None:
+        async with AsyncCluster(addresses) as cluster:
+            assert [r async for r in cluster.map(square, arange(300, pause_every=7))] == \
+                [x * x for x in range(300)]
+            got = [r async for r in cluster.map(operator.add, arange(50), range(100, 140))]
+            assert got == [x + 100 + x for x in range(40)]  # zip: the shorter one ends it
+            unordered = [r async for r in cluster.map(square, arange(60), ordered=False)]
+            assert sorted(unordered) == [x * x for x in range(60)]
+            assert [r async for r in cluster.map(square, arange(0))] == []
+            assert await cluster.map_reduce(square, operator.add, arange(100)) == \
+                sum(x * x for x in range(100))
+
+            async def broken() -> AsyncIterator[int]:
+                yield 1
+                raise KeyError("the source broke")
+            with pytest.raises(KeyError, match="the source broke"):
+                async for _ in cluster.map(square, broken()):
+                    pass
+            with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map"):
+                cluster.cluster.map(square, arange(3))
+            assert await cluster.submit(square, 3) == 9  # the cluster serves on
 
     run(main())
 

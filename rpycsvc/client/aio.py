@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Generator, Iterable
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rpycsvc.client.aio_bridge import (
     INLINE_BYTES,
@@ -53,6 +53,9 @@ from rpycsvc.client.future import TaskFuture, settle
 from rpycsvc.client.jobs import _Job
 from rpycsvc.client.taskoptions import check_options
 from rpycsvc.errors import RpycsvcError, RpycsvcTimeoutError, ServerLostError
+
+if TYPE_CHECKING:
+    from rpycsvc.client.mapping import Items
 
 
 class AsyncClient:
@@ -380,14 +383,16 @@ class AsyncCluster:
         return out
 
     # -- fan-out (rpycsvc.client.aio_map) ------------------------------------------------------
-    def map(self, fn: Any, *iterables: Iterable[Any], ordered: bool = True,
+    def map(self, fn: Any, *iterables: Items, ordered: bool = True,
             chunksize: int | None = None, timeout: float | None = None,
             progress: bool = False, retries: int | None = None,
             **opts: Any) -> AsyncIterator[Any]:
         """``async for result in cluster.map(fn, items)``: as :meth:`rpycsvc.Cluster.map`
         (lazy, bounded, chunked automatically; in input order unless ``ordered=False``).
-        Results stream as their chunks finish. Leaving the loop early (``break``, an
-        exception, a cancelled task) stops the map's unfinished chunks on the servers.
+        Results stream as their chunks finish. ``iterables`` may be async (an async
+        generator, a stream of requests), alone or zipped with plain ones: their items are
+        awaited as chunks go out. Leaving the loop early (``break``, an exception, a
+        cancelled task) stops the map's unfinished chunks on the servers.
         ``timeout`` is a deadline for the whole iteration (:class:`RpycsvcTimeoutError`);
         ``asyncio.timeout``/``wait_for`` around the loop work as well. ``progress`` shows
         the sync map's bar (a redrawn line on a terminal, a widget in Jupyter, else one
@@ -420,7 +425,7 @@ class AsyncCluster:
         return await wait(self, futures, timeout, return_when)
 
     async def map_reduce(self, fn: Any, reducer: Callable[[Any, Any], Any],
-                         iterable: Iterable[Any], *, initializer: Any = None,
+                         iterable: Items, *, initializer: Any = None,
                          by_key: bool = False, chunksize: int | None = None,
                          timeout: float | None = None, progress: bool = False) -> Any:
         """As :meth:`rpycsvc.Cluster.map_reduce`: each server reduces its chunks and only
@@ -442,7 +447,7 @@ class _AsyncClusterOptions:
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> AsyncTaskFuture:
         return self._cluster._submit(fn, args, kwargs, self._opts, self._retries)
 
-    def map(self, fn: Any, *iterables: Iterable[Any], ordered: bool = True,
+    def map(self, fn: Any, *iterables: Items, ordered: bool = True,
             chunksize: int | None = None, timeout: float | None = None,
             progress: bool = False) -> AsyncIterator[Any]:
         from rpycsvc.client.aio_map import async_map

@@ -18,7 +18,14 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, 
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rpycsvc.client.jobs import _Job
-from rpycsvc.client.mapping import ChunkFeed, ChunkSizer, PartialFold, plan_map, reduce_chunk
+from rpycsvc.client.mapping import (
+    ChunkFeed,
+    ChunkSizer,
+    Items,
+    PartialFold,
+    plan_map,
+    reduce_chunk,
+)
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
 from rpycsvc.protocol.mapchunks import chunk_results
 from rpycsvc.protocol.tracebacks import load_exception
@@ -43,7 +50,7 @@ class FanOutCluster(Protocol):
     def send(self, afut: AsyncTaskFuture, job: _Job) -> None: ...
 
 
-def async_map(ac: FanOutCluster, fn: Any, iterables: tuple[Iterable[Any], ...], *,
+def async_map(ac: FanOutCluster, fn: Any, iterables: tuple[Items, ...], *,
              ordered: bool, chunksize: int | None, timeout: float | None, retries: int,
              opts: dict[str, Any], progress: bool = False) -> AsyncIterator[Any]:
     """Validate eagerly (as the sync ``map``), then return the lazy async iterator.
@@ -62,7 +69,7 @@ def _bar(total: int | None) -> Progress:
     return Progress(total)
 
 
-async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
+async def _results(ac: FanOutCluster, iterables: tuple[Items, ...],
                    make_job: Callable[[Sequence[Any]], _Job], sizer: ChunkSizer,
                    window: int, ordered: bool, deadline: float | None,
                    bar_total: int | None = -1) -> AsyncIterator[Any]:
@@ -72,13 +79,14 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
 
     loop = ac._rt.bind()
     feed = ChunkFeed(iterables, sizer, window)
+    source = _async_source(iterables)
     inflight: deque[AsyncTaskFuture] = deque()
     finished: asyncio.Queue[AsyncTaskFuture] = asyncio.Queue()
     bar = None if bar_total == -1 else _bar(bar_total)
     sizes: dict[AsyncTaskFuture, int] = {}  # items per chunk in flight (for the bar)
     try:
         while True:
-            for items in feed.take(len(inflight)):
+            async for items in _take(feed, source, len(inflight)):
                 afut = AsyncTaskFuture(loop=loop)
                 if not ordered:
                     afut.add_done_callback(finished.put_nowait)
@@ -118,6 +126,54 @@ async def _results(ac: FanOutCluster, iterables: tuple[Iterable[Any], ...],
             afut.cancel()
         if bar is not None:
             bar.close()
+
+
+def _async_source(iterables: tuple[Items, ...]) -> AsyncIterator[Any] | None:
+    """The map's items if any of its iterables is async (``__aiter__``): one as it is,
+    several zipped (plain ones among them too); None if all are plain."""
+    if not any(hasattr(it, "__aiter__") for it in iterables):
+        return None
+    if len(iterables) == 1:
+        return _aiter(iterables[0])
+    return _azip([_aiter(it) if hasattr(it, "__aiter__") else iter(it) for it in iterables])
+
+
+def _aiter(iterable: Any) -> AsyncIterator[Any]:
+    """``aiter(iterable)`` (a builtin from Python 3.10)."""
+    return iterable.__aiter__()
+
+
+async def _azip(sources: list[Any]) -> AsyncIterator[tuple[Any, ...]]:
+    """``zip`` over plain and async iterators: stops at the first one exhausted."""
+    while True:
+        row = []
+        for it in sources:
+            try:
+                row.append(await it.__anext__() if hasattr(it, "__anext__") else next(it))
+            except (StopIteration, StopAsyncIteration):
+                return
+        yield tuple(row)
+
+
+async def _take(feed: ChunkFeed, source: AsyncIterator[Any] | None,
+                in_flight: int) -> AsyncIterator[Sequence[Any]]:
+    """:meth:`ChunkFeed.take`, for an input that may be async: the chunks to send now. An
+    async input's items are awaited one by one, up to each chunk's size (a slow source
+    delays its chunk, as a slow generator does the sync map's)."""
+    if source is None:
+        for items in feed.take(in_flight):
+            yield items
+        return
+    for size in feed.sizes(in_flight):
+        items = []
+        for _ in range(size):
+            try:
+                items.append(await source.__anext__())
+            except StopAsyncIteration:
+                break
+        feed.took(len(items))
+        if items:
+            yield items
 
 
 def _left(deadline: float | None, until: float | None) -> float | None:
@@ -192,13 +248,14 @@ async def as_completed(ac: FanOutCluster, futures: Iterable[Awaitable[Any]],
 
 
 async def map_reduce(ac: FanOutCluster, fn: Any, reducer: Callable[[Any, Any], Any],
-                     iterable: Iterable[Any], *, initializer: Any, by_key: bool,
+                     iterable: Items, *, initializer: Any, by_key: bool,
                      chunksize: int | None, timeout: float | None,
                      progress: bool = False) -> Any:
     """``rpycsvc.client.mapping.run_map_reduce``, awaited: chunks reduce on the servers, the
     partials here in input order (the reducer need not be commutative). ``progress``: the
-    sync bar, counting each chunk's items as it arrives (in any order)."""
-    items = list(iterable)
+    sync bar, counting each chunk's items as it arrives (in any order). An async iterable
+    is read to its end first, as a plain one is."""
+    items = [x async for x in iterable] if hasattr(iterable, "__aiter__") else list(iterable)
     if not items and not by_key and initializer is None:
         raise ConfigError("map_reduce of an empty iterable needs an initializer")
     workers = max(1, ac.cluster.total_workers)

@@ -21,9 +21,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, NamedTuple, Protocol, cast
+from typing import Any, Callable, NamedTuple, Protocol, Union, cast
 
 from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
@@ -43,6 +43,8 @@ class _Submitter(Protocol):
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture: ...
 
 TARGET_CHUNK_SECONDS = 0.02
+#: What a map takes: plain iterables; the asyncio map takes async ones (``__aiter__``) too.
+Items = Union[Iterable[Any], AsyncIterable[Any]]
 #: Near the end of a map of known length chunks shrink so every worker stays busy, but not
 #: below this much work: smaller ones would cost more in per-task overhead than they save.
 MIN_CHUNK_SECONDS = 0.004
@@ -156,7 +158,7 @@ def _fitting(items: int, nbytes: int) -> int:
     return max(1, min(MAX_CHUNK, MAX_CHUNK_BYTES * items // max(1, nbytes)))
 
 
-def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+def _length(iterables: tuple[Items, ...]) -> int | None:
     try:
         return min(len(x) for x in iterables)  # type: ignore[arg-type]
     except (TypeError, OverflowError):  # no len(), or one over sys.maxsize (a huge range)
@@ -168,15 +170,21 @@ class ChunkFeed:
     fewer than the window's chunks are in flight, and ramps up (see :class:`ChunkSizer`).
 
     The sync map and the asyncio map (:mod:`rpycsvc.client.aio_map`) share it; each sends
-    the chunks :meth:`take` yields and waits for results its own way."""
+    the chunks :meth:`take` yields and waits for results its own way. An input with async
+    iterables (``__aiter__``) has no sync source: the asyncio map takes its items itself, in
+    the sizes :meth:`sizes` gives."""
 
-    def __init__(self, iterables: tuple[Iterable[Any], ...], sizer: ChunkSizer,
+    def __init__(self, iterables: tuple[Items, ...], sizer: ChunkSizer,
                  window: int) -> None:
         # One iterable: its items as they are (no 1-tuples); one ``range``: slices of it,
         # which pickle in a few bytes (see rpycsvc.protocol.mapchunks). Several: zipped.
         first = iterables[0]
         self._range = first if len(iterables) == 1 and type(first) is range else None
-        self._source: Iterator[Any] = iter(first) if len(iterables) == 1 else zip(*iterables)
+        self._source: Iterator[Any] | None = None
+        if not any(hasattr(it, "__aiter__") and not hasattr(it, "__iter__")
+                   for it in iterables):  # (else async only: see the class docstring)
+            plain = cast("tuple[Iterable[Any], ...]", iterables)
+            self._source = iter(plain[0]) if len(plain) == 1 else zip(*plain)
         self._sizer = sizer
         self.window = window
         self.taken = 0
@@ -184,29 +192,45 @@ class ChunkFeed:
         self._ramp_end: float | None = None  # set as the first chunk goes
         self._limit = window
 
-    def take(self, in_flight: int) -> Iterator[Sequence[Any]]:
-        """Chunks to send now, given ``in_flight`` chunks already out: the caller sends each
-        (one more in flight) before asking for the next."""
+    def sizes(self, in_flight: int) -> Iterator[int]:
+        """The sizes of the chunks to send now, given ``in_flight`` chunks already out: for
+        each, the caller takes up to that many items, reports them with :meth:`took` and
+        sends the chunk before asking for the next size."""
         limit = self.window
         if self._ramp_end is not None and time.monotonic() < self._ramp_end:
             limit = self._sizer.in_flight(self.window)
+        self._limit = limit
         while not self.exhausted and in_flight < limit:
-            size = self._sizer.next_size(self.taken)
+            yield self._sizer.next_size(self.taken)
+            if self.exhausted:
+                break
+            in_flight += 1
+            if self._ramp_end is None:
+                self._ramp_end = time.monotonic() + RAMP_SECONDS
+                limit = self._limit = self._sizer.in_flight(self.window)
+
+    def took(self, count: int) -> None:
+        """``count`` items went out as a chunk; none: the input is exhausted."""
+        if count:
+            self.taken += count
+        else:
+            self.exhausted = True
+
+    def take(self, in_flight: int) -> Iterator[Sequence[Any]]:
+        """Chunks to send now, given ``in_flight`` chunks already out: the caller sends each
+        (one more in flight) before asking for the next."""
+        if self._source is None:
+            raise TypeError("an async iterable was given to a sync map: iterate it with "
+                            "rpycsvc.AsyncCluster.map (async for), or pass a plain iterable")
+        for size in self.sizes(in_flight):
             items: Sequence[Any]
             if self._range is not None:
                 items = self._range[self.taken:self.taken + size]
             else:
                 items = list(itertools.islice(self._source, size))
-            if not items:
-                self.exhausted = True
-                break
-            self.taken += len(items)
-            yield items
-            in_flight += 1
-            if self._ramp_end is None:
-                self._ramp_end = time.monotonic() + RAMP_SECONDS
-                limit = self._sizer.in_flight(self.window)
-        self._limit = limit
+            self.took(len(items))
+            if items:
+                yield items
 
     def wait_until(self) -> float | None:
         """How long to wait for a result before taking more: while ramping up (fewer chunks
@@ -228,7 +252,7 @@ class MapPlan(NamedTuple):
     make_job: Callable[[Sequence[Any]], _Job]
 
 
-def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...], *,
+def plan_map(scheduler: Scheduler, fn: Any, iterables: tuple[Items, ...], *,
              chunksize: int | None, retries: int, opts: dict[str, Any]) -> MapPlan:
     """Check a map's arguments (eagerly, like ``Executor.map``) and plan how it goes out.
 
@@ -290,6 +314,11 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
 
     ``timeout`` is the deadline for the iteration (from now); ``opts["timeout"]``, if
     any, is each task's limit on its server (see :func:`plan_map`)."""
+    for it in iterables:
+        if hasattr(it, "__aiter__") and not hasattr(it, "__iter__"):
+            raise ConfigError(f"map got an async iterable ({type(it).__name__}): iterate it "
+                              "with rpycsvc.AsyncCluster.map (async for), or pass a plain "
+                              "iterable")
     total, sizer, window, make_job = plan_map(scheduler, fn, iterables, chunksize=chunksize,
                                               retries=retries, opts=opts)
     deadline = None if timeout is None else time.monotonic() + timeout
