@@ -614,8 +614,8 @@ def test_a_server_gets_nothing_from_the_client_outside_its_tasks(
 
     from rpycsvc.client.connection import connect_stream
     from rpycsvc.protocol.channel import FastChannel
+    from rpycsvc.protocol.sending import send_task
     from rpycsvc.protocol.socket_stream import FastSocketStream
-    from rpycsvc.protocol.taskframes import send_task
 
     name = f"fwdhostile_{uuid.uuid4().hex[:8]}"
     root = write_package(tmp_path / "proj", name)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import rpycsvc
+from rpycsvc.protocol.sending import send_task
 from rpycsvc.protocol.serialization import dumps
-from rpycsvc.protocol.taskframes import send_task
 from tests.support.rendezvous import Gate, pass_gate
 from tests.support.servers import ServerProcess
 

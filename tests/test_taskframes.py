@@ -38,7 +38,8 @@ from rpycsvc.client.calls import frames_of_call
 from rpycsvc.client.connection import connect_stream
 from rpycsvc.protocol import taskframes
 from rpycsvc.protocol.pipes import FastPipeStream
-from rpycsvc.protocol.taskframes import TASK_FLAG, send_task
+from rpycsvc.protocol.sending import send_task
+from rpycsvc.protocol.taskframes import TASK_FLAG
 from rpycsvc.server.metrics import serve_metrics
 from tests.support.byvalue import (
     available_memory,

@@ -42,8 +42,8 @@ from rpycsvc.protocol.liveness import (
     heartbeat_interval,
 )
 from rpycsvc.protocol.module_provider import ModuleProvider
+from rpycsvc.protocol.sending import send_task
 from rpycsvc.protocol.serialization import loads
-from rpycsvc.protocol.taskframes import send_task
 
 log = logging.getLogger("rpycsvc.client")
 #: ``on`` in the threads that read clients' connections, and while a thread handles a

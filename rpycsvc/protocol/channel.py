@@ -263,7 +263,7 @@ class FastChannel(Channel):
                 return b"".join(pieces)
 
     def send(self, data: Any) -> None:
-        if type(data) is taskframes.TaskMessage:  # queued by taskframes.send_task
+        if type(data) is taskframes.TaskMessage:  # queued by sending.send_task
             data.write_to(self.stream)
             return
         header = self.FRAME_HEADER.pack(len(data), 0)

@@ -33,7 +33,7 @@ from rpyc.core.service import ClassicClient, VoidService
 from rpycsvc.errors import RpycsvcTimeoutError, ServerLostError
 from rpycsvc.protocol.channel import FastChannel
 from rpycsvc.protocol.rpyc_connection import SendRaceSafe
-from rpycsvc.protocol.taskframes import flush_queue, out_fd
+from rpycsvc.protocol.sending import flush_queue, out_fd
 
 log = logging.getLogger("rpycsvc.liveness")
 

@@ -22,7 +22,7 @@ from typing import Any
 from rpyc.utils.helpers import classpartial
 
 from rpycsvc.errors import ConfigError
-from rpycsvc.protocol import taskframes
+from rpycsvc.protocol import sending
 from rpycsvc.protocol.budget import InboundBudget
 from rpycsvc.protocol.rpyc_connection import PROTOCOL_CONFIG
 from rpycsvc.server.admission import _Counters, _Handshake
@@ -208,7 +208,7 @@ class Server:
         self.pool.close(self.config.grace if grace is None else grace)
         # results handed over meanwhile still reach their clients (bounded: a client that
         # doesn't read can't hold the shutdown up for long)
-        taskframes.drain(DRAIN_TIMEOUT)
+        sending.drain(DRAIN_TIMEOUT)
         self._rpyc.close()
         self._closed.set()
         log.info("server %s stopped", self.address)

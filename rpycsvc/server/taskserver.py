@@ -16,7 +16,7 @@ to the client::
     ("need", req, key, name)                     task ``key`` imports ``name``: send it?
 
 Everything runs on the pool, the server's only scheduler. Answers are queued on the
-connection's writer thread (:func:`~rpycsvc.protocol.taskframes.send_task` with ``wait=False``): the
+connection's writer thread (:func:`~rpycsvc.protocol.sending.send_task` with ``wait=False``): the
 pool's reader, shared by every client, never waits for a slow one, and a task's output
 always arrives before its result.
 """
@@ -30,8 +30,9 @@ from typing import Any, Callable, Protocol
 
 from rpycsvc.errors import MessageTooLargeError, TaskError
 from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, too_large_message
+from rpycsvc.protocol.sending import send_framed, send_task
 from rpycsvc.protocol.serialization import check_plain
-from rpycsvc.protocol.taskframes import parse_inline, send_framed, send_task
+from rpycsvc.protocol.taskframes import parse_inline
 from rpycsvc.server.config import check_timeout
 from rpycsvc.server.pool import WorkerPool
 from rpycsvc.server.task import Task
