@@ -4,7 +4,7 @@ design).
 
 Worker side, :class:`ForwardedModules` is a meta-path finder placed *last* on
 ``sys.meta_path``, so whatever the server can import itself wins; it asks only while a task
-runs, and only through the task's own client (see ``fetch`` in :mod:`rpycsvc.server.worker`): the
+runs, and only through the task's own client (see :mod:`rpycsvc.server.workerimports`): the
 server never asks outside an import. Requests go by one function per path — over the
 worker's channel to the server, which asks the client with a task message on the
 client's connection (:mod:`rpycsvc.server.workerprocess`,

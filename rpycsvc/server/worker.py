@@ -13,6 +13,8 @@ is asked of it per task. The server's lean relay (rpycsvc.server.taskserver): a 
 task of an rpycsvc client comes as ``run-inline``, the client's own ``run`` message as it
 came (unpacked here), and its small result goes back in a ``framed`` message: the client's
 whole ``done`` task message, framed here, which the server books and relays as it is.
+A task's imports of its client's own modules go through
+:class:`~rpycsvc.server.workerimports.TaskImports` (module forwarding).
 
 Started by :mod:`rpycsvc.server.pool` as ``python -m rpycsvc.server.worker --fd N ...``; not an API.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import io
-import itertools
 import logging
 import os
 import select
@@ -31,14 +32,13 @@ import socket
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from rpycsvc.protocol.forwarding import Reply
 from rpycsvc.protocol.mapchunks import run_chunk
-from rpycsvc.protocol.module_finder import FETCH_TIMEOUT, Fetch, ForwardedModules, timed_out
+from rpycsvc.protocol.module_finder import ForwardedModules
 from rpycsvc.protocol.serialization import (
     FunctionCache,
     dumps,
@@ -48,6 +48,7 @@ from rpycsvc.protocol.taskframes import framed_reply, parse_inline
 from rpycsvc.protocol.tracebacks import dump_exception
 from rpycsvc.server import wire as _wire
 from rpycsvc.server.endpoints import load_endpoints, resolve_path
+from rpycsvc.server.workerimports import TaskImports
 from rpycsvc.server.workerio import (
     FLUSH_BYTES,
     FLUSH_INTERVAL,
@@ -85,96 +86,33 @@ class Worker:
         self.item_pool: ThreadPoolExecutor | None = None
         self.logging_tasks = 0
         self.fd_pumps: list[_FdPump] = []
-        # Module forwarding (see rpycsvc.protocol.forwarding): requests to the server, and what a
-        # process worker read from its channel while it waited for an answer there.
-        self.module_ids = itertools.count(1)
-        self.module_waits: dict[int, list[Any]] = {}  # (thread role) request -> [event, reply]
-        self.fetch_lock = threading.Lock()
+        #: what a process worker read from its channel while a task's import waited there for
+        #: a module (see recv_module), for the main loop
         self.backlog: deque[tuple[Any, list[Any], float]] = deque()
-        #: threads that were alive when a process-role task returned, each with the token of
-        #: the client whose task it was first seen after: such a thread (a module-level
-        #: thread pool's, say) may ask a later task's client for a module only if that is
-        #: the same client, never another one
-        self.past_threads: weakref.WeakKeyDictionary[threading.Thread, str] = \
-            weakref.WeakKeyDictionary()
-        self.forwarded = ForwardedModules(self.current_fetch, self.forget_functions).install()
+        # Module forwarding (see rpycsvc.protocol.forwarding): whose client an import asks
+        self.imports = TaskImports(self, threaded=self.pool is not None)
+        self.forwarded = ForwardedModules(self.imports.current_fetch,
+                                          self.forget_functions).install()
 
     # -- module forwarding -------------------------------------------------------------------
-    def current_fetch(self) -> Fetch | None:
-        """How the running task on this thread (or, in a process worker, the task running
-        now, for threads it started) asks its client for a module."""
-        ctx = self.current()
-        if ctx is None and self.inline is not None:
-            ctx = self.inline
-            past = self.past_threads.get(threading.current_thread())
-            if past is not None and past != ctx.client and ctx.fetch is not None:
-                return _refuse_other_client
-        if ctx is None or ctx.fetch is None:
-            return None
-        inner = ctx.fetch
-
-        def fetch(name: str) -> Reply:
-            # Only while the task runs: afterwards the main loop reads the channel again,
-            # and a reader here would take its messages.
-            with ctx.fetch_lock:
-                if not ctx.fetching:
-                    return ("none", name)
-                return inner(name)
-
-        return fetch
-
-    def end_fetching(self, ctx: _TaskContext) -> None:
-        """Task ``ctx`` returned: wait (at most FETCH_TIMEOUT) for an import in flight of a
-        thread it started, then close its fetch; in a process worker, every thread alive
-        now is one no later task started: it is booked under this task's client (unless it
-        already was under an earlier one), whose later tasks it may still import for."""
-        got = ctx.fetch_lock.acquire(timeout=FETCH_TIMEOUT + 5)
-        ctx.fetching = False
-        if got:
-            ctx.fetch_lock.release()
-        if self.pool is None:
-            main = threading.main_thread()
-            for t in threading.enumerate():
-                if t is not main:
-                    self.past_threads.setdefault(t, ctx.client)
-
     def forget_functions(self) -> None:
         """Forwarded modules were dropped: functions unpickled by reference to them go too
         (their pickles, just a name, are unchanged)."""
         self.functions = FunctionCache()
 
-    def fetch_from_server(self, task_id: int, name: str) -> Reply:
-        """Ask the server (which asks the task's client) for module ``name``; at most
-        FETCH_TIMEOUT seconds. A process worker's main thread runs the task, so nobody else
-        reads the channel meanwhile: this reads it, keeping what else comes for the main
-        loop. A thread worker's main loop reads it and hands the answer over."""
-        req = next(self.module_ids)
-        deadline = time.monotonic() + FETCH_TIMEOUT
-        try:
-            if self.pool is None:
-                with self.fetch_lock:
-                    self.send(("need-module", task_id, req, name))
-                    while True:
-                        left = deadline - time.monotonic()
-                        if left <= 0 or not (self.reader.buffered()
-                                             or _readable(self.sock, left)):
-                            return timed_out(name, FETCH_TIMEOUT)
-                        control, frames = self.reader.recv_msg()
-                        if control[0] == "module" and control[1] == req:
-                            return control[2]  # type: ignore[no-any-return, unused-ignore]
-                        self.backlog.append((control, frames, time.perf_counter()))
-            slot: list[Any] = [threading.Event(), None]
-            self.module_waits[req] = slot
-            try:
-                self.send(("need-module", task_id, req, name))
-                if not slot[0].wait(max(0.0, deadline - time.monotonic())):
-                    return timed_out(name, FETCH_TIMEOUT)
-                return slot[1]  # type: ignore[no-any-return, unused-ignore]
-            finally:
-                self.module_waits.pop(req, None)
-        except (EOFError, OSError) as exc:
-            return ("error", name, f"lost the channel to the server while fetching module "
-                    f"{name!r}: {exc}")
+    def recv_module(self, req: int, deadline: float) -> Reply | None:
+        """Process role, on the main thread, which runs the task: nobody else reads the
+        channel meanwhile, so read it for the ``module`` answer to request ``req`` until
+        ``time.monotonic()`` ``deadline`` (None: it did not come), keeping what else comes
+        for the main loop."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not (self.reader.buffered() or _readable(self.sock, left)):
+                return None
+            control, frames = self.reader.recv_msg()
+            if control[0] == "module" and control[1] == req:
+                return control[2]  # type: ignore[no-any-return, unused-ignore]
+            self.backlog.append((control, frames, time.perf_counter()))
 
     def drain_fds(self) -> None:
         for pump in self.fd_pumps:
@@ -303,10 +241,7 @@ class Worker:
         asks for them through the server."""
         ctx = _TaskContext(task_id, opts.get("output", True), opts.get("logging", False))
         forwarding = opts.get("fwd")
-        if forwarding is not None:
-            ctx.fetch = lambda name: self.fetch_from_server(task_id, name)
-            if isinstance(forwarding, tuple) and forwarding:
-                ctx.client = str(forwarding[0])
+        self.imports.begin(ctx, forwarding)
         if ctx.logging:
             self.logging_tasks += 1
             logging.getLogger().setLevel(logging.DEBUG)  # the client's loggers decide
@@ -331,7 +266,7 @@ class Worker:
             except BaseException as exc:  # a task's SystemExit must not end the worker
                 ok, out = False, dump_exception(self.forwarded.explain(exc))
             service_s = time.perf_counter() - received
-            self.end_fetching(ctx)
+            self.imports.end(ctx)
             try:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -449,11 +384,8 @@ class Worker:
                 self.run(task_id, kind, spec, opts, frames, received)
         elif op == "cancel":
             self.cancel(control[1], control[2])
-        elif op == "module":  # an answer to fetch_from_server (thread role)
-            slot = self.module_waits.get(control[1])
-            if slot is not None:
-                slot[1] = control[2]
-                slot[0].set()
+        elif op == "module":  # an answer to a task's import (thread role)
+            self.imports.answer(control[1], control[2])
         elif op == "exit":
             return False
         return True
@@ -467,14 +399,6 @@ def _clear_async_exc() -> None:
 
 class _Cancelled(Exception):
     """Raised inside a thread-mode task that its client cancelled."""
-
-
-def _refuse_other_client(name: str) -> Reply:
-    """The fetch of a thread an earlier task of another client started: nothing is asked,
-    and the import's ModuleNotFoundError says why (see ForwardedModules.explain)."""
-    return ("error", name, "not asked for: this thread was started by an earlier task of "
-            "another client, and may not get this task's client's modules (start the "
-            "thread, or thread pool, in a task of this client)")
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:

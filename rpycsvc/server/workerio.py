@@ -44,7 +44,7 @@ class _TaskContext:
         #: the token of the task's client (its ``fwd`` option; "" if it forwards nothing)
         self.client = ""
         #: held while one of the task's imports asks its client; ``fetching`` goes False
-        #: when the task returns (see Worker.end_fetching): a thread the task started
+        #: when the task returns (see TaskImports.end): a thread the task started
         #: gets nothing from the client after that
         self.fetch_lock = threading.Lock()
         self.fetching = True
