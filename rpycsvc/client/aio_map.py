@@ -1,6 +1,7 @@
 """``AsyncCluster.map``, ``as_completed`` and ``map_reduce``: the sync fan-out, awaited.
 
-``map`` is :func:`rpycsvc.client.mapping.run_map` with its waits turned into awaits: the same
+``map`` is :func:`rpycsvc.client.mapping.run_map` (its loop:
+:func:`rpycsvc.client.map_results.results_by_chunk`) with its waits turned into awaits: the same
 chunk sizer, window, jobs and progress bar, queued on the same :class:`~rpycsvc.Cluster`; only
 waiting differs. It is an async generator, so leaving ``async for`` early (``break``, an exception,
 a cancelled task) closes it, and closing it cancels its unfinished chunks, which stops

@@ -7,6 +7,10 @@ carries about ``TARGET_CHUNK_SECONDS`` of work — big enough that per-task over
 vanishes for tiny functions, small enough that long tasks still spread over every worker
 (see :class:`ChunkSizer`).
 
+The result side — waiting for each chunk, in order or as they finish, and the
+:class:`~rpycsvc.client.map_results.MapIterator` ``map`` returns (importable from here
+too) — is :mod:`rpycsvc.client.map_results`.
+
 Two limits, never mixed up: a task option ``timeout`` (``cluster.options(timeout=S)``) is
 how long each task may run, enforced by its server; ``run_map``'s ``timeout`` is a deadline
 for the whole iteration, as ``Executor.map`` has, enforced here.
@@ -14,24 +18,20 @@ for the whole iteration, as ``Executor.map`` has, enforced here.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import itertools
-import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from typing import Any, Callable, NamedTuple, Protocol, Union, cast
 
 from rpycsvc.client.future import TaskFuture
 from rpycsvc.client.jobs import PIPELINE, _Job
+from rpycsvc.client.map_results import _FUTURE_TIMEOUTS, MapIterator, results_by_chunk
 from rpycsvc.client.scheduler import Scheduler
 from rpycsvc.errors import ConfigError, RpycsvcTimeoutError
-from rpycsvc.protocol.mapchunks import END, chunk_queue, end_early, pack_items
+from rpycsvc.protocol.mapchunks import pack_items
 from rpycsvc.protocol.serialization import dumps, dumps_function
-from rpycsvc.protocol.tracebacks import load_exception
 
 
 class _Submitter(Protocol):
@@ -328,118 +328,9 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
 
         bar = Progress(total)
 
-    def results() -> Iterator[Iterator[Any]]:  # each chunk's results, in turn
-        feed = ChunkFeed(iterables, sizer, window)
-        inflight: deque[_Job] = deque()
-        done_q: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        current: deque[Any] = deque()
-        try:
-            while True:
-                for items in feed.take(len(inflight)):
-                    job = make_job(items)
-                    if not ordered:  # (in order, nothing reads the queue: it would keep
-                        # every result of the map alive)
-                        job.future.add_done_callback(functools.partial(_put, done_q, job))
-                    inflight.append(job)
-                    scheduler.enqueue([job])
-                if not inflight:
-                    return
-                until = feed.wait_until()
-                if ordered:
-                    job = inflight[0]
-                    if not _wait_future(job.future, deadline, until):
-                        continue
-                    inflight.popleft()
-                else:
-                    got = _next_done(done_q, deadline, until)
-                    if got is None:
-                        continue
-                    job = got
-                    inflight.remove(job)
-                if bar is not None:
-                    bar.update(job.size, job.server.address if job.server else "?")
-                address = job.server.address if job.server else None
-                current, failed = chunk_queue(job.future.result())
-                del job  # (its future holds the chunk's results)
-                # (the results up to the first failed item, if any)
-                yield iter(current.popleft, END)
-                if failed is not None:
-                    raise load_exception(failed, address)
-        finally:
-            end_early(current)  # closed mid-chunk: its results end too (and are let go)
-            for job in inflight:
-                job.future.stop()
-            if bar is not None:
-                bar.close()
-
-    return MapIterator.over(results())
-
-
-class MapIterator(itertools.chain):
-    """What ``Cluster.map`` returns: its results, one chunk's after another, with no Python
-    code per result (``itertools.chain``'s ``__next__``: a map of cheap items is paced by
-    how fast its consumer takes them, issue 15). :meth:`close` abandons the map as a
-    generator's would: its chunks still in flight are stopped on their servers. Dropping
-    the iterator does the same."""
-
-    _chunks: Iterator[Iterator[Any]]
-
-    @classmethod
-    def over(cls, chunks: Iterator[Iterator[Any]]) -> MapIterator:
-        """The results of ``chunks`` (an iterator of each chunk's results), in turn."""
-        it = cast(MapIterator, cls.from_iterable(chunks))
-        it._chunks = chunks
-        return it
-
-    def close(self) -> None:
-        """Stop the map: no more results; what it has in flight is stopped."""
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
-
-
-def _put(q: queue.SimpleQueue[_Job], job: _Job, _fut: Any) -> None:
-    q.put(job)
-
-
-#: Before Python 3.11 ``Future`` waits raise this, which is not the builtin TimeoutError.
-_FUTURE_TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)
-
-
-def _wait_future(fut: Future[Any], deadline: float | None, until: float | None = None
-                 ) -> bool:
-    """Wait for ``fut``: True when it is done; False if ``until`` came first. Raises
-    :class:`RpycsvcTimeoutError` if the map's ``deadline`` came first."""
-    stop = deadline if until is None else until if deadline is None else min(until, deadline)
-    left = None if stop is None else stop - time.monotonic()
-    if left is None or left > 0:
-        try:
-            fut.exception(timeout=left)  # waits; raises only on timeout or cancellation
-            return True
-        except _FUTURE_TIMEOUTS:
-            pass
-    if fut.done():
-        return True
-    if deadline is not None and time.monotonic() >= deadline:
-        raise RpycsvcTimeoutError("map: the next result was not ready before the map's "
-                                  "deadline (its timeout=)")
-    return False
-
-
-def _next_done(done_q: queue.SimpleQueue[_Job], deadline: float | None,
-               until: float | None = None) -> _Job | None:
-    """The next finished chunk; None if ``until`` came first. Raises
-    :class:`RpycsvcTimeoutError` if the map's ``deadline`` came first."""
-    stop = deadline if until is None else until if deadline is None else min(until, deadline)
-    left = None if stop is None else max(0.0, stop - time.monotonic())
-    try:
-        return done_q.get(timeout=left)
-    except queue.Empty:
-        pass
-    if deadline is not None and time.monotonic() >= deadline:
-        raise RpycsvcTimeoutError("map: no result arrived before the map's deadline "
-                                  "(its timeout=)") from None
-    return None
+    feed = functools.partial(ChunkFeed, iterables, sizer, window)
+    return MapIterator.over(results_by_chunk(scheduler, feed, make_job, ordered=ordered,
+                                             deadline=deadline, bar=bar))
 
 
 def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], has_init: bool,

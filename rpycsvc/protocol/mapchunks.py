@@ -10,7 +10,7 @@ of the format are here, so that they change together:
   result tuple; an item that raised is recorded by its index and the rest still run;
 - the client reads the reply with :func:`chunk_results`: the results in a plain list (one
   pickle opcode per result, no ``(ok, value)`` pair per item) and the errors by index; a
-  map hands them on without Python code per result (see ``rpycsvc.client.mapping``).
+  map hands them on without Python code per result (see ``rpycsvc.client.map_results``).
 
 This format replaced a list of argument tuples in, a list of ``(ok, value)`` pairs out
 (task option ``batch``, still what thread-mode chunks use): pickling, unpickling and
