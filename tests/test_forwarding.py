@@ -612,7 +612,7 @@ def test_a_server_gets_nothing_from_the_client_outside_its_tasks(
 
     import rpyc
 
-    from rpycsvc.client.connection import connect_stream
+    from rpycsvc.client.opening import connect_stream
     from rpycsvc.protocol.channel import FastChannel
     from rpycsvc.protocol.sending import send_task
     from rpycsvc.protocol.socket_stream import FastSocketStream

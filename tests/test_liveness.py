@@ -24,7 +24,7 @@ import rpyc
 from rpyc.core.stream import PipeStream
 
 import rpycsvc
-from rpycsvc.client.connection import connect_stream
+from rpycsvc.client.opening import connect_stream
 from tests.support.servers import REPO, ServerProcess
 
 #: A call still blocked this long after the freeze hangs (the failure case), with

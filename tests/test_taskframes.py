@@ -35,7 +35,7 @@ import rpyc
 
 import rpycsvc
 from rpycsvc.client.calls import frames_of_call
-from rpycsvc.client.connection import connect_stream
+from rpycsvc.client.opening import connect_stream
 from rpycsvc.protocol import taskframes
 from rpycsvc.protocol.pipes import FastPipeStream
 from rpycsvc.protocol.sending import send_task

@@ -19,7 +19,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from rpycsvc.client.connection import Client, connect_stream
+from rpycsvc.client.connection import Client
+from rpycsvc.client.opening import connect_stream
 from rpycsvc.client.output import OutputRouter
 from rpycsvc.client.ssh import SSH_ERRORS, ssh_argv
 from rpycsvc.client.taskoptions import check_options

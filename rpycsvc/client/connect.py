@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from rpycsvc.client.attach import connect_attached
-from rpycsvc.client.connection import Client, connect_stream
+from rpycsvc.client.connection import Client
+from rpycsvc.client.opening import connect_stream
 from rpycsvc.client.output import OutputRouter
 from rpycsvc.client.taskoptions import check_options
 from rpycsvc.errors import ConfigError, ConnectError, RpycsvcTimeoutError

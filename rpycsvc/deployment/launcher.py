@@ -170,7 +170,9 @@ def deploy(hosts: Iterable[Any] | str | Any, *, python: str | None = None,
     Other keywords go to the Cluster (``retries``, ``output``, task options).
     """
     from rpycsvc.client.cluster import Cluster
-    from rpycsvc.client.connection import OutputRouter, check_options, connect_stream
+    from rpycsvc.client.opening import connect_stream
+    from rpycsvc.client.output import OutputRouter
+    from rpycsvc.client.taskoptions import check_options
 
     if isinstance(hosts, str) or _is_machine(hosts) or not hasattr(hosts, "__iter__"):
         targets = [hosts]  # one host alone (anything else is refused just below)
