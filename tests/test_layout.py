@@ -23,7 +23,7 @@ from tests.support.servers import REPO
 
 PACKAGE = REPO / "rpycsvc"
 #: "about 500 lines": the line count above which a module needs a stated reason
-MAX_LINES = 550
+MAX_LINES = 510
 #: module -> why it is longer (none today; add one only with a reason a reviewer accepts)
 LONG: dict[str, str] = {}
 
