@@ -32,7 +32,7 @@ import rpycsvc
 from rpycsvc.errors import MessageTooLargeError
 from rpycsvc.protocol.handshake import client_handshake
 from tests.support.limited import closed_by_peer
-from tests.support.servers import REPO, running_server
+from tests.support.servers import REPO, ServerProcess, running_server
 
 MiB = 1 << 20
 #: How long a call may take before the test calls it hung (machine under load included).
@@ -187,6 +187,50 @@ def test_frozen_client_with_a_large_result_does_not_block_other_clients() -> Non
         finally:
             victim.kill()  # (SIGKILL ends a stopped process too)
             victim.wait(30)
+
+
+def eight_mib(i: int) -> bytes:
+    return bytes([i % 256]) * (8 * MiB)
+
+
+@pytest.mark.timeout(240)
+def test_a_client_that_does_not_read_its_results_holds_only_its_own_tasks() -> None:
+    """A client whose reader thread is stuck (here: in a done-callback) has 100 tasks of
+    8 MiB results queued. The server keeps at most about MAX_UNREAD of results nobody reads
+    and starts none of that client's queued tasks meanwhile (``clients_not_reading`` in
+    ``stats()``); another client's tasks run. Once the client reads again, every result
+    arrives. Before, the server kept all 800 MiB (at a few thousand such tasks the kernel's
+    OOM killer would have taken the server, and every client with it)."""
+    import psutil
+
+    from rpycsvc.server.taskserver import MAX_UNREAD
+
+    with ServerProcess("--workers", "2") as srv, \
+            rpycsvc.connect(srv.address, output="discard") as stuck, \
+            rpycsvc.connect(srv.address, output="discard") as other:
+        server = psutil.Process(srv.pid)
+        before = server.memory_info().rss
+        gate = threading.Event()
+        first = stuck.submit(eight_mib, 0)
+        first.add_done_callback(lambda f: gate.wait(HUNG))  # its reader thread stops here
+        try:
+            futs = [first, *(stuck.submit(eight_mib, i) for i in range(1, 100))]
+            deadline = time.monotonic() + HUNG
+            while other.stats().get("clients_not_reading") != 1:
+                assert time.monotonic() < deadline, "the server never held the stuck client"
+                time.sleep(0.05)
+            stats = other.stats()
+            assert stats["tasks_queued"] > 0  # held, not run into memory nobody reads
+            assert other.compute(abs, -5) == 5  # everyone else's tasks go on
+            grown = server.memory_info().rss - before
+            assert grown < MAX_UNREAD + 160 * MiB, f"the server grew by {grown >> 20} MiB"
+        finally:
+            gate.set()
+        for i, fut in enumerate(futs):
+            data = fut.result(timeout=HUNG)
+            assert len(data) == 8 * MiB and data[:1] == data[-1:] == bytes([i % 256])
+            futs[i] = None  # type: ignore[call-overload]
+        assert other.stats()["clients_not_reading"] == 0
 
 
 def test_classic_call_over_the_message_limit_fails_alone() -> None:

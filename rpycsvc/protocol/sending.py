@@ -25,16 +25,19 @@ what both ends agree on; this is how one end's threads share a connection's send
 
 from __future__ import annotations
 
+import logging
 import queue
 import select
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rpycsvc.protocol.taskframes import INLINE, TaskMessage
+
+log = logging.getLogger("rpycsvc.protocol")
 
 
 def send_task(conn: Any, control: tuple[Any, ...], frames: Sequence[Any] = (), *,
@@ -240,6 +243,10 @@ class _Writer:
         self.queue: queue.SimpleQueue[TaskMessage | _Rest | None] = queue.SimpleQueue()
         #: messages put and not yet written (read without a lock: see _send_if_free)
         self.pending = 0
+        #: their bytes (read without a lock: see unsent_bytes)
+        self.unsent = 0
+        #: (limit, callback): call once ``unsent`` is at most ``limit`` (see when_unsent_below)
+        self._waiting: list[tuple[int, Callable[[], None]]] = []
         self._count = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="rpycsvc-task-writer",
                                        daemon=True)
@@ -248,6 +255,7 @@ class _Writer:
     def put(self, msg: TaskMessage) -> None:
         with self._count:
             self.pending += 1
+            self.unsent += msg.nbytes
         self.queue.put(msg)
 
     def put_flush(self) -> None:
@@ -260,7 +268,17 @@ class _Writer:
         thread holds and hands over: nothing may be written in between)."""
         with self._count:
             self.pending += 1
+            self.unsent += msg.nbytes
         self.queue.put(_Rest(msg, lock))
+
+    def when_below(self, limit: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, in the writer thread, or now) when at most ``limit``
+        bytes are left to write."""
+        with self._count:
+            if self.unsent > limit:
+                self._waiting.append((limit, callback))
+                return
+        callback()
 
     def _run(self) -> None:
         while True:
@@ -277,6 +295,7 @@ class _Writer:
                 if isinstance(msg, _Rest):
                     msg.release()
                 return
+            size = 0 if msg is None else msg.msg.nbytes if isinstance(msg, _Rest) else msg.nbytes
             try:
                 if msg is None:
                     flush_queue(conn)
@@ -292,10 +311,20 @@ class _Writer:
             except (EOFError, OSError, ValueError):
                 return  # the reader reports the loss
             finally:
+                ready: list[Callable[[], None]] = []
                 if msg is not None:
                     with self._count:
                         self.pending -= 1
+                        self.unsent -= size
+                        if self._waiting:
+                            ready = [cb for lim, cb in self._waiting if self.unsent <= lim]
+                            self._waiting = [w for w in self._waiting if self.unsent > w[0]]
                 del conn, msg  # a large message is freed once it is sent
+                for callback in ready:
+                    try:
+                        callback()
+                    except Exception:  # (the writer must go on writing)
+                        log.exception("a callback for written output failed")
 
 
 _writers: weakref.WeakKeyDictionary[Any, _Writer] = weakref.WeakKeyDictionary()
@@ -310,6 +339,20 @@ def _writer_of(conn: Any) -> _Writer:
             if w is None or not w.thread.is_alive():
                 w = _writers[conn] = _Writer(conn)
     return w
+
+
+def unsent_bytes(conn: Any) -> int:
+    """Bytes handed to ``conn``'s writer thread and not yet written: what its peer has not
+    read yet, roughly (a peer that reads keeps it near 0). Read without a lock."""
+    w = _writers.get(conn)
+    return 0 if w is None else w.unsent
+
+
+def when_unsent_below(conn: Any, limit: int, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once at most ``limit`` bytes are left for ``conn``'s writer to write
+    (now, if so already; in the writer thread otherwise). Not called if the connection
+    closes first."""
+    _writer_of(conn).when_below(limit, callback)
 
 
 def drain(timeout: float) -> bool:

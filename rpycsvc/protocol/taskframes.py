@@ -148,6 +148,11 @@ class TaskMessage:
         msg.sent = False
         return msg
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes left to write."""
+        return len(self.head) + sum(v.nbytes for v in self.large)
+
     def write_to(self, stream: Any) -> None:
         """Write the whole message to ``stream`` (the caller holds the send lock)."""
         stream.write(self.head)

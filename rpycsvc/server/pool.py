@@ -1,10 +1,10 @@
 """The server's worker pool: process workers for CPU-bound tasks, a thread worker for I/O.
 
-Tasks are queued per client connection and taken round-robin, so one client with a long
-queue can't starve another. A process worker runs one task at a time; a task past its
-timeout, or cancelled while running, is stopped by killing its worker, which is then
-replaced. Each worker leads its own process group, so the kill takes every process the task
-started with it (one that made itself a new session escapes). A worker that dies by itself
+Tasks wait in :class:`~rpycsvc.server.taskqueues.TaskQueues` (per client, taken in turns).
+A process worker runs one task at a time; a task past its timeout, or cancelled while
+running, is stopped by killing its worker, which is then replaced. Each worker leads its
+own process group, so the kill takes every process the task started with it (one that made
+itself a new session escapes). A worker that dies by itself
 (``os._exit``, a signal, the kernel's OOM killer) fails only the task it was running; its
 death is seen by a thread waiting for the process, not by the end of its channel (a child
 the task forked may hold that open). Thread-mode tasks share one worker process with many
@@ -43,13 +43,12 @@ from rpycsvc.errors import (
     ConfigError,
     ServerDrainingError,
     ServerLostError,
-    TaskCancelledError,
     TaskError,
-    TaskTimeoutError,
     WorkerCrashedError,
 )
 from rpycsvc.server.deadlines import Deadlines
 from rpycsvc.server.task import Task, _WorkerHandle
+from rpycsvc.server.taskqueues import TaskQueues
 from rpycsvc.server.workerprocess import _describe_exit, _kill_tree, spawn_worker, watch_worker
 
 log = logging.getLogger("rpycsvc.pool")
@@ -82,10 +81,8 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._workers: list[_WorkerHandle] = []
         self._idle: deque[_WorkerHandle] = deque()
-        self._queues: dict[Hashable, deque[Task]] = {}
-        self._turns: deque[Hashable] = deque()
+        self._queued = TaskQueues()
         self._thread_worker: _WorkerHandle | None = None
-        self._thread_queue: deque[Task] = deque()
         self._tasks: dict[int, Task] = {}
         self._deadlines = Deadlines(self._lock)
         self._settled_cv = threading.Condition(self._lock)  # a task finished (for close)
@@ -131,10 +128,7 @@ class WorkerPool:
         with :class:`ServerLostError`."""
         with self._lock:
             self._closing = True
-            queued = [t for q in self._queues.values() for t in q] + list(self._thread_queue)
-            self._queues.clear()
-            self._turns.clear()
-            self._thread_queue.clear()
+            queued = self._queued.take_all()
             self._deadlines.wake_locked()
         for t in queued:
             self._finish(t, False, None, ServerDrainingError(
@@ -181,17 +175,12 @@ class WorkerPool:
             task.task_id = next(self._ids)
             task.state = "queued"
             self._tasks[task.task_id] = task
+            self._queued.put(task)
             if task.mode == "thread":
                 tw = self._thread_worker_locked()
-                self._thread_queue.append(task)
                 todo: list[Task | None] = list(self._take_thread_tasks_locked(tw))
                 worker: _WorkerHandle | None = tw
             else:
-                q = self._queues.get(task.owner)
-                if q is None:
-                    q = self._queues[task.owner] = deque()
-                    self._turns.append(task.owner)
-                q.append(task)
                 worker = self._idle.popleft() if self._idle else None
                 todo = [self._next_process_task_locked(worker)] if worker else []
         for t in todo:
@@ -212,13 +201,11 @@ class WorkerPool:
                 return False
             task.ending = reason
             if task.state == "queued":
-                q = self._queues.get(task.owner) if task.mode == "process" else self._thread_queue
-                if q is not None and task in q:
-                    q.remove(task)
+                self._queued.remove(task)
                 worker = None
             else:
                 worker = task.worker
-        err = self._ending_error(task)
+        err = task.ending_error()
         if worker is None:
             self._finish(task, False, None, err)
         elif worker.role == "process":
@@ -236,27 +223,45 @@ class WorkerPool:
     def _next_process_task_locked(self, worker: _WorkerHandle | None) -> Task | None:
         if worker is None:
             return None
-        while self._turns:
-            owner = self._turns[0]
-            self._turns.rotate(-1)
-            q = self._queues.get(owner)
-            task = q.popleft() if q else None
-            if not q:  # emptied (maybe by cancel): this owner has no turn until it submits
-                self._queues.pop(owner, None)
-                self._turns.remove(owner)
-            if task is not None:
-                self._start_locked(task, worker)
-                return task
+        task = self._queued.next_process()
+        if task is not None:
+            self._start_locked(task, worker)
+            return task
         self._idle.append(worker)
         return None
 
     def _take_thread_tasks_locked(self, tw: _WorkerHandle) -> list[Task]:
         todo = []
-        while self._thread_queue and tw.ready.is_set() and len(tw.tasks) < self.threads:
-            task = self._thread_queue.popleft()
+        while tw.ready.is_set() and len(tw.tasks) < self.threads:
+            task = self._queued.next_thread()
+            if task is None:
+                break
             self._start_locked(task, tw)
             todo.append(task)
         return todo
+
+    def hold(self, owner: Hashable) -> None:
+        """Start no more of ``owner``'s tasks until :meth:`release` (a client that doesn't
+        read its results: see TaskEndpoint); its running ones finish."""
+        with self._lock:
+            self._queued.hold(owner)
+
+    def release(self, owner: Hashable) -> None:
+        """Let ``owner``'s queued tasks go again: idle workers take them now."""
+        todo: list[tuple[_WorkerHandle, Task]] = []
+        with self._lock:
+            self._queued.release(owner)
+            while self._idle:
+                worker = self._idle.popleft()
+                task = self._next_process_task_locked(worker)  # (re-idles it if none)
+                if task is None:
+                    break
+                todo.append((worker, task))
+            tw = self._thread_worker
+            if tw is not None and tw.alive:
+                todo.extend((tw, t) for t in self._take_thread_tasks_locked(tw))
+        for worker, task in todo:
+            self._send_task(worker, task)
 
     def _start_locked(self, task: Task, worker: _WorkerHandle) -> None:
         task.state = "running"
@@ -364,7 +369,7 @@ class WorkerPool:
         for task in lost:
             err: TaskError | ServerLostError
             if task.ending:
-                err = self._ending_error(task)
+                err = task.ending_error()
             elif self._closing:
                 err = ServerLostError(
                     f"the server shut down while the task ran: task {task.label or task.task_id}"
@@ -386,7 +391,7 @@ class WorkerPool:
                 self._spawn("process")
             else:
                 with self._lock:
-                    if self._thread_queue:
+                    if self._queued.has_thread_task():
                         self._thread_worker_locked()  # it takes the queue when ready
 
     @staticmethod
@@ -435,22 +440,6 @@ class WorkerPool:
                 self._finishing -= 1
                 self._settled_cv.notify_all()
 
-    def _ending_error(self, task: Task) -> TaskError:
-        name = task.label or task.task_id
-        if task.mode == "process":
-            how = ("its worker process and every process it started were killed; the worker "
-                   "was replaced")
-        else:
-            how = ("a thread-mode task is stopped by an exception raised in its thread, which "
-                   "takes effect only when the thread runs Python code again: one blocked in C "
-                   "code or a system call may go on running, and processes it started are "
-                   "not killed; use mode='process' for tasks that must be stoppable")
-        if task.ending == "timeout":
-            return TaskTimeoutError(
-                f"task {name} ran longer than its timeout of {task.timeout:g} s and was "
-                f"stopped ({how})")
-        return TaskCancelledError(f"task {name} was cancelled ({how})")
-
     def _deadline_loop(self) -> None:
         """The deadline thread: a running task past its timeout is stopped as a cancel does."""
         self._deadlines.run(closing=lambda: self._closing, due=self._due_locked,
@@ -465,7 +454,7 @@ class WorkerPool:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             running = sum(1 for t in self._tasks.values() if t.state == "running")
-            queued = sum(len(q) for q in self._queues.values()) + len(self._thread_queue)
+            queued = len(self._queued)
             pids = [w.proc.pid for w in self._workers]
             tw = self._thread_worker
             return {
@@ -475,6 +464,8 @@ class WorkerPool:
                 "threads": self.threads,
                 "tasks_running": running,
                 "tasks_queued": queued,
+                # connections whose tasks wait because their client doesn't read its results
+                "clients_not_reading": self._queued.held,
                 "tasks_done": self.counters["done"],
                 "tasks_failed": self.counters["failed"],
                 "worker_restarts": self.counters["restarts"],

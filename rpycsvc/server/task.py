@@ -16,7 +16,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rpycsvc.errors import TaskError
+from rpycsvc.errors import TaskCancelledError, TaskError, TaskTimeoutError
 from rpycsvc.server import wire as _wire
 
 #: on_done(task, ok, frames, error): ok → result frames; not ok with frames → the task
@@ -56,6 +56,24 @@ class Task:
     #: on_module(name, answer): ask the task's client for module ``name`` and call
     #: ``answer(reply)`` once it comes (see rpycsvc.protocol.forwarding); None: nobody to ask
     on_module: Callable[[str, Callable[[Any], None]], None] | None = None
+
+    def ending_error(self) -> TaskError:
+        """The error of a task stopped by its timeout or a cancel (``ending``), saying how
+        it was stopped."""
+        name = self.label or self.task_id
+        if self.mode == "process":
+            how = ("its worker process and every process it started were killed; the worker "
+                   "was replaced")
+        else:
+            how = ("a thread-mode task is stopped by an exception raised in its thread, which "
+                   "takes effect only when the thread runs Python code again: one blocked in C "
+                   "code or a system call may go on running, and processes it started are "
+                   "not killed; use mode='process' for tasks that must be stoppable")
+        if self.ending == "timeout":
+            return TaskTimeoutError(
+                f"task {name} ran longer than its timeout of {self.timeout:g} s and was "
+                f"stopped ({how})")
+        return TaskCancelledError(f"task {name} was cancelled ({how})")
 
 
 class _WorkerHandle:

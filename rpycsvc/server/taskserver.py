@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 
 from rpycsvc.errors import MessageTooLargeError, TaskError
 from rpycsvc.protocol.limits import MESSAGE_OVERHEAD, too_large_message
-from rpycsvc.protocol.sending import send_framed, send_task
+from rpycsvc.protocol.sending import send_framed, send_task, unsent_bytes, when_unsent_below
 from rpycsvc.protocol.serialization import check_plain
 from rpycsvc.protocol.taskframes import parse_inline
 from rpycsvc.server.config import check_timeout
@@ -45,6 +45,12 @@ _KINDS = ("pickled", "path", "endpoint")
 #: be). Clients learn it from hello (``max_held``) and wait before sending more, so a
 #: client sending faster than the workers run holds memory on its own side, not here.
 MAX_HELD = 256 << 20
+#: The most bytes of results (and output) the server keeps for a connection whose client
+#: does not read them (a frozen client, or one whose reader thread is stuck in a callback):
+#: past this, none of its queued tasks starts until it has read half of them. Its running
+#: tasks finish, and other clients' tasks go on. Without it, results nobody reads would
+#: pile up in the server's memory until the kernel killed it, and every client with it.
+MAX_UNREAD = 256 << 20
 
 
 class Runtime(Protocol):
@@ -85,6 +91,7 @@ class TaskEndpoint:
         self._asks: dict[int, Callable[[Any], None]] = {}  # module request -> answer
         self._reqs = itertools.count(1)
         self._closed = False
+        self._holding = False  # the pool holds our tasks: see MAX_UNREAD
 
     # -- TaskHandler ----------------------------------------------------------------------------
     def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
@@ -208,8 +215,29 @@ class TaskEndpoint:
                     send_framed(self._conn, out[0])
                 except Exception:  # the connection is going: its reader cleans up
                     log.debug("could not queue a result for %s", self._client, exc_info=True)
-            return
-        self._send(("done", key, "ok" if ok else "raised", task.service_s), frames)
+        else:
+            self._send(("done", key, "ok" if ok else "raised", task.service_s), frames)
+        if unsent_bytes(self._conn) > MAX_UNREAD:
+            self._hold()
+
+    def _hold(self) -> None:
+        """Our client has left more than MAX_UNREAD bytes unread: start none of its queued
+        tasks until it has read half of them."""
+        with self._lock:
+            if self._holding or self._closed:
+                return
+            self._holding = True
+        log.warning("%s does not read its results (%d MiB wait to be sent): its queued tasks "
+                    "wait until it reads them", self._client, unsent_bytes(self._conn) >> 20)
+        self._runtime.pool.hold(self._owner)
+        when_unsent_below(self._conn, MAX_UNREAD // 2, self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            if not self._holding:
+                return
+            self._holding = False
+        self._runtime.pool.release(self._owner)
 
     def _ask(self, key: int, name: str, answer: Callable[[Any], None]) -> None:
         """Ask the client for module ``name`` (rpycsvc.protocol.forwarding); the worker bounds how
@@ -238,5 +266,8 @@ class TaskEndpoint:
             self._held_by.clear()
             self._held = 0
             self._asks.clear()
+            holding, self._holding = self._holding, False
         for task_id in running:
             self._runtime.pool.cancel(task_id, "cancel")
+        if holding:
+            self._runtime.pool.release(self._owner)
