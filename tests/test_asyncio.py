@@ -289,6 +289,8 @@ def test_map_takes_async_iterables(addresses: list[str]) -> None:
                     pass
             with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map"):
                 cluster.cluster.map(square, arange(3))
+            with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map_reduce"):
+                cluster.cluster.map_reduce(square, operator.add, arange(3))
             assert await cluster.submit(square, 3) == 9  # the cluster serves on
 
     run(main())

@@ -268,6 +268,41 @@ def test_a_classic_call_longer_than_the_keepalive_returns(sshd: SshServer) -> No
         cluster.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are Linux's")
+@pytest.mark.timeout(120)
+def test_a_client_gone_behind_a_full_pipe_stops_a_busy_stdio_server() -> None:
+    """The stdio server (what deploy runs on the host; keepalive 3 s here) is busy in a
+    classic call; its client fills the pipe to it and goes away. A full pipe counts as the
+    client speaking only while the client's end is open: after it closed, the server stops
+    within the keepalive. Before (review of the watchdog), it ran on as long as the call."""
+    import rpyc
+
+    from rpycsvc.client.opening import connect_stream
+    from rpycsvc.protocol.pipes import FastPipeStream
+
+    code = ("from rpycsvc.server.stdio import serve_stdio; from rpycsvc.server.config import "
+            "ServerConfig; serve_stdio(ServerConfig(mode='stdio', keepalive=3.0, workers=1))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        c = connect_stream(FastPipeStream(proc.stdout, proc.stdin), address="stdio",
+                           lost_after=None)
+        rpyc.async_(c.modules.time.sleep)(300)  # its serving thread reads nothing meanwhile
+        fd = proc.stdin.fileno()
+        os.set_blocking(fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(fd, bytes(65536))
+        proc.stdin.close()  # the client is gone, its pipe full
+        assert proc.wait(60) == 3  # the watchdog's exit, within the keepalive (and load)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 CRASHING_CLIENT = """\
 import sys
 import rpycsvc

@@ -233,6 +233,94 @@ def test_a_client_that_does_not_read_its_results_holds_only_its_own_tasks() -> N
         assert other.stats()["clients_not_reading"] == 0
 
 
+_HELD_CLIENT = textwrap.dedent("""\
+    import sys, threading, time
+    import rpycsvc
+    def big(i):
+        return bytes([i % 256]) * (32 << 20)
+    c = rpycsvc.connect(sys.argv[1], output="discard")
+    gate = threading.Event()
+    f = c.submit(big, 0)
+    f.add_done_callback(lambda f: gate.wait(600))  # its reader thread stops here
+    fs = [c.submit(big, i) for i in range(1, 24)]
+    print("submitted", flush=True)
+    time.sleep(600)
+""")
+
+
+def _wait_until(what: str, pred: Callable[[], Any]) -> Any:
+    deadline = time.monotonic() + HUNG
+    while not (got := pred()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return got
+
+
+@pytest.mark.timeout(240)
+def test_a_held_client_that_dies_leaves_no_results_behind() -> None:
+    """A client held for not reading (768 MiB of results asked for) is killed: the hold
+    goes and the server's memory comes back. Before (review of the hold), the results it
+    never read stayed in the server for good: the connection's writer kept a callback that
+    kept the connection, and with it ~256 MiB, alive per such client."""
+    import psutil
+
+    with ServerProcess("--workers", "2") as srv, \
+            rpycsvc.connect(srv.address, output="discard") as other:
+        server = psutil.Process(srv.pid)
+        base = server.memory_info().rss
+        stuck = subprocess.Popen([sys.executable, "-c", _HELD_CLIENT, srv.address],
+                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                 cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            assert stuck.stdout is not None
+            assert _within(stuck.stdout.readline) == b"submitted\n"
+            _wait_until("the client was never held",
+                        lambda: other.stats().get("clients_not_reading") == 1)
+        finally:
+            stuck.kill()
+            stuck.wait(30)
+        _wait_until("the hold outlived its client",
+                    lambda: other.stats()["clients_not_reading"] == 0)
+        _wait_until(f"the server kept {(server.memory_info().rss - base) >> 20} MiB",
+                    lambda: server.memory_info().rss - base < 96 * MiB)
+        assert other.compute(abs, -3) == 3
+
+
+def thread_big(i: int) -> bytes:
+    time.sleep(0.05)
+    return bytes([i % 256]) * (32 * MiB)
+
+
+@pytest.mark.timeout(240)
+def test_held_thread_tasks_run_once_read_although_their_worker_died() -> None:
+    """A held client's queued thread-mode tasks, whose thread worker dies meanwhile (a
+    crash, the OOM killer), run once the client reads again. Before (review of the hold):
+    the dead worker was not replaced for tasks that were held, and they never ran."""
+    with ServerProcess("--workers", "1", "--threads", "2") as srv, \
+            rpycsvc.connect(srv.address, output="discard") as stuck, \
+            rpycsvc.connect(srv.address, output="discard") as other:
+        gate = threading.Event()
+        first = stuck.options(mode="thread").submit(thread_big, 0)
+        first.add_done_callback(lambda f: gate.wait(HUNG))
+        try:
+            futs = [first, *(stuck.options(mode="thread").submit(thread_big, i)
+                             for i in range(1, 20))]
+            _wait_until("the client was never held",
+                        lambda: other.stats().get("clients_not_reading") == 1)
+            _wait_until("the held client's running tasks did not finish",
+                        lambda: other.stats()["tasks_running"] == 0)
+            pid = other.stats()["thread_worker_pid"]
+            os.kill(pid, signal.SIGKILL)  # (it runs nothing: no task fails for it)
+            _wait_until("the thread worker was not replaced",
+                        lambda: other.stats()["thread_worker_pid"] not in (None, pid))
+        finally:
+            gate.set()
+        for i, fut in enumerate(futs):
+            data = fut.result(timeout=HUNG)
+            assert len(data) == 32 * MiB and data[:1] == bytes([i % 256])
+            futs[i] = None  # type: ignore[call-overload]
+
+
 def test_classic_call_over_the_message_limit_fails_alone() -> None:
     """A classic call whose arguments are over --max-message-size raises
     MessageTooLargeError naming the limit and its setting; the connection stays up. Before,

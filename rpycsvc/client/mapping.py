@@ -314,11 +314,7 @@ def run_map(scheduler: Scheduler, fn: Any, iterables: tuple[Iterable[Any], ...],
 
     ``timeout`` is the deadline for the iteration (from now); ``opts["timeout"]``, if
     any, is each task's limit on its server (see :func:`plan_map`)."""
-    for it in iterables:
-        if hasattr(it, "__aiter__") and not hasattr(it, "__iter__"):
-            raise ConfigError(f"map got an async iterable ({type(it).__name__}): iterate it "
-                              "with rpycsvc.AsyncCluster.map (async for), or pass a plain "
-                              "iterable")
+    _refuse_async("map", iterables)
     total, sizer, window, make_job = plan_map(scheduler, fn, iterables, chunksize=chunksize,
                                               retries=retries, opts=opts)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -348,9 +344,18 @@ def reduce_chunk(fn: Callable[[Any], Any], reducer: Callable[[Any, Any], Any], h
     return functools.reduce(reducer, mapped)
 
 
+def _refuse_async(what: str, iterables: tuple[Any, ...]) -> None:
+    """A clear error for an async iterable given to the sync API."""
+    for it in iterables:
+        if hasattr(it, "__aiter__") and not hasattr(it, "__iter__"):
+            raise ConfigError(f"{what} got an async iterable ({type(it).__name__}): use "
+                              f"rpycsvc.AsyncCluster.{what}, or pass a plain iterable")
+
+
 def run_map_reduce(cluster: _Submitter, fn: Any, reducer: Callable[[Any, Any], Any],
                    iterable: Iterable[Any], *, initializer: Any, by_key: bool,
                    chunksize: int | None, timeout: float | None, progress: bool = False) -> Any:
+    _refuse_async("map_reduce", (iterable,))
     items = list(iterable)
     if not items and not by_key and initializer is None:
         raise ConfigError("map_reduce of an empty iterable needs an initializer")

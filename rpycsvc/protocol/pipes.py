@@ -132,7 +132,8 @@ class FastPipeStream(PipeStream):
         where that can't be told (not a pipe, not Linux). A liveness check reads it: the
         peer's pings wait there while the serving thread is busy (a long classic call, a
         large task handed to a worker), so a count that grows, or a pipe too full to take
-        more, is the peer speaking although :attr:`last_activity` is old."""
+        more, is the peer speaking although :attr:`last_activity` is old (unless the peer
+        closed its end: then a full pipe is only what it left)."""
         if fcntl is None or termios is None:
             return None
         try:
@@ -141,7 +142,15 @@ class FastPipeStream(PipeStream):
             size = fcntl.fcntl(fd, _F_GETPIPE_SZ)
         except (OSError, ValueError):  # closed under us (its reader reports that), no pipe
             return None
-        return count, count >= size - _ROOM_FOR_A_PING
+        full = count >= size - _ROOM_FOR_A_PING
+        if full:  # full because its writer is gone (POLLHUP: no writer left) is not speech
+            try:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                full = not any(ev & select.POLLHUP for _, ev in poller.poll(0))
+            except (OSError, ValueError, AttributeError):  # (no poll(): not Linux anyway)
+                pass
+        return count, full
 
     def read(self, count: int) -> bytes:
         """``count`` bytes. Memory is taken as they arrive (pieces of at most

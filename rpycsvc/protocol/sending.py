@@ -247,6 +247,7 @@ class _Writer:
         self.unsent = 0
         #: (limit, callback): call once ``unsent`` is at most ``limit`` (see when_unsent_below)
         self._waiting: list[tuple[int, Callable[[], None]]] = []
+        self.stopped = False  # the connection closed or broke: see _stop
         self._count = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="rpycsvc-task-writer",
                                        daemon=True)
@@ -273,14 +274,36 @@ class _Writer:
 
     def when_below(self, limit: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` (once, in the writer thread, or now) when at most ``limit``
-        bytes are left to write."""
+        bytes are left to write (now if this writer has stopped: nothing is left)."""
         with self._count:
-            if self.unsent > limit:
+            if self.unsent > limit and not self.stopped:
                 self._waiting.append((limit, callback))
                 return
         callback()
 
     def _run(self) -> None:
+        try:
+            self._write_until_closed()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        """The connection is closed or broken: drop what is left. Nothing here may keep it
+        (or its unsent results) alive: the callbacks waiting for room hold its endpoint,
+        which holds the connection, the key of ``_writers``."""
+        with self._count:
+            self.stopped = True
+            self._waiting = []
+            self.pending = self.unsent = 0
+        while True:
+            try:
+                msg = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, _Rest):
+                msg.release()
+
+    def _write_until_closed(self) -> None:
         while True:
             try:
                 msg = self.queue.get(timeout=1.0)

@@ -247,18 +247,22 @@ class WorkerPool:
             self._queued.hold(owner)
 
     def release(self, owner: Hashable) -> None:
-        """Let ``owner``'s queued tasks go again: idle workers take them now."""
-        todo: list[tuple[_WorkerHandle, Task]] = []
+        """Let ``owner``'s queued tasks go again (:meth:`dispatch` hands them out)."""
         with self._lock:
             self._queued.release(owner)
+
+    def dispatch(self) -> None:
+        """Give idle workers what may go now (after :meth:`release`)."""
+        todo: list[tuple[_WorkerHandle, Task]] = []
+        with self._lock:
             while self._idle:
                 worker = self._idle.popleft()
                 task = self._next_process_task_locked(worker)  # (re-idles it if none)
                 if task is None:
                     break
                 todo.append((worker, task))
-            tw = self._thread_worker
-            if tw is not None and tw.alive:
+            if self._queued.has_thread_task() and not self._closing:
+                tw = self._thread_worker_locked()  # (started if it died meanwhile)
                 todo.extend((tw, t) for t in self._take_thread_tasks_locked(tw))
         for worker, task in todo:
             self._send_task(worker, task)
@@ -391,7 +395,7 @@ class WorkerPool:
                 self._spawn("process")
             else:
                 with self._lock:
-                    if self._queued.has_thread_task():
+                    if self._queued.thread_tasks():  # (held ones too: for their release)
                         self._thread_worker_locked()  # it takes the queue when ready
 
     @staticmethod

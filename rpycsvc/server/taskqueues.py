@@ -69,6 +69,10 @@ class TaskQueues:
         return any(t.owner not in self._held for t in self._threads) if self._held \
             else bool(self._threads)
 
+    def thread_tasks(self) -> int:
+        """How many thread-mode tasks wait (held ones included)."""
+        return len(self._threads)
+
     def next_thread(self) -> Task | None:
         """The oldest thread-mode task whose owner is not held."""
         if not self._held:

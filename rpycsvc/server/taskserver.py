@@ -222,22 +222,26 @@ class TaskEndpoint:
 
     def _hold(self) -> None:
         """Our client has left more than MAX_UNREAD bytes unread: start none of its queued
-        tasks until it has read half of them."""
+        tasks until it has read half of them. (The pool's hold and release are made under
+        our lock, so a close() can't come between our flag and the pool's.)"""
+        pool = self._runtime.pool
         with self._lock:
             if self._holding or self._closed:
                 return
             self._holding = True
+            pool.hold(self._owner)
         log.warning("%s does not read its results (%d MiB wait to be sent): its queued tasks "
                     "wait until it reads them", self._client, unsent_bytes(self._conn) >> 20)
-        self._runtime.pool.hold(self._owner)
         when_unsent_below(self._conn, MAX_UNREAD // 2, self._release)
 
     def _release(self) -> None:
+        pool = self._runtime.pool
         with self._lock:
             if not self._holding:
                 return
             self._holding = False
-        self._runtime.pool.release(self._owner)
+            pool.release(self._owner)
+        pool.dispatch()
 
     def _ask(self, key: int, name: str, answer: Callable[[Any], None]) -> None:
         """Ask the client for module ``name`` (rpycsvc.protocol.forwarding); the worker bounds how
@@ -266,8 +270,8 @@ class TaskEndpoint:
             self._held_by.clear()
             self._held = 0
             self._asks.clear()
-            holding, self._holding = self._holding, False
+            if self._holding:  # (its queued tasks are cancelled below: nothing to dispatch)
+                self._holding = False
+                self._runtime.pool.release(self._owner)
         for task_id in running:
             self._runtime.pool.cancel(task_id, "cancel")
-        if holding:
-            self._runtime.pool.release(self._owner)
