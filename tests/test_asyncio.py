@@ -282,16 +282,51 @@ def test_map_takes_async_iterables(addresses: list[str]) -> None:
                 sum(x * x for x in range(100))
 
             async def broken() -> AsyncIterator[int]:
-                yield 1
+                for i in range(100):
+                    yield i
                 raise KeyError("the source broke")
+            got = []
             with pytest.raises(KeyError, match="the source broke"):
-                async for _ in cluster.map(square, broken()):
-                    pass
+                async for r in cluster.map(square, broken()):
+                    got.append(r)
+            assert got == [x * x for x in range(100)]  # what it gave first, as builtin map
             with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map"):
                 cluster.cluster.map(square, arange(3))
             with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map_reduce"):
                 cluster.cluster.map_reduce(square, operator.add, arange(3))
             assert await cluster.submit(square, 3) == 9  # the cluster serves on
+
+    run(main())
+
+
+def test_an_async_source_that_pauses_delays_only_what_it_has_not_given(
+        addresses: list[str]) -> None:
+    """A stream of requests that goes quiet: the items it gave are answered at once, not
+    when their chunk would be full; the map's ``timeout`` holds while it waits for more;
+    leaving the loop stops the read of the source too."""
+    async def main() -> None:
+        quiet = asyncio.Event()  # set by the test: the source speaks again
+
+        async def requests() -> AsyncIterator[int]:
+            for i in range(3):
+                yield i
+            await quiet.wait()
+            yield 3
+
+        async with AsyncCluster(addresses) as cluster:
+            seen = []
+            async for r in cluster.map(square, requests()):
+                seen.append(r)
+                if r == 4:  # items 0..2 all answered while the source is quiet
+                    quiet.set()
+            assert seen == [0, 1, 4, 9]
+
+            quiet.clear()
+            t0 = time.monotonic()
+            with pytest.raises(rpycsvc.RpycsvcTimeoutError):
+                async for _ in cluster.map(square, requests(), timeout=1.0):
+                    pass
+            assert time.monotonic() - t0 < WAIT  # (not until the source spoke: never)
 
     run(main())
 

@@ -77,17 +77,19 @@ async def _results(ac: FanOutCluster, iterables: tuple[Items, ...],
     """The results; ``bar_total`` -1: no progress bar, else the bar's total (None: unknown).
     The bar is shown from the first ``__anext__`` and closed with the generator."""
     from rpycsvc.client.aio_bridge import AsyncTaskFuture
+    from rpycsvc.client.aio_source import Pump, async_source, take_chunks
 
     loop = ac._rt.bind()
     feed = ChunkFeed(iterables, sizer, window)
-    source = _async_source(iterables)
+    source = async_source(iterables)
+    pump = None if source is None else Pump(source)
     inflight: deque[AsyncTaskFuture] = deque()
     finished: asyncio.Queue[AsyncTaskFuture] = asyncio.Queue()
     bar = None if bar_total == -1 else _bar(bar_total)
     sizes: dict[AsyncTaskFuture, int] = {}  # items per chunk in flight (for the bar)
     try:
         while True:
-            async for items in _take(feed, source, len(inflight)):
+            for items in take_chunks(feed, pump, len(inflight)):
                 afut = AsyncTaskFuture(loop=loop)
                 if not ordered:
                     afut.add_done_callback(finished.put_nowait)
@@ -95,16 +97,24 @@ async def _results(ac: FanOutCluster, iterables: tuple[Items, ...],
                 if bar is not None:
                     sizes[afut] = len(items)
                 ac.send(afut, make_job(items))
+            # an async input that has nothing yet, while the window has room: its next
+            # item is worth waiting for too
+            arrival = pump.arrival() if pump is not None and pump.starved else None
             if not inflight:
-                return
+                if arrival is None:
+                    if pump is not None and pump.error is not None:
+                        raise pump.error  # (after the results of what it gave before)
+                    return
+                await _wait_one(arrival, deadline, None)
+                continue
             until = feed.wait_until()
             if ordered:
                 afut = inflight[0]
-                if not await _wait_one(afut, deadline, until):
+                if not await _wait_one(afut, deadline, until, arrival):
                     continue
                 inflight.popleft()
             else:
-                got = await _next_done(finished, deadline, until)
+                got = await _next_done(finished, deadline, until, arrival)
                 if got is None:
                     continue
                 afut = got
@@ -123,58 +133,12 @@ async def _results(ac: FanOutCluster, iterables: tuple[Items, ...],
             if failed is not None:
                 raise load_exception(failed, address)
     finally:
+        if pump is not None:
+            pump.close()
         for afut in inflight:  # abandoned: stopped on the servers too
             afut.cancel()
         if bar is not None:
             bar.close()
-
-
-def _async_source(iterables: tuple[Items, ...]) -> AsyncIterator[Any] | None:
-    """The map's items if any of its iterables is async (``__aiter__``): one as it is,
-    several zipped (plain ones among them too); None if all are plain."""
-    if not any(hasattr(it, "__aiter__") for it in iterables):
-        return None
-    if len(iterables) == 1:
-        return _aiter(iterables[0])
-    return _azip([_aiter(it) if hasattr(it, "__aiter__") else iter(it) for it in iterables])
-
-
-def _aiter(iterable: Any) -> AsyncIterator[Any]:
-    """``aiter(iterable)`` (a builtin from Python 3.10)."""
-    return iterable.__aiter__()
-
-
-async def _azip(sources: list[Any]) -> AsyncIterator[tuple[Any, ...]]:
-    """``zip`` over plain and async iterators: stops at the first one exhausted."""
-    while True:
-        row = []
-        for it in sources:
-            try:
-                row.append(await it.__anext__() if hasattr(it, "__anext__") else next(it))
-            except (StopIteration, StopAsyncIteration):
-                return
-        yield tuple(row)
-
-
-async def _take(feed: ChunkFeed, source: AsyncIterator[Any] | None,
-                in_flight: int) -> AsyncIterator[Sequence[Any]]:
-    """:meth:`ChunkFeed.take`, for an input that may be async: the chunks to send now. An
-    async input's items are awaited one by one, up to each chunk's size (a slow source
-    delays its chunk, as a slow generator does the sync map's)."""
-    if source is None:
-        for items in feed.take(in_flight):
-            yield items
-        return
-    for size in feed.sizes(in_flight):
-        items = []
-        for _ in range(size):
-            try:
-                items.append(await source.__anext__())
-            except StopAsyncIteration:
-                break
-        feed.took(len(items))
-        if items:
-            yield items
 
 
 def _left(deadline: float | None, until: float | None) -> float | None:
@@ -189,28 +153,46 @@ def _check_deadline(deadline: float | None) -> None:
 
 
 async def _wait_one(afut: asyncio.Future, deadline: float | None,
-                    until: float | None) -> bool:
-    """Wait for ``afut``: True once done, False if ``until`` came first; raises
-    :class:`RpycsvcTimeoutError` at the map's deadline. Never cancels ``afut`` itself
-    (a cancellation of the waiter reaches the map's ``finally``, which does)."""
+                    until: float | None, also: asyncio.Future | None = None) -> bool:
+    """Wait for ``afut``: True once done, False if ``until`` came first (or ``also`` is
+    done: input arrived); raises :class:`RpycsvcTimeoutError` at the map's deadline.
+    Never cancels ``afut`` itself (a cancellation of the waiter reaches the map's
+    ``finally``, which does)."""
     if not afut.done():
-        await asyncio.wait((afut,), timeout=_left(deadline, until))
+        await asyncio.wait((afut,) if also is None else (afut, also),
+                           timeout=_left(deadline, until), return_when=FIRST_COMPLETED)
     if afut.done():
         return True
+    if also is not None and also.done():
+        return False
     _check_deadline(deadline)
     return False
 
 
 async def _next_done(finished: asyncio.Queue[AsyncTaskFuture], deadline: float | None,
-                     until: float | None) -> AsyncTaskFuture | None:
-    """The next finished chunk (unordered map), None if ``until`` came first."""
+                     until: float | None, also: asyncio.Future | None = None
+                     ) -> AsyncTaskFuture | None:
+    """The next finished chunk (unordered map), None if ``until`` came first (or ``also``
+    is done: input arrived)."""
     if not finished.empty():
         return finished.get_nowait()
     left = _left(deadline, until)
-    try:
-        return await asyncio.wait_for(finished.get(), left)
-    except asyncio.TimeoutError:
-        pass
+    if also is None:
+        try:
+            return await asyncio.wait_for(finished.get(), left)
+        except asyncio.TimeoutError:
+            pass
+    else:
+        getter = asyncio.ensure_future(finished.get())
+        try:
+            await asyncio.wait((getter, also), timeout=left, return_when=FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()  # (a get not done took nothing from the queue)
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        if also.done():
+            return None
     _check_deadline(deadline)
     return None
 
