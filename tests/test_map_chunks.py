@@ -194,3 +194,18 @@ def test_map_of_big_results_in_automatic_chunks(cluster: Cluster) -> None:
     # cheap items with 256 KiB results (chunks cut by their results' bytes) all come back
     sizes = [len(b) for b in cluster.map(bytes, [256 << 10] * 200, timeout=120)]
     assert sizes == [256 << 10] * 200
+
+
+def test_an_input_that_raises_ends_the_map_after_the_items_before_it(cluster: Cluster) -> None:
+    """As the builtin ``map``: the results of the items the input gave come first, then its
+    error (before, the error came at once and the results already computed were lost)."""
+    def items() -> Iterator[int]:
+        yield from range(1000)
+        raise KeyError("the input broke")
+
+    got: list[int] = []
+    with pytest.raises(KeyError, match="the input broke"):
+        for r in cluster.map(operator.neg, items()):
+            got.append(r)
+    assert got == [-x for x in range(1000)]
+    assert list(cluster.map(operator.neg, range(3))) == [0, -1, -2]  # the cluster goes on

@@ -38,6 +38,9 @@ class _Feed(Protocol):
 
     def wait_until(self) -> float | None: ...
 
+    @property
+    def error(self) -> BaseException | None: ...
+
 
 def results_by_chunk(scheduler: Scheduler, new_feed: Callable[[], _Feed],
                      make_job: Callable[[Sequence[Any]], _Job], *, ordered: bool,
@@ -60,6 +63,8 @@ def results_by_chunk(scheduler: Scheduler, new_feed: Callable[[], _Feed],
                 inflight.append(job)
                 scheduler.enqueue([job])
             if not inflight:
+                if feed.error is not None:  # the input's own, after what it gave before
+                    raise feed.error
                 return
             until = feed.wait_until()
             if ordered:

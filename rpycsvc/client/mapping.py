@@ -189,6 +189,8 @@ class ChunkFeed:
         self.window = window
         self.taken = 0
         self.exhausted = False
+        #: what the input raised (the map raises it once the items before it are done)
+        self.error: BaseException | None = None
         self._ramp_end: float | None = None  # set as the first chunk goes
         self._limit = window
 
@@ -227,7 +229,12 @@ class ChunkFeed:
             if self._range is not None:
                 items = self._range[self.taken:self.taken + size]
             else:
-                items = list(itertools.islice(self._source, size))
+                items = []
+                try:  # (extend keeps what came before an error, as a loop would)
+                    items.extend(itertools.islice(self._source, size))
+                except Exception as exc:  # the input's own error: raised after its results
+                    self.error = exc
+                    self.exhausted = True
             self.took(len(items))
             if items:
                 yield items
