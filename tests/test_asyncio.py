@@ -290,6 +290,15 @@ def test_map_takes_async_iterables(addresses: list[str]) -> None:
                 async for r in cluster.map(square, broken()):
                     got.append(r)
             assert got == [x * x for x in range(100)]  # what it gave first, as builtin map
+
+            def broken_plain() -> Iterator[int]:
+                yield from range(50)
+                raise KeyError("the plain source broke")
+            got = []
+            with pytest.raises(KeyError, match="the plain source broke"):
+                async for r in cluster.map(square, broken_plain()):
+                    got.append(r)
+            assert got == [x * x for x in range(50)]
             with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map"):
                 cluster.cluster.map(square, arange(3))
             with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map_reduce"):

@@ -102,8 +102,9 @@ async def _results(ac: FanOutCluster, iterables: tuple[Items, ...],
             arrival = pump.arrival() if pump is not None and pump.starved else None
             if not inflight:
                 if arrival is None:
-                    if pump is not None and pump.error is not None:
-                        raise pump.error  # (after the results of what it gave before)
+                    error = feed.error if pump is None else pump.error
+                    if error is not None:
+                        raise error  # the input's own, after the results of what it gave
                     return
                 await _wait_one(arrival, deadline, None)
                 continue
