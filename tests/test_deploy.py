@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -301,6 +302,52 @@ def test_a_client_gone_behind_a_full_pipe_stops_a_busy_stdio_server() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIONREAD on Linux")
+@pytest.mark.timeout(120)
+def test_a_stdio_server_on_a_socketpair_outlives_a_long_classic_call() -> None:
+    """Some ssh servers give a session socketpairs, not pipes: the stdio server (keepalive
+    3 s here) counts the pings waiting unread in its socket too, so an 8 s classic call
+    returns. Before (review of the watchdog), only a pipe's could be counted: the server
+    stopped mid-call, as it did on every transport before that."""
+    import rpyc
+
+    from rpycsvc.client.opening import connect_stream
+    from rpycsvc.protocol.pipes import FastPipeStream
+
+    code = ("from rpycsvc.server.stdio import serve_stdio; from rpycsvc.server.config import "
+            "ServerConfig; serve_stdio(ServerConfig(mode='stdio', keepalive=3.0, workers=1))")
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=theirs.fileno(),
+                            stdout=theirs.fileno(), stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    theirs.close()
+    c = None
+    try:
+        c = connect_stream(FastPipeStream(os.fdopen(os.dup(ours.fileno()), "rb", buffering=0),
+                                          os.fdopen(os.dup(ours.fileno()), "wb", buffering=0)),
+                           address="stdio", lost_after=None)
+        ping = rpyc.async_(c.conn.root.ping)
+        stop = threading.Event()
+
+        def pinger() -> None:  # as deploy's keepalive does
+            while not stop.wait(1.0):
+                with contextlib.suppress(Exception):
+                    ping()
+        threading.Thread(target=pinger, daemon=True).start()
+        try:
+            c.modules.time.sleep(8)
+        finally:
+            stop.set()
+        assert proc.poll() is None and c.compute(abs, -4) == 4
+    finally:
+        if c is not None:
+            c.close()
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
 
 
 CRASHING_CLIENT = """\

@@ -128,26 +128,38 @@ class FastPipeStream(PipeStream):
             select.select((), (fd,), (), ABORT_TICK)
 
     def unread(self) -> tuple[int, bool] | None:
-        """Bytes waiting in the incoming pipe, unread, and whether it is (nearly) full; None
-        where that can't be told (not a pipe, not Linux). A liveness check reads it: the
-        peer's pings wait there while the serving thread is busy (a long classic call, a
-        large task handed to a worker), so a count that grows, or a pipe too full to take
-        more, is the peer speaking although :attr:`last_activity` is old (unless the peer
-        closed its end: then a full pipe is only what it left)."""
+        """Bytes waiting in the incoming pipe (or socket: some sshds give their sessions
+        socketpairs), unread, and whether it is (nearly) full; None where that can't be
+        told (not Linux, a file). A liveness check reads it: the peer's pings wait there
+        while the serving thread is busy (a long classic call, a large task handed to a
+        worker), so a count that grows, or a buffer too full to take more, is the peer
+        speaking although :attr:`last_activity` is old (unless the peer closed its end:
+        then a full buffer is only what it left)."""
         if fcntl is None or termios is None:
             return None
         try:
             fd = self.incoming.fileno()
             count = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-            size = fcntl.fcntl(fd, _F_GETPIPE_SZ)
-        except (OSError, ValueError):  # closed under us (its reader reports that), no pipe
+        except (OSError, ValueError):  # closed under us (its reader reports that), a file
             return None
-        full = count >= size - _ROOM_FOR_A_PING
-        if full:  # full because its writer is gone (POLLHUP: no writer left) is not speech
+        try:
+            room = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+        except OSError:  # not a pipe: a socket's buffer, which the kernel counts with its
+            try:         # overhead (doubled, and more for small writes): a quarter of it
+                probe = socket.socket(fileno=fd)
+                try:
+                    room = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 4
+                finally:
+                    probe.detach()
+            except OSError:
+                return None
+        full = count >= room - _ROOM_FOR_A_PING
+        if full:  # full because its writer is gone (hung up) is not the peer speaking
             try:
                 poller = select.poll()
-                poller.register(fd, select.POLLIN)
-                full = not any(ev & select.POLLHUP for _, ev in poller.poll(0))
+                poller.register(fd, select.POLLIN | getattr(select, "POLLRDHUP", 0))
+                hangup = select.POLLHUP | getattr(select, "POLLRDHUP", 0)
+                full = not any(ev & hangup for _, ev in poller.poll(0))
             except (OSError, ValueError, AttributeError):  # (no poll(): not Linux anyway)
                 pass
         return count, full
