@@ -51,6 +51,9 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("rpycsvc_worker_restarts_total", "counter",
      "Worker processes replaced after dying or being stopped to end a task."),
     ("rpycsvc_connections_open", "gauge", "Client connections open now."),
+    ("rpycsvc_clients_not_reading", "gauge",
+     "Connections whose queued tasks wait because their client leaves its results unread "
+     "(over 256 MiB waiting to be sent)."),
     ("rpycsvc_connections_total", "counter", "Client connections accepted since start."),
     ("rpycsvc_accept_errors_total", "counter",
      "Times accepting a connection failed (e.g. out of file descriptors); the server "
@@ -126,6 +129,7 @@ def _read(server: Server) -> tuple[dict[str, _Samples], list[tuple[str, float]],
         "rpycsvc_workers": one(stats["workers"]),
         "rpycsvc_worker_restarts_total": one(stats["worker_restarts"]),
         "rpycsvc_connections_open": one(stats["connections"]),
+        "rpycsvc_clients_not_reading": one(stats.get("clients_not_reading", 0)),
         "rpycsvc_connections_total": one(stats["connections_total"]),
         "rpycsvc_accept_errors_total": one(counters.accept_errors),
         "rpycsvc_handshakes_failed_total": one(counters.handshakes_failed),
