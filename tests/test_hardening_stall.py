@@ -31,6 +31,7 @@ from rpyc.core import brine, consts
 import rpycsvc
 from rpycsvc.errors import MessageTooLargeError
 from rpycsvc.protocol.handshake import client_handshake
+from tests.support.byvalue import tasks_by_value  # noqa: F401 (an autouse fixture)
 from tests.support.limited import closed_by_peer
 from tests.support.servers import REPO, ServerProcess, running_server
 
@@ -319,6 +320,49 @@ def test_held_thread_tasks_run_once_read_although_their_worker_died() -> None:
             data = fut.result(timeout=HUNG)
             assert len(data) == 32 * MiB and data[:1] == bytes([i % 256])
             futs[i] = None  # type: ignore[call-overload]
+
+
+def flood(n: int) -> int:
+    line = "x" * (MiB - 1)
+    for _ in range(n):
+        print(line)
+    return n
+
+
+@pytest.mark.timeout(240)
+def test_output_a_client_does_not_read_is_dropped_past_a_bound_and_said_so() -> None:
+    """A task prints 900 MiB while its client's reader is stuck: the server keeps at most
+    about twice MAX_UNREAD of it, drops the rest, and tells the client how much (a line on
+    the task's stderr) once it reads again; the result arrives whole. Before, a task
+    printing in a loop to such a client filled the server's memory."""
+    import psutil
+
+    from rpycsvc.server.taskserver import MAX_UNREAD
+
+    with ServerProcess("--workers", "1") as srv, \
+            rpycsvc.connect(srv.address, output="capture") as stuck, \
+            rpycsvc.connect(srv.address, output="discard") as other:
+        server = psutil.Process(srv.pid)
+        before = server.memory_info().rss
+        gate = threading.Event()
+        warm = stuck.submit(abs, -1)
+        warm.add_done_callback(lambda f: gate.wait(HUNG))  # its reader thread stops here
+        try:
+            assert warm.result(timeout=HUNG) == 1
+            fut = stuck.submit(flood, 900)
+            peak = 0
+            deadline = time.monotonic() + HUNG
+            while other.stats()["tasks_done"] < 2:  # the flood ended (its output sent or dropped)
+                assert time.monotonic() < deadline, "the flood never ended"
+                peak = max(peak, server.memory_info().rss - before)
+                time.sleep(0.05)
+            peak = max(peak, server.memory_info().rss - before)
+            assert peak < 2 * MAX_UNREAD + 160 * MiB, f"the server grew by {peak >> 20} MiB"
+        finally:
+            gate.set()
+        assert fut.result(timeout=HUNG) == 900
+        assert "characters of this task's output were dropped" in fut.stderr
+        assert 0 < len(fut.stdout) < 900 * MiB
 
 
 def test_classic_call_over_the_message_limit_fails_alone() -> None:

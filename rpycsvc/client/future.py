@@ -41,12 +41,28 @@ class TaskFuture(Future):
         # syscall per task, which costs more than the rest of this constructor)
         self.id = f"{random.getrandbits(128):032x}"
         self.address: str | None = None
-        self.stdout = ""
-        self.stderr = ""
+        self._out: dict[int, list[str]] | None = None  # captured output: see add_output
         #: drops the task wherever it is: from a cluster's queue, or from its server
         self._stopper: Callable[[], None] | None = None
         #: the Jupyter cell that submitted the task: its prints go there (rpycsvc.client.output)
         self._cell = current_cell()
+
+    @property
+    def stdout(self) -> str:
+        """What the task printed to stdout, with ``output="capture"`` (else "")."""
+        return "".join(self._out[1]) if self._out is not None else ""
+
+    @property
+    def stderr(self) -> str:
+        """What the task printed to stderr, with ``output="capture"`` (else "")."""
+        return "".join(self._out[2]) if self._out is not None else ""
+
+    def add_output(self, fd: int, text: str) -> None:
+        """Capture ``text`` printed to ``fd`` (1 or 2). Kept in pieces, joined when read:
+        appending to one string would copy all of it again for every piece."""
+        if self._out is None:
+            self._out = {1: [], 2: []}
+        self._out[1 if fd == 1 else 2].append(text)
 
     def set_result(self, result: Any) -> None:
         super().set_result(result)

@@ -174,9 +174,8 @@ class OutputRouter:
             return
         if mode == "capture":
             if sink is not None:
-                attr = "stdout" if fd == 1 else "stderr"
                 with self._lock:
-                    setattr(sink, attr, getattr(sink, attr, "") + text)
+                    sink.add_output(fd, text)
             return
         head = self.prefix.format(address=address, task=key)
         lines = text.splitlines(keepends=True)

@@ -92,6 +92,7 @@ class TaskEndpoint:
         self._reqs = itertools.count(1)
         self._closed = False
         self._holding = False  # the pool holds our tasks: see MAX_UNREAD
+        self._dropped: dict[int, int] = {}  # task -> characters of output dropped (MAX_UNREAD)
 
     # -- TaskHandler ----------------------------------------------------------------------------
     def on_task(self, control: tuple[Any, ...], frames: list[Any]) -> None:
@@ -153,7 +154,7 @@ class TaskEndpoint:
                         on_done=lambda t, ok, out, err: self._done(key, t, ok, out, err),
                         owner=self._owner, mode=opts.get("mode", "process"),
                         timeout=opts["timeout"], options=opts,
-                        on_output=(lambda fd, text: self._send(("out", key, fd, text)))
+                        on_output=(lambda fd, text: self._output(key, fd, text))
                         if opts.get("output", True) else None,
                         label=str(opts.get("label", spec if kind != "pickled" else "task")),
                         client=self._client,
@@ -195,6 +196,9 @@ class TaskEndpoint:
         with self._lock:
             self._running.pop(key, None)
             self._held -= self._held_by.pop(key, 0)
+            dropped = self._dropped.pop(key, 0) if self._dropped else 0
+        if dropped:
+            self._send(("out", key, 2, _dropped_notice(dropped)))
         if err is not None:
             self._send(("error", key, type(err).__name__, str(err)))
             return
@@ -243,6 +247,23 @@ class TaskEndpoint:
             pool.release(self._owner)
         pool.dispatch()
 
+    def _output(self, key: int, fd: int, text: Any) -> None:
+        """A task's output (or log record) for the client. Unlike results, output a client
+        doesn't read is dropped past twice MAX_UNREAD (a task printing in a loop would
+        otherwise fill the server's memory); a line says how much, once it reads again."""
+        if self._holding and unsent_bytes(self._conn) > 2 * MAX_UNREAD:
+            with self._lock:
+                self._dropped[key] = self._dropped.get(key, 0) + len(text)
+            return
+        if self._dropped:
+            with self._lock:
+                dropped = self._dropped.pop(key, 0)
+            if dropped:
+                self._send(("out", key, 2, _dropped_notice(dropped)))
+        self._send(("out", key, fd, text))
+        if not self._holding and unsent_bytes(self._conn) > MAX_UNREAD:
+            self._hold()
+
     def _ask(self, key: int, name: str, answer: Callable[[Any], None]) -> None:
         """Ask the client for module ``name`` (rpycsvc.protocol.forwarding); the worker bounds how
         long it waits for the answer."""
@@ -275,3 +296,8 @@ class TaskEndpoint:
                 self._runtime.pool.release(self._owner)
         for task_id in running:
             self._runtime.pool.cancel(task_id, "cancel")
+
+
+def _dropped_notice(count: int) -> str:
+    return (f"[rpycsvc: {count} characters of this task's output were dropped: its client "
+            "left too much output and results unread]\n")
