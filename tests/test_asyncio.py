@@ -299,6 +299,32 @@ def test_map_takes_async_iterables(addresses: list[str]) -> None:
                 async for r in cluster.map(square, broken_plain()):
                     got.append(r)
             assert got == [x * x for x in range(50)]
+            async def cancelled_inside() -> AsyncIterator[int]:  # its own CancelledError
+                for i in range(10):
+                    yield i
+                waiting = asyncio.get_running_loop().create_future()
+                waiting.cancel()
+                await waiting
+            got = []
+            with pytest.raises(asyncio.CancelledError):
+                async for r in cluster.map(square, cancelled_inside()):
+                    got.append(r)
+            assert got == [x * x for x in range(10)]  # not a silent, shortened end
+
+            read = 0
+
+            async def endless() -> AsyncIterator[int]:
+                nonlocal read
+                while True:
+                    read += 1
+                    yield read
+                    await asyncio.sleep(0)
+            results = cluster.map(square, endless())
+            for _ in range(20):
+                await results.__anext__()
+            await asyncio.sleep(0.5)
+            assert read < 100_000  # read as far as the next chunks need, not all it can
+            await results.aclose()  # type: ignore[attr-defined]
             with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map"):
                 cluster.cluster.map(square, arange(3))
             with pytest.raises(rpycsvc.ConfigError, match=r"AsyncCluster\.map_reduce"):

@@ -99,14 +99,14 @@ async def _results(ac: FanOutCluster, iterables: tuple[Items, ...],
                 ac.send(afut, make_job(items))
             # an async input that has nothing yet, while the window has room: its next
             # item is worth waiting for too
-            arrival = pump.arrival() if pump is not None and pump.starved else None
+            arrival = pump.wait_for(pump.want) if pump is not None and pump.starved else None
             if not inflight:
                 if arrival is None:
                     error = feed.error if pump is None else pump.error
                     if error is not None:
                         raise error  # the input's own, after the results of what it gave
                     return
-                await _wait_one(arrival, deadline, None)
+                await _wait_one(arrival, deadline, pump.partial_at if pump else None)
                 continue
             until = feed.wait_until()
             if ordered:
