@@ -22,6 +22,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -190,12 +191,33 @@ def test_frozen_client_with_a_large_result_does_not_block_other_clients() -> Non
             victim.wait(30)
 
 
+def wait_for_file(path: str) -> int:
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never came")
+        time.sleep(0.01)
+    return 1
+
+
+def stop_reader(client: Any, folder: Any, gate: threading.Event) -> Any:
+    """Make ``client``'s reader thread wait for ``gate``: in the done-callback of a task
+    that ends only once the callback is in place (a task already done when the callback
+    is added would run it in this thread instead). Returns that task's future."""
+    flag = folder / "reader-stops"
+    fut = client.submit(wait_for_file, str(flag))
+    fut.add_done_callback(lambda f: gate.wait(HUNG))
+    flag.touch()
+    return fut
+
+
 def eight_mib(i: int) -> bytes:
     return bytes([i % 256]) * (8 * MiB)
 
 
 @pytest.mark.timeout(240)
-def test_a_client_that_does_not_read_its_results_holds_only_its_own_tasks() -> None:
+def test_a_client_that_does_not_read_its_results_holds_only_its_own_tasks(
+        tmp_path: Path) -> None:
     """A client whose reader thread is stuck (here: in a done-callback) has 100 tasks of
     8 MiB results queued. The server keeps at most about MAX_UNREAD of results nobody reads
     and starts none of that client's queued tasks meanwhile (``clients_not_reading`` in
@@ -212,10 +234,9 @@ def test_a_client_that_does_not_read_its_results_holds_only_its_own_tasks() -> N
         server = psutil.Process(srv.pid)
         before = server.memory_info().rss
         gate = threading.Event()
-        first = stuck.submit(eight_mib, 0)
-        first.add_done_callback(lambda f: gate.wait(HUNG))  # its reader thread stops here
+        stop_reader(stuck, tmp_path, gate)
         try:
-            futs = [first, *(stuck.submit(eight_mib, i) for i in range(1, 100))]
+            futs = [stuck.submit(eight_mib, i) for i in range(100)]
             deadline = time.monotonic() + HUNG
             while other.stats().get("clients_not_reading") != 1:
                 assert time.monotonic() < deadline, "the server never held the stuck client"
@@ -239,11 +260,16 @@ _HELD_CLIENT = textwrap.dedent("""\
     import rpycsvc
     def big(i):
         return bytes([i % 256]) * (32 << 20)
+    def wait_for_file(path):
+        import os, time
+        while not os.path.exists(path):
+            time.sleep(0.01)
     c = rpycsvc.connect(sys.argv[1], output="discard")
     gate = threading.Event()
-    f = c.submit(big, 0)
+    f = c.submit(wait_for_file, sys.argv[2])
     f.add_done_callback(lambda f: gate.wait(600))  # its reader thread stops here
-    fs = [c.submit(big, i) for i in range(1, 24)]
+    open(sys.argv[2], "w").close()
+    fs = [c.submit(big, i) for i in range(24)]
     print("submitted", flush=True)
     time.sleep(600)
 """)
@@ -258,7 +284,7 @@ def _wait_until(what: str, pred: Callable[[], Any]) -> Any:
 
 
 @pytest.mark.timeout(240)
-def test_a_held_client_that_dies_leaves_no_results_behind() -> None:
+def test_a_held_client_that_dies_leaves_no_results_behind(tmp_path: Path) -> None:
     """A client held for not reading (768 MiB of results asked for) is killed: the hold
     goes and the server's memory comes back. Before (review of the hold), the results it
     never read stayed in the server for good: the connection's writer kept a callback that
@@ -269,7 +295,8 @@ def test_a_held_client_that_dies_leaves_no_results_behind() -> None:
             rpycsvc.connect(srv.address, output="discard") as other:
         server = psutil.Process(srv.pid)
         base = server.memory_info().rss
-        stuck = subprocess.Popen([sys.executable, "-c", _HELD_CLIENT, srv.address],
+        stuck = subprocess.Popen([sys.executable, "-c", _HELD_CLIENT, srv.address,
+                                  str(tmp_path / "reader-stops")],
                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                  cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
@@ -293,7 +320,7 @@ def thread_big(i: int) -> bytes:
 
 
 @pytest.mark.timeout(240)
-def test_held_thread_tasks_run_once_read_although_their_worker_died() -> None:
+def test_held_thread_tasks_run_once_read_although_their_worker_died(tmp_path: Path) -> None:
     """A held client's queued thread-mode tasks, whose thread worker dies meanwhile (a
     crash, the OOM killer), run once the client reads again. Before (review of the hold):
     the dead worker was not replaced for tasks that were held, and they never ran."""
@@ -301,11 +328,9 @@ def test_held_thread_tasks_run_once_read_although_their_worker_died() -> None:
             rpycsvc.connect(srv.address, output="discard") as stuck, \
             rpycsvc.connect(srv.address, output="discard") as other:
         gate = threading.Event()
-        first = stuck.options(mode="thread").submit(thread_big, 0)
-        first.add_done_callback(lambda f: gate.wait(HUNG))
+        stop_reader(stuck, tmp_path, gate)
         try:
-            futs = [first, *(stuck.options(mode="thread").submit(thread_big, i)
-                             for i in range(1, 20))]
+            futs = [stuck.options(mode="thread").submit(thread_big, i) for i in range(20)]
             _wait_until("the client was never held",
                         lambda: other.stats().get("clients_not_reading") == 1)
             _wait_until("the held client's running tasks did not finish",
@@ -330,7 +355,8 @@ def flood(n: int) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_output_a_client_does_not_read_is_dropped_past_a_bound_and_said_so() -> None:
+def test_output_a_client_does_not_read_is_dropped_past_a_bound_and_said_so(
+        tmp_path: Path) -> None:
     """A task prints 900 MiB while its client's reader is stuck: the server keeps at most
     about twice MAX_UNREAD of it, drops the rest, and tells the client how much (a line on
     the task's stderr) once it reads again; the result arrives whole. Before, a task
@@ -345,8 +371,7 @@ def test_output_a_client_does_not_read_is_dropped_past_a_bound_and_said_so() -> 
         server = psutil.Process(srv.pid)
         before = server.memory_info().rss
         gate = threading.Event()
-        warm = stuck.submit(abs, -1)
-        warm.add_done_callback(lambda f: gate.wait(HUNG))  # its reader thread stops here
+        warm = stop_reader(stuck, tmp_path, gate)
         try:
             assert warm.result(timeout=HUNG) == 1
             fut = stuck.submit(flood, 900)
