@@ -170,9 +170,9 @@ class ChunkFeed:
     fewer than the window's chunks are in flight, and ramps up (see :class:`ChunkSizer`).
 
     The sync map and the asyncio map (:mod:`rpycsvc.client.aio_map`) share it; each sends
-    the chunks :meth:`take` yields and waits for results its own way. An input with async
-    iterables (``__aiter__``) has no sync source: the asyncio map takes its items itself, in
-    the sizes :meth:`sizes` gives."""
+    the chunks :meth:`take` yields and waits for results its own way. The input is read
+    from the first :meth:`take`: an asyncio map over async iterables never calls it, and
+    takes its items itself, in the sizes :meth:`sizes` gives."""
 
     def __init__(self, iterables: tuple[Items, ...], sizer: ChunkSizer,
                  window: int) -> None:
@@ -180,11 +180,8 @@ class ChunkFeed:
         # which pickle in a few bytes (see rpycsvc.protocol.mapchunks). Several: zipped.
         first = iterables[0]
         self._range = first if len(iterables) == 1 and type(first) is range else None
-        self._source: Iterator[Any] | None = None
-        if not any(hasattr(it, "__aiter__") and not hasattr(it, "__iter__")
-                   for it in iterables):  # (else async only: see the class docstring)
-            plain = cast("tuple[Iterable[Any], ...]", iterables)
-            self._source = iter(plain[0]) if len(plain) == 1 else zip(*plain)
+        self._iterables = cast("tuple[Iterable[Any], ...]", iterables)
+        self._source: Iterator[Any] | None = None  # (made by the first take)
         self._sizer = sizer
         self.window = window
         self.taken = 0
@@ -221,14 +218,15 @@ class ChunkFeed:
     def take(self, in_flight: int) -> Iterator[Sequence[Any]]:
         """Chunks to send now, given ``in_flight`` chunks already out: the caller sends each
         (one more in flight) before asking for the next."""
-        if self._source is None:
-            raise TypeError("an async iterable was given to a sync map: iterate it with "
-                            "rpycsvc.AsyncCluster.map (async for), or pass a plain iterable")
+        if self._source is None and self._range is None:
+            its = self._iterables
+            self._source = iter(its[0]) if len(its) == 1 else zip(*its)
         for size in self.sizes(in_flight):
             items: Sequence[Any]
             if self._range is not None:
                 items = self._range[self.taken:self.taken + size]
             else:
+                assert self._source is not None
                 items = []
                 try:  # (extend keeps what came before an error, as a loop would)
                     items.extend(itertools.islice(self._source, size))
