@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 import time
@@ -144,12 +145,14 @@ class FastPipeStream(PipeStream):
             return None
         try:
             full = count >= fcntl.fcntl(fd, _F_GETPIPE_SZ) - _ROOM_FOR_A_PING
-        except OSError:  # not a pipe: a socket? Its sender may be stopped by the kernel's
-            try:         # per-message overhead long before our count says full (some 278
-                # small pings on a Unix socket), so any unread byte counts as "full"
-                # there: a busy server on a socket outlives a dead link until it reads
-                # again (a hang-up is still seen below)
-                socket.socket(fileno=fd).detach()  # (ENOTSOCK: neither, so None)
+        except OSError:  # not a pipe. A socket's sender may be stopped by the kernel's
+            # per-message overhead long before our count says full (some 278 small pings
+            # on a Unix socket), so any unread byte counts as "full" there: a busy server
+            # on a socket outlives a dead link until it reads again (a hang-up is still
+            # seen below)
+            try:
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    return None
             except OSError:
                 return None
             full = count > 0
