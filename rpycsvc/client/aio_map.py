@@ -99,7 +99,7 @@ async def _results(ac: FanOutCluster, iterables: tuple[Items, ...],
                 ac.send(afut, make_job(items))
             # an async input that has nothing yet, while the window has room: its next
             # item is worth waiting for too
-            arrival = pump.wait_for(pump.want) if pump is not None and pump.starved else None
+            arrival = pump.arrival() if pump is not None and pump.starved else None
             if not inflight:
                 if arrival is None:
                     error = feed.error if pump is None else pump.error

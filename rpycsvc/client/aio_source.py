@@ -115,10 +115,9 @@ class Pump:
         """Ended, and all it gave was taken."""
         return self.done and not self._items
 
-    def wait_for(self, n: int) -> asyncio.Future[None]:
-        """A future done once ``n`` items are ready to take, or the input ended; reading
-        goes on until then."""
-        self.want = max(1, n)
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done once :attr:`want` items are ready to take, or the input ended;
+        reading goes on until then."""
         self._room.set()
         fut = self._arrival
         if fut is None or fut.done():

@@ -196,9 +196,7 @@ class TaskEndpoint:
         with self._lock:
             self._running.pop(key, None)
             self._held -= self._held_by.pop(key, 0)
-            dropped = self._dropped.pop(key, 0) if self._dropped else 0
-        if dropped:
-            self._send(("out", key, 2, _dropped_notice(dropped)))
+        self._say_dropped(key)
         if err is not None:
             self._send(("error", key, type(err).__name__, str(err)))
             return
@@ -221,13 +219,14 @@ class TaskEndpoint:
                     log.debug("could not queue a result for %s", self._client, exc_info=True)
         else:
             self._send(("done", key, "ok" if ok else "raised", task.service_s), frames)
-        if unsent_bytes(self._conn) > MAX_UNREAD:
-            self._hold()
+        self._hold_if_unread()
 
-    def _hold(self) -> None:
-        """Our client has left more than MAX_UNREAD bytes unread: start none of its queued
-        tasks until it has read half of them. (The pool's hold and release are made under
-        our lock, so a close() can't come between our flag and the pool's.)"""
+    def _hold_if_unread(self) -> None:
+        """If our client has left more than MAX_UNREAD bytes unread, start none of its
+        queued tasks until it has read half of them. (The pool's hold and release are made
+        under our lock, so a close() can't come between our flag and the pool's.)"""
+        if self._holding or unsent_bytes(self._conn) <= MAX_UNREAD:
+            return
         pool = self._runtime.pool
         with self._lock:
             if self._holding or self._closed:
@@ -255,14 +254,20 @@ class TaskEndpoint:
             with self._lock:
                 self._dropped[key] = self._dropped.get(key, 0) + len(text)
             return
-        if self._dropped:
-            with self._lock:
-                dropped = self._dropped.pop(key, 0)
-            if dropped:
-                self._send(("out", key, 2, _dropped_notice(dropped)))
+        self._say_dropped(key)
         self._send(("out", key, fd, text))
-        if not self._holding and unsent_bytes(self._conn) > MAX_UNREAD:
-            self._hold()
+        self._hold_if_unread()
+
+    def _say_dropped(self, key: int) -> None:
+        """Tell the client how much of task ``key``'s output was dropped, if any."""
+        if not self._dropped:
+            return
+        with self._lock:
+            dropped = self._dropped.pop(key, 0)
+        if dropped:
+            self._send(("out", key, 2, f"[rpycsvc: {dropped} characters of this task's "
+                        "output were dropped: its client left too much output and results "
+                        "unread]\n"))
 
     def _ask(self, key: int, name: str, answer: Callable[[Any], None]) -> None:
         """Ask the client for module ``name`` (rpycsvc.protocol.forwarding); the worker bounds how
@@ -296,8 +301,3 @@ class TaskEndpoint:
                 self._runtime.pool.release(self._owner)
         for task_id in running:
             self._runtime.pool.cancel(task_id, "cancel")
-
-
-def _dropped_notice(count: int) -> str:
-    return (f"[rpycsvc: {count} characters of this task's output were dropped: its client "
-            "left too much output and results unread]\n")
