@@ -13,6 +13,7 @@ Bounds below are failure-case bounds (how long before we call it hung), not spee
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -211,6 +213,28 @@ def stop_reader(client: Any, folder: Any, gate: threading.Event) -> Any:
     return fut
 
 
+@contextlib.contextmanager
+def _a_stuck_client(folder: Path, *server_args: str, output: str = "discard"
+                    ) -> Iterator[tuple[Any, Any, Any, int, threading.Event, Any]]:
+    """A server (``ServerProcess(*server_args)``) and two clients: ``stuck``, whose reader
+    waits for ``gate`` (see stop_reader), and ``other``. Yields ``(stuck, other, server,
+    rss_before, gate, first)``: the server's process (psutil), its memory before, and the
+    task whose done-callback stops the reader. The gate opens on leaving, at the latest."""
+    import psutil
+
+    with ServerProcess(*server_args) as srv, \
+            rpycsvc.connect(srv.address, output=output) as stuck, \
+            rpycsvc.connect(srv.address, output="discard") as other:
+        server = psutil.Process(srv.pid)
+        before = server.memory_info().rss
+        gate = threading.Event()
+        first = stop_reader(stuck, folder, gate)
+        try:
+            yield stuck, other, server, before, gate, first
+        finally:
+            gate.set()
+
+
 def eight_mib(i: int) -> bytes:
     return bytes([i % 256]) * (8 * MiB)
 
@@ -224,17 +248,10 @@ def test_a_client_that_does_not_read_its_results_holds_only_its_own_tasks(
     ``stats()``); another client's tasks run. Once the client reads again, every result
     arrives. Before, the server kept all 800 MiB (at a few thousand such tasks the kernel's
     OOM killer would have taken the server, and every client with it)."""
-    import psutil
-
     from rpycsvc.server.taskserver import MAX_UNREAD
 
-    with ServerProcess("--workers", "2") as srv, \
-            rpycsvc.connect(srv.address, output="discard") as stuck, \
-            rpycsvc.connect(srv.address, output="discard") as other:
-        server = psutil.Process(srv.pid)
-        before = server.memory_info().rss
-        gate = threading.Event()
-        stop_reader(stuck, tmp_path, gate)
+    with _a_stuck_client(tmp_path, "--workers", "2") as (stuck, other, server, before, gate,
+                                                          _):
         try:
             futs = [stuck.submit(eight_mib, i) for i in range(100)]
             deadline = time.monotonic() + HUNG
@@ -324,11 +341,8 @@ def test_held_thread_tasks_run_once_read_although_their_worker_died(tmp_path: Pa
     """A held client's queued thread-mode tasks, whose thread worker dies meanwhile (a
     crash, the OOM killer), run once the client reads again. Before (review of the hold):
     the dead worker was not replaced for tasks that were held, and they never ran."""
-    with ServerProcess("--workers", "1", "--threads", "2") as srv, \
-            rpycsvc.connect(srv.address, output="discard") as stuck, \
-            rpycsvc.connect(srv.address, output="discard") as other:
-        gate = threading.Event()
-        stop_reader(stuck, tmp_path, gate)
+    with _a_stuck_client(tmp_path, "--workers", "1", "--threads", "2") as (
+            stuck, other, _, _, gate, _):
         try:
             futs = [stuck.options(mode="thread").submit(thread_big, i) for i in range(20)]
             _wait_until("the client was never held",
@@ -361,17 +375,10 @@ def test_output_a_client_does_not_read_is_dropped_past_a_bound_and_said_so(
     about twice MAX_UNREAD of it, drops the rest, and tells the client how much (a line on
     the task's stderr) once it reads again; the result arrives whole. Before, a task
     printing in a loop to such a client filled the server's memory."""
-    import psutil
-
     from rpycsvc.server.taskserver import MAX_UNREAD
 
-    with ServerProcess("--workers", "1") as srv, \
-            rpycsvc.connect(srv.address, output="capture") as stuck, \
-            rpycsvc.connect(srv.address, output="discard") as other:
-        server = psutil.Process(srv.pid)
-        before = server.memory_info().rss
-        gate = threading.Event()
-        warm = stop_reader(stuck, tmp_path, gate)
+    with _a_stuck_client(tmp_path, "--workers", "1", output="capture") as (
+            stuck, other, server, before, gate, warm):
         try:
             assert warm.result(timeout=HUNG) == 1
             fut = stuck.submit(flood, 900)
